@@ -1,0 +1,23 @@
+"""``gpusmall inspect FILE``: a one-screen description of what a result file holds."""
+from __future__ import annotations
+
+import h5py
+
+
+def describe(path) -> str:
+    """One line per dataset: path, shape, dtype; groups indented."""
+    lines = [str(path)]
+    with h5py.File(path, "r") as f:
+        for k in ("events", "gpusmall_version", "backend"):
+            if k in f.attrs:
+                lines.append(f"  @{k} = {f.attrs[k]}")
+
+        def visit(name, obj):
+            depth = name.count("/")
+            if isinstance(obj, h5py.Dataset):
+                lines.append(f"{'  ' * (depth + 1)}{name.rsplit('/', 1)[-1]:<32} {str(obj.shape):<22} {obj.dtype}")
+            else:
+                lines.append(f"{'  ' * (depth + 1)}{name.rsplit('/', 1)[-1]}/")
+
+        f.visititems(visit)
+    return "\n".join(lines)

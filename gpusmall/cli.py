@@ -1,0 +1,113 @@
+"""Command line (SPEC section 9): ``gpusmall demo|run|inspect ...``.
+
+Exit status 0 on success, 2 for a bad config or input, 1 for anything else, with one line on stderr
+naming the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .errors import GpusmallError
+
+log = logging.getLogger("gpusmall")
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return v
+
+
+def demo_config_dict() -> dict:
+    """The embedded default config of ``gpusmall demo``."""
+    return yaml.safe_load(resources.files("gpusmall.producer").joinpath("demo.yaml").read_text())
+
+
+def _run_config(cfg, args) -> int:
+    from .backend import get_backend
+    from .producer.run import reduce_run
+
+    backend = get_backend(args.backend, cfg.backend)
+    print(f"gpusmall: backend {backend.description}", file=sys.stderr)
+    summary = reduce_run(cfg, backend, events=args.events, output=args.out, quiet=args.quiet)
+    print(f"gpusmall: {summary.events} events -> {summary.output} in {summary.seconds:.1f} s "
+          f"({summary.events_per_s:.1f} events/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .producer.config import validate_config
+
+    data = demo_config_dict()
+    cfg = validate_config(data, base_dir=Path.cwd())
+    return _run_config(cfg, args)
+
+
+def cmd_run(args) -> int:
+    from .producer.config import load_config
+
+    cfg = load_config(args.config)
+    return _run_config(cfg, args)
+
+
+def cmd_inspect(args) -> int:
+    from .analysis.inspect import describe
+
+    print(describe(args.file))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpusmall", description="GPU-batched small-data reduction for X-ray area detectors")
+    p.add_argument("--version", action="version", version=f"gpusmall {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_options(sp, default_events=None):
+        sp.add_argument("--events", type=_positive, default=default_events, help="reduce at most N events")
+        sp.add_argument("--out", help="output HDF5 file (default: the config's output)")
+        sp.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend (default: config, then $GPUSMALL_BACKEND, then auto)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("demo", help="simulated ePix10k2M run with the default function set (no input needed)")
+    run_options(d)
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("run", help="reduce the run a config file describes")
+    r.add_argument("config", help="YAML or TOML config")
+    run_options(r)
+    r.set_defaults(func=cmd_run)
+    i = sub.add_parser("inspect", help="what a result file holds")
+    i.add_argument("file")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="gpusmall: %(message)s")
+    try:
+        return args.func(args)
+    except GpusmallError as exc:
+        print(f"gpusmall: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gpusmall: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, not a traceback; -v shows it
+        if args.verbose:
+            log.exception("failed")
+        print(f"gpusmall: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What a detector family is: panel layout, data bits, gain ranges, banks, ASIC boundaries.
+
+A detector model is a small frozen description plus one method, :meth:`DetectorModel.gain_index`,
+that decodes the per-pixel gain range of a raw batch. Adding a detector means adding one module
+with one model (see ``epix10ka.py``) and registering it in ``detectors/__init__.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+INVALID_GAIN = -1
+"""Gain index of a pixel whose gain bits are invalid in that event (the pixel is bad then)."""
+
+
+@dataclass(frozen=True)
+class DetectorModel:
+    """A detector family (SPEC section 1).
+
+    Attributes:
+        type: config name (``epix10ka``, ``jungfrau``, ``epix100``, ``camera``).
+        panel_shape: (rows, cols) of one panel, or None where the config gives it (cameras).
+        default_panels: panels when the config gives no shape.
+        data_mask: bits of the raw word that hold the ADU value.
+        gain_names: one name per gain range; ``len(gain_names)`` ranges.
+        pixel_um: pixel pitch in micrometres (None: from the config, 1 = pixel units).
+        saturation: raw value (after ``data_mask``) at and above which a pixel counts as saturated.
+        bank_shape: (rows, cols) of a common-mode bank (None: the whole panel).
+        asic_rows, asic_cols: first row/col index of each ASIC after the first, inside a panel.
+        high_gain_ranges: gain ranges that take part in common mode with ``gain_ranges: high``.
+        default_common_mode: common-mode parameters used when the config gives none.
+    """
+
+    type: str
+    panel_shape: tuple[int, int] | None
+    default_panels: int
+    data_mask: int
+    gain_names: tuple[str, ...]
+    pixel_um: float | None
+    saturation: int | None
+    bank_shape: tuple[int, int] | None
+    asic_rows: tuple[int, ...] = ()
+    asic_cols: tuple[int, ...] = ()
+    high_gain_ranges: tuple[int, ...] = (0,)
+    default_common_mode: dict[str, Any] = field(default_factory=lambda: {"type": "none"})
+
+    @property
+    def n_gains(self) -> int:
+        return len(self.gain_names)
+
+    def gain_index(self, raw, config_bits=None, xp=np):
+        """Gain range per pixel.
+
+        Args:
+            raw: (events, panels, rows, cols) raw words.
+            config_bits: (panels, rows, cols) uint8 pixel configuration, where the family has it.
+            xp: array module of ``raw``.
+        Returns:
+            (events, panels, rows, cols) int8 gain index, ``INVALID_GAIN`` where undecodable.
+        """
+        return xp.zeros(raw.shape, dtype=xp.int8)
+
+    def data(self, raw, xp=np):
+        """ADU value of each pixel, ``raw & data_mask``, as the raw dtype."""
+        if self.data_mask == 0 or raw.dtype.kind == "f":
+            return raw
+        return raw & raw.dtype.type(self.data_mask)
+
+    def saturation_value(self, dtype) -> float:
+        """Saturation threshold for data of ``dtype`` (a camera saturates at its dtype's maximum)."""
+        if self.saturation is not None:
+            return float(self.saturation)
+        dtype = np.dtype(dtype)
+        return float(np.iinfo(dtype).max) if dtype.kind in "iu" else float("inf")
+
+    def banks(self, panel_shape: tuple[int, int]) -> tuple[int, int]:
+        """(bank rows, bank cols) for a panel of this shape (whole panel when the family has no banks)."""
+        return tuple(self.bank_shape) if self.bank_shape is not None else tuple(panel_shape)

@@ -1,0 +1,130 @@
+"""Calibration constants of one detector (SPEC section 2): load, validate, default, save.
+
+Shapes: ``pedestal`` and ``gain`` (gains, panels, rows, cols) float32 (ADU, ADU/keV); ``noise``
+(panels, rows, cols) or (gains, panels, rows, cols) float32 ADU rms; ``status`` (panels, rows, cols)
+0 = good; ``x``, ``y``, ``z`` (panels, rows, cols) float32 micrometres; ``config_bits`` (panels, rows,
+cols) uint8; ``unbonded`` (panels, rows, cols) 1 = unbonded; ``mask`` (panels, rows, cols) 1 = keep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import ConstantsError
+from .base import DetectorModel
+
+PER_GAIN = ("pedestal", "gain")
+PER_PIXEL = ("status", "x", "y", "z", "config_bits", "unbonded", "mask")
+
+
+@dataclass
+class Constants:
+    """Host-side constants of one detector; every array is (panels, rows, cols) or (gains, ...)."""
+
+    pedestal: np.ndarray
+    gain: np.ndarray
+    noise: np.ndarray | None = None
+    status: np.ndarray | None = None
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    z: np.ndarray | None = None
+    config_bits: np.ndarray | None = None
+    unbonded: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def save(self, path) -> None:
+        """Write every array at the root of an HDF5 file (the format :func:`load_constants` reads)."""
+        with h5py.File(path, "w") as f:
+            for name, arr in self.arrays().items():
+                f.create_dataset(name, data=arr, compression="gzip", compression_opts=1, shuffle=True)
+
+
+def default_geometry(shape: tuple[int, int, int], pixel_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x = (col + 0.5) * pixel_um, y = (row + 0.5) * pixel_um, z = 0 for every panel (um)."""
+    p, r, c = shape
+    y, x = np.meshgrid((np.arange(r) + 0.5) * pixel_um, (np.arange(c) + 0.5) * pixel_um, indexing="ij")
+    x = np.broadcast_to(x, shape).astype(np.float32)
+    y = np.broadcast_to(y, shape).astype(np.float32)
+    return x, y, np.zeros(shape, np.float32)
+
+
+def _check_finite(det: str, name: str, arr: np.ndarray) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = np.unravel_index(np.flatnonzero(~np.isfinite(arr))[0], arr.shape)
+        raise ConstantsError(f"detector {det}: constants dataset {name!r} is not finite at pixel {tuple(map(int, bad))}")
+
+
+def _per_gain(det: str, name: str, arr, n_gains: int, shape, optional_gains: bool) -> np.ndarray:
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.shape == tuple(shape) and (optional_gains or n_gains == 1):
+        arr = np.broadcast_to(arr, (n_gains, *shape)).copy()
+    if arr.shape != (n_gains, *shape):
+        raise ConstantsError(
+            f"detector {det}: constants dataset {name!r} has shape {arr.shape}, expected {(n_gains, *shape)}"
+        )
+    _check_finite(det, name, arr)
+    return arr
+
+
+def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> Constants:
+    """Check shapes against the detector, NaN/inf and zero gains; broadcast single-range arrays.
+
+    Raises ConstantsError naming the detector, the dataset and the first bad pixel.
+    """
+    shape = tuple(int(s) for s in shape)
+    n = model.n_gains
+    c.pedestal = _per_gain(det, "pedestal", c.pedestal, n, shape, optional_gains=False)
+    c.gain = _per_gain(det, "gain", c.gain, n, shape, optional_gains=True)
+    if (c.gain == 0).any():
+        bad = np.unravel_index(np.flatnonzero(c.gain == 0)[0], c.gain.shape)
+        raise ConstantsError(f"detector {det}: constants dataset 'gain' is 0 at (gain, panel, row, col) {tuple(map(int, bad))}")
+    if c.noise is not None:
+        c.noise = np.asarray(c.noise, np.float32)
+        if c.noise.shape not in (shape, (n, *shape)):
+            raise ConstantsError(f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, expected {shape}")
+        _check_finite(det, "noise", c.noise)
+    for name in PER_PIXEL:
+        arr = getattr(c, name)
+        if arr is None:
+            continue
+        arr = np.asarray(arr)
+        if arr.shape != shape:
+            raise ConstantsError(f"detector {det}: constants dataset {name!r} has shape {arr.shape}, expected {shape}")
+        _check_finite(det, name, arr)
+        setattr(c, name, arr)
+    return c
+
+
+def load_constants(path, det: str, model: DetectorModel, shape) -> Constants:
+    """Read and validate a constants file; ConstantsError names the detector and dataset."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConstantsError(f"detector {det}: constants file {str(path)!r} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            data = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+    except OSError as exc:
+        raise ConstantsError(f"detector {det}: cannot read constants file {str(path)!r}: {exc}") from None
+    known = {fl.name for fl in fields(Constants)}
+    if "pedestal" not in data:
+        if model.n_gains > 1:
+            raise ConstantsError(f"detector {det}: constants file {str(path)!r} has no 'pedestal' dataset")
+        data["pedestal"] = np.zeros(shape, np.float32)
+    data.setdefault("gain", np.ones(shape, np.float32))
+    c = Constants(**{k: v for k, v in data.items() if k in known})
+    return validate_constants(det, model, shape, c)
+
+
+def default_constants(model: DetectorModel, shape) -> Constants:
+    """Constants for a detector without a constants file: zero pedestal, unit gain (single-range only)."""
+    shape = tuple(shape)
+    return Constants(
+        pedestal=np.zeros((model.n_gains, *shape), np.float32),
+        gain=np.ones((model.n_gains, *shape), np.float32),
+    )

@@ -1,0 +1,47 @@
+"""ePix10ka (quad: 4 panels, 2M: 16 panels) of 352 x 384 pixels, 7 gain ranges (SPEC section 1)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import INVALID_GAIN, DetectorModel
+
+# (index, mask, value) in the order SPEC tests them: b = config_bits | (data_bit14 << 5)
+RANGE_CONDITIONS = (
+    (0, 28, 28),  # FH  fixed high
+    (1, 28, 12),  # FM  fixed medium
+    (2, 12, 8),   # FL  fixed low
+    (3, 60, 16),  # AHL-H auto high->low, in high
+    (4, 60, 0),   # AML-M auto medium->low, in medium
+    (5, 60, 48),  # AHL-L auto high->low, switched to low
+    (6, 60, 32),  # AML-L auto medium->low, switched to low
+)
+
+
+class Epix10ka(DetectorModel):
+    def gain_index(self, raw, config_bits=None, xp=np):
+        d = ((raw >> 14) & 1).astype(xp.uint8)
+        if config_bits is None:
+            # no configuration: auto-ranging high->low, d == 0 -> AHL-H (3), d == 1 -> AHL-L (5)
+            return xp.where(d == 0, 3, 5).astype(xp.int8)
+        b = xp.asarray(config_bits, dtype=xp.uint8) | (d << 5)
+        out = xp.full(raw.shape, INVALID_GAIN, dtype=xp.int8)
+        # the first condition that holds wins: assign in reverse order
+        for index, mask, value in reversed(RANGE_CONDITIONS):
+            out = xp.where((b & mask) == value, xp.int8(index), out)
+        return out
+
+
+EPIX10KA = Epix10ka(
+    type="epix10ka",
+    panel_shape=(352, 384),
+    default_panels=16,
+    data_mask=0x3FFF,
+    gain_names=("FH", "FM", "FL", "AHL-H", "AML-M", "AHL-L", "AML-L"),
+    pixel_um=100.0,
+    saturation=0x3FFF,
+    bank_shape=(176, 48),
+    asic_rows=(176,),
+    asic_cols=(192,),
+    high_gain_ranges=(0, 1, 3, 4),
+    default_common_mode={"type": "median", "axes": ["rows", "cols"], "gain_ranges": "high"},
+)

@@ -1,0 +1,17 @@
+"""Reduction functions (SPEC section 6), one module each, registered by config ``type``."""
+from __future__ import annotations
+
+from .base import FrameContext, Frames, FunctionParams, ReductionFunction
+from .projection import Projection
+from .rebin import Rebin
+from .roi import Roi
+
+FUNCTIONS: dict[str, type[ReductionFunction]] = {f.type: f for f in (Roi, Projection, Rebin)}
+
+
+def build_function(spec) -> ReductionFunction:
+    """A function tree from a validated :class:`~gpusmall.producer.config.FunctionSpec`."""
+    return FUNCTIONS[spec.type](spec.params, [build_function(c) for c in spec.children])
+
+
+__all__ = ["FUNCTIONS", "FrameContext", "Frames", "FunctionParams", "ReductionFunction", "build_function"]

@@ -1,0 +1,171 @@
+"""The reduction-function base: parameters, one-time setup, batched call, children, output names.
+
+A function receives :class:`Frames` (a calibrated batch) and returns a dict of per-event arrays,
+each with a leading events axis. Output names are ``<name>_<key>``; a child's are
+``<name>_<childname>_<key>`` (SPEC section 6). Parameters are written once as ``<name>__<param>``.
+
+Geometry-only work happens in :meth:`ReductionFunction.prepare`, once per run, on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from ..backend import Backend
+from ..detectors.base import DetectorModel
+
+
+class FunctionParams(BaseModel):
+    """Parameters common to every function; subclasses add their own. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+
+
+@dataclass
+class Frames:
+    """A calibrated batch as functions see it.
+
+    Attributes:
+        data: (events, panels, rows, cols) float32 in the detector's units; bad pixels are 0.
+        good: (events, panels, rows, cols) bool, False where the pixel is bad in that event.
+        raw: (events, panels, rows, cols) raw words (for saturation counts), or None.
+    """
+
+    data: Any
+    good: Any
+    raw: Any = None
+
+    def crop(self, index: tuple[slice, ...]) -> "Frames":
+        idx = (slice(None),) + tuple(index)
+        return Frames(self.data[idx], self.good[idx], None if self.raw is None else self.raw[idx])
+
+
+@dataclass
+class FrameContext:
+    """What a function knows about the frames it will receive, (panels, rows, cols) arrays on the device.
+
+    Attributes:
+        det: detector name (for messages).
+        model: the detector model.
+        backend: the run's backend.
+        shape: (panels, rows, cols) of each frame.
+        mask: static mask, bool, True = keep.
+        noise: ADU rms of the high (first) gain range, or None.
+        x, y, z: pixel centres in micrometres, or None.
+        origin: (panel, row, col) of this frame's first pixel in the full detector.
+        units: ``adu``, ``kev`` or ``photons``.
+        saturation: raw ADU value at which a pixel saturates.
+        to_adu: factor turning the frames' units into ADU of the first gain range (1 for adu).
+    """
+
+    det: str
+    model: DetectorModel
+    backend: Backend
+    shape: tuple[int, int, int]
+    mask: Any
+    noise: Any = None
+    x: Any = None
+    y: Any = None
+    z: Any = None
+    origin: tuple[int, int, int] = (0, 0, 0)
+    units: str = "adu"
+    saturation: float = float("inf")
+    pixel_um: float = 1.0
+
+    @property
+    def xp(self):
+        return self.backend.xp
+
+    def crop(self, index: tuple[slice, slice, slice]) -> "FrameContext":
+        """The context of a (panels, rows, cols) sub-region given as three slices with explicit bounds."""
+        def cut(a):
+            return None if a is None else a[index]
+
+        shape = tuple(s.stop - s.start for s in index)
+        origin = tuple(o + s.start for o, s in zip(self.origin, index))
+        return replace(self, shape=shape, mask=cut(self.mask), noise=cut(self.noise), x=cut(self.x),
+                       y=cut(self.y), z=cut(self.z), origin=origin)
+
+
+class ReductionFunction:
+    """Base of every reduction function.
+
+    Subclasses set ``type``, ``Params`` and implement :meth:`compute`; they may override
+    :meth:`prepare` (one-time set-up, returns the context for the children) and
+    :meth:`static_outputs` (arrays written once to /UserDataCfg, e.g. bin centres).
+    """
+
+    type: ClassVar[str] = "function"
+    Params: ClassVar[type[FunctionParams]] = FunctionParams
+
+    def __init__(self, params: FunctionParams, children: list["ReductionFunction"] | None = None):
+        self.p = params
+        self.children = children or []
+        self.ctx: FrameContext | None = None
+
+    @property
+    def name(self) -> str:
+        return self.p.name or self.default_name()
+
+    def default_name(self) -> str:
+        return self.type
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+    # ---- one-time set-up ----------------------------------------------------------
+    def setup(self, ctx: FrameContext) -> None:
+        """Precompute everything that depends only on geometry and constants, then set up children."""
+        self.ctx = ctx
+        child_ctx = self.prepare(ctx)
+        if self.children and child_ctx is None:
+            raise ValueError(f"detector {ctx.det}: function {self.name} passes nothing to children")
+        for child in self.children:
+            child.setup(child_ctx)
+
+    def prepare(self, ctx: FrameContext) -> FrameContext | None:
+        """Subclass hook for set-up; returns the context of the frames children receive (or None)."""
+        return ctx
+
+    # ---- per batch ----------------------------------------------------------------
+    def compute(self, frames: Frames) -> tuple[dict[str, Any], Frames | None]:
+        """(outputs keyed by short key, frames for the children or None). Every output has events first."""
+        raise NotImplementedError
+
+    def __call__(self, frames: Frames) -> dict[str, Any]:
+        """Outputs of this function and its children, keyed by full output name."""
+        outputs, child_frames = self.compute(frames)
+        out = {f"{self.name}_{k}": v for k, v in outputs.items()}
+        for child in self.children:
+            for k, v in child(child_frames).items():
+                out[f"{self.name}_{k}"] = v
+        return out
+
+    # ---- for the output file --------------------------------------------------------
+    def static_outputs(self) -> dict[str, np.ndarray]:
+        """Arrays written once under /UserDataCfg/<det>/ as ``<name>__<key>`` (host arrays)."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """Parameters (and static outputs) of this function and its children, by full key."""
+        out = {}
+        for k, v in self.p.model_dump(exclude={"name"}).items():
+            if v is not None:
+                out[f"{self.name}__{k}"] = v
+        for k, v in self.static_outputs().items():
+            out[f"{self.name}__{k}"] = v
+        for child in self.children:
+            for k, v in child.params().items():
+                out[f"{self.name}_{k}"] = v
+        return out
+
+
+def threshold(xp, data, thres):
+    """``data`` with values below ``thres`` set to 0 (no copy when ``thres`` is None)."""
+    if thres is None:
+        return data
+    return xp.where(data >= thres, data, xp.float32(0))

@@ -1,0 +1,32 @@
+"""rebin: block sums to a smaller 2-D shape per panel (SPEC section 6). Output ``data``."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..errors import InputError
+from .base import FrameContext, Frames, FunctionParams, ReductionFunction
+
+
+class RebinParams(FunctionParams):
+    shape: list[int] = Field(min_length=2, max_length=2)
+
+
+class Rebin(ReductionFunction):
+    type = "rebin"
+    Params = RebinParams
+
+    def prepare(self, ctx: FrameContext):
+        _, r, c = ctx.shape
+        tr, tc = self.p.shape
+        if tr <= 0 or tc <= 0 or r % tr or c % tc:
+            raise InputError(
+                f"detector {ctx.det}: function {self.name}: shape {self.p.shape} must divide the frame ({r}, {c})"
+            )
+        self.factors = (r // tr, c // tc)
+        return None
+
+    def compute(self, frames: Frames):
+        e, p, r, c = frames.data.shape
+        fr, fc = self.factors
+        out = frames.data.reshape(e, p, r // fr, fr, c // fc, fc).sum(axis=(3, 5))
+        return {"data": out[:, 0] if p == 1 else out}, None

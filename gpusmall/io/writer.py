@@ -1,0 +1,116 @@
+"""HDF5 result file (SPEC section 8): per-event datasets extended and flushed per batch.
+
+Layout::
+
+    /timestamp (events,) uint64     /event_index (events,) int64
+    /<det>/<name>_<key>             per event, events first
+    /<det>/damaged                  (events,) uint8
+    /UserDataCfg/<det>/...          written once: constants, masks, parameters
+    /Sums/<det>_<sum>               run totals
+
+The file is valid HDF5 after every :meth:`ResultWriter.append` (each batch is flushed).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+
+def _storable(value: Any):
+    """A value h5py can store: arrays as they are, lists of numbers as arrays, the rest as JSON text."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bool, int, float, np.number, np.bool_)):
+        return np.asarray(value)
+    if isinstance(value, str):
+        return value
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind in "biuf":
+            return arr
+    except (ValueError, TypeError):
+        pass
+    return json.dumps(value)
+
+
+class ResultWriter:
+    """Writes one result file; use as a context manager (closing flushes).
+
+    Args:
+        path: output file (overwritten).
+        chunk_events: events per HDF5 chunk of per-event datasets (the batch size is a good choice).
+    """
+
+    def __init__(self, path, chunk_events: int = 64):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = h5py.File(self.path, "w", libver="latest")
+        self.chunk_events = max(1, int(chunk_events))
+        self.n_events = 0
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.flush()
+            self.file.close()
+
+    def _create(self, name: str, arr: np.ndarray) -> h5py.Dataset:
+        tail = arr.shape[1:]
+        per_event = max(1, int(np.prod(tail)) * arr.dtype.itemsize)
+        chunk0 = int(max(1, min(self.chunk_events, (1 << 20) // per_event)))
+        return self.file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=arr.dtype,
+                                        chunks=(chunk0, *tail) if tail else (max(chunk0, 1024),))
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        """Append one batch: every array has the same leading events axis. Flushes the file.
+
+        The first batch creates the datasets; later batches must bring the same names.
+        """
+        n = None
+        for name, arr in columns.items():
+            arr = np.asarray(arr)
+            if n is None:
+                n = arr.shape[0]
+            elif arr.shape[0] != n:
+                raise ValueError(f"output {name}: {arr.shape[0]} events in a batch of {n}")
+            ds = self._datasets.get(name)
+            if ds is None:
+                if self.n_events:
+                    raise ValueError(f"output {name} appears after the first batch")
+                ds = self._datasets[name] = self._create(name, arr)
+            ds.resize(self.n_events + n, axis=0)
+            ds[self.n_events:] = arr
+        if n is not None:
+            self.n_events += n
+        self.file.flush()
+
+    def write_static(self, group: str, values: dict[str, Any]) -> None:
+        """Write values once under ``group`` (e.g. ``UserDataCfg/<det>``); replaces existing ones."""
+        g = self.file.require_group(group)
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key in g:
+                del g[key]
+            v = _storable(value)
+            if isinstance(v, np.ndarray) and v.size > 4096:
+                g.create_dataset(key, data=v, compression="gzip", compression_opts=1, shuffle=True)
+            else:
+                g.create_dataset(key, data=v)
+        self.file.flush()
+
+    def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        obj = self.file.require_group(path) if path not in ("", "/") else self.file
+        for k, v in attrs.items():
+            obj.attrs[k] = _storable(v)

@@ -1,0 +1,239 @@
+"""The run config (SPEC section 7): YAML or TOML, validated before any event is read, never executed.
+
+:func:`load_config` returns a :class:`RunConfig`; every error is a :class:`~gpusmall.errors.ConfigError`
+whose one-line message names the key path, e.g. ``detectors.epix10k2m.functions[1].bins``.
+Relative paths in a config file are taken relative to the folder of that file.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, model_validator
+
+from ..detectors import MODELS
+from ..errors import ConfigError
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Strict(BaseModel):
+    """A config block: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SourceConfig(Strict):
+    type: Literal["sim", "hdf5", "psana"]
+    events: PositiveInt | None = None
+    seed: int = 0
+    path: str | None = None
+    timestamp: str = "/timestamp"
+    files: list[str] | None = None
+    exp: str | None = None
+    run: int | None = None
+    psana: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.type == "sim" and self.events is None:
+            self.events = 1000
+        if self.type == "hdf5" and not self.path:
+            raise ValueError("an hdf5 source needs 'path'")
+        if self.type == "psana" and not self.files and not (self.exp and self.run is not None):
+            raise ValueError("a psana source needs 'files' or 'exp' and 'run'")
+        return self
+
+
+class MaskConfig(Strict):
+    status: bool = True
+    edges: int = Field(0, ge=0)
+    central: int = Field(0, ge=0)
+    unbonded: bool = True
+    neighbours: Literal[0, 4, 8] = 0
+    user: str | None = None
+    calib: bool = True
+
+
+class CommonModeConfig(Strict):
+    type: Literal["median", "epix100", "zero_peak", "none", "raw"]
+    axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"])
+    max_correction: PositiveFloat | None = None  # ADU; default 100 (median, zero_peak) or 30 (epix100)
+    min_pixels: int = Field(10, ge=0)
+    gain_ranges: Literal["all", "high"] | None = None  # default: high for gain-switching detectors
+    norm_all: bool = False
+    histo_range: PositiveFloat = 30.0
+    min_fraction: float = Field(0.25, ge=0.0, le=1.0)
+
+
+SUM_NAME = re.compile(r"^(calib|square|max|nhits)(_thresADU(-?\d+(\.\d+)?))?$")
+
+
+class DetectorConfig(Strict):
+    type: Literal[tuple(MODELS)]  # type: ignore[valid-type]
+    shape: list[PositiveInt] | None = Field(None, min_length=2, max_length=3)
+    pixel_um: PositiveFloat | None = None
+    saturation: float | None = None
+    dataset: str | None = None
+    constants: str | None = None
+    units: Literal["adu", "kev", "photons"] = "adu"
+    photon_energy_kev: PositiveFloat | None = None
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    mask_value: Literal["zero", "nan"] = "zero"
+    common_mode: CommonModeConfig | None = None
+    functions: list[dict[str, Any]] = Field(default_factory=list)
+    sums: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.units == "photons" and self.photon_energy_kev is None:
+            raise ValueError("units: photons needs photon_energy_kev")
+        bad = [s for s in self.sums if not SUM_NAME.match(s)]
+        if bad:
+            raise ValueError(f"unknown sums {bad}: use calib, square, max, nhits, optionally with _thresADU<t>")
+        return self
+
+    def panel_shape(self) -> tuple[int, int, int] | None:
+        """(panels, rows, cols) from ``shape`` (a 2-D shape is one panel), or the model's default."""
+        if self.shape is not None:
+            return (1, *self.shape) if len(self.shape) == 2 else tuple(self.shape)
+        model = MODELS[self.type]
+        if model.panel_shape is None:
+            return None
+        return (model.default_panels, *model.panel_shape)
+
+
+class RunConfig(Strict):
+    source: SourceConfig
+    batch_size: PositiveInt = 64
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+    output: str = "run.h5"
+    detectors: dict[str, DetectorConfig] = Field(min_length=1)
+    # filled by validate_config, not by the user
+    _base_dir: str = PrivateAttr(".")
+    _specs: dict = PrivateAttr(default_factory=dict)
+
+    def function_specs(self, det: str) -> list["FunctionSpec"]:
+        return self._specs[det]
+
+
+def key_path(loc) -> str:
+    """('detectors', 'e', 'functions', 1, 'bins') -> 'detectors.e.functions[1].bins'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _first_error(exc: ValidationError, prefix=()) -> ConfigError:
+    err = exc.errors()[0]
+    loc = tuple(prefix) + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key missing"
+    n = len(exc.errors())
+    more = f" (and {n - 1} more error{'s' if n > 2 else ''})" if n > 1 else ""
+    return ConfigError(f"config: {key_path(loc) or '(top level)'}: {msg}{more}")
+
+
+class FunctionSpec:
+    """A validated reduction function entry: its type, parameters and children."""
+
+    def __init__(self, type: str, params: BaseModel, children: list["FunctionSpec"], path: str):
+        self.type, self.params, self.children, self.path = type, params, children, path
+
+    def __repr__(self):
+        return f"FunctionSpec({self.type}, {self.params!r}, children={self.children})"
+
+
+def parse_functions(entries: list[dict], prefix: tuple) -> list[FunctionSpec]:
+    """Validate function entries against each function's own parameter model (recursively)."""
+    from ..funcs import FUNCTIONS
+
+    specs = []
+    for i, entry in enumerate(entries):
+        loc = prefix + (i,)
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config: {key_path(loc)}: a function must be a mapping with a 'type'")
+        entry = dict(entry)
+        ftype = entry.pop("type", None)
+        if ftype is None:
+            raise ConfigError(f"config: {key_path(loc + ('type',))}: required key missing")
+        if ftype not in FUNCTIONS:
+            raise ConfigError(f"config: {key_path(loc + ('type',))}: unknown function {ftype!r}; known: {', '.join(sorted(FUNCTIONS))}")
+        children = entry.pop("children", []) or []
+        if not isinstance(children, list):
+            raise ConfigError(f"config: {key_path(loc + ('children',))}: must be a list of functions")
+        try:
+            params = FUNCTIONS[ftype].Params.model_validate(entry)
+        except ValidationError as exc:
+            raise _first_error(exc, loc) from None
+        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",)), key_path(loc)))
+    return specs
+
+
+def _resolve(base: Path, p: str | None) -> str | None:
+    if p is None:
+        return None
+    head, sep, tail = p.partition(":") if not re.match(r"^[A-Za-z]:[\\/]", p) else (p, "", "")
+    q = Path(head).expanduser()
+    return str(q if q.is_absolute() else base / q) + sep + tail
+
+
+def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
+    """Validate a config mapping; relative paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping (source, detectors, ...)")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    base = Path(base_dir)
+    cfg._base_dir = str(base)
+    if cfg.source.path:
+        cfg.source.path = _resolve(base, cfg.source.path)
+    if cfg.source.files:
+        cfg.source.files = [_resolve(base, f) for f in cfg.source.files]
+    cfg.output = _resolve(base, cfg.output)
+    specs = {}
+    for name, det in cfg.detectors.items():
+        det.constants = _resolve(base, det.constants)
+        det.mask.user = _resolve(base, det.mask.user)
+        if cfg.source.type in ("sim", "hdf5") and det.panel_shape() is None:
+            raise ConfigError(f"config: detectors.{name}.shape: required for a {det.type} in a {cfg.source.type} source")
+        if cfg.source.type == "hdf5" and not det.dataset:
+            raise ConfigError(f"config: detectors.{name}.dataset: required for an hdf5 source")
+        specs[name] = parse_functions(det.functions, ("detectors", name, "functions"))
+    cfg._specs = specs
+    return cfg
+
+
+def read_config_file(path) -> dict:
+    """Parse a YAML (.yaml/.yml) or TOML (.toml) file into a mapping; ConfigError when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".toml":
+            return tomllib.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        line = str(exc).splitlines()
+        raise ConfigError(f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {' '.join(line)[:200]}") from None
+
+
+def load_config(path) -> RunConfig:
+    """Read and validate a config file (YAML or TOML)."""
+    path = Path(path)
+    return validate_config(read_config_file(path), base_dir=path.resolve().parent)

@@ -1,0 +1,107 @@
+"""One detector's reduction for a run: constants, mask, calibration, function tree, run sums.
+
+Everything that depends only on constants and geometry is built here once and kept on the device;
+:meth:`DetectorPipeline.process` then handles one raw batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+from ..calib import Calibrator, make_common_mode
+from ..detectors import get_model
+from ..detectors.constants import default_constants, default_geometry, load_constants, validate_constants
+from ..detectors.masks import static_mask
+from ..errors import ConstantsError
+from ..funcs import FrameContext, build_function
+from ..funcs.sums import RunSum
+from ..sources.base import DetectorSource
+
+
+class DetectorPipeline:
+    """Reduction of one detector.
+
+    Args:
+        name: detector name.
+        cfg: its validated DetectorConfig.
+        src: what the source says of it (shape, dtype, geometry, constants).
+        specs: validated function specs.
+        backend: the run's backend.
+    """
+
+    def __init__(self, name: str, cfg, src: DetectorSource, specs, backend: Backend):
+        self.name, self.cfg, self.backend = name, cfg, backend
+        self.model = model = get_model(cfg.type)
+        self.shape = shape = tuple(src.shape)
+        if cfg.constants:
+            c = load_constants(cfg.constants, name, model, shape)
+        elif src.constants is not None:
+            c = validate_constants(name, model, shape, src.constants)
+        elif model.n_gains == 1:
+            c = default_constants(model, shape)
+        else:
+            raise ConstantsError(f"detector {name}: a {model.type} needs a constants file with pedestals "
+                                 f"(detectors.{name}.constants)")
+        if src.config_bits is not None and c.config_bits is None:
+            c.config_bits = src.config_bits
+        pixel_um = cfg.pixel_um or model.pixel_um or 1.0
+        if src.x is not None:
+            x, y, z = src.x, src.y, src.z
+        elif c.x is not None and c.y is not None:
+            x, y, z = c.x, c.y, c.z if c.z is not None else np.zeros(shape, np.float32)
+        else:
+            x, y, z = default_geometry(shape, pixel_um)
+        self.constants = c
+        self.geometry = tuple(np.asarray(a, np.float32) for a in (x, y, z))
+        m = cfg.mask
+        self.mask, self.cmask = static_mask(name, model, shape, c, status=m.status, edges=m.edges,
+                                            central=m.central, unbonded=m.unbonded, neighbours=m.neighbours,
+                                            user=m.user, calib=m.calib)
+        self.common_mode = make_common_mode(name, cfg.common_mode, model, c, backend)
+        self.calibrator = Calibrator(model, c, self.mask, backend, units=cfg.units,
+                                     photon_energy_kev=cfg.photon_energy_kev, common_mode=self.common_mode)
+        noise = c.noise if c.noise is None or c.noise.ndim == 3 else c.noise[0]
+        saturation = cfg.saturation if cfg.saturation is not None else model.saturation_value(src.dtype)
+        to_dev = backend.to_device
+        self.ctx = FrameContext(det=name, model=model, backend=backend, shape=shape, mask=to_dev(self.mask),
+                                noise=to_dev(noise), x=to_dev(self.geometry[0]), y=to_dev(self.geometry[1]),
+                                z=to_dev(self.geometry[2]), units=cfg.units, saturation=saturation,
+                                pixel_um=pixel_um)
+        self.functions = [build_function(s) for s in specs]
+        for f in self.functions:
+            f.setup(self.ctx)
+        self.sums = [RunSum(s, shape, backend) for s in cfg.sums]
+
+    def process(self, raw) -> dict[str, Any]:
+        """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name."""
+        frames = self.calibrator(raw)
+        out = {}
+        for f in self.functions:
+            out.update(f(frames))
+        for s in self.sums:
+            s.update(frames)
+        return out
+
+    def user_data_cfg(self) -> dict[str, Any]:
+        """What /UserDataCfg/<det>/ holds: constants, geometry, masks, corrections, function parameters."""
+        c = self.constants
+        out = {"ped": c.pedestal, "gain": c.gain, "noise": c.noise, "status": c.status,
+               "x": self.geometry[0], "y": self.geometry[1], "z": self.geometry[2],
+               "mask": self.mask.astype(np.uint8), "cmask": self.cmask.astype(np.uint8),
+               "config_bits": c.config_bits, "type": self.model.type, "units": self.cfg.units,
+               "shape": np.asarray(self.shape)}
+        cm = self.cfg.common_mode.model_dump() if self.cfg.common_mode else dict(self.model.default_common_mode)
+        for k, v in cm.items():
+            if v is not None:
+                out[f"common_mode__{k}"] = v
+        for k, v in self.cfg.mask.model_dump().items():
+            if v is not None:
+                out[f"mask__{k}"] = v
+        for f in self.functions:
+            out.update(f.params())
+        return out
+
+    def sum_results(self) -> dict[str, np.ndarray]:
+        return {f"{self.name}_{s.name}": s.result() for s in self.sums}

@@ -1,0 +1,27 @@
+"""Event sources: simulated runs, HDF5 files, psana (LCLS-II XTC2)."""
+from __future__ import annotations
+
+from .base import DetectorSource, RawBatch, Source
+
+
+def open_source(cfg) -> Source:
+    """The source a validated :class:`~gpusmall.producer.config.RunConfig` names."""
+    s = cfg.source
+    dets = {name: {"type": d.type, "shape": d.panel_shape(), "pixel_um": d.pixel_um, "dataset": d.dataset}
+            for name, d in cfg.detectors.items()}
+    if s.type == "sim":
+        from .sim import SimSource
+
+        return SimSource(s.events, dets, seed=s.seed)
+    if s.type == "hdf5":
+        from .hdf5 import Hdf5Source
+
+        return Hdf5Source(s.path, dets, events=s.events, timestamp=s.timestamp)
+    if s.type == "psana":
+        from .psana import PsanaSource  # imports psana only here
+
+        return PsanaSource(s, dets)
+    raise ValueError(f"unknown source type {s.type!r}")
+
+
+__all__ = ["DetectorSource", "RawBatch", "Source", "open_source"]

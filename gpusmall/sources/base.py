@@ -1,0 +1,85 @@
+"""What every event source provides: detector descriptions and raw batches.
+
+A source yields :class:`RawBatch` objects: raw arrays (events, panels, rows, cols) per detector with
+the events' timestamps and indices. Sources with random access (sim, hdf5) implement
+:meth:`Source.read`; the producer splits ``[0, n_events)`` into batches (and ranks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from ..detectors.constants import Constants
+
+
+@dataclass
+class DetectorSource:
+    """A detector as a source delivers it.
+
+    Attributes:
+        name: detector name in the config and output file.
+        type: detector model type.
+        shape: (panels, rows, cols).
+        dtype: raw dtype.
+        config_bits: (panels, rows, cols) uint8 ePix10ka pixel configuration, or None.
+        x, y, z: (panels, rows, cols) pixel centres in um from the source (psana geometry), or None.
+        constants: constants the source brings (the simulator's own), or None.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    config_bits: np.ndarray | None = None
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    z: np.ndarray | None = None
+    constants: Constants | None = None
+
+
+@dataclass
+class RawBatch:
+    """Raw events of one batch.
+
+    Attributes:
+        timestamp: (events,) uint64.
+        event_index: (events,) int64, index of each event in the run.
+        raw: detector name -> (events, panels, rows, cols) raw array.
+        damaged: detector name -> (events,) bool, True where the detector had no or bad data.
+    """
+
+    timestamp: np.ndarray
+    event_index: np.ndarray
+    raw: dict[str, np.ndarray]
+    damaged: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.timestamp.shape[0])
+
+
+class Source:
+    """Base class of event sources."""
+
+    detectors: dict[str, DetectorSource]
+    n_events: int | None = None
+
+    def read(self, start: int, stop: int, out: dict[str, np.ndarray] | None = None) -> RawBatch:
+        """Events ``[start, stop)``; ``out`` may give (stop - start, ...) arrays to fill (pinned buffers)."""
+        raise NotImplementedError
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[RawBatch]:
+        stop = self.n_events if stop is None else stop
+        for b in range(start, stop, batch_size):
+            yield self.read(b, min(b + batch_size, stop))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,52 @@
+"""Shared fixtures: every backend-dependent test runs on NumPy and on CuPy.
+
+The CuPy case is skipped with a reason when no GPU is usable, except when the suite runs with
+``GPUSMALL_BACKEND=cupy``: then a missing GPU is a failure, so a GPU run can never pass by skipping.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpusmall.backend import Backend, gpu_status
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("GPUSMALL_TEST_DATA")
+    for d in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[1] / "testdata", SHARED_DATA]:
+        if (d / "test_epix_calib.xtc2").is_file():
+            return d
+    return SHARED_DATA
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request) -> Backend:
+    """A Backend for each array library; CuPy skips without a GPU (fails with GPUSMALL_BACKEND=cupy)."""
+    if request.param == "cupy":
+        ok, why = gpu_status()
+        if not ok:
+            if os.environ.get("GPUSMALL_BACKEND", "").lower() == "cupy":
+                pytest.fail(f"GPUSMALL_BACKEND=cupy but no GPU is usable: {why}")
+            pytest.skip(f"CuPy backend: {why}")
+    return Backend(request.param)
+
+
+@pytest.fixture
+def numpy_backend() -> Backend:
+    return Backend("numpy")
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """Folder of the real XTC2 test files (../shared/data, ./testdata or $GPUSMALL_TEST_DATA)."""
+    return _data_dir()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
