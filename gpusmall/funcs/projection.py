@@ -37,7 +37,7 @@ class Projection(ReductionFunction):
             if ctx.noise is None:
                 raise InputError(f"detector {ctx.det}: function {self.name}: thres_rms needs noise in the constants")
             self.rms_thres = (self.p.thres_rms * ctx.noise).astype(xp.float32)[None]
-        self.axis = 3 + self.p.axis if self.p.axis < 0 else 2 + self.p.axis
+        self.axis = 2 + self.p.axis % 2  # numpy axis of (events, panels, rows, cols)
         return None
 
     def compute(self, frames: Frames):

@@ -26,13 +26,14 @@ RING_WIDTH_Q = 0.03
 T0_NS = 1_700_000_000 * 10**9  # first event's timestamp, ns
 PERIOD_NS = 8_333_333  # 120 Hz
 
-# per family: gain per range (ADU/keV), pedestal per range (ADU), high-gain noise (ADU rms)
+# per family: gain per range (ADU/keV), pedestal per range (ADU), high-gain noise (ADU rms),
+# common-mode offsets (ADU rms) per bank and per row within a bank
 FAMILY = {
     "epix10ka": dict(gain=(16.4, 5.47, 0.164, 16.4, 5.47, 0.164, 0.164),
-                     pedestal=(2800, 2900, 3000, 2800, 2900, 3000, 3000), noise=3.0, ranges=(3, 5)),
-    "jungfrau": dict(gain=(40.0, 1.5, 0.1), pedestal=(2500, 8000, 9000), noise=10.0, ranges=(0, 1, 2)),
-    "epix100": dict(gain=(4.4,), pedestal=(1000,), noise=3.0, ranges=(0,)),
-    "camera": dict(gain=(1.0,), pedestal=(32,), noise=2.0, ranges=(0,)),
+                     pedestal=(2800, 2900, 3000, 2800, 2900, 3000, 3000), noise=3.0, ranges=(3, 5), cm=(8.0, 3.0)),
+    "jungfrau": dict(gain=(40.0, 1.5, 0.1), pedestal=(2500, 8000, 9000), noise=10.0, ranges=(0, 1, 2), cm=(2.0, 0.0)),
+    "epix100": dict(gain=(4.4,), pedestal=(1000,), noise=3.0, ranges=(0,), cm=(8.0, 3.0)),
+    "camera": dict(gain=(10.0,), pedestal=(32,), noise=2.0, ranges=(0,), cm=(0.0, 0.0)),
 }
 SWITCH_ADU = 12000.0  # a pixel leaves a range when its signal there would exceed this
 
@@ -77,6 +78,7 @@ class SimDetector:
         self.noise = np.abs(rng.normal(fam["noise"], 0.1 * fam["noise"], self.shape)).astype(np.float32)
         self.status = (rng.random(self.shape) < 5e-4).astype(np.uint8)
         self.ranges = fam["ranges"]
+        self.cm_sigma = fam["cm"]
         if type == "camera":
             self.x = self.y = self.z = None
             xs, ys = np.meshgrid((np.arange(c) + 0.5) * self.pixel_um, (np.arange(r) + 0.5) * self.pixel_um)
@@ -162,8 +164,8 @@ class SimDetector:
         br, bc = self.bank
         nbr, nbc = r // br, c // bc
         view = frame.reshape(p, nbr, br, nbc, bc)
-        view += rng.normal(0, 8.0, (p, nbr, 1, nbc, 1)).astype(np.float32)
-        view += rng.normal(0, 3.0, (p, nbr, br, nbc, 1)).astype(np.float32)
+        view += rng.normal(0, self.cm_sigma[0], (p, nbr, 1, nbc, 1)).astype(np.float32)
+        view += rng.normal(0, self.cm_sigma[1], (p, nbr, br, nbc, 1)).astype(np.float32)
         frame[self.status != 0] += 5000.0
         np.clip(np.rint(frame), 0, self.max_adu, out=frame)
         out[...] = frame.astype(np.uint16)

@@ -1,0 +1,55 @@
+"""Backend choice, transfers and kernel discovery."""
+import numpy as np
+import pytest
+
+from gpusmall.backend import Backend, find_kernel_source, get_backend, gpu_status, kernel_dirs, resolve_choice
+from gpusmall.errors import BackendError
+
+
+def test_precedence_argument_env_config(monkeypatch):
+    monkeypatch.delenv("GPUSMALL_BACKEND", raising=False)
+    assert resolve_choice() == "auto"
+    assert resolve_choice(config="numpy") == "numpy"
+    monkeypatch.setenv("GPUSMALL_BACKEND", "cupy")
+    assert resolve_choice(config="numpy") == "cupy"
+    assert resolve_choice("numpy", config="cupy") == "numpy"
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.delenv("GPUSMALL_BACKEND", raising=False)
+    with pytest.raises(BackendError, match="--backend"):
+        resolve_choice("tpu")
+    monkeypatch.setenv("GPUSMALL_BACKEND", "gpu")
+    with pytest.raises(BackendError, match="GPUSMALL_BACKEND"):
+        resolve_choice()
+
+
+def test_cupy_without_gpu_is_a_clear_error():
+    ok, why = gpu_status()
+    if ok:
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(BackendError, match="no GPU is usable"):
+        Backend("cupy")
+
+
+def test_auto_picks_what_is_usable(monkeypatch):
+    monkeypatch.delenv("GPUSMALL_BACKEND", raising=False)
+    b = get_backend("auto")
+    assert b.name == ("cupy" if gpu_status()[0] else "numpy")
+
+
+def test_round_trip(backend):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    d = backend.to_device(a)
+    np.testing.assert_array_equal(backend.to_host(d * 2), a * 2)
+    buf = backend.pinned_empty((3, 4), np.uint16)
+    assert buf.shape == (3, 4) and buf.dtype == np.uint16
+
+
+def test_every_kernel_source_is_found():
+    names = sorted(p.name for d in kernel_dirs() if d.is_dir() for p in d.glob("*.cu"))
+    assert "calib.cu" in names
+    for n in names:
+        assert find_kernel_source(n).read_text().strip()
+    with pytest.raises(FileNotFoundError):
+        find_kernel_source("nope.cu")
