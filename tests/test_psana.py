@@ -253,3 +253,58 @@ def test_gpusmall_run_on_psana(data_dir, tmp_path, det):
             np.testing.assert_allclose(f[f"UserDataCfg/{det}/{k}"][()], a, rtol=1e-6, atol=0.01)
         assert f[f"Sums/{det}_calib"].shape == frames.shape[1:]
         assert f.attrs["events"] == len(ts)
+
+
+def test_constants_from_psana(data_dir):
+    """Without a constants file the source takes psana's own constants (here: ones we inject)."""
+    from gpusmall.sources.psana import PsanaSource
+
+    path = xtc(data_dir, "jungfrau")
+    run, raw = psana_run(path, "jungfrau")
+    peds, gain = make_constants("jungfrau", psana_frames(path, "jungfrau")[1], "random")
+    status = np.zeros(peds.shape, np.uint64)
+    status[1, 0, 5, 7] = 4
+    inject(raw, run, "jungfrau", peds, gain, status)
+    c = PsanaSource._psana_constants(None, "jungfrau", raw, get_model("jungfrau"), (1, 512, 1024))
+    np.testing.assert_array_equal(c.pedestal, peds)
+    np.testing.assert_array_equal(c.gain, gain)
+    assert c.status.shape == (1, 512, 1024) and c.status.sum() == 1 and c.status[0, 5, 7] == 1
+
+
+def test_example_config_runs(data_dir, tmp_path):
+    """producers/psana_jungfrau.yaml validates and reduces the JUNGFRAU file (with constants we make)."""
+    from pathlib import Path
+
+    from gpusmall.backend import Backend
+    from gpusmall.producer.config import load_config
+    from gpusmall.producer.run import reduce_run
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "producers" / "psana_jungfrau.yaml")
+    path = xtc(data_dir, "jungfrau")
+    if not Path(cfg.source.files[0]).is_file():
+        cfg.source.files = [str(path)]
+    peds, gain = make_constants("jungfrau", psana_frames(path, "jungfrau")[1], "mean")
+    Constants(pedestal=peds, gain=gain).save(tmp_path / "c.h5")
+    cfg.detectors["jungfrau"].constants = str(tmp_path / "c.h5")
+    summary = reduce_run(cfg, Backend("numpy"), output=tmp_path / "out.h5", quiet=True)
+    assert summary.events == 2
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert f["jungfrau/roi0_sum"].shape == (2,) and f["jungfrau/roi0_pj_ax_1_data"].shape[0] == 2
+
+
+def test_missing_or_bad_frames_are_damaged(data_dir):
+    path = xtc(data_dir, "jungfrau")
+    with open_source(source_cfg(path, "jungfrau")) as src:
+        real = src.dets["jungfrau"]
+
+        class Flaky:  # event 0: no data; event 1: data of the wrong shape
+            calls = 0
+
+            def raw(self, evt):
+                Flaky.calls += 1
+                return None if Flaky.calls == 1 else real.raw(evt)[:, :256]
+
+        src.dets["jungfrau"] = Flaky()
+        (batch,) = list(src.batches(8))
+    assert batch.damaged["jungfrau"].tolist() == [True, True]
+    assert not batch.raw["jungfrau"].any() and len(batch) == 2
