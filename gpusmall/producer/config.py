@@ -80,6 +80,7 @@ class DetectorConfig(Strict):
     pixel_um: PositiveFloat | None = None
     saturation: float | None = None
     dataset: str | None = None
+    source_name: str | None = None  # psana: the detector's name in the run, when it differs
     constants: str | None = None
     units: Literal["adu", "kev", "photons"] = "adu"
     photon_energy_kev: PositiveFloat | None = None

@@ -7,7 +7,9 @@ from .base import DetectorSource, RawBatch, Source
 def open_source(cfg) -> Source:
     """The source a validated :class:`~gpusmall.producer.config.RunConfig` names."""
     s = cfg.source
-    dets = {name: {"type": d.type, "shape": d.panel_shape(), "pixel_um": d.pixel_um, "dataset": d.dataset}
+    dets = {name: {"type": d.type, "shape": d.panel_shape(), "pixel_um": d.pixel_um, "dataset": d.dataset,
+                   "source_name": d.source_name, "constants": d.constants,
+                   "shape_given": d.shape is not None}
             for name, d in cfg.detectors.items()}
     if s.type == "sim":
         from .sim import SimSource

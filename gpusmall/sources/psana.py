@@ -1,0 +1,278 @@
+"""Raw events from psana (LCLS-II XTC2 files or an experiment/run), read sequentially.
+
+Config::
+
+    source:
+      type: psana
+      files: [r0014.xtc2]          # or  exp: xpptut15, run: 14
+      events: 1000                 # optional limit
+      psana: {skip_calib_load: all} # any further DataSource keyword
+
+Each configured detector is the psana detector of the same name, or of its ``source_name``.
+From psana come the detector type (checked against the config), shape (panels, rows, cols),
+raw dtype, ePix10ka pixel configuration bits, pixel coordinates (um) and, when the config names no
+constants file, psana's calibration constants. psana is imported here only, so the rest of the
+package works without it.
+
+psana's event loop is sequential: :meth:`PsanaSource.batches` walks ``run.events()`` once, so the
+number of events is not known in advance (``n_events`` is None) and batches must be asked for in
+order. An event where a detector has no data, or data of the wrong shape, is marked damaged for it
+(its raw frame is zeros).
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Iterator
+
+import numpy as np
+
+from ..detectors import get_model
+from ..detectors.constants import Constants
+from ..errors import ConstantsError, InputError
+from .base import DetectorSource, RawBatch, Source
+
+log = logging.getLogger(__name__)
+
+#: psana detector type (``det.raw._dettype``) -> gpusmall model type
+PSANA_TYPES = {
+    "epix10ka": "epix10ka", "epix10ka2m": "epix10ka", "epix10kaquad": "epix10ka", "epix10k": "epix10ka",
+    "jungfrau": "jungfrau", "jungfrauemu": "jungfrau",
+    "epix100": "epix100", "epix100a": "epix100",
+    "opal": "camera", "alvium": "camera", "piranha": "camera", "piranha4": "camera", "zyla": "camera",
+    "andor": "camera", "axis": "camera", "archon": "camera", "manta": "camera", "rayonix": "camera",
+}
+
+#: ePix10ka pixel control bits SPEC section 1 uses: T, M, g, ga and trbit (bit 4)
+EPIX10KA_CBITS = 0x1F
+
+#: events looked at, at most, to find a detector's shape and dtype when psana does not say
+PEEK_EVENTS = 100
+
+
+def psana_model_type(dettype: str) -> str | None:
+    """The gpusmall type of a psana detector type, or None when unknown."""
+    t = (dettype or "").lower()
+    if t in PSANA_TYPES:
+        return PSANA_TYPES[t]
+    for prefix, model in (("epix10k", "epix10ka"), ("jungfrau", "jungfrau"), ("epix100", "epix100"),
+                          ("opal", "camera"), ("piranha", "camera"), ("alvium", "camera")):
+        if t.startswith(prefix):
+            return model
+    return None
+
+
+def _shape3(a: np.ndarray) -> tuple[int, ...]:
+    return (1, *a.shape) if a.ndim == 2 else tuple(a.shape)
+
+
+class PsanaSource(Source):
+    """Events of one psana run.
+
+    Args:
+        cfg: the validated ``source`` block (SourceConfig).
+        detectors: name -> {"type", "shape", "source_name", "constants", ...} from the config.
+    """
+
+    def __init__(self, cfg, detectors: dict[str, dict]):
+        try:
+            from psana import DataSource
+        except ImportError as exc:
+            raise InputError(f"source.type: psana is not installed ({exc}); pip install psana") from None
+        kwargs = dict(cfg.psana or {})
+        if cfg.files:
+            kwargs["files"] = cfg.files if len(cfg.files) > 1 else cfg.files[0]
+        else:
+            kwargs["exp"], kwargs["run"] = cfg.exp, cfg.run
+        if cfg.events is not None:
+            kwargs.setdefault("max_events", int(cfg.events))
+        self.limit = cfg.events
+        what = cfg.files if cfg.files else f"exp {cfg.exp} run {cfg.run}"
+        try:
+            self.ds = DataSource(**kwargs)
+            self.run = next(self.ds.runs())
+        except StopIteration:
+            raise InputError(f"source: psana found no run in {what}") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"source: psana cannot open {what}: {exc}") from None
+        self.n_events = None
+        self._events = None  # iterator over run.events(), made once
+        self._ahead: deque = deque()  # events read ahead to learn shapes, not yet delivered
+        self._pos = 0  # index of the next event the iterator delivers
+        self.dets = {}
+        self.detectors = {}
+        known = sorted(getattr(self.run, "detnames", []) or [])
+        for name, d in detectors.items():
+            psname = d.get("source_name") or name
+            if known and psname not in known:
+                raise InputError(f"detectors.{name}: psana run has no detector {psname!r}; it has {', '.join(known)}")
+            try:
+                det = self.run.Detector(psname)
+            except Exception as exc:  # psana raises various errors for unknown names
+                raise InputError(f"detectors.{name}: psana detector {psname!r}: {exc}") from None
+            if not hasattr(det, "raw"):
+                raise InputError(f"detectors.{name}: psana detector {psname!r} has no raw data")
+            self.dets[name] = det.raw
+            self.detectors[name] = self._describe(name, det.raw, d)
+
+    # -- description ---------------------------------------------------------------------------
+    def _describe(self, name: str, raw, d: dict) -> DetectorSource:
+        dettype = str(getattr(raw, "_dettype", "") or "")
+        mtype = psana_model_type(dettype)
+        if mtype is None:
+            mtype = d["type"]
+            log.info("detector %s: psana type %r unknown, using the config's %r", name, dettype, mtype)
+        elif mtype != d["type"]:
+            raise InputError(f"detectors.{name}.type: {d['type']!r}, but psana says {name} is a {dettype!r} "
+                             f"(gpusmall type {mtype!r})")
+        model = get_model(mtype)
+        shape, dtype = self._shape_dtype(name, raw, model)
+        want = d.get("shape") if d.get("shape_given", True) else None
+        if want is not None and tuple(want) != shape:
+            raise InputError(f"detectors.{name}.shape: {list(want)}, but psana delivers {list(shape)}")
+        cbits = None
+        if mtype == "epix10ka" and hasattr(raw, "_cbits_config_detector"):
+            try:
+                cb = raw._cbits_config_detector()
+            except Exception as exc:  # noqa: BLE001 - psana config parsing can fail in many ways
+                log.warning("detector %s: no pixel config bits from psana: %s", name, exc)
+                cb = None
+            if cb is not None and not (isinstance(cb, list) and cb and cb[0] is None):
+                cb = np.asarray(cb)
+                if _shape3(cb) == shape:
+                    cbits = (cb.reshape(shape) & EPIX10KA_CBITS).astype(np.uint8)
+                else:
+                    log.warning("detector %s: config bits of shape %s ignored", name, cb.shape)
+        x = y = z = None
+        try:
+            xyz = raw._pixel_coords()
+            if xyz is not None and all(a is not None and np.size(a) == np.prod(shape) for a in xyz):
+                x, y, z = (np.asarray(a, np.float32).reshape(shape) for a in xyz)
+        except Exception as exc:  # noqa: BLE001 - no geometry: the pipeline uses its default
+            log.info("detector %s: no geometry from psana: %s", name, exc)
+        constants = None
+        if not d.get("constants"):
+            constants = self._psana_constants(name, raw, model, shape)
+        return DetectorSource(name, mtype, shape, np.dtype(dtype), config_bits=cbits, x=x, y=y, z=z,
+                              constants=constants)
+
+    def _shape_dtype(self, name, raw, model):
+        shape = None
+        try:
+            s = raw._shape_as_daq()
+            if s is not None and None not in tuple(s):
+                shape = tuple(int(v) for v in s)
+                shape = (1, *shape) if len(shape) == 2 else shape
+        except Exception:  # noqa: BLE001
+            shape = None
+        dtype = np.uint16 if model.type in ("epix10ka", "jungfrau", "epix100") else None
+        if shape is None or dtype is None:
+            for evt in self._peek():
+                a = raw.raw(evt)
+                if a is not None:
+                    a = np.asarray(a)
+                    shape, dtype = shape or _shape3(a), dtype or a.dtype
+                    break
+        if shape is None or len(shape) != 3:
+            raise InputError(f"detectors.{name}: psana gives no raw data in the first {PEEK_EVENTS} events, "
+                             f"cannot tell its shape")
+        return shape, dtype
+
+    def _psana_constants(self, name, raw, model, shape) -> Constants | None:
+        """psana's own constants (pedestals, gain, rms, status), or ConstantsError when a gain-switching
+        detector has none (e.g. offline with skip_calib_load)."""
+        def get(method):
+            try:
+                a = getattr(raw, method)()
+            except Exception:  # noqa: BLE001
+                return None
+            return None if a is None else np.asarray(a)
+
+        peds = get("_pedestals")
+        if peds is None:
+            if model.n_gains > 1:
+                raise ConstantsError(f"detector {name}: psana has no calibration constants for it (offline, or "
+                                     f"skip_calib_load); give a constants file with 'constants:' in "
+                                     f"detectors.{name}")
+            return None
+        n = model.n_gains
+        peds = peds.astype(np.float32).reshape((n, *shape) if peds.size == n * np.prod(shape) else shape)
+        offs = (getattr(raw, "_calibconst", None) or {}).get("pixel_offset") if model.type == "jungfrau" else None
+        if offs is not None and offs[0] is not None:
+            peds = peds + np.asarray(offs[0], np.float32).reshape(peds.shape)
+        gain = get("_gain")
+        gain = np.ones_like(peds) if gain is None else gain.astype(np.float32).reshape(peds.shape)
+        noise = get("_rms")
+        if noise is not None:
+            noise = noise.astype(np.float32).reshape((n, *shape) if noise.size == n * np.prod(shape) else shape)
+        status = get("_status")
+        if status is not None:
+            status = status.reshape((-1, *shape)).any(axis=0).astype(np.uint8)
+        return Constants(pedestal=peds, gain=gain, noise=noise, status=status)
+
+    # -- events --------------------------------------------------------------------------------
+    def _iter(self):
+        if self._events is None:
+            self._events = iter(self.run.events())
+        return self._events
+
+    def _peek(self) -> Iterator:
+        """Events read ahead (kept for delivery later) to learn shapes and dtypes."""
+        yield from list(self._ahead)
+        it = self._iter()
+        while len(self._ahead) < PEEK_EVENTS:
+            evt = next(it, None)
+            if evt is None:
+                return
+            self._ahead.append(evt)
+            yield evt
+
+    def _next_event(self):
+        if self.limit is not None and self._pos >= self.limit:
+            return None
+        evt = self._ahead.popleft() if self._ahead else next(self._iter(), None)
+        if evt is not None:
+            self._pos += 1
+        return evt
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[RawBatch]:
+        """Batches of events ``[start, stop)`` in run order (``stop`` None: to the end).
+
+        psana reads sequentially: ``start`` may not lie before events already delivered.
+        """
+        if start < self._pos:
+            raise ValueError(f"psana source: events are read in order; event {start} was already read")
+        while self._pos < start and self._next_event() is not None:
+            pass
+        while stop is None or self._pos < stop:
+            n_max = batch_size if stop is None else min(batch_size, stop - self._pos)
+            ts = np.zeros(n_max, np.uint64)
+            idx = np.zeros(n_max, np.int64)
+            raw = {name: np.zeros((n_max, *s.shape), s.dtype) for name, s in self.detectors.items()}
+            damaged = {name: np.zeros(n_max, bool) for name in self.detectors}
+            n = 0
+            while n < n_max:
+                evt = self._next_event()
+                if evt is None:
+                    break
+                ts[n], idx[n] = np.uint64(evt.timestamp), self._pos - 1
+                for name, det in self.dets.items():
+                    a = det.raw(evt)
+                    if a is None or np.size(a) != raw[name][n].size or _shape3(np.asarray(a)) != raw[name].shape[1:]:
+                        damaged[name][n] = True
+                    else:
+                        raw[name][n] = np.asarray(a).reshape(raw[name].shape[1:])
+                n += 1
+            if n == 0:
+                return
+            yield RawBatch(ts[:n], idx[:n], {k: v[:n] for k, v in raw.items()}, {k: v[:n] for k, v in damaged.items()})
+            if n < n_max:
+                return
+
+    def read(self, start: int, stop: int, out=None) -> RawBatch:
+        """Events ``[start, stop)``, only at or after the events already read (psana is sequential)."""
+        for batch in self.batches(stop - start, start, stop):
+            return batch
+        return RawBatch(np.zeros(0, np.uint64), np.zeros(0, np.int64),
+                        {k: np.zeros((0, *s.shape), s.dtype) for k, s in self.detectors.items()},
+                        {k: np.zeros(0, bool) for k in self.detectors})
