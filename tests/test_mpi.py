@@ -328,3 +328,28 @@ def test_out_of_memory_halves_batch(tmp_path, monkeypatch, caplog):
     assert s.events == 40
     assert any("out of memory" in r.message for r in caplog.records)
     assert_same(tmp_path / "ref.h5", tmp_path / "oom.h5")
+
+
+@needs_mpi
+def test_mpiexec_sigterm_master_over_parts(tmp_path):
+    data = cam_config(tmp_path, events=100000, batch=16, shape=(256, 256), out="mp.h5")
+    cfg = write_cfg(tmp_path, data)
+    part1 = tmp_path / "mp.part1.h5"
+    proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.time() + 120
+        while time.time() < t_end and (not part1.exists() or part1.stat().st_size < 300_000):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "interrupted" in err, err
+    with h5py.File(tmp_path / "mp.h5") as f:
+        n = int(f.attrs["events"])
+        idx = f["event_index"][()]
+        assert n == idx.shape[0] > 0 and not bool(f.attrs["complete"])
+        assert np.all(np.diff(idx) > 0) and idx[0] == 0 and idx[-1] >= 50000  # both ranks' blocks
+        assert f["cam/rebin_data"].shape[0] == n

@@ -177,6 +177,7 @@ class BatchProcessor:
             with self.stream:
                 res = pl.process(self._upload(raw))
                 out = {k: self.backend.to_host(v) for k, v in res.items()}
+            self.stream.synchronize()  # the host buffer may be refilled once this returns
         else:
             res = pl.process(raw)
             out = {k: np.array(self.backend.to_host(v), copy=True) for k, v in res.items()}
