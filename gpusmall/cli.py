@@ -1,4 +1,6 @@
-"""Command line (SPEC section 9): ``gpusmall demo|run|inspect ...``.
+"""Command line (SPEC section 9): ``gpusmall demo|run|merge|inspect ...``.
+
+``run`` and ``demo`` also work under ``mpiexec -n K`` / ``srun`` (one rank per GPU); only rank 0 prints.
 
 Exit status 0 on success, 2 for a bad config or input, 1 for anything else, with one line on stderr
 naming the problem.
@@ -32,13 +34,28 @@ def demo_config_dict() -> dict:
 
 
 def _run_config(cfg, args) -> int:
-    from .backend import get_backend
+    from .backend import get_backend, resolve_choice
+    from .producer.mpi import get_comm, gpu_for_rank
     from .producer.run import reduce_run
 
-    backend = get_backend(args.backend, cfg.backend)
-    print(f"gpusmall: backend {backend.description}", file=sys.stderr)
-    summary = reduce_run(cfg, backend, events=args.events, output=args.out, quiet=args.quiet)
-    print(f"gpusmall: {summary.events} events -> {summary.output} in {summary.seconds:.1f} s "
+    comm = get_comm()
+    device = gpu_for_rank(comm, resolve_choice(args.backend, cfg.backend))
+    backend = get_backend(args.backend, cfg.backend, device_id=device)
+    who = f"rank {comm.rank}/{comm.size}: " if comm.size > 1 else ""
+    if comm.rank == 0 or args.verbose:
+        print(f"gpusmall: {who}backend {backend.description}", file=sys.stderr)
+    summary = reduce_run(cfg, backend, events=args.events, output=args.out, quiet=args.quiet, comm=comm)
+    if comm.rank != 0:
+        return 1 if summary.interrupted else 0
+    bad = {k: v for k, v in summary.damaged.items() if v}
+    if bad:
+        print("gpusmall: damaged events: " + ", ".join(f"{k} {v}" for k, v in bad.items()), file=sys.stderr)
+    if summary.interrupted:
+        print(f"gpusmall: interrupted ({summary.reason or 'stopped'}): {summary.events} events written to "
+              f"{summary.output}", file=sys.stderr)
+        return 1
+    ranks = f" on {summary.ranks} ranks" if summary.ranks > 1 else ""
+    print(f"gpusmall: {summary.events} events -> {summary.output}{ranks} in {summary.seconds:.1f} s "
           f"({summary.events_per_s:.1f} events/s)", file=sys.stderr)
     return 0
 
@@ -56,6 +73,20 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config)
     return _run_config(cfg, args)
+
+
+def cmd_merge(args) -> int:
+    from .io.master import build_master, find_parts
+
+    parts = find_parts(args.file)
+    if not parts:
+        stem = Path(args.file)
+        print(f"gpusmall: error: no part files {stem.stem}.part*.h5 in {stem.parent}", file=sys.stderr)
+        return 2
+    info = build_master(args.file, parts)
+    extra = f", {len(info['skipped'])} unreadable parts skipped" if info["skipped"] else ""
+    print(f"gpusmall: {info['events']} events from {len(info['parts'])} parts -> {args.file}{extra}", file=sys.stderr)
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -84,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML or TOML config")
     run_options(r)
     r.set_defaults(func=cmd_run)
+    m = sub.add_parser("merge", help="master file from the <stem>.part*.h5 of an interrupted MPI run")
+    m.add_argument("file", help="the master file to write (its parts are <stem>.part<rank>.h5 beside it)")
+    m.set_defaults(func=cmd_merge)
     i = sub.add_parser("inspect", help="what a result file holds")
     i.add_argument("file")
     i.set_defaults(func=cmd_inspect)

@@ -32,6 +32,7 @@ class SourceConfig(Strict):
     type: Literal["sim", "hdf5", "psana"]
     events: PositiveInt | None = None
     seed: int = 0
+    damage_every: int = Field(0, ge=0)  # sim only: every N-th event (index % N == N - 1) is damaged
     path: str | None = None
     timestamp: str = "/timestamp"
     files: list[str] | None = None

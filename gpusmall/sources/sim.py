@@ -132,7 +132,7 @@ class SimDetector:
         frac = rng.random(int(share.sum())) * 0.5
         nb = where[share] + np.where(rng.random(frac.size) < 0.5, -1, 1)
         same_row = (nb // c) == (where[share] // c)
-        sig = np.bincount(where, weights=energy, minlength=npix)
+        sig = np.bincount(where, weights=energy, minlength=npix).astype(np.float64)  # int64 when n == 0
         sig[where[share][same_row]] -= ENERGY_KEV * frac[same_row]
         sig += np.bincount(nb[same_row], weights=ENERGY_KEV * frac[same_row], minlength=npix)
         sig = sig.reshape(self.shape).astype(np.float32)
@@ -178,9 +178,14 @@ class SimDetector:
 class SimSource(Source):
     """A simulated run of ``events`` events for the configured detectors."""
 
-    def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0):
-        """detectors: name -> {type, shape (panels, rows, cols), pixel_um}."""
+    def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0):
+        """detectors: name -> {type, shape (panels, rows, cols), pixel_um}.
+
+        ``damage_every`` N > 0 makes every N-th event (index % N == N - 1) damaged for every detector:
+        its raw data is garbage (all 0xFFFF) and ``RawBatch.damaged`` marks it (for tests).
+        """
         self.n_events = int(events)
+        self.damage_every = int(damage_every)
         self.sims = {name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"))
                      for name, d in detectors.items()}
         self.detectors = {name: s.source_info() for name, s in self.sims.items()}
@@ -195,4 +200,10 @@ class SimSource(Source):
             raw[name] = buf
         idx = np.arange(start, stop, dtype=np.int64)
         ts = (T0_NS + idx * PERIOD_NS).astype(np.uint64)
-        return RawBatch(ts, idx, raw, {name: np.zeros(n, bool) for name in raw})
+        if self.damage_every > 0:
+            bad = idx % self.damage_every == self.damage_every - 1
+            for buf in raw.values():
+                buf[bad] = 0xFFFF
+        else:
+            bad = np.zeros(n, bool)
+        return RawBatch(ts, idx, raw, {name: bad.copy() for name in raw})

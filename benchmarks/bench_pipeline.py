@@ -1,0 +1,135 @@
+"""Whole-pipeline throughput on the demo config (gpusmall/producer/demo.yaml).
+
+    python benchmarks/bench_pipeline.py [--events 64] [--batch 16] [--backend auto|numpy|cupy]
+                                        [--config CONFIG] [--out /tmp/bench.h5]
+
+Prints:
+  end to end     reduce_run (simulated source in the reader thread, compute, HDF5): events/s, raw GB/s
+  compute only   the same batches already in (pinned) host memory: events/s and raw GB/s of
+                 upload + calibrate + reduce + results to host; on CuPy the transfer (host->device)
+                 and device time are measured separately with CUDA events
+  pinned copy    host->device bandwidth reference (CuPy only): pinned vs pageable
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpusmall.backend import get_backend  # noqa: E402
+from gpusmall.cli import demo_config_dict  # noqa: E402
+from gpusmall.producer.config import load_config, validate_config  # noqa: E402
+from gpusmall.producer.mpi import Comm  # noqa: E402
+from gpusmall.producer.pipeline import DetectorPipeline  # noqa: E402
+from gpusmall.producer.run import BatchProcessor, reduce_run  # noqa: E402
+from gpusmall.sources import open_source  # noqa: E402
+
+
+def raw_bytes_per_event(source) -> int:
+    return sum(int(np.prod(d.shape)) * np.dtype(d.dtype).itemsize for d in source.detectors.values())
+
+
+def end_to_end(cfg, backend, events, out):
+    s = reduce_run(cfg, backend, events=events, output=out, quiet=True, comm=Comm())
+    with open_source(cfg) as src:
+        nbytes = raw_bytes_per_event(src)
+    return s.events / s.seconds, s.events * nbytes / s.seconds / 1e9
+
+
+def compute_only(cfg, backend, events, repeat=3):
+    with open_source(cfg) as src:
+        nbytes = raw_bytes_per_event(src)
+        pls = {n: DetectorPipeline(n, d, src.detectors[n], cfg.function_specs(n), backend)
+               for n, d in cfg.detectors.items()}
+        batches = []
+        for b in range(0, events, cfg.batch_size):
+            stop = min(b + cfg.batch_size, events)
+            bufs = {n: backend.pinned_empty((stop - b, *d.shape), d.dtype) for n, d in src.detectors.items()}
+            batches.append(src.read(b, stop, out=bufs))
+    proc = BatchProcessor(pls, backend, cfg.batch_size)
+    proc.process(batches[0])  # warm-up: kernel compilation, memory pool
+    backend.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        for batch in batches:
+            proc.process(batch)
+    backend.synchronize()
+    dt = (time.perf_counter() - t0) / repeat
+    result = {"events_per_s": events / dt, "gb_per_s": events * nbytes / dt / 1e9}
+    if backend.is_gpu:
+        cp = backend.xp
+        t_h2d = t_dev = 0.0
+        stream = cp.cuda.Stream(non_blocking=True)
+        for batch in batches:
+            for name, pl in pls.items():
+                host = batch.raw[name]
+                e0, e1, e2 = cp.cuda.Event(), cp.cuda.Event(), cp.cuda.Event()
+                with stream:
+                    e0.record()
+                    d = cp.empty(host.shape, host.dtype)
+                    d.set(host, stream=stream)
+                    e1.record()
+                    res = pl.process(d)
+                    e2.record()
+                    e2.synchronize()
+                t_h2d += cp.cuda.get_elapsed_time(e0, e1) / 1e3
+                t_dev += cp.cuda.get_elapsed_time(e1, e2) / 1e3
+                del res
+        result.update(h2d_s=t_h2d, device_s=t_dev, h2d_gb_per_s=events * nbytes / t_h2d / 1e9,
+                      device_events_per_s=events / t_dev)
+    return result
+
+
+def pinned_bandwidth(backend, nbytes=256 << 20):
+    cp = backend.xp
+    pinned = backend.pinned_empty((nbytes,), np.uint8)
+    pinned[:] = 1
+    pageable = np.ones(nbytes, np.uint8)
+    d = cp.empty(nbytes, cp.uint8)
+    out = {}
+    for label, host in (("pinned", pinned), ("pageable", pageable)):
+        d.set(host)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            d.set(host)
+        cp.cuda.Device().synchronize()
+        out[label] = 5 * nbytes / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="config file (default: the embedded demo config)")
+    ap.add_argument("--events", type=int, default=64)
+    ap.add_argument("--batch", type=int, help="batch size (default: the config's)")
+    ap.add_argument("--backend", default=None, choices=("auto", "numpy", "cupy"))
+    ap.add_argument("--out", help="output file (default: a temporary file)")
+    args = ap.parse_args(argv)
+    data = demo_config_dict() if not args.config else None
+    cfg = load_config(args.config) if args.config else validate_config(data, base_dir=Path.cwd())
+    if args.batch:
+        cfg.batch_size = args.batch
+    backend = get_backend(args.backend, cfg.backend)
+    print(f"backend: {backend.description}; batch {cfg.batch_size}; {args.events} events")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or str(Path(tmp) / "bench.h5")
+        ev, gb = end_to_end(cfg, backend, args.events, out)
+        print(f"end to end   : {ev:9.1f} events/s  {gb:7.3f} GB/s raw (source + compute + HDF5)")
+    r = compute_only(cfg, backend, args.events)
+    print(f"compute only : {r['events_per_s']:9.1f} events/s  {r['gb_per_s']:7.3f} GB/s raw (batches in host memory)")
+    if backend.is_gpu:
+        print(f"  host->device: {r['h2d_s'] * 1e3:8.1f} ms  ({r['h2d_gb_per_s']:.2f} GB/s)")
+        print(f"  device      : {r['device_s'] * 1e3:8.1f} ms  ({r['device_events_per_s']:.1f} events/s)")
+        bw = pinned_bandwidth(backend)
+        print(f"pinned copy  : {bw['pinned']:.2f} GB/s pinned, {bw['pageable']:.2f} GB/s pageable (host->device)")
+
+
+if __name__ == "__main__":
+    main()
