@@ -116,12 +116,17 @@ def get_comm() -> Comm:
     return _COMM
 
 
-def block_range(n_events: int, batch_size: int, rank: int, size: int) -> tuple[int, int]:
+def block_range(n_events: int | None, batch_size: int, rank: int, size: int) -> tuple[int, int | None]:
     """Events ``[start, stop)`` of ``rank``: contiguous whole batches, balanced to within one batch.
+
+    A sequential source of unknown length (``n_events`` None, psana) is read whole by rank 0
+    (``stop`` None: to the end); psana's own MPI event distribution is not used yet.
 
     >>> [block_range(10, 2, r, 2) for r in range(2)]
     [(0, 6), (6, 10)]
     """
+    if n_events is None:
+        return (0, None) if rank == 0 else (0, 0)
     n_batches = -(-n_events // batch_size)
     per, extra = divmod(n_batches, size)
     b0 = rank * per + min(rank, extra)

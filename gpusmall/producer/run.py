@@ -32,6 +32,7 @@ name) is retried in halves; the smaller size is kept for the rest of the run (lo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -236,7 +237,10 @@ class Prefetcher:
             self.free.put({name: backend.pinned_empty((batch_size, *d.shape), d.dtype)
                            for name, d in source.detectors.items()})
         self.ready: queue.Queue = queue.Queue(maxsize=1)
-        self.ranges = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+        if stop is None:  # a sequential source of unknown length: read until it runs dry
+            self.ranges = ((b, b + batch_size) for b in itertools.count(start, batch_size))
+        else:
+            self.ranges = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self.thread = threading.Thread(target=self._run, name="gpusmall-reader", daemon=True)
@@ -264,9 +268,14 @@ class Prefetcher:
                         if self._cancel.is_set():
                             return
                 batch = self.source.read(a, b, out=bufs)
+                if len(batch) == 0:
+                    self.free.put(bufs)
+                    break
                 batch._buffers = bufs
                 if not self._put(batch):
                     return
+                if len(batch) < b - a:
+                    break
         except BaseException as exc:  # handed to the main thread
             self.error = exc
         self._put(self._END)
@@ -320,7 +329,8 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                 progress_bar(n, quiet or comm.rank > 0) as bar:
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
                                    "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
-                                   "first_event": start, "last_event": end, "complete": False})
+                                   "first_event": start, "last_event": -1 if end is None else end,
+                                   "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
             reader = Prefetcher(source, backend, cfg.batch_size, start, end, stop)
@@ -343,7 +353,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             for name, pl in pipelines.items():
                 writer.write_static("Sums", pl.sum_results())
                 writer.set_attrs(name, {"damaged_events": proc.damaged[name]})
-            complete = done == end - start and error is None
+            complete = (end is None or done == end - start) and error is None and not stop
             writer.set_attrs("/", {"events": done, "complete": complete,
                                    "damaged": json.dumps(proc.damaged)})
     total, damaged = done, dict(proc.damaged)
