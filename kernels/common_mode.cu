@@ -18,7 +18,9 @@
 // element of consecutive groups, so global accesses are coalesced either way. Shared rows have a
 // pitch of p2 + 1 floats to avoid bank conflicts in the second pattern.
 
-#include <math_constants.h>
+// no headers: NVRTC compiles this without the CUDA include directory
+#define CM_INF __int_as_float(0x7f800000)
+#define CM_NAN __int_as_float(0x7fffffff)
 
 extern "C" __global__ void cm_median_step(
     float* __restrict__ s,
@@ -55,7 +57,7 @@ extern "C" __global__ void cm_median_step(
         if (contiguous) { grp = idx / p2; k = idx % p2; }
         else { grp = idx % gpb; k = idx / gpb; }
         const long long gid = first + grp;
-        float v = CUDART_INF_F;
+        float v = CM_INF;
         if (k < n && gid < n_groups) {
             const long long outer = gid / n_inner, inner = gid % n_inner;
             const long long i = outer * outer_stride + inner * inner_stride + (long long)k * elem_stride;
@@ -91,7 +93,7 @@ extern "C" __global__ void cm_median_step(
     // median per group (NaN = leave the group as it is)
     if (tid < gpb) {
         const int m = count[tid];
-        float mv = CUDART_NAN_F;
+        float mv = CM_NAN;
         if (m > min_pixels && m > 0) {
             const float* b = sh + tid * pitch;
             const float x = __fmul_rn(__fadd_rn(b[(m - 1) / 2], b[m / 2]), 0.5f);

@@ -144,7 +144,10 @@ class Calibrator:
              np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
              np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
              np.uint32(self.model.data_mask or 0xFFFF)))
-        s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
+        if hasattr(self.common_mode, "gpu"):  # the median kernel corrects s in place
+            s = self.common_mode.gpu(s, good, g, inplace=True)
+        else:
+            s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
         out = xp.empty(raw.shape, xp.float32)
         self.backend.kernel("calib.cu", "scale_apply")(
             grid, (threads,), (s, g, good, self.scale, out, np.int64(n_events), np.int64(npix)))

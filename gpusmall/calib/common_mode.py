@@ -148,10 +148,14 @@ class MedianCommonMode:
         return self.gpu(s, good, g)
 
     # -- CUDA -------------------------------------------------------------------------------
-    def gpu(self, s, good, g):
-        """CuPy path: one ``cm_median_step`` launch per rows/cols step (banks: the xp reference)."""
+    def gpu(self, s, good, g, inplace: bool = False):
+        """CuPy path: one ``cm_median_step`` launch per rows/cols step (banks: the xp reference).
+
+        With ``inplace`` a contiguous float32 ``s`` is corrected in place (no copy).
+        """
         xp = self.backend.xp
-        s = xp.array(s, dtype=xp.float32, copy=True, order="C")
+        if not (inplace and s.dtype == xp.float32 and s.flags.c_contiguous):
+            s = xp.array(s, dtype=xp.float32, copy=True, order="C")
         good = xp.ascontiguousarray(good)
         g = xp.ascontiguousarray(g, dtype=xp.int8)
         e, p, r, c = s.shape
