@@ -42,9 +42,9 @@ def group_median(xp, values, use, min_pixels: int, max_correction: float):
     Returns:
         (median, ok): (...) float32 medians (meaningless where not ok) and (...) bool.
     """
-    v = xp.where(use, values, xp.float32(np.inf)).astype(xp.float32)
-    v = xp.sort(v, axis=-1)
-    n = use.sum(axis=-1)
+    v = xp.ascontiguousarray(xp.where(use, values, xp.float32(np.inf)), dtype=xp.float32)
+    v.sort(axis=-1)
+    n = xp.count_nonzero(use, axis=-1)
     last = values.shape[-1] - 1
     k0 = xp.clip((n - 1) // 2, 0, last)[..., None]
     k1 = xp.clip(n // 2, 0, last)[..., None]
@@ -132,14 +132,16 @@ class MedianCommonMode:
     def reference(self, s, good, g):
         """The SPEC, vectorised with array operations; works on NumPy and CuPy arrays."""
         xp = np if isinstance(s, np.ndarray) else self.backend.xp
-        s = xp.ascontiguousarray(s, dtype=xp.float32)
+        s = xp.array(s, dtype=xp.float32, order="C", copy=True)
         use = self.use_mask(xp, good, g)
         for axis in self.axes:
-            sg = _to_groups(s, axis, self.bank)
+            sg = _to_groups(s, axis, self.bank)  # a view of s for rows and cols, a copy for banks
             ug = _to_groups(use, axis, self.bank)
             med, ok = group_median(xp, sg, ug, self.min_pixels, self.max_correction)
-            sg = xp.where(ug & ok[..., None], sg - med[..., None], sg)
-            s = _from_groups(xp, sg, axis, s.shape, self.bank)
+            # subtract where used (x - 0 == x exactly, so other pixels keep their value bit for bit)
+            sg -= xp.where(ug, xp.where(ok, med, xp.float32(0))[..., None], xp.float32(0))
+            if axis == "banks":
+                s = _from_groups(xp, sg, axis, s.shape, self.bank)
         return s
 
     def __call__(self, s, good, g):
