@@ -110,7 +110,7 @@ extern "C" __global__ void cm_median_step(
         else { gr = idx % gpb; k = idx / gpb; }
         const long long gid = first + gr;
         const float mv = med[gr];
-        if (k < n && gid < n_groups && !isnan(mv)) {
+        if (k < n && gid < n_groups && mv == mv) {  // mv == mv: not NaN
             const long long outer = gid / n_inner, inner = gid % n_inner;
             const long long i = outer * outer_stride + inner * inner_stride + (long long)k * elem_stride;
             const int gi = (int)g[i];
