@@ -89,6 +89,38 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_darks(args) -> int:
+    """Pedestal, noise and status from a dark run -> a constants file (SPEC section 2)."""
+    from .backend import get_backend
+    from .calib.darks import compute_darks
+    from .detectors import get_model
+    from .errors import InputError
+    from .producer.config import load_config
+    from .sources import open_source
+
+    cfg = load_config(args.config)
+    names = list(cfg.detectors)
+    det = args.det or (names[0] if len(names) == 1 else None)
+    if det not in cfg.detectors:
+        raise InputError(f"darks: name one detector with --det ({', '.join(names)})")
+    backend = get_backend(args.backend, cfg.backend)
+    if cfg.source.type == "sim":  # a simulated dark run: no photons
+        from .sources.sim import SimSource
+
+        d = cfg.detectors[det]
+        source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),
+                                                     "pixel_um": d.pixel_um}}, seed=cfg.source.seed, photons=False)
+    else:
+        source = open_source(cfg)
+    with source:
+        res = compute_darks(source, det, get_model(cfg.detectors[det].type), backend, events=args.events,
+                            batch_size=cfg.batch_size, n_sigma=args.n_sigma)
+    res.constants.save(args.out)
+    print(f"gpusmall: darks of {det}: {res.events} events, {res.bad_pixels} bad pixels -> {args.out}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .analysis.inspect import describe
 
@@ -118,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="master file from the <stem>.part*.h5 of an interrupted MPI run")
     m.add_argument("file", help="the master file to write (its parts are <stem>.part<rank>.h5 beside it)")
     m.set_defaults(func=cmd_merge)
+    k = sub.add_parser("darks", help="pedestal, noise and status from a dark run -> constants file")
+    k.add_argument("config", help="YAML or TOML config naming the dark run")
+    k.add_argument("--out", required=True, help="constants HDF5 file to write")
+    k.add_argument("--events", type=_positive, help="use at most N events")
+    k.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
+    k.add_argument("--det", help="detector (needed when the config has several)")
+    k.add_argument("--n-sigma", type=float, default=6.0, help="status threshold in robust sigmas (default 6)")
+    k.set_defaults(func=cmd_darks)
     i = sub.add_parser("inspect", help="what a result file holds")
     i.add_argument("file")
     i.set_defaults(func=cmd_inspect)

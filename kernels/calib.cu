@@ -72,3 +72,59 @@ extern "C" __global__ void calibrate_u16(
         }
     }
 }
+
+// First half of calibrate_u16, for detectors with a common mode: per pixel the gain range g
+// (int8, -1 invalid), s = (raw & data_mask) - pedestal[g] (ADU, float32, 0 where g is invalid) and
+// good = mask && g valid. NumPy twin: gpusmall/calib/calibrate.py pedestal_subtract.
+extern "C" __global__ void pedestal_u16(
+    const unsigned short* __restrict__ raw,
+    const float* __restrict__ pedestal,
+    const unsigned char* __restrict__ mask,
+    const unsigned char* __restrict__ config_bits,
+    float* __restrict__ s,
+    signed char* __restrict__ gain_index,
+    bool* __restrict__ good,
+    long long n_events,
+    long long npix,
+    int n_gains,
+    int family,
+    int has_config,
+    unsigned int data_mask)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+        const bool keep = mask[p] != 0;
+        const unsigned int cb = has_config ? config_bits[p] : 0u;
+        for (long long e = blockIdx.y; e < n_events; e += gridDim.y) {
+            const long long i = e * npix + p;
+            const unsigned int w = raw[i];
+            const int g = gain_range(family, w, has_config, cb);
+            const bool valid = g >= 0 && g < n_gains;
+            const int gc = valid ? g : (g < 0 ? 0 : n_gains - 1);
+            const float v = (float)(w & data_mask);
+            s[i] = __fsub_rn(v, pedestal[(long long)gc * npix + p]);
+            gain_index[i] = (signed char)(valid ? g : -1);
+            good[i] = keep && valid;
+        }
+    }
+}
+
+// Second half: out = good ? s * scale[g] : 0 (float32). NumPy twin: calibrate_reference.
+extern "C" __global__ void scale_apply(
+    const float* __restrict__ s,
+    const signed char* __restrict__ gain_index,
+    const bool* __restrict__ good,
+    const float* __restrict__ scale,
+    float* __restrict__ out,
+    long long n_events,
+    long long npix)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+        for (long long e = blockIdx.y; e < n_events; e += gridDim.y) {
+            const long long i = e * npix + p;
+            const int g = gain_index[i];
+            out[i] = good[i] ? __fmul_rn(s[i], scale[(long long)(g < 0 ? 0 : g) * npix + p]) : 0.0f;
+        }
+    }
+}

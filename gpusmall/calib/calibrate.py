@@ -93,7 +93,7 @@ class Calibrator:
         self.scale = backend.to_device(unit_scale(constants.gain, units, photon_energy_kev))
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
-        self.use_kernel = backend.is_gpu and not callable(common_mode) and common_mode != "raw"
+        self.use_kernel = backend.is_gpu and common_mode != "raw"
 
     def __call__(self, raw) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
@@ -103,7 +103,7 @@ class Calibrator:
             good = xp.broadcast_to(self.mask, out.shape)
             return Frames(xp.where(good, out, xp.float32(0)), good, raw)
         if self.use_kernel and raw.dtype == xp.uint16:
-            out, good = self._kernel(raw)
+            out, good = self._kernel_cm(raw) if callable(self.common_mode) else self._kernel(raw)
         else:
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
                                             self.config_bits, self.common_mode if callable(self.common_mode) else None)
@@ -124,4 +124,31 @@ class Calibrator:
            np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
            np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
            np.uint32(self.model.data_mask or 0xFFFF)))
+        return out, good
+
+    def _kernel_cm(self, raw):
+        """CuPy with a common mode: pedestal_u16 -> common mode (its own kernel) -> scale_apply."""
+        xp = self.backend.xp
+        raw = xp.ascontiguousarray(raw)
+        n_events = raw.shape[0]
+        npix = raw[0].size
+        s = xp.empty(raw.shape, xp.float32)
+        g = xp.empty(raw.shape, xp.int8)
+        good = xp.empty(raw.shape, xp.bool_)
+        threads = 256
+        grid = (min((npix + threads - 1) // threads, 4096), min(n_events, 65535))
+        cfg = self.config_bits if self.config_bits is not None else self.mask.view(xp.uint8)
+        self.backend.kernel("calib.cu", "pedestal_u16")(
+            grid, (threads,),
+            (raw, self.pedestal, self.mask.view(xp.uint8), cfg, s, g, good,
+             np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
+             np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
+             np.uint32(self.model.data_mask or 0xFFFF)))
+        if hasattr(self.common_mode, "gpu"):  # the median kernel corrects s in place
+            s = self.common_mode.gpu(s, good, g, inplace=True)
+        else:
+            s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
+        out = xp.empty(raw.shape, xp.float32)
+        self.backend.kernel("calib.cu", "scale_apply")(
+            grid, (threads,), (s, g, good, self.scale, out, np.int64(n_events), np.int64(npix)))
         return out, good

@@ -58,8 +58,11 @@ def panel_layout(shape, pixel_um: float, gap_um: float = 2000.0):
 class SimDetector:
     """One simulated detector: constants, static photon pattern, and an event generator."""
 
-    def __init__(self, name: str, type: str, shape, seed: int = 0, pixel_um: float | None = None):
+    def __init__(self, name: str, type: str, shape, seed: int = 0, pixel_um: float | None = None,
+                 photons: bool = True):
+        """photons: False makes a dark run (pedestal, noise and common mode only, no photons)."""
         self.name, self.type = name, type
+        self.photons = bool(photons)
         self.model = get_model(type)
         self.shape = tuple(int(s) for s in shape)
         self.key = [int(seed) & 0xFFFFFFFF, zlib.crc32(name.encode())]
@@ -144,7 +147,7 @@ class SimDetector:
     def event(self, index: int, out: np.ndarray) -> None:
         """Write raw event ``index`` into ``out`` (panels, rows, cols) uint16."""
         rng = np.random.default_rng(self.key + [1, int(index)])
-        sig = self.signal_kev(rng)
+        sig = self.signal_kev(rng) if self.photons else np.zeros(self.shape, np.float32)
         gidx = np.full(self.shape, self.ranges[0], np.int8)
         adu = sig * self.gain[self.ranges[0]]
         for lo, hi in zip(self.ranges[:-1], self.ranges[1:]):
@@ -178,15 +181,16 @@ class SimDetector:
 class SimSource(Source):
     """A simulated run of ``events`` events for the configured detectors."""
 
-    def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0):
-        """detectors: name -> {type, shape (panels, rows, cols), pixel_um}.
+    def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0,
+                 photons: bool = True):
+        """detectors: name -> {type, shape (panels, rows, cols), pixel_um}; photons False: a dark run.
 
         ``damage_every`` N > 0 makes every N-th event (index % N == N - 1) damaged for every detector:
         its raw data is garbage (all 0xFFFF) and ``RawBatch.damaged`` marks it (for tests).
         """
         self.n_events = int(events)
         self.damage_every = int(damage_every)
-        self.sims = {name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"))
+        self.sims = {name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"), photons)
                      for name, d in detectors.items()}
         self.detectors = {name: s.source_info() for name, s in self.sims.items()}
 

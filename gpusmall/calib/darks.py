@@ -1,0 +1,161 @@
+"""Pedestal, noise and status from a dark run (SPEC section 2; ``gpusmall darks``).
+
+A dark run is read in batches; per gain range and pixel, running sums of the events in which the
+pixel was in that range (count, sum and sum of squares of ``v - v_ref`` in float64, on the device;
+``v_ref`` is the pixel's value in the first event, which keeps the sums small and exact for
+integer data) plus the pixel's minimum and maximum. The whole run is never in memory.
+
+From the sums: ``pedestal[g] = mean``, ``noise[g] = standard deviation`` (population, ADU rms) and
+``status`` (0 = good), a bit field:
+
+* 1: the pedestal of some gain range lies more than ``n_sigma`` robust standard deviations (median
+  absolute deviation x 1.4826) from its panel's median (over the pixels seen in that range);
+* 2: the same for the noise;
+* 4: the pixel never changed during the run (its minimum equals its maximum).
+
+A pixel never seen in a range gets pedestal 0 and noise 0 there (ranges need their own dark runs
+for gain-switching detectors in fixed-gain modes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import Backend
+from ..detectors.base import DetectorModel
+from ..detectors.constants import Constants
+
+MAD_TO_SIGMA = 1.4826
+STATUS_PEDESTAL, STATUS_NOISE, STATUS_CONSTANT = 1, 2, 4
+
+
+class DarkAccumulator:
+    """Running per-range sums of a dark run, kept on the backend's device.
+
+    Args:
+        model: detector model (gain decoding, data bits).
+        shape: (panels, rows, cols).
+        backend: the run's backend.
+        config_bits: (panels, rows, cols) uint8 ePix10ka pixel configuration, or None.
+    """
+
+    def __init__(self, model: DetectorModel, shape, backend: Backend, config_bits=None):
+        xp = backend.xp
+        self.model, self.backend, self.shape = model, backend, tuple(shape)
+        n = model.n_gains
+        self.config_bits = None if config_bits is None else backend.to_device(np.asarray(config_bits, np.uint8))
+        self.count = xp.zeros((n, *self.shape), xp.int64)
+        self.sum1 = xp.zeros((n, *self.shape), xp.float64)
+        self.sum2 = xp.zeros((n, *self.shape), xp.float64)
+        self.vmin = self.vmax = self.ref = None
+        self.events = 0
+
+    def update(self, raw) -> None:
+        """Add a raw batch (events, panels, rows, cols) on the device."""
+        xp = self.backend.xp
+        g = self.model.gain_index(raw, self.config_bits, xp)
+        v = self.model.data(raw, xp).astype(xp.float64)
+        if self.ref is None:
+            self.ref = v[0].copy()
+            self.vmin = v[0].copy()
+            self.vmax = v[0].copy()
+        self.vmin = xp.minimum(self.vmin, v.min(axis=0))
+        self.vmax = xp.maximum(self.vmax, v.max(axis=0))
+        d = v - self.ref[None]
+        hist = self.backend.to_host(xp.bincount(g.ravel().astype(xp.int64) + 1, minlength=self.model.n_gains + 1))
+        for r in np.flatnonzero(hist[1:self.model.n_gains + 1]):
+            m = g == r
+            dm = xp.where(m, d, 0.0)
+            self.count[r] += m.sum(axis=0)
+            self.sum1[r] += dm.sum(axis=0)
+            self.sum2[r] += (dm * dm).sum(axis=0)
+        self.events += raw.shape[0]
+
+    def result(self):
+        """(pedestal, noise, count, constant) as host arrays; (gains, ...) float32, int64, (...) bool."""
+        xp = self.backend.xp
+        n = xp.maximum(self.count, 1).astype(xp.float64)
+        mean = self.sum1 / n
+        var = xp.maximum(self.sum2 / n - mean * mean, 0.0)
+        seen = self.count > 0
+        ped = xp.where(seen, self.ref[None] + mean, 0.0).astype(xp.float32)
+        noise = xp.where(seen, xp.sqrt(var), 0.0).astype(xp.float32)
+        h = self.backend.to_host
+        return h(ped), h(noise), h(self.count), h(self.vmax == self.vmin)
+
+
+def robust_outliers(values: np.ndarray, valid: np.ndarray, n_sigma: float) -> np.ndarray:
+    """Per panel, pixels of ``values`` (panels, rows, cols) farther than ``n_sigma`` x 1.4826 x MAD
+    from the panel median (statistics over ``valid`` pixels; a panel with MAD 0 flags nothing)."""
+    out = np.zeros(values.shape, bool)
+    for p in range(values.shape[0]):  # per panel: a handful of iterations, not per event
+        vals = values[p][valid[p]]
+        if vals.size == 0:
+            continue
+        med = np.median(vals)
+        sigma = MAD_TO_SIGMA * np.median(np.abs(vals - med))
+        if sigma > 0:
+            out[p] = valid[p] & (np.abs(values[p] - med) > n_sigma * sigma)
+    return out
+
+
+def dark_status(ped: np.ndarray, noise: np.ndarray, count: np.ndarray, constant: np.ndarray,
+                n_sigma: float = 6.0) -> np.ndarray:
+    """Status (panels, rows, cols) uint8 bit field (module docstring) from per-range results."""
+    status = np.zeros(constant.shape, np.uint8)
+    for r in range(ped.shape[0]):
+        seen = count[r] > 0
+        if not seen.any():
+            continue
+        status |= np.where(robust_outliers(ped[r], seen, n_sigma), STATUS_PEDESTAL, 0).astype(np.uint8)
+        status |= np.where(robust_outliers(noise[r], seen, n_sigma), STATUS_NOISE, 0).astype(np.uint8)
+    status |= np.where(constant, STATUS_CONSTANT, 0).astype(np.uint8)
+    return status
+
+
+@dataclass
+class DarkResult:
+    """What :func:`compute_darks` measured: the constants and the events per gain range."""
+
+    constants: Constants
+    events: int
+    events_per_range: np.ndarray  # (gains,) median over pixels of the events seen in each range
+    bad_pixels: int
+
+
+def compute_darks(source, det: str, model: DetectorModel, backend: Backend, *, events: int | None = None,
+                  batch_size: int = 64, n_sigma: float = 6.0) -> DarkResult:
+    """Pedestal, noise and status of detector ``det`` from a dark run, in batches.
+
+    Args:
+        source: an open :class:`~gpusmall.sources.base.Source` of the dark run.
+        det: detector name in the source.
+        model: its detector model.
+        backend: where the sums are kept.
+        events: at most this many events (default: the whole run).
+        batch_size: events per batch.
+        n_sigma: status threshold in robust standard deviations.
+    Returns:
+        DarkResult with Constants: pedestal (gains, panels, rows, cols) float32 ADU, noise (gains, ...)
+        float32 ADU rms ((panels, rows, cols) for single-range detectors), status uint8, plus
+        config_bits and x, y, z when the source gives them. ``gain`` is not measured (left to defaults).
+    """
+    info = source.detectors[det]
+    n = source.n_events
+    if events is not None:
+        n = events if n is None else min(n, events)
+    acc = DarkAccumulator(model, info.shape, backend, info.config_bits)
+    for batch in source.batches(batch_size, 0, n):
+        acc.update(backend.to_device(batch.raw[det]))
+    if acc.events == 0:
+        from ..errors import InputError
+
+        raise InputError(f"detector {det}: the dark run has no events")
+    ped, noise, count, constant = acc.result()
+    status = dark_status(ped, noise, count, constant, n_sigma)
+    c = Constants(pedestal=ped, gain=None, noise=noise if model.n_gains > 1 else noise[0], status=status,
+                  config_bits=None if info.config_bits is None else np.asarray(info.config_bits, np.uint8),
+                  x=info.x, y=info.y, z=info.z)
+    per_range = np.median(count.reshape(count.shape[0], -1), axis=1)
+    return DarkResult(c, acc.events, per_range, int((status != 0).sum()))

@@ -1,0 +1,121 @@
+// Median common mode, one step (rows or cols) over a batch (SPEC section 4, `median`).
+//
+// NumPy twin: gpusmall/calib/common_mode.py MedianCommonMode.reference (and group_median).
+//
+// s (float32, in place), good (bool) and g (int8 gain index) are flat (events, panels, rows, cols)
+// arrays. Group gid = outer * n_inner + inner holds the n pixels at
+//     outer * outer_stride + inner * inner_stride + k * elem_stride,   k < n.
+// A pixel is *used* when good and its gain range is in range_mask (bit r = range r takes part).
+//
+// Each block handles gpb groups. A group's values go to shared memory padded to p2 (a power of two
+// >= n), unused pixels and padding as +inf, and are sorted with a bitonic network (p2/2 threads per
+// group, one compare-exchange each per stage). With m used values the median is
+// (v[(m-1)/2] + v[m/2]) * 0.5 (the numpy.median of an even count); it is subtracted from the used
+// pixels when m > min_pixels and |median| < max_correction.
+//
+// Loads/stores: with elem_stride == 1 (rows) consecutive threads take consecutive elements of a
+// group; otherwise (cols, groups are neighbouring columns) consecutive threads take the same
+// element of consecutive groups, so global accesses are coalesced either way. Shared rows have a
+// pitch of p2 + 1 floats to avoid bank conflicts in the second pattern.
+
+// no headers: NVRTC compiles this without the CUDA include directory
+#define CM_INF __int_as_float(0x7f800000)
+#define CM_NAN __int_as_float(0x7fffffff)
+
+extern "C" __global__ void cm_median_step(
+    float* __restrict__ s,
+    const bool* __restrict__ good,
+    const signed char* __restrict__ g,
+    long long n_groups,
+    int n,
+    int p2,
+    int gpb,
+    long long n_inner,
+    long long outer_stride,
+    long long inner_stride,
+    long long elem_stride,
+    int contiguous,
+    unsigned int range_mask,
+    int min_pixels,
+    float max_correction)
+{
+    extern __shared__ float sh[];
+    const int pitch = p2 + 1;
+    float* med = sh + (size_t)gpb * pitch;           // gpb medians
+    int* count = (int*)(med + gpb);                   // gpb used counts
+    const long long first = (long long)blockIdx.x * gpb;
+    const int tid = threadIdx.x;
+    const int nthreads = blockDim.x;
+
+    if (tid < gpb) count[tid] = 0;
+    __syncthreads();
+
+    // load: used values, +inf elsewhere (and for padding / groups past the end)
+    const int total = gpb * p2;
+    for (int idx = tid; idx < total; idx += nthreads) {
+        int grp, k;
+        if (contiguous) { grp = idx / p2; k = idx % p2; }
+        else { grp = idx % gpb; k = idx / gpb; }
+        const long long gid = first + grp;
+        float v = CM_INF;
+        if (k < n && gid < n_groups) {
+            const long long outer = gid / n_inner, inner = gid % n_inner;
+            const long long i = outer * outer_stride + inner * inner_stride + (long long)k * elem_stride;
+            const int gi = (int)g[i];
+            const bool use = good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u);
+            if (use) {
+                v = s[i];
+                atomicAdd(&count[grp], 1);
+            }
+        }
+        sh[grp * pitch + k] = v;
+    }
+    __syncthreads();
+
+    // bitonic sort of each group's p2 values, ascending
+    const int half = p2 >> 1;
+    const int grp = tid / half;
+    const int j = tid % half;
+    float* a = sh + grp * pitch;
+    for (int size = 2; size <= p2; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            if (grp < gpb) {
+                const int pos = 2 * j - (j & (stride - 1));
+                const int partner = pos + stride;
+                const bool ascending = (pos & size) == 0;
+                const float x = a[pos], y = a[partner];
+                if ((x > y) == ascending) { a[pos] = y; a[partner] = x; }
+            }
+            __syncthreads();
+        }
+    }
+
+    // median per group (NaN = leave the group as it is)
+    if (tid < gpb) {
+        const int m = count[tid];
+        float mv = CM_NAN;
+        if (m > min_pixels && m > 0) {
+            const float* b = sh + tid * pitch;
+            const float x = __fmul_rn(__fadd_rn(b[(m - 1) / 2], b[m / 2]), 0.5f);
+            if (fabsf(x) < max_correction) mv = x;
+        }
+        med[tid] = mv;
+    }
+    __syncthreads();
+
+    // subtract from the used pixels
+    for (int idx = tid; idx < total; idx += nthreads) {
+        int gr, k;
+        if (contiguous) { gr = idx / p2; k = idx % p2; }
+        else { gr = idx % gpb; k = idx / gpb; }
+        const long long gid = first + gr;
+        const float mv = med[gr];
+        if (k < n && gid < n_groups && mv == mv) {  // mv == mv: not NaN
+            const long long outer = gid / n_inner, inner = gid % n_inner;
+            const long long i = outer * outer_stride + inner * inner_stride + (long long)k * elem_stride;
+            const int gi = (int)g[i];
+            const bool use = good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u);
+            if (use) s[i] = __fsub_rn(s[i], mv);
+        }
+    }
+}
