@@ -1,0 +1,5 @@
+from .base import ReductionFunction
+
+
+class Acf(ReductionFunction):
+    type = "acf"

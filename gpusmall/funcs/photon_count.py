@@ -1,0 +1,5 @@
+from .base import ReductionFunction
+
+
+class PhotonCount(ReductionFunction):
+    type = "photon_count"

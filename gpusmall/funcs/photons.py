@@ -1,0 +1,5 @@
+from .base import ReductionFunction
+
+
+class Photons(ReductionFunction):
+    type = "photons"
