@@ -152,3 +152,14 @@ def test_photons_total_matches_rule(numpy_backend, rng):
     m = out["droplet_data"]
     expected = np.floor(m / 80 + 0.5).astype(int) * (out["droplet_npix"] > 0)
     np.testing.assert_array_equal(out["droplet_photons_nPhotons"], expected.sum(axis=1))
+
+
+def test_no_droplets(backend):
+    shape = (2, 8, 8)
+    ctx = make_ctx(backend, shape)
+    ph = Photons(Photons.Params(adu_per_photon=100, max_photons=5))
+    f = setup(Droplet, backend, ctx, [ph], threshold=5, use_rms=True, max_droplets=3)
+    out = to_host(backend, f(make_frames(backend, np.zeros((3,) + shape, np.float32))))
+    assert out["droplet_data"].shape == (3, 3) and out["droplet_photons_row"].shape == (3, 5)
+    for k in ("droplet_nDroplets", "droplet_nDroplets_all", "droplet_nDroplets_truncated", "droplet_photons_nPhotons"):
+        np.testing.assert_array_equal(out[k], 0)

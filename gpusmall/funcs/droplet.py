@@ -93,6 +93,15 @@ def label_stack(xp, mask):
     return labels.reshape(e, p, r, c), n
 
 
+def bincount(xp, x, weights=None, minlength=0):
+    """``xp.bincount`` that also takes an empty ``x`` on CuPy (cupy.bincount calls max() on it)."""
+    if x.size == 0:
+        return xp.zeros(minlength, xp.float64 if weights is not None else xp.int64)
+    if weights is not None:
+        weights = weights.astype(xp.float64)  # CuPy's atomicAdd overloads: float64 weights only
+    return xp.bincount(x, weights=weights, minlength=minlength)
+
+
 def grow4(xp, seeds, allowed):
     """``seeds`` plus their 4-neighbours (same panel) where ``allowed``; arrays (events, panels, rows, cols)."""
     d = seeds.copy()
@@ -108,7 +117,7 @@ def pad_per_event(xp, event, values, n_events, length, fill=0):
 
     Returns (padded array, per-event count of all items).
     """
-    counts = xp.bincount(event, minlength=n_events) if event.size else xp.zeros(n_events, xp.int64)
+    counts = bincount(xp, event, minlength=n_events)
     start = xp.cumsum(counts) - counts
     pos = xp.arange(event.size) - start[event]
     keep = pos < length
@@ -152,11 +161,11 @@ class Droplet(ReductionFunction):
         col = (idx % nc).astype(xp.float64)
         row = ((idx // nc) % nr).astype(xp.float64)
         ep = idx // (nr * nc)
-        total = xp.bincount(lab, weights=val, minlength=n)
-        npix = xp.bincount(lab, minlength=n)
+        total = bincount(xp, lab, weights=val, minlength=n)
+        npix = bincount(xp, lab, minlength=n)
         with np.errstate(invalid="ignore", divide="ignore"):
-            d_row = xp.bincount(lab, weights=val * row, minlength=n) / total
-            d_col = xp.bincount(lab, weights=val * col, minlength=n) / total
+            d_row = bincount(xp, lab, weights=val * row, minlength=n) / total
+            d_col = bincount(xp, lab, weights=val * col, minlength=n) / total
         # event*panels + panel of each droplet: the same for all its pixels, any one may write it
         d_ep = xp.zeros(n, xp.int64)
         d_ep[lab] = ep
@@ -169,7 +178,7 @@ class Droplet(ReductionFunction):
         e, n, m = f["n_events"], f["n"], self.p.max_droplets
         keep = xp.ones(n, bool) if self.p.thres_adu is None else f["total"] >= self.p.thres_adu
         ev_all = f["event"]
-        n_all = xp.bincount(ev_all, minlength=e) if n else xp.zeros(e, xp.int64)
+        n_all = bincount(xp, ev_all, minlength=e)
         ev = ev_all[keep]
         out = {"nDroplets_all": n_all.astype(xp.int32)}
         data, cnt = pad_per_event(xp, ev, f["total"][keep].astype(xp.float32), e, m)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from .droplet import bincount
 from .base import FrameContext, FunctionParams, ReductionFunction
 
 
@@ -44,5 +45,5 @@ class PhotonCount(ReductionFunction):
             k = self.p.hist_max + 1
             b = xp.minimum(flat, k - 1) + (xp.arange(e, dtype=xp.int32) * k)[:, None]
             g = frames.good.reshape(e, -1)
-            out["hist"] = xp.bincount(b[g], minlength=e * k).reshape(e, k).astype(xp.int32)
+            out["hist"] = bincount(xp, b[g], minlength=e * k).reshape(e, k).astype(xp.int32)
         return out, None

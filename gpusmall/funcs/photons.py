@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..errors import InputError
 from .base import FrameContext, FunctionParams, ReductionFunction
-from .droplet import DropletFrames, pad_per_event
+from .droplet import DropletFrames, bincount, pad_per_event
 
 
 class PhotonsParams(FunctionParams):
@@ -42,12 +42,12 @@ def photons_per_pixel(xp, value, droplet, droplet_sum, adu):
     r = value / adu
     base = xp.maximum(xp.floor(r), 0).astype(xp.int64)
     frac = xp.where(r > 0, r - xp.floor(r), 0.0)
-    left = n - xp.bincount(droplet, weights=base, minlength=nd).astype(xp.int64)
+    left = n - bincount(xp, droplet, weights=base, minlength=nd).astype(xp.int64)
     # rank pixels inside each droplet by decreasing remainder (stable: earlier pixel first)
     key = droplet.astype(xp.float64) + (1.0 - frac) * 0.999
     order = xp.argsort(key, kind="stable") if xp.__name__ == "numpy" else xp.argsort(key)
     sd = droplet[order]
-    seg_count = xp.bincount(droplet, minlength=nd)
+    seg_count = bincount(xp, droplet, minlength=nd)
     seg_start = xp.cumsum(seg_count) - seg_count
     rank_sorted = xp.arange(sd.size) - seg_start[sd]
     rank = xp.empty_like(rank_sorted)
