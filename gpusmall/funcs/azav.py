@@ -11,9 +11,12 @@ Geometry -> bin map (once, in :meth:`Azav.prepare`, on the device) -> engine (pe
 * correction per pixel: ``P = 0.5 * (1 + cos^2(2th) - f cos(2 phi) sin^2(2th))`` (``polarization: f``,
   ``null`` = 1) and ``Omega = cos^3(alpha)`` (``solid_angle``), alpha the incidence angle on the detector;
   for a flat detector normal to the beam alpha = 2theta, as the SPEC writes it. ``c = P * Omega``.
-* engine ``csr`` (default): a sparse matrix ``M`` (bins, pixels) of ones and ``Mc`` of ``c``;
-  per batch ``num = M @ s^T`` and ``[count; den] = [M; Mc] @ good^T``: two sparse x dense products for
-  the whole batch, ``I = num / den`` (NaN where a bin holds no good pixel).
+* engine ``csr`` (default): a sparse matrix ``M`` (bins, pixels) of ones, built once; per batch one
+  sparse x dense product ``num = M @ s^T`` for all events (bad pixels are 0 in ``s``). The denominators
+  ``den = Mc @ good^T`` and ``count = M @ good^T`` are computed as the all-good totals (once) minus a
+  ``bincount`` over the batch's bad (event, pixel) pairs, which are few (and mostly the static mask,
+  whose pixels are in no bin): on 2 CPU cores this is ~4x cheaper than a second sparse product.
+  ``I = num / den`` (NaN where a bin holds no good pixel).
   Engine ``histogram``: one atomic add per (event, pixel) (``kernels/azav.cu`` on CuPy, ``bincount`` on
   NumPy); the same numbers, kept as an alternative (slower than ``csr`` on the CPU).
 
@@ -35,6 +38,7 @@ from pydantic import Field, model_validator
 
 from ..errors import InputError
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction
+from .droplet import bincount
 
 HC_KEV_A = 12.398419843320026  # h*c in keV*Angstrom
 
@@ -200,11 +204,13 @@ class Azav(ReductionFunction):
         self.npix = bin_index.size
         # host copies for the NumPy reference / tests
         self.bin_index_host, self.c_host = bin_index, c
+        self.bin_index = b.to_device(bin_index.astype(np.int32 if p.engine == "histogram" else np.int64))
+        self.c = b.to_device(c.astype(np.float32 if p.engine == "histogram" else np.float64))
         if p.engine == "csr":
             self._build_csr(ctx, bin_index, c)
-        else:
-            self.bin_index = b.to_device(bin_index.astype(np.int32))
-            self.c = b.to_device(c.astype(np.float32))
+            inside_ = bin_index >= 0
+            self.den0 = b.to_device(np.bincount(bin_index[inside_], weights=c[inside_], minlength=self.nbins))
+            self.count0 = b.to_device(np.bincount(bin_index[inside_], minlength=self.nbins).astype(np.int64))
         return None
 
     def _build_csr(self, ctx, bin_index, c):
@@ -214,16 +220,12 @@ class Azav(ReductionFunction):
         rows = bin_index[sel]
         nb, npix = self.nbins, self.npix
         m = sp.csr_matrix((np.ones(sel.size, np.float32), (rows, sel)), shape=(nb, npix))
-        mc = sp.csr_matrix((c[sel].astype(np.float32), (rows, sel)), shape=(nb, npix))
-        stack = sp.vstack([m, mc], format="csr")
         m.sum_duplicates()
-        stack.sum_duplicates()
         if ctx.backend.is_gpu:
             import cupyx.scipy.sparse as csp  # only reached on the CuPy backend
 
-            self.M, self.MS = csp.csr_matrix(m), csp.csr_matrix(stack)
-        else:
-            self.M, self.MS = m, stack
+            m = csp.csr_matrix(m)
+        self.M = m
 
     def compute(self, frames: Frames):
         xp = self.ctx.xp
@@ -247,11 +249,18 @@ class Azav(ReductionFunction):
         return {"azav": azav.reshape(shape), "count": cnt.astype(xp.int32).reshape(shape)}, None
 
     def _csr(self, xp, data, good):
-        d = xp.where(good, data, xp.float32(0)).astype(xp.float32)
-        num = (self.M @ xp.ascontiguousarray(d.T)).T  # (events, bins)
-        both = (self.MS @ xp.ascontiguousarray(good.T.astype(xp.float32))).T
-        nb = self.nbins
-        return num.astype(xp.float64), both[:, nb:].astype(xp.float64), xp.rint(both[:, :nb]).astype(xp.int64)
+        # bad pixels hold 0 in Frames.data (Frames contract), so the numerator needs no mask
+        num = (self.M @ xp.ascontiguousarray(data.T)).T.astype(xp.float64)  # (events, bins)
+        e, nb = data.shape[0], self.nbins
+        # denominators: all-good totals (once, in prepare) minus the few bad (event, pixel) pairs of the batch
+        bad = xp.flatnonzero(~good)
+        pix = bad % self.npix
+        b = self.bin_index[pix]
+        sel = b >= 0
+        flat = (bad[sel] // self.npix) * nb + b[sel]
+        den = self.den0[None, :] - bincount(xp, flat, weights=self.c[pix[sel]], minlength=e * nb).reshape(e, nb)
+        cnt = self.count0[None, :] - bincount(xp, flat, minlength=e * nb).reshape(e, nb)
+        return num, den, cnt
 
     def _histogram(self, xp, data, good):
         if not self.ctx.backend.is_gpu:
