@@ -31,8 +31,11 @@ class PhotonCount(ReductionFunction):
     def photons(self, frames):
         """(events, panels, rows, cols) int32 photons per pixel."""
         xp = self.ctx.xp
-        n = xp.floor(frames.data / xp.float32(self.p.adu_per_photon) + xp.float32(1 - self.p.thr_fraction))
-        n = xp.where(frames.good, xp.maximum(n, 0), 0)
+        n = frames.data / xp.float32(self.p.adu_per_photon)  # one temporary, then in place
+        n += xp.float32(1 - self.p.thr_fraction)
+        xp.floor(n, out=n)
+        xp.maximum(n, 0, out=n)
+        n *= frames.good
         return n.astype(xp.int32)
 
     def compute(self, frames):
