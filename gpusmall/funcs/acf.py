@@ -2,7 +2,8 @@
 
 Per event and panel, ``x = image - mean(image)`` over its good pixels (bad pixels 0 after the
 subtraction), then ``acf = x (*) x`` (correlation of x with itself, not normalised), computed for the whole
-batch at once by ``rfft2`` zero-padded to ``2 * shape - 1`` (no wrap-around), ``|F|^2``, ``irfft2``.
+batch at once in float32 by ``rfft2`` zero-padded to at least ``2 * shape - 1`` (the next fast FFT length:
+no wrap-around), ``|F|^2``, ``irfft2`` (``scipy.fft`` with all cores on NumPy, ``cupyx.scipy.fft`` on CuPy).
 It equals ``scipy.signal.fftconvolve(x, x[::-1, ::-1])`` with zero lag in the middle.
 
 Outputs: ``acf`` (events, window, window), the central crop: lags ``-(window // 2) ..`` along rows and columns
@@ -34,7 +35,14 @@ class Acf(ReductionFunction):
         w = self.p.window
         if w > 2 * r - 1 or w > 2 * c - 1:
             raise InputError(f"detector {ctx.det}: function {self.name}: window {w} exceeds 2*shape-1 of {ctx.shape}")
-        self.fshape = (2 * r - 1, 2 * c - 1)
+        # any FFT size >= 2n-1 avoids wrap-around; take the next fast one (2*352-1 = 703 = 19*37 is slow)
+        if ctx.backend.is_gpu:
+            import cupyx.scipy.fft as fft_mod  # only reached on the CuPy backend
+        else:
+            import scipy.fft as fft_mod
+        self.fft = fft_mod
+        self.workers = {} if ctx.backend.is_gpu else {"workers": -1}
+        self.fshape = tuple(fft_mod.next_fast_len(2 * n - 1, real=True) for n in (r, c))
         lags = np.arange(w) - w // 2
         self.ri = xp.asarray(lags % self.fshape[0])
         self.ci = xp.asarray(lags % self.fshape[1])
@@ -50,18 +58,19 @@ class Acf(ReductionFunction):
 
     def compute(self, frames):
         xp = self.ctx.xp
-        d = frames.data.astype(xp.float64)
+        d = frames.data.astype(xp.float32)
         g = frames.good
         e, p = d.shape[:2]
         ng = g.sum(axis=(2, 3))
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = xp.where(ng > 0, xp.where(g, d, 0).sum(axis=(2, 3)) / xp.maximum(ng, 1), 0)
-        x = xp.where(g, d - mean[:, :, None, None], 0)
-        f = xp.fft.rfft2(x, s=self.fshape)
-        full = xp.fft.irfft2(f.real ** 2 + f.imag ** 2, s=self.fshape)
+            mean = xp.where(ng > 0, xp.where(g, d, 0).sum(axis=(2, 3), dtype=xp.float64) / xp.maximum(ng, 1), 0)
+        x = xp.where(g, d - mean[:, :, None, None].astype(xp.float32), xp.float32(0))
+        x = x.astype(xp.float32)
+        f = self.fft.rfft2(x, s=self.fshape, **self.workers)
+        full = self.fft.irfft2(f.real ** 2 + f.imag ** 2, s=self.fshape, **self.workers)
         crop = full[:, :, self.ri][:, :, :, self.ci]
         w = self.p.window
-        prof = crop.reshape(e, p, w * w) @ self.weights
+        prof = crop.reshape(e, p, w * w).astype(xp.float64) @ self.weights
         if p == 1:
             crop, prof = crop[:, 0], prof[:, 0]
         return {"acf": crop.astype(xp.float32), "profile": prof.astype(xp.float32)}, None
