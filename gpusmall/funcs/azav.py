@@ -24,7 +24,11 @@ Agreement with pyFAI: ``integrate1d(..., method=("no", "histogram", "cython"), c
 polarization_factor=f)`` computes ``sum(s) / sum(P * Omega_pyFAI)`` with ``Omega_pyFAI =
 cos^3(alpha)`` (pyFAI's solid angle is *relative*: 1 at the PONI, i.e. ``dist^3 / r^3``), which is exactly
 this ``c``. So the two agree bin by bin without any renormalisation, as long as the radial range and the
-bin count are the same (``range`` here, ``radial_range`` there).
+bin count are the same (``range`` here, ``radial_range`` there) and the range holds every pixel: pyFAI's
+histogram engine folds pixels below ``radial_range[0]`` into its first bin, azav leaves them out.
+Axis note: pyFAI's dim1 is the slow axis (rows, y, ``poni1``) and dim2 the fast one (columns, x, ``poni2``);
+azav follows pyFAI here (SPEC section 6 words it the other way round), verified against ``integrate1d``
+with rotations in ``tests/test_azav.py``.
 
 Outputs: ``azav`` (events, phi_bins, bins) float32, ``count`` (events, phi_bins, bins) int32 (number of good
 pixels per bin); static: ``q`` (radial bin centres in ``unit``) and ``phi`` (azimuthal bin centres, degrees).
