@@ -154,9 +154,8 @@ class Droplet(ReductionFunction):
         if self.grow:
             mask = grow4(xp, mask, good & (data >= self.thr_low))
         labels, n = label_stack(xp, mask)
-        flat = labels.ravel()
-        idx = xp.flatnonzero(flat)
-        lab = flat[idx].astype(xp.int64) - 1
+        idx = xp.flatnonzero(mask)  # the labelled pixels (nonzero of a bool array is the cheaper one)
+        lab = labels.ravel()[idx].astype(xp.int64) - 1
         val = data.ravel()[idx].astype(xp.float64)
         col = (idx % nc).astype(xp.float64)
         row = ((idx // nc) % nr).astype(xp.float64)
