@@ -1,12 +1,18 @@
 """Reduction functions (SPEC section 6), one module each, registered by config ``type``."""
 from __future__ import annotations
 
+from .acf import Acf
+from .azav import Azav
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction
+from .droplet import Droplet
+from .photon_count import PhotonCount
+from .photons import Photons
 from .projection import Projection
 from .rebin import Rebin
 from .roi import Roi
 
-FUNCTIONS: dict[str, type[ReductionFunction]] = {f.type: f for f in (Roi, Projection, Rebin)}
+FUNCTIONS: dict[str, type[ReductionFunction]] = {f.type: f for f in (Roi, Projection, Rebin, Azav, Droplet, Photons,
+                                                                 PhotonCount, Acf)}
 
 
 def build_function(spec) -> ReductionFunction:

@@ -1,0 +1,165 @@
+"""droplet and photons against scipy.ndimage.label + per-label sums, frame by frame, panel by panel."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers_funcs import make_ctx, make_frames, setup
+from scipy import ndimage
+
+from gpusmall.funcs.droplet import Droplet
+from gpusmall.funcs.photons import Photons
+
+
+def reference(data, good, thr, thr_low, thres_adu=None):
+    """Droplet lists per event: list of (sum, npix, row, col, tile), in first-pixel order."""
+    out = []
+    for e in range(data.shape[0]):
+        lst = []
+        for p in range(data.shape[1]):
+            d, g = data[e, p].astype(np.float64), good[e, p]
+            seeds = g & (d >= thr[p])
+            mask = seeds
+            if thr_low is not None:
+                grown = ndimage.binary_dilation(seeds, structure=ndimage.generate_binary_structure(2, 1))
+                mask = seeds | (grown & g & (d >= thr_low[p]))
+            lab, n = ndimage.label(mask)
+            if n == 0:
+                continue
+            ids = np.arange(1, n + 1)
+            s = ndimage.sum_labels(d, lab, ids)
+            npix = ndimage.sum_labels(np.ones_like(d), lab, ids)
+            rr, cc = np.indices(d.shape)
+            row = ndimage.sum_labels(d * rr, lab, ids) / s
+            col = ndimage.sum_labels(d * cc, lab, ids) / s
+            for i in range(n):
+                if thres_adu is None or s[i] >= thres_adu:
+                    lst.append((s[i], npix[i], row[i], col[i], p))
+        out.append(lst)
+    return out
+
+
+def check(out, ref, m):
+    n = out["nDroplets"]
+    for e, lst in enumerate(ref):
+        assert n[e] == len(lst)
+        k = min(len(lst), m)
+        if k:
+            exp = np.array(lst[:k])
+            np.testing.assert_allclose(out["data"][e, :k], exp[:, 0], rtol=1e-5)
+            np.testing.assert_array_equal(out["npix"][e, :k], exp[:, 1])
+            np.testing.assert_allclose(out["row"][e, :k], exp[:, 2], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(out["col"][e, :k], exp[:, 3], rtol=1e-5, atol=1e-4)
+            np.testing.assert_array_equal(out["tile"][e, :k], exp[:, 4])
+        assert (out["data"][e, k:] == 0).all() and (out["npix"][e, k:] == 0).all()
+        assert out["nDroplets_truncated"][e] == max(len(lst) - m, 0)
+
+
+def sparse_frames(rng, shape, n_events, n_drops=30, noise=3.0):
+    data = rng.normal(0, noise, (n_events,) + shape).astype(np.float32)
+    for e in range(n_events):
+        for _ in range(n_drops):
+            p, r, c = (rng.integers(0, s) for s in shape)
+            data[e, p, r, c] += rng.uniform(50, 400)
+            if c + 1 < shape[2]:
+                data[e, p, r, c + 1] += rng.uniform(0, 60)
+    return data
+
+
+def to_host(backend, out):
+    return {k: backend.to_host(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("low", [None, 3.0])
+def test_droplet_sparse_rms(backend, rng, low):
+    shape = (3, 40, 50)
+    data = sparse_frames(rng, shape, 4)
+    good = rng.random(data.shape) > 0.02
+    noise = rng.uniform(2, 4, shape).astype(np.float32)
+    ctx = make_ctx(backend, shape, noise=noise)
+    f = setup(Droplet, backend, ctx, threshold=5, threshold_low=low, use_rms=True, max_droplets=200)
+    out = to_host(backend, f.compute(make_frames(backend, data, good))[0])
+    ref = reference(np.where(good, data, 0), good, 5 * noise, None if low is None else low * noise)
+    check(out, ref, 200)
+    assert (out["nDroplets_all"] == out["nDroplets"]).all()
+
+
+def test_droplet_dense_truncation_veto(backend, rng):
+    shape = (2, 30, 30)
+    data = rng.exponential(20, (3,) + shape).astype(np.float32)
+    ctx = make_ctx(backend, shape)
+    f = setup(Droplet, backend, ctx, threshold=30, threshold_low=10, use_rms=False, thres_adu=60, max_droplets=15)
+    out = to_host(backend, f.compute(make_frames(backend, data))[0])
+    ref = reference(data, np.ones(data.shape, bool), np.full(2, 30.0), np.full(2, 10.0), thres_adu=60)
+    check(out, ref, 15)
+    assert (out["nDroplets_all"] >= out["nDroplets"]).all() and (out["nDroplets_truncated"] > 0).any()
+
+
+def test_droplet_no_connection_across_panels_or_events(backend):
+    shape = (2, 4, 4)
+    data = np.zeros((2,) + shape, np.float32)
+    data[0, 0, 3, :] = 100  # last row of panel 0 ...
+    data[0, 1, 0, :] = 100  # ... touches first row of panel 1 in the flattened stack
+    data[1, 0, 0, :] = 100  # first row of event 1 follows the last panel of event 0
+    data[0, 1, 3, :] = 100
+    ctx = make_ctx(backend, shape)
+    f = setup(Droplet, backend, ctx, threshold=50, use_rms=False)
+    out = to_host(backend, f.compute(make_frames(backend, data))[0])
+    np.testing.assert_array_equal(out["nDroplets"], [3, 1])
+    np.testing.assert_array_equal(out["tile"][0, :3], [0, 1, 1])
+    np.testing.assert_array_equal(out["npix"][0, :3], [4, 4, 4])
+    np.testing.assert_array_equal(out["row"][0, :3], [3, 0, 3])
+
+
+def test_droplet_masked_pixels(backend):
+    shape = (1, 5, 5)
+    data = np.zeros((1,) + shape, np.float32)
+    data[0, 0, 2, :] = 100
+    good = np.ones(data.shape, bool)
+    good[0, 0, 2, 2] = False  # splits the line in two
+    ctx = make_ctx(backend, shape)
+    f = setup(Droplet, backend, ctx, threshold=50, use_rms=False)
+    out = to_host(backend, f.compute(make_frames(backend, data, good))[0])
+    assert out["nDroplets"][0] == 2
+    np.testing.assert_allclose(out["data"][0, :2], [200, 200])
+    np.testing.assert_allclose(out["col"][0, :2], [0.5, 3.5])
+
+
+def test_photons(backend):
+    shape = (1, 6, 8)
+    data = np.zeros((2,) + shape, np.float32)
+    data[0, 0, 1, 1:4] = [100, 250, 70]   # 420 ADU -> floor(420/160+0.5) = 3 photons: 0+1+0 base, 2 left
+    data[0, 0, 4, 6] = 330                 # 2 photons (floor 2.06+0.5 = 2), base 2
+    data[1, 0, 2, 2] = 60                  # 0 photons
+    ctx = make_ctx(backend, shape)
+    ph = Photons(Photons.Params(adu_per_photon=160, max_photons=4))
+    f = setup(Droplet, backend, ctx, [ph], threshold=50, use_rms=False)
+    out = f(make_frames(backend, data))
+    out = to_host(backend, out)
+    np.testing.assert_array_equal(out["droplet_photons_nPhotons"], [5, 0])
+    # droplet 1: base (0,1,0) remainders (.625,.5625,.4375): extra to col 1 and col 2 -> cols 1,2,2
+    np.testing.assert_array_equal(out["droplet_photons_col"][0], [1, 2, 2, 6])  # 5 photons, 4 kept
+    np.testing.assert_array_equal(out["droplet_photons_row"][0], [1, 1, 1, 4])
+    assert (out["droplet_photons_row"][1] == 0).all()
+
+
+def test_photons_total_matches_rule(numpy_backend, rng):
+    shape = (2, 30, 30)
+    data = sparse_frames(rng, shape, 3, n_drops=40)
+    ctx = make_ctx(numpy_backend, shape)
+    ph = Photons(Photons.Params(adu_per_photon=80, max_photons=5000))
+    f = setup(Droplet, numpy_backend, ctx, [ph], threshold=15, threshold_low=6, use_rms=False)
+    out = f(make_frames(numpy_backend, data))
+    m = out["droplet_data"]
+    expected = np.floor(m / 80 + 0.5).astype(int) * (out["droplet_npix"] > 0)
+    np.testing.assert_array_equal(out["droplet_photons_nPhotons"], expected.sum(axis=1))
+
+
+def test_no_droplets(backend):
+    shape = (2, 8, 8)
+    ctx = make_ctx(backend, shape)
+    ph = Photons(Photons.Params(adu_per_photon=100, max_photons=5))
+    f = setup(Droplet, backend, ctx, [ph], threshold=5, use_rms=True, max_droplets=3)
+    out = to_host(backend, f(make_frames(backend, np.zeros((3,) + shape, np.float32))))
+    assert out["droplet_data"].shape == (3, 3) and out["droplet_photons_row"].shape == (3, 5)
+    for k in ("droplet_nDroplets", "droplet_nDroplets_all", "droplet_nDroplets_truncated", "droplet_photons_nPhotons"):
+        np.testing.assert_array_equal(out[k], 0)
