@@ -110,3 +110,13 @@ def test_invalid_yaml_exits_2(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("source: [unclosed\n")
     assert main(["run", str(tmp_path / "c.yaml")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_function_file_parameters_follow_the_config_file(tmp_path):
+    d = with_(("detectors", "cam", "functions"),
+              [{"type": "roi", "bounds": [[0, 8], [0, 8]], "user_mask": "m.npy"},
+               {"type": "azav", "poni": "geo.poni", "bins": 10}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    specs = load_config(tmp_path / "c.yaml").function_specs("cam")
+    assert specs[0].params.user_mask == str(tmp_path / "m.npy")
+    assert specs[1].params.poni == str(tmp_path / "geo.poni")

@@ -192,6 +192,19 @@ def _resolve(base: Path, p: str | None) -> str | None:
     return str(q if q.is_absolute() else base / q) + sep + tail
 
 
+FILE_PARAMS = ("poni", "user_mask")
+"""Function parameters that name files: relative ones follow the config file, like every other path."""
+
+
+def _resolve_function_paths(base: Path, specs: list[FunctionSpec]) -> None:
+    for spec in specs:
+        for key in FILE_PARAMS:
+            value = getattr(spec.params, key, None)
+            if isinstance(value, str):
+                setattr(spec.params, key, _resolve(base, value))
+        _resolve_function_paths(base, spec.children)
+
+
 def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
     """Validate a config mapping; relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
@@ -216,6 +229,7 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         if cfg.source.type == "hdf5" and not det.dataset:
             raise ConfigError(f"config: detectors.{name}.dataset: required for an hdf5 source")
         specs[name] = parse_functions(det.functions, ("detectors", name, "functions"))
+        _resolve_function_paths(base, specs[name])
     cfg._specs = specs
     return cfg
 
