@@ -18,7 +18,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def _data_dir() -> Path:
     env = os.environ.get("GPUSMALL_TEST_DATA")
-    for d in ([Path(env)] if env else []) + [Path(__file__).resolve().parents[1] / "testdata", SHARED_DATA]:
+    for d in ([Path(env)] if env else []) + [Path(__file__).resolve().parent / "data", SHARED_DATA]:
         if (d / "test_epix_calib.xtc2").is_file():
             return d
     return SHARED_DATA
@@ -43,7 +43,7 @@ def numpy_backend() -> Backend:
 
 @pytest.fixture
 def data_dir() -> Path:
-    """Folder of the real XTC2 test files (../shared/data, ./testdata or $GPUSMALL_TEST_DATA)."""
+    """Folder of the real XTC2 test files ($GPUSMALL_TEST_DATA, tests/data, or ../shared/data)."""
     return _data_dir()
 
 
