@@ -41,7 +41,7 @@ def numpy_backend() -> Backend:
     return Backend("numpy")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Folder of the real XTC2 test files ($GPUSMALL_TEST_DATA, tests/data, or ../shared/data)."""
     return _data_dir()

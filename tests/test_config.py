@@ -1,5 +1,6 @@
 """Config validation (SPEC section 7) and the command line's exit codes for bad configs (section 9)."""
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -120,3 +121,13 @@ def test_function_file_parameters_follow_the_config_file(tmp_path):
     specs = load_config(tmp_path / "c.yaml").function_specs("cam")
     assert specs[0].params.user_mask == str(tmp_path / "m.npy")
     assert specs[1].params.poni == str(tmp_path / "geo.poni")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "producers").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    """Every example config in producers/ passes validation (paths resolved beside it)."""
+    from gpusmall.producer.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.detectors and Path(cfg.output).is_absolute()

@@ -353,3 +353,18 @@ def test_mpiexec_sigterm_master_over_parts(tmp_path):
         assert n == idx.shape[0] > 0 and not bool(f.attrs["complete"])
         assert np.all(np.diff(idx) > 0) and idx[0] == 0 and idx[-1] >= 50000  # both ranks' blocks
         assert f["cam/rebin_data"].shape[0] == n
+
+
+def test_master_segments_follow_timestamps():
+    """Interleaved parts (psana's MPI distribution) map as runs of consecutive events, in time order."""
+    from gpusmall.io.master import segments
+
+    a = np.array([1, 2, 7, 8, 9], np.uint64)
+    b = np.array([3, 4, 5, 6, 10], np.uint64)
+    runs = segments([a, b])
+    assert runs == [(0, 0, 2, 0), (1, 0, 4, 2), (0, 2, 3, 6), (1, 4, 1, 9)]
+    out = np.empty(10, np.uint64)
+    for i, s, c, o in runs:
+        out[o:o + c] = (a, b)[i][s:s + c]
+    np.testing.assert_array_equal(out, np.arange(1, 11))
+    assert segments([a]) == [(0, 0, 5, 0)] and segments([]) == []

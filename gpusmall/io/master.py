@@ -3,9 +3,12 @@
 Each rank ``r`` writes ``<stem>.part<r>.h5`` with the per-event datasets of its events, its
 ``/UserDataCfg`` and its own ``/Sums``. :func:`build_master` writes ``<stem>.h5`` with
 
-- every per-event dataset as an HDF5 virtual dataset (h5py VDS) over the parts, in event order
-  (parts ordered by their first timestamp; if the parts interleave in time the master holds sorted
-  copies instead of virtual datasets);
+- every per-event dataset as an HDF5 virtual dataset (h5py VDS) over the parts, in timestamp order:
+  one mapping per run of consecutive events of one part (one per part for contiguous blocks, one per
+  psana batch when psana's MPI distribution interleaves the ranks' events; beyond
+  :data:`MAX_MAPPINGS` runs the master holds sorted copies instead);
+- ``event_index`` as a virtual dataset too, unless the parts count their events locally (attribute
+  ``event_index_local``, psana's MPI distribution): then it is renumbered 0, 1, ... in timestamp order;
 - ``/UserDataCfg`` copied from the first part (rank 0 when it exists);
 - ``/Sums`` reduced over the parts: ``max`` sums by maximum, the others by addition
   (:meth:`gpusmall.funcs.sums.RunSum.merge`);
@@ -30,6 +33,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STATIC_GROUPS = ("UserDataCfg", "Sums")
+#: at most this many virtual-dataset mappings per dataset; more (a finely interleaved run) -> copies
+MAX_MAPPINGS = 10_000
 _MAX_SUM = re.compile(r"_max(_thresADU-?\d+(\.\d+)?)?$")
 _PART = re.compile(r"\.part(\d+)\.h5$")
 
@@ -107,24 +112,44 @@ def build_master(output, parts: list | None = None) -> dict:
             p.close()
 
 
+def segments(parts_ts: list[np.ndarray]) -> list[tuple[int, int, int, int]]:
+    """Runs of the timestamp-sorted events that lie consecutively in one part.
+
+    Args:
+        parts_ts: each part's timestamps (uint64), in the part's own (event) order.
+    Returns:
+        ``(part, start, count, out_start)`` per run: the part's events ``[start, start + count)`` are
+        the master's events ``[out_start, out_start + count)``. Ties keep part order (stable sort).
+    """
+    if not parts_ts or sum(len(t) for t in parts_ts) == 0:
+        return []
+    which = np.concatenate([np.full(len(t), i, np.int64) for i, t in enumerate(parts_ts)])
+    local = np.concatenate([np.arange(len(t), dtype=np.int64) for t in parts_ts])
+    order = np.argsort(np.concatenate(parts_ts), kind="stable")
+    which, local = which[order], local[order]
+    brk = np.flatnonzero((which[1:] != which[:-1]) | (local[1:] != local[:-1] + 1)) + 1
+    starts = np.concatenate([[0], brk])
+    counts = np.diff(np.concatenate([starts, [len(order)]]))
+    return [(int(which[s]), int(local[s]), int(c), int(s)) for s, c in zip(starts, counts)]
+
+
 def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
     first = parts[0]
     with_events = [p for p in parts if p.n > 0]
     with_events.sort(key=lambda p: (int(p.ts[0]), str(p.path)))
-    cat_ts = np.concatenate([p.ts for p in with_events]) if with_events else np.zeros(0, np.uint64)
-    in_order = bool(np.all(cat_ts[1:] >= cat_ts[:-1]))
+    runs = segments([p.ts for p in with_events])
+    local_index = any(bool(p.file.attrs.get("event_index_local", False)) for p in parts)
     names = sorted(set().union(*(p.names for p in with_events))) if with_events else []
     total = sum(p.n for p in with_events)
     tmp = output.with_name(output.name + ".tmp")
     damaged = {}
     with h5py.File(tmp, "w", libver="latest") as out:
         for k, v in first.file.attrs.items():
-            if k not in ("rank", "first_event", "last_event"):
+            if k not in ("rank", "first_event", "last_event", "event_index_local"):
                 out.attrs[k] = v
         out.attrs["ranks"] = len(parts) + len(skipped)
         if "UserDataCfg" in first.file:
             first.file.copy(first.file["UserDataCfg"], out, "UserDataCfg")
-        order = None if in_order else np.argsort(cat_ts, kind="stable")
         for name in names:
             src = [p for p in with_events if name in p.file]
             if len(src) != len(with_events):
@@ -132,15 +157,19 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
                 continue
             d0 = src[0].file[name]
             tail, dtype = d0.shape[1:], d0.dtype
-            if order is None:
+            if name == "event_index" and local_index:
+                out.create_dataset(name, data=np.arange(total, dtype=np.int64))
+            elif len(runs) <= MAX_MAPPINGS:
                 layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
-                off = 0
+                sources = []
                 for p in src:
                     rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
-                    layout[off: off + p.n] = h5py.VirtualSource(rel, name, shape=(p.n, *tail))[: p.n]
-                    off += p.n
+                    sources.append(h5py.VirtualSource(rel, name, shape=(p.n, *tail)))
+                for i, a, c, o in runs:
+                    layout[o: o + c] = sources[i][a: a + c]
                 out.create_virtual_dataset(name, layout, fillvalue=None)
             else:
+                order = np.argsort(np.concatenate([p.ts for p in src]), kind="stable")
                 data = np.concatenate([p.file[name][: p.n] for p in src])[order]
                 out.create_dataset(name, data=data, chunks=True if data.ndim else None)
             if name.endswith("/damaged"):

@@ -219,6 +219,8 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         cfg.source.path = _resolve(base, cfg.source.path)
     if cfg.source.files:
         cfg.source.files = [_resolve(base, f) for f in cfg.source.files]
+    if isinstance(cfg.source.psana.get("dir"), str):  # psana's experiment folder (exp/run mode)
+        cfg.source.psana["dir"] = _resolve(base, cfg.source.psana["dir"])
     cfg.output = _resolve(base, cfg.output)
     specs = {}
     for name, det in cfg.detectors.items():

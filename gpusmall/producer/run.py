@@ -317,7 +317,10 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
         n = source.n_events
         if events is not None:
             n = events if n is None else min(n, events)
-        start, end = block_range(n, cfg.batch_size, comm.rank, comm.size)
+        if getattr(source, "distributed", False):  # psana's MPI distribution hands this rank its events
+            start, end = 0, None
+        else:
+            start, end = block_range(n, cfg.batch_size, comm.rank, comm.size)
         pipelines = {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend)
                      for name, dcfg in cfg.detectors.items()}
         proc = BatchProcessor(pipelines, backend, cfg.batch_size)
@@ -330,6 +333,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
                                    "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
                                    "first_event": start, "last_event": -1 if end is None else end,
+                                   "event_index_local": bool(getattr(source, "distributed", False)),
                                    "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())

@@ -64,6 +64,9 @@ class Source:
 
     detectors: dict[str, DetectorSource]
     n_events: int | None = None
+    #: True when the source itself hands each MPI rank its own events (psana's MPI distribution):
+    #: every rank then reads "its" events from 0 to the end, and ``event_index`` is rank-local.
+    distributed: bool = False
 
     def read(self, start: int, stop: int, out: dict[str, np.ndarray] | None = None) -> RawBatch:
         """Events ``[start, stop)``; ``out`` may give (stop - start, ...) arrays to fill (pinned buffers)."""

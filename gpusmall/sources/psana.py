@@ -18,10 +18,19 @@ psana's event loop is sequential: :meth:`PsanaSource.batches` walks ``run.events
 number of events is not known in advance (``n_events`` is None) and batches must be asked for in
 order. An event where a detector has no data, or data of the wrong shape, is marked damaged for it
 (its raw frame is zeros).
+
+MPI: with ``exp``/``run`` (and ``psana: {dir: ...}`` for a local experiment folder holding ``xtc/`` and
+``xtc/smalldata/``) under ``mpiexec -n K`` (K >= 3), psana distributes the events itself: rank 0
+reads the small data, rank 1 builds events, the others receive events in batches. The source is then
+``distributed``: every rank walks its own ``run.events()`` to the end (ranks 0 and 1 get none), and
+``event_index`` counts the rank's own events (the master file renumbers them in timestamp order).
+With ``files`` psana has no MPI distribution (every rank would read every event), so rank 0 reduces
+them all. psana's ``max_events`` (our ``events``) counts over all ranks.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from typing import Iterator
 
@@ -62,6 +71,47 @@ def psana_model_type(dettype: str) -> str | None:
     return None
 
 
+def psana_world() -> tuple[int, int]:
+    """(rank, size) of the MPI world psana runs in: psana uses MPI unless ``PS_PARALLEL=none``."""
+    if os.environ.get("PS_PARALLEL", "mpi") != "mpi":
+        return 0, 1
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return 0, 1
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def tolerate_offline_file_lookup() -> None:
+    """Let psana's ``exp``/``run`` mode work without the LCLS web service.
+
+    psana 4.x asks ``pswww.slac.stanford.edu`` which files a run has and means to fall back to the files
+    on disk when it gets no answer, but a connection error escapes before its own ``try`` (offline
+    laptops, compute nodes without outside network). This wraps that one lookup so a connection error
+    reads as "no answer"; psana then finds the files under ``dir``. Nothing else in psana changes.
+    """
+    try:
+        import requests
+        from psana.psexp import ds_base
+    except ImportError:
+        return
+    base = getattr(ds_base, "DataSourceBase", None)
+    lookup = getattr(base, "_get_file_info_from_db", None)
+    if lookup is None or getattr(lookup, "_gpusmall_offline", False):
+        return
+
+    def file_info_or_nothing(self, runnum):
+        try:
+            return lookup(self, runnum)
+        except requests.exceptions.RequestException as exc:
+            log.info("psana: no answer from the LCLS file database (%s); looking for run %s on disk",
+                     type(exc).__name__, runnum)
+            return {}
+
+    file_info_or_nothing._gpusmall_offline = True
+    base._get_file_info_from_db = file_info_or_nothing
+
+
 def _shape3(a: np.ndarray) -> tuple[int, ...]:
     return (1, *a.shape) if a.ndim == 2 else tuple(a.shape)
 
@@ -80,27 +130,41 @@ class PsanaSource(Source):
         except ImportError as exc:
             raise InputError(f"source.type: psana is not installed ({exc}); pip install psana") from None
         kwargs = dict(cfg.psana or {})
+        rank, size = psana_world()
         if cfg.files:
             kwargs["files"] = cfg.files if len(cfg.files) > 1 else cfg.files[0]
+            if size > 1 and rank == 0:
+                log.info("psana reads 'files' on every rank without distributing them: rank 0 reduces them "
+                         "all (for psana's MPI distribution give exp, run and psana: {dir: ...})")
         else:
             kwargs["exp"], kwargs["run"] = cfg.exp, cfg.run
+            tolerate_offline_file_lookup()
+            if size > 1:
+                need = 3 + int(os.environ.get("PS_SRV_NODES", "0") or 0)
+                if size < need:
+                    raise InputError(f"source: psana distributes exp {cfg.exp} run {cfg.run} over MPI ranks only "
+                                     f"with at least {need} (one reads small data, one builds events, the "
+                                     f"others reduce); got {size}: run with 1 rank or mpiexec -n {need} or more")
+                self.distributed = True
         if cfg.events is not None:
             kwargs.setdefault("max_events", int(cfg.events))
-        self.limit = cfg.events
+        self.limit = None if self.distributed else cfg.events  # psana's max_events counts over all ranks
         what = cfg.files if cfg.files else f"exp {cfg.exp} run {cfg.run}"
         try:
             self.ds = DataSource(**kwargs)
             self.run = next(self.ds.runs())
         except StopIteration:
             raise InputError(f"source: psana found no run in {what}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"source: psana cannot open {what}: {exc}") from None
+        except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise InputError(f"source: psana cannot open {what}: {exc or type(exc).__name__}") from None
         self.n_events = None
         self._events = None  # iterator over run.events(), made once
         self._ahead: deque = deque()  # events read ahead to learn shapes, not yet delivered
         self._pos = 0  # index of the next event the iterator delivers
         self.dets = {}
         self.detectors = {}
+        self._config_shape = {name: (d.get("shape") if d.get("shape_given", True) else None)
+                              for name, d in detectors.items()}
         known = sorted(getattr(self.run, "detnames", []) or [])
         for name, d in detectors.items():
             psname = d.get("source_name") or name
@@ -166,6 +230,17 @@ class PsanaSource(Source):
         except Exception:  # noqa: BLE001
             shape = None
         dtype = np.uint16 if model.type in ("epix10ka", "jungfrau", "epix100") else None
+        if self.distributed and (shape is None or dtype is None):
+            # ranks 0 and 1 of psana's MPI distribution see no events: nothing to peek at
+            if shape is None:
+                want = self._config_shape.get(name)
+                if want is None:
+                    raise InputError(f"detectors.{name}.shape: psana does not say it, and under psana's MPI "
+                                     f"distribution not every rank sees events; give the shape in the config")
+                shape = tuple(want)
+            if dtype is None:
+                dtype = np.uint16
+                log.info("detector %s: raw dtype taken as uint16 (psana's MPI distribution)", name)
         if shape is None or dtype is None:
             for evt in self._peek():
                 a = raw.raw(evt)
