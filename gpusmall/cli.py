@@ -38,6 +38,9 @@ def _run_config(cfg, args) -> int:
     from .producer.mpi import get_comm, gpu_for_rank
     from .producer.run import reduce_run
 
+    from .producer.allocator import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse the previous batch's host memory (see allocator.py)
     comm = get_comm()
     device = gpu_for_rank(comm, resolve_choice(args.backend, cfg.backend))
     backend = get_backend(args.backend, cfg.backend, device_id=device)
@@ -98,6 +101,9 @@ def cmd_darks(args) -> int:
     from .producer.config import load_config
     from .sources import open_source
 
+    from .producer.allocator import keep_freed_memory
+
+    keep_freed_memory()
     cfg = load_config(args.config)
     names = list(cfg.detectors)
     det = args.det or (names[0] if len(names) == 1 else None)

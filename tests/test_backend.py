@@ -53,3 +53,17 @@ def test_every_kernel_source_is_found():
         assert find_kernel_source(n).read_text().strip()
     with pytest.raises(FileNotFoundError):
         find_kernel_source("nope.cu")
+
+
+def test_allocator_keeps_freed_memory_on_glibc():
+    """The command line raises glibc's mmap threshold so batches reuse host memory (Linux/glibc only)."""
+    import platform
+    import sys
+
+    from gpusmall.producer.allocator import keep_freed_memory
+
+    ok = keep_freed_memory()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert ok
+    a = np.ones((64, 512, 512), np.float32)  # a large block from the heap still works as memory
+    assert float(a.sum()) == 64 * 512 * 512
