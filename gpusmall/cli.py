@@ -60,6 +60,10 @@ def _run_config(cfg, args) -> int:
     ranks = f" on {summary.ranks} ranks" if summary.ranks > 1 else ""
     print(f"gpusmall: {summary.events} events -> {summary.output}{ranks} in {summary.seconds:.1f} s "
           f"({summary.events_per_s:.1f} events/s)", file=sys.stderr)
+    t = summary.device_times
+    if backend.is_gpu and t.batches:
+        print(f"gpusmall: rank 0 GPU time: reduce {t.compute_s:.2f} s, host->device {t.h2d_s:.2f} s "
+              f"({t.h2d_gb_per_s:.1f} GB/s); the copies overlap the reductions", file=sys.stderr)
     return 0
 
 

@@ -5,11 +5,12 @@ creates the output file, so a bad config or input leaves no file behind.
 
 Pipeline (the same code on NumPy and CuPy)::
 
-    reader thread:  read batch k+1 into a free host buffer (pinned on CuPy)  ─┐ queue of 1
-    main thread:    upload batch k on a stream, calibrate, reduce, results -> host, append to HDF5
+    reader thread:  read batch k+2 into a free host buffer (pinned on CuPy)   ─┐ queue of 1
+    main thread:    stage batch k+1 (CuPy: upload on the copy stream)          │
+                    reduce batch k (compute stream), results -> host, append to HDF5
 
-Three host buffers per detector circulate between the two threads, so reading overlaps compute
-(and, on CuPy, the asynchronous upload from pinned memory). Results do not depend on the batch size.
+Four host buffers per detector circulate between the two threads, so reading, uploading and
+reducing overlap (:mod:`gpusmall.producer.process`). Results do not depend on the batch size.
 
 MPI (:mod:`gpusmall.producer.mpi`): each rank reduces its contiguous block of batches into
 ``<stem>.part<rank>.h5``; after a barrier rank 0 writes the master ``<stem>.h5``
@@ -20,18 +21,12 @@ flushes and closes the file (and under MPI the master is built); :attr:`RunSumma
 tells the caller (``gpusmall run`` exits 1). An exception while reducing a batch does the same and
 is re-raised afterwards. Every batch that was appended is in the file.
 
-Damaged events (``RawBatch.damaged[det]``): their raw rows are zeroed before the detector's
-pipeline sees them, they are left out of the run sums, and their result rows are overwritten with
-NaN (floats), -1 (signed integers) or 0 (unsigned integers, booleans); ``/<det>/damaged`` is 1 there.
-The damaged count per detector is the ``damaged_events`` attribute of ``/<det>`` and the JSON root
-attribute ``damaged``.
-
-GPU out of memory: a batch whose processing raises ``OutOfMemoryError`` (CuPy's, found by class
-name) is retried in halves; the smaller size is kept for the rest of the run (logged).
+Damaged events and GPU out-of-memory handling: see :mod:`gpusmall.producer.process`. The damaged
+count per detector is the ``damaged_events`` attribute of ``/<det>`` and the JSON root attribute
+``damaged``.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -44,7 +39,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .. import __version__
 from ..backend import Backend
@@ -53,11 +47,12 @@ from ..io.writer import ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
 from .pipeline import DetectorPipeline
+from .process import BatchProcessor, DeviceTimes, fill_value, is_out_of_memory  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 BARRIER_TIMEOUT_S = float(os.environ.get("GPUSMALL_BARRIER_TIMEOUT", "120"))
-N_BUFFERS = 3
+N_BUFFERS = 4  # batch being reduced, batch uploading, batch being read, one spare
 
 
 @dataclass
@@ -72,6 +67,7 @@ class RunSummary:
     local_events: int = 0
     damaged: dict = field(default_factory=dict)
     reason: str = ""
+    device_times: DeviceTimes = field(default_factory=DeviceTimes)
 
     @property
     def events_per_s(self) -> float:
@@ -113,113 +109,6 @@ class StopFlag:
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CuPy's ``OutOfMemoryError`` (or a CUDA allocation failure), recognised without importing cupy."""
-    return type(exc).__name__ == "OutOfMemoryError" or "cudaErrorMemoryAllocation" in str(exc)
-
-
-class _GoodEventsSum:
-    """Wraps a RunSum so that it only sees the events in ``keep`` (damaged events are left out)."""
-
-    def __init__(self, inner, backend: Backend):
-        self.inner, self.backend = inner, backend
-        self.keep = None  # host bool (events,) or None for all
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def update(self, frames):
-        if self.keep is not None:
-            if not self.keep.any():
-                return
-            k = self.backend.to_device(self.keep)
-            frames = dataclasses.replace(frames, **{f.name: getattr(frames, f.name)[k]
-                                                    for f in dataclasses.fields(frames)
-                                                    if getattr(getattr(frames, f.name), "ndim", 0) >= 1})
-        self.inner.update(frames)
-
-
-def fill_value(dtype) -> object:
-    """What a damaged event's result holds: NaN for floats, -1 for signed ints, 0 otherwise."""
-    dtype = np.dtype(dtype)
-    if dtype.kind in "fc":
-        return np.nan
-    if dtype.kind == "i":
-        return -1
-    return 0
-
-
-class BatchProcessor:
-    """Runs the detectors' pipelines on host batches; uploads on a stream; halves on GPU OOM."""
-
-    def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int):
-        self.pipelines, self.backend = pipelines, backend
-        self.chunk = batch_size
-        self.stream = backend.stream() if backend.is_gpu else None
-        for pl in pipelines.values():
-            pl.sums = [s if isinstance(s, _GoodEventsSum) else _GoodEventsSum(s, backend) for s in pl.sums]
-        self.damaged = {name: 0 for name in pipelines}
-
-    def _upload(self, host):
-        if not self.backend.is_gpu:
-            return host
-        d = self.backend.xp.empty(host.shape, host.dtype)
-        d.set(np.ascontiguousarray(host), stream=self.stream)
-        return d
-
-    def _run_one(self, name, raw, damaged) -> dict[str, np.ndarray]:
-        pl = self.pipelines[name]
-        keep = ~damaged if damaged.any() else None
-        for s in pl.sums:
-            s.keep = keep
-        if self.stream is not None:
-            with self.stream:
-                res = pl.process(self._upload(raw))
-                out = {k: self.backend.to_host(v) for k, v in res.items()}
-            self.stream.synchronize()  # the host buffer may be refilled once this returns
-        else:
-            res = pl.process(raw)
-            out = {k: np.array(self.backend.to_host(v), copy=True) for k, v in res.items()}
-        return out
-
-    def process(self, batch) -> dict[str, np.ndarray]:
-        """One RawBatch -> columns to append (host arrays), damaged rows filled."""
-        columns = {"timestamp": batch.timestamp, "event_index": batch.event_index}
-        n = len(batch)
-        for name in self.pipelines:
-            raw = batch.raw[name]
-            damaged = np.asarray(batch.damaged.get(name, np.zeros(n, bool)), bool)
-            if damaged.any():
-                raw[damaged] = 0
-            pieces = []
-            start = 0
-            while start < n:
-                stop = min(n, start + self.chunk)
-                try:
-                    pieces.append(self._run_one(name, raw[start:stop], damaged[start:stop]))
-                    start = stop
-                except Exception as exc:
-                    if not is_out_of_memory(exc) or self.chunk <= 1:
-                        raise
-                    self.chunk = max(1, (stop - start) // 2)
-                    log.warning("GPU out of memory with %d events of %s: retrying in batches of %d",
-                                stop - start, name, self.chunk)
-                    print(f"gpusmall: GPU out of memory; batch size now {self.chunk}", file=sys.stderr)
-                    try:
-                        self.backend.xp.get_default_memory_pool().free_all_blocks()
-                    except AttributeError:
-                        pass
-            res = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-            if damaged.any():
-                for v in res.values():
-                    v[damaged] = fill_value(v.dtype)
-                self.damaged[name] += int(damaged.sum())
-            for k, v in res.items():
-                columns[f"{name}/{k}"] = v
-            columns[f"{name}/damaged"] = damaged.astype(np.uint8)
-        return columns
 
 
 class Prefetcher:
@@ -338,17 +227,29 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
             reader = Prefetcher(source, backend, cfg.batch_size, start, end, stop)
+
+            def finish(staged):
+                nonlocal done
+                try:
+                    columns = proc.process(staged)
+                finally:
+                    reader.release(staged.batch)
+                writer.append(columns)
+                done += len(staged)
+                bar.update(len(staged) * comm.size)
+
+            pending = None  # staged (uploading) batch, reduced once the next one is staged
             try:
                 for batch in reader:
-                    try:
-                        columns = proc.process(batch)
-                    finally:
-                        reader.release(batch)
-                    writer.append(columns)
-                    done += len(batch)
-                    bar.update(len(batch) * comm.size)
+                    staged = proc.stage(batch)  # upload of this batch overlaps the reduction of the last
+                    if pending is not None:
+                        finish(pending)
+                    pending = staged
                     if stop:
                         break
+                if pending is not None:
+                    staged, pending = pending, None
+                    finish(staged)
             except Exception as exc:  # finish what exists, then re-raise
                 error = exc
                 stop.set(f"{type(exc).__name__}: {exc}")
@@ -374,7 +275,8 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
         raise error
     dt = time.perf_counter() - t0
     return RunSummary(out_path, total, dt, backend.name, interrupted=not complete, rank=comm.rank,
-                      ranks=comm.size, local_events=done, damaged=damaged, reason=stop.reason)
+                      ranks=comm.size, local_events=done, damaged=damaged, reason=stop.reason,
+                      device_times=proc.times)
 
 
 def config_json(cfg) -> str:

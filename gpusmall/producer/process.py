@@ -1,0 +1,254 @@
+"""One batch through the detectors' pipelines: stage (upload), reduce, results to host, damage filled.
+
+The same code runs on both backends. On CuPy a batch goes through two streams::
+
+    copy stream:     H2D batch k+1 (pinned host -> device ring slot)      ─┐ overlap
+    compute stream:  wait for batch k's copy; calibrate + reduce batch k   ─┘
+                     small results -> host (syncs the compute stream only)
+
+:meth:`BatchProcessor.stage` starts the upload and returns at once; :meth:`BatchProcessor.process`
+reduces a staged batch. The run loop stages batch k+1 before it processes batch k, so the copy engine
+moves the next batch while the SMs work on this one. Each detector has two device slots of
+``(batch_size, panels, rows, cols)`` raw, allocated once and reused, so no allocation happens per batch.
+CUDA events around each copy and each reduction give :class:`DeviceTimes` (transfer and device time
+separately, summed over the run). On NumPy staging only zeroes damaged rows (no copy).
+
+Damaged events (``RawBatch.damaged[det]``): their raw rows are zeroed before upload, they are left out
+of the run sums, and their result rows are overwritten with NaN (floats), -1 (signed integers) or
+0 (unsigned integers, booleans); ``/<det>/damaged`` is 1 there.
+
+GPU out of memory: a reduction that raises ``OutOfMemoryError`` (CuPy's, found by class name) is
+retried in halves; the smaller size is kept for the rest of the run (logged). If the device slots
+themselves cannot be allocated, batches are uploaded chunk by chunk on the compute stream instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import Backend
+from .pipeline import DetectorPipeline
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CuPy's ``OutOfMemoryError`` (or a CUDA allocation failure), recognised without importing cupy."""
+    return type(exc).__name__ == "OutOfMemoryError" or "cudaErrorMemoryAllocation" in str(exc)
+
+
+def fill_value(dtype) -> object:
+    """What a damaged event's result holds: NaN for floats, -1 for signed ints, 0 otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "fc":
+        return np.nan
+    if dtype.kind == "i":
+        return -1
+    return 0
+
+
+class _GoodEventsSum:
+    """Wraps a RunSum so that it only sees the events in ``keep`` (damaged events are left out)."""
+
+    def __init__(self, inner, backend: Backend):
+        self.inner, self.backend = inner, backend
+        self.keep = None  # host bool (events,) or None for all
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def update(self, frames):
+        if self.keep is not None:
+            if not self.keep.any():
+                return
+            k = self.backend.to_device(self.keep)
+            frames = dataclasses.replace(frames, **{f.name: getattr(frames, f.name)[k]
+                                                    for f in dataclasses.fields(frames)
+                                                    if getattr(getattr(frames, f.name), "ndim", 0) >= 1})
+        self.inner.update(frames)
+
+
+@dataclass
+class DeviceTimes:
+    """Where a run's time went on the GPU (seconds, summed over batches; zero on NumPy).
+
+    ``h2d_s``: host->device copies of raw batches (copy stream); ``compute_s``: calibration and
+    reduction, results included (compute stream); ``h2d_bytes``: raw bytes copied. When the copies
+    overlap the reductions, the run's wall time approaches ``max(h2d_s, compute_s)``, not their sum.
+    """
+
+    h2d_s: float = 0.0
+    compute_s: float = 0.0
+    h2d_bytes: int = 0
+    batches: int = 0
+
+    @property
+    def h2d_gb_per_s(self) -> float:
+        return self.h2d_bytes / self.h2d_s / 1e9 if self.h2d_s > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "h2d_GB_per_s": self.h2d_gb_per_s}
+
+
+@dataclass
+class StagedBatch:
+    """A batch on its way: host batch, per detector the raw to reduce (device or host) and damage."""
+
+    batch: object
+    raw: dict = field(default_factory=dict)       # name -> device view (events, ...) or host array, or None
+    damaged: dict = field(default_factory=dict)   # name -> host bool (events,)
+    copied: dict = field(default_factory=dict)    # name -> (start, end) CUDA events of its upload
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+class BatchProcessor:
+    """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
+
+    def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int):
+        self.pipelines, self.backend = pipelines, backend
+        self.batch_size = batch_size
+        self.chunk = batch_size
+        gpu = backend.is_gpu
+        self.copy_stream = backend.stream() if gpu else None
+        self.compute_stream = backend.stream() if gpu else None
+        self.stream = self.compute_stream  # kept for callers of the single-stream era
+        for pl in pipelines.values():
+            pl.sums = [s if isinstance(s, _GoodEventsSum) else _GoodEventsSum(s, backend) for s in pl.sums]
+        self.damaged = {name: 0 for name in pipelines}
+        self.times = DeviceTimes()
+        self._slots: dict[str, list] = {}  # name -> two device raw buffers (batch_size, ...)
+        self._turn = 0
+        self._no_slots = False
+
+    # -- staging ----------------------------------------------------------------------------------
+    def _slot(self, name, raw):
+        """This turn's device buffer for ``name`` (allocated on first use), or None when out of memory."""
+        if self._no_slots:
+            return None
+        if name not in self._slots:
+            try:
+                with self.copy_stream:
+                    self._slots[name] = [self.backend.xp.empty((self.batch_size, *raw.shape[1:]), raw.dtype)
+                                         for _ in range(2)]
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                log.warning("no room for two device batches of %s: uploading chunk by chunk", name)
+                self._no_slots = True
+                self._slots.clear()
+                return None
+        slots = self._slots[name]
+        if slots[0].shape[1:] != raw.shape[1:] or slots[0].dtype != raw.dtype or len(raw) > self.batch_size:
+            raise ValueError(f"detector {name}: batch of {raw.shape} {raw.dtype} does not fit the device slots "
+                             f"{slots[0].shape} {slots[0].dtype}")
+        return slots[self._turn]
+
+    def stage(self, batch) -> StagedBatch:
+        """Zero damaged rows and, on CuPy, start each detector's upload on the copy stream (returns at once).
+
+        The host buffers of ``batch`` must stay untouched until :meth:`process` of this batch returned.
+        """
+        n = len(batch)
+        staged = StagedBatch(batch)
+        for name in self.pipelines:
+            raw = batch.raw[name]
+            damaged = np.asarray(batch.damaged.get(name, np.zeros(n, bool)), bool)
+            if damaged.any():
+                raw[damaged] = 0
+            staged.damaged[name] = damaged
+            if not self.backend.is_gpu:
+                staged.raw[name] = raw
+                continue
+            slot = self._slot(name, raw)
+            if slot is None:
+                staged.raw[name] = None
+                continue
+            cp = self.backend.xp
+            view = slot[:n]
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(self.copy_stream)
+            view.set(np.ascontiguousarray(raw), stream=self.copy_stream)
+            end.record(self.copy_stream)
+            staged.raw[name], staged.copied[name] = view, (start, end)
+            self.times.h2d_bytes += raw.nbytes
+        self._turn ^= 1
+        return staged
+
+    # -- reduction --------------------------------------------------------------------------------
+    def _run_one(self, name, raw, damaged, copied=None, upload=False) -> dict[str, np.ndarray]:
+        """Reduce ``raw`` (events, ...) of detector ``name``: a staged array, or (``upload``) a host array
+        to upload here on the compute stream."""
+        pl = self.pipelines[name]
+        keep = ~damaged if damaged.any() else None
+        for s in pl.sums:
+            s.keep = keep
+        if self.compute_stream is None:
+            res = pl.process(raw)
+            return {k: np.array(self.backend.to_host(v), copy=True) for k, v in res.items()}
+        cp = self.backend.xp
+        with self.compute_stream:
+            if copied is not None:
+                self.compute_stream.wait_event(copied[1])
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record(self.compute_stream)
+            if upload:  # no device slot: upload here, on the compute stream
+                d = cp.empty(raw.shape, raw.dtype)
+                d.set(np.ascontiguousarray(raw), stream=self.compute_stream)
+                self.times.h2d_bytes += raw.nbytes
+                raw = d
+            res = pl.process(raw)
+            out = {k: self.backend.to_host(v) for k, v in res.items()}  # syncs the compute stream
+            end.record(self.compute_stream)
+        end.synchronize()
+        self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
+        return out
+
+    def process(self, staged) -> dict[str, np.ndarray]:
+        """A staged batch (or a RawBatch, staged here) -> columns to append (host arrays), damaged rows filled."""
+        if not isinstance(staged, StagedBatch):
+            staged = self.stage(staged)
+        batch = staged.batch
+        columns = {"timestamp": batch.timestamp, "event_index": batch.event_index}
+        n = len(batch)
+        for name in self.pipelines:
+            damaged = staged.damaged[name]
+            dev = staged.raw[name]
+            copied = staged.copied.get(name)
+            source = batch.raw[name] if dev is None else dev
+            pieces = []
+            start = 0
+            while start < n:
+                stop = min(n, start + self.chunk)
+                try:
+                    pieces.append(self._run_one(name, source[start:stop], damaged[start:stop], copied,
+                                                upload=dev is None))
+                    start = stop
+                except Exception as exc:
+                    if not is_out_of_memory(exc) or self.chunk <= 1:
+                        raise
+                    self.chunk = max(1, (stop - start) // 2)
+                    log.warning("GPU out of memory with %d events of %s: retrying in batches of %d",
+                                stop - start, name, self.chunk)
+                    print(f"gpusmall: GPU out of memory; batch size now {self.chunk}", file=sys.stderr)
+                    try:
+                        self.backend.xp.get_default_memory_pool().free_all_blocks()
+                    except AttributeError:
+                        pass
+            if copied is not None:  # complete: the compute stream waited for it and was synchronised
+                self.times.h2d_s += self.backend.xp.cuda.get_elapsed_time(*copied) / 1e3
+            res = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+            if damaged.any():
+                for v in res.values():
+                    v[damaged] = fill_value(v.dtype)
+                self.damaged[name] += int(damaged.sum())
+            for k, v in res.items():
+                columns[f"{name}/{k}"] = v
+            columns[f"{name}/damaged"] = damaged.astype(np.uint8)
+        self.times.batches += 1
+        return columns

@@ -1,0 +1,164 @@
+"""BatchProcessor's two-stream staging, checked on the CPU with a stand-in for CuPy's stream API.
+
+The stand-in copies at once (so it cannot show overlap), but it runs the same orchestration as a GPU:
+device ring slots, copies on the copy stream, the compute stream waiting for them, CUDA-event timing,
+the fall-back when the slots do not fit. A batch reduced from the wrong slot (the next batch's data)
+or a slot reused too early shows up as wrong sums.
+"""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from gpusmall.backend import Backend
+from gpusmall.producer.process import BatchProcessor, StagedBatch
+from gpusmall.sources.base import RawBatch
+
+
+class FakeDeviceArray(np.ndarray):
+    """A NumPy array with CuPy's ``set(host, stream=)``."""
+
+    def set(self, host, stream=None):
+        assert host.shape == self.shape and host.dtype == self.dtype
+        assert stream is not None, "uploads go on an explicit stream"
+        np.copyto(np.asarray(self), host)
+
+
+class OutOfMemoryError(MemoryError):
+    pass
+
+
+def fake_cupy(log, oom_slots=False):
+    class Event:
+        def __init__(self):
+            self.stream = None
+
+        def record(self, stream=None):
+            self.stream = stream
+            log.append(("record", stream.name))
+
+        def synchronize(self):
+            pass
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.stream.name))
+
+    def empty(shape, dtype):
+        if oom_slots and len(log) == 0:
+            raise OutOfMemoryError("Out of memory allocating the slots")
+        return np.empty(shape, dtype).view(FakeDeviceArray)
+
+    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.0)
+    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=np.asarray, asarray=np.asarray,
+                               get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    streams = iter([Stream("copy"), Stream("compute")])
+    return xp, lambda non_blocking=True: next(streams)
+
+
+def fake_gpu_backend(log, oom_slots=False) -> Backend:
+    b = Backend("numpy")
+    xp, stream = fake_cupy(log, oom_slots)
+    b.name, b.xp, b.description = "cupy", xp, "fake cupy (CPU)"
+    b.stream = stream
+    b.synchronize = lambda: None
+    return b
+
+
+class SumPipeline:
+    """Per-event sum of the raw frames, and where the frames lived (device slot or host)."""
+
+    def __init__(self):
+        self.sums = []
+        self.seen = []
+
+    def process(self, raw):
+        self.seen.append(type(raw).__name__)
+        return {"sum": np.asarray(raw, np.float64).sum(axis=(1, 2, 3))}
+
+
+def batches(n_batches, size, shape=(1, 4, 5)):
+    rng = np.random.default_rng(0)
+    for k in range(n_batches):
+        n = size if k < n_batches - 1 else size - 1  # a short last batch
+        raw = rng.integers(0, 1000, (n, *shape)).astype(np.uint16)
+        yield RawBatch(np.arange(n, dtype=np.uint64) + 100 * k, np.arange(n, dtype=np.int64) + size * k,
+                       {"det": raw}, {"det": np.zeros(n, bool)})
+
+
+def run_like_reduce_run(proc, source):
+    """The run loop's order: stage batch k+1, then reduce batch k."""
+    out, pending = [], None
+    for batch in source:
+        staged = proc.stage(batch)
+        if pending is not None:
+            out.append((pending.batch, proc.process(pending)))
+        pending = staged
+    out.append((pending.batch, proc.process(pending)))
+    return out
+
+
+def test_overlapped_staging_reduces_each_batch_from_its_own_slot():
+    log = []
+    pl = SumPipeline()
+    proc = BatchProcessor({"det": pl}, fake_gpu_backend(log), batch_size=6)
+    done = run_like_reduce_run(proc, batches(5, 6))
+    for batch, cols in done:
+        np.testing.assert_array_equal(cols["det/sum"], batch.raw["det"].astype(np.float64).sum(axis=(1, 2, 3)))
+        np.testing.assert_array_equal(cols["timestamp"], batch.timestamp)
+    assert set(pl.seen) == {"FakeDeviceArray"}  # reduced from the device slots, not from host memory
+    assert ("wait", "compute", "copy") in log  # the compute stream waits for the copy stream
+    t = proc.times
+    assert t.batches == 5 and t.h2d_bytes == sum(b.raw["det"].nbytes for b, _ in done)
+    assert t.h2d_s == pytest.approx(5 * 2e-3) and t.compute_s == pytest.approx(5 * 2e-3)
+
+
+def test_slots_that_do_not_fit_fall_back_to_uploads_per_chunk():
+    log = []
+    pl = SumPipeline()
+    proc = BatchProcessor({"det": pl}, fake_gpu_backend(log, oom_slots=True), batch_size=6)
+    done = run_like_reduce_run(proc, batches(3, 6))
+    for batch, cols in done:
+        np.testing.assert_array_equal(cols["det/sum"], batch.raw["det"].astype(np.float64).sum(axis=(1, 2, 3)))
+    assert proc._no_slots and proc.times.h2d_bytes == sum(b.raw["det"].nbytes for b, _ in done)
+
+
+def test_damaged_rows_zeroed_before_upload_and_filled_after():
+    log = []
+    proc = BatchProcessor({"det": SumPipeline()}, fake_gpu_backend(log), batch_size=4)
+    raw = np.full((4, 1, 2, 2), 7, np.uint16)
+    bad = np.array([False, True, False, False])
+    staged = proc.stage(RawBatch(np.arange(4, dtype=np.uint64), np.arange(4), {"det": raw}, {"det": bad}))
+    assert isinstance(staged, StagedBatch) and not staged.raw["det"][1].any()
+    cols = proc.process(staged)
+    assert np.isnan(cols["det/sum"][1]) and cols["det/sum"][0] == 28
+    np.testing.assert_array_equal(cols["det/damaged"], bad.astype(np.uint8))
+    assert proc.damaged["det"] == 1
+
+
+def test_numpy_backend_stages_without_copies():
+    pl = SumPipeline()
+    proc = BatchProcessor({"det": pl}, Backend("numpy"), batch_size=6)
+    done = run_like_reduce_run(proc, batches(3, 6))
+    for batch, cols in done:
+        np.testing.assert_array_equal(cols["det/sum"], batch.raw["det"].astype(np.float64).sum(axis=(1, 2, 3)))
+    assert set(pl.seen) == {"ndarray"} and proc.times.h2d_bytes == 0
+
+
+def test_stage_refuses_a_batch_larger_than_the_slots():
+    proc = BatchProcessor({"det": SumPipeline()}, fake_gpu_backend([]), batch_size=2)
+    with pytest.raises(ValueError, match="detector det"):
+        proc.stage(next(batches(1, 4)))
+
+
