@@ -79,6 +79,12 @@ def cmd_run(args) -> int:
     from .producer.config import load_config
 
     cfg = load_config(args.config)
+    if getattr(args, "follow", False):
+        from .errors import ConfigError
+
+        if cfg.source.type == "sim":
+            raise ConfigError("--follow: a simulated run is complete from the start; follow an hdf5 or psana source")
+        cfg.source.follow = True
     return _run_config(cfg, args)
 
 
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="reduce the run a config file describes")
     r.add_argument("config", help="YAML or TOML config")
+    r.add_argument("--follow", action="store_true",
+                   help="reduce a run that is still being written (hdf5: until it stops growing for "
+                        "source.follow_timeout_s; psana: live mode)")
     run_options(r)
     r.set_defaults(func=cmd_run)
     m = sub.add_parser("merge", help="master file from the <stem>.part*.h5 of an interrupted MPI run")

@@ -39,9 +39,13 @@ class SourceConfig(Strict):
     exp: str | None = None
     run: int | None = None
     psana: dict[str, Any] = Field(default_factory=dict)
+    follow: bool = False  # hdf5: wait for events still being written; psana: live mode
+    follow_timeout_s: PositiveFloat = 60.0  # hdf5 + follow: the run has ended after this long without new events
 
     @model_validator(mode="after")
     def _needs(self):
+        if self.follow and self.type == "sim":
+            raise ValueError("follow: a simulated run is complete from the start; follow an hdf5 or psana source")
         if self.type == "sim" and self.events is None:
             self.events = 1000
         if self.type == "hdf5" and not self.path:

@@ -132,6 +132,7 @@ class Prefetcher:
             self.ranges = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
         self.error: BaseException | None = None
         self._cancel = threading.Event()
+        source.should_stop = lambda: self._cancel.is_set() or bool(stop_flag)  # ends waits for data
         self.thread = threading.Thread(target=self._run, name="gpusmall-reader", daemon=True)
         self.thread.start()
 

@@ -18,7 +18,8 @@ def open_source(cfg) -> Source:
     if s.type == "hdf5":
         from .hdf5 import Hdf5Source
 
-        return Hdf5Source(s.path, dets, events=s.events, timestamp=s.timestamp)
+        return Hdf5Source(s.path, dets, events=s.events, timestamp=s.timestamp, follow=s.follow,
+                          follow_timeout_s=s.follow_timeout_s)
     if s.type == "psana":
         from .psana import PsanaSource  # imports psana only here
 

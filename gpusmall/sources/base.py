@@ -68,6 +68,11 @@ class Source:
     #: every rank then reads "its" events from 0 to the end, and ``event_index`` is rank-local.
     distributed: bool = False
 
+    def should_stop(self) -> bool:
+        """Asked by sources that wait for data (following a run): True ends the wait. The run loop
+        replaces it with its stop flag (SIGTERM / SIGINT, reader cancelled)."""
+        return False
+
     def read(self, start: int, stop: int, out: dict[str, np.ndarray] | None = None) -> RawBatch:
         """Events ``[start, stop)``; ``out`` may give (stop - start, ...) arrays to fill (pinned buffers)."""
         raise NotImplementedError

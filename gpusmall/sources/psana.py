@@ -146,6 +146,8 @@ class PsanaSource(Source):
                                      f"with at least {need} (one reads small data, one builds events, the "
                                      f"others reduce); got {size}: run with 1 rank or mpiexec -n {need} or more")
                 self.distributed = True
+        if cfg.follow:  # psana's live mode waits for the files of a run still being written
+            kwargs.setdefault("live", True)
         if cfg.events is not None:
             kwargs.setdefault("max_events", int(cfg.events))
         self.limit = None if self.distributed else cfg.events  # psana's max_events counts over all ranks
