@@ -1,7 +1,7 @@
 """Whole-pipeline throughput on the demo config (gpusmall/producer/demo.yaml).
 
     python benchmarks/bench_pipeline.py [--events 64] [--batch 16] [--backend auto|numpy|cupy]
-                                        [--config CONFIG] [--out /tmp/bench.h5]
+                                        [--config CONFIG] [--out /tmp/bench.h5] [--json RESULTS.json]
 
 Prints:
   end to end     reduce_run (simulated source in the reader thread, compute, HDF5): events/s, raw GB/s
@@ -13,6 +13,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, help="batch size (default: the config's)")
     ap.add_argument("--backend", default=None, choices=("auto", "numpy", "cupy"))
     ap.add_argument("--out", help="output file (default: a temporary file)")
+    ap.add_argument("--json", help="append this run's figures to a JSON list in this file (benchmarks/bench_to_md.py)")
     args = ap.parse_args(argv)
     data = demo_config_dict() if not args.config else None
     cfg = load_config(args.config) if args.config else validate_config(data, base_dir=Path.cwd())
@@ -129,6 +131,14 @@ def main(argv=None):
         print(f"  device      : {r['device_s'] * 1e3:8.1f} ms  ({r['device_events_per_s']:.1f} events/s)")
         bw = pinned_bandwidth(backend)
         print(f"pinned copy  : {bw['pinned']:.2f} GB/s pinned, {bw['pageable']:.2f} GB/s pageable (host->device)")
+        r["pinned_gb_per_s"], r["pageable_gb_per_s"] = bw["pinned"], bw["pageable"]
+    if args.json:
+        path = Path(args.json)
+        runs = json.loads(path.read_text()) if path.is_file() else []
+        runs.append({"backend": backend.name, "device": backend.description, "batch": cfg.batch_size,
+                     "events": args.events, "config": args.config or "demo",
+                     "end_to_end": {"events_per_s": ev, "gb_per_s": gb}, "compute_only": r})
+        path.write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

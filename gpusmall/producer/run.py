@@ -158,6 +158,9 @@ class BatchProcessor:
         self.pipelines, self.backend = pipelines, backend
         self.chunk = batch_size
         self.stream = backend.stream() if backend.is_gpu else None
+        # Constants, bin maps and zeroed run sums were made on the legacy default stream, asynchronously
+        # (cupy.asarray copies, fill kernels); a non-blocking stream does not wait for that stream.
+        backend.synchronize()
         for pl in pipelines.values():
             pl.sums = [s if isinstance(s, _GoodEventsSum) else _GoodEventsSum(s, backend) for s in pl.sums]
         self.damaged = {name: 0 for name in pipelines}
