@@ -1,7 +1,7 @@
 """Whole-pipeline throughput on the demo config (gpusmall/producer/demo.yaml).
 
     python benchmarks/bench_pipeline.py [--events 64] [--batch 16] [--backend auto|numpy|cupy]
-                                        [--config CONFIG] [--out /tmp/bench.h5]
+                                        [--config CONFIG] [--out /tmp/bench.h5] [--json RESULTS.json]
 
 Prints:
   end to end     reduce_run (simulated source in the reader thread, compute, HDF5): events/s, raw GB/s
@@ -13,6 +13,7 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, help="batch size (default: the config's)")
     ap.add_argument("--backend", default=None, choices=("auto", "numpy", "cupy"))
     ap.add_argument("--out", help="output file (default: a temporary file)")
+    ap.add_argument("--json", help="append this run's figures to a JSON list in this file (benchmarks/bench_to_md.py)")
     args = ap.parse_args(argv)
     data = demo_config_dict() if not args.config else None
     cfg = load_config(args.config) if args.config else validate_config(data, base_dir=Path.cwd())
@@ -121,8 +123,9 @@ def main(argv=None):
         out = args.out or str(Path(tmp) / "bench.h5")
         ev, gb = end_to_end(cfg, backend, args.events, out)
         print(f"end to end   : {ev:9.1f} events/s  {gb:7.3f} GB/s raw (source + compute + HDF5)")
+    results = {}
     for overlap in (True, False) if backend.is_gpu else (True,):
-        r = compute_only(cfg, backend, args.events, overlap=overlap)
+        r = results["overlapped" if overlap else "serial"] = compute_only(cfg, backend, args.events, overlap=overlap)
         how = "overlapped" if overlap else "serial    "
         print(f"compute only ({how}): {r['events_per_s']:9.1f} events/s  {r['gb_per_s']:7.3f} GB/s raw "
               f"(batches in host memory; wall {r['wall_s'] * 1e3:.1f} ms)")
@@ -132,6 +135,17 @@ def main(argv=None):
     if backend.is_gpu:
         bw = pinned_bandwidth(backend)
         print(f"pinned copy  : {bw['pinned']:.2f} GB/s pinned, {bw['pageable']:.2f} GB/s pageable (host->device)")
+        r = results["overlapped"]
+        r["pinned_gb_per_s"], r["pageable_gb_per_s"] = bw["pinned"], bw["pageable"]
+        if "serial" in results:
+            r["serial_events_per_s"] = results["serial"]["events_per_s"]
+    if args.json:
+        path = Path(args.json)
+        runs = json.loads(path.read_text()) if path.is_file() else []
+        runs.append({"backend": backend.name, "device": backend.description, "batch": cfg.batch_size,
+                     "events": args.events, "config": args.config or "demo",
+                     "end_to_end": {"events_per_s": ev, "gb_per_s": gb}, "compute_only": results["overlapped"]})
+        path.write_text(json.dumps(runs, indent=1))
 
 
 if __name__ == "__main__":

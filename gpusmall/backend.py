@@ -99,10 +99,14 @@ class Backend:
 
     # ---- transfers -------------------------------------------------------------
     def to_device(self, a, dtype=None):
-        """Host array (or scalar) -> backend array; no copy on the NumPy backend when possible."""
+        """Host array (or scalar) -> C-contiguous backend array; no copy on NumPy when already so.
+
+        Always C order: ``cupy.asarray`` keeps a Fortran-ordered host array Fortran-ordered, and the
+        CUDA kernels index every array as C-contiguous.
+        """
         if a is None:
             return None
-        return self.xp.asarray(a, dtype=dtype)
+        return self.xp.asarray(a, dtype=dtype, order="C")
 
     def to_host(self, a) -> np.ndarray:
         """Backend array -> NumPy array (a device->host copy on CuPy)."""

@@ -41,7 +41,7 @@ extern "C" __global__ void cm_median_step(
 {
     extern __shared__ float sh[];
     const int pitch = p2 + 1;
-    float* med = sh + (size_t)gpb * pitch;           // gpb medians
+    float* med = sh + gpb * pitch;                    // gpb medians (gpb * pitch is at most ~1K)
     int* count = (int*)(med + gpb);                   // gpb used counts
     const long long first = (long long)blockIdx.x * gpb;
     const int tid = threadIdx.x;

@@ -16,6 +16,17 @@ from gpusmall.backend import Backend, gpu_status
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_configure(config):
+    """GPUSMALL_CUPY_NO_POOL=1: CuPy allocates each array with cudaMalloc (no memory pool), so that
+    compute-sanitizer sees a kernel overrunning an array (benchmarks/gpu_session.sh sets it)."""
+    if os.environ.get("GPUSMALL_CUPY_NO_POOL") == "1":
+        try:
+            import cupy
+        except ImportError:
+            return
+        cupy.cuda.set_allocator(None)
+
+
 def _data_dir() -> Path:
     env = os.environ.get("GPUSMALL_TEST_DATA")
     for d in ([Path(env)] if env else []) + [Path(__file__).resolve().parent / "data", SHARED_DATA]:

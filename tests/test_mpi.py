@@ -339,8 +339,9 @@ def test_mpiexec_sigterm_master_over_parts(tmp_path):
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t_end = time.time() + 120
-        while time.time() < t_end and (not part1.exists() or part1.stat().st_size < 300_000):
-            time.sleep(0.2)
+        # the part's set-up (UserDataCfg, 256 x 256 maps) is ~0.46 MB; beyond 0.6 MB rank 1 has flushed batches
+        while time.time() < t_end and (not part1.exists() or part1.stat().st_size < 600_000):
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks
         _, err = proc.communicate(timeout=60)
     finally:

@@ -134,8 +134,9 @@ def test_psana_mpi_distribution_equals_one_rank(data_dir, exp_dirs, tmp_path, de
         with h5py.File(tmp_path / f"many.part{k}.h5", "r") as p:
             counts.append(p["timestamp"].shape[0] if "timestamp" in p else 0)
     assert counts[:2] == [0, 0] and sum(counts) == 2  # smd0 and eb ranks receive no events
-    if psana_batch:
-        assert counts[2:] == [1, 1]  # the two reducing ranks got one event each
+    # with one event per psana batch the two reducing ranks usually get one event each (psana hands
+    # batches to whichever rank asks first, so under load one rank may get both); the timestamp
+    # ordering of interleaved parts is also checked directly in test_mpi.test_master_segments_follow_timestamps
 
 
 @pytest.mark.skipif(have_mpi() is not None, reason=f"MPI: {have_mpi()}")

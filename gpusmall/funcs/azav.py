@@ -256,7 +256,9 @@ class Azav(ReductionFunction):
     def _csr(self, xp, data, good):
         # bad pixels hold 0 in Frames.data (Frames contract), so the numerator needs no mask
         if self.ctx.backend.is_gpu:
-            num = (self.M @ xp.ascontiguousarray(data.T)).T.astype(xp.float64)  # (events, bins)
+            # data.T is already Fortran-ordered, which cuSPARSE's spmm takes as is (cupyx makes any other
+            # layout Fortran-ordered: a C-ordered copy here would cost two extra passes over the batch)
+            num = (self.M @ data.T).T.astype(xp.float64)  # (events, bins)
         else:  # on the CPU the transposed copy stays in cache in groups of 16 events (2.5x faster at 64)
             num = np.concatenate([(self.M @ np.ascontiguousarray(data[i:i + CPU_CHUNK].T)).T
                                   for i in range(0, data.shape[0], CPU_CHUNK)]).astype(np.float64)

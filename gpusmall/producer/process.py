@@ -118,6 +118,9 @@ class BatchProcessor:
         self.copy_stream = backend.stream() if gpu else None
         self.compute_stream = backend.stream() if gpu else None
         self.stream = self.compute_stream  # kept for callers of the single-stream era
+        # Constants, bin maps and zeroed run sums were made on the legacy default stream, asynchronously
+        # (cupy.asarray copies, fill kernels); the non-blocking streams above do not wait for it.
+        backend.synchronize()
         for pl in pipelines.values():
             pl.sums = [s if isinstance(s, _GoodEventsSum) else _GoodEventsSum(s, backend) for s in pl.sums]
         self.damaged = {name: 0 for name in pipelines}

@@ -1,0 +1,370 @@
+"""The CuPy code paths' kernel launches, checked on the CPU.
+
+:class:`FakeGpu` is a backend with NumPy arrays that takes the CuPy branches (``is_gpu`` is True) and
+hands out :class:`FakeKernel` objects instead of ``cupy.RawKernel``. Each launch is checked against the
+kernel's signature parsed from ``kernels/*.cu``, as CuPy would pass it: the argument count; every pointer
+argument an array of the exact dtype and C-contiguous (a kernel reads a strided view as if it were
+contiguous); every scalar a NumPy scalar of the exact C type (CuPy passes a Python int as 64 bits and a
+float as a double, which a kernel taking ``int`` or ``float`` reads as garbage); grid, block and dynamic
+shared-memory limits. The launch then runs a NumPy transcription of the kernel that also checks its
+index arithmetic stays inside the arrays, and the wrappers' results are compared with the NumPy backend.
+
+What this cannot see: CUDA compilation (``test_kernels_compile.py``), races inside a block, timing.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_funcs import make_ctx, make_frames, setup
+
+from gpusmall.backend import Backend, find_kernel_source
+from gpusmall.calib import Calibrator
+from gpusmall.calib.common_mode import MedianCommonMode
+from gpusmall.detectors import get_model
+from gpusmall.detectors.base import DetectorModel
+from gpusmall.detectors.constants import Constants
+from gpusmall.funcs.azav import Azav
+
+EPIX = get_model("epix10ka")
+JF = get_model("jungfrau")
+CAMERA = get_model("camera")
+SMALL = DetectorModel(type="small", panel_shape=(8, 12), default_panels=2, data_mask=0x3FFF,
+                      gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=(4, 6),
+                      high_gain_ranges=EPIX.high_gain_ranges)
+
+POINTER = {"float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
+           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32}
+SCALAR = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
+SHARED_LIMIT = 48 * 1024  # default dynamic shared memory per block without cudaFuncSetAttribute
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def signatures(filename: str) -> dict[str, list[tuple[str, str, bool]]]:
+    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in the file."""
+    src = re.sub(r"//[^\n]*", "", find_kernel_source(filename).read_text())
+    out = {}
+    for name, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
+        sig = []
+        for p in params.split(","):
+            p = " ".join(p.replace("__restrict__", " ").replace("const ", " ").split())
+            ptr = "*" in p
+            words = p.replace("*", " ").split()
+            sig.append((words[-1], " ".join(words[:-1]), ptr))
+        out[name] = sig
+    return out
+
+
+def kernels_used() -> set[tuple[str, str]]:
+    """(file, kernel) pairs the package asks ``Backend.kernel`` for."""
+    found = set()
+    for py in (ROOT / "gpusmall").rglob("*.py"):
+        found |= set(re.findall(r'kernel\(\s*"(\w+\.cu)",\s*"(\w+)"', py.read_text()))
+    return found
+
+
+# ---- NumPy transcriptions of the kernels -----------------------------------------------------------------
+def _flat(a, n, what):
+    assert a.size >= n, f"{what}: array of {a.size} elements, kernel reads {n}"
+    return a.reshape(-1)
+
+
+def _gain_range(family, w, has_config, cb):
+    if family == 1:
+        d = (w >> 14) & 1
+        if not has_config:
+            return np.where(d == 1, 5, 3)
+        b = cb[None] | (d << 5)
+        out = np.full(w.shape, -1, np.int64)
+        for index, mask, value in reversed(((0, 28, 28), (1, 28, 12), (2, 12, 8), (3, 60, 16), (4, 60, 0),
+                                            (5, 60, 48), (6, 60, 32))):
+            out = np.where((b & mask) == value, index, out)
+        return out
+    if family == 2:
+        return np.array([0, 1, -1, 2])[(w >> 14) & 3]
+    return np.zeros(w.shape, np.int64)
+
+
+def _pixels(grid, block, raw, n_events, npix, mask, config_bits, has_config):
+    E, N = int(n_events), int(npix)
+    assert grid[1] >= 1 and grid[0] * block[0] >= 1
+    w = _flat(raw, E * N, "raw")[:E * N].reshape(E, N).astype(np.int64)
+    keep = _flat(mask, N, "mask")[:N] != 0
+    cb = _flat(config_bits, N, "config_bits")[:N].astype(np.int64) if has_config else np.zeros(N, np.int64)
+    return E, N, w, keep, cb
+
+
+def emu_calibrate_u16(grid, block, shared, raw, pedestal, scale, mask, config_bits, out, good, n_events, npix,
+                      n_gains, family, has_config, data_mask):
+    E, N, w, keep, cb = _pixels(grid, block, raw, n_events, npix, mask, config_bits, has_config)
+    g = _gain_range(int(family), w, int(has_config), cb)
+    ok = keep[None] & (g >= 0) & (g < n_gains)
+    k = np.clip(g, 0, n_gains - 1) * N + np.arange(N)
+    v = (w & int(data_mask)).astype(np.float32)
+    ped, sc = _flat(pedestal, n_gains * N, "pedestal"), _flat(scale, n_gains * N, "scale")
+    value = np.where(ok, (v - ped[k]) * sc[k], np.float32(0)).astype(np.float32)
+    _flat(out, E * N, "out")[:E * N] = value.ravel()
+    _flat(good, E * N, "good")[:E * N] = ok.ravel()
+
+
+def emu_pedestal_u16(grid, block, shared, raw, pedestal, mask, config_bits, s, gain_index, good, n_events, npix,
+                     n_gains, family, has_config, data_mask):
+    E, N, w, keep, cb = _pixels(grid, block, raw, n_events, npix, mask, config_bits, has_config)
+    g = _gain_range(int(family), w, int(has_config), cb)
+    valid = (g >= 0) & (g < n_gains)
+    gc = np.where(valid, g, np.where(g < 0, 0, n_gains - 1))
+    v = (w & int(data_mask)).astype(np.float32)
+    ped = _flat(pedestal, n_gains * N, "pedestal")
+    _flat(s, E * N, "s")[:E * N] = (v - ped[gc * N + np.arange(N)]).astype(np.float32).ravel()
+    _flat(gain_index, E * N, "gain_index")[:E * N] = np.where(valid, g, -1).ravel()
+    _flat(good, E * N, "good")[:E * N] = (keep[None] & valid).ravel()
+
+
+def emu_scale_apply(grid, block, shared, s, gain_index, good, scale, out, n_events, npix):
+    E, N = int(n_events), int(npix)
+    g = _flat(gain_index, E * N, "gain_index")[:E * N].reshape(E, N).astype(np.int64)
+    assert g.max(initial=0) < scale.size // N, "gain index past the scale array"
+    sv = _flat(scale, N, "scale")[np.maximum(g, 0) * N + np.arange(N)]
+    ok = _flat(good, E * N, "good")[:E * N].reshape(E, N)
+    x = _flat(s, E * N, "s")[:E * N].reshape(E, N)
+    _flat(out, E * N, "out")[:E * N] = np.where(ok, x * sv, np.float32(0)).astype(np.float32).ravel()
+
+
+def emu_cm_median_step(grid, block, shared, s, good, g, n_groups, n, p2, gpb, n_inner, outer_stride, inner_stride,
+                       elem_stride, contiguous, range_mask, min_pixels, max_correction):
+    n_groups, n, p2, gpb, n_inner = int(n_groups), int(n), int(p2), int(gpb), int(n_inner)
+    half = p2 // 2
+    assert p2 >= 2 and p2 & (p2 - 1) == 0 and p2 >= n, f"p2 {p2} must be a power of two >= max(n, 2) ({n})"
+    assert block[0] >= gpb * half, f"{block[0]} threads, the sort needs gpb * p2 / 2 = {gpb * half}"
+    assert grid[0] * gpb >= n_groups, "not every group has a block"
+    need = 4 * (gpb * (p2 + 1) + 2 * gpb)
+    assert shared >= need, f"shared memory {shared} < {need} the kernel uses"
+    blocks = grid[0]
+    sf, gd, gi_all = s.reshape(-1), good.reshape(-1), g.reshape(-1).astype(np.int64)
+    idx = np.arange(gpb * p2)
+    grp, k = (idx // p2, idx % p2) if contiguous else (idx % gpb, idx // gpb)
+    gid = np.arange(blocks)[:, None] * gpb + grp[None]
+    inside = (k[None] < n) & (gid < n_groups)
+    i = (gid // n_inner) * outer_stride + (gid % n_inner) * inner_stride + k[None] * elem_stride
+    assert (i[inside] >= 0).all() and (i[inside] < sf.size).all(), "group element outside the batch"
+    assert np.unique(i[inside]).size == inside.sum(), "two groups share a pixel"
+    i = np.where(inside, i, 0)
+    gi = gi_all[i]
+    use = inside & gd[i] & (gi >= 0) & (gi < 32) & (((int(range_mask) >> np.clip(gi, 0, 31)) & 1) == 1)
+    sh = np.full((blocks, gpb, p2), np.inf, np.float32)
+    sh[:, grp, k] = np.where(use, sf[i], np.float32(np.inf))
+    count = np.zeros((blocks, gpb), np.int64)
+    np.add.at(count, (np.broadcast_to(np.arange(blocks)[:, None], use.shape)[use],
+                      np.broadcast_to(grp, use.shape)[use]), 1)
+    j = np.arange(half)
+    size = 2
+    while size <= p2:  # the bitonic network as the kernel runs it
+        stride = size // 2
+        while stride > 0:
+            pos = 2 * j - (j & (stride - 1))
+            partner = pos + stride
+            asc = (pos & size) == 0
+            x, y = sh[:, :, pos].copy(), sh[:, :, partner].copy()
+            swap = (x > y) == asc
+            sh[:, :, pos] = np.where(swap, y, x)
+            sh[:, :, partner] = np.where(swap, x, y)
+            stride //= 2
+        size *= 2
+    a = np.take_along_axis(sh, np.clip((count - 1) // 2, 0, p2 - 1)[..., None], 2)[..., 0]
+    b = np.take_along_axis(sh, np.clip(count // 2, 0, p2 - 1)[..., None], 2)[..., 0]
+    med = ((a + b) * np.float32(0.5)).astype(np.float32)
+    ok = (count > min_pixels) & (count > 0) & (np.abs(med) < max_correction)
+    mv = np.where(ok, med, np.float32(np.nan))[np.arange(blocks)[:, None], grp[None]]
+    w = use & ~np.isnan(mv)
+    sf[i[w]] = sf[i[w]] - mv[w]
+
+
+def emu_azav_histogram(grid, block, shared, data, good, bin, c, events, pixels, nbins, num, den, cnt):
+    E, P, nb = int(events), int(pixels), int(nbins)
+    assert grid[0] * block[0] >= E * P, "fewer threads than (event, pixel) pairs"
+    b = _flat(bin, P, "bin")[:P].astype(np.int64)
+    assert b.max(initial=-1) < nb, "bin index past nbins"
+    sel = (b[None] >= 0) & _flat(good, E * P, "good")[:E * P].reshape(E, P)
+    e, p = np.nonzero(sel)
+    o = e * nb + b[p]
+    np.add.at(_flat(num, E * nb, "num"), o, _flat(data, E * P, "data")[:E * P].reshape(E, P)[sel].astype(np.float64))
+    np.add.at(_flat(den, E * nb, "den"), o, _flat(c, P, "c")[p].astype(np.float64))
+    np.add.at(_flat(cnt, E * nb, "cnt"), o, 1)
+
+
+EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u16, "scale_apply": emu_scale_apply,
+             "cm_median_step": emu_cm_median_step, "azav_histogram": emu_azav_histogram}
+
+
+# ---- the fake backend ------------------------------------------------------------------------------------
+class FakeKernel:
+    def __init__(self, filename, name, launches):
+        sigs = signatures(filename)
+        assert name in sigs, f"{filename} has no kernel {name!r} (it has {sorted(sigs)})"
+        self.name, self.sig, self.launches = name, sigs[name], launches
+
+    def __call__(self, grid, block, args, shared_mem=0, **kw):
+        assert not kw, f"unexpected launch keywords {kw}"
+        grid, block = tuple(grid), tuple(block)
+        assert 1 <= len(grid) <= 3 and 1 <= len(block) <= 3
+        assert all(isinstance(v, (int, np.integer)) and v >= 1 for v in grid + block), (grid, block)
+        assert grid[0] < 2**31 and all(v <= 65535 for v in grid[1:]), f"grid {grid} over the CUDA limits"
+        assert int(np.prod(block)) <= 1024, f"block {block} has more than 1024 threads"
+        assert 0 <= shared_mem <= SHARED_LIMIT, f"{shared_mem} bytes of shared memory"
+        assert len(args) == len(self.sig), f"{self.name}: {len(args)} arguments for {len(self.sig)} parameters"
+        for a, (pname, ctype, ptr) in zip(args, self.sig):
+            where = f"{self.name}({pname}: {ctype}{' *' if ptr else ''})"
+            if ptr:
+                assert isinstance(a, np.ndarray), f"{where}: got {type(a).__name__}, not an array"
+                assert a.dtype == POINTER[ctype], f"{where}: array of {a.dtype}"
+                assert a.flags.c_contiguous, f"{where}: array is not C-contiguous"
+            else:
+                assert isinstance(a, np.generic), f"{where}: got {type(a).__name__}; wrap it as np.{SCALAR[ctype].__name__}"
+                assert a.dtype == SCALAR[ctype], f"{where}: scalar of {a.dtype}"
+        self.launches.append((self.name, grid, block, shared_mem))
+        EMULATORS[self.name](grid + (1,) * (3 - len(grid)), block, shared_mem, *args)
+
+
+class FakeGpu(Backend):
+    """NumPy arrays on the CuPy code paths, with emulated kernels (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__("numpy")
+        self.description = "fake GPU (NumPy arrays, emulated kernels)"
+        self.launches = []
+
+    @property
+    def is_gpu(self) -> bool:
+        return True
+
+    def to_host(self, a):
+        return None if a is None else np.asarray(a)
+
+    def synchronize(self) -> None:
+        pass
+
+    def kernel(self, filename, name, options=()):
+        return FakeKernel(filename, name, self.launches)
+
+
+# ---- tests -----------------------------------------------------------------------------------------------
+def test_every_kernel_the_package_launches_exists_and_is_emulated():
+    used = kernels_used()
+    assert {k for _, k in used} >= {"calibrate_u16", "pedestal_u16", "scale_apply", "cm_median_step",
+                                    "azav_histogram"}
+    for filename, name in used:
+        assert name in signatures(filename), f"{filename} has no kernel {name}"
+        assert name in EMULATORS, f"no emulator for {name}: add one here"
+    for filename in ("calib.cu", "common_mode.cu", "azav.cu"):
+        for name, sig in signatures(filename).items():
+            for _, ctype, ptr in sig:
+                assert ctype in (POINTER if ptr else SCALAR), f"{name}: parameter type {ctype!r} not mapped"
+
+
+def test_to_device_gives_c_contiguous_arrays():
+    b = Backend("numpy")
+    f = np.asfortranarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    d = b.to_device(f)
+    assert d.flags.c_contiguous
+    np.testing.assert_array_equal(d, f)
+    c = np.zeros((2, 3))
+    assert b.to_device(c) is c  # no copy when already C-ordered
+
+
+def _case(rng, model, shape, with_config, fortran=False):
+    n = model.n_gains
+    ped = rng.uniform(1000, 3000, (n,) + shape[1:]).round().astype(np.float32)
+    gain = rng.uniform(0.5, 20, (n,) + shape[1:]).astype(np.float32)
+    raw = rng.integers(0, 0x3FFF, shape).astype(np.uint16) | (rng.integers(0, 4, shape).astype(np.uint16) << 14)
+    mask = rng.random(shape[1:]) > 0.1
+    cfg = rng.integers(0, 32, shape[1:]).astype(np.uint8) if with_config else None
+    if fortran:  # constants as a reader might hand them over: Fortran-ordered
+        ped, gain, mask = np.asfortranarray(ped), np.asfortranarray(gain), np.asfortranarray(mask)
+        cfg = None if cfg is None else np.asfortranarray(cfg)
+    return Constants(pedestal=ped, gain=gain, config_bits=cfg), raw, mask
+
+
+@pytest.mark.parametrize("units", ["adu", "photons"])
+@pytest.mark.parametrize("model,with_config", [(EPIX, True), (EPIX, False), (JF, False), (CAMERA, False)])
+def test_fused_calibration_kernel(rng, model, with_config, units):
+    shape = (3, 2, 6, 10)
+    consts, raw, mask = _case(rng, model, shape, with_config, fortran=True)
+    gpu = FakeGpu()
+    big = np.concatenate([raw, raw], axis=3)  # the wrapper gets a strided view and must copy it
+    got = Calibrator(model, consts, mask, gpu, units=units, photon_energy_kev=9.5)(big[..., :10])
+    want = Calibrator(model, consts, mask, Backend("numpy"), units=units, photon_energy_kev=9.5)(raw)
+    assert [name for name, *_ in gpu.launches] == ["calibrate_u16"]
+    np.testing.assert_array_equal(got.good, want.good)
+    np.testing.assert_array_equal(got.data, want.data)
+
+
+@pytest.mark.parametrize("model,panel,axes,gain_ranges", [
+    (EPIX, (352, 384), ["rows", "cols"], "high"),
+    (EPIX, (352, 384), ["banks", "rows", "cols"], "all"),
+    (JF, (512, 1024), ["rows", "cols"], "high"),
+    (CAMERA, (8, 2048), ["rows", "cols"], "all"),  # rows of 2048 > KERNEL_MAX_GROUP: the array path
+])
+def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges):
+    shape = (1, 2) + panel if model is not JF else (1, 1) + panel
+    consts, raw, mask = _case(rng, model, shape, with_config=model is EPIX)
+    # values near the pedestal of each pixel's range, plus row offsets, so that medians matter
+    gi = model.gain_index(raw, consts.config_bits)
+    ped = np.take_along_axis(consts.pedestal[None], np.clip(gi, 0, model.n_gains - 1)[:, None].astype(np.intp), 1)[:, 0]
+    vals = ped + rng.normal(0, 3, shape) + rng.normal(0, 20, shape[:3] + (1,))
+    raw = (np.clip(np.rint(vals), 0, 0x3FFF).astype(np.uint16)) | (raw & np.uint16(0xC000))
+    gpu = FakeGpu()
+    cm = MedianCommonMode(model, panel, axes, gain_ranges=gain_ranges, backend=gpu)
+    got = Calibrator(model, consts, mask, gpu, common_mode=cm)(raw)
+    cm_np = MedianCommonMode(model, panel, axes, gain_ranges=gain_ranges)
+    want = Calibrator(model, consts, mask, Backend("numpy"), common_mode=cm_np)(raw)
+    names = [name for name, *_ in gpu.launches]
+    assert names[0] == "pedestal_u16" and names[-1] == "scale_apply"
+    assert names.count("cm_median_step") == (1 if model is CAMERA else 2)
+    np.testing.assert_array_equal(got.good, want.good)
+    np.testing.assert_array_equal(got.data, want.data)
+
+
+@pytest.mark.parametrize("min_pixels", [0, 2])
+def test_median_kernel_small_groups(rng, min_pixels):
+    """Groups of 6 (rows, p2 = 8) and 4 (cols, p2 = 4) pixels, against the array reference."""
+    from test_common_mode import random_case
+
+    s, good, g = random_case(rng, (3, 2, 8, 12))
+    gpu = FakeGpu()
+    cm = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels, backend=gpu)
+    got = cm(s, good, g)
+    want = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels)(s, good, g)
+    assert [name for name, *_ in gpu.launches] == ["cm_median_step"] * 2
+    np.testing.assert_array_equal(got, want)
+
+
+def _fake_cupyx(monkeypatch):
+    """cupyx.scipy.sparse.csr_matrix as the identity on a SciPy matrix (for the csr engine's GPU branch)."""
+    mods = {n: types.ModuleType(n) for n in ("cupyx", "cupyx.scipy", "cupyx.scipy.sparse")}
+    mods["cupyx"].scipy = mods["cupyx.scipy"]
+    mods["cupyx.scipy"].sparse = mods["cupyx.scipy.sparse"]
+    mods["cupyx.scipy.sparse"].csr_matrix = lambda m: m
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+
+
+@pytest.mark.parametrize("engine", ["histogram", "csr"])
+def test_azav_gpu_branches(rng, monkeypatch, engine):
+    if engine == "csr":
+        _fake_cupyx(monkeypatch)
+    shape = (2, 30, 40)
+    data = rng.normal(100, 20, (4,) + shape).astype(np.float32)
+    good = rng.random(data.shape) > 0.1
+    params = dict(center_um=[1000.0, 1500.0], distance_mm=50, energy_kev=9.5, bins=25, phi_bins=3, engine=engine)
+    gpu, cpu = FakeGpu(), Backend("numpy")
+    out = {}
+    for b in (gpu, cpu):
+        f = setup(Azav, b, make_ctx(b, shape, 100.0), **params)
+        out[b.name if b is cpu else "gpu"] = f.compute(make_frames(b, data, good))[0]
+    assert [name for name, *_ in gpu.launches] == (["azav_histogram"] if engine == "histogram" else [])
+    np.testing.assert_array_equal(out["gpu"]["count"], out["numpy"]["count"])
+    np.testing.assert_allclose(out["gpu"]["azav"], out["numpy"]["azav"], rtol=1e-6, equal_nan=True)
