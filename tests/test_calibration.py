@@ -53,6 +53,7 @@ def test_epix10ka_all_config_bits():
 def test_epix10ka_no_config_bits_is_auto_high_low():
     raw = np.array([100, (1 << 14) | 100, (1 << 15) | 100, (3 << 14) | 7], np.uint16)[None, None, None]
     np.testing.assert_array_equal(EPIX.gain_index(raw, None)[0, 0, 0], [3, 5, 3, 5])
+    assert EPIX.gain_index(raw, None).dtype == np.int8
 
 
 def spec_calibrate(model, raw, ped, gain, mask, config_bits, units, photon_kev=None, cm=None):
@@ -190,3 +191,78 @@ def test_run_with_default_common_mode(tmp_path):
             mean = f["Sums/e_calib"][()] / n
             results[name] = np.sqrt(np.median(f["Sums/e_square"][()] / n - mean**2))
     assert results["default"] < 0.6 * results["none"]  # bank and row offsets removed
+
+
+# -- the fast NumPy path: per-range lookups, chunks of events, raw dtypes --------------------------------
+
+@pytest.mark.parametrize("dist", ["one range", "mostly one", "uniform", "invalid", "no events"])
+def test_range_lookup_equals_full_gather(backend, rng, dist):
+    """RangeLookup.apply gives op(x, table[clip(g)]) bit for bit whatever the ranges present."""
+    from gpusmall.calib.calibrate import RangeLookup
+
+    xp = backend.xp
+    n_gains, shape = 7, (3, 2, 5, 6)
+    if dist == "no events":
+        shape = (0,) + shape[1:]
+    g = {"one range": np.full(shape, 4),
+         "mostly one": np.where(rng.random(shape) < 0.9, 3, rng.integers(0, 7, shape)),
+         "uniform": rng.integers(0, 7, shape),
+         "invalid": rng.integers(-1, 7, shape),
+         "no events": np.zeros(shape)}[dist].astype(np.int8)
+    x = rng.integers(0, 0x3FFF, shape).astype(np.uint16)
+    table = rng.normal(100, 30, (n_gains,) + shape[1:]).astype(np.float32)
+    full = np.take_along_axis(table[None], np.clip(g, 0, n_gains - 1)[:, None].astype(np.intp), 1)[:, 0]
+    lookup = RangeLookup(xp, xp.asarray(g), n_gains)
+    for op in (np.subtract, np.multiply):
+        got = lookup.apply(getattr(xp, op.__name__), xp.asarray(x), xp.asarray(table), xp.empty(shape, xp.float32))
+        want = op(x.astype(np.float32), full)
+        np.testing.assert_array_equal(backend.to_host(got).view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
+def test_chunked_calibration_is_independent_of_chunk_size(monkeypatch, rng, chunk):
+    """The NumPy path calibrates CHUNK_EVENTS events at a time: the result is the whole-batch one."""
+    from gpusmall.calib import calibrate
+
+    shape = (5, 2, 352, 384)  # 5 events: chunks of 2 and 3 leave a short last chunk
+    n = EPIX.n_gains
+    ped = rng.uniform(2000, 3000, (n,) + shape[1:]).round().astype(np.float32)
+    gain = rng.uniform(0.2, 20, (n,) + shape[1:]).astype(np.float32)
+    raw = (np.clip(np.rint(ped[3][None] + rng.normal(0, 20, shape[:3] + (1,)) + rng.normal(0, 3, shape)), 0, 0x3FFF)
+           .astype(np.uint16) | ((rng.random(shape) < 0.05).astype(np.uint16) << 14))
+    mask = rng.random(shape[1:]) > 0.05
+    cfg = np.where(rng.random(shape[1:]) < 0.8, 0b10000, rng.integers(0, 32, shape[1:])).astype(np.uint8)
+    scale = unit_scale(gain, "adu")
+    cm = MedianCommonMode(EPIX, (352, 384), ["rows", "cols"])
+    whole = []
+    for c in (None, cfg):
+        monkeypatch.setattr(calibrate, "CHUNK_EVENTS", 64)
+        ref = calibrate.calibrate_reference(np, EPIX, raw, ped, scale, mask, c, cm)
+        monkeypatch.setattr(calibrate, "CHUNK_EVENTS", chunk)
+        got = calibrate.calibrate_reference(np, EPIX, raw, ped, scale, mask, c, cm)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[0].view(np.uint32), ref[0].view(np.uint32))
+        whole.append(ref)
+    # and the whole-batch result is pedestal -> common mode -> scale written out with full gathers
+    g = EPIX.gain_index(raw, None)
+    gi = np.clip(g, 0, n - 1)[:, None].astype(np.intp)
+    s = (raw & 0x3FFF).astype(np.float32) - np.take_along_axis(ped[None], gi, 1)[:, 0]
+    good = mask[None] & (g >= 0)
+    s = cm(s, good, g)
+    want = np.where(good, s * np.take_along_axis(scale[None], gi, 1)[:, 0], np.float32(0))
+    np.testing.assert_array_equal(whole[0][0].view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype,high", [(np.uint8, 255), (np.int16, 30000), (np.int32, 2**26), (np.uint32, 2**31),
+                                        (np.float32, 1e5), (np.float64, 1e9)])
+def test_camera_raw_dtypes_calibrate_in_float32(backend, rng, dtype, high):
+    """Any raw dtype is converted to float32 before the pedestal (large integers round as astype does)."""
+    model = get_model("camera")
+    raw = (rng.random((3, 1, 20, 30)) * high).astype(dtype)
+    ped = (rng.random((1, 1, 20, 30)) * 100 + 0.3).astype(np.float32)
+    gain = (rng.random((1, 1, 20, 30)) + 0.5).astype(np.float32)
+    mask = rng.random((1, 20, 30)) > 0.1
+    cal = Calibrator(model, Constants(pedestal=ped, gain=gain), mask, backend, units="kev")
+    got = backend.to_host(cal(backend.to_device(raw)).data)
+    want = np.where(mask[None], (raw.astype(np.float32) - ped[0]) * unit_scale(gain, "kev")[0], np.float32(0))
+    np.testing.assert_array_equal(got, want)

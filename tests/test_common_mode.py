@@ -145,6 +145,34 @@ def test_group_median_equals_numpy_median(rng):
     assert (ok == (use.sum(1) > 0)).all()
 
 
+@pytest.mark.parametrize("size", [1, 2, 17, 48, 176])
+def test_group_median_edge_cases(backend, rng, size):
+    """All masked, too few pixels (n == min_pixels), one more, even and odd counts, ties, all used."""
+    xp = backend.xp
+    min_pixels = min(3, size - 1)
+    counts = sorted({0, 1, 2, min_pixels, min_pixels + 1, size // 2, size - 1, size} & set(range(size + 1)))
+    v = np.round(rng.normal(0, 4, (len(counts), 3, size)) * 2).astype(np.float32) / 2  # ties
+    use = np.zeros(v.shape, bool)
+    for i, n in enumerate(counts):
+        for j in range(3):
+            use[i, j, rng.permutation(size)[:n]] = True
+    med, ok = group_median(xp, xp.asarray(v), xp.asarray(use), min_pixels, np.inf)
+    med, ok = backend.to_host(med), backend.to_host(ok)
+    for i, n in enumerate(counts):
+        for j in range(3):
+            assert ok[i, j] == (n > min_pixels), (n, min_pixels)
+            if n:
+                assert med[i, j] == np.float32(np.median(v[i, j][use[i, j]])), (n, size)
+
+
+def test_use_mask_selects_good_pixels_in_high_ranges(rng):
+    _, good, g = random_case(rng)
+    g[0, 0, 0, :3] = -1
+    cm = MedianCommonMode(SMALL, (8, 12), ["rows"], gain_ranges="high")
+    np.testing.assert_array_equal(cm.use_mask(np, good, g), good & np.isin(g, SMALL.high_gain_ranges))
+    assert MedianCommonMode(SMALL, (8, 12), ["rows"], gain_ranges="all").use_mask(np, good, g) is good
+
+
 def test_real_detector_layouts(backend, rng):
     """Full ePix10ka panels (banks of 176 x 48) and a JUNGFRAU panel (256 x 64), default parameters."""
     for model, ranges in ((EPIX, EPIX.high_gain_ranges), (JF, JF.high_gain_ranges)):

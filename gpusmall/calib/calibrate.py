@@ -37,17 +37,62 @@ def unit_scale(gain: np.ndarray, units: str, photon_energy_kev: float | None = N
     return s.astype(np.float32)
 
 
+CHUNK_EVENTS = 1
+"""NumPy: events calibrated together. Small chunks keep the temporaries in cache and reuse their
+memory: on a 64-event ePix10k2M batch (2-core machine, 32 MB L3) one event at a time calibrates ~3x
+faster than the whole batch at once (~2x with median common mode); 2 or 4 at a time measured the same
+as 1 within noise. Every step is per event, so the result does not depend on it."""
+
+
+class RangeLookup:
+    """Per-pixel use of per-gain-range constants, ``table[g]``, for one batch without a full gather.
+
+    Most pixels of a gain-switching detector sit in one range (the base range): ``op(x, table[g])`` is
+    one dense pass with ``table[base]``, then the pixels in other ranges (a sparse list of flat
+    indices) are recomputed with their own range's constants. The result is that of ``table[g]`` pixel
+    by pixel whatever the ranges are; only the speed depends on how many pixels left the base range.
+
+    Args:
+        g: (events, *pixel shape) gain range per pixel (int8, -1 invalid). Clipped to the ranges: an
+            invalid pixel reads range 0, as in the CUDA kernels.
+        n_gains: ranges in the tables.
+    """
+
+    def __init__(self, xp, g, n_gains: int):
+        gc = xp.clip(g, 0, n_gains - 1)
+        # the base range decides the speed only, not the result: take the most common one in a sample
+        self.base = int(xp.argmax(xp.bincount(gc.reshape(-1)[::97], minlength=n_gains)))
+        self.other = xp.flatnonzero(gc != self.base)  # flat indices into the batch
+        npix = int(np.prod(g.shape[1:]))
+        self.const_index = gc.reshape(-1)[self.other].astype(xp.int64) * npix + self.other % npix
+
+    def apply(self, op, x, table, out):
+        """``out = op(x, table[g])`` per pixel: ``op`` a ufunc, x and out contiguous and shaped like g,
+        table (gains, *pixel shape)."""
+        op(x, table[self.base], out=out)
+        if self.other.size:
+            out.reshape(-1)[self.other] = op(x.reshape(-1)[self.other], table.reshape(-1)[self.const_index])
+        return out
+
+
+def _subtract_pedestal(xp, model: DetectorModel, raw, pedestal, config_bits):
+    """(s, g, lookup): s = (raw & data_mask) - pedestal[g] float32, g, and the batch's RangeLookup."""
+    g = model.gain_index(raw, config_bits, xp)
+    v = xp.ascontiguousarray(model.data(raw, xp))
+    if not xp.can_cast(v.dtype, xp.float32):  # uint16 and smaller go to float32 exactly inside the subtraction
+        v = v.astype(xp.float32)
+    lookup = RangeLookup(xp, g, model.n_gains)
+    s = lookup.apply(xp.subtract, v, pedestal, xp.empty(raw.shape, xp.float32))
+    return s, g, lookup
+
+
 def pedestal_subtract(xp, model: DetectorModel, raw, pedestal, config_bits=None):
     """(s, g): ADU above pedestal (float32) and gain range (int8, -1 invalid) per pixel.
 
     raw (events, panels, rows, cols); pedestal (gains, panels, rows, cols) float32.
+    s = (raw & data_mask) - pedestal[g], g clipped to the ranges (an invalid pixel reads range 0).
     """
-    g = model.gain_index(raw, config_bits, xp)
-    v = model.data(raw, xp).astype(xp.float32)
-    npix = v[0].size
-    pix = xp.arange(npix, dtype=xp.int64).reshape(v.shape[1:])
-    flat_index = xp.clip(g, 0, model.n_gains - 1).astype(xp.int64) * npix + pix
-    s = v - pedestal.reshape(-1)[flat_index]
+    s, g, _ = _subtract_pedestal(xp, model, raw, pedestal, config_bits)
     return s, g
 
 
@@ -59,16 +104,28 @@ def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, co
         pedestal, scale: (gains, panels, rows, cols) float32 (see :func:`unit_scale`).
         mask: (panels, rows, cols) bool static mask.
         common_mode: callable ``(s, good, g) -> s`` applied before scaling, or None.
+
+    On NumPy the batch goes through :data:`CHUNK_EVENTS` events at a time (same result: every step,
+    common mode included, is per event).
     """
-    s, g = pedestal_subtract(xp, model, raw, pedestal, config_bits)
-    good = mask[None] & (g >= 0)
-    if common_mode is not None:
-        s = common_mode(s, good, g)
-    npix = s[0].size
-    pix = xp.arange(npix, dtype=xp.int64).reshape(s.shape[1:])
-    gscale = scale.reshape(-1)[xp.clip(g, 0, model.n_gains - 1).astype(xp.int64) * npix + pix]
-    out = xp.where(good, s * gscale, xp.float32(0)).astype(xp.float32)
+    out = xp.empty(raw.shape, xp.float32)
+    good = xp.empty(raw.shape, xp.bool_)
+    step = CHUNK_EVENTS if xp is np else max(raw.shape[0], 1)
+    for e0 in range(0, raw.shape[0], step):
+        events = slice(e0, e0 + step)
+        _calibrate_events(xp, model, raw[events], pedestal, scale, mask, config_bits, common_mode,
+                          out[events], good[events])
     return out, good
+
+
+def _calibrate_events(xp, model, raw, pedestal, scale, mask, config_bits, common_mode, out, good):
+    """SPEC section 3 for a few events, written into ``out`` and ``good`` (contiguous)."""
+    s, g, lookup = _subtract_pedestal(xp, model, raw, pedestal, config_bits)
+    xp.logical_and(mask[None], g >= 0, out=good)
+    if common_mode is not None:
+        s = xp.ascontiguousarray(common_mode(s, good, g), dtype=xp.float32)
+    lookup.apply(xp.multiply, s, scale, out)  # out = s * scale[g]
+    out[~good] = 0  # bad pixels are 0
 
 
 class Calibrator:

@@ -44,15 +44,22 @@ def group_median(xp, values, use, min_pixels: int, max_correction: float):
     """
     v = xp.ascontiguousarray(xp.where(use, values, xp.float32(np.inf)), dtype=xp.float32)
     v.sort(axis=-1)
-    n = xp.count_nonzero(use, axis=-1)
-    last = values.shape[-1] - 1
-    k0 = xp.clip((n - 1) // 2, 0, last)[..., None]
-    k1 = xp.clip(n // 2, 0, last)[..., None]
-    a = xp.take_along_axis(v, k0, axis=-1)[..., 0]
-    b = xp.take_along_axis(v, k1, axis=-1)[..., 0]
+    n = use.sum(axis=-1, dtype=xp.int32)
+    size = values.shape[-1]
+    first = xp.arange(0, v.size, size).reshape(n.shape)  # flat index of each group's first value
+    a = v.reshape(-1)[first + xp.clip((n - 1) // 2, 0, size - 1)]
+    b = v.reshape(-1)[first + xp.clip(n // 2, 0, size - 1)]
     med = ((a + b) * xp.float32(0.5)).astype(xp.float32)
     ok = (n > min_pixels) & (xp.abs(med) < xp.float32(max_correction))
     return med, ok
+
+
+def _subtract_where(xp, x, d, where):
+    """``x[where] -= d`` in place (d broadcast); the other values keep their bits."""
+    if xp is np:
+        np.subtract(x, d, out=x, where=where)
+    else:  # x - 0 == x exactly
+        x -= xp.where(where, d, xp.float32(0))
 
 
 def _to_groups(x, axis: str, bank: tuple[int, int]):
@@ -124,9 +131,10 @@ class MedianCommonMode:
         """(events, panels, rows, cols) bool: good pixels in the selected gain ranges."""
         if self.gain_ranges == "all":
             return good
-        lut = np.zeros(256, bool)
-        lut[list(self.ranges)] = True
-        return good & xp.asarray(lut)[g.astype(xp.uint8)]
+        in_ranges = g == self.ranges[0]
+        for r in self.ranges[1:]:
+            in_ranges |= g == r
+        return good & in_ranges
 
     # -- readable reference (NumPy or CuPy arrays) -----------------------------------------
     def reference(self, s, good, g):
@@ -138,8 +146,7 @@ class MedianCommonMode:
             sg = _to_groups(s, axis, self.bank)  # a view of s for rows and cols, a copy for banks
             ug = _to_groups(use, axis, self.bank)
             med, ok = group_median(xp, sg, ug, self.min_pixels, self.max_correction)
-            # subtract where used (x - 0 == x exactly, so other pixels keep their value bit for bit)
-            sg -= xp.where(ug, xp.where(ok, med, xp.float32(0))[..., None], xp.float32(0))
+            _subtract_where(xp, sg, xp.where(ok, med, xp.float32(0))[..., None], ug)
             if axis == "banks":
                 s = _from_groups(xp, sg, axis, s.shape, self.bank)
         return s

@@ -22,7 +22,7 @@ class Epix10ka(DetectorModel):
         d = ((raw >> 14) & 1).astype(xp.uint8)
         if config_bits is None:
             # no configuration: auto-ranging high->low, d == 0 -> AHL-H (3), d == 1 -> AHL-L (5)
-            return xp.where(d == 0, 3, 5).astype(xp.int8)
+            return xp.where(d == 0, xp.int8(3), xp.int8(5)).astype(xp.int8, copy=False)
         b = xp.asarray(config_bits, dtype=xp.uint8) | (d << 5)
         out = xp.full(raw.shape, INVALID_GAIN, dtype=xp.int8)
         # the first condition that holds wins: assign in reverse order
