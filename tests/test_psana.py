@@ -308,3 +308,18 @@ def test_missing_or_bad_frames_are_damaged(data_dir):
         (batch,) = list(src.batches(8))
     assert batch.damaged["jungfrau"].tolist() == [True, True]
     assert not batch.raw["jungfrau"].any() and len(batch) == 2
+
+
+def test_read_fills_the_runs_host_buffers(data_dir):
+    """The producer's (pinned) buffers are filled in place; a damaged row in them is zeroed."""
+    path = xtc(data_dir, "jungfrau")
+    _, frames = psana_frames(path, "jungfrau")
+    buf = {"jungfrau": np.full((4, *frames.shape[1:]), 7, np.uint16)}
+    with open_source(source_cfg(path, "jungfrau")) as src:
+        batch = src.read(0, 4, out=buf)
+    assert len(batch) == 2 and np.shares_memory(batch.raw["jungfrau"], buf["jungfrau"])
+    np.testing.assert_array_equal(buf["jungfrau"][:2], frames)
+    with open_source(source_cfg(path, "jungfrau")) as src:
+        src.dets["jungfrau"] = type("NoData", (), {"raw": lambda self, evt: None})()
+        batch = src.read(0, 4, out=buf)
+    assert batch.damaged["jungfrau"].all() and not buf["jungfrau"][:2].any()

@@ -312,10 +312,13 @@ class PsanaSource(Source):
             self._pos += 1
         return evt
 
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[RawBatch]:
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
+                out: dict[str, np.ndarray] | None = None) -> Iterator[RawBatch]:
         """Batches of events ``[start, stop)`` in run order (``stop`` None: to the end).
 
-        psana reads sequentially: ``start`` may not lie before events already delivered.
+        psana reads sequentially: ``start`` may not lie before events already delivered. ``out``: host
+        buffers (batch_size, ...) per detector to fill (the run's pinned buffers); each batch then lives
+        in them, so take one batch at a time.
         """
         if start < self._pos:
             raise ValueError(f"psana source: events are read in order; event {start} was already read")
@@ -325,7 +328,8 @@ class PsanaSource(Source):
             n_max = batch_size if stop is None else min(batch_size, stop - self._pos)
             ts = np.zeros(n_max, np.uint64)
             idx = np.zeros(n_max, np.int64)
-            raw = {name: np.zeros((n_max, *s.shape), s.dtype) for name, s in self.detectors.items()}
+            raw = {name: (out[name][:n_max] if out is not None and name in out else np.zeros((n_max, *s.shape), s.dtype))
+                   for name, s in self.detectors.items()}
             damaged = {name: np.zeros(n_max, bool) for name in self.detectors}
             n = 0
             while n < n_max:
@@ -337,6 +341,7 @@ class PsanaSource(Source):
                     a = det.raw(evt)
                     if a is None or np.size(a) != raw[name][n].size or _shape3(np.asarray(a)) != raw[name].shape[1:]:
                         damaged[name][n] = True
+                        raw[name][n] = 0
                     else:
                         raw[name][n] = np.asarray(a).reshape(raw[name].shape[1:])
                 n += 1
@@ -348,7 +353,7 @@ class PsanaSource(Source):
 
     def read(self, start: int, stop: int, out=None) -> RawBatch:
         """Events ``[start, stop)``, only at or after the events already read (psana is sequential)."""
-        for batch in self.batches(stop - start, start, stop):
+        for batch in self.batches(stop - start, start, stop, out=out):
             return batch
         return RawBatch(np.zeros(0, np.uint64), np.zeros(0, np.int64),
                         {k: np.zeros((0, *s.shape), s.dtype) for k, s in self.detectors.items()},
