@@ -1,4 +1,4 @@
-"""Command line (SPEC section 9): ``gpusmall demo|run|merge|inspect ...``.
+"""Command line (SPEC section 9): ``gpusmall demo|run|darks|merge|inspect|avimage|plot|cube ...``.
 
 ``run`` and ``demo`` also work under ``mpiexec -n K`` / ``srun`` (one rank per GPU); only rank 0 prints.
 
@@ -144,6 +144,68 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _one_detector(cfg, det, command: str) -> str:
+    from .errors import InputError
+
+    names = list(cfg.detectors)
+    det = det or (names[0] if len(names) == 1 else None)
+    if det not in cfg.detectors:
+        raise InputError(f"{command}: name one detector with --det ({', '.join(names)})")
+    return det
+
+
+def cmd_avimage(args) -> int:
+    """Average calibrated image of the first N events, assembled with the geometry -> PNG (and HDF5)."""
+    from .analysis.avimage import average_image, plot_average, write_average
+    from .backend import get_backend
+    from .producer.config import load_config
+
+    from .producer.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    cfg = load_config(args.config)
+    det = _one_detector(cfg, args.det, "avimage")
+    backend = get_backend(args.backend, cfg.backend)
+    print(f"gpusmall: backend {backend.description}", file=sys.stderr)
+    av = average_image(cfg, det, backend, events=args.events)
+    title = f"{det} ({cfg.detectors[det].type}): mean of {av.events} events, {Path(args.config).name}"
+    plot_average(av, args.png, title=title)
+    done = [str(args.png)]
+    if args.out:
+        write_average(av, args.out, attrs={"config": str(Path(args.config).resolve()), "backend": backend.description})
+        done.append(str(args.out))
+    extra = f", {av.damaged} damaged left out" if av.damaged else ""
+    print(f"gpusmall: {det}: mean of {av.events} events{extra}, {int(av.bad.sum())} bad pixels -> "
+          f"{', '.join(done)}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .analysis.plot import plot_key
+
+    what = plot_key(args.file, args.key, args.png)
+    print(f"gpusmall: {what} -> {args.png}", file=sys.stderr)
+    return 0
+
+
+def cmd_cube(args) -> int:
+    from .analysis.cube import make_cube, write_cube
+
+    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range)
+    out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
+    if out.resolve() == Path(args.file).resolve():
+        from .errors import InputError
+
+        raise InputError(f"cube: --out {str(out)!r} is the input file")
+    write_cube(cube, out, source=str(Path(args.file).resolve()))
+    i = cube.info
+    left = ", ".join(f"{i[k]} {k}" for k in ("damaged", "nonfinite", "outside") if i[k])
+    print(f"gpusmall: {i['used']} of {i['events']} events in {len(cube.count)} bins of {cube.by} "
+          f"[{cube.edges[0]:g}, {cube.edges[-1]:g}]" + (f" (left out: {left})" if left else "")
+          + f", {len(cube.sums)} datasets -> {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpusmall", description="GPU-batched small-data reduction for X-ray area detectors")
     p.add_argument("--version", action="version", version=f"gpusmall {__version__}")
@@ -180,6 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a result file holds")
     i.add_argument("file")
     i.set_defaults(func=cmd_inspect)
+    a = sub.add_parser("avimage", help="average calibrated image of the first N events, assembled -> PNG")
+    a.add_argument("config", help="YAML or TOML config naming the run")
+    a.add_argument("--events", type=_positive, default=100, help="average the first N events (default 100)")
+    a.add_argument("--png", required=True, help="PNG file to write")
+    a.add_argument("--out", help="also write the average (panels, rows, cols) and the assembled image to this HDF5 file")
+    a.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
+    a.add_argument("--det", help="detector (needed when the config has several)")
+    a.set_defaults(func=cmd_avimage)
+    pl = sub.add_parser("plot", help="plot one dataset of a result file -> PNG")
+    pl.add_argument("file", help="result HDF5 file")
+    pl.add_argument("key", help="dataset path, e.g. epix/roi0_sum or Sums/epix_calib")
+    pl.add_argument("--png", required=True, help="PNG file to write")
+    pl.set_defaults(func=cmd_plot)
+    c = sub.add_parser("cube", help="bin events by a per-event scalar: count, sum and mean per bin")
+    c.add_argument("file", help="result HDF5 file")
+    c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum")
+    c.add_argument("--bins", type=_positive, required=True, help="number of equal-width bins")
+    c.add_argument("--keys", nargs="+", help="per-event datasets to bin (default: all of --by's detector group, "
+                                             "or all non-scalar per-event datasets)")
+    c.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="bin range (default: the key's finite range)")
+    c.add_argument("--out", help="output HDF5 file (default: <file stem>_cube.h5 beside FILE)")
+    c.set_defaults(func=cmd_cube)
     return p
 
 

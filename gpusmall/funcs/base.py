@@ -60,6 +60,9 @@ class FrameContext:
         units: ``adu``, ``kev`` or ``photons``.
         saturation: raw ADU value at which a pixel saturates.
         to_adu: factor turning the frames' units into ADU of the first gain range (1 for adu).
+        pixel_um: pixel pitch in micrometres (1 = pixel units).
+        mask_value: what bad pixels become in stored pixel images (e.g. the ROI ``area``):
+            ``"zero"`` (0) or ``"nan"`` (NaN); see :meth:`stored_image` (SPEC section 3).
     """
 
     det: str
@@ -75,10 +78,23 @@ class FrameContext:
     units: str = "adu"
     saturation: float = float("inf")
     pixel_um: float = 1.0
+    mask_value: str = "zero"
 
     @property
     def xp(self):
         return self.backend.xp
+
+    def stored_image(self, data, good):
+        """``data`` as written to the output file: bad pixels 0 (``mask_value: zero``) or NaN (``nan``).
+
+        ``data`` and ``good`` have the same shape (any, e.g. (events, rows, cols)) on the backend's device;
+        returns float32 on the same device. With ``zero`` the calibrated data already has 0 there and is
+        returned as it is.
+        """
+        if self.mask_value != "nan":
+            return data
+        xp = self.xp
+        return xp.where(good, data, xp.float32(np.nan)).astype(xp.float32, copy=False)
 
     def crop(self, index: tuple[slice, slice, slice]) -> "FrameContext":
         """The context of a (panels, rows, cols) sub-region given as three slices with explicit bounds."""

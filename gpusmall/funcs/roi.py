@@ -83,7 +83,8 @@ class Roi(ReductionFunction):
                 v = self.ctx.model.data(sub.raw, xp)
                 out["nsat"] = (v >= self.sat).reshape(n_events, -1).sum(axis=1).astype(xp.int32)
         if self.p.write_area:
-            out["area"] = data if data.shape[1] > 1 else data[:, 0]
+            area = self.ctx.stored_image(data, good)  # bad pixels 0 or NaN (mask_value)
+            out["area"] = area if area.shape[1] > 1 else area[:, 0]
         return out, Frames(data, good, sub.raw)
 
 

@@ -46,7 +46,7 @@ class DetectorPipeline:
                                  f"(detectors.{name}.constants)")
         if src.config_bits is not None and c.config_bits is None:
             c.config_bits = src.config_bits
-        pixel_um = cfg.pixel_um or model.pixel_um or 1.0
+        self.pixel_um = pixel_um = cfg.pixel_um or model.pixel_um or 1.0
         if src.x is not None:
             x, y, z = src.x, src.y, src.z
         elif c.x is not None and c.y is not None:
@@ -68,7 +68,7 @@ class DetectorPipeline:
         self.ctx = FrameContext(det=name, model=model, backend=backend, shape=shape, mask=to_dev(self.mask),
                                 noise=to_dev(noise), x=to_dev(self.geometry[0]), y=to_dev(self.geometry[1]),
                                 z=to_dev(self.geometry[2]), units=cfg.units, saturation=saturation,
-                                pixel_um=pixel_um)
+                                pixel_um=pixel_um, mask_value=cfg.mask_value)
         self.functions = [build_function(s) for s in specs]
         for f in self.functions:
             f.setup(self.ctx)
@@ -91,7 +91,7 @@ class DetectorPipeline:
                "x": self.geometry[0], "y": self.geometry[1], "z": self.geometry[2],
                "mask": self.mask.astype(np.uint8), "cmask": self.cmask.astype(np.uint8),
                "config_bits": c.config_bits, "type": self.model.type, "units": self.cfg.units,
-               "shape": np.asarray(self.shape)}
+               "shape": np.asarray(self.shape), "pixel_um": float(self.pixel_um), "mask_value": self.cfg.mask_value}
         cm = self.cfg.common_mode.model_dump() if self.cfg.common_mode else dict(self.model.default_common_mode)
         for k, v in cm.items():
             if v is not None:

@@ -1,0 +1,201 @@
+"""``gpusmall plot FILE KEY --png OUT``: a quick look at one dataset of a result file.
+
+What is drawn depends on the dataset (events = the file's number of events, SPEC section 8):
+
+=====================================================  ==================================================
+dataset                                                 plot
+=====================================================  ==================================================
+per event, scalar ``(events,)``                         value vs event index, and a histogram
+per event, a few values ``(events, k)``, k <= 4         each value vs event index, and histograms (e.g. com)
+per event, 1-D ``(events, bins)``                       mean over events (NaN-skipping) vs bin, and an
+                                                        image events x bins (azav: x axis = ``__q``)
+per event, 2-D ``(events, rows, cols)``                 mean image over events (roi area, rebin, acf)
+per event, 3-D ``(events, panels, rows, cols)``         mean image, panels tiled
+/Sums, /UserDataCfg 1-D                                  value vs index
+/Sums, /UserDataCfg 2-D                                  image
+/Sums, /UserDataCfg 3-D (panels, rows, cols)            image assembled with ``/UserDataCfg/<det>/x, y``
+                                                        when the shapes match, else panels tiled
+/Sums, /UserDataCfg 4-D (gains, panels, rows, cols)     the first entry, as 3-D
+=====================================================  ==================================================
+
+Singleton axes after the events axis are dropped first (an azav with one phi bin is 1-D). Means over
+events read the dataset in chunks; an image of all events shows at most :data:`MAX_ROWS` of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import InputError
+from .avimage import assemble, color_limits, pixel_grid, plot_image, tile_panels
+from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
+
+MAX_ROWS = 4000  # events shown in an events x bins image (evenly strided beyond)
+CHUNK_BYTES = 64 << 20
+
+
+def _chunks(d: h5py.Dataset):
+    """(start, stop) event ranges of about CHUNK_BYTES."""
+    row = max(1, int(np.prod(d.shape[1:])) * d.dtype.itemsize)
+    step = max(1, CHUNK_BYTES // row)
+    return [(a, min(a + step, d.shape[0])) for a in range(0, d.shape[0], step)]
+
+
+def event_mean(d: h5py.Dataset) -> np.ndarray:
+    """Mean over the events axis skipping NaN (damaged events, mask_value nan), read in chunks.
+
+    Returns float64 of shape ``d.shape[1:]``; NaN where no event has a finite value.
+    """
+    total = np.zeros(d.shape[1:], np.float64)
+    count = np.zeros(d.shape[1:], np.int64)
+    for a, b in _chunks(d):
+        v = d[a:b].astype(np.float64)
+        ok = np.isfinite(v)
+        total += np.where(ok, v, 0.0).sum(axis=0)
+        count += ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _radial_axis(f: h5py.File, key: str, nbins: int):
+    """(x values, label) for a 1-D per-event dataset: the function's ``__q`` bin centres when the file
+    has them (azav), else None."""
+    det = detector_of(f, key)
+    if det is None:
+        return None
+    base = key.rsplit("/", 1)[-1]
+    cut = [i for i, ch in enumerate(base) if ch == "_"]
+    for i in reversed(cut):
+        stem = base[:i]
+        q = f.get(f"UserDataCfg/{det}/{stem}__q")
+        if isinstance(q, h5py.Dataset) and q.shape == (nbins,):
+            unit = f.get(f"UserDataCfg/{det}/{stem}__unit")
+            label = "q"
+            if isinstance(unit, h5py.Dataset):
+                u = unit[()]
+                label = u.decode() if isinstance(u, bytes) else str(u)
+            return q[()], label
+    return None
+
+
+def _figure(nrows=1, ncols=2, width=11.0, height=4.2):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)[0]
+
+
+def _plot_scalars(f, key, d, png):
+    v = d[()].astype(np.float64).reshape(d.shape[0], -1)  # (events, k)
+    k = v.shape[1]
+    idx = np.arange(v.shape[0])
+    fig, (ax, axh) = _figure()
+    for j in range(k):
+        label = f"[{j}]" if k > 1 else None
+        ax.plot(idx, v[:, j], ".", ms=2 if v.shape[0] > 2000 else 4, label=label)
+        fin = v[np.isfinite(v[:, j]), j]
+        if fin.size:
+            axh.hist(fin, bins=min(100, max(10, int(np.sqrt(fin.size)))), histtype="step", label=label)
+    nan = int((~np.isfinite(v)).any(axis=1).sum())
+    ax.set_xlabel("event index")
+    ax.set_ylabel(key)
+    axh.set_xlabel(key)
+    axh.set_ylabel("events")
+    if k > 1:
+        ax.legend(fontsize=8)
+    ax.set_title(f"{key}: {v.shape[0]} events" + (f", {nan} NaN (damaged)" if nan else ""), fontsize=10)
+    axh.set_title("histogram of the finite values", fontsize=10)
+    fig.savefig(png, dpi=100)
+    return f"{key}: {v.shape[0]} events, value vs event and histogram"
+
+
+def _plot_curves(f, key, d, png):
+    nb = int(np.prod(d.shape[1:]))
+    mean = event_mean(d).reshape(nb)
+    axis = _radial_axis(f, key, nb)
+    x, xlabel = (axis if axis is not None else (np.arange(nb), "bin"))
+    step = max(1, int(np.ceil(d.shape[0] / MAX_ROWS)))
+    rows = d[::step].reshape(-1, nb).astype(np.float32)
+    fig, (ax, axi) = _figure()
+    ax.plot(x, mean)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"mean of {key}")
+    ax.set_title(f"{key}: mean over {d.shape[0]} events", fontsize=10)
+    vmin, vmax = color_limits(rows)
+    im = axi.imshow(rows, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest",
+                    extent=(-0.5, nb - 0.5, -0.5 * step, (rows.shape[0] - 0.5) * step))
+    fig.colorbar(im, ax=axi)
+    axi.set_xlabel("bin")
+    axi.set_ylabel("event index")
+    axi.set_title("every event" if step == 1 else f"every {step}th event", fontsize=10)
+    fig.savefig(png, dpi=100)
+    return f"{key}: mean of {d.shape[0]} events vs {xlabel}, and events x bins"
+
+
+def _panel_image(f, key, stack):
+    """2-D image of a (panels, rows, cols) array: assembled with the file's geometry when it fits."""
+    det = detector_of(f, key)
+    geo = geometry(f, det) if det else None
+    if geo is not None and geo[0].shape == stack.shape:
+        x, y, pixel = geo
+        covered = assemble(np.ones(stack.shape, np.float32), x, y, pixel, fill=0.0) > 0
+        _, _, (h, w), (x0, y0) = pixel_grid(x, y, pixel)
+        s, unit = (1.0, "pixels") if pixel == 1.0 else (1e-3, "mm")
+        extent = ((x0 - pixel / 2) * s, (x0 + (w - 0.5) * pixel) * s, (y0 - pixel / 2) * s, (y0 + (h - 0.5) * pixel) * s)
+        return assemble(stack, x, y, pixel), dict(covered=covered, extent=extent, xlabel=f"x ({unit})",
+                                                   ylabel=f"y ({unit})"), "assembled"
+    return tile_panels(stack), dict(origin="upper"), "panels tiled"
+
+
+def plot_key(path, key: str, png) -> str:
+    """Plot dataset ``key`` of result file ``path`` into ``png``; returns a one-line description.
+
+    Raises InputError (exit 2) naming the key when it is not in the file (with close matches) or cannot
+    be plotted (text, a single value).
+    """
+    path, png = Path(path), Path(png)
+    if not path.is_file():
+        raise InputError(f"plot: file {str(path)!r} does not exist")
+    with h5py.File(path, "r") as f:
+        d = require_dataset(f, key)
+        key = normalize_key(key)
+        if d.dtype.kind not in "biuf":
+            raise InputError(f"plot: {key!r} holds {d.dtype} values, not numbers")
+        if d.ndim == 0:
+            raise InputError(f"plot: {key!r} is a single value ({d[()]}), nothing to plot")
+        try:
+            per_event = is_per_event(f, key)
+        except InputError:
+            per_event = False
+        if per_event:
+            inner = tuple(s for s in d.shape[1:] if s != 1)
+            if len(inner) == 0 or (len(inner) == 1 and inner[0] <= 4):
+                return _plot_scalars(f, key, d, png)
+            if len(inner) == 1:
+                return _plot_curves(f, key, d, png)
+            mean = event_mean(d).reshape(inner)
+            title = f"{key}: mean of {d.shape[0]} events"
+        else:
+            mean = d[()].astype(np.float64)
+            if mean.ndim == 1:
+                fig, (ax,) = _figure(1, 1, 8.0, 4.2)
+                ax.plot(np.arange(mean.size), mean)
+                ax.set_xlabel("index")
+                ax.set_ylabel(key)
+                ax.set_title(f"{key} ({mean.size} values)", fontsize=10)
+                fig.savefig(png, dpi=100)
+                return f"{key}: {mean.size} values"
+            title = key
+            while mean.ndim > 3:
+                title += " [0]"
+                mean = mean[0]
+        if mean.ndim > 3:
+            raise InputError(f"plot: {key!r} has {mean.ndim} dimensions per event; plot takes up to 3")
+        if mean.ndim == 2:
+            img, opts, how = mean, dict(origin="upper"), "image"
+        else:
+            img, opts, how = _panel_image(f, key, mean)
+        plot_image(img, png, f"{title} ({how})" if how != "image" else title, **opts)
+        return f"{title}: {how} {img.shape[0]} x {img.shape[1]}"
