@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from gpusmall.backend import Backend
 from gpusmall.calib import calibrate_reference, unit_scale
 from gpusmall.detectors import get_model
 from gpusmall.sources.sim import SimSource

@@ -166,7 +166,7 @@ class Azav(ReductionFunction):
     Params = AzavParams
 
     def prepare(self, ctx: FrameContext):
-        p, xp = self.p, ctx.xp
+        p = self.p
         if ctx.x is None or ctx.y is None:
             raise InputError(f"detector {ctx.det}: function {self.name}: azav needs pixel positions x, y")
         b = ctx.backend
