@@ -251,6 +251,7 @@ def test_gpusmall_run_on_psana(data_dir, tmp_path, det):
         assert f[f"{det}/roi0_sum"].shape[0] == len(ts)
         for k, a in zip("xyz", (x, y, z)):
             np.testing.assert_allclose(f[f"UserDataCfg/{det}/{k}"][()], a, rtol=1e-6, atol=0.01)
+        np.testing.assert_array_equal(f[f"UserDataCfg/{det}/segments"][()], raw._segment_numbers)
         assert f[f"Sums/{det}_calib"].shape == frames.shape[1:]
         assert f.attrs["events"] == len(ts)
 

@@ -54,6 +54,7 @@ class DetectorPipeline:
         else:
             x, y, z = default_geometry(shape, pixel_um)
         self.constants = c
+        self.segments = src.segments  # psana's segment numbers, or None
         self.geometry = tuple(np.asarray(a, np.float32) for a in (x, y, z))
         m = cfg.mask
         self.mask, self.cmask = static_mask(name, model, shape, c, status=m.status, edges=m.edges,
@@ -91,7 +92,8 @@ class DetectorPipeline:
                "x": self.geometry[0], "y": self.geometry[1], "z": self.geometry[2],
                "mask": self.mask.astype(np.uint8), "cmask": self.cmask.astype(np.uint8),
                "config_bits": c.config_bits, "type": self.model.type, "units": self.cfg.units,
-               "shape": np.asarray(self.shape), "pixel_um": float(self.pixel_um), "mask_value": self.cfg.mask_value}
+               "shape": np.asarray(self.shape), "pixel_um": float(self.pixel_um), "mask_value": self.cfg.mask_value,
+               "segments": None if self.segments is None else np.asarray(self.segments, np.int32)}
         cm = self.cfg.common_mode.model_dump() if self.cfg.common_mode else dict(self.model.default_common_mode)
         for k, v in cm.items():
             if v is not None:

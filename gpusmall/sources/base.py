@@ -26,6 +26,8 @@ class DetectorSource:
         config_bits: (panels, rows, cols) uint8 ePix10ka pixel configuration, or None.
         x, y, z: (panels, rows, cols) pixel centres in um from the source (psana geometry), or None.
         constants: constants the source brings (the simulator's own), or None.
+        segments: (panels,) int, the detector's segment (panel) numbers in data order, as psana
+            numbers them (e.g. 0-15 of an ePix10k2M; a subset when some are not read out), or None.
     """
 
     name: str
@@ -37,6 +39,7 @@ class DetectorSource:
     y: np.ndarray | None = None
     z: np.ndarray | None = None
     constants: Constants | None = None
+    segments: np.ndarray | None = None
 
 
 @dataclass

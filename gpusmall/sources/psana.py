@@ -216,11 +216,18 @@ class PsanaSource(Source):
                 x, y, z = (np.asarray(a, np.float32).reshape(shape) for a in xyz)
         except Exception as exc:  # noqa: BLE001 - no geometry: the pipeline uses its default
             log.info("detector %s: no geometry from psana: %s", name, exc)
+        segments = None
+        try:
+            seg = getattr(raw, "_segment_numbers", None)
+            if seg is not None and len(seg) == shape[0]:
+                segments = np.asarray(seg, np.int32)
+        except Exception as exc:  # noqa: BLE001 - older psana: no segment numbers
+            log.info("detector %s: no segment numbers from psana: %s", name, exc)
         constants = None
         if not d.get("constants"):
             constants = self._psana_constants(name, raw, model, shape)
         return DetectorSource(name, mtype, shape, np.dtype(dtype), config_bits=cbits, x=x, y=y, z=z,
-                              constants=constants)
+                              constants=constants, segments=segments)
 
     def _shape_dtype(self, name, raw, model):
         shape = None
