@@ -110,3 +110,46 @@ def test_cli_follow_on_sim_is_exit_2(tmp_path, capsys):
                                  "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}}))
     assert main(["run", str(p), "--follow", "--quiet"]) == 2
     assert "--follow" in capsys.readouterr().err and not (tmp_path / "o.h5").exists()
+
+
+def test_result_file_can_be_read_while_the_run_writes_it(tmp_path):
+    """Near-real-time: the result file is in SWMR mode after its first batch, so `inspect`, `plot` or a
+    notebook can read the events reduced so far while the run goes on."""
+    import signal
+
+    import yaml
+
+    from gpusmall.io.writer import open_result
+
+    cfg = {"source": {"type": "sim", "events": 100000, "seed": 1}, "batch_size": 8, "backend": "numpy",
+           "output": str(tmp_path / "live_out.h5"),
+           "detectors": {"cam": {"type": "camera", "shape": [64, 64],
+                                 "functions": [{"type": "roi", "name": "roi0", "bounds": [[0, 1], [0, 32], [0, 32]]}],
+                                 "sums": ["calib"]}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "gpusmall", "run", str(tmp_path / "c.yaml"), "--quiet"],
+                            env=env(), stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        t_end = time.monotonic() + 120
+        while time.monotonic() < t_end and len(seen) < 2:
+            time.sleep(0.2)
+            try:
+                with open_result(tmp_path / "live_out.h5") as f:
+                    if "cam/roi0_sum" not in f:
+                        continue
+                    n = min(f["timestamp"].shape[0], f["cam/roi0_sum"].shape[0])
+                    if n and (not seen or n > seen[-1][0]):
+                        seen.append((n, f["event_index"][:n], f["cam/roi0_sum"][:n]))
+            except OSError:  # created but not yet in SWMR mode (before the first batch)
+                continue
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert len(seen) >= 2, err  # read twice while running, the second time with more events
+    for n, idx, roi in seen:
+        np.testing.assert_array_equal(idx, np.arange(n))
+        assert np.isfinite(roi).all()
+    with h5py.File(tmp_path / "live_out.h5") as f:  # the final file has what was read, and its sums
+        np.testing.assert_array_equal(f["cam/roi0_sum"][: seen[-1][0]], seen[-1][2])
+        assert f["Sums/cam_calib"].shape == (1, 64, 64)

@@ -23,7 +23,16 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
-from .results import detector_of, detectors, is_per_event, n_events, normalize_key, per_event_datasets, require_dataset
+from ..io.writer import open_result
+from .results import (
+    detector_of,
+    detectors,
+    is_per_event,
+    n_events,
+    normalize_key,
+    per_event_datasets,
+    require_dataset,
+)
 
 CHUNK_BYTES = 64 << 20
 
@@ -133,7 +142,7 @@ def make_cube(path, by: str, bins: int, keys: list[str] | None = None, value_ran
     path = Path(path)
     if not path.is_file():
         raise InputError(f"cube: file {str(path)!r} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_result(path) as f:
         n = n_events(f)
         by = normalize_key(by)
         d_by = require_dataset(f, by, "--by key")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import h5py
 
+from ..io.writer import open_result
+
 
 def describe(path) -> str:
     """One line per dataset: path, shape, dtype; groups indented."""
     lines = [str(path)]
-    with h5py.File(path, "r") as f:
+    with open_result(path) as f:
         for k in ("events", "gpusmall_version", "backend"):
             if k in f.attrs:
                 lines.append(f"  @{k} = {f.attrs[k]}")

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
+from ..io.writer import open_result
 from .avimage import assemble, color_limits, pixel_grid, plot_image, tile_panels
 from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
 
@@ -158,7 +159,7 @@ def plot_key(path, key: str, png) -> str:
     path, png = Path(path), Path(png)
     if not path.is_file():
         raise InputError(f"plot: file {str(path)!r} does not exist")
-    with h5py.File(path, "r") as f:
+    with open_result(path) as f:
         d = require_dataset(f, key)
         key = normalize_key(key)
         if d.dtype.kind not in "biuf":

@@ -8,7 +8,11 @@ Layout::
     /UserDataCfg/<det>/...          written once: constants, masks, parameters
     /Sums/<det>_<sum>               run totals
 
-The file is valid HDF5 after every :meth:`ResultWriter.append` (each batch is flushed).
+The file is valid HDF5 after every :meth:`ResultWriter.append` (each batch is flushed). After the
+first batch the file is in HDF5 SWMR mode, so it can be read while the run goes on
+(:func:`open_result`, h5py ``File(path, "r", swmr=True)``; a reader calls ``dataset.refresh()`` to see
+new events). SWMR forbids new objects, so the end-of-run writes (run sums, attributes) reopen the
+file in normal mode.
 """
 from __future__ import annotations
 
@@ -37,6 +41,16 @@ def _storable(value: Any):
     return json.dumps(value)
 
 
+def open_result(path) -> h5py.File:
+    """A result file for reading, also while ``gpusmall run`` is still writing it (SWMR)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "already open for write" not in str(exc):
+            raise
+        return h5py.File(path, "r", swmr=True)
+
+
 class ResultWriter:
     """Writes one result file; use as a context manager (closing flushes).
 
@@ -52,6 +66,7 @@ class ResultWriter:
         self.chunk_events = max(1, int(chunk_events))
         self.n_events = 0
         self._datasets: dict[str, h5py.Dataset] = {}
+        self.swmr = False
 
     def __enter__(self):
         return self
@@ -94,9 +109,23 @@ class ResultWriter:
         if n is not None:
             self.n_events += n
         self.file.flush()
+        if not self.swmr and self._datasets:
+            self.file.swmr_mode = True  # readers may now follow the file as it grows
+            self.swmr = True
+
+    def _leave_swmr(self) -> None:
+        """Reopen the file in normal mode so that new objects and attributes can be written."""
+        if not self.swmr:
+            return
+        self.file.flush()
+        self.file.close()
+        self.file = h5py.File(self.path, "a", libver="latest")
+        self._datasets = {name: self.file[name] for name in self._datasets}
+        self.swmr = False
 
     def write_static(self, group: str, values: dict[str, Any]) -> None:
         """Write values once under ``group`` (e.g. ``UserDataCfg/<det>``); replaces existing ones."""
+        self._leave_swmr()
         g = self.file.require_group(group)
         for key, value in values.items():
             if value is None:
@@ -111,6 +140,7 @@ class ResultWriter:
         self.file.flush()
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        self._leave_swmr()
         obj = self.file.require_group(path) if path not in ("", "/") else self.file
         for k, v in attrs.items():
             obj.attrs[k] = _storable(v)
