@@ -5,6 +5,8 @@
 
 Prints:
   end to end     reduce_run (simulated source in the reader thread, compute, HDF5): events/s, raw GB/s
+  pinned->file   batches already in pinned host memory -> upload, reduce, results appended to an HDF5
+                 file (the issue-7 whole-pipeline measure, without the source)
   compute only   the same batches already in (pinned) host memory: events/s and raw GB/s of
                  upload + calibrate + reduce + results to host; on CuPy the transfer (host->device)
                  and device time are measured separately with CUDA events
@@ -28,6 +30,7 @@ from gpusmall.cli import demo_config_dict  # noqa: E402
 from gpusmall.producer.config import load_config, validate_config  # noqa: E402
 from gpusmall.producer.mpi import Comm  # noqa: E402
 from gpusmall.producer.pipeline import DetectorPipeline  # noqa: E402
+from gpusmall.io.writer import ResultWriter  # noqa: E402
 from gpusmall.producer.process import BatchProcessor, DeviceTimes  # noqa: E402
 from gpusmall.producer.run import reduce_run  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
@@ -44,11 +47,13 @@ def end_to_end(cfg, backend, events, out):
     return s.events / s.seconds, s.events * nbytes / s.seconds / 1e9
 
 
-def compute_only(cfg, backend, events, repeat=3, overlap=True):
+def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     """Batches already in (pinned) host memory through BatchProcessor, as reduce_run drives it.
 
     ``overlap``: stage (upload) batch k+1 before reducing batch k, as the run loop does; False: one
-    batch at a time (upload, then reduce), to show what the overlap gains.
+    batch at a time (upload, then reduce), to show what the overlap gains. ``out``: also append every
+    batch's results to this HDF5 file (ResultWriter, flushed per batch), i.e. "pinned host memory to a
+    written file", the issue-7 measure without the source.
     """
     with open_source(cfg) as src:
         nbytes = raw_bytes_per_event(src)
@@ -63,20 +68,24 @@ def compute_only(cfg, backend, events, repeat=3, overlap=True):
     proc.process(batches[0])  # warm-up: kernel compilation, memory pool
     backend.synchronize()
     proc.times = DeviceTimes()
+    writer = ResultWriter(out, chunk_events=cfg.batch_size) if out else None
+    emit = writer.append if writer else (lambda columns: None)
     t0 = time.perf_counter()
     for _ in range(repeat):
         pending = None
         for batch in batches:
             staged = proc.stage(batch)
             if not overlap:
-                proc.process(staged)
+                emit(proc.process(staged))
                 continue
             if pending is not None:
-                proc.process(pending)
+                emit(proc.process(pending))
             pending = staged
         if pending is not None:
-            proc.process(pending)
+            emit(proc.process(pending))
     backend.synchronize()
+    if writer:
+        writer.close()
     dt = (time.perf_counter() - t0) / repeat
     result = {"events_per_s": events / dt, "gb_per_s": events * nbytes / dt / 1e9, "wall_s": dt}
     if backend.is_gpu:
@@ -123,6 +132,9 @@ def main(argv=None):
         out = args.out or str(Path(tmp) / "bench.h5")
         ev, gb = end_to_end(cfg, backend, args.events, out)
         print(f"end to end   : {ev:9.1f} events/s  {gb:7.3f} GB/s raw (source + compute + HDF5)")
+        to_file = compute_only(cfg, backend, args.events, out=str(Path(tmp) / "pinned_to_file.h5"))
+        print(f"pinned->file : {to_file['events_per_s']:9.1f} events/s  {to_file['gb_per_s']:7.3f} GB/s raw "
+              f"(batches in pinned host memory -> upload, reduce, results -> HDF5; overlapped)")
     results = {}
     for overlap in (True, False) if backend.is_gpu else (True,):
         r = results["overlapped" if overlap else "serial"] = compute_only(cfg, backend, args.events, overlap=overlap)
@@ -139,6 +151,8 @@ def main(argv=None):
         r["pinned_gb_per_s"], r["pageable_gb_per_s"] = bw["pinned"], bw["pageable"]
         if "serial" in results:
             r["serial_events_per_s"] = results["serial"]["events_per_s"]
+    results["overlapped"]["to_file_events_per_s"] = to_file["events_per_s"]
+    results["overlapped"]["to_file_gb_per_s"] = to_file["gb_per_s"]
     if args.json:
         path = Path(args.json)
         runs = json.loads(path.read_text()) if path.is_file() else []
