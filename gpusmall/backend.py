@@ -43,21 +43,29 @@ def find_kernel_source(filename: str) -> Path:
     raise FileNotFoundError(f"CUDA source {filename!r} not found in {[str(d) for d in kernel_dirs()]}")
 
 
-@functools.lru_cache(maxsize=1)
-def gpu_status() -> tuple[bool, str]:
-    """(usable, reason): whether CuPy can import and run a kernel on a GPU."""
+@functools.lru_cache(maxsize=None)
+def gpu_status(device_id: int | None = None) -> tuple[bool, str]:
+    """(usable, reason): whether CuPy can import and run a kernel on GPU ``device_id`` (default 0).
+
+    The probe runs on that device only, so MPI ranks that use GPUs 1, 2, ... do not also open a
+    context (hundreds of MB) on GPU 0.
+    """
     try:
         import cupy  # noqa: F401
     except Exception as exc:  # ImportError, or a broken CUDA install
         return False, f"cupy not importable ({type(exc).__name__}: {exc})"
     try:
-        n = cupy.cuda.runtime.getDeviceCount()
+        n = cupy.cuda.runtime.getDeviceCount()  # makes no context
         if n < 1:
             return False, "no CUDA device"
-        (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        dev = 0 if device_id is None else int(device_id)
+        if not 0 <= dev < n:
+            return False, f"no CUDA device {dev} ({n} visible)"
+        with cupy.cuda.Device(dev):
+            (cupy.arange(4, dtype=cupy.float32) * 2).sum().item()
+        props = cupy.cuda.runtime.getDeviceProperties(dev)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-        return True, f"{name} (device {cupy.cuda.Device().id} of {n})"
+        return True, f"{name} (device {dev} of {n})"
     except Exception as exc:
         return False, f"no usable CUDA device ({type(exc).__name__}: {exc})"
 
@@ -77,7 +85,7 @@ class Backend:
         self.name = name
         self._kernels: dict[tuple[str, str, tuple[str, ...]], Any] = {}
         if name == "cupy":
-            ok, why = gpu_status()
+            ok, why = gpu_status(device_id)
             if not ok:
                 raise BackendError(f"backend 'cupy' was asked for but no GPU is usable: {why}")
             import cupy
@@ -170,7 +178,7 @@ def get_backend(argument: str | None = None, config: str | None = None, device_i
     """Choose the backend once for a run (see module docstring) and say what was chosen."""
     choice = resolve_choice(argument, config)
     if choice == "auto":
-        ok, why = gpu_status()
+        ok, why = gpu_status(device_id)
         choice = "cupy" if ok else "numpy"
         if not ok:
             log.info("backend auto: numpy (%s)", why)

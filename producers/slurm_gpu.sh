@@ -9,6 +9,9 @@
 # master and its parts together. If the job is killed (time limit: SLURM sends SIGTERM first, see
 # --signal below), every rank closes its part after the batch in hand; rank 0 writes the master
 # when it can; otherwise run `gpusmall merge <output>` afterwards.
+# A psana source given as exp/run is distributed by psana itself: ranks 0 and 1 read small data and build
+# events, ranks 2.. reduce. Ask for two tasks more than GPUs (e.g. --ntasks-per-node=6 with 4 GPUs and no
+# --gpu-bind): ranks 2..5 then take GPUs 2, 3, 0, 1 (local rank % GPUs), one reducing rank per GPU.
 #SBATCH --job-name=gpusmall
 #SBATCH --partition=ampere
 #SBATCH --nodes=1

@@ -67,3 +67,38 @@ def test_allocator_keeps_freed_memory_on_glibc():
         assert ok
     a = np.ones((64, 512, 512), np.float32)  # a large block from the heap still works as memory
     assert float(a.sum()) == 64 * 512 * 512
+
+
+def test_gpu_probe_runs_on_the_ranks_device_only(monkeypatch):
+    """An MPI rank on GPU 3 must not open a context on GPU 0 while checking that its GPU works."""
+    import sys
+    import types
+
+    used = []
+
+    class Device:
+        def __init__(self, i=0):
+            self.id = i
+
+        def __enter__(self):
+            used.append(self.id)
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def arange(n, dtype=None):
+        assert used, "a kernel ran before a device was chosen"
+        return np.arange(n, dtype=dtype)
+
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 4,
+                                    getDeviceProperties=lambda i: {"name": b"Fake H100"})
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=Device), arange=arange,
+                                 float32=np.float32)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    gpu_status.cache_clear()
+    try:
+        assert gpu_status(3) == (True, "Fake H100 (device 3 of 4)") and used == [3]
+        assert gpu_status(7)[0] is False and "no CUDA device 7" in gpu_status(7)[1]
+    finally:
+        gpu_status.cache_clear()
