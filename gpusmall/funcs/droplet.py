@@ -81,10 +81,11 @@ def label_stack(xp, mask):
         flat = labels.ravel()
         idx = xp.flatnonzero(flat)
         lab = flat[idx]
-        first = xp.full(n + 1, flat.size, xp.int64)
+        # cupyx.scatter_min takes int32, uint32, uint64, float32 or float64 (not int64)
+        first = xp.full(n + 1, flat.size, xp.uint64)
         import cupyx
 
-        cupyx.scatter_min(first, lab, idx.astype(xp.int64))
+        cupyx.scatter_min(first, lab, idx.astype(xp.uint64))
         order = xp.argsort(first[1:])
         rank = xp.empty(n + 1, xp.int32)
         rank[0] = 0
