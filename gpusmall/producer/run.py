@@ -74,11 +74,11 @@ class RunSummary:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
 
 
-def progress_bar(total: int | None, quiet: bool):
+def progress_bar(total: int | None, quiet: bool, desc: str = "gpusmall"):
     """A tqdm bar on stderr with events/s; off with ``quiet`` or when stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="ev", desc="gpusmall", file=sys.stderr, dynamic_ncols=True,
+    return tqdm(total=total, unit="ev", desc=desc, file=sys.stderr, dynamic_ncols=True,
                 disable=quiet or not sys.stderr.isatty())
 
 
@@ -209,8 +209,11 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             n = events if n is None else min(n, events)
         if getattr(source, "distributed", False):  # psana's MPI distribution hands this rank its events
             start, end = 0, None
+            # ranks 0 and 1 read small data and build events: the first reducing rank shows its own events
+            bar_rank, bar_scale, desc = min(2, comm.size - 1), 1, f"gpusmall rank {min(2, comm.size - 1)}"
         else:
             start, end = block_range(n, cfg.batch_size, comm.rank, comm.size)
+            bar_rank, bar_scale, desc = 0, comm.size, "gpusmall"
         pipelines = {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend)
                      for name, dcfg in cfg.detectors.items()}
         proc = BatchProcessor(pipelines, backend, cfg.batch_size)
@@ -219,7 +222,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                 if p.name not in {part_path(out_path, r).name for r in range(comm.size)}:
                     p.unlink()  # left by an earlier run with more ranks
         with ResultWriter(my_path, chunk_events=cfg.batch_size) as writer, \
-                progress_bar(n, quiet or comm.rank > 0) as bar:
+                progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar:
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
                                    "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
                                    "first_event": start, "last_event": -1 if end is None else end,
@@ -237,7 +240,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                     reader.release(staged.batch)
                 writer.append(columns)
                 done += len(staged)
-                bar.update(len(staged) * comm.size)
+                bar.update(len(staged) * bar_scale)
 
             pending = None  # staged (uploading) batch, reduced once the next one is staged
             try:
