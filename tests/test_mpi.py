@@ -21,6 +21,7 @@ import yaml
 
 from gpusmall.backend import Backend
 from gpusmall.io.master import build_master, find_parts, part_path
+from gpusmall.io.writer import ResultWriter
 from gpusmall.producer.config import validate_config
 from gpusmall.producer.mpi import Comm, block_range, get_comm
 from gpusmall.producer.run import reduce_run
@@ -180,6 +181,38 @@ def test_merge_of_interrupted_part(tmp_path):
         assert n == 32 and not bool(f.attrs["complete"])
         np.testing.assert_array_equal(f["event_index"][()], np.arange(n))
         assert f["cam/rebin_data"].shape[0] == n
+
+
+KILLED_RANK = """
+import os, sys
+import numpy as np
+from gpusmall.io.writer import ResultWriter
+w = ResultWriter(sys.argv[1], chunk_events=4)
+w.set_attrs("/", {"rank": 1, "complete": False})
+for b in range(3):  # three batches of events 100.. flushed, then the process dies without closing
+    ev = 100 + 4 * b + np.arange(4)
+    w.append({"timestamp": (1000 + ev).astype(np.uint64), "event_index": ev, "cam/v": ev * 1.5})
+os._exit(0)
+"""
+
+
+def test_merge_with_a_part_left_open_by_a_killed_rank(tmp_path):
+    """A rank killed hard (no close) leaves its part in SWMR mode: plain opens fail, so the master copies
+    its data (a virtual dataset could not read it) and keeps every flushed batch."""
+    out = tmp_path / "k.h5"
+    with ResultWriter(part_path(out, 0), chunk_events=4) as w:
+        w.set_attrs("/", {"rank": 0, "complete": True})
+        ev = np.arange(100)
+        w.append({"timestamp": (1000 + ev).astype(np.uint64), "event_index": ev, "cam/v": ev * 1.5})
+    subprocess.run([sys.executable, "-c", KILLED_RANK, str(part_path(out, 1))], env=env(), check=True, timeout=60)
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(part_path(out, 1), "r")
+    info = build_master(out)
+    assert info["events"] == 112 and not info["complete"]
+    with h5py.File(out, "r") as f:
+        assert not f["cam/v"].is_virtual
+        np.testing.assert_array_equal(f["timestamp"][()], 1000 + np.arange(112))
+        np.testing.assert_array_equal(f["cam/v"][()], np.arange(112) * 1.5)
 
 
 def test_missing_parts_error(tmp_path):

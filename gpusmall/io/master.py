@@ -5,8 +5,9 @@ Each rank ``r`` writes ``<stem>.part<r>.h5`` with the per-event datasets of its 
 
 - every per-event dataset as an HDF5 virtual dataset (h5py VDS) over the parts, in timestamp order:
   one mapping per run of consecutive events of one part (one per part for contiguous blocks, one per
-  psana batch when psana's MPI distribution interleaves the ranks' events; beyond
-  :data:`MAX_MAPPINGS` runs the master holds sorted copies instead);
+  psana batch when psana's MPI distribution interleaves the ranks' events); the master holds sorted
+  copies instead beyond :data:`MAX_MAPPINGS` runs, or when a part was left open by a rank killed hard
+  (it then reads only in SWMR mode, which a virtual dataset's source cannot);
 - ``event_index`` as a virtual dataset too, unless the parts count their events locally (attribute
   ``event_index_local``, psana's MPI distribution): then it is renumbered 0, 1, ... in timestamp order;
 - ``/UserDataCfg`` copied from the first part (rank 0 when it exists);
@@ -75,7 +76,17 @@ def _merge_sum(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Part:
     def __init__(self, path: Path):
         self.path = path
-        self.file = h5py.File(path, "r")
+        try:
+            self.file = h5py.File(path, "r")
+            self.clean = True
+        except OSError as exc:
+            if "already open for write" not in str(exc):
+                raise
+            # a rank killed hard (SIGKILL, node failure) while writing: the part is in SWMR mode, so it
+            # reads with swmr=True, but plain opens (as a virtual dataset's source) fail until `h5clear -s`
+            self.file = h5py.File(path, "r", swmr=True)
+            self.clean = False
+            log.warning("part %s was not closed (its rank was killed?): the master copies its data", path)
         self.names = per_event_names(self.file)
         self.n = min((self.file[k].shape[0] for k in self.names), default=0)
         ts = self.file["timestamp"][: self.n] if "timestamp" in self.file else np.arange(self.n, dtype=np.uint64)
@@ -139,6 +150,7 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
     with_events.sort(key=lambda p: (int(p.ts[0]), str(p.path)))
     runs = segments([p.ts for p in with_events])
     local_index = any(bool(p.file.attrs.get("event_index_local", False)) for p in parts)
+    virtual = len(runs) <= MAX_MAPPINGS and all(p.clean for p in with_events)
     names = sorted(set().union(*(p.names for p in with_events))) if with_events else []
     total = sum(p.n for p in with_events)
     tmp = output.with_name(output.name + ".tmp")
@@ -159,7 +171,7 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
             tail, dtype = d0.shape[1:], d0.dtype
             if name == "event_index" and local_index:
                 out.create_dataset(name, data=np.arange(total, dtype=np.int64))
-            elif len(runs) <= MAX_MAPPINGS:
+            elif virtual:
                 layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
                 sources = []
                 for p in src:
