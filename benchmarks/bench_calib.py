@@ -6,21 +6,27 @@ Optional: GPUSMALL_BENCH_EVENTS (default 64) events per batch, GPUSMALL_BENCH_PA
 Each case reports events/s and GB/s (raw uint16 in + float32 out) in ``extra_info``:
 * ``calib``: raw -> calibrated, no common mode (one fused kernel on CuPy);
 * ``calib_cm``: raw -> pedestal -> median common mode (rows, cols; high ranges) -> scaled output;
-* ``per_event_masked``: the straightforward per-event NumPy version (psana-like masked-array medians);
+* ``per_event_masked``: the straightforward per-event NumPy version (psana-like masked-array medians;
+  ``benchmarks/reference_pipeline.py``);
 * ``d2d_copy`` (CuPy only): a device-to-device copy of the same bytes, the memory-bandwidth ceiling.
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpusmall.backend import get_backend
-from gpusmall.calib import Calibrator, unit_scale
+from gpusmall.calib import Calibrator
 from gpusmall.calib.common_mode import MedianCommonMode
 from gpusmall.detectors import get_model
 from gpusmall.detectors.constants import Constants
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_pipeline import per_event_masked  # noqa: E402  (benchmarks/reference_pipeline.py)
 
 MODEL = get_model("epix10ka")
 EVENTS = int(os.environ.get("GPUSMALL_BENCH_EVENTS", 64))
@@ -81,31 +87,6 @@ def test_calib_cm(benchmark, backend, case):
     cal = Calibrator(MODEL, c, mask, backend, common_mode=cm)
     _run(benchmark, backend, lambda: cal(raw))
     _report(benchmark, host.nbytes + host.size * 4)
-
-
-def per_event_masked(raw, c, mask, max_correction=100.0, min_pixels=10):
-    """psana-like: per event, masked-array medians per bank row segment, then per half-panel column."""
-    ped3 = c.pedestal[3]
-    scale = unit_scale(c.gain, "adu")
-    high = np.isin(np.arange(MODEL.n_gains), MODEL.high_gain_ranges)
-    br, bc = MODEL.bank_shape
-    out = np.empty(raw.shape, np.float32)
-    for e in range(raw.shape[0]):
-        g = MODEL.gain_index(raw[e][None])[0]
-        s = (raw[e] & 0x3FFF).astype(np.float32) - np.where(g == 5, c.pedestal[5], ped3)
-        use = mask & high[np.clip(g, 0, 6)]
-        p, r, cc = s.shape
-        ma = np.ma.array(s.reshape(p, r, cc // bc, bc), mask=~use.reshape(p, r, cc // bc, bc))
-        med = np.ma.median(ma, axis=-1).filled(0)
-        ok = (ma.count(axis=-1) > min_pixels) & (np.abs(med) < max_correction)
-        s = np.where(use, s - np.where(ok, med, 0)[..., None].repeat(bc, -1).reshape(s.shape), s)
-        ma = np.ma.array(s.reshape(p, r // br, br, cc), mask=~use.reshape(p, r // br, br, cc))
-        med = np.ma.median(ma, axis=2).filled(0)
-        ok = (ma.count(axis=2) > min_pixels) & (np.abs(med) < max_correction)
-        s = np.where(use, (s.reshape(p, r // br, br, cc) - np.where(ok, med, 0)[:, :, None]).reshape(s.shape), s)
-        good = mask & (g >= 0)
-        out[e] = np.where(good, s * np.where(g == 5, scale[5], scale[3]), 0)
-    return out
 
 
 def test_per_event_masked(benchmark, backend, case):

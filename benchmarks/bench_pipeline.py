@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--events 64] [--batch 16] [--backend auto|numpy|cupy]
                                         [--config CONFIG] [--out /tmp/bench.h5] [--json RESULTS.json]
+                                        [--reference-events 16]
 
 Prints:
   end to end     reduce_run (simulated source in the reader thread, compute, HDF5): events/s, raw GB/s
@@ -11,6 +12,9 @@ Prints:
                  upload + calibrate + reduce + results to host; on CuPy the transfer (host->device)
                  and device time are measured separately with CUDA events
   pinned copy    host->device bandwidth reference (CuPy only): pinned vs pageable
+  reference      the straightforward per-event NumPy pipeline (benchmarks/reference_pipeline.py) on
+                 min(--reference-events, --events) events of the same batches in host memory, and the
+                 ratio pinned->file / reference (the benchmark rules' whole-pipeline figure)
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from gpusmall.io.writer import ResultWriter  # noqa: E402
 from gpusmall.producer.process import BatchProcessor, DeviceTimes  # noqa: E402
 from gpusmall.producer.run import reduce_run  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
+from reference_pipeline import PerEventReference  # noqa: E402  (benchmarks/, the script's directory)
 
 
 def raw_bytes_per_event(source) -> int:
@@ -47,6 +52,23 @@ def end_to_end(cfg, backend, events, out):
     return s.events / s.seconds, s.events * nbytes / s.seconds / 1e9
 
 
+def pipelines(cfg, src, backend):
+    """{det: DetectorPipeline} of the config, for an open source, on ``backend``."""
+    return {n: DetectorPipeline(n, d, src.detectors[n], cfg.function_specs(n), backend)
+            for n, d in cfg.detectors.items()}
+
+
+def read_pinned(cfg, src, backend, events):
+    """The run's first ``events`` events, batch by batch, read into pinned host memory (page-locked on CuPy,
+    plain NumPy arrays on the NumPy backend): a list of RawBatch."""
+    batches = []
+    for b in range(0, events, cfg.batch_size):
+        stop = min(b + cfg.batch_size, events)
+        bufs = {n: backend.pinned_empty((stop - b, *d.shape), d.dtype) for n, d in src.detectors.items()}
+        batches.append(src.read(b, stop, out=bufs))
+    return batches
+
+
 def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     """Batches already in (pinned) host memory through BatchProcessor, as reduce_run drives it.
 
@@ -57,13 +79,8 @@ def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     """
     with open_source(cfg) as src:
         nbytes = raw_bytes_per_event(src)
-        pls = {n: DetectorPipeline(n, d, src.detectors[n], cfg.function_specs(n), backend)
-               for n, d in cfg.detectors.items()}
-        batches = []
-        for b in range(0, events, cfg.batch_size):
-            stop = min(b + cfg.batch_size, events)
-            bufs = {n: backend.pinned_empty((stop - b, *d.shape), d.dtype) for n, d in src.detectors.items()}
-            batches.append(src.read(b, stop, out=bufs))
+        pls = pipelines(cfg, src, backend)
+        batches = read_pinned(cfg, src, backend, events)
     proc = BatchProcessor(pls, backend, cfg.batch_size)
     proc.process(batches[0])  # warm-up: kernel compilation, memory pool
     backend.synchronize()
@@ -113,6 +130,28 @@ def pinned_bandwidth(backend, nbytes=256 << 20):
     return out
 
 
+def reference(cfg, backend, events):
+    """Events/s of :class:`PerEventReference` (one event at a time, NumPy + SciPy, every detector) on the
+    first ``events`` events of the same pinned batches as :func:`compute_only`; one untimed warm-up event.
+
+    The reference is built from NumPy-backend DetectorPipelines of the same config (constants, mask, azav
+    bin map). It keeps its results in memory and writes no file, so if anything the ratio understates gpusmall.
+    """
+    with open_source(cfg) as src:
+        refs = {n: PerEventReference(pl) for n, pl in pipelines(cfg, src, get_backend("numpy")).items()}
+        batches = read_pinned(cfg, src, backend, events)
+    raws = [{n: a[e] for n, a in batch.raw.items()} for batch in batches  # one event: det -> (panels, rows, cols)
+            for e in range(len(batch))]
+    for n, ref in refs.items():
+        ref.process_event(raws[0][n])  # warm-up
+    t0 = time.perf_counter()
+    for raw in raws:
+        for n, ref in refs.items():
+            ref.process_event(raw[n])
+    dt = time.perf_counter() - t0
+    return {"events_per_s": len(raws) / dt, "events": len(raws), "wall_s": dt}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="config file (default: the embedded demo config)")
@@ -121,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--backend", default=None, choices=("auto", "numpy", "cupy"))
     ap.add_argument("--out", help="output file (default: a temporary file)")
     ap.add_argument("--json", help="append this run's figures to a JSON list in this file (benchmarks/bench_to_md.py)")
+    ap.add_argument("--reference-events", type=int, default=16,
+                    help="events for the per-event NumPy reference, at most --events (0: skip it)")
     args = ap.parse_args(argv)
     data = demo_config_dict() if not args.config else None
     cfg = load_config(args.config) if args.config else validate_config(data, base_dir=Path.cwd())
@@ -153,6 +194,15 @@ def main(argv=None):
             r["serial_events_per_s"] = results["serial"]["events_per_s"]
     results["overlapped"]["to_file_events_per_s"] = to_file["events_per_s"]
     results["overlapped"]["to_file_gb_per_s"] = to_file["gb_per_s"]
+    n_ref = min(args.reference_events, args.events)
+    if n_ref > 0:
+        ref = reference(cfg, backend, n_ref)
+        ratio = to_file["events_per_s"] / ref["events_per_s"]
+        print(f"per-event NumPy reference: {ref['events_per_s']:9.2f} events/s ({ref['events']} events, "
+              f"{ref['wall_s']:.1f} s; benchmarks/reference_pipeline.py)")
+        print(f"batched {backend.name} pinned->file / reference: {ratio:.1f} x")
+        results["overlapped"]["reference_events_per_s"] = ref["events_per_s"]
+        results["overlapped"]["reference_events"] = ref["events"]
     if args.json:
         path = Path(args.json)
         runs = json.loads(path.read_text()) if path.is_file() else []

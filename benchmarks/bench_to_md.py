@@ -4,10 +4,12 @@
 
 Inputs: ``pytest --benchmark-json`` files of ``benchmarks/bench_calib.py`` / ``bench_funcs.py`` (the backend of
 each file is read from the file name (``*cupy*``, ``*numpy*``) or its ``GPUSMALL_BACKEND`` record, else its
-order), and the ``--json`` list that ``benchmarks/bench_pipeline.py`` appends to. Output, per file: the
-calibration rows (s / batch, events/s, GB/s, ratio vs the per-event reference, and vs the device-to-device copy
-where there is one), the function rows (events/s; ratio of the CPU-side pairs gpusmall vs pyFAI / scipy), and,
-with a CuPy and a NumPy file, one table of CuPy vs NumPy per benchmark. Missing benchmarks are left out.
+order), and the ``--json`` list that ``benchmarks/bench_pipeline.py`` appends to (with the per-event NumPy
+reference of ``benchmarks/reference_pipeline.py`` and the ratio pinned->file / reference where it was run).
+Output, per file: the calibration rows (s / batch, events/s, GB/s, ratio vs the per-event reference, and vs the
+device-to-device copy where there is one), the function rows (events/s; ratio of the CPU-side pairs gpusmall vs
+pyFAI / scipy), and, with a CuPy and a NumPy file, one table of CuPy vs NumPy per benchmark. Missing benchmarks are
+left out.
 """
 from __future__ import annotations
 
@@ -131,16 +133,19 @@ def pipeline_rows(path: Path) -> list[str]:
     out = [f"### Whole pipeline (`benchmarks/bench_pipeline.py`, {path.name})", "",
            "| backend | config | batch | events | end to end events/s | GB/s raw | pinned->file events/s "
            "| compute only events/s | GB/s raw "
-           "| no-overlap events/s | device-only events/s | H2D GB/s | pinned / pageable GB/s |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| no-overlap events/s | device-only events/s | H2D GB/s | pinned / pageable GB/s "
+           "| per-event NumPy ref events/s | pinned->file / ref |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         c = r["compute_only"]
         pin = (f"{fmt(c['pinned_gb_per_s'])} / {fmt(c['pageable_gb_per_s'])}" if "pinned_gb_per_s" in c else "-")
+        ref, to_file = c.get("reference_events_per_s"), c.get("to_file_events_per_s")
+        ratio = f"**{to_file / ref:.1f}x**" if ref and to_file else "-"
         out.append(f"| {r['backend']} | {r['config']} | {r['batch']} | {r['events']} | {fmt(r['end_to_end']['events_per_s'])} "
                    f"| {fmt(r['end_to_end']['gb_per_s'])} | {fmt(c.get('to_file_events_per_s'))} "
                    f"| {fmt(c['events_per_s'])} | {fmt(c['gb_per_s'])} "
                    f"| {fmt(c.get('serial_events_per_s'))} | {fmt(c.get('device_events_per_s'))} "
-                   f"| {fmt(c.get('h2d_gb_per_s'))} | {pin} |")
+                   f"| {fmt(c.get('h2d_gb_per_s'))} | {pin} | {fmt(ref)} | {ratio} |")
     return out + [""]
 
 
