@@ -402,3 +402,24 @@ def test_master_segments_follow_timestamps():
         out[o:o + c] = (a, b)[i][s:s + c]
     np.testing.assert_array_equal(out, np.arange(1, 11))
     assert segments([a]) == [(0, 0, 5, 0)] and segments([]) == []
+
+
+def test_reader_failure_keeps_every_batch_read_before_it(tmp_path, monkeypatch):
+    """The batch staged while the next one was being read is still reduced when that read fails."""
+    from gpusmall.sources import sim
+
+    orig = sim.SimSource.read
+
+    def failing(self, start, stop, out=None):
+        if start >= 24:
+            raise OSError("disk vanished")
+        return orig(self, start, stop, out)
+
+    monkeypatch.setattr(sim.SimSource, "read", failing)
+    with pytest.raises(OSError, match="vanished"):
+        run_inproc(cam_config(tmp_path, batch=8, out="r.h5"), tmp_path)
+    ref = run_inproc(cam_config(tmp_path, events=24, batch=8, out="ref24.h5"), tmp_path)
+    assert ref.events == 24
+    with h5py.File(tmp_path / "r.h5") as f, h5py.File(tmp_path / "ref24.h5") as g:
+        assert int(f.attrs["events"]) == 24 and not bool(f.attrs["complete"])
+        np.testing.assert_array_equal(f["cam/roi0_sum"][()], g["cam/roi0_sum"][()])

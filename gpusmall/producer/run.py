@@ -247,16 +247,24 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                 for batch in reader:
                     staged = proc.stage(batch)  # upload of this batch overlaps the reduction of the last
                     if pending is not None:
-                        finish(pending)
+                        last, pending = pending, None
+                        finish(last)
                     pending = staged
                     if stop:
                         break
-                if pending is not None:
-                    staged, pending = pending, None
-                    finish(staged)
             except Exception as exc:  # finish what exists, then re-raise
                 error = exc
                 stop.set(f"{type(exc).__name__}: {exc}")
+            try:
+                if pending is not None:  # read and staged: reduce it, also after a failure of the reader
+                    last, pending = pending, None
+                    finish(last)
+            except Exception as exc:
+                if error is None:
+                    error = exc
+                    stop.set(f"{type(exc).__name__}: {exc}")
+                else:
+                    log.warning("the batch read before the failure could not be reduced: %s", exc)
             finally:
                 reader.close()
             for name, pl in pipelines.items():
