@@ -67,10 +67,13 @@ class Hdf5Source(Source):
             try:
                 self.file = h5py.File(self.path, "r", swmr=True) if self.follow else h5py.File(self.path, "r")
                 self.swmr = self.follow
-            except OSError:
-                if not self.follow:
+            except OSError as exc:
+                if self.follow:
+                    self.file = h5py.File(self.path, "r")  # not written in SWMR mode: reopen to see more
+                elif "already open for write" in str(exc):  # being written (SWMR): read what is there now
+                    self.file = h5py.File(self.path, "r", swmr=True)
+                else:
                     raise
-                self.file = h5py.File(self.path, "r")  # not written in SWMR mode: reopen to see more
         except OSError as exc:
             raise InputError(f"source.path: cannot open {self.path!r}: {exc}") from None
         self.datasets = {}
