@@ -423,3 +423,15 @@ def test_reader_failure_keeps_every_batch_read_before_it(tmp_path, monkeypatch):
     with h5py.File(tmp_path / "r.h5") as f, h5py.File(tmp_path / "ref24.h5") as g:
         assert int(f.attrs["events"]) == 24 and not bool(f.attrs["complete"])
         np.testing.assert_array_equal(f["cam/roi0_sum"][()], g["cam/roi0_sum"][()])
+
+
+def test_inspect_warns_about_missing_parts(tmp_path):
+    from gpusmall.analysis.inspect import describe
+
+    data = cam_config(tmp_path, batch=8, out="w.h5")
+    for r in (1, 0):
+        run_inproc(data, tmp_path, comm=FakeComm(r, 2))
+    assert "WARNING" not in describe(tmp_path / "w.h5")
+    part_path(tmp_path / "w.h5", 1).unlink()
+    text = describe(tmp_path / "w.h5")
+    assert "WARNING" in text and "w.part1.h5" in text and "w.part0.h5" not in text.split("WARNING")[1]
