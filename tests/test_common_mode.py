@@ -277,67 +277,19 @@ def test_epix100(backend, rng, norm_all):
     np.testing.assert_allclose(run(backend, cm, s, good, np.zeros(shape, np.int8)), want, rtol=1e-5, atol=2e-3)
 
 
-def emulate_cm_median_step(s, good, g, n, n_outer, outer_stride, n_inner, inner_stride, elem_stride,
-                           range_mask, min_pixels, max_correction):
-    """kernels/common_mode.cu:cm_median_step transcribed statement by statement (all blocks at once),
-    with the launch geometry of launch_median_step, so its index arithmetic runs without a GPU."""
-    from gpusmall.calib.common_mode import _next_pow2
-
-    s = s.reshape(-1).copy()
-    good, g = good.reshape(-1), g.reshape(-1).astype(np.int64)
-    p2 = max(_next_pow2(n), 2)
-    half = p2 // 2
-    gpb = max(1, 256 // half)
-    n_groups = n_outer * n_inner
-    blocks = (n_groups + gpb - 1) // gpb
-    contiguous = elem_stride == 1
-    idx = np.arange(gpb * p2)
-    grp, k = (idx // p2, idx % p2) if contiguous else (idx % gpb, idx // gpb)
-    first = np.arange(blocks)[:, None] * gpb
-    gid = first + grp[None]
-    inside = (k[None] < n) & (gid < n_groups)
-    i = (gid // n_inner) * outer_stride + (gid % n_inner) * inner_stride + k[None] * elem_stride
-    i = np.where(inside, i, 0)
-    gi = g[i]
-    use = inside & good[i] & (gi >= 0) & (gi < 32) & (((range_mask >> np.clip(gi, 0, 31)) & 1) == 1)
-    sh = np.full((blocks, gpb, p2 + 1), np.inf, np.float32)
-    sh[:, grp, k] = np.where(use, s[i], np.inf)
-    count = np.zeros((blocks, gpb), int)
-    np.add.at(count, (np.arange(blocks)[:, None].repeat(idx.size, 1)[use], np.broadcast_to(grp, use.shape)[use]), 1)
-    j = np.arange(half)
-    size = 2
-    while size <= p2:
-        stride = size // 2
-        while stride > 0:
-            pos = 2 * j - (j & (stride - 1))
-            partner = pos + stride
-            asc = (pos & size) == 0
-            x, y = sh[:, :, pos].copy(), sh[:, :, partner].copy()
-            swap = (x > y) == asc[None, None]
-            sh[:, :, pos] = np.where(swap, y, x)
-            sh[:, :, partner] = np.where(swap, x, y)
-            stride //= 2
-        size *= 2
-    m = count
-    a = np.take_along_axis(sh, np.clip((m - 1) // 2, 0, p2)[..., None], 2)[..., 0]
-    b = np.take_along_axis(sh, np.clip(m // 2, 0, p2)[..., None], 2)[..., 0]
-    med = ((a + b) * np.float32(0.5)).astype(np.float32)
-    ok = (m > min_pixels) & (m > 0) & (np.abs(med) < max_correction)
-    mv = np.where(ok, med, np.nan)[np.arange(blocks)[:, None], grp[None]]
-    w = use & ~np.isnan(mv)
-    s[i[w]] = s[i[w]] - mv[w]
-    return s
-
-
 @pytest.mark.parametrize("model", [SMALL, EPIX, JF])
 def test_kernel_index_arithmetic_emulated(rng, model):
-    """The CUDA kernel's launch geometry, loads, bitonic network and stores give the reference result."""
+    """The CUDA kernel's launch geometry, loads, bitonic network and stores give the reference result
+    (launched through MedianCommonMode.gpu; the kernel's NumPy transcription and launch checks live in
+    test_kernel_launches)."""
+    from test_kernel_launches import FakeGpu
+
     shape = (2, 2) + model.panel_shape
     s, good, g = random_case(rng, shape)
-    br, bc = model.bank_shape
-    e, p, r, c = shape
     cm = MedianCommonMode(model, model.panel_shape, ["rows", "cols"], min_pixels=2, gain_ranges="high")
-    x = s.copy()
-    x = emulate_cm_median_step(x, good, g, bc, e * p * r, c, c // bc, bc, 1, cm.range_mask, 2, 100.0).reshape(shape)
-    x = emulate_cm_median_step(x, good, g, br, e * p * (r // br), br * c, c, 1, c, cm.range_mask, 2, 100.0)
+    gpu = FakeGpu()
+    on_gpu = MedianCommonMode(model, model.panel_shape, ["rows", "cols"], min_pixels=2, gain_ranges="high",
+                              backend=gpu)
+    x = on_gpu.gpu(s, good, g)
+    assert [name for name, *_ in gpu.launches] == ["cm_median_step"] * 2
     np.testing.assert_array_equal(x.reshape(shape), cm(s, good, g))

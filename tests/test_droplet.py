@@ -169,32 +169,12 @@ def test_gpu_labelling_branch_renumbers_like_scipy(monkeypatch):
     """label_stack's CuPy branch on the CPU: cupyx.scipy.ndimage.label stood in by scipy's with its labels
     shuffled (cupyx numbers them in its own order), cupyx.scatter_min by np.minimum.at with CuPy's dtype
     rule. The renumbering must give scipy's labels back exactly."""
-    import sys
-    import types
-
-    from scipy import ndimage as sp_ndimage
+    from fake_cupy import install_fake_cupyx, numpy_as_cupy
 
     from gpusmall.funcs.droplet import label_stack
 
-    def label(mask, structure=None):
-        lab, n = sp_ndimage.label(mask, structure=structure)
-        perm = np.concatenate([[0], 1 + np.random.default_rng(3).permutation(n)]).astype(np.int32)
-        return perm[lab], n
-
-    def scatter_min(a, slices, value):
-        if np.asarray(value).dtype not in (np.int32, np.uint32, np.uint64, np.float32, np.float64):
-            raise TypeError("scatter_min only supports int32, float32, float64, uint32, uint64 as data type")
-        np.minimum.at(a, slices, np.asarray(value, a.dtype))
-
-    ndi = types.ModuleType("cupyx.scipy.ndimage")
-    ndi.label = label
-    scipy_mod = types.ModuleType("cupyx.scipy")
-    scipy_mod.ndimage = ndi
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scipy, cupyx.scatter_min = scipy_mod, scatter_min
-    for name, mod in (("cupyx", cupyx), ("cupyx.scipy", scipy_mod), ("cupyx.scipy.ndimage", ndi)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    fake_xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
+    install_fake_cupyx(monkeypatch, seed=3)
+    fake_xp = numpy_as_cupy()
 
     mask = np.random.default_rng(0).random((3, 2, 20, 24)) > 0.7
     got, n = label_stack(fake_xp, mask)

@@ -10,16 +10,10 @@ CUDA itself (compilation is checked by ``test_kernels_compile``, numbers on a GP
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
-import scipy.fft
-import scipy.sparse
-from scipy import ndimage as sp_ndimage
+from fake_cupy import fake_cuda, install_fake_cupyx, numpy_as_cupy
 from test_kernel_launches import FakeGpu
-from test_process import FakeDeviceArray
 
 from gpusmall.backend import Backend
 from gpusmall.cli import demo_config_dict
@@ -29,73 +23,13 @@ from gpusmall.producer.process import BatchProcessor
 from gpusmall.sources.sim import SimSource
 
 
-class _Event:
-    def __init__(self, *a, **k):
-        pass
-
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-class _Stream:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-def fake_xp():
-    """NumPy under another name (``xp is np`` is False), with CuPy's extra attributes."""
-    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
-    xp.__name__ = "cupy"
-    xp.cuda = types.SimpleNamespace(Event=_Event, get_elapsed_time=lambda a, b: 1.0)
-    xp.empty = lambda shape, dtype=np.float64: np.empty(shape, dtype).view(FakeDeviceArray)
-    xp.asnumpy = np.asarray
-    xp.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
-    return xp
-
-
-def fake_cupyx(monkeypatch):
-    def label(mask, structure=None):
-        lab, n = sp_ndimage.label(mask, structure=structure)
-        perm = np.concatenate([[0], 1 + np.random.default_rng(1).permutation(n)]).astype(np.int32)
-        return perm[lab], n
-
-    def scatter_min(a, slices, value):
-        if np.asarray(value).dtype not in (np.int32, np.uint32, np.uint64, np.float32, np.float64):
-            raise TypeError("scatter_min only supports int32, float32, float64, uint32, uint64 as data type")
-        np.minimum.at(a, slices, np.asarray(value, a.dtype))
-
-    ndi = types.ModuleType("cupyx.scipy.ndimage")
-    ndi.label = label
-    sparse = types.ModuleType("cupyx.scipy.sparse")
-    sparse.csr_matrix = scipy.sparse.csr_matrix
-    sci = types.ModuleType("cupyx.scipy")
-    sci.ndimage, sci.sparse, sci.fft = ndi, sparse, scipy.fft
-    cupyx = types.ModuleType("cupyx")
-    cupyx.scipy, cupyx.scatter_min = sci, scatter_min
-    for name, mod in (("cupyx", cupyx), ("cupyx.scipy", sci), ("cupyx.scipy.ndimage", ndi),
-                      ("cupyx.scipy.sparse", sparse), ("cupyx.scipy.fft", scipy.fft)):
-        monkeypatch.setitem(sys.modules, name, mod)
-
-
 class FakeGpuXp(FakeGpu):
+    """FakeGpu (emulated kernels) whose ``xp`` is not NumPy and has CuPy's streams and events."""
+
     def __init__(self):
         super().__init__()
-        self.xp = fake_xp()
-
-    def stream(self, non_blocking: bool = True):
-        return _Stream()
+        cuda_parts, self.stream = fake_cuda([])
+        self.xp = numpy_as_cupy(cuda_parts)
 
 
 def demo_on(backend, shape=(2, 352, 384), events=6, batch=4):
@@ -125,7 +59,7 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4):
 
 
 def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch):
-    fake_cupyx(monkeypatch)
+    install_fake_cupyx(monkeypatch)
     gpu = FakeGpuXp()
     got, got_sums, proc = demo_on(gpu)
     want, want_sums, _ = demo_on(Backend("numpy"))

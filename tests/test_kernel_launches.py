@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers_funcs import make_ctx, make_frames, setup
+from test_calibration import make_case
 
 from gpusmall.backend import Backend, find_kernel_source
 from gpusmall.calib import Calibrator
@@ -276,12 +277,7 @@ def test_to_device_gives_c_contiguous_arrays():
 
 
 def _case(rng, model, shape, with_config, fortran=False):
-    n = model.n_gains
-    ped = rng.uniform(1000, 3000, (n,) + shape[1:]).round().astype(np.float32)
-    gain = rng.uniform(0.5, 20, (n,) + shape[1:]).astype(np.float32)
-    raw = rng.integers(0, 0x3FFF, shape).astype(np.uint16) | (rng.integers(0, 4, shape).astype(np.uint16) << 14)
-    mask = rng.random(shape[1:]) > 0.1
-    cfg = rng.integers(0, 32, shape[1:]).astype(np.uint8) if with_config else None
+    ped, gain, raw, mask, cfg = make_case(rng, model, shape, with_config)
     if fortran:  # constants as a reader might hand them over: Fortran-ordered
         ped, gain, mask = np.asfortranarray(ped), np.asfortranarray(gain), np.asfortranarray(mask)
         cfg = None if cfg is None else np.asfortranarray(cfg)

@@ -7,69 +7,18 @@ or a slot reused too early shows up as wrong sums.
 """
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
+from fake_cupy import fake_cuda
 
 from gpusmall.backend import Backend
 from gpusmall.producer.process import BatchProcessor, StagedBatch
 from gpusmall.sources.base import RawBatch
 
 
-class FakeDeviceArray(np.ndarray):
-    """A NumPy array with CuPy's ``set(host, stream=)``."""
-
-    def set(self, host, stream=None):
-        assert host.shape == self.shape and host.dtype == self.dtype
-        assert stream is not None, "uploads go on an explicit stream"
-        np.copyto(np.asarray(self), host)
-
-
-class OutOfMemoryError(MemoryError):
-    pass
-
-
-def fake_cupy(log, oom_slots=False):
-    class Event:
-        def __init__(self):
-            self.stream = None
-
-        def record(self, stream=None):
-            self.stream = stream
-            log.append(("record", stream.name))
-
-        def synchronize(self):
-            pass
-
-    class Stream:
-        def __init__(self, name):
-            self.name = name
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def wait_event(self, event):
-            log.append(("wait", self.name, event.stream.name))
-
-    def empty(shape, dtype):
-        if oom_slots and len(log) == 0:
-            raise OutOfMemoryError("Out of memory allocating the slots")
-        return np.empty(shape, dtype).view(FakeDeviceArray)
-
-    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.0)
-    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=np.asarray, asarray=np.asarray,
-                               get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
-    streams = iter([Stream("copy"), Stream("compute")])
-    return xp, lambda non_blocking=True: next(streams)
-
-
 def fake_gpu_backend(log, oom_slots=False) -> Backend:
     b = Backend("numpy")
-    xp, stream = fake_cupy(log, oom_slots)
+    xp, stream = fake_cuda(log, oom_slots)
     b.name, b.xp, b.description = "cupy", xp, "fake cupy (CPU)"
     b.stream = stream
     b.synchronize = lambda: None

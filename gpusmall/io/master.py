@@ -31,6 +31,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .writer import open_for_reading
+
 log = logging.getLogger(__name__)
 
 STATIC_GROUPS = ("UserDataCfg", "Sums")
@@ -76,16 +78,10 @@ def _merge_sum(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class _Part:
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self.file = h5py.File(path, "r")
-            self.clean = True
-        except OSError as exc:
-            if "already open for write" not in str(exc):
-                raise
-            # a rank killed hard (SIGKILL, node failure) while writing: the part is in SWMR mode, so it
-            # reads with swmr=True, but plain opens (as a virtual dataset's source) fail until `h5clear -s`
-            self.file = h5py.File(path, "r", swmr=True)
-            self.clean = False
+        # a rank killed hard (SIGKILL, node failure) leaves its part in SWMR mode: it reads with swmr=True,
+        # but plain opens (as a virtual dataset's source) fail until `h5clear -s`
+        self.file, self.clean = open_for_reading(path)
+        if not self.clean:
             log.warning("part %s was not closed (its rank was killed?): the master copies its data", path)
         self.names = per_event_names(self.file)
         self.n = min((self.file[k].shape[0] for k in self.names), default=0)
@@ -180,9 +176,11 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
                 for i, a, c, o in runs:
                     layout[o: o + c] = sources[i][a: a + c]
                 out.create_virtual_dataset(name, layout, fillvalue=None)
-            else:
-                order = np.argsort(np.concatenate([p.ts for p in src]), kind="stable")
-                data = np.concatenate([p.file[name][: p.n] for p in src])[order]
+            else:  # the same runs, copied
+                data = np.empty((total, *tail), dtype)
+                whole = [p.file[name][: p.n] for p in src]
+                for i, a, c, o in runs:
+                    data[o: o + c] = whole[i][a: a + c]
                 out.create_dataset(name, data=data, chunks=True if data.ndim else None)
             if name.endswith("/damaged"):
                 damaged[name.rsplit("/", 1)[0]] = int(sum(np.count_nonzero(p.file[name][: p.n]) for p in src))

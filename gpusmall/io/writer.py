@@ -41,14 +41,21 @@ def _storable(value: Any):
     return json.dumps(value)
 
 
-def open_result(path) -> h5py.File:
-    """A result file for reading, also while ``gpusmall run`` is still writing it (SWMR)."""
+def open_for_reading(path) -> tuple[h5py.File, bool]:
+    """(file, closed): an HDF5 file for reading, also while a writer holds it in SWMR mode (a run still
+    going, or one killed before it could close the file); ``closed`` is False in that case, when plain
+    opens (e.g. as a virtual dataset's source) fail."""
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r"), True
     except OSError as exc:
         if "already open for write" not in str(exc):
             raise
-        return h5py.File(path, "r", swmr=True)
+        return h5py.File(path, "r", swmr=True), False
+
+
+def open_result(path) -> h5py.File:
+    """A result file for reading, also while ``gpusmall run`` is still writing it (SWMR)."""
+    return open_for_reading(path)[0]
 
 
 class ResultWriter:

@@ -117,7 +117,6 @@ class BatchProcessor:
         gpu = backend.is_gpu
         self.copy_stream = backend.stream() if gpu else None
         self.compute_stream = backend.stream() if gpu else None
-        self.stream = self.compute_stream  # kept for callers of the single-stream era
         # Constants, bin maps and zeroed run sums were made on the legacy default stream, asynchronously
         # (cupy.asarray copies, fill kernels); the non-blocking streams above do not wait for it.
         backend.synchronize()

@@ -47,7 +47,7 @@ from ..io.writer import ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
 from .pipeline import DetectorPipeline
-from .process import BatchProcessor, DeviceTimes, fill_value, is_out_of_memory  # noqa: F401 (re-exported)
+from .process import BatchProcessor, DeviceTimes
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
+from ..io.writer import open_for_reading
 from .base import DetectorSource, RawBatch, Source
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,13 @@ class Hdf5Source(Source):
     # -- the file -------------------------------------------------------------------------------
     def _open(self) -> None:
         try:
-            try:
-                self.file = h5py.File(self.path, "r", swmr=True) if self.follow else h5py.File(self.path, "r")
-                self.swmr = self.follow
-            except OSError as exc:
-                if self.follow:
+            if not self.follow:  # a file being written in SWMR mode is read as it is now
+                self.file = open_for_reading(self.path)[0]
+            else:
+                try:
+                    self.file, self.swmr = h5py.File(self.path, "r", swmr=True), True
+                except OSError:
                     self.file = h5py.File(self.path, "r")  # not written in SWMR mode: reopen to see more
-                elif "already open for write" in str(exc):  # being written (SWMR): read what is there now
-                    self.file = h5py.File(self.path, "r", swmr=True)
-                else:
-                    raise
         except OSError as exc:
             raise InputError(f"source.path: cannot open {self.path!r}: {exc}") from None
         self.datasets = {}
