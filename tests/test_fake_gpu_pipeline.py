@@ -1,11 +1,12 @@
 """The whole demo function set through the CuPy code paths, on the CPU.
 
 A stand-in backend takes every GPU branch: ``is_gpu`` is True, ``xp`` is not NumPy (so the CuPy-only
-branches run too), kernels are the checked NumPy emulations of ``test_kernel_launches``, ``cupyx`` is
+branches run too), kernels are the checked NumPy emulations of ``test_kernel_launches`` or the CUDA
+sources themselves compiled for the CPU (``tests/cuda_cpu``), ``cupyx`` is
 replaced by SciPy with CuPy's restrictions where we know them (``scatter_min`` dtypes, labels numbered
 in another order), and streams/events are the stand-ins of ``test_process``. The batch goes through
 ``BatchProcessor`` (two-stream staging) and must give the NumPy backend's numbers. What this cannot see:
-CUDA itself (compilation is checked by ``test_kernels_compile``, numbers on a GPU by
+the GPU itself (compilation is checked by ``test_kernels_compile``, numbers on a GPU by
 ``test_pipeline_backends`` with ``GPUSMALL_BACKEND=cupy``).
 """
 from __future__ import annotations
@@ -24,10 +25,10 @@ from gpusmall.sources.sim import SimSource
 
 
 class FakeGpuXp(FakeGpu):
-    """FakeGpu (emulated kernels) whose ``xp`` is not NumPy and has CuPy's streams and events."""
+    """FakeGpu whose ``xp`` is not NumPy and has CuPy's streams and events."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, kernels="emulated"):
+        super().__init__(kernels)
         cuda_parts, self.stream = fake_cuda([])
         self.xp = numpy_as_cupy(cuda_parts)
 
@@ -58,9 +59,10 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4):
     return cols, sums, proc
 
 
-def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch):
+@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
+def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch, kernels):
     install_fake_cupyx(monkeypatch)
-    gpu = FakeGpuXp()
+    gpu = FakeGpuXp(kernels)
     got, got_sums, proc = demo_on(gpu)
     want, want_sums, _ = demo_on(Backend("numpy"))
     assert {name for name, *_ in gpu.launches} >= {"pedestal_u16", "cm_median_step", "scale_apply"}

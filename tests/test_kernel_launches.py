@@ -6,10 +6,13 @@ kernel's signature parsed from ``kernels/*.cu``, as CuPy would pass it: the argu
 argument an array of the exact dtype and C-contiguous (a kernel reads a strided view as if it were
 contiguous); every scalar a NumPy scalar of the exact C type (CuPy passes a Python int as 64 bits and a
 float as a double, which a kernel taking ``int`` or ``float`` reads as garbage); grid, block and dynamic
-shared-memory limits. The launch then runs a NumPy transcription of the kernel that also checks its
-index arithmetic stays inside the arrays, and the wrappers' results are compared with the NumPy backend.
+shared-memory limits. The launch then runs either a NumPy transcription of the kernel that also checks
+its index arithmetic stays inside the arrays, or the CUDA source itself compiled for the CPU
+(``tests/cuda_cpu``: block threads as fibers meeting at ``__syncthreads``, run forward and in reverse so
+a missing barrier shows), and the wrappers' results are compared with the NumPy backend.
 
-What this cannot see: CUDA compilation (``test_kernels_compile.py``), races inside a block, timing.
+What this cannot see: CUDA compilation (``test_kernels_compile.py``), warp-level behaviour and the GPU
+memory model, timing.
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ import sys
 import types
 from pathlib import Path
 
+import cuda_cpu
 import numpy as np
 import pytest
+from cuda_cpu import POINTER, SCALAR
 from helpers_funcs import make_ctx, make_frames, setup
 from test_calibration import make_case
 
@@ -38,26 +43,13 @@ SMALL = DetectorModel(type="small", panel_shape=(8, 12), default_panels=2, data_
                       gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=(4, 6),
                       high_gain_ranges=EPIX.high_gain_ranges)
 
-POINTER = {"float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
-           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32}
-SCALAR = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
 SHARED_LIMIT = 48 * 1024  # default dynamic shared memory per block without cudaFuncSetAttribute
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def signatures(filename: str) -> dict[str, list[tuple[str, str, bool]]]:
-    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in the file."""
-    src = re.sub(r"//[^\n]*", "", find_kernel_source(filename).read_text())
-    out = {}
-    for name, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
-        sig = []
-        for p in params.split(","):
-            p = " ".join(p.replace("__restrict__", " ").replace("const ", " ").split())
-            ptr = "*" in p
-            words = p.replace("*", " ").split()
-            sig.append((words[-1], " ".join(words[:-1]), ptr))
-        out[name] = sig
-    return out
+    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in kernels/<filename>."""
+    return cuda_cpu.signatures(find_kernel_source(filename).read_text())
 
 
 def kernels_used() -> set[tuple[str, str]]:
@@ -203,10 +195,15 @@ EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u1
 
 # ---- the fake backend ------------------------------------------------------------------------------------
 class FakeKernel:
-    def __init__(self, filename, name, launches):
+    """A checked launch, then the kernel's NumPy emulation or, with ``compiled``, the kernel itself
+    built for the CPU (tests/cuda_cpu), its threads run in ``order``."""
+
+    def __init__(self, filename, name, launches, compiled=False, order="forward"):
         sigs = signatures(filename)
         assert name in sigs, f"{filename} has no kernel {name!r} (it has {sorted(sigs)})"
         self.name, self.sig, self.launches = name, sigs[name], launches
+        self.cpu_kernel = cuda_cpu.build_file(find_kernel_source(filename)).kernel(name) if compiled else None
+        self.order = order
 
     def __call__(self, grid, block, args, shared_mem=0, **kw):
         assert not kw, f"unexpected launch keywords {kw}"
@@ -227,15 +224,24 @@ class FakeKernel:
                 assert isinstance(a, np.generic), f"{where}: got {type(a).__name__}; wrap it as np.{SCALAR[ctype].__name__}"
                 assert a.dtype == SCALAR[ctype], f"{where}: scalar of {a.dtype}"
         self.launches.append((self.name, grid, block, shared_mem))
-        EMULATORS[self.name](grid + (1,) * (3 - len(grid)), block, shared_mem, *args)
+        if self.cpu_kernel is not None:
+            self.cpu_kernel(grid, block, args, shared_mem=shared_mem, order=self.order)
+        else:
+            EMULATORS[self.name](grid + (1,) * (3 - len(grid)), block, shared_mem, *args)
 
 
 class FakeGpu(Backend):
-    """NumPy arrays on the CuPy code paths, with emulated kernels (see the module docstring)."""
+    """NumPy arrays on the CuPy code paths (see the module docstring). ``kernels``: "emulated" (NumPy
+    transcriptions) or "compiled" (the CUDA source itself, built for the CPU; skips without g++), whose
+    threads run in ``order`` ("forward", "reverse", "shuffle")."""
 
-    def __init__(self):
+    def __init__(self, kernels="emulated", order="forward"):
         super().__init__("numpy")
-        self.description = "fake GPU (NumPy arrays, emulated kernels)"
+        assert kernels in ("emulated", "compiled")
+        if kernels == "compiled" and cuda_cpu.compiler() is None:
+            pytest.skip("no C++ compiler to run the CUDA kernels on the CPU")
+        self.compiled, self.order = kernels == "compiled", order
+        self.description = f"fake GPU (NumPy arrays, {kernels} kernels)"
         self.launches = []
 
     @property
@@ -249,7 +255,7 @@ class FakeGpu(Backend):
         pass
 
     def kernel(self, filename, name, options=()):
-        return FakeKernel(filename, name, self.launches)
+        return FakeKernel(filename, name, self.launches, self.compiled, self.order)
 
 
 # ---- tests -----------------------------------------------------------------------------------------------
@@ -286,10 +292,11 @@ def _case(rng, model, shape, with_config, fortran=False):
 
 @pytest.mark.parametrize("units", ["adu", "photons"])
 @pytest.mark.parametrize("model,with_config", [(EPIX, True), (EPIX, False), (JF, False), (CAMERA, False)])
-def test_fused_calibration_kernel(rng, model, with_config, units):
+@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
+def test_fused_calibration_kernel(rng, model, with_config, units, kernels):
     shape = (3, 2, 6, 10)
     consts, raw, mask = _case(rng, model, shape, with_config, fortran=True)
-    gpu = FakeGpu()
+    gpu = FakeGpu(kernels)
     big = np.concatenate([raw, raw], axis=3)  # the wrapper gets a strided view and must copy it
     got = Calibrator(model, consts, mask, gpu, units=units, photon_energy_kev=9.5)(big[..., :10])
     want = Calibrator(model, consts, mask, Backend("numpy"), units=units, photon_energy_kev=9.5)(raw)
@@ -304,7 +311,8 @@ def test_fused_calibration_kernel(rng, model, with_config, units):
     (JF, (512, 1024), ["rows", "cols"], "high"),
     (CAMERA, (8, 2048), ["rows", "cols"], "all"),  # rows of 2048 > KERNEL_MAX_GROUP: the array path
 ])
-def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges):
+@pytest.mark.parametrize("kernels,order", [("emulated", "forward"), ("compiled", "reverse")])
+def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, kernels, order):
     shape = (1, 2) + panel if model is not JF else (1, 1) + panel
     consts, raw, mask = _case(rng, model, shape, with_config=model is EPIX)
     # values near the pedestal of each pixel's range, plus row offsets, so that medians matter
@@ -312,7 +320,7 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges):
     ped = np.take_along_axis(consts.pedestal[None], np.clip(gi, 0, model.n_gains - 1)[:, None].astype(np.intp), 1)[:, 0]
     vals = ped + rng.normal(0, 3, shape) + rng.normal(0, 20, shape[:3] + (1,))
     raw = (np.clip(np.rint(vals), 0, 0x3FFF).astype(np.uint16)) | (raw & np.uint16(0xC000))
-    gpu = FakeGpu()
+    gpu = FakeGpu(kernels, order)
     cm = MedianCommonMode(model, panel, axes, gain_ranges=gain_ranges, backend=gpu)
     got = Calibrator(model, consts, mask, gpu, common_mode=cm)(raw)
     cm_np = MedianCommonMode(model, panel, axes, gain_ranges=gain_ranges)
@@ -324,13 +332,15 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges):
     np.testing.assert_array_equal(got.data, want.data)
 
 
+@pytest.mark.parametrize("kernels,order", [("emulated", "forward"), ("compiled", "forward"),
+                                          ("compiled", "reverse"), ("compiled", "shuffle")])
 @pytest.mark.parametrize("min_pixels", [0, 2])
-def test_median_kernel_small_groups(rng, min_pixels):
+def test_median_kernel_small_groups(rng, min_pixels, kernels, order):
     """Groups of 6 (rows, p2 = 8) and 4 (cols, p2 = 4) pixels, against the array reference."""
     from test_common_mode import random_case
 
     s, good, g = random_case(rng, (3, 2, 8, 12))
-    gpu = FakeGpu()
+    gpu = FakeGpu(kernels, order)
     cm = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels, backend=gpu)
     got = cm(s, good, g)
     want = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels)(s, good, g)
@@ -348,15 +358,16 @@ def _fake_cupyx(monkeypatch):
         monkeypatch.setitem(sys.modules, n, m)
 
 
-@pytest.mark.parametrize("engine", ["histogram", "csr"])
-def test_azav_gpu_branches(rng, monkeypatch, engine):
+@pytest.mark.parametrize("engine,kernels", [("histogram", "emulated"), ("histogram", "compiled"),
+                                            ("csr", "emulated")])
+def test_azav_gpu_branches(rng, monkeypatch, engine, kernels):
     if engine == "csr":
         _fake_cupyx(monkeypatch)
     shape = (2, 30, 40)
     data = rng.normal(100, 20, (4,) + shape).astype(np.float32)
     good = rng.random(data.shape) > 0.1
     params = dict(center_um=[1000.0, 1500.0], distance_mm=50, energy_kev=9.5, bins=25, phi_bins=3, engine=engine)
-    gpu, cpu = FakeGpu(), Backend("numpy")
+    gpu, cpu = FakeGpu(kernels), Backend("numpy")
     out = {}
     for b in (gpu, cpu):
         f = setup(Azav, b, make_ctx(b, shape, 100.0), **params)

@@ -1,0 +1,178 @@
+"""Run the CUDA kernels of ``kernels/*.cu`` on the CPU, for tests on machines without a GPU.
+
+A kernel source is compiled by g++ (C++20) behind ``runtime.h``, a small CUDA execution model: blocks
+spread over OS threads, the threads of a block as fibers that switch at ``__syncthreads()``, block
+shared memory, ``threadIdx``/``blockIdx``/``blockDim``/``gridDim``, atomics and the float intrinsics the
+kernels use. :class:`CpuKernel` is launched like ``cupy.RawKernel`` (``kernel(grid, block, args,
+shared_mem=...)``) on NumPy arrays, so the package's CuPy code paths can drive the real kernel code.
+
+The order in which a block's threads run inside a phase (between two barriers) is forward, reverse or
+shuffled; running a kernel in two orders and comparing finds results that depend on it (a missing
+``__syncthreads``). Dynamic shared memory starts as 0xFF bytes and has guard bytes behind it that are
+checked after every block (:class:`SharedMemoryOverrun`).
+
+What this does not model: warps (no shuffles/votes are supported), the memory model beyond "a barrier
+orders everything", timing, and float contraction (kernels must not rely on FMA; nvcc contracts ``a*b+c``
+unless written with ``__f*_rn`` intrinsics, which these kernels do where bits matter).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RUNTIME = HERE / "runtime.h"
+
+POINTER = {"float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
+           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32}
+SCALAR = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
+CTYPES = {"long long": ctypes.c_longlong, "int": ctypes.c_int32, "unsigned int": ctypes.c_uint32,
+          "float": ctypes.c_float}
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+_lock = threading.Lock()
+_built: dict[str, CompiledSource] = {}
+
+
+class SharedMemoryOverrun(RuntimeError):
+    """A block wrote past the dynamic shared memory it was launched with."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler used (``$CXX`` or g++), None when there is none."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def signatures(src: str) -> dict[str, list[tuple[str, str, bool]]]:
+    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in CUDA source."""
+    src = re.sub(r"//[^\n]*", "", src)
+    out = {}
+    for name, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
+        sig = []
+        for p in params.split(","):
+            p = " ".join(p.replace("__restrict__", " ").replace("const ", " ").split())
+            words = p.replace("*", " ").split()
+            sig.append((words[-1], " ".join(words[:-1]), "*" in p))
+        out[name] = sig
+    return out
+
+
+def _rewrite(src: str) -> str:
+    """CUDA source as C++ for runtime.h: ``extern __shared__ T x[];`` becomes a pointer to block memory."""
+    return re.sub(r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;",
+                  r"\1* \2 = (\1*)cudacpu::dynamic_shared();", src)
+
+
+def _launcher(name: str, sig, uses_barrier: bool) -> str:
+    casts = ", ".join(f"*({ctype}**)args[{i}]" if ptr else f"*({ctype}*)args[{i}]"
+                      for i, (_, ctype, ptr) in enumerate(sig))
+    return f"""
+extern "C" int cudacpu_launch_{name}(const unsigned* g, const unsigned* b, unsigned long long shared,
+                                      int order, unsigned seed, int workers, void** args)
+{{
+    cudacpu::Launch L;
+    L.grid = dim3{{g[0], g[1], g[2]}};
+    L.block = dim3{{b[0], b[1], b[2]}};
+    L.shared_bytes = shared;
+    L.order = order;
+    L.seed = seed;
+    L.uses_barrier = {"true" if uses_barrier else "false"};
+    L.body = [args] {{ {name}({casts}); }};
+    return cudacpu::launch(L, workers);
+}}
+"""
+
+
+class CompiledSource:
+    """One CUDA source compiled for the CPU; ``kernel(name)`` gives a launchable :class:`CpuKernel`."""
+
+    def __init__(self, src: str, label: str = "kernel", ucontext: bool = False):
+        self.label = label
+        self.signatures = signatures(src)
+        if not self.signatures:
+            raise ValueError(f"{label}: no extern \"C\" __global__ kernels")
+        uses_barrier = "__syncthreads" in src
+        code = ('#include "runtime.h"\n#line 1 "' + label + '"\n' + _rewrite(src) + "\n"
+                + "".join(_launcher(n, s, uses_barrier) for n, s in self.signatures.items()))
+        flags = ["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math",
+                 "-Wall", "-Wno-unused-function", f"-I{HERE}"] + (["-DCUDACPU_UCONTEXT"] if ucontext else [])
+        cxx = compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler (g++) to build CUDA kernels for the CPU")
+        key = hashlib.sha256((code + RUNTIME.read_text() + " ".join(flags) + cxx).encode()).hexdigest()[:20]
+        cache = Path(tempfile.gettempdir()) / f"gpusmall-cuda-cpu-{os.getuid()}"
+        cache.mkdir(exist_ok=True)
+        lib = cache / f"{key}.so"
+        if not lib.exists():
+            cpp = cache / f"{key}.cpp"
+            cpp.write_text(code)
+            tmp = cache / f"{key}.{os.getpid()}.so"
+            r = subprocess.run([cxx, *flags, "-o", str(tmp), str(cpp)], check=False, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{label}: g++ failed:\n{r.stderr[-4000:]}")
+            self.warnings = r.stderr
+            os.replace(tmp, lib)
+        self.lib = ctypes.CDLL(str(lib))
+
+    def kernel(self, name: str) -> CpuKernel:
+        if name not in self.signatures:
+            raise KeyError(f"{self.label} has no kernel {name!r} (it has {sorted(self.signatures)})")
+        return CpuKernel(self, name)
+
+
+def build(src: str, label: str = "kernel", ucontext: bool = False) -> CompiledSource:
+    """CUDA source text compiled for the CPU (cached per text, here and on disk)."""
+    key = f"{label}\0{ucontext}\0{src}"
+    with _lock:
+        if key not in _built:
+            _built[key] = CompiledSource(src, label, ucontext)
+        return _built[key]
+
+
+def build_file(path: Path | str, ucontext: bool = False) -> CompiledSource:
+    path = Path(path)
+    return build(path.read_text(), path.name, ucontext)
+
+
+class CpuKernel:
+    """A kernel launched like ``cupy.RawKernel`` on NumPy arrays: ``k(grid, block, args, shared_mem=0)``.
+
+    ``order`` ("forward", "reverse", "shuffle") and ``seed`` choose how a block's threads are ordered
+    inside a phase; ``workers`` OS threads run blocks in parallel.
+    """
+
+    def __init__(self, compiled: CompiledSource, name: str):
+        self.name, self.sig = name, compiled.signatures[name]
+        self.label = compiled.label
+        self._fn = getattr(compiled.lib, f"cudacpu_launch_{name}")
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_ulonglong,
+                             ctypes.c_int, ctypes.c_uint, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        self.order, self.seed, self.workers = "forward", 1, min(4, os.cpu_count() or 1)
+
+    def __call__(self, grid, block, args, shared_mem: int = 0, order: str | None = None, seed: int | None = None):
+        grid = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        block = tuple(int(v) for v in block) + (1,) * (3 - len(block))
+        if len(args) != len(self.sig):
+            raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.sig)} parameters")
+        holders = []
+        for a, (pname, ctype, ptr) in zip(args, self.sig):
+            if ptr:
+                if not (isinstance(a, np.ndarray) and a.dtype == POINTER[ctype] and a.flags.c_contiguous):
+                    raise TypeError(f"{self.name}({pname}): needs a C-contiguous {np.dtype(POINTER[ctype])} array")
+                holders.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                holders.append(CTYPES[ctype](a.item() if isinstance(a, np.generic) else a))
+        argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        rc = self._fn((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), int(shared_mem),
+                      ORDERS[order or self.order], int(self.seed if seed is None else seed), int(self.workers), argv)
+        if rc == 1:
+            raise SharedMemoryOverrun(f"{self.label}:{self.name} wrote past its {shared_mem} bytes of shared memory")

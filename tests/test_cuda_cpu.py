@@ -1,0 +1,122 @@
+"""The CPU execution model of CUDA kernels (tests/cuda_cpu) does what the kernels' tests rely on.
+
+Barriers, block shared memory, atomics across blocks running in parallel, thread orders that expose a
+missing barrier, guard bytes behind dynamic shared memory, and the portable (ucontext) fiber switch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_cpu
+
+pytestmark = pytest.mark.skipif(cuda_cpu.compiler() is None, reason="no C++ compiler to run kernels on the CPU")
+
+REDUCE = r"""
+// block sum of 2^k floats by a shared-memory tree; `barrier` = 0 leaves out the barriers (a race)
+extern "C" __global__ void block_sum(const float* x, float* out, int barrier)
+{
+    extern __shared__ float sh[];
+    const int t = threadIdx.x;
+    sh[t] = x[(long long)blockIdx.x * blockDim.x + t];
+    if (barrier) __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) sh[t] += sh[t + s];
+        if (barrier) __syncthreads();
+    }
+    if (t == 0) out[blockIdx.x] = sh[0];
+}
+
+extern "C" __global__ void histogram(const int* bin, long long n, int* counts, double* sums)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;  // exited threads leave the barrier-free kernel
+    atomicAdd(counts + bin[i], 1);
+    atomicAdd(sums + bin[i], 0.5);
+}
+
+extern "C" __global__ void overrun(float* out, int extra)
+{
+    extern __shared__ float sh[];
+    sh[threadIdx.x + extra] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = sh[threadIdx.x];
+}
+
+extern "C" __global__ void early_exit(const int* keep, int* out)
+{
+    extern __shared__ int cnt[];
+    if (threadIdx.x == 0) cnt[0] = 0;
+    __syncthreads();
+    if (!keep[threadIdx.x]) return;  // leaves before the next barrier
+    atomicAdd(cnt, 1);
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) out[blockIdx.x * 3 + blockIdx.y] = cnt[0] + 1000 * gridDim.y;
+}
+"""
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["asm-switch", "ucontext"])
+def src(request):
+    return cuda_cpu.build(REDUCE, "runtime_test.cu", ucontext=request.param)
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_barriers_and_shared_memory(src, order):
+    x = np.random.default_rng(0).integers(0, 100, 64 * 256).astype(np.float32)
+    out = np.zeros(64, np.float32)
+    src.kernel("block_sum")((64,), (256,), (x, out, np.int32(1)), shared_mem=256 * 4, order=order, seed=3)
+    np.testing.assert_array_equal(out, x.reshape(64, 256).sum(1))
+
+
+def test_a_missing_barrier_shows_as_a_difference_between_orders(src):
+    x = np.random.default_rng(1).integers(0, 100, 8 * 256).astype(np.float32)
+    results = []
+    for order in ("forward", "reverse"):
+        out = np.zeros(8, np.float32)
+        src.kernel("block_sum")((8,), (256,), (x, out, np.int32(0)), shared_mem=256 * 4, order=order)
+        results.append(out)
+    assert not np.array_equal(results[0], results[1])
+
+
+def test_atomics_across_parallel_blocks(src):
+    rng = np.random.default_rng(2)
+    n = 300_001
+    bins = rng.integers(0, 17, n).astype(np.int32)
+    counts, sums = np.zeros(17, np.int32), np.zeros(17, np.float64)
+    k = src.kernel("histogram")
+    k.workers = 4
+    k(((n + 127) // 128,), (128,), (bins, np.int64(n), counts, sums))
+    np.testing.assert_array_equal(counts, np.bincount(bins, minlength=17))
+    np.testing.assert_array_equal(sums, 0.5 * np.bincount(bins, minlength=17))
+
+
+def test_writing_past_shared_memory_is_caught(src):
+    out = np.zeros(32, np.float32)
+    src.kernel("overrun")((1,), (32,), (out, np.int32(0)), shared_mem=32 * 4)
+    np.testing.assert_array_equal(out, 1.0)
+    with pytest.raises(cuda_cpu.SharedMemoryOverrun, match="overrun"):
+        src.kernel("overrun")((1,), (32,), (out, np.int32(1)), shared_mem=32 * 4)
+
+
+def test_unwritten_shared_memory_reads_as_nan(src):
+    out = np.zeros(32, np.float32)
+    src.kernel("overrun")((1,), (16,), (out, np.int32(16)), shared_mem=64 * 4)  # writes sh[16:32], reads sh[0:16]
+    assert np.isnan(out[:16]).all() and (out[16:] == 0).all()
+
+
+def test_exited_threads_leave_the_barrier_and_2d_grids(src):
+    keep = (np.arange(64) % 3 != 0).astype(np.int32)
+    keep[-1] = 1
+    out = np.zeros(6, np.int32)
+    src.kernel("early_exit")((2, 3), (64,), (keep, out), shared_mem=4, order="shuffle")
+    np.testing.assert_array_equal(out, keep.sum() + 3000)
+
+
+def test_launch_argument_checks(src):
+    with pytest.raises(TypeError, match="C-contiguous float32"):
+        src.kernel("block_sum")((1,), (4,), (np.zeros(8, np.float64), np.zeros(1, np.float32), np.int32(1)))
+    with pytest.raises(TypeError, match="2 arguments for 3"):
+        src.kernel("block_sum")((1,), (4,), (np.zeros(8, np.float32), np.zeros(1, np.float32)))
+    with pytest.raises(KeyError, match="no kernel 'nope'"):
+        src.kernel("nope")
