@@ -4,11 +4,18 @@
 // v = raw & data_mask, s = v - pedestal[g], out = s * scale[g] (scale = unit factor / gain[g]),
 // good = mask && g valid. Bad pixels are written as 0 in `out`.
 // Layout: raw/out/good (events, npix) row-major; pedestal/scale (gains, npix); mask/config_bits (npix).
-// Each thread handles pixels of several events, so constants are read once per pixel per block.
+//
+// Work split (all three kernels): a thread takes pixel p (grid-stride over x) and a chunk of
+// EVENTS_PER_THREAD consecutive events (grid-stride over y, in chunks). It reads the pixel's mask and
+// config bits once per chunk, issues the chunk's raw loads together (each one coalesced across the
+// warp, several in flight per thread), and reads the per-range constants from cache after the first
+// event. The launch wants grid.y = ceil(events / EVENTS_PER_THREAD) (gpusmall/calib/calibrate.py
+// uses the same constant); any grid gives the same result.
 
 #define FAMILY_SINGLE 0
 #define FAMILY_EPIX10KA 1
 #define FAMILY_JUNGFRAU 2
+#define EVENTS_PER_THREAD 8
 
 __device__ __forceinline__ int epix10ka_range(unsigned int c, unsigned int d)
 {
@@ -37,6 +44,38 @@ __device__ __forceinline__ int gain_range(int family, unsigned int raw, int has_
     return 0;
 }
 
+// body(p, e0, n): pixel p of events e0 .. e0 + n - 1 (n <= EVENTS_PER_THREAD), for every (pixel, chunk)
+// of this thread.
+template <class Body>
+__device__ __forceinline__ void for_pixel_chunks(long long npix, long long n_events, Body body)
+{
+    const long long pstride = (long long)gridDim.x * blockDim.x;
+    const long long estride = (long long)gridDim.y * EVENTS_PER_THREAD;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += pstride) {
+        for (long long e0 = (long long)blockIdx.y * EVENTS_PER_THREAD; e0 < n_events; e0 += estride) {
+            const long long left = n_events - e0;
+            body(p, e0, left < EVENTS_PER_THREAD ? (int)left : EVENTS_PER_THREAD);
+        }
+    }
+}
+
+// Decodes a chunk of one pixel: for each of its n events the gain range r[j] as the raw word and the
+// config bits give it (-1: invalid bits; may be >= the number of ranges with constants) and
+// v[j] = raw & data_mask. The n raw loads are issued before any is used.
+__device__ __forceinline__ void decode_chunk(const unsigned short* __restrict__ raw, long long p, long long e0, int n,
+                                             long long npix, int family, int has_config, unsigned int cbits,
+                                             unsigned int data_mask, int* r, float* v)
+{
+    unsigned int w[EVENTS_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < EVENTS_PER_THREAD; ++j) w[j] = j < n ? raw[(e0 + j) * npix + p] : 0u;
+#pragma unroll
+    for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
+        r[j] = gain_range(family, w[j], has_config, cbits);
+        v[j] = (float)(w[j] & data_mask);
+    }
+}
+
 extern "C" __global__ void calibrate_u16(
     const unsigned short* __restrict__ raw,
     const float* __restrict__ pedestal,
@@ -52,30 +91,29 @@ extern "C" __global__ void calibrate_u16(
     int has_config,
     unsigned int data_mask)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+    for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
         const bool keep = mask[p] != 0;
         const unsigned int cb = has_config ? config_bits[p] : 0u;
-        for (long long e = blockIdx.y; e < n_events; e += gridDim.y) {
-            const long long i = e * npix + p;
-            const unsigned int w = raw[i];
-            const int g = gain_range(family, w, has_config, cb);
-            const bool ok = keep && g >= 0 && g < n_gains;
-            float value = 0.0f;
-            if (ok) {
-                const long long k = (long long)g * npix + p;
-                const float v = (float)(w & data_mask);
-                value = (v - pedestal[k]) * scale[k];
+        int r[EVENTS_PER_THREAD];
+        float v[EVENTS_PER_THREAD];
+        decode_chunk(raw, p, e0, n, npix, family, has_config, cb, data_mask, r, v);
+#pragma unroll
+        for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
+            if (j < n) {
+                const long long i = (e0 + j) * npix + p;
+                const bool ok = keep && r[j] >= 0 && r[j] < n_gains;
+                const long long k = (long long)(ok ? r[j] : 0) * npix + p;
+                out[i] = ok ? __fmul_rn(__fsub_rn(v[j], pedestal[k]), scale[k]) : 0.0f;
+                good[i] = ok;
             }
-            out[i] = value;
-            good[i] = ok;
         }
-    }
+    });
 }
 
 // First half of calibrate_u16, for detectors with a common mode: per pixel the gain range g
-// (int8, -1 invalid), s = (raw & data_mask) - pedestal[g] (ADU, float32, 0 where g is invalid) and
-// good = mask && g valid. NumPy twin: gpusmall/calib/calibrate.py pedestal_subtract.
+// (int8, -1 invalid), s = (raw & data_mask) - pedestal[g] (ADU, float32; where g is invalid the
+// pedestal of the nearest range: 0 below, the last above) and good = mask && g valid.
+// NumPy twin: gpusmall/calib/calibrate.py pedestal_subtract.
 extern "C" __global__ void pedestal_u16(
     const unsigned short* __restrict__ raw,
     const float* __restrict__ pedestal,
@@ -91,22 +129,24 @@ extern "C" __global__ void pedestal_u16(
     int has_config,
     unsigned int data_mask)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+    for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
         const bool keep = mask[p] != 0;
         const unsigned int cb = has_config ? config_bits[p] : 0u;
-        for (long long e = blockIdx.y; e < n_events; e += gridDim.y) {
-            const long long i = e * npix + p;
-            const unsigned int w = raw[i];
-            const int g = gain_range(family, w, has_config, cb);
-            const bool valid = g >= 0 && g < n_gains;
-            const int gc = valid ? g : (g < 0 ? 0 : n_gains - 1);
-            const float v = (float)(w & data_mask);
-            s[i] = __fsub_rn(v, pedestal[(long long)gc * npix + p]);
-            gain_index[i] = (signed char)(valid ? g : -1);
-            good[i] = keep && valid;
+        int r[EVENTS_PER_THREAD];
+        float v[EVENTS_PER_THREAD];
+        decode_chunk(raw, p, e0, n, npix, family, has_config, cb, data_mask, r, v);
+#pragma unroll
+        for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
+            if (j < n) {
+                const long long i = (e0 + j) * npix + p;
+                const bool valid = r[j] >= 0 && r[j] < n_gains;
+                const int gc = valid ? r[j] : (r[j] < 0 ? 0 : n_gains - 1);
+                s[i] = __fsub_rn(v[j], pedestal[(long long)gc * npix + p]);
+                gain_index[i] = (signed char)(valid ? r[j] : -1);
+                good[i] = keep && valid;
+            }
         }
-    }
+    });
 }
 
 // Second half: out = good ? s * scale[g] : 0 (float32). NumPy twin: calibrate_reference.
@@ -119,12 +159,14 @@ extern "C" __global__ void scale_apply(
     long long n_events,
     long long npix)
 {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
-        for (long long e = blockIdx.y; e < n_events; e += gridDim.y) {
-            const long long i = e * npix + p;
-            const int g = gain_index[i];
-            out[i] = good[i] ? __fmul_rn(s[i], scale[(long long)(g < 0 ? 0 : g) * npix + p]) : 0.0f;
+    for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
+#pragma unroll
+        for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
+            if (j < n) {
+                const long long i = (e0 + j) * npix + p;
+                const int g = gain_index[i];
+                out[i] = good[i] ? __fmul_rn(s[i], scale[(long long)(g < 0 ? 0 : g) * npix + p]) : 0.0f;
+            }
         }
-    }
+    });
 }

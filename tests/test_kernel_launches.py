@@ -375,3 +375,65 @@ def test_azav_gpu_branches(rng, monkeypatch, engine, kernels):
     assert [name for name, *_ in gpu.launches] == (["azav_histogram"] if engine == "histogram" else [])
     np.testing.assert_array_equal(out["gpu"]["count"], out["numpy"]["count"])
     np.testing.assert_allclose(out["gpu"]["azav"], out["numpy"]["azav"], rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260))])
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
+    """The CUDA median kernel itself on groups of 1 to 130 pixels (p2 from 2 to 256, partly filled last
+    blocks), its block threads in two orders, against the array reference."""
+    from test_common_mode import random_case
+
+    model = DetectorModel(type="odd", panel_shape=panel, default_panels=3, data_mask=0x3FFF,
+                          gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=bank,
+                          high_gain_ranges=EPIX.high_gain_ranges)
+    s, good, g = random_case(rng, (2, 3) + panel)
+    for min_pixels in (0, 1):
+        gpu = FakeGpu("compiled", order)
+        got = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
+                               max_correction=60.0, backend=gpu)(s, good, g)
+        want = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
+                                max_correction=60.0)(s, good, g)
+        assert [name for name, *_ in gpu.launches] == ["cm_median_step"] * 2
+        np.testing.assert_array_equal(got, want)
+
+
+def test_calib_grid_matches_the_kernels_event_chunk():
+    from gpusmall.calib.calibrate import KERNEL_EVENTS_PER_THREAD, kernel_grid
+
+    src = find_kernel_source("calib.cu").read_text()
+    assert f"#define EVENTS_PER_THREAD {KERNEL_EVENTS_PER_THREAD}\n" in src
+    assert kernel_grid(16 * 352 * 384, 64) == (4096, 8)
+    assert kernel_grid(10, 1) == (1, 1) and kernel_grid(10, 9) == (1, 2)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 2), (64, 5)])
+@pytest.mark.parametrize("name", ["calibrate_u16", "pedestal_u16"])
+def test_compiled_calib_kernels_any_grid(rng, name, grid):
+    """The calib.cu kernels themselves cover every (event, pixel) for grids smaller than one thread per
+    pixel and event chunk (grid-stride in both directions), for 1..19 events and odd pixel counts,
+    including JUNGFRAU's invalid gain bits, equal to the NumPy emulation."""
+    if cuda_cpu.compiler() is None:
+        pytest.skip("no C++ compiler to run the CUDA kernels on the CPU")
+    kernel = cuda_cpu.build_file(find_kernel_source("calib.cu")).kernel(name)
+    for events, npix, family, n_gains in ((1, 7, 2, 3), (9, 301, 1, 7), (19, 64, 0, 1), (8, 1000, 2, 2)):
+        raw = rng.integers(0, 2**16, (events, npix), dtype=np.uint16)
+        ped = rng.normal(1000, 50, (n_gains, npix)).astype(np.float32)
+        scale = rng.normal(1, 0.1, (n_gains, npix)).astype(np.float32)
+        mask = (rng.random(npix) > 0.1).astype(np.uint8)
+        cfg = rng.integers(0, 32, npix).astype(np.uint8)
+        outs = {}
+        for run in ("compiled", "emulated"):
+            out = np.full((events, npix), np.nan, np.float32)
+            gi = np.full((events, npix), 99, np.int8)
+            good = np.zeros((events, npix), bool)
+            head = (raw, ped, scale, mask, cfg, out, good) if name == "calibrate_u16" else (raw, ped, mask, cfg, out, gi, good)
+            args = head + (np.int64(events), np.int64(npix), np.int32(n_gains), np.int32(family),
+                           np.int32(family == 1), np.uint32(0x3FFF))
+            if run == "compiled":
+                kernel(grid, (32,), args, order="reverse")
+            else:
+                EMULATORS[name](grid + (1,), (32,), 0, *args)
+            outs[run] = (out, gi, good)
+        for a, b in zip(outs["compiled"], outs["emulated"]):
+            np.testing.assert_array_equal(a, b)

@@ -17,6 +17,16 @@ from ..detectors.constants import Constants
 from ..funcs.base import Frames
 
 FAMILY = {"epix10ka": 1, "jungfrau": 2}
+KERNEL_THREADS = 256
+KERNEL_EVENTS_PER_THREAD = 8  # EVENTS_PER_THREAD of kernels/calib.cu
+
+
+def kernel_grid(npix: int, n_events: int) -> tuple[int, int]:
+    """Grid of the calib.cu kernels: x covers the pixels (grid-stride beyond 4096 blocks of
+    KERNEL_THREADS), y the events in chunks of KERNEL_EVENTS_PER_THREAD."""
+    x = min((npix + KERNEL_THREADS - 1) // KERNEL_THREADS, 4096)
+    y = min((n_events + KERNEL_EVENTS_PER_THREAD - 1) // KERNEL_EVENTS_PER_THREAD, 65535)
+    return max(x, 1), max(y, 1)
 
 
 def unit_scale(gain: np.ndarray, units: str, photon_energy_kev: float | None = None) -> np.ndarray:
@@ -173,10 +183,8 @@ class Calibrator:
         out = xp.empty(raw.shape, xp.float32)
         good = xp.empty(raw.shape, xp.bool_)
         k = self.backend.kernel("calib.cu", "calibrate_u16")
-        threads = 256
-        blocks_x = min((npix + threads - 1) // threads, 4096)
         cfg = self.config_bits if self.config_bits is not None else self.mask.view(xp.uint8)
-        k((blocks_x, min(n_events, 65535)), (threads,),
+        k(kernel_grid(npix, n_events), (KERNEL_THREADS,),
           (xp.ascontiguousarray(raw), self.pedestal, self.scale, self.mask.view(xp.uint8), cfg, out, good,
            np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
            np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
@@ -192,11 +200,10 @@ class Calibrator:
         s = xp.empty(raw.shape, xp.float32)
         g = xp.empty(raw.shape, xp.int8)
         good = xp.empty(raw.shape, xp.bool_)
-        threads = 256
-        grid = (min((npix + threads - 1) // threads, 4096), min(n_events, 65535))
+        grid = kernel_grid(npix, n_events)
         cfg = self.config_bits if self.config_bits is not None else self.mask.view(xp.uint8)
         self.backend.kernel("calib.cu", "pedestal_u16")(
-            grid, (threads,),
+            grid, (KERNEL_THREADS,),
             (raw, self.pedestal, self.mask.view(xp.uint8), cfg, s, g, good,
              np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
              np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
@@ -207,5 +214,5 @@ class Calibrator:
             s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
         out = xp.empty(raw.shape, xp.float32)
         self.backend.kernel("calib.cu", "scale_apply")(
-            grid, (threads,), (s, g, good, self.scale, out, np.int64(n_events), np.int64(npix)))
+            grid, (KERNEL_THREADS,), (s, g, good, self.scale, out, np.int64(n_events), np.int64(npix)))
         return out, good
