@@ -43,6 +43,12 @@ extern "C" __global__ void overrun(float* out, int extra)
     out[threadIdx.x] = sh[threadIdx.x];
 }
 
+extern "C" __global__ void shift(const float* x, float* y, int n, int by)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i + by] = x[i];
+}
+
 extern "C" __global__ void early_exit(const int* keep, int* out)
 {
     extern __shared__ int cnt[];
@@ -97,6 +103,31 @@ def test_writing_past_shared_memory_is_caught(src):
     np.testing.assert_array_equal(out, 1.0)
     with pytest.raises(cuda_cpu.SharedMemoryOverrun, match="overrun"):
         src.kernel("overrun")((1,), (32,), (out, np.int32(1)), shared_mem=32 * 4)
+
+
+def test_global_arrays_are_guarded(src):
+    x = np.arange(10, dtype=np.float32)
+    y = np.zeros(10, np.float32)
+    k = src.kernel("shift")
+    k((1,), (16,), (x, y, np.int32(10), np.int32(0)))
+    np.testing.assert_array_equal(y, x)
+    with pytest.raises(cuda_cpu.GlobalMemoryOverrun, match=r"shift\(y\): 0 bytes written before the array, 4 after"):
+        k((1,), (16,), (x, y, np.int32(10), np.int32(1)))
+    with pytest.raises(cuda_cpu.GlobalMemoryOverrun, match="8 bytes written before"):
+        k((1,), (16,), (x, y, np.int32(10), np.int32(-2)))
+    z = np.arange(12, dtype=np.float32)
+    k((1,), (16,), (z, z, np.int32(10), np.int32(2)))  # one array as two arguments: one copy (threads in order)
+    np.testing.assert_array_equal(z, [0, 1] * 6)
+    with pytest.raises(ValueError, match="overlaps"):
+        k((1,), (16,), (z[:10], z[2:], np.int32(10), np.int32(0)))
+
+
+def test_reading_past_an_array_gives_nan(src):
+    x = np.arange(10, dtype=np.float32)
+    y = np.zeros(12, np.float32)
+    src.kernel("shift")((1,), (16,), (x, y, np.int32(12), np.int32(0)))
+    np.testing.assert_array_equal(y[:10], x)
+    assert np.isnan(y[10:]).all()
 
 
 def test_unwritten_shared_memory_reads_as_nan(src):

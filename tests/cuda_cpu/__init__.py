@@ -9,7 +9,10 @@ shared_mem=...)``) on NumPy arrays, so the package's CuPy code paths can drive t
 The order in which a block's threads run inside a phase (between two barriers) is forward, reverse or
 shuffled; running a kernel in two orders and comparing finds results that depend on it (a missing
 ``__syncthreads``). Dynamic shared memory starts as 0xFF bytes and has guard bytes behind it that are
-checked after every block (:class:`SharedMemoryOverrun`).
+checked after every block (:class:`SharedMemoryOverrun`). Every array argument is handed to the kernel
+as a copy with 4 KiB of 0xFF bytes on either side (reading past an array gives NaN or -1, writing there
+raises :class:`GlobalMemoryOverrun`), at a 256-byte aligned address as cudaMalloc gives; arguments
+that are one array share one copy.
 
 What this does not model: warps (no shuffles/votes are supported), the memory model beyond "a barrier
 orders everything", timing, and float contraction (kernels must not rely on FMA; nvcc contracts ``a*b+c``
@@ -44,6 +47,32 @@ _built: dict[str, CompiledSource] = {}
 
 class SharedMemoryOverrun(RuntimeError):
     """A block wrote past the dynamic shared memory it was launched with."""
+
+
+class GlobalMemoryOverrun(RuntimeError):
+    """A kernel wrote outside an array it was given."""
+
+
+GUARD_BYTES = 4096
+
+
+class _Guarded:
+    """A copy of an array between two guard zones of 0xFF bytes, 256-byte aligned."""
+
+    def __init__(self, a: np.ndarray):
+        self.array = a
+        self.raw = np.full(a.nbytes + 2 * GUARD_BYTES + 256, 0xFF, np.uint8)
+        start = GUARD_BYTES + (-(self.raw.ctypes.data + GUARD_BYTES) % 256)
+        self.lo, self.hi = start, start + a.nbytes
+        self.raw[self.lo:self.hi] = a.reshape(-1).view(np.uint8)
+        self.address = self.raw.ctypes.data + self.lo
+
+    def finish(self, what: str) -> None:
+        below, above = self.raw[self.lo - GUARD_BYTES:self.lo], self.raw[self.hi:self.hi + GUARD_BYTES]
+        if (below != 0xFF).any() or (above != 0xFF).any():
+            where = np.flatnonzero(below != 0xFF).size, np.flatnonzero(above != 0xFF).size
+            raise GlobalMemoryOverrun(f"{what}: {where[0]} bytes written before the array, {where[1]} after it")
+        self.array.reshape(-1).view(np.uint8)[:] = self.raw[self.lo:self.hi]
 
 
 def compiler() -> str | None:
@@ -163,16 +192,25 @@ class CpuKernel:
         block = tuple(int(v) for v in block) + (1,) * (3 - len(block))
         if len(args) != len(self.sig):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.sig)} parameters")
-        holders = []
+        holders, guarded = [], {}
         for a, (pname, ctype, ptr) in zip(args, self.sig):
             if ptr:
                 if not (isinstance(a, np.ndarray) and a.dtype == POINTER[ctype] and a.flags.c_contiguous):
                     raise TypeError(f"{self.name}({pname}): needs a C-contiguous {np.dtype(POINTER[ctype])} array")
-                holders.append(ctypes.c_void_p(a.ctypes.data))
+                key = (a.ctypes.data, a.nbytes)
+                if key not in guarded:
+                    for (other, n), g in guarded.items():
+                        if other < key[0] + key[1] and key[0] < other + n:
+                            raise ValueError(f"{self.name}({pname}): overlaps another argument without being it")
+                    guarded[key] = _Guarded(a)
+                    guarded[key].name = pname
+                holders.append(ctypes.c_void_p(guarded[key].address))
             else:
                 holders.append(CTYPES[ctype](a.item() if isinstance(a, np.generic) else a))
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         rc = self._fn((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), int(shared_mem),
                       ORDERS[order or self.order], int(self.seed if seed is None else seed), int(self.workers), argv)
+        for g in guarded.values():
+            g.finish(f"{self.label}:{self.name}({g.name})")
         if rc == 1:
             raise SharedMemoryOverrun(f"{self.label}:{self.name} wrote past its {shared_mem} bytes of shared memory")
