@@ -176,12 +176,15 @@ def resolve_choice(argument: str | None = None, config: str | None = None) -> st
 
 def get_backend(argument: str | None = None, config: str | None = None, device_id: int | None = None) -> Backend:
     """Choose the backend once for a run (see module docstring) and say what was chosen."""
-    choice = resolve_choice(argument, config)
+    choice, why = resolve_choice(argument, config), None
     if choice == "auto":
-        ok, why = gpu_status(device_id)
+        ok, reason = gpu_status(device_id)
         choice = "cupy" if ok else "numpy"
         if not ok:
+            why = reason
             log.info("backend auto: numpy (%s)", why)
     backend = Backend(choice, device_id=device_id)
+    if why is not None:  # auto fell back: say why (e.g. CuPy installed, but no driver)
+        backend.description = f"numpy (CPU; no GPU used: {why})"
     log.info("backend: %s", backend.description)
     return backend

@@ -35,7 +35,11 @@ def test_cupy_without_gpu_is_a_clear_error():
 def test_auto_picks_what_is_usable(monkeypatch):
     monkeypatch.delenv("GPUSMALL_BACKEND", raising=False)
     b = get_backend("auto")
-    assert b.name == ("cupy" if gpu_status()[0] else "numpy")
+    ok, why = gpu_status()
+    assert b.name == ("cupy" if ok else "numpy")
+    if not ok:  # the reason shows (and is stored in result files): e.g. CuPy installed without a driver
+        assert b.description == f"numpy (CPU; no GPU used: {why})"
+    assert get_backend("numpy").description == "numpy (CPU)"
 
 
 def test_round_trip(backend):
