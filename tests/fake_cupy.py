@@ -7,6 +7,9 @@
 * :func:`install_fake_cupyx`: ``cupyx`` replaced by SciPy with the CuPy restrictions we know of:
   ``scatter_min`` takes int32/uint32/uint64/float32/float64 only, ``ndimage.label`` numbers labels in
   another order than SciPy.
+* :func:`strict_cupy` / :class:`DeviceArray`: NumPy under CuPy's rules (no implicit conversion of a
+  device array to NumPy or of a host array into device arithmetic, 0-d results of reductions), every
+  transfer to the host logged.
 """
 from __future__ import annotations
 
@@ -80,26 +83,294 @@ def numpy_as_cupy(extra=None):
     return xp
 
 
-def install_fake_cupyx(monkeypatch, seed=1):
-    """Put the ``cupyx`` stand-in into ``sys.modules`` for one test."""
+def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
+    """Put the ``cupyx`` stand-in into ``sys.modules`` for one test. With ``transfers`` (a log list) it
+    takes and gives :class:`DeviceArray` as the real one takes and gives CuPy arrays."""
+    dev = (lambda r: r) if transfers is None else (lambda r: wrap(r, transfers))
+
     def label(mask, structure=None):
-        lab, n = sp_ndimage.label(mask, structure=structure)
+        lab, n = sp_ndimage.label(unwrap(mask), structure=structure)
+        if transfers is not None:
+            transfers.append(("sync", 1))  # cupyx.scipy.ndimage.label reads the number of labels
         perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(n)]).astype(np.int32)
-        return perm[lab], n
+        return dev(perm[lab]), int(n)
 
     def scatter_min(a, slices, value):
+        a, slices, value = unwrap(a), unwrap(slices), unwrap(value)
         if np.asarray(value).dtype not in (np.int32, np.uint32, np.uint64, np.float32, np.float64):
             raise TypeError("scatter_min only supports int32, float32, float64, uint32, uint64 as data type")
         np.minimum.at(a, slices, np.asarray(value, a.dtype))
 
+    class DeviceCsr:
+        """cupyx.scipy.sparse.csr_matrix made from a SciPy one: ``M @ dense`` on device arrays."""
+
+        def __init__(self, m):
+            self.m, self.shape = scipy.sparse.csr_matrix(m), m.shape
+
+        def __matmul__(self, x):
+            if transfers is not None:
+                assert isinstance(x, DeviceArray), "a cupyx sparse matrix times a host array"
+            return dev(self.m @ unwrap(x))
+
     ndi = types.ModuleType("cupyx.scipy.ndimage")
     ndi.label = label
     sparse = types.ModuleType("cupyx.scipy.sparse")
-    sparse.csr_matrix = scipy.sparse.csr_matrix
+    sparse.csr_matrix = DeviceCsr if transfers is not None else scipy.sparse.csr_matrix
+    fft = scipy.fft if transfers is None else strict_cupy(transfers, module=scipy.fft, name="cupyx.scipy.fft")
     sci = types.ModuleType("cupyx.scipy")
-    sci.ndimage, sci.sparse, sci.fft = ndi, sparse, scipy.fft
+    sci.ndimage, sci.sparse, sci.fft = ndi, sparse, fft
     cupyx = types.ModuleType("cupyx")
     cupyx.scipy, cupyx.scatter_min = sci, scatter_min
     for name, mod in (("cupyx", cupyx), ("cupyx.scipy", sci), ("cupyx.scipy.ndimage", ndi),
-                      ("cupyx.scipy.sparse", sparse), ("cupyx.scipy.fft", scipy.fft)):
+                      ("cupyx.scipy.sparse", sparse), ("cupyx.scipy.fft", fft)):
         monkeypatch.setitem(sys.modules, name, mod)
+
+
+# ---- CuPy's rules on NumPy arrays ---------------------------------------------------------------------
+class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
+    """A NumPy array held as if on a GPU, under CuPy's rules.
+
+    * No implicit conversion to NumPy: ``np.asarray(d)`` raises TypeError (CuPy: "Implicit conversion to
+      a NumPy array is not allowed"), so does a host array (ndim >= 1) mixed into a ufunc or a NumPy
+      function with device arrays (CuPy: "Unsupported type").
+    * Reductions give 0-d device arrays, as CuPy's do, not NumPy scalars.
+    * Every way to the host is logged in ``transfers``: ``.get()``/``asnumpy`` as ("d2h", nbytes);
+      ``float()``/``int()``/``bool()``/``.item()``/``.tolist()``, boolean-mask indexing and functions whose
+      result size depends on the data (``nonzero``, ``unique``, ...) as ("sync", 1).
+    """
+
+    __slots__ = ("a", "transfers")
+
+    def __init__(self, a, transfers):
+        self.a, self.transfers = a, transfers
+
+    # -- CuPy's conversions
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+                        "a NumPy array explicitly.")
+
+    def get(self, stream=None):
+        self.transfers.append(("d2h", self.a.nbytes))
+        return np.array(self.a, copy=True)
+
+    def set(self, host, stream=None):
+        assert isinstance(host, np.ndarray) and host.shape == self.a.shape and host.dtype == self.a.dtype
+        assert stream is not None, "uploads go on an explicit stream"
+        self.transfers.append(("h2d", host.nbytes))
+        np.copyto(self.a, host)
+
+    def _sync(self):
+        self.transfers.append(("sync", 1))
+        return self.a
+
+    def __float__(self):
+        return float(self._sync())
+
+    def __int__(self):
+        return int(self._sync())
+
+    def __index__(self):
+        return int(self._sync())
+
+    def __bool__(self):
+        return bool(self._sync())
+
+    def item(self):
+        return self._sync().item()
+
+    def tolist(self):
+        return self._sync().tolist()
+
+    def __len__(self):
+        return len(self.a)
+
+    def __iter__(self):
+        return (self.wrap(x) for x in self.a)
+
+    def __repr__(self):
+        return f"DeviceArray({self.a!r})"
+
+    # -- plumbing
+    def wrap(self, r):
+        return wrap(r, self.transfers)
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+    @property
+    def ndim(self):
+        return self.a.ndim
+
+    @property
+    def size(self):
+        return self.a.size
+
+    @property
+    def nbytes(self):
+        return self.a.nbytes
+
+    @property
+    def flags(self):
+        return self.a.flags
+
+    @property
+    def strides(self):
+        return self.a.strides
+
+    @property
+    def T(self):
+        return self.wrap(self.a.T)
+
+    @property
+    def real(self):
+        return self.wrap(self.a.real)
+
+    @property
+    def imag(self):
+        return self.wrap(self.a.imag)
+
+    def __getitem__(self, key):
+        if any(getattr(k, "dtype", None) == np.bool_ for k in (key if isinstance(key, tuple) else (key,))):
+            self.transfers.append(("sync", 1))  # a boolean mask: CuPy waits for the size of the result
+        return self.wrap(self.a[unwrap_index(key)])
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and value.ndim:
+            self.transfers.append(("h2d", value.nbytes))  # CuPy uploads a host array set into a device one
+        self.a[unwrap_index(key)] = unwrap(value)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__ / __array_struct__: NumPy must not see the data
+            raise AttributeError(name)
+        attr = getattr(self.a, name)
+        if callable(attr):
+            def method(*args, **kwargs):
+                _no_host_arrays(name, args, kwargs)
+                return self.wrap(attr(*unwrap(args), **unwrap(kwargs)))
+            return method
+        return self.wrap(attr)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _no_host_arrays(ufunc.__name__, inputs, kwargs)
+        r = getattr(ufunc, method)(*unwrap(inputs), **unwrap(kwargs))
+        return None if method == "at" else self.wrap(r)
+
+    def __array_function__(self, func, types, args, kwargs):
+        _no_host_arrays(func.__name__, args, kwargs)
+        if func.__name__ in SIZE_FROM_DATA:
+            self.transfers.append(("sync", 1))
+        return self.wrap(func(*unwrap(args), **unwrap(kwargs)))
+
+
+# results whose size depends on the data: CuPy waits for the GPU to know it (a device->host sync)
+SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+
+
+def _no_host_arrays(what, args, kwargs):
+    for v in list(_leaves(args)) + list(_leaves(kwargs)):
+        if isinstance(v, np.ndarray) and v.ndim >= 1:
+            raise TypeError(f"{what}: Unsupported type <class 'numpy.ndarray'> (a host array mixed with device "
+                            f"arrays; CuPy does not convert it implicitly)")
+
+
+def _leaves(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    else:
+        yield x
+
+
+def unwrap(x):
+    if isinstance(x, DeviceArray):
+        return x.a
+    if isinstance(x, tuple):
+        return tuple(unwrap(v) for v in x)
+    if isinstance(x, list):
+        return [unwrap(v) for v in x]
+    if isinstance(x, dict):
+        return {k: unwrap(v) for k, v in x.items()}
+    return x
+
+
+def unwrap_index(key):
+    """An index for the array behind a DeviceArray; a host integer/boolean array is allowed (CuPy uploads it)."""
+    return unwrap(key)
+
+
+def wrap(r, transfers):
+    """NumPy results as device arrays (scalars as 0-d, as CuPy's reductions give them)."""
+    if isinstance(r, np.ndarray):
+        return DeviceArray(r, transfers)
+    if isinstance(r, np.generic):
+        return DeviceArray(np.asarray(r), transfers)
+    if isinstance(r, tuple):
+        return tuple(wrap(v, transfers) for v in r)
+    if isinstance(r, list):
+        return [wrap(v, transfers) for v in r]
+    return r
+
+
+class StrictXp(types.SimpleNamespace):
+    """``cupy`` as NumPy under CuPy's rules: functions take and give :class:`DeviceArray`; ``asarray``
+    uploads a host array, ``asnumpy`` downloads (both logged in ``transfers``)."""
+
+
+def strict_cupy(transfers, extra=None, module=np, name="cupy"):
+    ns = StrictXp()
+    for k in dir(module):
+        if k.startswith("_"):
+            continue
+        v = getattr(module, k)
+        if isinstance(v, types.ModuleType):
+            if k in ("fft", "linalg", "random"):
+                setattr(ns, k, strict_cupy(transfers, module=v, name=f"{name}.{k}"))
+            continue
+        if isinstance(v, type) or isinstance(v, np.ufunc) or not callable(v):
+            setattr(ns, k, v)  # dtypes, classes, ufuncs (these dispatch on DeviceArray), constants
+            continue
+        setattr(ns, k, _strict_function(v, transfers))
+    ns.__name__ = name
+    ns.ndarray = DeviceArray
+
+    def asarray(a, dtype=None, order=None):
+        if isinstance(a, DeviceArray):
+            r = np.asarray(a.a, dtype=dtype, order=order)
+            return a if r is a.a else DeviceArray(r, transfers)
+        host = np.asarray(a, dtype=dtype, order=order)
+        if host.ndim:
+            transfers.append(("h2d", host.nbytes))
+        return DeviceArray(np.array(host, copy=True, order=order or "K"), transfers)
+
+    def asnumpy(a, stream=None):
+        return a.get() if isinstance(a, DeviceArray) else np.asarray(a)
+
+    ns.asarray, ns.asnumpy = asarray, asnumpy
+    ns.array = lambda a, dtype=None, copy=True, order="K": (
+        DeviceArray(np.array(a.a, dtype=dtype, copy=copy, order=order), transfers) if isinstance(a, DeviceArray)
+        else asarray(np.array(a, dtype=dtype, copy=True, order=order)))
+    ns.ascontiguousarray = lambda a, dtype=None: (
+        DeviceArray(np.ascontiguousarray(a.a, dtype=dtype), transfers) if isinstance(a, DeviceArray)
+        else asarray(np.ascontiguousarray(a, dtype=dtype)))
+    if extra is not None:
+        for k, v in vars(extra).items():
+            setattr(ns, k, v)
+    return ns
+
+
+def _strict_function(f, transfers):
+    def call(*args, **kwargs):
+        _no_host_arrays(getattr(f, "__name__", "function"), args, kwargs)
+        if getattr(f, "__name__", "") in SIZE_FROM_DATA:
+            transfers.append(("sync", 1))
+        return wrap(f(*unwrap(args), **unwrap(kwargs)), transfers)
+    call.__name__ = getattr(f, "__name__", "function")
+    return call

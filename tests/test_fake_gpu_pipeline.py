@@ -11,9 +11,12 @@ the GPU itself (compilation is checked by ``test_kernels_compile``, numbers on a
 """
 from __future__ import annotations
 
+import types
+from collections import Counter
+
 import numpy as np
 import pytest
-from fake_cupy import fake_cuda, install_fake_cupyx, numpy_as_cupy
+from fake_cupy import fake_cuda, install_fake_cupyx, numpy_as_cupy, strict_cupy
 from test_kernel_launches import FakeGpu
 
 from gpusmall.backend import Backend
@@ -33,7 +36,24 @@ class FakeGpuXp(FakeGpu):
         self.xp = numpy_as_cupy(cuda_parts)
 
 
-def demo_on(backend, shape=(2, 352, 384), events=6, batch=4):
+class FakeGpuStrict(FakeGpu):
+    """FakeGpu whose ``xp`` follows CuPy's rules (``fake_cupy.strict_cupy``): device arrays do not turn into
+    NumPy arrays by themselves, host arrays do not mix into device arithmetic, and every way back to the
+    host is logged in ``transfers``."""
+
+    def __init__(self, kernels="compiled"):
+        super().__init__(kernels)
+        self.transfers = []
+        cuda_parts, self.stream = fake_cuda([])
+        self.xp = strict_cupy(self.transfers, extra=types.SimpleNamespace(
+            cuda=cuda_parts.cuda, get_default_memory_pool=cuda_parts.get_default_memory_pool))
+
+    to_host = Backend.to_host
+
+
+def demo_on(backend, shape=(2, 352, 384), events=6, batch=4, per_batch=None):
+    """(results, sums, processor) of the demo set over ``events`` simulated events in batches of ``batch``;
+    with ``per_batch`` (a list) and a backend that logs ``transfers``, each batch's transfers are appended."""
     data = demo_config_dict()
     det = data["detectors"]["epix10k2m"]
     det["shape"] = list(shape)
@@ -47,13 +67,15 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4):
     pl = DetectorPipeline("epix10k2m", cfg.detectors["epix10k2m"], src.detectors["epix10k2m"],
                           cfg.function_specs("epix10k2m"), backend)
     proc = BatchProcessor({"epix10k2m": pl}, backend, batch)
+    if hasattr(backend, "transfers"):
+        backend.transfers.clear()  # count from the first batch on (set-up moves constants once)
     out, pending = [], None
     for b in range(0, events, batch):
         staged = proc.stage(src.read(b, min(events, b + batch)))
         if pending is not None:
-            out.append(proc.process(pending))
+            out.append(_process(proc, pending, backend, per_batch))
         pending = staged
-    out.append(proc.process(pending))
+    out.append(_process(proc, pending, backend, per_batch))
     cols = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
     sums = {k: np.asarray(v) for k, v in pl.sum_results().items()}
     return cols, sums, proc
@@ -77,6 +99,50 @@ def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch, kernels):
             np.testing.assert_array_equal(a, b, err_msg=k)
     for k in want_sums:
         np.testing.assert_allclose(got_sums[k], want_sums[k], rtol=1e-5, atol=1e-2, err_msg=k)
+
+
+def _process(proc, staged, backend, per_batch):
+    n = len(getattr(backend, "transfers", ()))
+    res = proc.process(staged)
+    if per_batch is not None:
+        per_batch.append(list(backend.transfers[n:]))
+    return res
+
+
+def _compare(got, want, got_sums, want_sums):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        a, b = np.asarray(got[k]), np.asarray(want[k])
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3, equal_nan=True, err_msg=k)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=k)
+    for k in want_sums:
+        np.testing.assert_allclose(got_sums[k], want_sums[k], rtol=1e-5, atol=1e-2, err_msg=k)
+
+
+def test_demo_under_cupys_rules_and_host_traffic_per_batch_not_per_event(monkeypatch):
+    """The demo set on a backend under CuPy's rules, batches of 2 and of 4 events: the same numbers as
+    NumPy, results on the host as NumPy arrays, and the same transfers to the host per batch whatever
+    the batch size (no per-event device->host traffic); uploads are the raw batches."""
+    want, want_sums, _ = demo_on(Backend("numpy"), events=8, batch=4)
+    kinds = {}
+    for batch in (2, 4):
+        gpu = FakeGpuStrict()
+        install_fake_cupyx(monkeypatch, transfers=gpu.transfers)
+        per_batch = []
+        got, got_sums, proc = demo_on(gpu, events=8, batch=batch, per_batch=per_batch)
+        _compare(got, want, got_sums, want_sums)
+        assert all(isinstance(v, np.ndarray) for v in got.values())
+        assert [k for k, _ in gpu.transfers].count("h2d") == 8 // batch  # the raw batches, one upload each
+        counts = {(tuple(sorted(Counter(k for k, _ in b).items()))) for b in per_batch}
+        assert len(counts) == 1, f"batches of {batch} differ in host traffic: {counts}"
+        kinds[batch] = counts.pop()
+    assert kinds[2] == kinds[4], f"host traffic per batch depends on its size (per event?): {kinds}"
+    # waits on the GPU per batch, each for a size that depends on the data: azav 1 (bad pixels), droplet 5
+    # (labelled pixels, number of labels, kept droplets, padding, their pixels), photons 2 (count, padding)
+    assert dict(kinds[4]).get("sync", 0) <= 8, kinds[4]
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ import cuda_cpu
 import numpy as np
 import pytest
 from cuda_cpu import POINTER, SCALAR
+from fake_cupy import DeviceArray, unwrap
 from helpers_funcs import make_ctx, make_frames, setup
 from test_calibration import make_case
 
@@ -214,6 +215,10 @@ class FakeKernel:
         assert int(np.prod(block)) <= 1024, f"block {block} has more than 1024 threads"
         assert 0 <= shared_mem <= SHARED_LIMIT, f"{shared_mem} bytes of shared memory"
         assert len(args) == len(self.sig), f"{self.name}: {len(args)} arguments for {len(self.sig)} parameters"
+        if any(isinstance(a, DeviceArray) for a in args):  # a backend under CuPy's rules: no host arrays
+            for a, (pname, _, ptr) in zip(args, self.sig):
+                assert not ptr or isinstance(a, DeviceArray), f"{self.name}({pname}): a host array passed to a kernel"
+            args = tuple(unwrap(a) for a in args)
         for a, (pname, ctype, ptr) in zip(args, self.sig):
             where = f"{self.name}({pname}: {ctype}{' *' if ptr else ''})"
             if ptr:
@@ -250,6 +255,9 @@ class FakeGpu(Backend):
 
     def to_host(self, a):
         return None if a is None else np.asarray(a)
+
+    def pinned_empty(self, shape, dtype):
+        return np.empty(shape, dtype)
 
     def synchronize(self) -> None:
         pass

@@ -264,13 +264,14 @@ class Azav(ReductionFunction):
                                   for i in range(0, data.shape[0], CPU_CHUNK)]).astype(np.float64)
         e, nb = data.shape[0], self.nbins
         # denominators: all-good totals (once, in prepare) minus the few bad (event, pixel) pairs of the batch
+        # (pixels in no bin count into one slot past the end: no boolean selection, no wait on CuPy)
         bad = xp.flatnonzero(~good)
         pix = bad % self.npix
         b = self.bin_index[pix]
-        sel = b >= 0
-        flat = (bad[sel] // self.npix) * nb + b[sel]
-        den = self.den0[None, :] - bincount(xp, flat, weights=self.c[pix[sel]], minlength=e * nb).reshape(e, nb)
-        cnt = self.count0[None, :] - bincount(xp, flat, minlength=e * nb).reshape(e, nb)
+        flat = xp.where(b >= 0, (bad // self.npix) * nb + b, e * nb)
+        size = e * nb + 1
+        den = self.den0[None, :] - bincount(xp, flat, weights=self.c[pix], minlength=size)[:-1].reshape(e, nb)
+        cnt = self.count0[None, :] - bincount(xp, flat, minlength=size)[:-1].reshape(e, nb)
         return num, den, cnt
 
     def _histogram(self, xp, data, good):

@@ -62,10 +62,11 @@ class DropletFrames(Frames):
     droplet_sum: Any = None
 
 
-def label_stack(xp, mask):
+def label_stack(xp, mask, idx=None):
     """(labels, n): 4-connected labels of a (events, panels, rows, cols) bool mask, none across events/panels.
 
     Labels are renumbered 1..n in order of each droplet's first pixel in row-major order of the batch.
+    ``idx``: ``flatnonzero(mask)`` when the caller has it (CuPy renumbers with it; saves a pass and a sync).
     """
     e, p, r, c = mask.shape
     if xp is np:
@@ -79,7 +80,8 @@ def label_stack(xp, mask):
     if xp is not np and n:
         # cupyx numbers labels in its own order; renumber by first pixel (row-major)
         flat = labels.ravel()
-        idx = xp.flatnonzero(flat)
+        if idx is None:
+            idx = xp.flatnonzero(flat)
         lab = flat[idx]
         # cupyx.scatter_min takes int32, uint32, uint64, float32 or float64 (not int64)
         first = xp.full(n + 1, flat.size, xp.uint64)
@@ -113,18 +115,32 @@ def grow4(xp, seeds, allowed):
     return seeds | (d & allowed)
 
 
-def pad_per_event(xp, event, values, n_events, length, fill=0):
-    """Scatter per-item ``values`` (sorted by ``event``) into (n_events, length) rows, in order; drop overflow.
+class PadLayout:
+    """Where per-item values go in rows padded to ``length``, one row per event (items sorted by event).
 
-    Returns (padded array, per-event count of all items).
+    Item ``i`` of an event goes to column ``i`` of the event's row; items past ``length`` are dropped.
+    ``items`` maps the items to positions in the arrays that :meth:`pad` will be given (None: the same).
+    Found once per item list, with one device->host wait on CuPy (how many fit); every :meth:`pad` after
+    that is a gather and a scatter with no wait.
+
+    Attributes:
+        counts: (n_events,) int64, items per event (dropped ones included).
     """
-    counts = bincount(xp, event, minlength=n_events)
-    start = xp.cumsum(counts) - counts
-    pos = xp.arange(event.size) - start[event]
-    keep = pos < length
-    out = xp.full((n_events, length), fill, dtype=values.dtype)
-    out[event[keep], pos[keep]] = values[keep]
-    return out, counts
+
+    def __init__(self, xp, event, n_events: int, length: int, items=None):
+        self.xp, self.shape = xp, (n_events, length)
+        self.counts = bincount(xp, event, minlength=n_events)
+        start = xp.cumsum(self.counts) - self.counts
+        pos = xp.arange(event.size) - start[event]
+        fit = xp.flatnonzero(pos < length)
+        self.rows, self.cols = event[fit], pos[fit]
+        self.source = fit if items is None else items[fit]
+
+    def pad(self, values, fill=0):
+        """(n_events, length) array of ``values[items]`` placed by the layout, ``fill`` elsewhere."""
+        out = self.xp.full(self.shape, fill, dtype=values.dtype)
+        out[self.rows, self.cols] = values[self.source]
+        return out
 
 
 class Droplet(ReductionFunction):
@@ -154,8 +170,8 @@ class Droplet(ReductionFunction):
         mask = good & (data >= self.thr)
         if self.grow:
             mask = grow4(xp, mask, good & (data >= self.thr_low))
-        labels, n = label_stack(xp, mask)
         idx = xp.flatnonzero(mask)  # the labelled pixels (nonzero of a bool array is the cheaper one)
+        labels, n = label_stack(xp, mask, idx)
         lab = labels.ravel()[idx].astype(xp.int64) - 1
         val = data.ravel()[idx].astype(xp.float64)
         col = (idx % nc).astype(xp.float64)
@@ -176,25 +192,32 @@ class Droplet(ReductionFunction):
         xp = self.ctx.xp
         f = self.find(frames)
         e, n, m = f["n_events"], f["n"], self.p.max_droplets
-        keep = xp.ones(n, bool) if self.p.thres_adu is None else f["total"] >= self.p.thres_adu
         ev_all = f["event"]
-        n_all = bincount(xp, ev_all, minlength=e)
-        ev = ev_all[keep]
-        out = {"nDroplets_all": n_all.astype(xp.int32)}
-        data, cnt = pad_per_event(xp, ev, f["total"][keep].astype(xp.float32), e, m)
+        out = {"nDroplets_all": bincount(xp, ev_all, minlength=e).astype(xp.int32)}
+        # kept droplets as indices (integer gathers: no device->host wait per array on CuPy)
+        kept = None if self.p.thres_adu is None else xp.flatnonzero(f["total"] >= self.p.thres_adu)
+        ev = ev_all if kept is None else ev_all[kept]
+        layout = PadLayout(xp, ev, e, m, items=kept)
+        cnt = layout.counts
         out["nDroplets"] = cnt.astype(xp.int32)
         out["nDroplets_truncated"] = xp.maximum(cnt - m, 0).astype(xp.int32)
-        out["data"] = data
-        out["npix"] = pad_per_event(xp, ev, f["npix"][keep].astype(xp.int32), e, m)[0]
-        out["row"] = pad_per_event(xp, ev, f["row"][keep].astype(xp.float32), e, m)[0]
-        out["col"] = pad_per_event(xp, ev, f["col"][keep].astype(xp.float32), e, m)[0]
-        out["tile"] = pad_per_event(xp, ev, f["tile"][keep].astype(xp.int32), e, m)[0]
+        out["data"] = layout.pad(f["total"].astype(xp.float32))
+        out["npix"] = layout.pad(f["npix"].astype(xp.int32))
+        out["row"] = layout.pad(f["row"].astype(xp.float32))
+        out["col"] = layout.pad(f["col"].astype(xp.float32))
+        out["tile"] = layout.pad(f["tile"].astype(xp.int32))
         child = None
         if self.children:
-            new_id = xp.cumsum(keep) - 1
-            pk = keep[f["lab"]] if n else xp.zeros(0, bool)
-            child = DropletFrames(frames.data, frames.good, frames.raw, pix_index=f["idx"][pk],
-                                  pix_value=f["val"][pk], pix_droplet=new_id[f["lab"][pk]],
-                                  droplet_event=ev, droplet_sum=f["total"][keep])
+            if kept is None:  # every droplet kept: the labelled pixels as they are
+                child = DropletFrames(frames.data, frames.good, frames.raw, pix_index=f["idx"], pix_value=f["val"],
+                                      pix_droplet=f["lab"], droplet_event=ev, droplet_sum=f["total"])
+            else:
+                new_id = xp.full(n, -1, xp.int64)
+                new_id[kept] = xp.arange(kept.size)
+                pix_id = new_id[f["lab"]]
+                pk = xp.flatnonzero(pix_id >= 0)
+                child = DropletFrames(frames.data, frames.good, frames.raw, pix_index=f["idx"][pk],
+                                      pix_value=f["val"][pk], pix_droplet=pix_id[pk],
+                                      droplet_event=ev, droplet_sum=f["total"][kept])
         return out, child
 

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..errors import InputError
 from .base import FrameContext, FunctionParams, ReductionFunction
-from .droplet import DropletFrames, bincount, pad_per_event
+from .droplet import DropletFrames, PadLayout, bincount
 
 
 class PhotonsParams(FunctionParams):
@@ -76,8 +76,9 @@ class Photons(ReductionFunction):
         idx = frames.pix_index[which] if which.size else xp.zeros(0, xp.int64)
         ev = idx // (p * r * c)
         m = self.p.max_photons
-        row, cnt = pad_per_event(xp, ev, ((idx // c) % r).astype(xp.int32), e, m)
-        out = {"nPhotons": cnt.astype(xp.int32), "row": row,
-               "col": pad_per_event(xp, ev, (idx % c).astype(xp.int32), e, m)[0],
-               "tile": pad_per_event(xp, ev, ((idx // (r * c)) % p).astype(xp.int32), e, m)[0]}
+        layout = PadLayout(xp, ev, e, m)
+        out = {"nPhotons": layout.counts.astype(xp.int32),
+               "row": layout.pad(((idx // c) % r).astype(xp.int32)),
+               "col": layout.pad((idx % c).astype(xp.int32)),
+               "tile": layout.pad(((idx // (r * c)) % p).astype(xp.int32))}
         return out, None
