@@ -36,7 +36,8 @@ class OutOfMemoryError(MemoryError):
 
 
 def fake_cuda(log, oom_slots=False):
-    """(xp with cuda/empty/asnumpy/asarray, stream factory handing out the "copy" then "compute" stream)."""
+    """(xp with cuda/empty/asnumpy/asarray/concatenate, stream factory handing out the "copy" then "compute"
+    stream)."""
     class Event:
         def __init__(self):
             self.stream = None
@@ -67,7 +68,8 @@ def fake_cuda(log, oom_slots=False):
         return np.empty(shape, dtype).view(FakeDeviceArray)
 
     cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.0)
-    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=np.asarray, asarray=np.asarray,
+    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=np.asarray, asarray=np.asarray, uint8=np.uint8,
+                               ascontiguousarray=np.ascontiguousarray, concatenate=np.concatenate,
                                get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
     streams = iter([Stream("copy"), Stream("compute")])
     return xp, lambda non_blocking=True: next(streams)

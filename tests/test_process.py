@@ -111,3 +111,27 @@ def test_stage_refuses_a_batch_larger_than_the_slots():
         proc.stage(next(batches(1, 4)))
 
 
+
+
+def test_gather_to_host_one_copy_aligned():
+    """Results of mixed dtypes and shapes come back in one copy, equal, aligned, in their key order."""
+    from fake_cupy import strict_cupy
+
+    from gpusmall.producer.process import gather_to_host
+
+    rng = np.random.default_rng(0)
+    host = {"flag": rng.random(5) > 0.5, "n": np.int32(7), "small": np.arange(3, dtype=np.int8),
+            "img": rng.normal(size=(4, 6)).astype(np.float32)[:, ::2], "sum": rng.normal(size=(2, 3)),
+            "none": np.zeros((0, 4), np.int64), "c": np.array([1 + 2j], np.complex128)}
+    transfers = []
+    xp = strict_cupy(transfers)
+    dev = {k: xp.asarray(v) for k, v in host.items()}
+    transfers.clear()
+    out = gather_to_host(xp, dev)
+    assert [k for k, _ in transfers] == ["d2h"]
+    assert list(out) == list(host)
+    for k, v in host.items():
+        assert isinstance(out[k], np.ndarray) and out[k].flags.aligned, k
+        assert out[k].dtype == np.asarray(v).dtype and out[k].shape == np.shape(v), k
+        np.testing.assert_array_equal(out[k], v, err_msg=k)
+    assert gather_to_host(xp, {}) == {}

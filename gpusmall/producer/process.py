@@ -107,6 +107,28 @@ class StagedBatch:
         return len(self.batch)
 
 
+def gather_to_host(xp, arrays: dict) -> dict[str, np.ndarray]:
+    """Device arrays -> host arrays with one device->host copy: packed as bytes on the device (largest
+    item size first, so every array stays aligned), copied once, and viewed back on the host.
+
+    ~30 result arrays per batch come back as one transfer instead of ~30 (each a separate wait).
+    """
+    items = sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize)
+    if not items:
+        return {}
+    parts, layout = [], []
+    for k, v in items:
+        flat = xp.ascontiguousarray(v).reshape(-1)  # (ascontiguousarray makes a 0-d array 1-d: keep v.shape)
+        parts.append(flat.view(xp.uint8))
+        layout.append((k, v.shape, v.dtype, flat.nbytes))
+    host = xp.asnumpy(xp.concatenate(parts))
+    out, offset = {}, 0
+    for k, shape, dtype, nbytes in layout:
+        out[k] = host[offset:offset + nbytes].view(dtype).reshape(shape)
+        offset += nbytes
+    return {k: out[k] for k in arrays}
+
+
 class BatchProcessor:
     """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
 
@@ -205,7 +227,7 @@ class BatchProcessor:
                 self.times.h2d_bytes += raw.nbytes
                 raw = d
             res = pl.process(raw)
-            out = {k: self.backend.to_host(v) for k, v in res.items()}  # syncs the compute stream
+            out = gather_to_host(cp, res)  # one device->host copy; syncs the compute stream
             end.record(self.compute_stream)
         end.synchronize()
         self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
