@@ -300,6 +300,47 @@ def test_exception_in_batch_keeps_completed_batches(tmp_path, monkeypatch):
         assert not bool(f.attrs["complete"]) and "Sums/cam_max" in f
 
 
+def test_write_failure_keeps_the_batches_written_before_it(tmp_path, monkeypatch):
+    """HDF5 writing runs in its own thread: a failure there stops the run with that error, and the file
+    holds every batch written before it (and the sums, not complete)."""
+    from gpusmall.io import writer as writer_mod
+
+    calls = {"n": 0}
+    orig = writer_mod.ResultWriter.append
+
+    def flaky(self, columns):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return orig(self, columns)
+
+    monkeypatch.setattr(writer_mod.ResultWriter, "append", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        run_inproc(cam_config(tmp_path, batch=8, out="w.h5"), tmp_path)
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert int(f.attrs["events"]) == 16 and f["cam/roi0_sum"].shape == (16,)
+        assert not bool(f.attrs["complete"]) and "Sums/cam_max" in f
+
+
+def test_background_appender_order_errors_and_drain(tmp_path):
+    from gpusmall.io.writer import BackgroundAppender, ResultWriter
+
+    written = []
+    with ResultWriter(tmp_path / "a.h5", chunk_events=4) as w:
+        with BackgroundAppender(w, depth=1) as app:
+            for k in range(5):
+                app.append({"x": np.full(4, k)}, on_written=lambda k=k: written.append(k))
+            app.drain()
+            assert written == [0, 1, 2, 3, 4] and w.n_events == 20
+            app.append({"y": np.zeros(4)})  # a new name after the first batch: the writer refuses it
+            with pytest.raises(ValueError, match="appears after the first batch"):
+                app.drain()
+            with pytest.raises(RuntimeError, match="failed earlier"):
+                app.append({"x": np.zeros(4)})
+    with h5py.File(tmp_path / "a.h5") as f:
+        np.testing.assert_array_equal(f["x"][()], np.repeat(np.arange(5), 4))
+
+
 # ---- damaged events ---------------------------------------------------------------------------
 
 

@@ -151,3 +151,73 @@ class ResultWriter:
         obj = self.file.require_group(path) if path not in ("", "/") else self.file
         for k, v in attrs.items():
             obj.attrs[k] = _storable(v)
+
+
+class BackgroundAppender:
+    """Appends batches to a :class:`ResultWriter` from a thread of its own, so that writing batch k
+    overlaps the reduction of batch k+1 (h5py lets other threads run during HDF5 I/O).
+
+    At most ``depth`` batches wait; :meth:`append` blocks beyond that. ``on_written`` runs in the
+    writer thread once its batch is in the file (flushed). An error in the thread stops further
+    writes and is raised by the next :meth:`append` or by :meth:`drain`. After :meth:`drain` every
+    batch handed over is in the file and the caller may use the writer again; :meth:`close` (or the
+    context manager) drains and ends the thread.
+    """
+
+    def __init__(self, writer: ResultWriter, depth: int = 2):
+        import queue
+        import threading
+
+        self.writer = writer
+        self.error: BaseException | None = None
+        self._failed = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._thread = threading.Thread(target=self._run, name="gpusmall-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    columns, on_written = item
+                    self.writer.append(columns)
+                    if on_written is not None:
+                        on_written()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self.error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            exc, self.error = self.error, None
+            self._failed = True
+            raise exc
+
+    def append(self, columns: dict[str, np.ndarray], on_written=None) -> None:
+        """Queue one batch (host arrays the caller no longer changes)."""
+        self._raise()
+        if self._failed:
+            raise RuntimeError("the writer thread failed earlier; no more batches are written")
+        self._queue.put((columns, on_written))
+
+    def drain(self) -> None:
+        """Wait until every queued batch is written; raise the writer thread's error if it had one."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.join()
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -7,7 +7,8 @@ Pipeline (the same code on NumPy and CuPy)::
 
     reader thread:  read batch k+2 into a free host buffer (pinned on CuPy)   ─┐ queue of 1
     main thread:    stage batch k+1 (CuPy: upload on the copy stream)          │
-                    reduce batch k (compute stream), results -> host, append to HDF5
+                    reduce batch k (compute stream), results -> host (one copy)
+    writer thread:  append batch k-1 to HDF5 and flush (queue of 2)
 
 Four host buffers per detector circulate between the two threads, so reading, uploading and
 reducing overlap (:mod:`gpusmall.producer.process`). Results do not depend on the batch size.
@@ -19,7 +20,8 @@ MPI (:mod:`gpusmall.producer.mpi`): each rank reduces its contiguous block of ba
 Crash safety: SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes the sums,
 flushes and closes the file (and under MPI the master is built); :attr:`RunSummary.interrupted`
 tells the caller (``gpusmall run`` exits 1). An exception while reducing a batch does the same and
-is re-raised afterwards. Every batch that was appended is in the file.
+is re-raised afterwards. Every batch that was reduced is in the file: the writer thread's queue is
+drained before the end-of-run writes.
 
 Damaged events and GPU out-of-memory handling: see :mod:`gpusmall.producer.process`. The damaged
 count per detector is the ``damaged_events`` attribute of ``/<det>`` and the JSON root attribute
@@ -27,6 +29,7 @@ count per detector is the ``damaged_events`` attribute of ``/<det>`` and the JSO
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -43,7 +46,7 @@ from pathlib import Path
 from .. import __version__
 from ..backend import Backend
 from ..io.master import build_master, part_path
-from ..io.writer import ResultWriter
+from ..io.writer import BackgroundAppender, ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
 from .pipeline import DetectorPipeline
@@ -231,16 +234,19 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
             reader = Prefetcher(source, backend, cfg.batch_size, start, end, stop)
+            appender = BackgroundAppender(writer)
+
+            def written(n):  # in the writer thread, once the batch is in the file
+                nonlocal done
+                done += n
+                bar.update(n * bar_scale)
 
             def finish(staged):
-                nonlocal done
                 try:
                     columns = proc.process(staged)
                 finally:
                     reader.release(staged.batch)
-                writer.append(columns)
-                done += len(staged)
-                bar.update(len(staged) * bar_scale)
+                appender.append(columns, on_written=functools.partial(written, len(staged)))
 
             pending = None  # staged (uploading) batch, reduced once the next one is staged
             try:
@@ -267,6 +273,16 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                     log.warning("the batch read before the failure could not be reduced: %s", exc)
             finally:
                 reader.close()
+                try:  # every reduced batch into the file before the end-of-run writes
+                    appender.drain()
+                except Exception as exc:
+                    if error is None:
+                        error = exc
+                        stop.set(f"{type(exc).__name__}: {exc}")
+                    else:
+                        log.warning("writing a batch failed as well: %s", exc)
+                finally:
+                    appender.close()
             for name, pl in pipelines.items():
                 writer.write_static("Sums", pl.sum_results())
                 writer.set_attrs(name, {"damaged_events": proc.damaged[name]})
