@@ -2,7 +2,8 @@
 
     python benchmarks/bench_to_md.py bench_cupy.json [bench_numpy.json] [--pipeline pipeline.json] [-o summary.md]
 
-Inputs: ``pytest --benchmark-json`` files of ``benchmarks/bench_calib.py`` / ``bench_funcs.py`` (the backend of
+Inputs: ``pytest --benchmark-json`` files of ``benchmarks/bench_calib.py`` / ``bench_funcs.py`` / ``bench_writer.py``
+(the backend of
 each file is read from the file name (``*cupy*``, ``*numpy*``) or its ``GPUSMALL_BACKEND`` record, else its
 order), and the ``--json`` list that ``benchmarks/bench_pipeline.py`` appends to (with the per-event NumPy
 reference of ``benchmarks/reference_pipeline.py`` and the ratio pinned->file / reference where it was run).
@@ -35,8 +36,11 @@ PAIRS = [("test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
          ("test_droplet_photons_704x768[dense]", "test_scipy_droplets_704x768[dense]",
           "droplet + photons, 704 x 768, dense (20k photons)", "same scipy path", "ms/frame")]
 
+WRITER = [("test_append_demo_batch[gpusmall]", "ResultWriter.append (whole chunks written directly)"),
+          ("test_append_demo_batch[plain-h5py]", "plain h5py: resize + slice assignment (reference)")]
+
 # CPU code whatever the backend (references, NumPy-only paths): not in the CuPy vs NumPy table
-CPU_ONLY = {"test_per_event_masked", "test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
+CPU_ONLY = {"test_per_event_masked", "test_append_demo_batch[gpusmall]", "test_append_demo_batch[plain-h5py]", "test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
             "test_scipy_droplets_704x768[sparse]", "test_scipy_droplets_704x768[dense]"}
 
 
@@ -116,6 +120,22 @@ def funcs_rows(f) -> list[str]:
     return out
 
 
+def writer_rows(f) -> list[str]:
+    b = f["benches"]
+    rows = [(label, b[key]) for key, label in WRITER if key in b]
+    if not rows:
+        return []
+    info = rows[0][1].get("extra_info", {})
+    out = [f"### HDF5 appends of the demo set's results (batch of 64, {fmt(info.get('bytes_per_event', 0) / 1e3)} kB "
+           f"per event, to {info.get('folder', '?')})", "",
+           "| writer | ms / batch | events/s | GB/s |", "| --- | --- | --- | --- |"]
+    for label, x in rows:
+        e = x.get("extra_info", {})
+        out.append(f"| {label} | {fmt(x['stats']['median'] * 1e3)} | {fmt(e.get('events_per_s', 0))} | "
+                   f"{fmt(e.get('gb_per_s', 0))} |")
+    return out + [""]
+
+
 def compare_rows(cupy, numpy) -> list[str]:
     keys = [k for k in cupy["benches"] if k in numpy["benches"] and k not in CPU_ONLY]
     if not keys:
@@ -159,7 +179,7 @@ def main(argv=None) -> int:
     lines = []
     for f in files:
         lines += [f"<!-- {f['path'].name}: {f['backend']}, {f['date']}, commit {f['commit'][:10]}, {f['machine']} -->", ""]
-        lines += calib_rows(f) + funcs_rows(f)
+        lines += calib_rows(f) + funcs_rows(f) + writer_rows(f)
     by = {f["backend"]: f for f in files}
     if "cupy" in by and "numpy" in by:
         lines += compare_rows(by["cupy"], by["numpy"])

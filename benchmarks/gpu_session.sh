@@ -134,6 +134,7 @@ EOF
 # (d) benchmarks: calibration and functions on the backend, the whole pipeline
 bench() {  # bench BACKEND JSON
   GPUSMALL_BACKEND=$1 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_calib.py benchmarks/bench_funcs.py \
+    $([ "$1" = cupy ] && echo benchmarks/bench_writer.py) \
     --benchmark-only --benchmark-json="$2" --benchmark-columns=min,mean,median,rounds
 }
 export -f bench

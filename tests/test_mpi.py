@@ -322,6 +322,28 @@ def test_write_failure_keeps_the_batches_written_before_it(tmp_path, monkeypatch
         assert not bool(f.attrs["complete"]) and "Sums/cam_max" in f
 
 
+@pytest.mark.parametrize("batch,sizes", [(8, [8, 8, 3, 8, 5]), (12, [12, 5, 12, 12, 1]), (64, [64, 64, 30])])
+def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, sizes):
+    """Full batches go to the file as whole chunks (write_direct_chunk), the rest through h5py; batches that
+    start off a chunk boundary (after a short one) too; every dtype and shape reads back as written."""
+    from gpusmall.io.writer import ResultWriter
+
+    rng = np.random.default_rng(batch)
+    cols = [{"a": rng.random((n, 7000)).astype(np.float32), "flag": rng.random(n) > 0.5,
+             "c": rng.integers(-9, 9, (n, 3, 5)).astype(np.int8), "d": rng.random((n, 100)) > 0.5,
+             "big": rng.random((n, 40000))} for n in sizes]
+    with ResultWriter(tmp_path / "t.h5", chunk_events=batch) as w:
+        for c in cols:
+            w.append(c)
+    with h5py.File(tmp_path / "t.h5") as f:
+        for k in cols[0]:
+            want = np.concatenate([c[k] for c in cols])
+            assert f[k].dtype == want.dtype, k
+            np.testing.assert_array_equal(f[k][()], want, err_msg=k)
+            if f[k].ndim > 1:
+                assert batch % f[k].chunks[0] == 0 and f[k].chunks[0] * want[0].nbytes <= 1 << 20, k
+
+
 def test_background_appender_order_errors_and_drain(tmp_path):
     from gpusmall.io.writer import BackgroundAppender, ResultWriter
 

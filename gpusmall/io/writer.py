@@ -88,11 +88,38 @@ class ResultWriter:
             self.file.close()
 
     def _create(self, name: str, arr: np.ndarray) -> h5py.Dataset:
+        """Chunks of whole events, at most ~1 MiB, and (for per-event arrays) a divisor of the batch size,
+        so that full batches fill whole chunks (written directly, see :meth:`_write`)."""
         tail = arr.shape[1:]
         per_event = max(1, int(np.prod(tail)) * arr.dtype.itemsize)
-        chunk0 = int(max(1, min(self.chunk_events, (1 << 20) // per_event)))
+        limit = max(1, (1 << 20) // per_event)
+        if tail:
+            chunk0 = max(d for d in range(1, min(self.chunk_events, limit) + 1) if self.chunk_events % d == 0)
+            chunks = (chunk0, *tail)
+        else:
+            chunks = (max(min(self.chunk_events, limit), 1024),)
         return self.file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=arr.dtype,
-                                        chunks=(chunk0, *tail) if tail else (max(chunk0, 1024),))
+                                        chunks=chunks)
+
+    def _write(self, ds: h5py.Dataset, start: int, arr: np.ndarray) -> None:
+        """``ds[start:start + len(arr)] = arr``; whole chunks go to the file directly (no chunk cache, no
+        type conversion: ~1.6x faster for the padded per-event arrays), the rest through h5py."""
+        c = ds.chunks[0]
+        n = arr.shape[0]
+        first = -start % c  # events before the first chunk boundary
+        if arr.ndim < 2 or arr.dtype != ds.dtype or ds.compression is not None or first + c > n:
+            ds[start:start + n] = arr
+            return
+        arr = np.ascontiguousarray(arr)
+        if first:
+            ds[start:start + first] = arr[:first]
+        k = first
+        zeros = (0,) * (arr.ndim - 1)
+        while k + c <= n:
+            ds.id.write_direct_chunk((start + k, *zeros), memoryview(arr[k:k + c]).cast("B"))
+            k += c
+        if k < n:
+            ds[start + k:start + n] = arr[k:]
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Append one batch: every array has the same leading events axis. Flushes the file.
@@ -112,7 +139,7 @@ class ResultWriter:
                     raise ValueError(f"output {name} appears after the first batch")
                 ds = self._datasets[name] = self._create(name, arr)
             ds.resize(self.n_events + n, axis=0)
-            ds[self.n_events:] = arr
+            self._write(ds, self.n_events, arr)
         if n is not None:
             self.n_events += n
         self.file.flush()
