@@ -36,8 +36,8 @@ class OutOfMemoryError(MemoryError):
 
 
 def fake_cuda(log, oom_slots=False):
-    """(xp with cuda/empty/asnumpy/asarray/concatenate, stream factory handing out the "copy" then "compute"
-    stream)."""
+    """(xp with cuda/empty/asnumpy/asarray/concatenate, stream factory handing out the "copy", "compute"
+    and "results" streams)."""
     class Event:
         def __init__(self):
             self.stream = None
@@ -67,11 +67,19 @@ def fake_cuda(log, oom_slots=False):
             raise OutOfMemoryError("Out of memory allocating the slots")
         return np.empty(shape, dtype).view(FakeDeviceArray)
 
+    def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+        if out is None:
+            return np.array(a, copy=True)
+        assert stream is not None and not blocking, "an asynchronous copy names its stream"
+        log.append(("d2h", stream.name))
+        np.copyto(out, a)
+        return out
+
     cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.0)
-    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=np.asarray, asarray=np.asarray, uint8=np.uint8,
+    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=asnumpy, asarray=np.asarray, uint8=np.uint8,
                                ascontiguousarray=np.ascontiguousarray, concatenate=np.concatenate,
                                get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
-    streams = iter([Stream("copy"), Stream("compute")])
+    streams = iter([Stream("copy"), Stream("compute"), Stream("results")])
     return xp, lambda non_blocking=True: next(streams)
 
 
@@ -352,8 +360,14 @@ def strict_cupy(transfers, extra=None, module=np, name="cupy"):
             transfers.append(("h2d", host.nbytes))
         return DeviceArray(np.array(host, copy=True, order=order or "K"), transfers)
 
-    def asnumpy(a, stream=None):
-        return a.get() if isinstance(a, DeviceArray) else np.asarray(a)
+    def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+        if not isinstance(a, DeviceArray):
+            return np.asarray(a)
+        host = a.get()
+        if out is None:
+            return host
+        np.copyto(out, host)
+        return out
 
     ns.asarray, ns.asnumpy = asarray, asnumpy
     ns.array = lambda a, dtype=None, copy=True, order="K": (

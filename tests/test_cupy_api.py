@@ -33,9 +33,11 @@ def _chain(node) -> list[str]:
 
 
 def _after_xp(chain: list[str]) -> str | None:
-    """'name.sub' of ``xp.name.sub``, ``self.xp.name.sub``, ``backend.xp.name.sub``; None otherwise."""
-    if "xp" in chain[:-1]:
-        return ".".join(chain[chain.index("xp") + 1:])
+    """'name.sub' of ``xp.name.sub``, ``self.xp.name.sub``, ``backend.xp.name.sub`` (``cp`` too: the
+    GPU-only code calls CuPy that); None otherwise."""
+    for alias in ("xp", "cp"):
+        if alias in chain[:-1]:
+            return ".".join(chain[chain.index(alias) + 1:])
     return None
 
 

@@ -22,6 +22,7 @@ def fake_gpu_backend(log, oom_slots=False) -> Backend:
     b.name, b.xp, b.description = "cupy", xp, "fake cupy (CPU)"
     b.stream = stream
     b.synchronize = lambda: None
+    b.pinned_empty = lambda shape, dtype: np.empty(shape, dtype)
     return b
 
 
@@ -68,9 +69,35 @@ def test_overlapped_staging_reduces_each_batch_from_its_own_slot():
         np.testing.assert_array_equal(cols["timestamp"], batch.timestamp)
     assert set(pl.seen) == {"FakeDeviceArray"}  # reduced from the device slots, not from host memory
     assert ("wait", "compute", "copy") in log  # the compute stream waits for the copy stream
+    assert ("wait", "results", "compute") in log and ("d2h", "results") in log  # results copied on their stream
+    # an upload into a slot waits (on the GPU) for the reduction that read the slot before
+    assert ("wait", "copy", "compute") in log
     t = proc.times
     assert t.batches == 5 and t.h2d_bytes == sum(b.raw["det"].nbytes for b, _ in done)
     assert t.h2d_s == pytest.approx(5 * 2e-3) and t.compute_s == pytest.approx(5 * 2e-3)
+
+
+def test_results_collected_a_batch_later_as_the_writer_thread_does():
+    """process_async returns before the results are on the host; collected after the next batch was
+    reduced (and its host buffers reused by the reader), every batch still has its own numbers."""
+    log = []
+    pl = SumPipeline()
+    proc = BatchProcessor({"det": pl}, fake_gpu_backend(log), batch_size=6)
+    buffers = [np.zeros((6, 1, 4, 5), np.uint16) for _ in range(2)]  # the reader's two host buffers
+    want, pending, got = [], [], []
+    for k, batch in enumerate(batches(5, 6)):
+        buf = buffers[k % 2][:len(batch)]
+        buf[...] = batch.raw["det"]
+        b = RawBatch(batch.timestamp.copy(), batch.event_index.copy(), {"det": buf}, batch.damaged)
+        want.append((batch.timestamp.copy(), batch.raw["det"].astype(np.float64).sum(axis=(1, 2, 3))))
+        pending.append(proc.process_async(proc.stage(b)))
+        if len(pending) == 2:
+            got.append(pending.pop(0).result())
+        b.timestamp[:] = 0  # the reader refills the buffer of the batch just reduced
+    got += [p.result() for p in pending]
+    for (ts, sums), cols in zip(want, got):
+        np.testing.assert_array_equal(cols["timestamp"], ts)
+        np.testing.assert_array_equal(cols["det/sum"], sums)
 
 
 def test_slots_that_do_not_fit_fall_back_to_uploads_per_chunk():

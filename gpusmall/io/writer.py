@@ -210,6 +210,8 @@ class BackgroundAppender:
                     return
                 if self.error is None:
                     columns, on_written = item
+                    if hasattr(columns, "result"):  # PendingColumns: results still on their way
+                        columns = columns.result()
                     self.writer.append(columns)
                     if on_written is not None:
                         on_written()
@@ -224,8 +226,9 @@ class BackgroundAppender:
             self._failed = True
             raise exc
 
-    def append(self, columns: dict[str, np.ndarray], on_written=None) -> None:
-        """Queue one batch (host arrays the caller no longer changes)."""
+    def append(self, columns, on_written=None) -> None:
+        """Queue one batch: host arrays the caller no longer changes, or an object whose ``result()``
+        gives them (waited for in the writer thread)."""
         self._raise()
         if self._failed:
             raise RuntimeError("the writer thread failed earlier; no more batches are written")

@@ -1,14 +1,19 @@
 """One batch through the detectors' pipelines: stage (upload), reduce, results to host, damage filled.
 
-The same code runs on both backends. On CuPy a batch goes through two streams::
+The same code runs on both backends. On CuPy a batch goes through three streams::
 
-    copy stream:     H2D batch k+1 (pinned host -> device ring slot)      ─┐ overlap
-    compute stream:  wait for batch k's copy; calibrate + reduce batch k   ─┘
-                     small results -> host (syncs the compute stream only)
+    copy stream:     H2D batch k+1 (pinned host -> device ring slot)                ─┐
+    compute stream:  wait for batch k's copy; calibrate + reduce batch k; pack the   │ overlap
+                     results into one device buffer                                  │
+    results stream:  wait for batch k-1's reduction; D2H its packed results          ─┘
+                     (into pinned host memory, one copy)
 
-:meth:`BatchProcessor.stage` starts the upload and returns at once; :meth:`BatchProcessor.process`
-reduces a staged batch. The run loop stages batch k+1 before it processes batch k, so the copy engine
-moves the next batch while the SMs work on this one. Each detector has two device slots of
+:meth:`BatchProcessor.stage` starts the upload and returns at once; :meth:`BatchProcessor.process_async`
+reduces a staged batch and returns :class:`PendingColumns` at once (the results copy runs on its own
+stream); :meth:`PendingColumns.result` waits for them (the run loop's writer thread does). The run loop
+stages batch k+1 before it reduces batch k, so the copy engines move the next batch in and the last
+results out while the SMs work on this one. A slot is reused for an upload only after the reduction that
+read it (stream-ordered by a CUDA event). Each detector has two device slots of
 ``(batch_size, panels, rows, cols)`` raw, allocated once and reused, so no allocation happens per batch.
 CUDA events around each copy and each reduction give :class:`DeviceTimes` (transfer and device time
 separately, summed over the run). On NumPy staging only zeroes damaged rows (no copy).
@@ -102,31 +107,58 @@ class StagedBatch:
     raw: dict = field(default_factory=dict)       # name -> device view (events, ...) or host array, or None
     damaged: dict = field(default_factory=dict)   # name -> host bool (events,)
     copied: dict = field(default_factory=dict)    # name -> (start, end) CUDA events of its upload
+    slot: dict = field(default_factory=dict)      # name -> device slot (turn) its raw is in
 
     def __len__(self) -> int:
         return len(self.batch)
 
 
-def gather_to_host(xp, arrays: dict) -> dict[str, np.ndarray]:
-    """Device arrays -> host arrays with one device->host copy: packed as bytes on the device (largest
-    item size first, so every array stays aligned), copied once, and viewed back on the host.
-
-    ~30 result arrays per batch come back as one transfer instead of ~30 (each a separate wait).
-    """
+def pack_on_device(xp, arrays: dict):
+    """(one uint8 device buffer holding every array's bytes, layout): largest item size first, so every
+    array stays aligned when :func:`unpack` views it back. None for no arrays."""
     items = sorted(arrays.items(), key=lambda kv: -kv[1].dtype.itemsize)
     if not items:
-        return {}
+        return None, []
     parts, layout = [], []
     for k, v in items:
         flat = xp.ascontiguousarray(v).reshape(-1)  # (ascontiguousarray makes a 0-d array 1-d: keep v.shape)
         parts.append(flat.view(xp.uint8))
         layout.append((k, v.shape, v.dtype, flat.nbytes))
-    host = xp.asnumpy(xp.concatenate(parts))
+    return xp.concatenate(parts), layout
+
+
+def unpack(host: np.ndarray, layout, order) -> dict[str, np.ndarray]:
+    """Host arrays viewed in the bytes of :func:`pack_on_device`'s buffer, in the key ``order``."""
     out, offset = {}, 0
     for k, shape, dtype, nbytes in layout:
         out[k] = host[offset:offset + nbytes].view(dtype).reshape(shape)
         offset += nbytes
-    return {k: out[k] for k in arrays}
+    return {k: out[k] for k in order}
+
+
+def gather_to_host(xp, arrays: dict) -> dict[str, np.ndarray]:
+    """Device arrays -> host arrays with one device->host copy (packed, copied once, viewed back).
+
+    ~30 result arrays per batch come back as one transfer instead of ~30 (each a separate wait).
+    """
+    packed, layout = pack_on_device(xp, arrays)
+    return {} if packed is None else unpack(xp.asnumpy(packed), layout, arrays)
+
+
+class PendingColumns:
+    """The columns of a reduced batch, possibly still being copied from the GPU.
+
+    :meth:`result` waits for them and returns the host arrays (damaged rows filled), once; any thread
+    may call it (the run loop's writer thread does).
+    """
+
+    def __init__(self, finish):
+        self._finish, self._columns = finish, None
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._finish is not None:
+            self._columns, self._finish = self._finish(), None
+        return self._columns
 
 
 class BatchProcessor:
@@ -139,6 +171,7 @@ class BatchProcessor:
         gpu = backend.is_gpu
         self.copy_stream = backend.stream() if gpu else None
         self.compute_stream = backend.stream() if gpu else None
+        self.results_stream = backend.stream() if gpu else None
         # Constants, bin maps and zeroed run sums were made on the legacy default stream, asynchronously
         # (cupy.asarray copies, fill kernels); the non-blocking streams above do not wait for it.
         backend.synchronize()
@@ -147,6 +180,7 @@ class BatchProcessor:
         self.damaged = {name: 0 for name in pipelines}
         self.times = DeviceTimes()
         self._slots: dict[str, list] = {}  # name -> two device raw buffers (batch_size, ...)
+        self._slot_read: dict[tuple[str, int], object] = {}  # (name, turn) -> event: its last reduction ended
         self._turn = 0
         self._no_slots = False
 
@@ -195,26 +229,31 @@ class BatchProcessor:
                 continue
             cp = self.backend.xp
             view = slot[:n]
+            read = self._slot_read.pop((name, self._turn), None)
+            if read is not None:  # the reduction that read this slot last must be done with it
+                self.copy_stream.wait_event(read)
             start, end = cp.cuda.Event(), cp.cuda.Event()
             start.record(self.copy_stream)
             view.set(np.ascontiguousarray(raw), stream=self.copy_stream)
             end.record(self.copy_stream)
             staged.raw[name], staged.copied[name] = view, (start, end)
+            staged.slot[name] = self._turn
             self.times.h2d_bytes += raw.nbytes
         self._turn ^= 1
         return staged
 
     # -- reduction --------------------------------------------------------------------------------
-    def _run_one(self, name, raw, damaged, copied=None, upload=False) -> dict[str, np.ndarray]:
+    def _run_one(self, name, raw, damaged, copied=None, upload=False):
         """Reduce ``raw`` (events, ...) of detector ``name``: a staged array, or (``upload``) a host array
-        to upload here on the compute stream."""
+        to upload here on the compute stream. Returns (a function giving the host results, the CUDA event
+        that ends the reduction or None); on CuPy the results are still being copied when it returns."""
         pl = self.pipelines[name]
         keep = ~damaged if damaged.any() else None
         for s in pl.sums:
             s.keep = keep
         if self.compute_stream is None:
-            res = pl.process(raw)
-            return {k: np.array(self.backend.to_host(v), copy=True) for k, v in res.items()}
+            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw).items()}
+            return (lambda: res), None
         cp = self.backend.xp
         with self.compute_stream:
             if copied is not None:
@@ -227,31 +266,54 @@ class BatchProcessor:
                 self.times.h2d_bytes += raw.nbytes
                 raw = d
             res = pl.process(raw)
-            out = gather_to_host(cp, res)  # one device->host copy; syncs the compute stream
+            packed, layout = pack_on_device(cp, res)
             end.record(self.compute_stream)
-        end.synchronize()
-        self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
-        return out
+        if packed is None:
+            end.synchronize()
+            return (lambda: {}), end
+        # one device->host copy on the results stream, into pinned memory, while the next batch reduces
+        host = self.backend.pinned_empty((packed.nbytes,), np.uint8)
+        self.results_stream.wait_event(end)
+        cp.asnumpy(packed, stream=self.results_stream, out=host, blocking=False)
+        fetched = cp.cuda.Event()
+        fetched.record(self.results_stream)
+        order = list(res)
 
-    def process(self, staged) -> dict[str, np.ndarray]:
-        """A staged batch (or a RawBatch, staged here) -> columns to append (host arrays), damaged rows filled."""
+        def finish():
+            fetched.synchronize()
+            self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
+            del packed_ref[:]  # the device buffer may go back to the pool now
+            return unpack(host, layout, order)
+
+        packed_ref = [packed]  # kept alive until the copy is done (the pool must not hand it out before)
+        return finish, end
+
+    def process_async(self, staged) -> PendingColumns:
+        """Reduce a staged batch (or a RawBatch, staged here); the results may still be on their way.
+
+        When this returns the batch's host buffers may be reused (its uploads are complete) and its
+        device slots are free for the upload after next once the reduction ended (stream-ordered).
+        """
         if not isinstance(staged, StagedBatch):
             staged = self.stage(staged)
         batch = staged.batch
-        columns = {"timestamp": batch.timestamp, "event_index": batch.event_index}
         n = len(batch)
+        # the host batch goes back to the reader when this returns: keep copies of what the columns need
+        timestamp, event_index = np.array(batch.timestamp, copy=True), np.array(batch.event_index, copy=True)
+        finishers = {}
         for name in self.pipelines:
             damaged = staged.damaged[name]
             dev = staged.raw[name]
             copied = staged.copied.get(name)
             source = batch.raw[name] if dev is None else dev
-            pieces = []
+            pieces, end = [], None
             start = 0
             while start < n:
                 stop = min(n, start + self.chunk)
                 try:
-                    pieces.append(self._run_one(name, source[start:stop], damaged[start:stop], copied,
-                                                upload=dev is None))
+                    piece, end = self._run_one(name, source[start:stop], damaged[start:stop], copied,
+                                               upload=dev is None)
+                    pieces.append(piece)
                     start = stop
                 except Exception as exc:
                     if not is_out_of_memory(exc) or self.chunk <= 1:
@@ -264,15 +326,30 @@ class BatchProcessor:
                         self.backend.xp.get_default_memory_pool().free_all_blocks()
                     except AttributeError:
                         pass
-            if copied is not None:  # complete: the compute stream waited for it and was synchronised
+            if copied is not None:
+                copied[1].synchronize()  # normally long done: the host buffer may be refilled after this
                 self.times.h2d_s += self.backend.xp.cuda.get_elapsed_time(*copied) / 1e3
-            res = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-            if damaged.any():
-                for v in res.values():
-                    v[damaged] = fill_value(v.dtype)
-                self.damaged[name] += int(damaged.sum())
-            for k, v in res.items():
-                columns[f"{name}/{k}"] = v
-            columns[f"{name}/damaged"] = damaged.astype(np.uint8)
+            if name in staged.slot and end is not None:
+                self._slot_read[(name, staged.slot[name])] = end
+            self.damaged[name] += int(damaged.sum())
+            finishers[name] = (pieces, np.array(damaged, copy=True))
         self.times.batches += 1
-        return columns
+
+        def finish():
+            columns = {"timestamp": timestamp, "event_index": event_index}
+            for name, (pieces, damaged) in finishers.items():
+                parts = [p() for p in pieces]
+                res = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                if damaged.any():
+                    for v in res.values():
+                        v[damaged] = fill_value(v.dtype)
+                for k, v in res.items():
+                    columns[f"{name}/{k}"] = v
+                columns[f"{name}/damaged"] = damaged.astype(np.uint8)
+            return columns
+
+        return PendingColumns(finish)
+
+    def process(self, staged) -> dict[str, np.ndarray]:
+        """A staged batch (or a RawBatch, staged here) -> columns to append (host arrays), damaged rows filled."""
+        return self.process_async(staged).result()

@@ -7,8 +7,8 @@ Pipeline (the same code on NumPy and CuPy)::
 
     reader thread:  read batch k+2 into a free host buffer (pinned on CuPy)   ─┐ queue of 1
     main thread:    stage batch k+1 (CuPy: upload on the copy stream)          │
-                    reduce batch k (compute stream), results -> host (one copy)
-    writer thread:  append batch k-1 to HDF5 and flush (queue of 2)
+                    reduce batch k (compute stream; its results start back on a third stream)
+    writer thread:  wait for batch k-1's results (one copy), append them to HDF5, flush (queue of 2)
 
 Four host buffers per detector circulate between the two threads, so reading, uploading and
 reducing overlap (:mod:`gpusmall.producer.process`). Results do not depend on the batch size.
@@ -243,7 +243,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
 
             def finish(staged):
                 try:
-                    columns = proc.process(staged)
+                    columns = proc.process_async(staged)  # results may still be on their way (GPU)
                 finally:
                     reader.release(staged.batch)
                 appender.append(columns, on_written=functools.partial(written, len(staged)))
