@@ -81,8 +81,9 @@ class _GoodEventsSum:
 class DeviceTimes:
     """Where a run's time went on the GPU (seconds, summed over batches; zero on NumPy).
 
-    ``h2d_s``: host->device copies of raw batches (copy stream); ``compute_s``: calibration and
-    reduction, results included (compute stream); ``h2d_bytes``: raw bytes copied. When the copies
+    ``h2d_s``: host->device copies of raw batches (copy stream); ``compute_s``: calibration,
+    reduction and packing of the results (compute stream; their copy back runs on the results
+    stream); ``h2d_bytes``: raw bytes copied. When the copies
     overlap the reductions, the run's wall time approaches ``max(h2d_s, compute_s)``, not their sum.
     """
 
