@@ -322,7 +322,8 @@ def test_write_failure_keeps_the_batches_written_before_it(tmp_path, monkeypatch
         assert not bool(f.attrs["complete"]) and "Sums/cam_max" in f
 
 
-@pytest.mark.parametrize("batch,sizes", [(8, [8, 8, 3, 8, 5]), (12, [12, 5, 12, 12, 1]), (64, [64, 64, 30])])
+@pytest.mark.parametrize("batch,sizes", [(8, [8, 8, 3, 8, 5]), (12, [12, 5, 12, 12, 1]), (64, [64, 64, 30]),
+                                         (61, [61, 61, 7])])
 def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, sizes):
     """Full batches go to the file as whole chunks (write_direct_chunk), the rest through h5py; batches that
     start off a chunk boundary (after a short one) too; every dtype and shape reads back as written."""
@@ -341,7 +342,10 @@ def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, si
             assert f[k].dtype == want.dtype, k
             np.testing.assert_array_equal(f[k][()], want, err_msg=k)
             if f[k].ndim > 1:
-                assert batch % f[k].chunks[0] == 0 and f[k].chunks[0] * want[0].nbytes <= 1 << 20, k
+                c = f[k].chunks[0]
+                assert c * want[0].nbytes <= 1 << 20, k
+                assert batch % c == 0 or batch == 61, k  # a prime batch size: chunks as large as allowed
+                assert 4 * c >= min(batch, (1 << 20) // want[0].nbytes), k
 
 
 def test_background_appender_order_errors_and_drain(tmp_path):

@@ -94,7 +94,10 @@ class ResultWriter:
         per_event = max(1, int(np.prod(tail)) * arr.dtype.itemsize)
         limit = max(1, (1 << 20) // per_event)
         if tail:
-            chunk0 = max(d for d in range(1, min(self.chunk_events, limit) + 1) if self.chunk_events % d == 0)
+            most = min(self.chunk_events, limit)
+            chunk0 = max(d for d in range(1, most + 1) if self.chunk_events % d == 0)
+            if 4 * chunk0 < most:  # e.g. a prime batch size: no tiny chunks (those batches go through h5py)
+                chunk0 = most
             chunks = (chunk0, *tail)
         else:
             chunks = (max(min(self.chunk_events, limit), 1024),)

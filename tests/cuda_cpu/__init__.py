@@ -125,6 +125,7 @@ class CompiledSource:
 
     def __init__(self, src: str, label: str = "kernel", ucontext: bool = False):
         self.label = label
+        self.warnings = ""  # g++'s warnings when this process compiled it (empty when taken from the cache)
         self.signatures = signatures(src)
         if not self.signatures:
             raise ValueError(f"{label}: no extern \"C\" __global__ kernels")
