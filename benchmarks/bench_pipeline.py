@@ -34,7 +34,7 @@ from gpusmall.cli import demo_config_dict  # noqa: E402
 from gpusmall.producer.config import load_config, validate_config  # noqa: E402
 from gpusmall.producer.mpi import Comm  # noqa: E402
 from gpusmall.producer.pipeline import DetectorPipeline  # noqa: E402
-from gpusmall.io.writer import ResultWriter  # noqa: E402
+from gpusmall.io.writer import BackgroundAppender, ResultWriter  # noqa: E402
 from gpusmall.producer.process import BatchProcessor, DeviceTimes  # noqa: E402
 from gpusmall.producer.run import reduce_run  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
@@ -72,10 +72,11 @@ def read_pinned(cfg, src, backend, events):
 def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     """Batches already in (pinned) host memory through BatchProcessor, as reduce_run drives it.
 
-    ``overlap``: stage (upload) batch k+1 before reducing batch k, as the run loop does; False: one
-    batch at a time (upload, then reduce), to show what the overlap gains. ``out``: also append every
-    batch's results to this HDF5 file (ResultWriter, flushed per batch), i.e. "pinned host memory to a
-    written file", the issue-7 measure without the source.
+    ``overlap``: stage (upload) batch k+1 before reducing batch k and collect batch k's results a batch
+    later (by a writer thread when there is a file), as the run loop does; False: one batch at a time
+    (upload, reduce, results, write), to show what the overlap gains. ``out``: also append every batch's
+    results to this HDF5 file (flushed per batch), i.e. "pinned host memory to a written file", the
+    issue-7 measure without the source.
     """
     with open_source(cfg) as src:
         nbytes = raw_bytes_per_event(src)
@@ -86,20 +87,37 @@ def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     backend.synchronize()
     proc.times = DeviceTimes()
     writer = ResultWriter(out, chunk_events=cfg.batch_size) if out else None
-    emit = writer.append if writer else (lambda columns: None)
+    # as the run loop: results collected a batch later (by the writer thread when there is a file)
+    appender = BackgroundAppender(writer) if writer and overlap else None
+    late = []
+
+    def emit(pending):
+        if appender is not None:
+            appender.append(pending)
+        elif writer is not None and not overlap:
+            writer.append(pending.result())
+        else:
+            late.append(pending)
+            while len(late) > 1:
+                late.pop(0).result()
+
     t0 = time.perf_counter()
     for _ in range(repeat):
         pending = None
         for batch in batches:
             staged = proc.stage(batch)
             if not overlap:
-                emit(proc.process(staged))
+                emit(proc.process_async(staged))
                 continue
             if pending is not None:
-                emit(proc.process(pending))
+                emit(proc.process_async(pending))
             pending = staged
         if pending is not None:
-            emit(proc.process(pending))
+            emit(proc.process_async(pending))
+    for p in late:
+        p.result()
+    if appender is not None:
+        appender.close()
     backend.synchronize()
     if writer:
         writer.close()
