@@ -126,6 +126,7 @@ def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
     if backend.is_gpu:
         t = proc.times
         result.update(h2d_s=t.h2d_s / repeat, device_s=t.compute_s / repeat, h2d_gb_per_s=t.h2d_gb_per_s,
+                      d2h_s=t.d2h_s / repeat, d2h_bytes_per_event=t.d2h_bytes / (events * repeat),
                       device_events_per_s=events * repeat / t.compute_s)
     return result
 
@@ -203,6 +204,7 @@ def main(argv=None):
         if backend.is_gpu:
             print(f"  host->device: {r['h2d_s'] * 1e3:8.1f} ms  ({r['h2d_gb_per_s']:.2f} GB/s)")
             print(f"  device      : {r['device_s'] * 1e3:8.1f} ms  ({r['device_events_per_s']:.1f} events/s)")
+            print(f"  device->host: {r['d2h_s'] * 1e3:8.1f} ms  (results, {r['d2h_bytes_per_event'] / 1e3:.0f} kB/event)")
     if backend.is_gpu:
         bw = pinned_bandwidth(backend)
         print(f"pinned copy  : {bw['pinned']:.2f} GB/s pinned, {bw['pageable']:.2f} GB/s pageable (host->device)")

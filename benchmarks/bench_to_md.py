@@ -153,9 +153,9 @@ def pipeline_rows(path: Path) -> list[str]:
     out = [f"### Whole pipeline (`benchmarks/bench_pipeline.py`, {path.name})", "",
            "| backend | config | batch | events | end to end events/s | GB/s raw | pinned->file events/s "
            "| compute only events/s | GB/s raw "
-           "| no-overlap events/s | device-only events/s | H2D GB/s | pinned / pageable GB/s "
+           "| no-overlap events/s | device-only events/s | H2D GB/s | pinned / pageable GB/s | results D2H s "
            "| per-event NumPy ref events/s | pinned->file / ref |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         c = r["compute_only"]
         pin = (f"{fmt(c['pinned_gb_per_s'])} / {fmt(c['pageable_gb_per_s'])}" if "pinned_gb_per_s" in c else "-")
@@ -165,7 +165,7 @@ def pipeline_rows(path: Path) -> list[str]:
                    f"| {fmt(r['end_to_end']['gb_per_s'])} | {fmt(c.get('to_file_events_per_s'))} "
                    f"| {fmt(c['events_per_s'])} | {fmt(c['gb_per_s'])} "
                    f"| {fmt(c.get('serial_events_per_s'))} | {fmt(c.get('device_events_per_s'))} "
-                   f"| {fmt(c.get('h2d_gb_per_s'))} | {pin} | {fmt(ref)} | {ratio} |")
+                   f"| {fmt(c.get('h2d_gb_per_s'))} | {pin} | {fmt(c.get('d2h_s'))} | {fmt(ref)} | {ratio} |")
     return out + [""]
 
 

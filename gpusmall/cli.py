@@ -63,7 +63,8 @@ def _run_config(cfg, args) -> int:
     t = summary.device_times
     if backend.is_gpu and t.batches:
         print(f"gpusmall: rank 0 GPU time: reduce {t.compute_s:.2f} s, host->device {t.h2d_s:.2f} s "
-              f"({t.h2d_gb_per_s:.1f} GB/s); the copies overlap the reductions", file=sys.stderr)
+              f"({t.h2d_gb_per_s:.1f} GB/s), results device->host {t.d2h_s:.2f} s ({t.d2h_bytes / 1e9:.2f} GB); "
+              f"the copies overlap the reductions", file=sys.stderr)
     return 0
 
 

@@ -75,6 +75,7 @@ def test_overlapped_staging_reduces_each_batch_from_its_own_slot():
     t = proc.times
     assert t.batches == 5 and t.h2d_bytes == sum(b.raw["det"].nbytes for b, _ in done)
     assert t.h2d_s == pytest.approx(5 * 2e-3) and t.compute_s == pytest.approx(5 * 2e-3)
+    assert t.d2h_s == pytest.approx(5 * 2e-3) and t.d2h_bytes == sum(8 * len(b) for b, _ in done)
 
 
 def test_results_collected_a_batch_later_as_the_writer_thread_does():

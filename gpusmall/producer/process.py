@@ -82,14 +82,16 @@ class DeviceTimes:
     """Where a run's time went on the GPU (seconds, summed over batches; zero on NumPy).
 
     ``h2d_s``: host->device copies of raw batches (copy stream); ``compute_s``: calibration,
-    reduction and packing of the results (compute stream; their copy back runs on the results
-    stream); ``h2d_bytes``: raw bytes copied. When the copies
+    reduction and packing of the results (compute stream); ``d2h_s``: the results' copies back
+    (results stream); ``h2d_bytes`` / ``d2h_bytes``: bytes copied each way. When the copies
     overlap the reductions, the run's wall time approaches ``max(h2d_s, compute_s)``, not their sum.
     """
 
     h2d_s: float = 0.0
     compute_s: float = 0.0
+    d2h_s: float = 0.0
     h2d_bytes: int = 0
+    d2h_bytes: int = 0
     batches: int = 0
 
     @property
@@ -275,14 +277,17 @@ class BatchProcessor:
         # one device->host copy on the results stream, into pinned memory, while the next batch reduces
         host = self.backend.pinned_empty((packed.nbytes,), np.uint8)
         self.results_stream.wait_event(end)
+        sent, fetched = cp.cuda.Event(), cp.cuda.Event()
+        sent.record(self.results_stream)
         cp.asnumpy(packed, stream=self.results_stream, out=host, blocking=False)
-        fetched = cp.cuda.Event()
         fetched.record(self.results_stream)
         order = list(res)
 
         def finish():
             fetched.synchronize()
             self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
+            self.times.d2h_s += cp.cuda.get_elapsed_time(sent, fetched) / 1e3
+            self.times.d2h_bytes += host.nbytes
             del packed_ref[:]  # the device buffer may go back to the pool now
             return unpack(host, layout, order)
 
