@@ -9,7 +9,8 @@
 //
 // Each block handles gpb groups. A group's values go to shared memory padded to p2 (a power of two
 // >= n), unused pixels and padding as +inf, and are sorted with a bitonic network (p2/2 threads per
-// group, one compare-exchange each per stage). With m used values the median is
+// group, one compare-exchange each per stage; stages inside a warp's 64 values sync the warp only).
+// With m used values the median is
 // (v[(m-1)/2] + v[m/2]) * 0.5 (the numpy.median of an even count); it is subtracted from the used
 // pixels when m > min_pixels and |median| < max_correction.
 //
@@ -72,7 +73,10 @@ extern "C" __global__ void cm_median_step(
     }
     __syncthreads();
 
-    // bitonic sort of each group's p2 values, ascending
+    // bitonic sort of each group's p2 values, ascending. With stride <= 32 the 32 threads of a warp
+    // compare-exchange only among the 64 values [64w', 64w' + 64) of their own group (w' = the warp's
+    // index inside the group; several small groups share a warp), so a stage whose stride and whose
+    // next stage's stride are both <= 32 needs only __syncwarp; the others (and the last) need the block.
     const int half = p2 >> 1;
     const int grp = tid / half;
     const int j = tid % half;
@@ -86,7 +90,11 @@ extern "C" __global__ void cm_median_step(
                 const float x = a[pos], y = a[partner];
                 if ((x > y) == ascending) { a[pos] = y; a[partner] = x; }
             }
-            __syncthreads();
+            // the next stage's stride: halved, or the first of the next size (= size); after the last
+            // stage the medians are read across groups, which needs the whole block
+            const int next = stride > 1 ? stride >> 1 : (size < p2 ? size : p2 + 64);
+            if (stride > 32 || next > 32) __syncthreads();
+            else __syncwarp();
         }
     }
 

@@ -49,6 +49,26 @@ extern "C" __global__ void shift(const float* x, float* y, int n, int by)
     if (i < n) y[i + by] = x[i];
 }
 
+// per-warp sums through shared memory: `mode` 0 __syncwarp (enough: each warp reads only its own part),
+// 1 __syncwarp where lane 0 reads the next warp's part too (needs __syncthreads), 2 a divergent barrier
+extern "C" __global__ void warp_sums(const float* x, float* out, int mode)
+{
+    extern __shared__ float sh[];
+    const int t = threadIdx.x, lane = t % 32, w = t / 32;
+    sh[t] = x[(long long)blockIdx.x * blockDim.x + t];
+    if (mode == 2 && t < 16) __syncthreads();  // half the block never gets here: a deadlock
+    __syncwarp();
+    for (int s = 16; s > 0; s >>= 1) {
+        const float v = lane < s ? sh[t + s] : 0.0f;
+        __syncwarp();
+        if (lane < s) sh[t] += v;
+        __syncwarp();
+    }
+    float total = sh[w * 32];
+    if (mode == 1 && lane == 0 && t + 32 < (int)blockDim.x) total += sh[t + 32];  // the next warp's sum
+    if (lane == 0) out[blockIdx.x * (blockDim.x / 32) + w] = total;
+}
+
 extern "C" __global__ void early_exit(const int* keep, int* out)
 {
     extern __shared__ int cnt[];
@@ -83,6 +103,31 @@ def test_a_missing_barrier_shows_as_a_difference_between_orders(src):
         src.kernel("block_sum")((8,), (256,), (x, out, np.int32(0)), shared_mem=256 * 4, order=order)
         results.append(out)
     assert not np.array_equal(results[0], results[1])
+
+
+def test_warp_barriers_let_warps_run_independently(src):
+    x = np.random.default_rng(4).integers(0, 100, 4 * 128).astype(np.float32)
+    want = x.reshape(-1, 32).sum(1)
+    for order in ("forward", "reverse", "shuffle"):
+        out = np.zeros(16, np.float32)
+        src.kernel("warp_sums")((4,), (128,), (x, out, np.int32(0)), shared_mem=128 * 4, order=order, seed=5)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_a_warp_barrier_where_a_block_barrier_is_needed_shows(src):
+    x = np.random.default_rng(5).integers(0, 100, 128).astype(np.float32)
+    results = []
+    for order in ("forward", "reverse"):
+        out = np.zeros(4, np.float32)
+        src.kernel("warp_sums")((1,), (128,), (x, out, np.int32(1)), shared_mem=128 * 4, order=order)
+        results.append(out)
+    assert not np.array_equal(results[0], results[1])
+
+
+def test_divergent_barriers_are_a_deadlock(src):
+    with pytest.raises(cuda_cpu.BarrierDeadlock, match="warp_sums"):
+        src.kernel("warp_sums")((1,), (64,), (np.zeros(64, np.float32), np.zeros(2, np.float32), np.int32(2)),
+                                shared_mem=64 * 4)
 
 
 def test_atomics_across_parallel_blocks(src):

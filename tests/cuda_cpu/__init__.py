@@ -6,16 +6,17 @@ shared memory, ``threadIdx``/``blockIdx``/``blockDim``/``gridDim``, atomics and 
 kernels use. :class:`CpuKernel` is launched like ``cupy.RawKernel`` (``kernel(grid, block, args,
 shared_mem=...)``) on NumPy arrays, so the package's CuPy code paths can drive the real kernel code.
 
-The order in which a block's threads run inside a phase (between two barriers) is forward, reverse or
-shuffled; running a kernel in two orders and comparing finds results that depend on it (a missing
-``__syncthreads``). Dynamic shared memory starts as 0xFF bytes and has guard bytes behind it that are
+The order in which a block's threads run between barriers is forward, reverse or shuffled; running a
+kernel in two orders and comparing finds results that depend on it (a missing ``__syncthreads``, or a
+``__syncwarp`` where threads of another warp are involved: warps pass their own barriers independently).
+Divergent barriers raise :class:`BarrierDeadlock`. Dynamic shared memory starts as 0xFF bytes and has guard bytes behind it that are
 checked after every block (:class:`SharedMemoryOverrun`). Every array argument is handed to the kernel
 as a copy with 4 KiB of 0xFF bytes on either side (reading past an array gives NaN or -1, writing there
 raises :class:`GlobalMemoryOverrun`), at a 256-byte aligned address as cudaMalloc gives; arguments
 that are one array share one copy.
 
-What this does not model: warps (no shuffles/votes are supported), the memory model beyond "a barrier
-orders everything", timing, and float contraction (kernels must not rely on FMA; nvcc contracts ``a*b+c``
+What this does not model: warp shuffles and votes (not supported), the memory model beyond "a barrier
+orders what its threads did before it", timing, and float contraction (kernels must not rely on FMA; nvcc contracts ``a*b+c``
 unless written with ``__f*_rn`` intrinsics, which these kernels do where bits matter).
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ _built: dict[str, CompiledSource] = {}
 
 class SharedMemoryOverrun(RuntimeError):
     """A block wrote past the dynamic shared memory it was launched with."""
+
+
+class BarrierDeadlock(RuntimeError):
+    """The threads of a block wait at barriers they can never all reach (divergent barriers)."""
 
 
 class GlobalMemoryOverrun(RuntimeError):
@@ -129,7 +134,7 @@ class CompiledSource:
         self.signatures = signatures(src)
         if not self.signatures:
             raise ValueError(f"{label}: no extern \"C\" __global__ kernels")
-        uses_barrier = "__syncthreads" in src
+        uses_barrier = "__syncthreads" in src or "__syncwarp" in src
         code = ('#include "runtime.h"\n#line 1 "' + label + '"\n' + _rewrite(src) + "\n"
                 + "".join(_launcher(n, s, uses_barrier) for n, s in self.signatures.items()))
         flags = ["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math",
@@ -213,5 +218,7 @@ class CpuKernel:
                       ORDERS[order or self.order], int(self.seed if seed is None else seed), int(self.workers), argv)
         for g in guarded.values():
             g.finish(f"{self.label}:{self.name}({g.name})")
+        if rc == 2:
+            raise BarrierDeadlock(f"{self.label}:{self.name}: threads wait at barriers the others never reach")
         if rc == 1:
             raise SharedMemoryOverrun(f"{self.label}:{self.name} wrote past its {shared_mem} bytes of shared memory")

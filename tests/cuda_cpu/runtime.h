@@ -3,10 +3,15 @@
 // source; not part of the package.
 //
 // Model: blocks of a launch are spread over a few OS threads; the threads of one block run as fibers
-// on one OS thread, each until it reaches __syncthreads() or returns, in an order the test chooses
-// (forward, reverse or shuffled per phase) so that a result depending on the order of threads inside
-// a phase (a missing barrier) shows as a difference between orders. Exited threads leave the barrier
-// (as on sm_70+). Dynamic shared memory is filled with 0xFF bytes (NaN floats, -1 ints) before each
+// on one OS thread. Warp after warp, each thread runs until it reaches a barrier it may not pass yet
+// or returns; warps and the threads inside a warp go in an order the test chooses (forward, reverse or
+// shuffled per round), so that a result depending on the order of threads between two barriers (a
+// missing or too weak barrier) shows as a difference between orders. Barriers are
+// counted per thread: a thread passes its n-th __syncthreads() once every live thread of the block
+// has reached its n-th, and its n-th __syncwarp() once every live thread of its warp (32 consecutive
+// threads) has reached its n-th __syncwarp(); other warps go on meanwhile. Exited threads leave the
+// barriers (as on sm_70+). A round in which no thread can move is a deadlock (divergent barriers):
+// the launch fails. Dynamic shared memory is filled with 0xFF bytes (NaN floats, -1 ints) before each
 // block, so reading it before writing shows, and is followed by guard bytes checked after the block.
 // Global atomics are real atomics (blocks run in parallel). Float arithmetic is IEEE single/double
 // without contraction (-ffp-contract=off): the __f*_rn intrinsics are the plain operators.
@@ -83,6 +88,8 @@ cudacpu_switch:
 struct Fiber {
     dim3 tid;
     bool done = false;
+    int waiting = 0;               // 0 running / not started, 1 at __syncthreads, 2 at __syncwarp
+    unsigned long long block_arrivals = 0, warp_arrivals = 0;
     std::vector<unsigned char> stack;
 #ifdef CUDACPU_USE_UCONTEXT
     ucontext_t ctx;
@@ -94,6 +101,10 @@ struct Fiber {
 struct BlockState {
     const Launch* launch = nullptr;
     dim3 bid;
+    unsigned n_threads = 0;
+    // reached[n]: threads that reached their n-th __syncthreads; done_at[a]: threads that returned
+    // after a of them (so a thread may pass barrier n when reached[n] + done below n == n_threads)
+    std::vector<unsigned> reached, done_at;
     std::vector<unsigned char> shared;
 #ifdef CUDACPU_USE_UCONTEXT
     ucontext_t scheduler;
@@ -112,10 +123,17 @@ inline void to_scheduler()
 #endif
 }
 
+inline void count(std::vector<unsigned>& v, unsigned long long i)
+{
+    if (v.size() <= i) v.resize(i + 1, 0);
+    ++v[i];
+}
+
 inline void fiber_main()
 {
     block_state->launch->body();
     current->done = true;
+    count(block_state->done_at, current->block_arrivals);
     to_scheduler();
     __builtin_trap();  // a finished fiber is never resumed
 }
@@ -127,6 +145,8 @@ inline void fiber_entry_uc() { fiber_main(); }
 inline void start_fiber(Fiber& f)
 {
     f.done = false;
+    f.waiting = 0;
+    f.block_arrivals = f.warp_arrivals = 0;
     if (f.stack.empty()) f.stack.resize(STACK);
 #ifdef CUDACPU_USE_UCONTEXT
     getcontext(&f.ctx);
@@ -155,23 +175,51 @@ inline void resume(Fiber& f)
     current = nullptr;
 }
 
-// Runs the blocks handed out by `next`; returns false when a block overran its shared memory.
-inline bool run_blocks(const Launch& L, std::atomic<long long>& next, long long n_blocks)
+// Puts v in the launch's order: 0 as it is (ascending), 1 reversed, 2 shuffled.
+inline void arrange(std::vector<unsigned>& v, int order, std::mt19937& rng)
+{
+    std::sort(v.begin(), v.end());
+    if (order == 1) std::reverse(v.begin(), v.end());
+    if (order == 2) std::shuffle(v.begin(), v.end(), rng);
+}
+
+// Whether fiber t may go past the barrier it waits at (see the model at the top).
+inline bool may_pass(const std::vector<Fiber>& fibers, unsigned t)
+{
+    const Fiber& f = fibers[t];
+    if (f.waiting == 1) {
+        const BlockState& b = *block_state;
+        const unsigned long long n = f.block_arrivals;
+        unsigned there = n < b.reached.size() ? b.reached[n] : 0;
+        for (unsigned long long a = 0; a < n && a < b.done_at.size(); ++a) there += b.done_at[a];
+        return there == b.n_threads;
+    } else if (f.waiting == 2) {
+        const unsigned w0 = t / 32 * 32, w1 = std::min<unsigned>(w0 + 32, (unsigned)fibers.size());
+        for (unsigned k = w0; k < w1; ++k)
+            if (!fibers[k].done && fibers[k].warp_arrivals < f.warp_arrivals) return false;
+    }
+    return true;
+}
+
+// Runs the blocks handed out by `next`; 0 done, 1 a block overran its shared memory, 2 a deadlock.
+inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n_blocks)
 {
     const unsigned nt = L.block.x * L.block.y * L.block.z;
     std::vector<Fiber> fibers(L.uses_barrier ? nt : 1);
-    std::vector<unsigned> order(nt);
     BlockState bs;
     bs.launch = &L;
     block_state = &bs;
     bs.shared.resize(L.shared_bytes + GUARD);
     std::mt19937 rng(L.seed);
-    bool ok = true;
-    for (long long b = next++; b < n_blocks; b = next++) {
+    bool ok = true, deadlock = false;
+    for (long long b = next++; b < n_blocks && !deadlock; b = next++) {
         bs.bid.x = unsigned(b % L.grid.x);
         bs.bid.y = unsigned((b / L.grid.x) % L.grid.y);
         bs.bid.z = unsigned(b / ((long long)L.grid.x * L.grid.y));
         std::fill(bs.shared.begin(), bs.shared.end(), 0xFF);
+        bs.n_threads = nt;
+        bs.reached.assign(1, 0);
+        bs.done_at.assign(1, 0);
         if (!L.uses_barrier) {  // no __syncthreads in the kernel: threads run one after another
             Fiber& f = fibers[0];
             current = &f;
@@ -189,47 +237,67 @@ inline bool run_blocks(const Launch& L, std::atomic<long long>& next, long long 
                 f.tid.y = (t / L.block.x) % L.block.y;
                 f.tid.z = t / (L.block.x * L.block.y);
                 start_fiber(f);
-                order[t] = t;
             }
-            for (unsigned live = nt; live > 0;) {  // one phase: every live fiber runs to its next barrier
-                if (L.order == 1) std::reverse(order.begin(), order.end());
-                if (L.order == 2) std::shuffle(order.begin(), order.end(), rng);
-                live = 0;
-                for (unsigned t : order) {
-                    Fiber& f = fibers[t];
-                    if (f.done) continue;
-                    resume(f);
-                    if (!f.done) ++live;
+            // One round: warp after warp (in the chosen order), each as far as its threads can go, i.e.
+            // to a __syncthreads that others have not reached yet, or to the end; warps drift apart as
+            // far as the barriers let them, so a __syncwarp standing in for a __syncthreads shows.
+            const unsigned n_warps = (nt + 31) / 32;
+            std::vector<unsigned> warps(n_warps), lanes;
+            for (unsigned w = 0; w < n_warps; ++w) warps[w] = w;
+            for (bool live = true; live;) {
+                arrange(warps, L.order, rng);
+                bool moved = false;
+                live = false;
+                for (unsigned w : warps) {
+                    lanes.clear();
+                    for (unsigned t = w * 32; t < std::min(nt, w * 32 + 32); ++t) lanes.push_back(t);
+                    arrange(lanes, L.order, rng);
+                    for (bool again = true; again;) {
+                        again = false;
+                        for (unsigned t : lanes) {
+                            Fiber& f = fibers[t];
+                            if (!f.done && may_pass(fibers, t)) {
+                                resume(f);
+                                moved = again = true;
+                            }
+                        }
+                    }
+                    for (unsigned t : lanes) live = live || !fibers[t].done;
                 }
-                if (L.order == 1) std::reverse(order.begin(), order.end());
+                if (live && !moved) {
+                    deadlock = true;
+                    break;
+                }
             }
         }
         for (size_t k = 0; k < GUARD; ++k)
             if (bs.shared[L.shared_bytes + k] != 0xFF) ok = false;
     }
     block_state = nullptr;
-    return ok;
+    return deadlock ? 2 : (ok ? 0 : 1);
 }
 
-// 0: done; 1: a block wrote past its dynamic shared memory
+// 0: done; 1: a block wrote past its dynamic shared memory; 2: a block deadlocked at its barriers
 inline int launch(Launch& L, int workers)
 {
     const long long n_blocks = (long long)L.grid.x * L.grid.y * L.grid.z;
     std::atomic<long long> next{0};
     workers = int(std::max(1LL, std::min<long long>(workers, n_blocks)));
-    std::atomic<bool> ok{true};
+    std::atomic<int> rc{0};
     std::vector<std::thread> pool;
     for (int w = 1; w < workers; ++w) {
         Launch* lp = &L;
-        pool.emplace_back([lp, &next, n_blocks, &ok, w] {
+        pool.emplace_back([lp, &next, n_blocks, &rc, w] {
             Launch mine = *lp;
             mine.seed = lp->seed + 7919u * unsigned(w);
-            if (!run_blocks(mine, next, n_blocks)) ok = false;
+            const int r = run_blocks(mine, next, n_blocks);
+            if (r > rc) rc = r;
         });
     }
-    if (!run_blocks(L, next, n_blocks)) ok = false;
+    const int r = run_blocks(L, next, n_blocks);
+    if (r > rc) rc = r;
     for (auto& t : pool) t.join();
-    return ok ? 0 : 1;
+    return rc;
 }
 
 inline void* dynamic_shared() { return block_state->shared.data(); }
@@ -253,7 +321,20 @@ inline T atomic_add(T* p, T v)
 #define __forceinline__ inline
 #define __restrict__ __restrict
 
-inline void __syncthreads() { cudacpu::to_scheduler(); }
+inline void __syncthreads()
+{
+    cudacpu::current->waiting = 1;
+    cudacpu::count(cudacpu::block_state->reached, ++cudacpu::current->block_arrivals);
+    cudacpu::to_scheduler();
+    cudacpu::current->waiting = 0;
+}
+inline void __syncwarp(unsigned int = 0xffffffffu)  // the full warp only (no partial masks here)
+{
+    cudacpu::current->waiting = 2;
+    ++cudacpu::current->warp_arrivals;
+    cudacpu::to_scheduler();
+    cudacpu::current->waiting = 0;
+}
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
 inline float __fadd_rn(float a, float b) { return a + b; }
