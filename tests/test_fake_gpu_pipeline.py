@@ -140,7 +140,7 @@ def test_demo_under_cupys_rules_and_host_traffic_per_batch_not_per_event(monkeyp
         assert len(counts) == 1, f"batches of {batch} differ in host traffic: {counts}"
         kinds[batch] = counts.pop()
     assert kinds[2] == kinds[4], f"host traffic per batch depends on its size (per event?): {kinds}"
-    assert dict(kinds[4])["d2h"] == 1  # the results of a batch come back in one copy (gather_to_host)
+    assert dict(kinds[4])["d2h"] == 1  # the results of a batch come back in one copy (pack_on_device)
     # waits on the GPU per batch, each for a size that depends on the data: azav 1 (bad pixels), droplet 5
     # (labelled pixels, number of labels, kept droplets, padding, their pixels), photons 2 (count, padding)
     assert dict(kinds[4]).get("sync", 0) <= 8, kinds[4]

@@ -502,3 +502,34 @@ def test_inspect_warns_about_missing_parts(tmp_path):
     part_path(tmp_path / "w.h5", 1).unlink()
     text = describe(tmp_path / "w.h5")
     assert "WARNING" in text and "w.part1.h5" in text and "w.part0.h5" not in text.split("WARNING")[1]
+
+
+def test_background_appender_writes_nothing_after_a_failed_batch(tmp_path):
+    """A batch queued behind a failing one is not written, even when the caller has seen the error."""
+    import threading
+
+    from gpusmall.io.writer import BackgroundAppender, ResultWriter
+
+    gate = threading.Event()
+
+    class Slow:
+        def __init__(self, cols, fail=False):
+            self.cols, self.fail = cols, fail
+
+        def result(self):
+            gate.wait(5)
+            if self.fail:
+                raise OSError("disk full")
+            return self.cols
+
+    with ResultWriter(tmp_path / "b.h5", chunk_events=4) as w:
+        app = BackgroundAppender(w, depth=3)
+        app.append(Slow({"x": np.zeros(4)}))
+        app.append(Slow({"x": np.ones(4)}, fail=True))
+        app.append(Slow({"x": np.full(4, 2.0)}))
+        gate.set()
+        with pytest.raises(OSError, match="disk full"):
+            app.drain()
+        app.close()
+    with h5py.File(tmp_path / "b.h5") as f:
+        np.testing.assert_array_equal(f["x"][()], np.zeros(4))

@@ -141,11 +141,15 @@ def test_stage_refuses_a_batch_larger_than_the_slots():
 
 
 
-def test_gather_to_host_one_copy_aligned():
+def test_results_packed_come_back_in_one_copy_aligned():
     """Results of mixed dtypes and shapes come back in one copy, equal, aligned, in their key order."""
     from fake_cupy import strict_cupy
 
-    from gpusmall.producer.process import gather_to_host
+    from gpusmall.producer.process import pack_on_device, unpack
+
+    def gather_to_host(xp, arrays):
+        packed, layout = pack_on_device(xp, arrays)
+        return {} if packed is None else unpack(xp.asnumpy(packed), layout, arrays)
 
     rng = np.random.default_rng(0)
     host = {"flag": rng.random(5) > 0.5, "n": np.int32(7), "small": np.arange(3, dtype=np.int8),

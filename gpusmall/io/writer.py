@@ -187,9 +187,11 @@ class BackgroundAppender:
     """Appends batches to a :class:`ResultWriter` from a thread of its own, so that writing batch k
     overlaps the reduction of batch k+1 (h5py lets other threads run during HDF5 I/O).
 
-    At most ``depth`` batches wait; :meth:`append` blocks beyond that. ``on_written`` runs in the
-    writer thread once its batch is in the file (flushed). An error in the thread stops further
-    writes and is raised by the next :meth:`append` or by :meth:`drain`. After :meth:`drain` every
+    At most ``depth`` batches wait; :meth:`append` blocks beyond that. A batch is a dict of host
+    arrays or an object whose ``result()`` gives one (:class:`gpusmall.producer.process.PendingColumns`,
+    waited for here). ``on_written`` runs in the writer thread once its batch is in the file (flushed).
+    An error in the thread stops every later write (the file keeps the batches before it) and is
+    raised by the next :meth:`append` or by :meth:`drain`. After :meth:`drain` every
     batch handed over is in the file and the caller may use the writer again; :meth:`close` (or the
     context manager) drains and ends the thread.
     """
@@ -200,7 +202,8 @@ class BackgroundAppender:
 
         self.writer = writer
         self.error: BaseException | None = None
-        self._failed = False
+        self._broken = False  # set by the thread at its first error: nothing after it is written
+        self._failed = False  # set once the error was raised in the caller's thread
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._thread = threading.Thread(target=self._run, name="gpusmall-writer", daemon=True)
         self._thread.start()
@@ -211,7 +214,7 @@ class BackgroundAppender:
             try:
                 if item is None:
                     return
-                if self.error is None:
+                if not self._broken:
                     columns, on_written = item
                     if hasattr(columns, "result"):  # PendingColumns: results still on their way
                         columns = columns.result()
@@ -219,7 +222,7 @@ class BackgroundAppender:
                     if on_written is not None:
                         on_written()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                self.error = exc
+                self.error, self._broken = exc, True
             finally:
                 self._queue.task_done()
 

@@ -139,15 +139,6 @@ def unpack(host: np.ndarray, layout, order) -> dict[str, np.ndarray]:
     return {k: out[k] for k in order}
 
 
-def gather_to_host(xp, arrays: dict) -> dict[str, np.ndarray]:
-    """Device arrays -> host arrays with one device->host copy (packed, copied once, viewed back).
-
-    ~30 result arrays per batch come back as one transfer instead of ~30 (each a separate wait).
-    """
-    packed, layout = pack_on_device(xp, arrays)
-    return {} if packed is None else unpack(xp.asnumpy(packed), layout, arrays)
-
-
 class PendingColumns:
     """The columns of a reduced batch, possibly still being copied from the GPU.
 
