@@ -60,12 +60,15 @@ __device__ __forceinline__ void for_pixel_chunks(long long npix, long long n_eve
 }
 
 // Decodes a chunk of one pixel: for each of its n events the gain range r[j] as the raw word and the
-// config bits give it (-1: invalid bits; may be >= the number of ranges with constants) and
-// v[j] = raw & data_mask. The n raw loads are issued before any is used.
-__device__ __forceinline__ void decode_chunk(const unsigned short* __restrict__ raw, long long p, long long e0, int n,
-                                             long long npix, int family, int has_config, unsigned int cbits,
+// pixel's config bits give it (-1: invalid bits; may be >= the number of ranges with constants) and
+// v[j] = raw & data_mask. The n raw loads are issued before any is used. Returns the pixel's mask bit.
+__device__ __forceinline__ bool decode_chunk(const unsigned short* __restrict__ raw,
+                                             const unsigned char* __restrict__ mask,
+                                             const unsigned char* __restrict__ config_bits, long long p,
+                                             long long e0, int n, long long npix, int family, int has_config,
                                              unsigned int data_mask, int* r, float* v)
 {
+    const unsigned int cbits = has_config ? config_bits[p] : 0u;
     unsigned int w[EVENTS_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < EVENTS_PER_THREAD; ++j) w[j] = j < n ? raw[(e0 + j) * npix + p] : 0u;
@@ -74,6 +77,7 @@ __device__ __forceinline__ void decode_chunk(const unsigned short* __restrict__ 
         r[j] = gain_range(family, w[j], has_config, cbits);
         v[j] = (float)(w[j] & data_mask);
     }
+    return mask[p] != 0;
 }
 
 extern "C" __global__ void calibrate_u16(
@@ -92,11 +96,9 @@ extern "C" __global__ void calibrate_u16(
     unsigned int data_mask)
 {
     for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
-        const bool keep = mask[p] != 0;
-        const unsigned int cb = has_config ? config_bits[p] : 0u;
         int r[EVENTS_PER_THREAD];
         float v[EVENTS_PER_THREAD];
-        decode_chunk(raw, p, e0, n, npix, family, has_config, cb, data_mask, r, v);
+        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, family, has_config, data_mask, r, v);
 #pragma unroll
         for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
             if (j < n) {
@@ -130,11 +132,9 @@ extern "C" __global__ void pedestal_u16(
     unsigned int data_mask)
 {
     for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
-        const bool keep = mask[p] != 0;
-        const unsigned int cb = has_config ? config_bits[p] : 0u;
         int r[EVENTS_PER_THREAD];
         float v[EVENTS_PER_THREAD];
-        decode_chunk(raw, p, e0, n, npix, family, has_config, cb, data_mask, r, v);
+        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, family, has_config, data_mask, r, v);
 #pragma unroll
         for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
             if (j < n) {

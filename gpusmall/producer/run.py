@@ -248,6 +248,14 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                     reader.release(staged.batch)
                 appender.append(columns, on_written=functools.partial(written, len(staged)))
 
+            def failed(exc, also):  # the first error stops the run and is re-raised; later ones are logged
+                nonlocal error
+                if error is None:
+                    error = exc
+                    stop.set(f"{type(exc).__name__}: {exc}")
+                else:
+                    log.warning("%s: %s", also, exc)
+
             pending = None  # staged (uploading) batch, reduced once the next one is staged
             try:
                 for batch in reader:
@@ -259,28 +267,19 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                     if stop:
                         break
             except Exception as exc:  # finish what exists, then re-raise
-                error = exc
-                stop.set(f"{type(exc).__name__}: {exc}")
+                failed(exc, "")
             try:
                 if pending is not None:  # read and staged: reduce it, also after a failure of the reader
                     last, pending = pending, None
                     finish(last)
             except Exception as exc:
-                if error is None:
-                    error = exc
-                    stop.set(f"{type(exc).__name__}: {exc}")
-                else:
-                    log.warning("the batch read before the failure could not be reduced: %s", exc)
+                failed(exc, "the batch read before the failure could not be reduced")
             finally:
                 reader.close()
                 try:  # every reduced batch into the file before the end-of-run writes
                     appender.drain()
                 except Exception as exc:
-                    if error is None:
-                        error = exc
-                        stop.set(f"{type(exc).__name__}: {exc}")
-                    else:
-                        log.warning("writing a batch failed as well: %s", exc)
+                    failed(exc, "writing a batch failed as well")
                 finally:
                     appender.close()
             for name, pl in pipelines.items():
