@@ -247,12 +247,12 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
     def __getitem__(self, key):
         if any(getattr(k, "dtype", None) == np.bool_ for k in (key if isinstance(key, tuple) else (key,))):
             self.transfers.append(("sync", 1))  # a boolean mask: CuPy waits for the size of the result
-        return self.wrap(self.a[unwrap_index(key)])
+        return self.wrap(self.a[unwrap(key)])  # a host index array is allowed: CuPy uploads it
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray) and value.ndim:
             self.transfers.append(("h2d", value.nbytes))  # CuPy uploads a host array set into a device one
-        self.a[unwrap_index(key)] = unwrap(value)
+        self.a[unwrap(key)] = unwrap(value)
 
     def __getattr__(self, name):
         if name.startswith("__"):  # no __array_interface__ / __array_struct__: NumPy must not see the data
@@ -309,11 +309,6 @@ def unwrap(x):
     if isinstance(x, dict):
         return {k: unwrap(v) for k, v in x.items()}
     return x
-
-
-def unwrap_index(key):
-    """An index for the array behind a DeviceArray; a host integer/boolean array is allowed (CuPy uploads it)."""
-    return unwrap(key)
 
 
 def wrap(r, transfers):

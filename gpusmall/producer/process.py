@@ -274,15 +274,13 @@ class BatchProcessor:
         fetched.record(self.results_stream)
         order = list(res)
 
-        def finish():
+        def finish(packed=packed):  # holds the device buffer until its copy is done (not back to the pool)
             fetched.synchronize()
             self.times.compute_s += cp.cuda.get_elapsed_time(start, end) / 1e3
             self.times.d2h_s += cp.cuda.get_elapsed_time(sent, fetched) / 1e3
             self.times.d2h_bytes += host.nbytes
-            del packed_ref[:]  # the device buffer may go back to the pool now
             return unpack(host, layout, order)
 
-        packed_ref = [packed]  # kept alive until the copy is done (the pool must not hand it out before)
         return finish, end
 
     def process_async(self, staged) -> PendingColumns:
