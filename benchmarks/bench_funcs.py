@@ -25,6 +25,10 @@ from gpusmall.funcs.azav import HC_KEV_A, Azav
 from gpusmall.funcs.droplet import Droplet
 from gpusmall.funcs.photon_count import PhotonCount
 from gpusmall.funcs.photons import Photons
+from gpusmall.funcs.projection import Projection
+from gpusmall.funcs.rebin import Rebin
+from gpusmall.funcs.roi import Roi
+from gpusmall.funcs.sums import RunSums
 from gpusmall.sources.sim import panel_layout
 
 EVENTS = int(os.environ.get("GPUSMALL_BENCH_EVENTS", "64"))
@@ -109,6 +113,24 @@ def test_droplet_photons_epix10k2m(benchmark, backend, epix_batch):
 def test_photon_count_epix10k2m(benchmark, backend, epix_batch):
     f = make(PhotonCount, context(backend, EPIX), adu_per_photon=ADU, hist_max=5)
     run_batch(benchmark, backend, f, epix_batch)
+
+
+def test_roi_projection_epix10k2m(benchmark, backend, epix_batch):
+    """The whole detector as one ROI (sum, mean, max, com) with a column projection: the costliest ROI."""
+    f = make(Roi, context(backend, EPIX), [Projection(Projection.Params(axis=-1))],
+             bounds=[[0, EPIX[0]], [0, EPIX[1]], [0, EPIX[2]]], thres_adu=20)
+    run_batch(benchmark, backend, f, epix_batch)
+
+
+def test_rebin_epix10k2m(benchmark, backend, epix_batch):
+    f = make(Rebin, context(backend, EPIX), shape=[22, 24])
+    run_batch(benchmark, backend, f, epix_batch)
+
+
+def test_sums_epix10k2m(benchmark, backend, epix_batch):
+    """The demo's run sums (calib, square, max, nhits_thresADU80): one RunSums update per batch."""
+    sums = RunSums(["calib", "square", "max", "nhits_thresADU80"], EPIX, backend)
+    run_batch(benchmark, backend, lambda frames: sums.update(frames.data), epix_batch)
 
 
 def test_acf_epix10k2m(benchmark, backend, epix_batch):

@@ -27,7 +27,10 @@ FUNCS = [("test_azav_epix10k2m[csr]", "azav (csr), 500 bins"),
          ("test_azav_epix10k2m[histogram]", "azav (atomic histogram), 500 bins"),
          ("test_droplet_photons_epix10k2m", "droplet + photons"),
          ("test_photon_count_epix10k2m", "photon_count (hist_max 5)"),
-         ("test_acf_epix10k2m", "acf (window 41, all 16 panels)")]
+         ("test_acf_epix10k2m", "acf (window 41, all 16 panels)"),
+         ("test_roi_projection_epix10k2m", "roi (whole detector, thres_adu 20) + projection"),
+         ("test_rebin_epix10k2m", "rebin to 22 x 24 per panel"),
+         ("test_sums_epix10k2m", "run sums: calib, square, max, nhits_thresADU80")]
 PAIRS = [("test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
           "azav, one flat ePix10k2M frame, 500 bins", "pyFAI `integrate1d` CSR, no splitting", "ms/frame"),
          ("test_droplet_photons_704x768[sparse]", "test_scipy_droplets_704x768[sparse]",

@@ -27,6 +27,8 @@ from gpusmall.detectors import get_model  # noqa: E402
 from gpusmall.detectors.constants import Constants  # noqa: E402
 from gpusmall.funcs import Frames  # noqa: E402
 from gpusmall.funcs.azav import Azav  # noqa: E402
+from gpusmall.funcs.droplet import Droplet  # noqa: E402
+from gpusmall.funcs.sums import RunSums  # noqa: E402
 from gpusmall.sources.sim import panel_layout  # noqa: E402
 
 EPIX = get_model("epix10ka")
@@ -129,6 +131,13 @@ def main(argv=None):
         if engine == "csr":
             flat = data.reshape(E, -1)
             case("azav csr: cuSPARSE M @ data.T alone", lambda f=f, flat=flat: f.M @ flat.T, E * N * 4)
+    sums = RunSums(["calib", "square", "max", "nhits_thresADU80"], shape, backend)
+    case("run_sums (the demo's 4 sums, one read of the batch)", lambda: sums.update(data), E * N * 4 + 2 * 4 * N * 8)
+    drop = Droplet(Droplet.Params(threshold=10, threshold_low=3, use_rms=True, max_droplets=6000))
+    drop.setup(ctx)
+    case("droplet_mask (seeds + growth, one kernel)", lambda: drop.mask(data, good), E * N * (4 + 1 + 1))
+    case("droplet (whole function: mask, label, per-droplet sums, padding)", lambda: drop.compute(frames),
+         E * N * (4 + 1 + 1))
     say()
     if backend.is_gpu:
         say("| kernel | registers | shared (static) B | local B | max threads/block |")

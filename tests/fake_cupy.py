@@ -9,7 +9,8 @@
   another order than SciPy.
 * :func:`strict_cupy` / :class:`DeviceArray`: NumPy under CuPy's rules (no implicit conversion of a
   device array to NumPy or of a host array into device arithmetic, 0-d results of reductions), every
-  transfer to the host logged.
+  transfer to the host logged; with a :class:`TrafficLog` as the log, every device operation too (the
+  bytes it reads and writes in device memory: ``tests/device_traffic.py``).
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
         lab, n = sp_ndimage.label(unwrap(mask), structure=structure)
         if transfers is not None:
             transfers.append(("sync", 1))  # cupyx.scipy.ndimage.label reads the number of labels
+            if getattr(transfers, "ops", None) is not None:  # its kernels (cupyx _label): init, connect,
+                px = lab.size                                # count, labels, finalize over int32 labels
+                transfers.ops.append(("op", "cupyx label", px * (1 + 4 * 5), px * 4 * 2))
         perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(n)]).astype(np.int32)
         return dev(perm[lab]), int(n)
 
@@ -120,7 +124,12 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
         def __matmul__(self, x):
             if transfers is not None:
                 assert isinstance(x, DeviceArray), "a cupyx sparse matrix times a host array"
-            return dev(self.m @ unwrap(x))
+            r = self.m @ unwrap(x)
+            if getattr(transfers, "ops", None) is not None:  # the matrix (values, columns, row pointers) + x
+                m = self.m
+                transfers.ops.append(("op", "csr matmul", m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+                                      + x.nbytes, r.nbytes))
+            return dev(r)
 
     ndi = types.ModuleType("cupyx.scipy.ndimage")
     ndi.label = label
@@ -137,6 +146,41 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
 
 
 # ---- CuPy's rules on NumPy arrays ---------------------------------------------------------------------
+class TrafficLog(list):
+    """A ``transfers`` log that also keeps, in ``ops``, one ``(kind, name, bytes read, bytes written)`` per
+    device operation: kind "op" for an array operation (one kernel on a GPU), "view" never (views are
+    free), "kernel" for a RawKernel launch (``tests/device_traffic.py`` models what it touches). The byte
+    counts are what each operation must move at least: every input array read once, every output
+    written once (a gather reads as many elements as it writes, plus its index)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+
+ALLOCATIONS = {"empty", "empty_like"}  # memory handed out, not written: free
+VIEWS = {"reshape", "ravel", "view", "transpose", "swapaxes", "moveaxis", "squeeze", "expand_dims",
+         "broadcast_to", "T", "real", "imag", "atleast_1d", "atleast_2d", "atleast_3d", "asarray"}
+
+
+def _nbytes(x) -> int:
+    return sum(v.nbytes for v in _leaves(x) if isinstance(v, (DeviceArray, np.ndarray)) and v.ndim >= 1)
+
+
+def _record(log, name, inputs, result, written=None):
+    """One device operation into ``log.ops`` (when ``log`` is a :class:`TrafficLog`): nothing for a view
+    of an input, else every device input read once and the result (or ``written`` bytes) written once."""
+    ops = getattr(log, "ops", None)
+    if ops is None or name in ALLOCATIONS:
+        return
+    arrays = [v.a for v in _leaves(inputs) if isinstance(v, DeviceArray)]
+    res = [v for v in _leaves(result if isinstance(result, (tuple, list)) else (result,)) if isinstance(v, np.ndarray)]
+    if name in VIEWS and res and all(any(np.may_share_memory(r, a) for a in arrays) for r in res):
+        return
+    read = sum(a.nbytes for a in arrays if a.ndim >= 1)
+    ops.append(("op", name, read, sum(r.nbytes for r in res) if written is None else written))
+
+
 class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
     """A NumPy array held as if on a GPU, under CuPy's rules.
 
@@ -247,12 +291,19 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
     def __getitem__(self, key):
         if any(getattr(k, "dtype", None) == np.bool_ for k in (key if isinstance(key, tuple) else (key,))):
             self.transfers.append(("sync", 1))  # a boolean mask: CuPy waits for the size of the result
-        return self.wrap(self.a[unwrap(key)])  # a host index array is allowed: CuPy uploads it
+        r = self.a[unwrap(key)]  # a host index array is allowed: CuPy uploads it
+        if not np.may_share_memory(r, self.a):  # a gather: reads what it writes, and its index
+            _record(self.transfers, "getitem", key, r, written=2 * r.nbytes)
+        return self.wrap(r)
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray) and value.ndim:
             self.transfers.append(("h2d", value.nbytes))  # CuPy uploads a host array set into a device one
-        self.a[unwrap(key)] = unwrap(value)
+        k = unwrap(key)
+        if getattr(self.transfers, "ops", None) is not None:
+            target = self.a[k]
+            _record(self.transfers, "setitem", (key, value), None, written=np.asarray(target).nbytes)
+        self.a[k] = unwrap(value)
 
     def __getattr__(self, name):
         if name.startswith("__"):  # no __array_interface__ / __array_struct__: NumPy must not see the data
@@ -261,20 +312,34 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
         if callable(attr):
             def method(*args, **kwargs):
                 _no_host_arrays(name, args, kwargs)
-                return self.wrap(attr(*unwrap(args), **unwrap(kwargs)))
+                r = attr(*unwrap(args), **unwrap(kwargs))
+                _record(self.transfers, name, (self, args, kwargs), self.a if r is None else r)  # None: in place
+                return self.wrap(r)
             return method
-        return self.wrap(attr)
+        r = self.wrap(attr)
+        if isinstance(r, DeviceArray):
+            _record(self.transfers, name, self, r.a)
+        return r
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         _no_host_arrays(ufunc.__name__, inputs, kwargs)
         r = getattr(ufunc, method)(*unwrap(inputs), **unwrap(kwargs))
-        return None if method == "at" else self.wrap(r)
+        if method == "at":  # a scatter: reads its values and index, writes as many elements as it has indices
+            _record(self.transfers, f"{ufunc.__name__}.at", inputs[1:], None,
+                    written=np.asarray(unwrap(inputs[1])[0] if isinstance(inputs[1], tuple) else
+                                       unwrap(inputs[1])).size * unwrap(inputs[0]).itemsize)
+            return None
+        _record(self.transfers, ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}",
+                inputs, r)
+        return self.wrap(r)
 
     def __array_function__(self, func, types, args, kwargs):
         _no_host_arrays(func.__name__, args, kwargs)
         if func.__name__ in SIZE_FROM_DATA:
             self.transfers.append(("sync", 1))
-        return self.wrap(func(*unwrap(args), **unwrap(kwargs)))
+        r = func(*unwrap(args), **unwrap(kwargs))
+        _record(self.transfers, func.__name__, (args, kwargs), r)
+        return self.wrap(r)
 
 
 # results whose size depends on the data: CuPy waits for the GPU to know it (a device->host sync)
@@ -349,7 +414,10 @@ def strict_cupy(transfers, extra=None, module=np, name="cupy"):
     def asarray(a, dtype=None, order=None):
         if isinstance(a, DeviceArray):
             r = np.asarray(a.a, dtype=dtype, order=order)
-            return a if r is a.a else DeviceArray(r, transfers)
+            if r is a.a:
+                return a
+            _record(transfers, "asarray(copy)", a, r)
+            return DeviceArray(r, transfers)
         host = np.asarray(a, dtype=dtype, order=order)
         if host.ndim:
             transfers.append(("h2d", host.nbytes))
@@ -364,12 +432,17 @@ def strict_cupy(transfers, extra=None, module=np, name="cupy"):
         np.copyto(out, host)
         return out
 
+    def on_device(name, a, r):
+        if not np.may_share_memory(r, a.a):
+            _record(transfers, name, a, r)
+        return DeviceArray(r, transfers)
+
     ns.asarray, ns.asnumpy = asarray, asnumpy
     ns.array = lambda a, dtype=None, copy=True, order="K": (
-        DeviceArray(np.array(a.a, dtype=dtype, copy=copy, order=order), transfers) if isinstance(a, DeviceArray)
+        on_device("array", a, np.array(a.a, dtype=dtype, copy=copy, order=order)) if isinstance(a, DeviceArray)
         else asarray(np.array(a, dtype=dtype, copy=True, order=order)))
     ns.ascontiguousarray = lambda a, dtype=None: (
-        DeviceArray(np.ascontiguousarray(a.a, dtype=dtype), transfers) if isinstance(a, DeviceArray)
+        on_device("ascontiguousarray", a, np.ascontiguousarray(a.a, dtype=dtype)) if isinstance(a, DeviceArray)
         else asarray(np.ascontiguousarray(a, dtype=dtype)))
     if extra is not None:
         for k, v in vars(extra).items():
@@ -382,6 +455,9 @@ def _strict_function(f, transfers):
         _no_host_arrays(getattr(f, "__name__", "function"), args, kwargs)
         if getattr(f, "__name__", "") in SIZE_FROM_DATA:
             transfers.append(("sync", 1))
-        return wrap(f(*unwrap(args), **unwrap(kwargs)), transfers)
+        r = f(*unwrap(args), **unwrap(kwargs))
+        if any(isinstance(v, DeviceArray) for v in _leaves((args, kwargs))) or isinstance(r, np.ndarray):
+            _record(transfers, getattr(f, "__name__", "function"), (args, kwargs), r)
+        return wrap(r, transfers)
     call.__name__ = getattr(f, "__name__", "function")
     return call

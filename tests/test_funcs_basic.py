@@ -8,7 +8,7 @@ from gpusmall.funcs import FrameContext, Frames
 from gpusmall.funcs.projection import Projection, ProjectionParams
 from gpusmall.funcs.rebin import Rebin, RebinParams
 from gpusmall.funcs.roi import Roi, RoiParams
-from gpusmall.funcs.sums import RunSum
+from gpusmall.funcs.sums import RunSums
 
 SHAPE = (2, 24, 32)
 
@@ -81,9 +81,9 @@ def test_rebin(backend, rng):
 @pytest.mark.parametrize("name", ["calib", "square", "max", "nhits", "calib_thresADU10", "nhits_thresADU15.5"])
 def test_run_sums(backend, rng, name):
     ctx, frames, data, good, raw = make(backend, rng)
-    s = RunSum(name, SHAPE, backend)
-    s.update(frames)
-    s.update(frames)
+    s = RunSums([name], SHAPE, backend)
+    s.update(frames.data)
+    s.update(frames.data)
     d = np.concatenate([data, data]).astype(np.float64)
     thr = 10.0 if "thresADU10" in name else None
     if thr is not None:
@@ -91,4 +91,4 @@ def test_run_sums(backend, rng, name):
     expected = {"calib": d.sum(0), "square": (d * d).sum(0), "max": d.max(0), "nhits": (d > 0).sum(0)}
     if name.startswith("nhits_thres"):
         expected["nhits"] = (d > 15.5).sum(0)
-    np.testing.assert_allclose(s.result(), expected[name.split("_")[0]], rtol=1e-5)
+    np.testing.assert_allclose(s.results()[name], expected[name.split("_")[0]], rtol=1e-5)

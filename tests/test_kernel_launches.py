@@ -190,8 +190,81 @@ def emu_azav_histogram(grid, block, shared, data, good, bin, c, events, pixels, 
     np.add.at(_flat(cnt, E * nb, "cnt"), o, 1)
 
 
+def emu_run_sums(grid, block, shared, data, keep, events, npix, n_sums, kinds, thres, acc):
+    E, N, K = int(events), int(npix), int(n_sums)
+    assert 1 <= K <= 8, f"{K} sums in one launch (MAX_SUMS 8)"
+    assert grid[0] * block[0] >= 1
+    x = _flat(data, E * N, "data")[:E * N].reshape(E, N).astype(np.float64)[_flat(keep, E, "keep")[:E]]
+    a = _flat(acc, K * N, "acc")[:K * N].reshape(K, N)
+    for k in range(K):
+        kind, t = int(kinds[k]), np.float64(np.float32(thres[k]))
+        v = np.where(x >= t, x, 0.0)
+        if kind == 2:
+            a[k] = np.maximum(a[k], v.max(axis=0, initial=-np.inf))
+        else:
+            a[k] += {0: v, 1: v * v, 3: (x > t).astype(np.float64)}[kind].sum(axis=0)
+
+
+def emu_droplet_mask(grid, block, shared, data, good, noise, threshold, threshold_low, use_rms, n, rows, cols, npix,
+                     grow, mask):
+    n, R, C, P = int(n), int(rows), int(cols), int(npix)
+    assert n % P == 0 and P % (R * C) == 0, f"{n} pixels are not whole frames of {P}"
+    d = _flat(data, n, "data")[:n].reshape(-1, R, C)
+    g = _flat(good, n, "good")[:n].reshape(-1, R, C)
+    if use_rms:
+        nz = np.tile(_flat(noise, P, "noise")[:P], n // P).reshape(-1, R, C)
+        t, tl = nz * threshold, nz * threshold_low  # float32 products
+    else:
+        t, tl = threshold, threshold_low
+    seed = g & (d >= t)
+    m = seed.copy()
+    if grow:
+        near = np.zeros_like(seed)
+        near[:, 1:] |= seed[:, :-1]
+        near[:, :-1] |= seed[:, 1:]
+        near[:, :, 1:] |= seed[:, :, :-1]
+        near[:, :, :-1] |= seed[:, :, 1:]
+        m |= near & g & (d >= tl)
+    _flat(mask, n, "mask")[:n] = m.ravel()
+
+
+def _label_edges(q, rows, cols):
+    """(a, b) position pairs the union step joins: each pixel with its left and upper labelled neighbour."""
+    pos = {int(v): k for k, v in enumerate(q)}
+    a, b = [], []
+    for k, v in enumerate(q):
+        v = int(v)
+        if v % cols > 0 and v - 1 in pos:
+            a.append(k), b.append(pos[v - 1])
+        if (v // cols) % rows > 0 and v - cols in pos:
+            a.append(k), b.append(pos[v - cols])
+    return np.array(a, np.int64), np.array(b, np.int64)
+
+
+def emu_label_union(grid, block, shared, idx, parent, m, rows, cols):
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    m = int(m)
+    q = _flat(idx, m, "idx")[:m]
+    assert (np.diff(q) > 0).all(), "idx must be sorted and unique"
+    p = _flat(parent, m, "parent")
+    assert (p[:m] == np.arange(m)).all(), "parent must start as 0..m-1"
+    a, b = _label_edges(q, int(rows), int(cols))
+    _, comp = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(m, m)), directed=False)
+    first = np.full(comp.max() + 1, m)
+    np.minimum.at(first, comp, np.arange(m))
+    p[:m] = first[comp]  # every position at its set's smallest position (the kernel's roots)
+
+
+def emu_label_flatten(grid, block, shared, parent, m):
+    p = _flat(parent, int(m), "parent")[:int(m)]
+    assert (p[p] == p).all(), "parent is not flat after label_union (emulated)"
+
+
 EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u16, "scale_apply": emu_scale_apply,
-             "cm_median_step": emu_cm_median_step, "azav_histogram": emu_azav_histogram}
+             "cm_median_step": emu_cm_median_step, "azav_histogram": emu_azav_histogram, "run_sums": emu_run_sums,
+             "droplet_mask": emu_droplet_mask, "label_union": emu_label_union, "label_flatten": emu_label_flatten}
 
 
 # ---- the fake backend ------------------------------------------------------------------------------------
@@ -274,7 +347,7 @@ def test_every_kernel_the_package_launches_exists_and_is_emulated():
     for filename, name in used:
         assert name in signatures(filename), f"{filename} has no kernel {name}"
         assert name in EMULATORS, f"no emulator for {name}: add one here"
-    for filename in ("calib.cu", "common_mode.cu", "azav.cu"):
+    for filename in ("calib.cu", "common_mode.cu", "azav.cu", "sums.cu", "droplet.cu", "label.cu"):
         for name, sig in signatures(filename).items():
             for _, ctype, ptr in sig:
                 assert ctype in (POINTER if ptr else SCALAR), f"{name}: parameter type {ctype!r} not mapped"
@@ -445,3 +518,99 @@ def test_compiled_calib_kernels_any_grid(rng, name, grid):
             outs[run] = (out, gi, good)
         for a, b in zip(outs["compiled"], outs["emulated"]):
             np.testing.assert_array_equal(a, b)
+
+
+SUM_NAMES = ["calib", "square", "max", "nhits", "calib_thresADU10", "square_thresADU-5", "max_thresADU30",
+             "nhits_thresADU15.5", "max_thresADU1000", "calib_thresADU-3.5"]  # 10: two launches of <= 8
+
+
+@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
+@pytest.mark.parametrize("damaged", [[], [1], [0, 1, 2]])
+def test_run_sums_kernel_equals_numpy(rng, kernels, damaged):
+    """Every kind of run sum, with and without thresholds, over two batches (the second with ``damaged``
+    events left out; all of them: nothing changes), in one read of each batch (two launches for 10
+    sums): the CUDA kernel through RunSums equals the NumPy twin, and both equal the formula."""
+    from gpusmall.funcs.sums import RunSums
+
+    shape = (2, 7, 9)
+    batches = [rng.normal(5, 20, (3,) + shape).astype(np.float32) for _ in range(2)]
+    batches[0][0, 0, 0, :3] = [0.0, 10.0, 30.0]  # values on the thresholds
+    keeps = [None, None if not damaged else ~np.isin(np.arange(3), damaged)]
+    gpu, cpu = FakeGpu(kernels), Backend("numpy")
+    got = {}
+    for b in (gpu, cpu):
+        sums = RunSums(SUM_NAMES, shape, b)
+        for data, keep in zip(batches, keeps):
+            sums.update(b.to_device(data), keep)
+        got[b] = sums.results()
+        assert sums.events == 3 + 3 - len(damaged)
+    assert [name for name, *_ in gpu.launches] == ["run_sums"] * (4 if len(damaged) < 3 else 2)
+    kept = np.concatenate([batches[0], batches[1][keeps[1]] if keeps[1] is not None else batches[1]])
+    d = kept.astype(np.float64)
+    for name in SUM_NAMES:
+        kind, _, t = name.partition("_thresADU")
+        t = float(t) if t else None
+        v = d if t is None else np.where(d >= t, d, 0)
+        want = {"calib": v.sum(0), "square": (v * v).sum(0), "max": v.max(0),
+                "nhits": (d > (t if t is not None else 0)).sum(0)}[kind]
+        assert got[cpu][name].dtype == {"max": np.float32, "nhits": np.int64}.get(kind, np.float64)
+        for b in (gpu, cpu):
+            assert got[b][name].dtype == got[cpu][name].dtype and got[b][name].shape == shape
+            np.testing.assert_allclose(got[b][name], want, rtol=1e-12, err_msg=f"{name} {b.description}")
+
+
+@pytest.mark.parametrize("kernels,order", [("emulated", "forward"), ("compiled", "shuffle")])
+@pytest.mark.parametrize("use_rms,low", [(True, 2.0), (False, 12.0), (False, None)])
+def test_droplet_mask_kernel_equals_numpy(rng, kernels, order, use_rms, low):
+    """The droplet pixels (seeds, growth by 4-neighbours within a panel) from the CUDA kernel through
+    Droplet equal the NumPy twin, on 3 panels with bad pixels and seeds on panel edges; and the droplets
+    found from them are the same."""
+    from gpusmall.funcs.droplet import Droplet
+
+    shape = (3, 9, 11)
+    data = rng.normal(0, 4, (2,) + shape).astype(np.float32)
+    data[rng.random(data.shape) < 0.08] = 40.0
+    data[:, :, 0, :] = 25.0  # seeds along the panels' first rows: growth must not cross into the panel above
+    good = rng.random(data.shape) > 0.1
+    params = dict(threshold=4.0 if use_rms else 20.0, threshold_low=low, use_rms=use_rms, max_droplets=50)
+    noise = rng.uniform(2, 6, shape).astype(np.float32)
+    gpu, cpu = FakeGpu(kernels, order), Backend("numpy")
+    masks, outs = {}, {}
+    for b in (gpu, cpu):
+        f = setup(Droplet, b, make_ctx(b, shape, 100.0, noise=noise), **params)
+        frames = make_frames(b, data, good)
+        masks[b] = np.asarray(f.mask(frames.data, frames.good))
+        outs[b] = {k: np.asarray(v) for k, v in f(frames).items()}
+    assert [name for name, *_ in gpu.launches] == ["droplet_mask"] * 2 + ["label_union", "label_flatten"]
+    np.testing.assert_array_equal(masks[gpu], masks[cpu])
+    assert masks[cpu].sum() > 20
+    for k, v in outs[cpu].items():
+        np.testing.assert_allclose(outs[gpu][k], v, rtol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("kernels,order", [("emulated", "forward"), ("compiled", "forward"), ("compiled", "shuffle")])
+@pytest.mark.parametrize("density,shape", [(0.7, (3, 2, 20, 24)), (0.45, (2, 3, 33, 17)), (0.95, (1, 1, 40, 50)),
+                                           (0.02, (4, 2, 16, 16))])
+def test_union_find_labels_equal_scipy(rng, kernels, order, density, shape):
+    """The CuPy labelling (union-find over the labelled pixels, kernels/label.cu) gives SciPy's labels at
+    every labelled pixel, numbered the same way, with no droplet across a panel or event edge: dense
+    masks (long chains, many merges between blocks running at once), sparse ones, odd sizes."""
+    from gpusmall.funcs.droplet import label_stack
+
+    mask = rng.random(shape) < density
+    mask[..., 0, :] = mask[..., -1, :] = True  # full first and last rows: frames touch only across edges
+    gpu = FakeGpu(kernels, order)
+    idx = np.flatnonzero(mask)
+    got, n = label_stack(gpu, mask, idx)
+    want, n_want = label_stack(Backend("numpy"), mask, idx)
+    assert n == n_want and n >= shape[0] * shape[1]
+    np.testing.assert_array_equal(got, want)
+    assert [name for name, *_ in gpu.launches] == ["label_union", "label_flatten"]
+
+
+def test_union_find_on_no_pixels():
+    from gpusmall.funcs.droplet import label_stack
+
+    gpu = FakeGpu("emulated")
+    got, n = label_stack(gpu, np.zeros((2, 1, 5, 6), bool))
+    assert n == 0 and got.size == 0 and gpu.launches == []

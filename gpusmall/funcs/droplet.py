@@ -2,12 +2,14 @@
 
 Whole batch at once:
 
-1. seeds = good pixels with ``s >= threshold`` (times ``noise`` with ``use_rms``);
-2. 4-connected labelling of the ``(events * panels, rows, cols)`` stack with a 3-D structure that is zero
-   along the first axis, so no droplet crosses an event or a panel edge (``scipy.ndimage.label`` /
-   ``cupyx.scipy.ndimage.label``);
+1. seeds = good pixels with ``s >= threshold`` (times ``noise`` with ``use_rms``); on CuPy steps 1 and 3's
+   growth are one ``droplet_mask`` kernel (``kernels/droplet.cu``);
+2. 4-connected labelling, no droplet across an event or a panel edge: NumPy labels the
+   ``(events * panels, rows, cols)`` stack with ``scipy.ndimage.label`` and a 3-D structure that is zero
+   along the first axis; CuPy runs a union-find over the labelled pixels only (``kernels/label.cu``:
+   nothing frame-sized is read or written, labels come out numbered as SciPy numbers them);
 3. with ``threshold_low < threshold``: every droplet grows once by its 4-neighbours (same panel) that are good
-   with ``s >= threshold_low``, and the grown mask is labelled again (droplets that touch after growing merge);
+   with ``s >= threshold_low``; the grown mask is what step 2 labels (droplets that touch after growing merge);
 4. per droplet, segmented reductions (``bincount`` on label ids over the labelled pixels, which scales with
    pixels, not droplets): ``data`` (sum), ``npix``, intensity-weighted ``row`` and ``col``, ``tile`` (panel);
 5. ``thres_adu`` vetoes droplets whose total is below it; the kept droplets of each event are written in order
@@ -62,38 +64,49 @@ class DropletFrames(Frames):
     droplet_sum: Any = None
 
 
-def label_stack(xp, mask, idx=None):
-    """(labels, n): 4-connected labels of a (events, panels, rows, cols) bool mask, none across events/panels.
+LABEL_THREADS = 256
 
-    Labels are renumbered 1..n in order of each droplet's first pixel in row-major order of the batch.
-    ``idx``: ``flatnonzero(mask)`` when the caller has it (CuPy renumbers with it; saves a pass and a sync).
+
+def label_stack(backend, mask, idx=None):
+    """(labels, n): 4-connected labels of a (events, panels, rows, cols) bool mask, none across events/panels,
+    at the pixels ``idx`` = ``flatnonzero(mask)`` (computed when not given): (idx.size,) int, 1..n.
+
+    Labels are numbered 1..n in order of each droplet's first pixel in row-major order of the batch (as
+    SciPy numbers them). NumPy: ``scipy.ndimage.label`` of the mask; CuPy: :func:`label_pixels` on the
+    labelled pixels only (its NumPy twin is the SciPy path).
     """
+    xp = backend.xp
+    if idx is None:
+        idx = xp.flatnonzero(mask)
+    if backend.is_gpu:
+        return label_pixels(backend, idx, mask.shape[-2], mask.shape[-1])
+    from scipy import ndimage
+
     e, p, r, c = mask.shape
-    if xp is np:
-        from scipy import ndimage
-    else:  # CuPy backend
-        from cupyx.scipy import ndimage
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     labels, n = ndimage.label(mask.reshape(e * p, r, c), structure=structure)
-    n = int(n)
-    if xp is not np and n:
-        # cupyx numbers labels in its own order; renumber by first pixel (row-major)
-        flat = labels.ravel()
-        if idx is None:
-            idx = xp.flatnonzero(flat)
-        lab = flat[idx]
-        # cupyx.scatter_min takes int32, uint32, uint64, float32 or float64 (not int64)
-        first = xp.full(n + 1, flat.size, xp.uint64)
-        import cupyx
+    return labels.ravel()[idx], int(n)
 
-        cupyx.scatter_min(first, lab, idx.astype(xp.uint64))
-        order = xp.argsort(first[1:])
-        rank = xp.empty(n + 1, xp.int32)
-        rank[0] = 0
-        rank[1 + order] = xp.arange(1, n + 1, dtype=xp.int32)
-        labels = rank[labels]
-    return labels.reshape(e, p, r, c), n
+
+def label_pixels(backend, idx, rows: int, cols: int):
+    """(labels, n) of the pixels at the sorted flat indices ``idx`` into a (frames, rows, cols) stack, by
+    union-find over their positions (``kernels/label.cu``): (idx.size,) int32 labels 1..n, numbered in order
+    of each droplet's first pixel. Nothing frame-sized is touched; one device->host wait (n)."""
+    xp = backend.xp
+    m = int(idx.size)
+    if m == 0:
+        return xp.zeros(0, xp.int32), 0
+    if m >= 2**31:
+        raise ValueError(f"{m} labelled pixels in one batch: more than int32 positions; use a smaller batch")
+    parent = xp.arange(m, dtype=xp.int32)
+    grid = (max(1, min((m + LABEL_THREADS - 1) // LABEL_THREADS, 1 << 20)),)
+    backend.kernel("label.cu", "label_union")(
+        grid, (LABEL_THREADS,), (xp.ascontiguousarray(idx, dtype=xp.int64), parent, np.int64(m), np.int32(rows),
+                                 np.int32(cols)))
+    backend.kernel("label.cu", "label_flatten")(grid, (LABEL_THREADS,), (parent, np.int64(m)))
+    number = xp.cumsum(parent == xp.arange(m, dtype=xp.int32), dtype=xp.int32)  # 1..n at the roots
+    return number[parent], int(number[-1])
 
 
 def bincount(xp, x, weights=None, minlength=0):
@@ -113,6 +126,17 @@ def grow4(xp, seeds, allowed):
     d[..., :, 1:] |= seeds[..., :, :-1]
     d[..., :, :-1] |= seeds[..., :, 1:]
     return seeds | (d & allowed)
+
+
+def droplet_mask(xp, data, good, thr, thr_low, grow: bool):
+    """NumPy twin of the ``droplet_mask`` kernel: the pixels that are labelled, (events, panels, rows, cols)
+    bool. Seeds are good pixels with ``data >= thr``; with ``grow`` a good pixel with ``data >= thr_low``
+    joins when one of its 4 neighbours (same panel) is a seed. ``thr``, ``thr_low``: float32 scalars or
+    (1, panels, rows, cols) (noise-scaled)."""
+    mask = good & (data >= thr)
+    if grow:
+        mask = grow4(xp, mask, good & (data >= thr_low))
+    return mask
 
 
 class PadLayout:
@@ -160,19 +184,37 @@ class Droplet(ReductionFunction):
         else:
             self.thr, self.thr_low = xp.float32(p.threshold), xp.float32(low)
         self.grow = low < p.threshold
+        if ctx.backend.is_gpu:  # what the kernel reads: noise (per pixel, with use_rms) and the two factors
+            self.kernel_noise = (xp.ascontiguousarray(ctx.noise, dtype=xp.float32) if p.use_rms
+                                 else xp.zeros(1, xp.float32))
+            self.kernel_thr = (np.float32(p.threshold), np.float32(low))
         return ctx
+
+    def mask(self, data, good):
+        """The labelled pixels of a batch (:func:`droplet_mask`): one ``droplet_mask`` kernel on CuPy."""
+        xp = self.ctx.xp
+        if not self.ctx.backend.is_gpu:
+            return droplet_mask(xp, data, good, self.thr, self.thr_low, self.grow)
+        e, np_, nr, nc = data.shape
+        out = xp.empty(data.shape, xp.bool_)
+        n = data.size
+        threads = 256
+        self.ctx.backend.kernel("droplet.cu", "droplet_mask")(
+            (max(1, min((n + threads - 1) // threads, 1 << 20)),), (threads,),
+            (xp.ascontiguousarray(data, dtype=xp.float32), xp.ascontiguousarray(good, dtype=xp.bool_),
+             self.kernel_noise, *self.kernel_thr, np.int32(self.p.use_rms), np.int64(n), np.int32(nr),
+             np.int32(nc), np.int64(np_ * nr * nc), np.int32(self.grow), out))
+        return out
 
     def find(self, frames: Frames):
         """Labelled pixels and per-droplet statistics of a batch (all droplets, before the veto)."""
         xp = self.ctx.xp
         data, good = frames.data, frames.good
         e, np_, nr, nc = data.shape
-        mask = good & (data >= self.thr)
-        if self.grow:
-            mask = grow4(xp, mask, good & (data >= self.thr_low))
+        mask = self.mask(data, good)
         idx = xp.flatnonzero(mask)  # the labelled pixels (nonzero of a bool array is the cheaper one)
-        labels, n = label_stack(xp, mask, idx)
-        lab = labels.ravel()[idx].astype(xp.int64) - 1
+        lab, n = label_stack(self.ctx.backend, mask, idx)
+        lab = lab.astype(xp.int64) - 1
         val = data.ravel()[idx].astype(xp.float64)
         col = (idx % nc).astype(xp.float64)
         row = ((idx // nc) % nr).astype(xp.float64)

@@ -16,7 +16,7 @@ from ..detectors.constants import default_constants, default_geometry, load_cons
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
-from ..funcs.sums import RunSum
+from ..funcs.sums import RunSums
 from ..sources.base import DetectorSource
 
 
@@ -73,16 +73,16 @@ class DetectorPipeline:
         self.functions = [build_function(s) for s in specs]
         for f in self.functions:
             f.setup(self.ctx)
-        self.sums = [RunSum(s, shape, backend) for s in cfg.sums]
+        self.sums = RunSums(cfg.sums, shape, backend)
 
-    def process(self, raw) -> dict[str, Any]:
-        """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name."""
+    def process(self, raw, keep=None) -> dict[str, Any]:
+        """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name.
+        ``keep``: (events,) host bool, the events that enter the run sums (None: all; damaged: False)."""
         frames = self.calibrator(raw)
         out = {}
         for f in self.functions:
             out.update(f(frames))
-        for s in self.sums:
-            s.update(frames)
+        self.sums.update(frames.data, keep)
         return out
 
     def user_data_cfg(self) -> dict[str, Any]:
@@ -106,4 +106,4 @@ class DetectorPipeline:
         return out
 
     def sum_results(self) -> dict[str, np.ndarray]:
-        return {f"{self.name}_{s.name}": s.result() for s in self.sums}
+        return {f"{self.name}_{k}": v for k, v in self.sums.results().items()}

@@ -56,27 +56,6 @@ def fill_value(dtype) -> object:
     return 0
 
 
-class _GoodEventsSum:
-    """Wraps a RunSum so that it only sees the events in ``keep`` (damaged events are left out)."""
-
-    def __init__(self, inner, backend: Backend):
-        self.inner, self.backend = inner, backend
-        self.keep = None  # host bool (events,) or None for all
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def update(self, frames):
-        if self.keep is not None:
-            if not self.keep.any():
-                return
-            k = self.backend.to_device(self.keep)
-            frames = dataclasses.replace(frames, **{f.name: getattr(frames, f.name)[k]
-                                                    for f in dataclasses.fields(frames)
-                                                    if getattr(getattr(frames, f.name), "ndim", 0) >= 1})
-        self.inner.update(frames)
-
-
 @dataclass
 class DeviceTimes:
     """Where a run's time went on the GPU (seconds, summed over batches; zero on NumPy).
@@ -169,8 +148,6 @@ class BatchProcessor:
         # Constants, bin maps and zeroed run sums were made on the legacy default stream, asynchronously
         # (cupy.asarray copies, fill kernels); the non-blocking streams above do not wait for it.
         backend.synchronize()
-        for pl in pipelines.values():
-            pl.sums = [s if isinstance(s, _GoodEventsSum) else _GoodEventsSum(s, backend) for s in pl.sums]
         self.damaged = {name: 0 for name in pipelines}
         self.times = DeviceTimes()
         self._slots: dict[str, list] = {}  # name -> two device raw buffers (batch_size, ...)
@@ -242,11 +219,9 @@ class BatchProcessor:
         to upload here on the compute stream. Returns (a function giving the host results, the CUDA event
         that ends the reduction or None); on CuPy the results are still being copied when it returns."""
         pl = self.pipelines[name]
-        keep = ~damaged if damaged.any() else None
-        for s in pl.sums:
-            s.keep = keep
+        keep = ~damaged if damaged.any() else None  # damaged events stay out of the run sums
         if self.compute_stream is None:
-            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw).items()}
+            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep).items()}
             return (lambda: res), None
         cp = self.backend.xp
         with self.compute_stream:
@@ -259,7 +234,7 @@ class BatchProcessor:
                 d.set(np.ascontiguousarray(raw), stream=self.compute_stream)
                 self.times.h2d_bytes += raw.nbytes
                 raw = d
-            res = pl.process(raw)
+            res = pl.process(raw, keep)
             packed, layout = pack_on_device(cp, res)
             end.record(self.compute_stream)
         if packed is None:

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 RUNTIME = HERE / "runtime.h"
 
 POINTER = {"float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
-           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32}
+           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32, "long long": np.int64}
 SCALAR = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
 CTYPES = {"long long": ctypes.c_longlong, "int": ctypes.c_int32, "unsigned int": ctypes.c_uint32,
           "float": ctypes.c_float}
@@ -77,6 +77,10 @@ class _Guarded:
         if (below != 0xFF).any() or (above != 0xFF).any():
             where = np.flatnonzero(below != 0xFF).size, np.flatnonzero(above != 0xFF).size
             raise GlobalMemoryOverrun(f"{what}: {where[0]} bytes written before the array, {where[1]} after it")
+        if not self.array.flags.writeable:  # a read-only view (e.g. broadcast): the kernel must not change it
+            if (self.raw[self.lo:self.hi] != self.array.reshape(-1).view(np.uint8)).any():
+                raise GlobalMemoryOverrun(f"{what}: written to, but the array is read-only")
+            return
         self.array.reshape(-1).view(np.uint8)[:] = self.raw[self.lo:self.hi]
 
 

@@ -308,6 +308,13 @@ inline T atomic_add(T* p, T v)
     return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_relaxed);
 }
 
+template <class T>
+inline T atomic_cas(T* p, T compare, T val)  // the old value, as CUDA's atomicCAS
+{
+    std::atomic_ref<T>(*p).compare_exchange_strong(compare, val, std::memory_order_seq_cst);
+    return compare;
+}
+
 }  // namespace cudacpu
 
 // ---- what kernels see ----------------------------------------------------------------------------------
@@ -337,6 +344,7 @@ inline void __syncwarp(unsigned int = 0xffffffffu)  // the full warp only (no pa
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -346,4 +354,9 @@ inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return cudacpu:
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return cudacpu::atomic_add(p, v); }
 inline float atomicAdd(float* p, float v) { return cudacpu::atomic_add(p, v); }
 inline double atomicAdd(double* p, double v) { return cudacpu::atomic_add(p, v); }
+inline int atomicCAS(int* p, int compare, int val) { return cudacpu::atomic_cas(p, compare, val); }
+inline unsigned int atomicCAS(unsigned int* p, unsigned int compare, unsigned int val)
+{
+    return cudacpu::atomic_cas(p, compare, val);
+}
 

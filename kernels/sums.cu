@@ -1,0 +1,47 @@
+// Run sums of a batch (SPEC 6 `sums`): every sum of a detector in one read of the calibrated batch.
+// NumPy twin: gpusmall.funcs.sums.run_sums_numpy. One thread per pixel walks the batch's events.
+//   data   (events, npix) float32, calibrated values (bad pixels are 0)
+//   keep   (events,) bool, the events that enter the sums (damaged ones do not)
+//   kinds  (n_sums,) int32: 0 calib (sum of v), 1 square (sum of v*v in double), 2 max, 3 nhits
+//   thres  (n_sums,) float32: calib/square/max take v where v >= thres (else 0; -inf: every v);
+//          nhits counts v > thres
+//   acc    (n_sums, npix) float64, updated in place: added to, or for max the maximum taken
+// n_sums <= MAX_SUMS (the caller launches once per group of MAX_SUMS sums).
+#define MAX_SUMS 8
+
+extern "C" __global__ void run_sums(const float* __restrict__ data, const bool* __restrict__ keep,
+                                    long long events, long long npix, int n_sums,
+                                    const int* __restrict__ kinds, const float* __restrict__ thres,
+                                    double* __restrict__ acc)
+{
+    int kind[MAX_SUMS];
+    float t[MAX_SUMS];
+#pragma unroll
+    for (int k = 0; k < MAX_SUMS; ++k) {
+        kind[k] = k < n_sums ? kinds[k] : -1;
+        t[k] = k < n_sums ? thres[k] : 0.0f;
+    }
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+        double a[MAX_SUMS];
+#pragma unroll
+        for (int k = 0; k < MAX_SUMS; ++k) a[k] = kind[k] == 2 ? -__longlong_as_double(0x7ff0000000000000LL) : 0.0;
+        for (long long e = 0; e < events; ++e) {
+            if (!keep[e]) continue;
+            const float v = data[e * npix + p];
+            const double d = (double)v;
+#pragma unroll
+            for (int k = 0; k < MAX_SUMS; ++k) {
+                const double x = v >= t[k] ? d : 0.0;
+                if (kind[k] == 0) a[k] += x;
+                else if (kind[k] == 1) a[k] += x * x;
+                else if (kind[k] == 2) a[k] = a[k] > x ? a[k] : x;
+                else if (kind[k] == 3) a[k] += v > t[k] ? 1.0 : 0.0;
+            }
+        }
+        for (int k = 0; k < n_sums && k < MAX_SUMS; ++k) {
+            double* out = acc + (long long)k * npix + p;
+            *out = kind[k] == 2 ? (*out > a[k] ? *out : a[k]) : *out + a[k];
+        }
+    }
+}
