@@ -52,8 +52,8 @@ class Roi(ReductionFunction):
             sub.mask = sub.mask & ctx.backend.to_device(m)
         self.user_mask = None if self.p.user_mask is None else sub.mask
         p, r, c = sub.shape
-        self.rows = xp.arange(r, dtype=xp.float64)[None, None, :, None]
-        self.cols = xp.arange(c, dtype=xp.float64)[None, None, None, :]
+        self.rows = xp.arange(r, dtype=xp.float64)  # row / column index, for the centre of mass
+        self.cols = xp.arange(c, dtype=xp.float64)
         self.sat = ctx.saturation
         return sub
 
@@ -73,11 +73,15 @@ class Roi(ReductionFunction):
             out["sum"] = total
             out["mean"] = total / flat.shape[1]
             out["max"] = flat.max(axis=1)
-            w = xp.maximum(data, 0).astype(xp.float64)
-            wsum = w.reshape(n_events, -1).sum(axis=1)
+            # centre of mass from the row and column profiles of w = max(data, 0), summed in float64
+            # (two reads of w, no float64 copy of the ROI)
+            w = xp.maximum(data, xp.float32(0))
+            by_row = w.sum(axis=3, dtype=xp.float64)  # (events, panels, rows)
+            by_col = w.sum(axis=2, dtype=xp.float64)  # (events, panels, cols)
+            wsum = by_row.reshape(n_events, -1).sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):
-                com_r = (w * self.rows).reshape(n_events, -1).sum(axis=1) / wsum
-                com_c = (w * self.cols).reshape(n_events, -1).sum(axis=1) / wsum
+                com_r = (by_row * self.rows).reshape(n_events, -1).sum(axis=1) / wsum
+                com_c = (by_col * self.cols).reshape(n_events, -1).sum(axis=1) / wsum
             out["com"] = xp.stack([com_r, com_c], axis=1)
             if sub.raw is not None:
                 v = self.ctx.model.data(sub.raw, xp)
