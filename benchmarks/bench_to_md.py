@@ -40,7 +40,11 @@ PAIRS = [("test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
           "droplet + photons, 704 x 768, dense (20k photons)", "same scipy path", "ms/frame")]
 
 WRITER = [("test_append_demo_batch[gpusmall]", "ResultWriter.append (whole chunks written directly)"),
-          ("test_append_demo_batch[plain-h5py]", "plain h5py: resize + slice assignment (reference)")]
+          ("test_append_demo_batch[plain-h5py]", "plain h5py: resize + slice assignment (reference)")] + [
+    (f"test_writer_thread_beside_busy_main_thread[{ms}]",
+     f"writer thread (BackgroundAppender) beside {ms} ms of main-thread Python per batch") for ms in (0, 3, 9)] + [
+    ("test_writer_thread_beside_busy_main_thread[9-switch-5ms]",
+     "same, 9 ms, Python's default 5 ms thread switch interval (before)")]
 
 # CPU code whatever the backend (references, NumPy-only paths): not in the CuPy vs NumPy table
 CPU_ONLY = {"test_per_event_masked", "test_append_demo_batch[gpusmall]", "test_append_demo_batch[plain-h5py]", "test_azav_numpy_flat_frame", "test_pyfai_integrate1d_csr_flat_frame",
@@ -134,7 +138,8 @@ def writer_rows(f) -> list[str]:
            "| writer | ms / batch | events/s | GB/s |", "| --- | --- | --- | --- |"]
     for label, x in rows:
         e = x.get("extra_info", {})
-        out.append(f"| {label} | {fmt(x['stats']['median'] * 1e3)} | {fmt(e.get('events_per_s', 0))} | "
+        ms = e.get("ms_per_batch", x["stats"]["median"] * 1e3)
+        out.append(f"| {label} | {fmt(ms)} | {fmt(e.get('events_per_s', 0))} | "
                    f"{fmt(e.get('gb_per_s', 0))} |")
     return out + [""]
 

@@ -13,14 +13,16 @@ writer's own cost), else the temporary folder.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from gpusmall.io.writer import ResultWriter
+from gpusmall.io.writer import BackgroundAppender, ResultWriter
 
 BATCH = 64
 
@@ -102,3 +104,46 @@ def test_append_demo_batch(benchmark, how):
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(events_per_s=BATCH / t, gb_per_s=nbytes / t / 1e9, bytes_per_event=nbytes / BATCH,
                                 folder=str(_folder()))
+
+
+def _busy_python(seconds):
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(200):
+            pass
+
+
+@pytest.mark.parametrize("main_ms", [0, 3, 9, "9-switch-5ms"])
+def test_writer_thread_beside_busy_main_thread(benchmark, main_ms):
+    """The producer's shape: the main thread spends ``main_ms`` of pure Python per batch (launching the demo
+    set's ~225 CuPy operations holds the GIL for ~2-3 ms) and hands the batch to the writer thread
+    (BackgroundAppender). Ideal: max(main, writer alone) per batch; what it costs beyond that is the GIL,
+    which both threads' Python needs (the HDF5 calls themselves let it go). "9-switch-5ms": the same with
+    Python's default thread switch interval instead of BackgroundAppender's 0.1 ms. 6 batches per round."""
+    switch = 1e-4
+    if isinstance(main_ms, str):
+        main_ms, switch = 9, None
+    cols = demo_columns(np.random.default_rng(0))
+    nbytes = sum(v.nbytes for v in cols.values())
+    folder = Path(tempfile.mkdtemp(dir=_folder(), prefix="gpusmall-bench-"))
+    path = folder / f"busy-{main_ms}.h5"
+    w = ResultWriter(path, chunk_events=BATCH)
+    batches = 6
+
+    def run():
+        with BackgroundAppender(w, switch_interval_s=switch) as app:
+            for _ in range(batches):
+                _busy_python(main_ms / 1e3)
+                app.append(cols)
+            app.drain()
+
+    try:
+        w.append(cols)  # creates the datasets
+        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    finally:
+        w.close()
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+    t = benchmark.stats.stats.median / batches
+    benchmark.extra_info.update(events_per_s=BATCH / t, gb_per_s=nbytes / t / 1e9, ms_per_batch=t * 1e3,
+                                main_thread_python_ms=main_ms, switch_interval_s=switch or sys.getswitchinterval())

@@ -348,6 +348,38 @@ def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, si
                 assert 4 * c >= min(batch, (1 << 20) // want[0].nbytes), k
 
 
+def test_writer_converts_later_batches_to_the_first_dtype_and_appends_after_static_writes(tmp_path):
+    """A later batch in another dtype is stored in the dataset's dtype (the low-level row writes convert as
+    h5py did); appends go on after a static write (which reopens the file out of SWMR mode)."""
+    from gpusmall.io.writer import ResultWriter
+
+    with ResultWriter(tmp_path / "c.h5", chunk_events=4) as w:
+        w.append({"a": np.arange(8, dtype=np.float32).reshape(4, 2), "n": np.arange(4, dtype=np.int32)})
+        w.append({"a": np.full((3, 2), 0.1), "n": np.arange(3, dtype=np.int64)})  # float64, int64; short
+        w.write_static("UserDataCfg/x", {"v": np.arange(3)})
+        w.append({"a": np.ones((4, 2), np.float32), "n": np.arange(4, dtype=np.int32)})  # off a chunk boundary
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["a"].dtype == np.float32 and f["n"].dtype == np.int32 and f["a"].shape == (11, 2)
+        np.testing.assert_array_equal(f["a"][4:7], np.float32(0.1))
+        np.testing.assert_array_equal(f["n"][()], [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3])
+        np.testing.assert_array_equal(f["a"][7:], 1.0)
+
+
+def test_background_appender_lowers_the_switch_interval_while_it_runs(tmp_path):
+    import sys
+
+    from gpusmall.io.writer import BackgroundAppender, ResultWriter
+
+    before = sys.getswitchinterval()
+    with ResultWriter(tmp_path / "s.h5") as w:
+        with BackgroundAppender(w) as app:
+            assert sys.getswitchinterval() == pytest.approx(min(before, 1e-4))
+            app.append({"x": np.zeros(4)})
+        assert sys.getswitchinterval() == pytest.approx(before)
+        with BackgroundAppender(w, switch_interval_s=None):
+            assert sys.getswitchinterval() == pytest.approx(before)
+
+
 def test_background_appender_order_errors_and_drain(tmp_path):
     from gpusmall.io.writer import BackgroundAppender, ResultWriter
 

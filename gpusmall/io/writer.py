@@ -58,6 +58,31 @@ def open_result(path) -> h5py.File:
     return open_for_reading(path)[0]
 
 
+class _Layout:
+    """What :class:`ResultWriter` needs per per-event dataset, read from HDF5 once: chunk length (events),
+    dtype, whether whole chunks may be written directly (uncompressed, at least 2-D), and a low-level
+    write of whole rows."""
+
+    def __init__(self, ds: h5py.Dataset):
+        self.id = ds.id
+        self.tail = tuple(ds.shape[1:])
+        self.chunk = ds.chunks[0]
+        self.dtype = ds.dtype
+        self.direct = ds.ndim >= 2 and ds.compression is None
+        self.zeros = (0,) * len(self.tail)
+
+    def grow(self, n_events: int) -> None:
+        """Extend the events axis to ``n_events``."""
+        self.id.set_extent((n_events, *self.tail))
+
+    def write_rows(self, start: int, arr: np.ndarray) -> None:
+        """Rows ``start .. start + len(arr)`` of the file dataset from ``arr`` (converted to its dtype)."""
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        fspace = self.id.get_space()
+        fspace.select_hyperslab((start, *self.zeros), arr.shape)
+        self.id.write(h5py.h5s.create_simple(arr.shape), fspace, arr)
+
+
 class ResultWriter:
     """Writes one result file; use as a context manager (closing flushes).
 
@@ -73,6 +98,7 @@ class ResultWriter:
         self.chunk_events = max(1, int(chunk_events))
         self.n_events = 0
         self._datasets: dict[str, h5py.Dataset] = {}
+        self._layout: dict[str, _Layout] = {}  # HDF5 path -> cached layout of a per-event dataset
         self.swmr = False
 
     def __enter__(self):
@@ -105,24 +131,25 @@ class ResultWriter:
                                         chunks=chunks)
 
     def _write(self, ds: h5py.Dataset, start: int, arr: np.ndarray) -> None:
-        """``ds[start:start + len(arr)] = arr``; whole chunks go to the file directly (no chunk cache, no
-        type conversion: ~1.6x faster for the padded per-event arrays), the rest through h5py."""
-        c = ds.chunks[0]
-        n = arr.shape[0]
+        """``ds[start:start + len(arr)] = arr`` for a dataset this writer created (its layout cached in
+        :class:`_Layout`). Whole chunks go to the file directly (no chunk cache, no type conversion:
+        ~1.6x faster for the padded per-event arrays), the rest through HDF5's low-level write of a
+        hyperslab (h5py's slicing machinery costs ~0.1 ms of Python per call, GIL held)."""
+        lay = self._layout[ds.name]
+        c, n = lay.chunk, arr.shape[0]
         first = -start % c  # events before the first chunk boundary
-        if arr.ndim < 2 or arr.dtype != ds.dtype or ds.compression is not None or first + c > n:
-            ds[start:start + n] = arr
+        if not lay.direct or arr.dtype != lay.dtype or first + c > n:
+            lay.write_rows(start, arr)
             return
         arr = np.ascontiguousarray(arr)
         if first:
-            ds[start:start + first] = arr[:first]
+            lay.write_rows(start, arr[:first])
         k = first
-        zeros = (0,) * (arr.ndim - 1)
         while k + c <= n:
-            ds.id.write_direct_chunk((start + k, *zeros), memoryview(arr[k:k + c]).cast("B"))
+            ds.id.write_direct_chunk((start + k, *lay.zeros), memoryview(arr[k:k + c]).cast("B"))
             k += c
         if k < n:
-            ds[start + k:start + n] = arr[k:]
+            lay.write_rows(start + k, arr[k:])
 
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Append one batch: every array has the same leading events axis. Flushes the file.
@@ -141,7 +168,8 @@ class ResultWriter:
                 if self.n_events:
                     raise ValueError(f"output {name} appears after the first batch")
                 ds = self._datasets[name] = self._create(name, arr)
-            ds.resize(self.n_events + n, axis=0)
+                self._layout[ds.name] = _Layout(ds)
+            self._layout[ds.name].grow(self.n_events + n)
             self._write(ds, self.n_events, arr)
         if n is not None:
             self.n_events += n
@@ -158,6 +186,7 @@ class ResultWriter:
         self.file.close()
         self.file = h5py.File(self.path, "a", libver="latest")
         self._datasets = {name: self.file[name] for name in self._datasets}
+        self._layout = {ds.name: _Layout(ds) for ds in self._datasets.values()}
         self.swmr = False
 
     def write_static(self, group: str, values: dict[str, Any]) -> None:
@@ -194,12 +223,23 @@ class BackgroundAppender:
     raised by the next :meth:`append` or by :meth:`drain`. After :meth:`drain` every
     batch handed over is in the file and the caller may use the writer again; :meth:`close` (or the
     context manager) drains and ends the thread.
+
+    While it runs, the interpreter's thread switch interval is at most ``switch_interval_s`` (restored by
+    :meth:`close`; None leaves it alone). h5py lets the GIL go around each HDF5 call, and taking it back
+    waits until the other thread yields it: up to the switch interval, 5 ms by default. Beside a main
+    thread busy with Python (launching GPU work) that stalls the writer: a demo batch took 18-19 ms with
+    9 ms of main-thread Python per batch, 14-15 ms with 0.1 ms (8.7 ms alone; ``benchmarks/bench_writer.py``).
     """
 
-    def __init__(self, writer: ResultWriter, depth: int = 2):
+    def __init__(self, writer: ResultWriter, depth: int = 2, switch_interval_s: float | None = 1e-4):
         import queue
+        import sys
         import threading
 
+        self._switch_before = None
+        if switch_interval_s is not None:
+            self._switch_before = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_before, switch_interval_s))
         self.writer = writer
         self.error: BaseException | None = None
         self._broken = False  # set by the thread at its first error: nothing after it is written
@@ -250,6 +290,11 @@ class BackgroundAppender:
             self._queue.join()
             self._queue.put(None)
             self._thread.join()
+        if self._switch_before is not None:
+            import sys
+
+            sys.setswitchinterval(self._switch_before)
+            self._switch_before = None
 
     def __enter__(self):
         return self
