@@ -58,6 +58,27 @@ def test_azav_matches_spec_formula(backend, rng, engine, nphi):
     assert st["phi"].shape == (nphi,)
 
 
+@pytest.mark.parametrize("engine", ["csr", "histogram"])
+def test_azav_static_mask_and_bad_pixels_per_event(backend, rng, engine):
+    """A static mask (pixels in no total) and pixels bad in single events (taken out of that event's
+    denominators and counts only): the SPEC formula over the pixels good in each event."""
+    mask = rng.random(SHAPE) > 0.2
+    ctx = make_ctx(backend, SHAPE, PIX, mask=mask)
+    x, y, z = (backend.to_host(a).astype(np.float64) for a in (ctx.x, ctx.y, ctx.z))
+    data = rng.normal(100, 20, (4,) + SHAPE).astype(np.float32)
+    good = mask[None] & (rng.random(data.shape) > 0.05)
+    good[2] = mask  # an event with only the static mask
+    center, rng_q = (3000.0, 4000.0), (0.05, 2.5)
+    f = setup(Azav, backend, ctx, center_um=list(center), distance_mm=50, energy_kev=9.5, bins=30,
+              range=list(rng_q), engine=engine)
+    out = f.compute(make_frames(backend, data, good))[0]
+    ref = spec_reference(np.where(good, data, 0).astype(np.float64), good, x, y, z, center, 50, 9.5, 30, rng_q)
+    got = backend.to_host(out["azav"])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, equal_nan=True)
+    assert (backend.to_host(out["count"])[2] >= backend.to_host(out["count"])[[0, 1, 3]]).all()
+
+
 def test_azav_thresholds_and_options(numpy_backend, rng):
     ctx = make_ctx(numpy_backend, SHAPE, PIX)
     data = rng.normal(100, 50, (3,) + SHAPE).astype(np.float32)

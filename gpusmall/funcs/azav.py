@@ -216,6 +216,7 @@ class Azav(ReductionFunction):
             inside_ = bin_index >= 0
             self.den0 = b.to_device(np.bincount(bin_index[inside_], weights=c[inside_], minlength=self.nbins))
             self.count0 = b.to_device(np.bincount(bin_index[inside_], minlength=self.nbins).astype(np.int64))
+            self.in_bin = b.to_device(inside_)  # (pixels,) bool: the pixels the totals hold
         return None
 
     def _build_csr(self, ctx, bin_index, c):
@@ -263,15 +264,14 @@ class Azav(ReductionFunction):
             num = np.concatenate([(self.M @ np.ascontiguousarray(data[i:i + CPU_CHUNK].T)).T
                                   for i in range(0, data.shape[0], CPU_CHUNK)]).astype(np.float64)
         e, nb = data.shape[0], self.nbins
-        # denominators: all-good totals (once, in prepare) minus the few bad (event, pixel) pairs of the batch
-        # (pixels in no bin count into one slot past the end: no boolean selection, no wait on CuPy)
-        bad = xp.flatnonzero(~good)
+        # denominators: the totals over the pixels in a bin (once, in prepare) minus the few (event, pixel)
+        # pairs of the batch that are in a bin but bad in that event (invalid gain bits...); pixels the static
+        # mask or the range leave out are in no total, so they stay out here (no atomics piling on them)
+        bad = xp.flatnonzero(xp.less(good, self.in_bin[None, :]))  # in a bin and not good
         pix = bad % self.npix
-        b = self.bin_index[pix]
-        flat = xp.where(b >= 0, (bad // self.npix) * nb + b, e * nb)
-        size = e * nb + 1
-        den = self.den0[None, :] - bincount(xp, flat, weights=self.c[pix], minlength=size)[:-1].reshape(e, nb)
-        cnt = self.count0[None, :] - bincount(xp, flat, minlength=size)[:-1].reshape(e, nb)
+        flat = (bad // self.npix) * nb + self.bin_index[pix]
+        den = self.den0[None, :] - bincount(xp, flat, weights=self.c[pix], minlength=e * nb).reshape(e, nb)
+        cnt = self.count0[None, :] - bincount(xp, flat, minlength=e * nb).reshape(e, nb)
         return num, den, cnt
 
     def _histogram(self, xp, data, good):
