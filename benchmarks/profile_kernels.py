@@ -107,7 +107,7 @@ def main(argv=None):
     p, rr, cc = shape
     case("median rows + cols (MedianCommonMode, all steps)", lambda: cm(s, good, g), E * N * (4 + 1 + 1 + 4) * 2)
     if backend.is_gpu:  # one kernel launch each
-        case("cm_median_step rows (groups of 48)",
+        case("median rows (groups of 48: cm_median_rows_warp, a warp per group)",
              lambda: launch_median_step(backend, s, good, g, bc, E * p * rr, cc, cc // bc, bc, 1, cm.range_mask, 10,
                                         100.0),
              E * N * (4 + 1 + 1 + 4))

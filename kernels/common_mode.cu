@@ -127,3 +127,75 @@ extern "C" __global__ void cm_median_step(
         }
     }
 }
+
+// The same step for groups of at most 64 contiguous pixels (rows of a bank: 48 on ePix10ka, 64 on
+// JUNGFRAU), one warp per group and no shared memory: lane l holds elements l and l + 32 in registers
+// and the bitonic network runs on them, stride 32 inside the lane, strides 16..1 by __shfl_xor_sync.
+// The median, the conditions and the subtraction are those of cm_median_step (same numbers).
+// Group gid holds the n pixels at outer * outer_stride + inner * inner_stride + k, k < n <= 64.
+extern "C" __global__ void cm_median_rows_warp(
+    float* __restrict__ s,
+    const bool* __restrict__ good,
+    const signed char* __restrict__ g,
+    long long n_groups,
+    int n,
+    long long n_inner,
+    long long outer_stride,
+    long long inner_stride,
+    unsigned int range_mask,
+    int min_pixels,
+    float max_correction)
+{
+    const unsigned full = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    const long long gid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (gid >= n_groups) return;  // whole warps leave together (gid is the same for the 32 lanes)
+    const long long base = (gid / n_inner) * outer_stride + (gid % n_inner) * inner_stride;
+
+    float v[2];
+    bool use[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int k = lane + 32 * h;
+        use[h] = false;
+        v[h] = CM_INF;
+        if (k < n) {
+            const long long i = base + k;
+            const int gi = (int)g[i];
+            use[h] = good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u);
+            if (use[h]) v[h] = s[i];
+        }
+    }
+    const int m = __popc(__ballot_sync(full, use[0])) + __popc(__ballot_sync(full, use[1]));
+    const float orig0 = v[0], orig1 = v[1];
+
+    // bitonic sort of the 64 values, ascending; element index e = lane + 32 * h
+    for (int size = 2; size <= 64; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            if (stride == 32) {  // partners in the same lane (only in the last merge: ascending)
+                const float lo = fminf(v[0], v[1]), hi = fmaxf(v[0], v[1]);
+                v[0] = lo;
+                v[1] = hi;
+            } else {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int e = lane + 32 * h;
+                    const float other = __shfl_xor_sync(full, v[h], stride);
+                    const bool ascending = (e & size) == 0;
+                    const bool lower = (e & stride) == 0;  // the smaller index of the pair
+                    v[h] = (lower == ascending) ? fminf(v[h], other) : fmaxf(v[h], other);
+                }
+            }
+        }
+    }
+
+    // the two middle values, from the lanes holding them
+    const int ia = (m - 1) / 2 > 0 ? (m - 1) / 2 : 0, ib = m / 2;
+    const float a = __shfl_sync(full, ia < 32 ? v[0] : v[1], ia & 31);
+    const float b = __shfl_sync(full, ib < 32 ? v[0] : v[1], ib & 31);
+    if (!(m > min_pixels && m > 0)) return;
+    const float med = __fmul_rn(__fadd_rn(a, b), 0.5f);
+    if (!(fabsf(med) < max_correction)) return;
+    if (use[0]) s[base + lane] = __fsub_rn(orig0, med);
+    if (use[1]) s[base + lane + 32] = __fsub_rn(orig1, med);
+}

@@ -69,6 +69,19 @@ extern "C" __global__ void warp_sums(const float* x, float* out, int mode)
     if (lane == 0) out[blockIdx.x * (blockDim.x / 32) + w] = total;
 }
 
+// warp shuffles and votes: out[t] = x of lane ^ m, x of lane src, the warp's ballot of x > 0 and its popcount
+extern "C" __global__ void shuffles(const float* x, float* xor_out, float* from_out, int* votes, int* pops,
+                                    int m, int src)
+{
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const float v = x[t];
+    xor_out[t] = __shfl_xor_sync(0xffffffffu, v, m);
+    from_out[t] = __shfl_sync(0xffffffffu, v, src);
+    const unsigned b = __ballot_sync(0xffffffffu, v > 0.0f);
+    votes[t] = (int)b;
+    pops[t] = __popc(b);
+}
+
 extern "C" __global__ void early_exit(const int* keep, int* out)
 {
     extern __shared__ int cnt[];
@@ -122,6 +135,24 @@ def test_a_warp_barrier_where_a_block_barrier_is_needed_shows(src):
         src.kernel("warp_sums")((1,), (128,), (x, out, np.int32(1)), shared_mem=128 * 4, order=order)
         results.append(out)
     assert not np.array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+def test_warp_shuffles_and_votes(src, order):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=3 * 128).astype(np.float32)
+    lane = np.arange(x.size) % 32
+    warp0 = np.arange(x.size) // 32 * 32
+    for m, srcl in ((1, 0), (16, 31), (5, 7)):
+        xo, fo = np.zeros_like(x), np.zeros_like(x)
+        votes, pops = np.zeros(x.size, np.int32), np.zeros(x.size, np.int32)
+        src.kernel("shuffles")((3,), (128,), (x, xo, fo, votes, pops, np.int32(m), np.int32(srcl)), order=order,
+                               seed=m)
+        np.testing.assert_array_equal(xo, x[warp0 + (lane ^ m)])
+        np.testing.assert_array_equal(fo, x[warp0 + srcl])
+        want = np.array([sum(1 << k for k in range(32) if x[w + k] > 0) for w in warp0], np.uint32)
+        np.testing.assert_array_equal(votes.view(np.uint32), want)
+        np.testing.assert_array_equal(pops, [bin(int(v)).count("1") for v in want])
 
 
 def test_divergent_barriers_are_a_deadlock(src):

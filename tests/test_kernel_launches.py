@@ -177,6 +177,28 @@ def emu_cm_median_step(grid, block, shared, s, good, g, n_groups, n, p2, gpb, n_
     sf[i[w]] = sf[i[w]] - mv[w]
 
 
+def emu_cm_median_rows_warp(grid, block, shared, s, good, g, n_groups, n, n_inner, outer_stride, inner_stride,
+                            range_mask, min_pixels, max_correction):
+    G, n, n_inner = int(n_groups), int(n), int(n_inner)
+    assert 1 <= n <= 64, f"groups of {n} pixels: the warp kernel holds at most 64"
+    assert block[0] % 32 == 0 and grid[0] * block[0] >= 32 * G, "not one whole warp per group"
+    gid = np.arange(G)
+    i = ((gid // n_inner) * int(outer_stride) + (gid % n_inner) * int(inner_stride))[:, None] + np.arange(n)[None]
+    sf = s.reshape(-1)
+    assert i.min(initial=0) >= 0 and i.max(initial=0) < sf.size, "group element outside the batch"
+    assert np.unique(i).size == i.size, "two groups share a pixel"
+    gi = g.reshape(-1)[i].astype(np.int64)
+    use = good.reshape(-1)[i] & (gi >= 0) & (gi < 32) & (((int(range_mask) >> np.clip(gi, 0, 31)) & 1) == 1)
+    vals = np.sort(np.where(use, sf[i], np.float32(np.inf)).astype(np.float32), axis=1)
+    m = use.sum(axis=1)
+    rows = np.arange(G)
+    med = ((vals[rows, np.clip((m - 1) // 2, 0, n - 1)] + vals[rows, np.clip(m // 2, 0, n - 1)])
+           * np.float32(0.5)).astype(np.float32)
+    ok = (m > min_pixels) & (m > 0) & (np.abs(med) < max_correction)
+    w = use & ok[:, None]
+    sf[i[w]] = (sf[i[w]] - np.broadcast_to(med[:, None], i.shape)[w]).astype(np.float32)
+
+
 def emu_azav_histogram(grid, block, shared, data, good, bin, c, events, pixels, nbins, num, den, cnt):
     E, P, nb = int(events), int(pixels), int(nbins)
     assert grid[0] * block[0] >= E * P, "fewer threads than (event, pixel) pairs"
@@ -263,7 +285,8 @@ def emu_label_flatten(grid, block, shared, parent, m):
 
 
 EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u16, "scale_apply": emu_scale_apply,
-             "cm_median_step": emu_cm_median_step, "azav_histogram": emu_azav_histogram, "run_sums": emu_run_sums,
+             "cm_median_step": emu_cm_median_step, "cm_median_rows_warp": emu_cm_median_rows_warp,
+             "azav_histogram": emu_azav_histogram, "run_sums": emu_run_sums,
              "droplet_mask": emu_droplet_mask, "label_union": emu_label_union, "label_flatten": emu_label_flatten}
 
 
@@ -408,7 +431,9 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, ke
     want = Calibrator(model, consts, mask, Backend("numpy"), common_mode=cm_np)(raw)
     names = [name for name, *_ in gpu.launches]
     assert names[0] == "pedestal_u16" and names[-1] == "scale_apply"
-    assert names.count("cm_median_step") == (1 if model is CAMERA else 2)
+    # rows of a bank (48 ePix10ka, 64 JUNGFRAU) by the warp kernel, columns by the shared-memory sort
+    assert names.count("cm_median_step") == 1
+    assert names.count("cm_median_rows_warp") == (0 if model is CAMERA else 1)
     np.testing.assert_array_equal(got.good, want.good)
     np.testing.assert_array_equal(got.data, want.data)
 
@@ -417,7 +442,8 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, ke
                                           ("compiled", "reverse"), ("compiled", "shuffle")])
 @pytest.mark.parametrize("min_pixels", [0, 2])
 def test_median_kernel_small_groups(rng, min_pixels, kernels, order):
-    """Groups of 6 (rows, p2 = 8) and 4 (cols, p2 = 4) pixels, against the array reference."""
+    """Groups of 6 (rows: the warp kernel, 26 of each warp's 32 lanes padding) and 4 (cols, p2 = 4)
+    pixels, against the array reference."""
     from test_common_mode import random_case
 
     s, good, g = random_case(rng, (3, 2, 8, 12))
@@ -425,7 +451,7 @@ def test_median_kernel_small_groups(rng, min_pixels, kernels, order):
     cm = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels, backend=gpu)
     got = cm(s, good, g)
     want = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels)(s, good, g)
-    assert [name for name, *_ in gpu.launches] == ["cm_median_step"] * 2
+    assert [name for name, *_ in gpu.launches] == ["cm_median_rows_warp", "cm_median_step"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -458,11 +484,13 @@ def test_azav_gpu_branches(rng, monkeypatch, engine, kernels):
     np.testing.assert_allclose(out["gpu"]["azav"], out["numpy"]["azav"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260))])
+@pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)),
+                                        ((4, 64), (8, 128)), ((3, 33), (6, 66)), ((2, 32), (4, 96))])
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
-    """The CUDA median kernel itself on groups of 1 to 130 pixels (p2 from 2 to 256, partly filled last
-    blocks), its block threads in two orders, against the array reference."""
+    """The CUDA median kernels themselves on groups of 1 to 130 pixels: rows of up to 64 in the warp kernel
+    (1, 3, 7, 32, 33, 64: lanes half or fully used), longer rows and the columns in the shared-memory sort
+    (p2 from 2 to 256, partly filled last blocks); threads in two orders; against the array reference."""
     from test_common_mode import random_case
 
     model = DetectorModel(type="odd", panel_shape=panel, default_panels=3, data_mask=0x3FFF,
@@ -475,7 +503,8 @@ def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
                                max_correction=60.0, backend=gpu)(s, good, g)
         want = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
                                 max_correction=60.0)(s, good, g)
-        assert [name for name, *_ in gpu.launches] == ["cm_median_step"] * 2
+        rows_kernel = "cm_median_rows_warp" if bank[1] <= 64 else "cm_median_step"
+        assert [name for name, *_ in gpu.launches] == [rows_kernel, "cm_median_step"]
         np.testing.assert_array_equal(got, want)
 
 

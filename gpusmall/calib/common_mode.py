@@ -158,7 +158,7 @@ class MedianCommonMode:
 
     # -- CUDA -------------------------------------------------------------------------------
     def gpu(self, s, good, g, inplace: bool = False):
-        """CuPy path: one ``cm_median_step`` launch per rows/cols step (banks: the xp reference).
+        """CuPy path: one kernel launch per rows/cols step (:func:`launch_median_step`; banks: the xp reference).
 
         With ``inplace`` a contiguous float32 ``s`` is corrected in place (no copy).
         """
@@ -186,18 +186,33 @@ class MedianCommonMode:
         return s
 
 
+WARP_GROUP_MAX = 64  # contiguous groups up to this size go to cm_median_rows_warp (2 values per lane)
+WARP_KERNEL_THREADS = 256  # 8 groups per block
+
+
 def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride, elem_stride,
                        range_mask, min_pixels, max_correction):
-    """Run ``kernels/common_mode.cu:cm_median_step`` in place on contiguous ``s``.
+    """Run the median step of ``kernels/common_mode.cu`` in place on contiguous ``s``.
 
     Group ``gid = outer * n_inner + inner`` holds the ``n`` pixels at
     ``outer * outer_stride + inner * inner_stride + k * elem_stride`` (k < n) of the flat batch.
+    Groups of at most 64 contiguous pixels (rows of a bank) run ``cm_median_rows_warp``, a warp per group
+    sorting in registers; the others ``cm_median_step``, a shared-memory sort per group.
     """
+    n_groups = n_outer * n_inner
+    if elem_stride == 1 and n <= WARP_GROUP_MAX:
+        threads = WARP_KERNEL_THREADS
+        blocks = (n_groups * 32 + threads - 1) // threads
+        backend.kernel("common_mode.cu", "cm_median_rows_warp")(
+            (blocks,), (threads,),
+            (s, good, g, np.int64(n_groups), np.int32(n), np.int64(n_inner), np.int64(outer_stride),
+             np.int64(inner_stride), np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels),
+             np.float32(max_correction)))
+        return
     p2 = max(_next_pow2(n), 2)
     half = p2 // 2
     gpb = max(1, 256 // half)  # groups per block
     threads = gpb * half
-    n_groups = n_outer * n_inner
     blocks = (n_groups + gpb - 1) // gpb
     shared = gpb * (p2 + 1) * 4 + gpb * 8
     k = backend.kernel("common_mode.cu", "cm_median_step")

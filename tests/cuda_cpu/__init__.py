@@ -138,7 +138,7 @@ class CompiledSource:
         self.signatures = signatures(src)
         if not self.signatures:
             raise ValueError(f"{label}: no extern \"C\" __global__ kernels")
-        uses_barrier = "__syncthreads" in src or "__syncwarp" in src
+        uses_barrier = any(w in src for w in ("__syncthreads", "__syncwarp", "__shfl", "__ballot"))
         code = ('#include "runtime.h"\n#line 1 "' + label + '"\n' + _rewrite(src) + "\n"
                 + "".join(_launcher(n, s, uses_barrier) for n, s in self.signatures.items()))
         flags = ["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math",

@@ -106,6 +106,7 @@ struct BlockState {
     // after a of them (so a thread may pass barrier n when reached[n] + done below n == n_threads)
     std::vector<unsigned> reached, done_at;
     std::vector<unsigned char> shared;
+    std::vector<unsigned long long> lanes;  // one slot per thread: what warp shuffles and votes exchange
 #ifdef CUDACPU_USE_UCONTEXT
     ucontext_t scheduler;
 #else
@@ -210,6 +211,7 @@ inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n
     bs.launch = &L;
     block_state = &bs;
     bs.shared.resize(L.shared_bytes + GUARD);
+    bs.lanes.assign(nt, 0);
     std::mt19937 rng(L.seed);
     bool ok = true, deadlock = false;
     for (long long b = next++; b < n_blocks && !deadlock; b = next++) {
@@ -349,6 +351,54 @@ inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
+// Warp shuffles and votes (full warps only, as the kernels use them): each lane puts its value in its
+// slot, the warp meets (a __syncwarp), each lane reads its source lane's slot, and the warp meets again
+// before a slot is reused. A lane outside the warp reads its own value, as CUDA does.
+namespace cudacpu {
+inline unsigned linear_tid()
+{
+    const dim3& t = current->tid;
+    const dim3& b = block_state->launch->block;
+    return t.x + b.x * (t.y + b.y * t.z);
+}
+
+template <class T>
+inline T shuffle_from(T v, int (*source)(int lane, int arg), int arg)
+{
+    static_assert(sizeof(T) <= 8, "shuffle of a type wider than 64 bits");
+    const unsigned me = linear_tid(), base = me / 32 * 32, lane = me % 32;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    block_state->lanes[me] = bits;
+    __syncwarp();
+    const int src = source(int(lane), arg);
+    T r = v;
+    if (src >= 0 && src < 32 && base + src < block_state->n_threads)
+        std::memcpy(&r, &block_state->lanes[base + src], sizeof(T));
+    __syncwarp();
+    return r;
+}
+inline int lane_xor(int lane, int m) { return lane ^ m; }
+inline int lane_is(int, int src) { return src; }
+}  // namespace cudacpu
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int lane_mask) { return cudacpu::shuffle_from(v, cudacpu::lane_xor, lane_mask); }
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src_lane) { return cudacpu::shuffle_from(v, cudacpu::lane_is, src_lane & 31); }
+inline unsigned __ballot_sync(unsigned, int predicate)
+{
+    const unsigned me = cudacpu::linear_tid(), base = me / 32 * 32;
+    cudacpu::block_state->lanes[me] = predicate != 0;
+    __syncwarp();
+    unsigned bits = 0;
+    for (unsigned k = 0; k < 32 && base + k < cudacpu::block_state->n_threads; ++k)
+        if (cudacpu::block_state->lanes[base + k]) bits |= 1u << k;
+    __syncwarp();
+    return bits;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline int atomicAdd(int* p, int v) { return cudacpu::atomic_add(p, v); }
 inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return cudacpu::atomic_add(p, v); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) { return cudacpu::atomic_add(p, v); }
