@@ -111,7 +111,7 @@ def main(argv=None):
              lambda: launch_median_step(backend, s, good, g, bc, E * p * rr, cc, cc // bc, bc, 1, cm.range_mask, 10,
                                         100.0),
              E * N * (4 + 1 + 1 + 4))
-        case("cm_median_step cols (groups of 176)",
+        case("median cols (groups of 176: cm_median_cols_warp, tiles of 32 columns)",
              lambda: launch_median_step(backend, s, good, g, br, E * p * (rr // br), br * cc, cc, 1, cc, cm.range_mask,
                                         10, 100.0),
              E * N * (4 + 1 + 1 + 4))

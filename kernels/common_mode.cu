@@ -199,3 +199,116 @@ extern "C" __global__ void cm_median_rows_warp(
     if (use[0]) s[base + lane] = __fsub_rn(orig0, med);
     if (use[1]) s[base + lane + 32] = __fsub_rn(orig1, med);
 }
+
+// The same step for columns of at most 256 pixels (ePix10ka 176, JUNGFRAU 256): a block takes 32
+// neighbouring columns of one bank row, loads them row by row (coalesced) into shared memory (a tile of
+// n x 32, pitch 33: unused pixels as +inf), and each of its 8 warps sorts 4 of the columns in registers:
+// lane l holds elements l + 32 j (j < 8), the bitonic network runs on them, strides >= 32 inside the lane,
+// strides 16..1 by __shfl_xor_sync. The tile still holds the original values: the used ones (finite) get
+// the column's median subtracted as the block writes the tile back. Same numbers as cm_median_step.
+// Column inner (< n_inner) of bank row outer holds the n pixels at outer * outer_stride + inner + k * n_inner.
+#define COLS_PER_BLOCK 32
+#define COL_VALUES_PER_LANE 8
+
+extern "C" __global__ void cm_median_cols_warp(
+    float* __restrict__ s,
+    const bool* __restrict__ good,
+    const signed char* __restrict__ g,
+    long long n_outer,
+    int n,
+    long long n_inner,
+    long long outer_stride,
+    unsigned int range_mask,
+    int min_pixels,
+    float max_correction)
+{
+    extern __shared__ float tile[];  // n * (COLS_PER_BLOCK + 1) values, then COLS_PER_BLOCK medians
+    const int pitch = COLS_PER_BLOCK + 1;
+    float* med = tile + n * pitch;
+    const unsigned full = 0xffffffffu;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const long long tiles = (n_inner + COLS_PER_BLOCK - 1) / COLS_PER_BLOCK;
+    const long long outer = blockIdx.x / tiles;
+    const long long c0 = (blockIdx.x % tiles) * COLS_PER_BLOCK;
+    if (outer >= n_outer) return;  // the whole block
+    const long long base = outer * outer_stride + c0;
+    const bool col_in = c0 + lane < n_inner;
+
+    for (int k = warp; k < n; k += n_warps) {  // row k of the tile: 32 neighbouring pixels
+        float v = CM_INF;
+        if (col_in) {
+            const long long i = base + (long long)k * n_inner + lane;
+            const int gi = (int)g[i];
+            if (good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u)) v = s[i];
+        }
+        tile[k * pitch + lane] = v;
+    }
+    __syncthreads();
+
+    for (int c = warp; c < COLS_PER_BLOCK; c += n_warps) {
+        float v[COL_VALUES_PER_LANE];
+        int m = 0;
+#pragma unroll
+        for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
+            const int e = lane + 32 * j;
+            v[j] = e < n ? tile[e * pitch + c] : CM_INF;
+            m += __popc(__ballot_sync(full, v[j] < CM_INF));
+        }
+        // fully unrolled: every register index below is a compile-time constant (no local memory)
+#pragma unroll
+        for (int size = 2; size <= 32 * COL_VALUES_PER_LANE; size <<= 1) {
+#pragma unroll
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                if (stride >= 32) {  // partners j and j ^ (stride / 32) in the same lane
+                    const int js = stride >> 5;
+#pragma unroll
+                    for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
+#pragma unroll
+                        for (int q = 1; q < COL_VALUES_PER_LANE; q <<= 1) {  // q == js: constant indices
+                            if (q != js || (j & q)) continue;
+                            const int e = lane + 32 * j;
+                            const bool ascending = (e & size) == 0;
+                            const float lo = fminf(v[j], v[j | q]), hi = fmaxf(v[j], v[j | q]);
+                            v[j] = ascending ? lo : hi;
+                            v[j | q] = ascending ? hi : lo;
+                        }
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
+                        const int e = lane + 32 * j;
+                        const float other = __shfl_xor_sync(full, v[j], stride);
+                        const bool ascending = (e & size) == 0;
+                        const bool lower = (e & stride) == 0;
+                        v[j] = (lower == ascending) ? fminf(v[j], other) : fmaxf(v[j], other);
+                    }
+                }
+            }
+        }
+        const int ia = (m - 1) / 2 > 0 ? (m - 1) / 2 : 0, ib = m / 2;
+        // each lane's candidates v[ia / 32], v[ib / 32], picked by masks (an indexed pick would put v in
+        // local memory)
+        int sa = 0, sb = 0;
+#pragma unroll
+        for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
+            sa |= (j == (ia >> 5) ? -1 : 0) & __float_as_int(v[j]);
+            sb |= (j == (ib >> 5) ? -1 : 0) & __float_as_int(v[j]);
+        }
+        const float a = __shfl_sync(full, __int_as_float(sa), ia & 31);
+        const float b = __shfl_sync(full, __int_as_float(sb), ib & 31);
+        float mv = CM_NAN;
+        if (m > min_pixels && m > 0) {
+            const float x = __fmul_rn(__fadd_rn(a, b), 0.5f);
+            if (fabsf(x) < max_correction) mv = x;
+        }
+        if (lane == 0) med[c] = mv;
+    }
+    __syncthreads();
+
+    const float mv = med[lane];
+    if (!(mv == mv) || !col_in) return;  // NaN: leave the column as it is
+    for (int k = warp; k < n; k += n_warps) {
+        const float v = tile[k * pitch + lane];
+        if (v < CM_INF) s[base + (long long)k * n_inner + lane] = __fsub_rn(v, mv);
+    }
+}

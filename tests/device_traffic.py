@@ -60,6 +60,10 @@ def _cm_median_rows_warp(grid, s, good, g, n_groups, n, *rest):
     return _cm_median_step(grid, s, good, g, n_groups, n)
 
 
+def _cm_median_cols_warp(grid, s, good, g, n_outer, n, n_inner, *rest):
+    return _cm_median_step(grid, s, good, g, int(n_outer) * int(n_inner), n)
+
+
 def _azav_histogram(grid, data, good, bin, c, events, pixels, nbins, num, den, cnt):
     # per (event, pixel): value and good flag; the bin map and correction once per event (cached at best);
     # the atomics land in the (events, nbins) sums
@@ -86,8 +90,9 @@ def _label_flatten(grid, parent, m):
 
 KERNEL_TRAFFIC = {"calibrate_u16": _calibrate_u16, "pedestal_u16": _pedestal_u16, "scale_apply": _scale_apply,
                   "cm_median_step": _cm_median_step, "cm_median_rows_warp": _cm_median_rows_warp,
-                  "azav_histogram": _azav_histogram, "run_sums": _run_sums,
-                  "droplet_mask": _droplet_mask, "label_union": _label_union, "label_flatten": _label_flatten}
+                  "cm_median_cols_warp": _cm_median_cols_warp, "azav_histogram": _azav_histogram,
+                  "run_sums": _run_sums, "droplet_mask": _droplet_mask, "label_union": _label_union,
+                  "label_flatten": _label_flatten}
 
 
 class TrafficGpu(FakeGpu):

@@ -177,16 +177,12 @@ def emu_cm_median_step(grid, block, shared, s, good, g, n_groups, n, p2, gpb, n_
     sf[i[w]] = sf[i[w]] - mv[w]
 
 
-def emu_cm_median_rows_warp(grid, block, shared, s, good, g, n_groups, n, n_inner, outer_stride, inner_stride,
-                            range_mask, min_pixels, max_correction):
-    G, n, n_inner = int(n_groups), int(n), int(n_inner)
-    assert 1 <= n <= 64, f"groups of {n} pixels: the warp kernel holds at most 64"
-    assert block[0] % 32 == 0 and grid[0] * block[0] >= 32 * G, "not one whole warp per group"
-    gid = np.arange(G)
-    i = ((gid // n_inner) * int(outer_stride) + (gid % n_inner) * int(inner_stride))[:, None] + np.arange(n)[None]
+def _emu_group_medians(s, good, g, i, range_mask, min_pixels, max_correction):
+    """The median step on the groups of flat indices ``i`` (groups, n), in place on ``s``."""
     sf = s.reshape(-1)
     assert i.min(initial=0) >= 0 and i.max(initial=0) < sf.size, "group element outside the batch"
     assert np.unique(i).size == i.size, "two groups share a pixel"
+    G, n = i.shape
     gi = g.reshape(-1)[i].astype(np.int64)
     use = good.reshape(-1)[i] & (gi >= 0) & (gi < 32) & (((int(range_mask) >> np.clip(gi, 0, 31)) & 1) == 1)
     vals = np.sort(np.where(use, sf[i], np.float32(np.inf)).astype(np.float32), axis=1)
@@ -197,6 +193,29 @@ def emu_cm_median_rows_warp(grid, block, shared, s, good, g, n_groups, n, n_inne
     ok = (m > min_pixels) & (m > 0) & (np.abs(med) < max_correction)
     w = use & ok[:, None]
     sf[i[w]] = (sf[i[w]] - np.broadcast_to(med[:, None], i.shape)[w]).astype(np.float32)
+
+
+def emu_cm_median_rows_warp(grid, block, shared, s, good, g, n_groups, n, n_inner, outer_stride, inner_stride,
+                            range_mask, min_pixels, max_correction):
+    G, n, n_inner = int(n_groups), int(n), int(n_inner)
+    assert 1 <= n <= 64, f"groups of {n} pixels: the warp kernel holds at most 64"
+    assert block[0] % 32 == 0 and grid[0] * block[0] >= 32 * G, "not one whole warp per group"
+    gid = np.arange(G)
+    i = ((gid // n_inner) * int(outer_stride) + (gid % n_inner) * int(inner_stride))[:, None] + np.arange(n)[None]
+    _emu_group_medians(s, good, g, i, range_mask, min_pixels, max_correction)
+
+
+def emu_cm_median_cols_warp(grid, block, shared, s, good, g, n_outer, n, n_inner, outer_stride, range_mask,
+                            min_pixels, max_correction):
+    n_outer, n, n_inner = int(n_outer), int(n), int(n_inner)
+    assert 1 <= n <= 256, f"columns of {n} pixels: the warp kernel holds at most 256"
+    assert block[0] % 32 == 0 and block[0] >= 32, "whole warps"
+    tiles = -(-n_inner // 32)
+    assert grid[0] >= n_outer * tiles, "not a block per tile of 32 columns"
+    assert shared >= (n * 33 + 32) * 4, f"shared memory {shared} < the tile's {(n * 33 + 32) * 4}"
+    outer, inner = np.divmod(np.arange(n_outer * n_inner), n_inner)
+    i = (outer * int(outer_stride) + inner)[:, None] + np.arange(n)[None] * n_inner
+    _emu_group_medians(s, good, g, i, range_mask, min_pixels, max_correction)
 
 
 def emu_azav_histogram(grid, block, shared, data, good, bin, c, events, pixels, nbins, num, den, cnt):
@@ -286,8 +305,9 @@ def emu_label_flatten(grid, block, shared, parent, m):
 
 EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u16, "scale_apply": emu_scale_apply,
              "cm_median_step": emu_cm_median_step, "cm_median_rows_warp": emu_cm_median_rows_warp,
-             "azav_histogram": emu_azav_histogram, "run_sums": emu_run_sums,
-             "droplet_mask": emu_droplet_mask, "label_union": emu_label_union, "label_flatten": emu_label_flatten}
+             "cm_median_cols_warp": emu_cm_median_cols_warp, "azav_histogram": emu_azav_histogram,
+             "run_sums": emu_run_sums, "droplet_mask": emu_droplet_mask, "label_union": emu_label_union,
+             "label_flatten": emu_label_flatten}
 
 
 # ---- the fake backend ------------------------------------------------------------------------------------
@@ -431,8 +451,8 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, ke
     want = Calibrator(model, consts, mask, Backend("numpy"), common_mode=cm_np)(raw)
     names = [name for name, *_ in gpu.launches]
     assert names[0] == "pedestal_u16" and names[-1] == "scale_apply"
-    # rows of a bank (48 ePix10ka, 64 JUNGFRAU) by the warp kernel, columns by the shared-memory sort
-    assert names.count("cm_median_step") == 1
+    # rows of a bank (48 ePix10ka, 64 JUNGFRAU) and columns (176, 256; the camera's 8) by the warp kernels
+    assert names.count("cm_median_step") == 0 and names.count("cm_median_cols_warp") == 1
     assert names.count("cm_median_rows_warp") == (0 if model is CAMERA else 1)
     np.testing.assert_array_equal(got.good, want.good)
     np.testing.assert_array_equal(got.data, want.data)
@@ -442,8 +462,8 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, ke
                                           ("compiled", "reverse"), ("compiled", "shuffle")])
 @pytest.mark.parametrize("min_pixels", [0, 2])
 def test_median_kernel_small_groups(rng, min_pixels, kernels, order):
-    """Groups of 6 (rows: the warp kernel, 26 of each warp's 32 lanes padding) and 4 (cols, p2 = 4)
-    pixels, against the array reference."""
+    """Groups of 6 (rows: 26 of each warp's 32 lanes padding) and 4 (columns: a tile of 12 columns, 20 of
+    32 unused) pixels in the warp kernels, against the array reference."""
     from test_common_mode import random_case
 
     s, good, g = random_case(rng, (3, 2, 8, 12))
@@ -451,7 +471,7 @@ def test_median_kernel_small_groups(rng, min_pixels, kernels, order):
     cm = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels, backend=gpu)
     got = cm(s, good, g)
     want = MedianCommonMode(SMALL, (8, 12), ["rows", "cols"], min_pixels=min_pixels)(s, good, g)
-    assert [name for name, *_ in gpu.launches] == ["cm_median_rows_warp", "cm_median_step"]
+    assert [name for name, *_ in gpu.launches] == ["cm_median_rows_warp", "cm_median_cols_warp"]
     np.testing.assert_array_equal(got, want)
 
 
@@ -485,12 +505,15 @@ def test_azav_gpu_branches(rng, monkeypatch, engine, kernels):
 
 
 @pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)),
-                                        ((4, 64), (8, 128)), ((3, 33), (6, 66)), ((2, 32), (4, 96))])
+                                        ((4, 64), (8, 128)), ((3, 33), (6, 66)), ((2, 32), (4, 96)),
+                                        ((256, 2), (512, 70)), ((300, 70), (600, 140))])
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
-    """The CUDA median kernels themselves on groups of 1 to 130 pixels: rows of up to 64 in the warp kernel
-    (1, 3, 7, 32, 33, 64: lanes half or fully used), longer rows and the columns in the shared-memory sort
-    (p2 from 2 to 256, partly filled last blocks); threads in two orders; against the array reference."""
+    """The CUDA median kernels themselves: rows of up to 64 pixels in the rows warp kernel (1, 2, 3, 7, 32,
+    33, 64: lanes half or fully used), columns of up to 256 in the columns warp kernel (1 to 256 values;
+    66 and 70 columns: partly used tiles), longer groups in the shared-memory sort (rows of 70 and 130,
+    columns of 300; p2 up to 512, partly filled last blocks); threads in two orders; against the array
+    reference."""
     from test_common_mode import random_case
 
     model = DetectorModel(type="odd", panel_shape=panel, default_panels=3, data_mask=0x3FFF,
@@ -504,7 +527,8 @@ def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
         want = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
                                 max_correction=60.0)(s, good, g)
         rows_kernel = "cm_median_rows_warp" if bank[1] <= 64 else "cm_median_step"
-        assert [name for name, *_ in gpu.launches] == [rows_kernel, "cm_median_step"]
+        cols_kernel = "cm_median_cols_warp" if bank[0] <= 256 else "cm_median_step"
+        assert [name for name, *_ in gpu.launches] == [rows_kernel, cols_kernel]
         np.testing.assert_array_equal(got, want)
 
 

@@ -187,7 +187,9 @@ class MedianCommonMode:
 
 
 WARP_GROUP_MAX = 64  # contiguous groups up to this size go to cm_median_rows_warp (2 values per lane)
-WARP_KERNEL_THREADS = 256  # 8 groups per block
+WARP_KERNEL_THREADS = 256  # 8 warps per block
+COLS_WARP_MAX = 256  # columns up to this length go to cm_median_cols_warp (8 values per lane)
+COLS_PER_BLOCK = 32  # its tile: 32 neighbouring columns (COLS_PER_BLOCK in common_mode.cu)
 
 
 def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride, elem_stride,
@@ -197,9 +199,19 @@ def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, i
     Group ``gid = outer * n_inner + inner`` holds the ``n`` pixels at
     ``outer * outer_stride + inner * inner_stride + k * elem_stride`` (k < n) of the flat batch.
     Groups of at most 64 contiguous pixels (rows of a bank) run ``cm_median_rows_warp``, a warp per group
-    sorting in registers; the others ``cm_median_step``, a shared-memory sort per group.
+    sorting in registers; columns of at most 256 (one pixel per row, ``elem_stride == n_inner``) run
+    ``cm_median_cols_warp``, tiles of 32 columns through shared memory, each column sorted in a warp's
+    registers; the others ``cm_median_step``, a shared-memory sort per group.
     """
     n_groups = n_outer * n_inner
+    if inner_stride == 1 and elem_stride == n_inner and n <= COLS_WARP_MAX:  # columns of a bank row
+        tiles = (n_inner + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+        backend.kernel("common_mode.cu", "cm_median_cols_warp")(
+            (n_outer * tiles,), (WARP_KERNEL_THREADS,),
+            (s, good, g, np.int64(n_outer), np.int32(n), np.int64(n_inner), np.int64(outer_stride),
+             np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels), np.float32(max_correction)),
+            shared_mem=(n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4)
+        return
     if elem_stride == 1 and n <= WARP_GROUP_MAX:
         threads = WARP_KERNEL_THREADS
         blocks = (n_groups * 32 + threads - 1) // threads
