@@ -58,10 +58,6 @@ class SumSpec:
             return acc.astype(np.int64)
         return acc
 
-    def merge(self, into: np.ndarray, other: np.ndarray) -> np.ndarray:
-        """Combine two host results of this sum (parts of a run, MPI ranks)."""
-        return np.maximum(into, other) if self.kind == "max" else into + other
-
 
 def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray) -> None:
     """NumPy twin of the ``run_sums`` kernel: update ``acc`` (sums, pixels) float64 in place with the

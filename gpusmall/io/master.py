@@ -11,8 +11,7 @@ Each rank ``r`` writes ``<stem>.part<r>.h5`` with the per-event datasets of its 
 - ``event_index`` as a virtual dataset too, unless the parts count their events locally (attribute
   ``event_index_local``, psana's MPI distribution): then it is renumbered 0, 1, ... in timestamp order;
 - ``/UserDataCfg`` copied from the first part (rank 0 when it exists);
-- ``/Sums`` reduced over the parts: ``max`` sums by maximum, the others by addition
-  (:meth:`gpusmall.funcs.sums.SumSpec.merge`);
+- ``/Sums`` reduced over the parts: ``max`` sums by maximum, the others by addition;
 - the root attributes of the first part, with ``events``, ``parts`` and ``damaged`` (JSON: damaged
   events per detector) for the whole run.
 
