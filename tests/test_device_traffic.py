@@ -11,9 +11,9 @@ from device_traffic import demo_traffic
 from fake_cupy import TrafficLog, strict_cupy
 
 PIXELS = 2 * 352 * 384
-BYTES_PER_PIXEL_BUDGET = 190  # per event, batches of 4 on 2 panels (171 on 2026-11-25; the whole-panel ROI
-                              # of the demo weighs 8x more than on 16 panels)
-OPERATIONS_BUDGET = 240  # per batch (223)
+BYTES_PER_PIXEL_BUDGET = 150  # per event, batches of 4 on 2 panels (133 on 2026-11-25; the demo's
+                              # whole-panel ROI weighs 8x more than on 16 panels)
+OPERATIONS_BUDGET = 240  # per batch (222)
 
 
 def test_traffic_log_counts_what_an_operation_must_move():
