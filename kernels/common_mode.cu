@@ -202,10 +202,13 @@ extern "C" __global__ void cm_median_rows_warp(
 
 // The same step for columns of at most 256 pixels (ePix10ka 176, JUNGFRAU 256): a block takes 32
 // neighbouring columns of one bank row, loads them row by row (coalesced) into shared memory (a tile of
-// n x 32, pitch 33: unused pixels as +inf), and each of its 8 warps sorts 4 of the columns in registers:
-// lane l holds elements l + 32 j (j < 8), the bitonic network runs on them, strides >= 32 inside the lane,
-// strides 16..1 by __shfl_xor_sync. The tile still holds the original values: the used ones (finite) get
-// the column's median subtracted as the block writes the tile back. Same numbers as cm_median_step.
+// n x 32, pitch 33) with each pixel's gain code (its range if good, else -1), and each of its 8 warps sorts
+// 4 of the columns in registers: lane l holds elements l + 32 j (j < 8), unused pixels as +inf, the bitonic
+// network runs on them, strides >= 32 inside the lane, strides 16..1 by __shfl_xor_sync. The tile still
+// holds the original values: the used ones get the column's median subtracted as the block writes the tile
+// back. With apply_scale (the last common-mode step), the write-back is scale_apply's as well: every pixel
+// becomes good ? value * scale[range * npix + pixel] : 0 (scale: (ranges, npix) float32), so the batch is
+// not read once more. Same numbers as cm_median_step (+ scale_apply).
 // Column inner (< n_inner) of bank row outer holds the n pixels at outer * outer_stride + inner + k * n_inner.
 #define COLS_PER_BLOCK 32
 #define COL_VALUES_PER_LANE 8
@@ -220,11 +223,16 @@ extern "C" __global__ void cm_median_cols_warp(
     long long outer_stride,
     unsigned int range_mask,
     int min_pixels,
-    float max_correction)
+    float max_correction,
+    const float* __restrict__ scale,
+    long long npix,
+    int apply_scale)
 {
-    extern __shared__ float tile[];  // n * (COLS_PER_BLOCK + 1) values, then COLS_PER_BLOCK medians
+    // shared: n * (COLS_PER_BLOCK + 1) values, COLS_PER_BLOCK medians, then n * (COLS_PER_BLOCK + 1) gain codes
+    extern __shared__ float tile[];
     const int pitch = COLS_PER_BLOCK + 1;
     float* med = tile + n * pitch;
+    signed char* code = (signed char*)(med + COLS_PER_BLOCK);
     const unsigned full = 0xffffffffu;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const long long tiles = (n_inner + COLS_PER_BLOCK - 1) / COLS_PER_BLOCK;
@@ -236,12 +244,14 @@ extern "C" __global__ void cm_median_cols_warp(
 
     for (int k = warp; k < n; k += n_warps) {  // row k of the tile: 32 neighbouring pixels
         float v = CM_INF;
+        signed char gc = -1;
         if (col_in) {
             const long long i = base + (long long)k * n_inner + lane;
-            const int gi = (int)g[i];
-            if (good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u)) v = s[i];
+            gc = good[i] ? g[i] : (signed char)-1;
+            v = s[i];
         }
         tile[k * pitch + lane] = v;
+        code[k * pitch + lane] = gc;
     }
     __syncthreads();
 
@@ -251,7 +261,11 @@ extern "C" __global__ void cm_median_cols_warp(
 #pragma unroll
         for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
             const int e = lane + 32 * j;
-            v[j] = e < n ? tile[e * pitch + c] : CM_INF;
+            v[j] = CM_INF;
+            if (e < n) {
+                const int gi = code[e * pitch + c];
+                if (gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u)) v[j] = tile[e * pitch + c];
+            }
             m += __popc(__ballot_sync(full, v[j] < CM_INF));
         }
         // fully unrolled: every register index below is a compile-time constant (no local memory)
@@ -305,10 +319,16 @@ extern "C" __global__ void cm_median_cols_warp(
     }
     __syncthreads();
 
+    if (!col_in) return;
     const float mv = med[lane];
-    if (!(mv == mv) || !col_in) return;  // NaN: leave the column as it is
+    const bool correct = mv == mv;  // NaN: leave the column as it is
     for (int k = warp; k < n; k += n_warps) {
-        const float v = tile[k * pitch + lane];
-        if (v < CM_INF) s[base + (long long)k * n_inner + lane] = __fsub_rn(v, mv);
+        const long long i = base + (long long)k * n_inner + lane;
+        const int gi = code[k * pitch + lane];
+        const bool used = gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u);
+        float x = tile[k * pitch + lane];
+        if (used && correct) x = __fsub_rn(x, mv);
+        if (apply_scale) s[i] = gi >= 0 ? __fmul_rn(x, scale[(long long)gi * npix + i % npix]) : 0.0f;
+        else if (used && correct) s[i] = x;
     }
 }

@@ -60,8 +60,13 @@ def _cm_median_rows_warp(grid, s, good, g, n_groups, n, *rest):
     return _cm_median_step(grid, s, good, g, n_groups, n)
 
 
-def _cm_median_cols_warp(grid, s, good, g, n_outer, n, n_inner, *rest):
-    return _cm_median_step(grid, s, good, g, int(n_outer) * int(n_inner), n)
+def _cm_median_cols_warp(grid, s, good, g, n_outer, n, n_inner, outer_stride, range_mask, min_pixels,
+                         max_correction, scale, npix, apply_scale):
+    touched = int(n_outer) * int(n_inner) * int(n)
+    read, written = _cm_median_step(grid, s, good, g, int(n_outer) * int(n_inner), n)
+    if apply_scale:  # scale_apply's write-back too: every pixel written, its range's scale read per event
+        read, written = read + 4 * touched, 4 * touched
+    return read, written
 
 
 def _azav_histogram(grid, data, good, bin, c, events, pixels, nbins, num, den, cnt):

@@ -206,16 +206,26 @@ def emu_cm_median_rows_warp(grid, block, shared, s, good, g, n_groups, n, n_inne
 
 
 def emu_cm_median_cols_warp(grid, block, shared, s, good, g, n_outer, n, n_inner, outer_stride, range_mask,
-                            min_pixels, max_correction):
+                            min_pixels, max_correction, scale, npix, apply_scale):
     n_outer, n, n_inner = int(n_outer), int(n), int(n_inner)
     assert 1 <= n <= 256, f"columns of {n} pixels: the warp kernel holds at most 256"
     assert block[0] % 32 == 0 and block[0] >= 32, "whole warps"
     tiles = -(-n_inner // 32)
     assert grid[0] >= n_outer * tiles, "not a block per tile of 32 columns"
-    assert shared >= (n * 33 + 32) * 4, f"shared memory {shared} < the tile's {(n * 33 + 32) * 4}"
+    need = (n * 33 + 32) * 4 + n * 33
+    assert shared >= need, f"shared memory {shared} < the tiles' {need}"
     outer, inner = np.divmod(np.arange(n_outer * n_inner), n_inner)
     i = (outer * int(outer_stride) + inner)[:, None] + np.arange(n)[None] * n_inner
     _emu_group_medians(s, good, g, i, range_mask, min_pixels, max_correction)
+    if apply_scale:  # scale_apply on every pixel of the columns
+        i = i.ravel()
+        P = int(npix)
+        ok = good.reshape(-1)[i]
+        gi = np.maximum(g.reshape(-1)[i].astype(np.int64), 0)
+        assert (gi[ok] * P + i[ok] % P).max(initial=0) < scale.size, "gain range past the scale array"
+        sv = _flat(scale, scale.size, "scale")[np.where(ok, gi * P + i % P, 0)]
+        sf = s.reshape(-1)
+        sf[i] = np.where(ok, sf[i] * sv, np.float32(0)).astype(np.float32)
 
 
 def emu_azav_histogram(grid, block, shared, data, good, bin, c, events, pixels, nbins, num, den, cnt):
@@ -450,8 +460,9 @@ def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, ke
     cm_np = MedianCommonMode(model, panel, axes, gain_ranges=gain_ranges)
     want = Calibrator(model, consts, mask, Backend("numpy"), common_mode=cm_np)(raw)
     names = [name for name, *_ in gpu.launches]
-    assert names[0] == "pedestal_u16" and names[-1] == "scale_apply"
-    # rows of a bank (48 ePix10ka, 64 JUNGFRAU) and columns (176, 256; the camera's 8) by the warp kernels
+    # rows of a bank (48 ePix10ka, 64 JUNGFRAU) and columns (176, 256; the camera's 8) by the warp kernels;
+    # the column step, last, applies the gain scale as well (no scale_apply pass)
+    assert names[0] == "pedestal_u16" and names[-1] == "cm_median_cols_warp" and "scale_apply" not in names
     assert names.count("cm_median_step") == 0 and names.count("cm_median_cols_warp") == 1
     assert names.count("cm_median_rows_warp") == (0 if model is CAMERA else 1)
     np.testing.assert_array_equal(got.good, want.good)

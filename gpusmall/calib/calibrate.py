@@ -192,7 +192,8 @@ class Calibrator:
         return out, good
 
     def _kernel_cm(self, raw):
-        """CuPy with a common mode: pedestal_u16 -> common mode (its own kernel) -> scale_apply."""
+        """CuPy with a common mode: pedestal_u16 -> common mode (its own kernels) -> scale_apply; with a
+        median whose last step is cols, that step applies the scale itself (no scale_apply pass)."""
         xp = self.backend.xp
         raw = xp.ascontiguousarray(raw)
         n_events = raw.shape[0]
@@ -208,7 +209,9 @@ class Calibrator:
              np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
              np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
              np.uint32(self.model.data_mask or 0xFFFF)))
-        if hasattr(self.common_mode, "gpu"):  # the median kernel corrects s in place
+        if hasattr(self.common_mode, "gpu"):  # the median kernels correct s in place
+            if self.common_mode.fuses_scale():  # the last (cols) step applies the gain scale too
+                return self.common_mode.gpu(s, good, g, inplace=True, scale=self.scale), good
             s = self.common_mode.gpu(s, good, g, inplace=True)
         else:
             s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)

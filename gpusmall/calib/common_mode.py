@@ -157,19 +157,28 @@ class MedianCommonMode:
         return self.gpu(s, good, g)
 
     # -- CUDA -------------------------------------------------------------------------------
-    def gpu(self, s, good, g, inplace: bool = False):
+    def fuses_scale(self) -> bool:
+        """Whether :meth:`gpu` can also apply the gain scale (``scale=``): the last step is ``cols`` in
+        ``cm_median_cols_warp``, whose write-back then does what ``scale_apply`` would."""
+        return bool(self.axes) and self.axes[-1] == "cols" and self.bank[0] <= COLS_WARP_MAX
+
+    def gpu(self, s, good, g, inplace: bool = False, scale=None):
         """CuPy path: one kernel launch per rows/cols step (:func:`launch_median_step`; banks: the xp reference).
 
-        With ``inplace`` a contiguous float32 ``s`` is corrected in place (no copy).
+        With ``inplace`` a contiguous float32 ``s`` is corrected in place (no copy). With ``scale``
+        ((ranges, panels, rows, cols) float32; only when :meth:`fuses_scale`) the result is calibrated
+        as well: ``good ? corrected * scale[range] : 0``, as ``scale_apply`` gives it.
         """
         xp = self.backend.xp
+        if scale is not None and not self.fuses_scale():
+            raise ValueError("the gain scale is applied with the median only when the last step is cols")
         if not (inplace and s.dtype == xp.float32 and s.flags.c_contiguous):
             s = xp.array(s, dtype=xp.float32, copy=True, order="C")
         good = xp.ascontiguousarray(good)
         g = xp.ascontiguousarray(g, dtype=xp.int8)
         e, p, r, c = s.shape
         br, bc = self.bank
-        for axis in self.axes:
+        for step, axis in enumerate(self.axes):
             n = {"rows": bc, "cols": br, "banks": br * bc}[axis]
             if axis == "banks" or n > KERNEL_MAX_GROUP:
                 use = self.use_mask(xp, good, g)
@@ -182,7 +191,8 @@ class MedianCommonMode:
             else:  # cols: group = (e, p, bank row, col): n = br pixels, one per row
                 n_outer, outer_stride, n_inner, inner_stride, elem_stride = e * p * (r // br), br * c, c, 1, c
             launch_median_step(self.backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride,
-                               elem_stride, self.range_mask, self.min_pixels, self.max_correction)
+                               elem_stride, self.range_mask, self.min_pixels, self.max_correction,
+                               scale=scale if step == len(self.axes) - 1 else None)
         return s
 
 
@@ -193,7 +203,7 @@ COLS_PER_BLOCK = 32  # its tile: 32 neighbouring columns (COLS_PER_BLOCK in comm
 
 
 def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride, elem_stride,
-                       range_mask, min_pixels, max_correction):
+                       range_mask, min_pixels, max_correction, scale=None):
     """Run the median step of ``kernels/common_mode.cu`` in place on contiguous ``s``.
 
     Group ``gid = outer * n_inner + inner`` holds the ``n`` pixels at
@@ -201,17 +211,24 @@ def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, i
     Groups of at most 64 contiguous pixels (rows of a bank) run ``cm_median_rows_warp``, a warp per group
     sorting in registers; columns of at most 256 (one pixel per row, ``elem_stride == n_inner``) run
     ``cm_median_cols_warp``, tiles of 32 columns through shared memory, each column sorted in a warp's
-    registers; the others ``cm_median_step``, a shared-memory sort per group.
+    registers; the others ``cm_median_step``, a shared-memory sort per group. With ``scale`` ((ranges, pixels
+    of an event) float32; columns only) the column kernel also applies it (see ``cm_median_cols_warp``).
     """
     n_groups = n_outer * n_inner
     if inner_stride == 1 and elem_stride == n_inner and n <= COLS_WARP_MAX:  # columns of a bank row
         tiles = (n_inner + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+        xp = backend.xp
+        npix = s[0].size
+        scale_arg = scale if scale is not None else xp.zeros(1, xp.float32)  # (not read without apply_scale)
         backend.kernel("common_mode.cu", "cm_median_cols_warp")(
             (n_outer * tiles,), (WARP_KERNEL_THREADS,),
             (s, good, g, np.int64(n_outer), np.int32(n), np.int64(n_inner), np.int64(outer_stride),
-             np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels), np.float32(max_correction)),
-            shared_mem=(n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4)
+             np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels), np.float32(max_correction), scale_arg,
+             np.int64(npix), np.int32(scale is not None)),
+            shared_mem=(n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4 + n * (COLS_PER_BLOCK + 1))
         return
+    if scale is not None:
+        raise ValueError("the gain scale is applied only by the column kernel (cm_median_cols_warp)")
     if elem_stride == 1 and n <= WARP_GROUP_MAX:
         threads = WARP_KERNEL_THREADS
         blocks = (n_groups * 32 + threads - 1) // threads
