@@ -99,7 +99,8 @@ def main(argv=None):
     case("calibrate_u16 (fused, no common mode)", lambda: cal(raw), E * N * (2 + 4 + 1) + N * 8)
     cm = MedianCommonMode(EPIX, shape[1:], ["rows", "cols"], backend=backend)
     cal_cm = Calibrator(EPIX, consts, mask, backend, common_mode=cm)
-    case("pedestal_u16 + median rows/cols + scale_apply", lambda: cal_cm(raw), E * N * (2 + 4 + 1) + N * 8)
+    case("pedestal_u16 + median rows + cols (the cols step applies the gain scale)", lambda: cal_cm(raw),
+         E * N * (2 + 4 + 1) + N * 8)
     s = backend.to_device(rng.standard_normal((E, *shape), dtype=np.float32) * 5)
     good = backend.to_device(rng.random((E, *shape)) > 0.01)
     g = backend.to_device(np.where(rng.random((E, *shape)) < 0.01, 5, 3).astype(np.int8))
