@@ -128,11 +128,73 @@ extern "C" __global__ void cm_median_step(
     }
 }
 
+#define FULL_WARP 0xffffffffu
+
+// Bitonic sort, ascending, of the 32 * K values a warp holds in registers: lane l holds elements
+// l + 32 j in v[j] (K a power of two). Strides >= 32 pair registers of the same lane, shorter strides
+// lanes (__shfl_xor_sync). The loops unroll completely, so every register index is a compile-time
+// constant (v stays in registers; an index known only at run time would put it in local memory).
+template <int K>
+__device__ __forceinline__ void warp_bitonic_sort(float (&v)[K], int lane)
+{
+#pragma unroll
+    for (int size = 2; size <= 32 * K; size <<= 1) {
+#pragma unroll
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            if (stride >= 32) {  // partners j and j ^ (stride / 32) in the same lane
+                const int js = stride >> 5;
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+#pragma unroll
+                    for (int q = 1; q < K; q <<= 1) {  // q == js, with constant indices
+                        if (q != js || (j & q)) continue;
+                        const bool ascending = ((lane + 32 * j) & size) == 0;
+                        const float lo = fminf(v[j], v[j | q]), hi = fmaxf(v[j], v[j | q]);
+                        v[j] = ascending ? lo : hi;
+                        v[j | q] = ascending ? hi : lo;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < K; ++j) {
+                    const int e = lane + 32 * j;
+                    const float other = __shfl_xor_sync(FULL_WARP, v[j], stride);
+                    const bool ascending = (e & size) == 0;
+                    const bool lower = (e & stride) == 0;  // the smaller index of the pair
+                    v[j] = (lower == ascending) ? fminf(v[j], other) : fmaxf(v[j], other);
+                }
+            }
+        }
+    }
+}
+
+// The median step's correction from the warp's sorted values (m of them used, the rest +inf): the mean
+// of the middle two (numpy.median of an even count), NaN (leave the group as it is) unless
+// m > min_pixels and |median| < max_correction. Every lane gets it.
+template <int K>
+__device__ __forceinline__ float warp_median_correction(const float (&v)[K], int lane, int m, int min_pixels,
+                                                        float max_correction)
+{
+    const int ia = (m - 1) / 2 > 0 ? (m - 1) / 2 : 0, ib = m / 2;
+    // each lane's candidates v[ia / 32] and v[ib / 32], picked by masks (an indexed pick would put v in
+    // local memory)
+    int sa = 0, sb = 0;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        sa |= (j == (ia >> 5) ? -1 : 0) & __float_as_int(v[j]);
+        sb |= (j == (ib >> 5) ? -1 : 0) & __float_as_int(v[j]);
+    }
+    const float a = __shfl_sync(FULL_WARP, __int_as_float(sa), ia & 31);
+    const float b = __shfl_sync(FULL_WARP, __int_as_float(sb), ib & 31);
+    if (!(m > min_pixels && m > 0)) return CM_NAN;
+    const float x = __fmul_rn(__fadd_rn(a, b), 0.5f);
+    return fabsf(x) < max_correction ? x : CM_NAN;
+}
+
 // The same step for groups of at most 64 contiguous pixels (rows of a bank: 48 on ePix10ka, 64 on
 // JUNGFRAU), one warp per group and no shared memory: lane l holds elements l and l + 32 in registers
-// and the bitonic network runs on them, stride 32 inside the lane, strides 16..1 by __shfl_xor_sync.
-// The median, the conditions and the subtraction are those of cm_median_step (same numbers).
-// Group gid holds the n pixels at outer * outer_stride + inner * inner_stride + k, k < n <= 64.
+// (warp_bitonic_sort<2>). The median, the conditions and the subtraction are those of cm_median_step
+// (same numbers). Group gid holds the n pixels at outer * outer_stride + inner * inner_stride + k, k < n <= 64.
 extern "C" __global__ void cm_median_rows_warp(
     float* __restrict__ s,
     const bool* __restrict__ good,
@@ -146,14 +208,14 @@ extern "C" __global__ void cm_median_rows_warp(
     int min_pixels,
     float max_correction)
 {
-    const unsigned full = 0xffffffffu;
     const int lane = threadIdx.x & 31;
     const long long gid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (gid >= n_groups) return;  // whole warps leave together (gid is the same for the 32 lanes)
     const long long base = (gid / n_inner) * outer_stride + (gid % n_inner) * inner_stride;
 
-    float v[2];
+    float v[2], orig[2];
     bool use[2];
+    int m = 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int k = lane + 32 * h;
@@ -165,50 +227,25 @@ extern "C" __global__ void cm_median_rows_warp(
             use[h] = good[i] && gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u);
             if (use[h]) v[h] = s[i];
         }
+        orig[h] = v[h];
+        m += __popc(__ballot_sync(FULL_WARP, use[h]));
     }
-    const int m = __popc(__ballot_sync(full, use[0])) + __popc(__ballot_sync(full, use[1]));
-    const float orig0 = v[0], orig1 = v[1];
-
-    // bitonic sort of the 64 values, ascending; element index e = lane + 32 * h
-    for (int size = 2; size <= 64; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            if (stride == 32) {  // partners in the same lane (only in the last merge: ascending)
-                const float lo = fminf(v[0], v[1]), hi = fmaxf(v[0], v[1]);
-                v[0] = lo;
-                v[1] = hi;
-            } else {
+    warp_bitonic_sort<2>(v, lane);
+    const float mv = warp_median_correction<2>(v, lane, m, min_pixels, max_correction);
+    if (!(mv == mv)) return;  // NaN: leave the group as it is
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int e = lane + 32 * h;
-                    const float other = __shfl_xor_sync(full, v[h], stride);
-                    const bool ascending = (e & size) == 0;
-                    const bool lower = (e & stride) == 0;  // the smaller index of the pair
-                    v[h] = (lower == ascending) ? fminf(v[h], other) : fmaxf(v[h], other);
-                }
-            }
-        }
-    }
-
-    // the two middle values, from the lanes holding them
-    const int ia = (m - 1) / 2 > 0 ? (m - 1) / 2 : 0, ib = m / 2;
-    const float a = __shfl_sync(full, ia < 32 ? v[0] : v[1], ia & 31);
-    const float b = __shfl_sync(full, ib < 32 ? v[0] : v[1], ib & 31);
-    if (!(m > min_pixels && m > 0)) return;
-    const float med = __fmul_rn(__fadd_rn(a, b), 0.5f);
-    if (!(fabsf(med) < max_correction)) return;
-    if (use[0]) s[base + lane] = __fsub_rn(orig0, med);
-    if (use[1]) s[base + lane + 32] = __fsub_rn(orig1, med);
+    for (int h = 0; h < 2; ++h)
+        if (use[h]) s[base + lane + 32 * h] = __fsub_rn(orig[h], mv);
 }
 
 // The same step for columns of at most 256 pixels (ePix10ka 176, JUNGFRAU 256): a block takes 32
 // neighbouring columns of one bank row, loads them row by row (coalesced) into shared memory (a tile of
 // n x 32, pitch 33) with each pixel's gain code (its range if good, else -1), and each of its 8 warps sorts
-// 4 of the columns in registers: lane l holds elements l + 32 j (j < 8), unused pixels as +inf, the bitonic
-// network runs on them, strides >= 32 inside the lane, strides 16..1 by __shfl_xor_sync. The tile still
-// holds the original values: the used ones get the column's median subtracted as the block writes the tile
-// back. With apply_scale (the last common-mode step), the write-back is scale_apply's as well: every pixel
-// becomes good ? value * scale[range * npix + pixel] : 0 (scale: (ranges, npix) float32), so the batch is
-// not read once more. Same numbers as cm_median_step (+ scale_apply).
+// 4 of the columns in registers (warp_bitonic_sort<8>: lane l holds elements l + 32 j, unused pixels as
+// +inf). The tile still holds the original values: the used ones get the column's median subtracted as
+// the block writes the tile back. With apply_scale (the last common-mode step), the write-back is
+// scale_apply's as well: every pixel becomes good ? value * scale[range * npix + pixel] : 0 (scale:
+// (ranges, npix) float32), so the batch is not read once more. Same numbers as cm_median_step (+ scale_apply).
 // Column inner (< n_inner) of bank row outer holds the n pixels at outer * outer_stride + inner + k * n_inner.
 #define COLS_PER_BLOCK 32
 #define COL_VALUES_PER_LANE 8
@@ -233,7 +270,6 @@ extern "C" __global__ void cm_median_cols_warp(
     const int pitch = COLS_PER_BLOCK + 1;
     float* med = tile + n * pitch;
     signed char* code = (signed char*)(med + COLS_PER_BLOCK);
-    const unsigned full = 0xffffffffu;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     const long long tiles = (n_inner + COLS_PER_BLOCK - 1) / COLS_PER_BLOCK;
     const long long outer = blockIdx.x / tiles;
@@ -266,55 +302,10 @@ extern "C" __global__ void cm_median_cols_warp(
                 const int gi = code[e * pitch + c];
                 if (gi >= 0 && gi < 32 && ((range_mask >> gi) & 1u)) v[j] = tile[e * pitch + c];
             }
-            m += __popc(__ballot_sync(full, v[j] < CM_INF));
+            m += __popc(__ballot_sync(FULL_WARP, v[j] < CM_INF));
         }
-        // fully unrolled: every register index below is a compile-time constant (no local memory)
-#pragma unroll
-        for (int size = 2; size <= 32 * COL_VALUES_PER_LANE; size <<= 1) {
-#pragma unroll
-            for (int stride = size >> 1; stride > 0; stride >>= 1) {
-                if (stride >= 32) {  // partners j and j ^ (stride / 32) in the same lane
-                    const int js = stride >> 5;
-#pragma unroll
-                    for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
-#pragma unroll
-                        for (int q = 1; q < COL_VALUES_PER_LANE; q <<= 1) {  // q == js: constant indices
-                            if (q != js || (j & q)) continue;
-                            const int e = lane + 32 * j;
-                            const bool ascending = (e & size) == 0;
-                            const float lo = fminf(v[j], v[j | q]), hi = fmaxf(v[j], v[j | q]);
-                            v[j] = ascending ? lo : hi;
-                            v[j | q] = ascending ? hi : lo;
-                        }
-                    }
-                } else {
-#pragma unroll
-                    for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
-                        const int e = lane + 32 * j;
-                        const float other = __shfl_xor_sync(full, v[j], stride);
-                        const bool ascending = (e & size) == 0;
-                        const bool lower = (e & stride) == 0;
-                        v[j] = (lower == ascending) ? fminf(v[j], other) : fmaxf(v[j], other);
-                    }
-                }
-            }
-        }
-        const int ia = (m - 1) / 2 > 0 ? (m - 1) / 2 : 0, ib = m / 2;
-        // each lane's candidates v[ia / 32], v[ib / 32], picked by masks (an indexed pick would put v in
-        // local memory)
-        int sa = 0, sb = 0;
-#pragma unroll
-        for (int j = 0; j < COL_VALUES_PER_LANE; ++j) {
-            sa |= (j == (ia >> 5) ? -1 : 0) & __float_as_int(v[j]);
-            sb |= (j == (ib >> 5) ? -1 : 0) & __float_as_int(v[j]);
-        }
-        const float a = __shfl_sync(full, __int_as_float(sa), ia & 31);
-        const float b = __shfl_sync(full, __int_as_float(sb), ib & 31);
-        float mv = CM_NAN;
-        if (m > min_pixels && m > 0) {
-            const float x = __fmul_rn(__fadd_rn(a, b), 0.5f);
-            if (fabsf(x) < max_correction) mv = x;
-        }
+        warp_bitonic_sort<COL_VALUES_PER_LANE>(v, lane);
+        const float mv = warp_median_correction<COL_VALUES_PER_LANE>(v, lane, m, min_pixels, max_correction);
         if (lane == 0) med[c] = mv;
     }
     __syncthreads();
