@@ -16,10 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
-from fake_cupy import TrafficLog, fake_cuda, install_fake_cupyx, strict_cupy
-from test_kernel_launches import FakeGpu
+from fake_cupy import TrafficLog, install_fake_cupyx
+from test_fake_gpu_pipeline import FakeGpuStrict
 
-from gpusmall.backend import Backend
 from gpusmall.cli import demo_config_dict
 from gpusmall.producer.config import validate_config
 from gpusmall.producer.pipeline import DetectorPipeline
@@ -100,17 +99,12 @@ KERNEL_TRAFFIC = {"calibrate_u16": _calibrate_u16, "pedestal_u16": _pedestal_u16
                   "label_flatten": _label_flatten}
 
 
-class TrafficGpu(FakeGpu):
-    """A backend under CuPy's rules (``strict_cupy``) whose ``transfers`` is a :class:`TrafficLog`; kernel
-    launches run their NumPy emulations and are logged with :data:`KERNEL_TRAFFIC`."""
+class TrafficGpu(FakeGpuStrict):
+    """The backend under CuPy's rules of ``test_fake_gpu_pipeline`` with a :class:`TrafficLog` as its
+    ``transfers``; kernel launches run their NumPy emulations and are logged with :data:`KERNEL_TRAFFIC`."""
 
     def __init__(self):
-        super().__init__("emulated")
-        self.transfers = TrafficLog()
-        cuda_parts, self.stream = fake_cuda([])
-        self.xp = strict_cupy(self.transfers, extra=_cuda_extra(cuda_parts))
-
-    to_host = Backend.to_host
+        super().__init__("emulated", transfers=TrafficLog())
 
     def kernel(self, filename, name, options=()):
         launch = super().kernel(filename, name, options)
@@ -122,11 +116,6 @@ class TrafficGpu(FakeGpu):
             ops.append(("kernel", name, read, written))
             return launch(grid, block, args, shared_mem=shared_mem)
         return logged
-
-
-def _cuda_extra(cuda_parts):
-    import types
-    return types.SimpleNamespace(cuda=cuda_parts.cuda, get_default_memory_pool=cuda_parts.get_default_memory_pool)
 
 
 @dataclass
@@ -151,14 +140,6 @@ class Traffic:
             count[key] += 1
             total[key] += r + w
         return sorted(((k, count[k], total[k]) for k in count), key=lambda t: -t[2])
-
-    def by_stage(self, stages) -> dict[str, int]:
-        """Bytes per stage; ``stages`` = [(stage, first op index)] in order."""
-        out = {}
-        for i, (stage, start) in enumerate(stages):
-            end = stages[i + 1][1] if i + 1 < len(stages) else len(self.ops)
-            out[stage] = sum(r + w for _, _, r, w in self.ops[start:end])
-        return out
 
 
 def demo_traffic(monkeypatch, events: int = 8, shape=(16, 352, 384), seed: int = 0) -> Traffic:

@@ -41,9 +41,9 @@ class FakeGpuStrict(FakeGpu):
     NumPy arrays by themselves, host arrays do not mix into device arithmetic, and every way back to the
     host is logged in ``transfers``."""
 
-    def __init__(self, kernels="compiled"):
+    def __init__(self, kernels="compiled", transfers=None):
         super().__init__(kernels)
-        self.transfers = []
+        self.transfers = [] if transfers is None else transfers
         cuda_parts, self.stream = fake_cuda([])
         self.xp = strict_cupy(self.transfers, extra=types.SimpleNamespace(
             cuda=cuda_parts.cuda, get_default_memory_pool=cuda_parts.get_default_memory_pool))
