@@ -126,7 +126,8 @@ def cmd_darks(args) -> int:
 
         d = cfg.detectors[det]
         source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),
-                                                     "pixel_um": d.pixel_um}}, seed=cfg.source.seed, photons=False)
+                                                     "pixel_um": d.pixel_um}}, seed=cfg.source.seed, photons=False,
+                           threads=cfg.source.threads)
     else:
         source = open_source(cfg)
     with source:

@@ -48,3 +48,39 @@ def test_geometry_places_panels_around_the_beam():
     assert abs(x.mean()) < 1e3 and abs(y.mean()) < 1e3
     assert np.hypot(x, y).min() > 500  # a gap around the beam
     assert np.allclose(np.diff(x[0, 0]), 100.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("type_", ["epix10ka", "jungfrau"])
+def test_events_do_not_depend_on_threads(type_):
+    det = {"d": {"type": type_, "shape": [2, *DETS[type_][1:]]}}
+    one = SimSource(5, det, seed=3, threads=1)
+    three = SimSource(5, det, seed=3, threads=3)
+    with one, three:
+        np.testing.assert_array_equal(one.read(0, 5).raw["d"], three.read(0, 5).raw["d"])
+        out = {"d": np.zeros((5, 2, *DETS[type_][1:]), np.uint16)}
+        np.testing.assert_array_equal(three.read(1, 4, out=out).raw["d"], one.read(1, 4).raw["d"])
+    assert three._pool is None  # closed with the source
+
+
+def test_event_is_pedestal_noise_common_mode_and_photons():
+    """The raw frame the simulator writes is pedestal + gain x signal + noise (+ common mode), rounded."""
+    src = SimSource(1, {"d": {"type": "epix10ka", "shape": [1, 352, 384]}}, seed=5)
+    sim = src.sims["d"]
+    raw = src.read(0, 1).raw["d"][0]
+    pix, kev = sim.signal_sparse(np.random.default_rng(sim.key + [1, 0]))  # the draws event 0 starts with
+    assert np.all(np.diff(pix) > 0) and np.all(kev > 0) and pix.size > 100
+    v = (raw & 0x3FFF).astype(np.float64).ravel()
+    g = np.where(raw >> 14, 5, 3).ravel()  # auto high->low without config bits (SPEC 1)
+    ped = sim.pedestal.reshape(7, -1)[g, np.arange(v.size)]
+    gain = sim.gain.reshape(7, -1)[g, np.arange(v.size)]
+    good = sim.status.ravel() == 0
+    dark = np.ones(v.size, bool)
+    dark[pix] = False
+    # no signal: pedestal + noise (3 ADU) + common mode (8 ADU per bank, 3 per row) of a few ADU rms
+    resid = (v - ped)[good & dark]
+    assert abs(np.median(resid)) < 10 and 3 < np.std(resid) < 15
+    # pixels with signal: the gain of their range times the deposited energy, on top of that
+    ok = good[pix] & (v[pix] < 0x3FFF)
+    err_adu = (v - ped)[pix] - gain[pix] * kev
+    assert np.all(np.abs(err_adu[ok]) < 40), "within noise + common mode of gain x energy"
+    assert (g[pix] == 5).any(), "the Bragg spot switches to the low range"

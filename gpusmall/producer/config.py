@@ -33,6 +33,7 @@ class SourceConfig(Strict):
     events: PositiveInt | None = None
     seed: int = 0
     damage_every: int = Field(0, ge=0)  # sim only: every N-th event (index % N == N - 1) is damaged
+    threads: PositiveInt | None = None  # sim only: threads making events (default: half the cores, at most 8)
     path: str | None = None
     timestamp: str = "/timestamp"
     files: list[str] | None = None

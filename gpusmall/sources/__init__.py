@@ -14,7 +14,8 @@ def open_source(cfg) -> Source:
     if s.type == "sim":
         from .sim import SimSource
 
-        return SimSource(s.events, dets, seed=s.seed, damage_every=getattr(s, "damage_every", 0))
+        return SimSource(s.events, dets, seed=s.seed, damage_every=getattr(s, "damage_every", 0),
+                         threads=getattr(s, "threads", None))
     if s.type == "hdf5":
         from .hdf5 import Hdf5Source
 

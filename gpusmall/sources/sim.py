@@ -11,7 +11,10 @@ photons of :data:`ENERGY_KEV`) matches the demo config, so its azimuthal integra
 """
 from __future__ import annotations
 
+import os
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -53,6 +56,16 @@ def panel_layout(shape, pixel_um: float, gap_um: float = 2000.0):
         x[k] = (j - ncol / 2) * w + gap_um / 2 + cols[None, :]
         y[k] = (i - nrow / 2) * h + gap_um / 2 + rows[:, None]
     return x, y, np.zeros(shape, np.float32)
+
+
+def default_threads() -> int:
+    """Threads for making simulated events: half the cores this process may run on, 1 to 8 (the
+    other half reduces; under MPI, SLURM's CPU binding gives each rank its own share)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 class SimDetector:
@@ -110,6 +123,12 @@ class SimDetector:
         self.pool_pad = 1 << 16
         self.pool = rng.standard_normal((4, npix + self.pool_pad), dtype=np.float32)
         self.bank = self.model.banks(self.shape[1:])
+        # per event: the frame starts from the first range's pedestal (+ 5000 ADU on bad pixels, + 0.5
+        # that makes the final cast round); flat views of gain and pedestal for the pixels with signal
+        self.base = self.pedestal[self.ranges[0]] + np.float32(5000.0) * (self.status != 0) + np.float32(0.5)
+        self.gain_flat = self.gain.reshape(len(g), -1)
+        self.ped_flat = self.pedestal.reshape(len(g), -1)
+        self._local = threading.local()
 
     # ---- constants ----------------------------------------------------------------
     def constants(self) -> Constants:
@@ -122,86 +141,137 @@ class SimDetector:
                               constants=self.constants())
 
     # ---- events -------------------------------------------------------------------
-    def signal_kev(self, rng) -> np.ndarray:
-        """Deposited energy per pixel (keV) of one event, (panels, rows, cols) float32."""
+    def signal_sparse(self, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Deposited energy of one event where there is any: (pixels,) int64 flat indices into
+        (panels, rows, cols), unique and increasing, and (pixels,) float64 keV."""
         p, r, c = self.shape
         npix = p * r * c
         pulse = rng.gamma(5.0, 1.0 / 5.0)  # shot-to-shot intensity
         n = rng.poisson(self.mean_photons * pulse)
-        where = np.searchsorted(self.cdf, rng.random(n)).clip(0, npix - 1)
+        # sorted draws: searchsorted walks the 2M-entry CDF in order (5x faster than random order)
+        where = np.searchsorted(self.cdf, np.sort(rng.random(n))).clip(0, npix - 1)
         energy = np.full(n, ENERGY_KEV)
         # charge sharing: a third of the photons split with a neighbour in the same row
-        share = rng.random(n) < 0.33
-        frac = rng.random(int(share.sum())) * 0.5
+        share = np.flatnonzero(rng.random(n) < 0.33)
+        frac = rng.random(share.size) * 0.5
         nb = where[share] + np.where(rng.random(frac.size) < 0.5, -1, 1)
         same_row = (nb // c) == (where[share] // c)
-        sig = np.bincount(where, weights=energy, minlength=npix).astype(np.float64)  # int64 when n == 0
-        sig[where[share][same_row]] -= ENERGY_KEV * frac[same_row]
-        sig += np.bincount(nb[same_row], weights=ENERGY_KEV * frac[same_row], minlength=npix)
-        sig = sig.reshape(self.shape).astype(np.float32)
-        if self.type != "camera":
+        energy[share[same_row]] -= ENERGY_KEV * frac[same_row]
+        pix = [where, nb[same_row]]
+        kev = [energy, ENERGY_KEV * frac[same_row]]
+        if self.type != "camera":  # the Bragg spot, 3 x 3 pixels
             sp, sr, sc = self.spot
-            sig[sp, sr - 1: sr + 2, sc - 1: sc + 2] += rng.poisson(300 * pulse, (3, 3)) * ENERGY_KEV
+            rows, cols = np.mgrid[sr - 1: sr + 2, sc - 1: sc + 2]
+            pix.append(((sp * r + rows) * c + cols).ravel())
+            kev.append(rng.poisson(300 * pulse, 9) * ENERGY_KEV)
+        pix, inverse = np.unique(np.concatenate(pix), return_inverse=True)
+        return pix, np.bincount(inverse, weights=np.concatenate(kev), minlength=pix.size)
+
+    def signal_kev(self, rng) -> np.ndarray:
+        """Deposited energy per pixel (keV) of one event, (panels, rows, cols) float32."""
+        pix, kev = self.signal_sparse(rng)
+        sig = np.zeros(self.shape, np.float32)
+        sig.flat[pix] = kev
         return sig
 
+    def _scratch(self) -> np.ndarray:
+        """A (panels, rows, cols) float32 work frame of the calling thread (events are made in threads)."""
+        frame = getattr(self._local, "frame", None)
+        if frame is None:
+            frame = self._local.frame = np.empty(self.shape, np.float32)
+        return frame
+
     def event(self, index: int, out: np.ndarray) -> None:
-        """Write raw event ``index`` into ``out`` (panels, rows, cols) uint16."""
+        """Write raw event ``index`` into ``out`` (panels, rows, cols) uint16.
+
+        Five passes over the frame (noise, pedestal, common mode, clip, cast); photons, gain
+        switching and gain bits touch only the pixels that hold signal.
+        """
         rng = np.random.default_rng(self.key + [1, int(index)])
-        sig = self.signal_kev(rng) if self.photons else np.zeros(self.shape, np.float32)
-        gidx = np.full(self.shape, self.ranges[0], np.int8)
-        adu = sig * self.gain[self.ranges[0]]
-        for lo, hi in zip(self.ranges[:-1], self.ranges[1:]):
-            switch = adu > SWITCH_ADU
-            if switch.any():
-                gidx[switch] = hi
-                adu[switch] = sig[switch] * self.gain[hi][switch]
+        if self.photons:
+            pix, kev = self.signal_sparse(rng)
+        else:
+            pix, kev = np.zeros(0, np.int64), np.zeros(0)
+        # gain switching, per pixel with signal: a pixel leaves a range when its signal would exceed SWITCH_ADU
+        r0 = self.ranges[0]
+        gidx = np.full(pix.size, r0, np.int8)
+        adu = kev * self.gain_flat[r0, pix]
+        for hi in self.ranges[1:]:
+            switch = np.flatnonzero(adu > SWITCH_ADU)
+            gidx[switch] = hi
+            adu[switch] = kev[switch] * self.gain_flat[hi, pix[switch]]
+        if len(self.ranges) > 1:  # the frame below carries the first range's pedestal
+            adu += self.ped_flat[gidx, pix] - self.ped_flat[r0, pix]
         p, r, c = self.shape
         off = int(rng.integers(0, self.pool_pad))
         noise = self.pool[int(rng.integers(0, 4)), off: off + p * r * c].reshape(self.shape)
-        frame = adu + noise * self.noise
-        if len(self.ranges) > 1:
-            frame += np.take_along_axis(self.pedestal, gidx[None].astype(np.intp), 0)[0]
-        else:
-            frame += self.pedestal[0]
+        frame = self._scratch()
+        np.multiply(noise, self.noise, out=frame)
+        frame += self.base
         # common mode: an offset per bank and per row within each bank
         br, bc = self.bank
         nbr, nbc = r // br, c // bc
+        cm = rng.normal(0, self.cm_sigma[0], (p, nbr, 1, nbc, 1)).astype(np.float32)
+        cm = cm + rng.normal(0, self.cm_sigma[1], (p, nbr, br, nbc, 1)).astype(np.float32)
         view = frame.reshape(p, nbr, br, nbc, bc)
-        view += rng.normal(0, self.cm_sigma[0], (p, nbr, 1, nbc, 1)).astype(np.float32)
-        view += rng.normal(0, self.cm_sigma[1], (p, nbr, br, nbc, 1)).astype(np.float32)
-        frame[self.status != 0] += 5000.0
-        np.clip(np.rint(frame), 0, self.max_adu, out=frame)
-        out[...] = frame.astype(np.uint16)
+        view += cm
+        frame.reshape(-1)[pix] += adu.astype(np.float32)
+        # base holds +0.5: truncating the clipped values rounds them to the nearest ADU
+        np.clip(frame, 0, self.max_adu, out=frame)
+        np.copyto(out, frame, casting="unsafe")
+        flat = out.reshape(-1)
         if self.type == "epix10ka":
-            out |= (gidx == 5).astype(np.uint16) << 14
+            flat[pix[gidx == 5]] |= np.uint16(1 << 14)
         elif self.type == "jungfrau":
-            out |= np.where(gidx == 0, 0, np.where(gidx == 1, 1, 3)).astype(np.uint16) << 14
+            bits = np.where(gidx == 1, 1, 3).astype(np.uint16) << np.uint16(14)
+            sel = gidx != 0
+            flat[pix[sel]] |= bits[sel]
 
 
 class SimSource(Source):
     """A simulated run of ``events`` events for the configured detectors."""
 
     def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0,
-                 photons: bool = True):
+                 photons: bool = True, threads: int | None = None):
         """detectors: name -> {type, shape (panels, rows, cols), pixel_um}; photons False: a dark run.
 
         ``damage_every`` N > 0 makes every N-th event (index % N == N - 1) damaged for every detector:
         its raw data is garbage (all 0xFFFF) and ``RawBatch.damaged`` marks it (for tests).
+        ``threads``: threads that make the events of a batch (NumPy releases the GIL in the frame
+        passes); None takes :func:`default_threads`. Events do not depend on it.
         """
         self.n_events = int(events)
         self.damage_every = int(damage_every)
+        self.threads = int(threads) if threads else default_threads()
+        self._pool: ThreadPoolExecutor | None = None
         self.sims = {name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"), photons)
                      for name, d in detectors.items()}
         self.detectors = {name: s.source_info() for name, s in self.sims.items()}
 
+    def _make(self, jobs) -> None:
+        """Run ``(sim, index, out)`` jobs, on the thread pool when there is more than one thread."""
+        if self.threads > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gpusmall-sim")
+            for _ in self._pool.map(lambda job: job[0].event(job[1], job[2]), jobs):
+                pass  # re-raises the first error
+        else:
+            for sim, index, buf in jobs:
+                sim.event(index, buf)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def read(self, start: int, stop: int, out=None) -> RawBatch:
         n = stop - start
-        raw = {}
+        raw, jobs = {}, []
         for name, sim in self.sims.items():
             buf = out[name][:n] if out is not None and name in out else np.empty((n, *sim.shape), sim.dtype)
-            for k in range(n):
-                sim.event(start + k, buf[k])
+            jobs += [(sim, start + k, buf[k]) for k in range(n)]
             raw[name] = buf
+        self._make(jobs)
         idx = np.arange(start, stop, dtype=np.int64)
         ts = (T0_NS + idx * PERIOD_NS).astype(np.uint64)
         if self.damage_every > 0:
