@@ -19,7 +19,7 @@
 
 __device__ __forceinline__ int epix10ka_range(unsigned int c, unsigned int d)
 {
-    const unsigned int b = c | (d << 5);
+    const unsigned int b = (c & 0x1Fu) | (d << 5);  // c: the 5 control bits (bits 5-7 are not part of it)
     if ((b & 28u) == 28u) return 0;  // FH
     if ((b & 28u) == 12u) return 1;  // FM
     if ((b & 12u) == 8u) return 2;   // FL

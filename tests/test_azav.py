@@ -136,3 +136,108 @@ def test_azav_vs_pyfai(numpy_backend, rng, tmp_path, rotations):
                   range=list(rng_q))
         ours2 = g.compute(make_frames(numpy_backend, img[None, None]))[0]["azav"][0, 0]
         _check_agreement(ours2, theirs)
+
+
+# ---- r_mm, azav under a roi, fully masked frames --------------------------------------------------------
+def _bins_by_formula(r, lo, hi, nb):
+    """Radial bin of each pixel as azav bins it: floor((r - lo) / width), the upper edge in the last bin."""
+    width = (hi - lo) / nb
+    rb = np.floor((r - lo) / width).astype(np.int64)
+    rb[r == hi] = nb - 1
+    return np.where((rb >= 0) & (rb < nb) & (r <= hi), rb, -1)
+
+
+def test_r_mm_matches_pyfai_for_a_rotated_poni(numpy_backend, rng, tmp_path):
+    pytest.importorskip("pyFAI")
+    from pyFAI.detectors import Detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+
+    det = Detector(pixel1=PIX * 1e-6, pixel2=PIX * 1e-6, max_shape=SHAPE[1:])
+    ai = AzimuthalIntegrator(dist=0.05, poni1=0.004, poni2=0.003, rot1=0.3, rot2=-0.2, rot3=0.1, detector=det,
+                             wavelength=HC_KEV_A / 9.5 * 1e-10)
+    poni = tmp_path / "geo.poni"
+    ai.save(str(poni))
+    r_pyfai = np.asarray(ai.array_from_unit(shape=SHAPE[1:], typ="center", unit="r_mm"), np.float64)
+    ctx = make_ctx(numpy_backend, SHAPE, PIX)
+    bins = 25
+    f = setup(Azav, numpy_backend, ctx, poni=str(poni), bins=bins, unit="r_mm", polarization=None,
+              solid_angle=False)
+    # no range: it spans pyFAI's r_mm of the pixels
+    lo, hi = r_pyfai.min(), r_pyfai.max()
+    width = (hi - lo) / bins
+    np.testing.assert_allclose(f.static_outputs()["q"], lo + (np.arange(bins) + 0.5) * width, rtol=1e-10)
+    np.testing.assert_array_equal(f.bin_index_host, _bins_by_formula(r_pyfai, lo, hi, bins).ravel())
+    # with polarization and solid angle off, each bin is the plain mean of its pixels
+    img = rng.normal(100, 20, SHAPE[1:]).astype(np.float32)
+    got = f.compute(make_frames(numpy_backend, img[None, None]))[0]["azav"][0, 0]
+    rb = _bins_by_formula(r_pyfai, lo, hi, bins)
+    ref = np.array([img[rb == b].astype(np.float64).mean() for b in range(bins)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_r_mm_is_the_transverse_radius_with_a_panel_displaced_in_z(backend, rng):
+    from gpusmall.detectors.constants import default_geometry
+
+    shape = (2, 20, 20)
+    x, y, z = (np.asarray(a, np.float64) for a in default_geometry(shape, PIX))
+    x[1] += 2500.0
+    z[1] = 5000.0  # panel 1 is 5 mm further from the sample: its r_mm is still hypot(x - cx, y - cy)
+    ctx = make_ctx(backend, shape, PIX, geometry=(x, y, z))
+    center, rng_r, bins = (600.0, 900.0), (0.0, 4.0), 16
+    f = setup(Azav, backend, ctx, center_um=list(center), distance_mm=80, bins=bins, range=list(rng_r),
+              unit="r_mm", polarization=None, solid_angle=False)
+    r = np.hypot(x - center[0], y - center[1]) / 1000.0
+    rb = _bins_by_formula(r, *rng_r, bins)
+    np.testing.assert_array_equal(f.bin_index_host, rb.ravel())
+    data = rng.normal(50, 10, (3,) + shape).astype(np.float32)
+    got = backend.to_host(f.compute(make_frames(backend, data))[0]["azav"])[:, 0]
+    ref = np.array([[d[rb == b].astype(np.float64).mean() if (rb == b).any() else np.nan for b in range(bins)]
+                    for d in data])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("unit", ["q_A^-1", "2th_deg", "r_mm"])
+def test_azav_under_a_roi_bins_each_pixel_as_the_top_level_one(backend, rng, unit):
+    from gpusmall.detectors.constants import default_geometry
+    from gpusmall.funcs.roi import Roi
+
+    shape = (2, 40, 40)
+    x, y, z = (np.asarray(a, np.float64) for a in default_geometry(shape, PIX))
+    x[1] += 4000.0
+    z[1] = 5000.0  # mean z of the detector is 2500 um; of panel 1 alone 5000 um
+    ctx = make_ctx(backend, shape, PIX, geometry=(x, y, z))
+    rng_ = {"q_A^-1": [0.0, 0.4], "2th_deg": [0.0, 5.0], "r_mm": [0.0, 9.0]}[unit]
+    params = dict(center_um=[0, 0], distance_mm=100, energy_kev=9.5, bins=10, range=rng_, unit=unit)
+    top = setup(Azav, backend, ctx, **params)
+    bounds = [[1, 2], [5, 30], [3, 40]]
+    roi = Roi(Roi.Params(bounds=bounds), [Azav(Azav.Params(**params))])
+    roi.setup(ctx)
+    child = roi.children[0]
+    idx = tuple(slice(a, b) for a, b in bounds)
+    top_bins = top.bin_index_host.reshape(shape)[idx]
+    assert (top_bins >= 0).sum() > 100
+    np.testing.assert_array_equal(child.bin_index_host.reshape(top_bins.shape), top_bins)
+    # and the numbers: the child's azav is the top-level formula over the ROI's pixels only
+    data = rng.normal(80, 15, (2,) + shape).astype(np.float32)
+    out = roi(make_frames(backend, data))
+    got = backend.to_host(out["roi_azav_azav"])[:, 0]
+    c = top.c_host.reshape(shape)[idx]
+    sub = data[(slice(None),) + idx].astype(np.float64)
+    ref = np.array([[s[top_bins == b].sum() / c[top_bins == b].sum() if (top_bins == b).any() else np.nan
+                     for b in range(10)] for s in sub])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, equal_nan=True)
+
+
+def test_azav_fully_masked_without_range_is_an_input_error(backend):
+    from gpusmall.errors import InputError
+
+    shape = (1, 10, 10)
+    ctx = make_ctx(backend, shape, mask=np.zeros(shape, bool))
+    with pytest.raises(InputError, match=r"detector det: function ring: .*no unmasked pixel to set the radial "
+                                         r"range; give range"):
+        setup(Azav, backend, ctx, name="ring", center_um=[0, 0], distance_mm=100, energy_kev=9.5, bins=5)
+    # with a range it sets up, and every bin is empty
+    f = setup(Azav, backend, ctx, center_um=[0, 0], distance_mm=100, energy_kev=9.5, bins=5, range=[0, 1])
+    out = f.compute(make_frames(backend, np.ones((2,) + shape, np.float32)))[0]
+    assert np.isnan(backend.to_host(out["azav"])).all()
+    np.testing.assert_array_equal(backend.to_host(out["count"]), 0)

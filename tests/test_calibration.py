@@ -254,9 +254,10 @@ def test_chunked_calibration_is_independent_of_chunk_size(monkeypatch, rng, chun
 
 
 @pytest.mark.parametrize("dtype,high", [(np.uint8, 255), (np.int16, 30000), (np.int32, 2**26), (np.uint32, 2**31),
-                                        (np.float32, 1e5), (np.float64, 1e9)])
+                                        (np.int64, 2**40)])
 def test_camera_raw_dtypes_calibrate_in_float32(backend, rng, dtype, high):
-    """Any raw dtype is converted to float32 before the pedestal (large integers round as astype does)."""
+    """Any integer raw dtype (SPEC 1; floats are refused, tests/test_constants_validation.py) is converted
+    to float32 before the pedestal (large integers round as astype does)."""
     model = get_model("camera")
     raw = (rng.random((3, 1, 20, 30)) * high).astype(dtype)
     ped = (rng.random((1, 1, 20, 30)) * 100 + 0.3).astype(np.float32)
@@ -266,3 +267,26 @@ def test_camera_raw_dtypes_calibrate_in_float32(backend, rng, dtype, high):
     got = backend.to_host(cal(backend.to_device(raw)).data)
     want = np.where(mask[None], (raw.astype(np.float32) - ped[0]) * unit_scale(gain, "kev")[0], np.float32(0))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "emulated", "compiled"])
+@pytest.mark.parametrize("with_cm", [False, True])
+def test_config_bits_beyond_5_bits_are_masked_on_every_path(rng, kernels, with_cm):
+    """Control bits c are 5 bits (SPEC 1): a configuration byte's bits 5-7 change nothing, in the NumPy
+    decoder, the fused kernel (calibrate_u16) and pedestal_u16 (with a common mode) alike."""
+    from test_kernel_launches import FakeGpu
+
+    shape = (2, 1, 176, 48)  # one common-mode bank
+    ped, gain, raw, mask, _ = make_case(rng, EPIX, shape, with_config=False)
+    byte = rng.integers(0, 256, shape[1:]).astype(np.uint8)
+    backend = Backend("numpy") if kernels == "numpy" else FakeGpu(kernels)
+    cm = MedianCommonMode(EPIX, (176, 48), ["banks"], 1e6, gain_ranges="all", backend=backend) if with_cm else None
+    cal = Calibrator(EPIX, Constants(pedestal=ped, gain=gain, config_bits=byte), mask, backend, units="kev",
+                     common_mode=cm)
+    got = cal(backend.to_device(raw))
+    if kernels != "numpy":
+        assert backend.launches[0][0] == ("pedestal_u16" if with_cm else "calibrate_u16")
+    cm_np = MedianCommonMode(EPIX, (176, 48), ["banks"], 1e6, gain_ranges="all") if with_cm else None
+    want, good = spec_calibrate(EPIX, raw, ped, gain, mask, byte & 0x1F, "kev", cm=cm_np)
+    np.testing.assert_array_equal(backend.to_host(got.good), good)
+    np.testing.assert_allclose(backend.to_host(got.data), want, rtol=1e-5, atol=1e-4)

@@ -208,14 +208,16 @@ def test_make_common_mode_types(numpy_backend):
 
 
 def slow_zero_peak(s, use, bank, maxc):
+    """SPEC 4: histogram of s with 1-ADU bins over [-maxc, maxc] (edges -maxc + k, the last one maxc)."""
     s = s.copy()
+    edges = np.append(-maxc + np.arange(int(np.ceil(2 * maxc))), maxc)
     br, bc = bank
     for e in range(s.shape[0]):
         for p in range(s.shape[1]):
             for r0 in range(0, s.shape[2], br):
                 for c0 in range(0, s.shape[3], bc):
                     blk, u = s[e, p, r0:r0 + br, c0:c0 + bc], use[e, p, r0:r0 + br, c0:c0 + bc]
-                    h, edges = np.histogram(blk[u], bins=int(2 * maxc), range=(-maxc, maxc))
+                    h, _ = np.histogram(blk[u], bins=edges)
                     if h.sum():
                         k = np.argmax(h)
                         blk[u] -= np.float32((edges[k] + edges[k + 1]) / 2)
@@ -228,6 +230,45 @@ def test_zero_peak(backend, rng):
     cm = ZeroPeakCommonMode(SMALL, (8, 12), max_correction=50, gain_ranges="all", backend=backend)
     want = slow_zero_peak(s, good, (4, 6), 50)
     np.testing.assert_allclose(run(backend, cm, s, good, g), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("maxc", [10.5, 7.3, 12.0])
+def test_zero_peak_histogram_range_is_max_correction(backend, rng, maxc):
+    """Only values within [-max_correction, max_correction] enter the histogram, also when it is not
+    an integer (SPEC 4); the transcription uses numpy.histogram with 1-ADU edges from -max_correction."""
+    shape = (4, 2, 8, 12)
+    s = (np.round(rng.normal(0, 3, shape)) + 0.25).astype(np.float32)  # values off every bin edge
+    # a crowd just outside the range in some banks: it must not be the peak
+    s[0, 0, :4, :6] = np.float32(maxc + 0.2)
+    s[1, 1, 4:, 6:] = np.float32(-maxc - 0.2)
+    s[2, 0, :4, :6].flat[:30] = np.float32(maxc - 0.1)  # inside, in the last (partial) bin
+    s[3, 1, :4, :6] = np.float32(maxc + 0.2)  # nothing in range: the bank stays as it is
+    good = rng.random(shape) > 0.1
+    g = np.zeros(shape, np.int8)
+    cm = ZeroPeakCommonMode(SMALL, (8, 12), max_correction=maxc, gain_ranges="all", backend=backend)
+    got = run(backend, cm, s, good, g)
+    np.testing.assert_allclose(got, slow_zero_peak(s, good, (4, 6), maxc), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got[3, 1, :4, :6], s[3, 1, :4, :6])
+    edges = np.append(-maxc + np.arange(int(np.ceil(2 * maxc))), maxc)
+    u = good[2, 0, :4, :6]
+    np.testing.assert_allclose(got[2, 0, :4, :6][u], s[2, 0, :4, :6][u] - np.float32((edges[-2] + edges[-1]) / 2),
+                               rtol=1e-6)
+
+
+def test_zero_peak_values_outside_range_only(numpy_backend):
+    s = np.full((1, 1, 6, 8), 10.7, np.float32)
+    cam = get_model("camera")
+    out = ZeroPeakCommonMode(cam, (6, 8), max_correction=10.5, gain_ranges="all")(s, np.ones(s.shape, bool),
+                                                                                 np.zeros(s.shape, np.int8))
+    np.testing.assert_array_equal(out, s)
+
+
+@pytest.mark.parametrize("panel", [(704, 770), (703, 768), (10, 95)])
+def test_epix100_common_mode_checks_the_panel_at_setup(numpy_backend, panel):
+    cfg = SimpleNamespace(model_dump=lambda: {"type": "epix100"})
+    with pytest.raises(InputError, match=r"detector e100: panel .* epix100 common mode"):
+        make_common_mode("e100", cfg, get_model("epix100"), None, numpy_backend, panel_shape=panel)
+    assert make_common_mode("e100", cfg, get_model("epix100"), None, numpy_backend, panel_shape=(10, 192)) is not None
 
 
 def slow_epix100(s, good, noise, maxc=30.0, histo=30.0, frac=0.25, norm_all=False):

@@ -61,6 +61,32 @@ def test_darks_split_events_by_gain_range(numpy_backend, rng):
                 assert noise[(k,) + idx] == pytest.approx(sel.std(), rel=1e-5, abs=1e-5)
 
 
+def test_darks_config_bits_are_5_bits_and_loadable(numpy_backend, rng, tmp_path):
+    """A source's configuration bytes may carry bits above the 5 control bits: the ranges are decoded from
+    c & 0x1F, and the constants file gets c & 0x1F (which load_constants accepts)."""
+    from types import SimpleNamespace
+
+    from gpusmall.sources.base import DetectorSource, RawBatch
+
+    model = get_model("epix10ka")
+    e, shape = 12, (1, 2, 3)
+    c = np.array([[[16, 28, 12], [0, 16 | 0xE0, 28 | 0x20]]], np.uint8)  # AHL / FH / FM / AML, higher bits set
+    v = rng.integers(100, 200, (e, *shape))
+    raw = v.astype(np.uint16)  # data bit 14 = 0: ranges 3, 0, 1, 4, 3, 0
+    batch = RawBatch(np.arange(e, dtype=np.uint64), np.arange(e, dtype=np.int64), {"e": raw})
+    src = SimpleNamespace(detectors={"e": DetectorSource("e", "epix10ka", shape, np.dtype(np.uint16), config_bits=c)},
+                          n_events=e, batches=lambda *a: iter([batch]))
+    res = compute_darks(src, "e", model, numpy_backend)
+    np.testing.assert_array_equal(res.constants.config_bits, c & 0x1F)
+    want_range = np.array([[[3, 0, 1], [4, 3, 0]]])
+    for idx in np.ndindex(shape):
+        r = want_range[idx]
+        assert res.constants.pedestal[(r,) + idx] == pytest.approx(v[(slice(None),) + idx].mean(), rel=1e-6)
+    res.constants.gain = np.ones((7, *shape), np.float32)
+    res.constants.save(tmp_path / "c.h5")
+    np.testing.assert_array_equal(load_constants(tmp_path / "c.h5", "e", model, shape).config_bits, c & 0x1F)
+
+
 def test_dark_status_flags(rng):
     shape = (2, 20, 20)
     ped = rng.normal(1000, 10, (1, *shape)).astype(np.float32)

@@ -176,3 +176,47 @@ def test_labels_at_the_labelled_pixels_are_scipys():
                                  structure=[[[0] * 3] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0] * 3] * 3])
     assert n == n_full > 10
     np.testing.assert_array_equal(got, full.ravel()[np.flatnonzero(mask)])
+
+
+# ---- parameters that would let negative pixels into droplets; photons with negative pixels -------------
+@pytest.mark.parametrize("params, loc", [
+    (dict(threshold=100, threshold_low=-200), "threshold_low"),
+    (dict(threshold=0), "threshold"),
+    (dict(threshold=-5, threshold_low=-10), "threshold"),
+])
+def test_droplet_rejects_negative_thresholds(params, loc):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        Droplet.Params(**params)
+    assert loc in [err["loc"][0] for err in e.value.errors()]
+    Droplet.Params(threshold=100, threshold_low=0)  # 0 is a valid low threshold
+
+
+def photons_reference(value, droplet, adu):
+    """The module docstring's rule, droplet by droplet in Python: floors, then the leftover photons one each
+    to the largest remainders (ties: the earlier pixel)."""
+    out = np.zeros(value.size, np.int64)
+    for d in np.unique(droplet):
+        pix = np.flatnonzero(droplet == d)
+        r = value[pix] / adu
+        n = int(np.floor(value[pix].sum() / adu + 0.5))
+        k = np.floor(r).astype(np.int64)
+        order = sorted(range(pix.size), key=lambda j: (-(r[j] - np.floor(r[j])), j))
+        for j in order[:n - k.sum()]:
+            k[j] += 1
+        out[pix] = k
+    return out
+
+
+def test_photons_are_placed_by_largest_remainders(backend, rng):
+    from gpusmall.funcs.photons import photons_per_pixel
+
+    adu = 160.0
+    droplet = np.unique(np.sort(rng.integers(0, 60, 400)), return_inverse=True)[1]
+    value = np.abs(rng.normal(1.0, 3.0, droplet.size)) * adu  # droplet pixels are never negative
+    s = np.bincount(droplet, weights=value)
+    k = backend.to_host(photons_per_pixel(backend.xp, backend.to_device(value), backend.to_device(droplet),
+                                          backend.to_device(s), adu))
+    np.testing.assert_array_equal(k, photons_reference(value, droplet, adu))
+    np.testing.assert_array_equal(np.bincount(droplet, weights=k), np.floor(s / adu + 0.5))

@@ -92,3 +92,27 @@ def test_run_sums(backend, rng, name):
     if name.startswith("nhits_thres"):
         expected["nhits"] = (d > 15.5).sum(0)
     np.testing.assert_allclose(s.results()[name], expected[name.split("_")[0]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_value", ["zero", "nan"])
+def test_run_sums_mask_value(backend, rng, mask_value):
+    """SPEC 3: statically masked pixels are 0 in the float sums, NaN with mask_value: nan; nhits stays 0."""
+    ctx, frames, data, good, raw = make(backend, rng)
+    mask = rng.random(SHAPE) > 0.2
+    d = np.where(mask[None], data, 0).astype(np.float32)  # the calibrated data is 0 at masked pixels
+    names = ["calib", "square", "max", "nhits", "max_thresADU10"]
+    s = RunSums(names, SHAPE, backend, mask=mask, mask_value=mask_value)
+    s.update(backend.to_device(d))
+    d64 = d.astype(np.float64)
+    t = np.where(d64 >= 10, d64, 0)
+    expected = {"calib": d64.sum(0), "square": (d64 * d64).sum(0), "max": d64.max(0), "nhits": (d64 > 0).sum(0),
+                "max_thresADU10": t.max(0)}
+    res = s.results()
+    for name in names:
+        v, e = res[name], expected[name]
+        if mask_value == "nan" and name != "nhits":
+            assert np.isnan(v[~mask]).all(), name
+        else:
+            np.testing.assert_array_equal(v[~mask], 0, err_msg=name)
+        np.testing.assert_allclose(v[mask], e[mask], rtol=1e-5, err_msg=name)
+    assert res["nhits"].dtype == np.int64

@@ -72,7 +72,7 @@ def _gain_range(family, w, has_config, cb):
         d = (w >> 14) & 1
         if not has_config:
             return np.where(d == 1, 5, 3)
-        b = cb[None] | (d << 5)
+        b = (cb[None] & 0x1F) | (d << 5)
         out = np.full(w.shape, -1, np.int64)
         for index, mask, value in reversed(((0, 28, 28), (1, 28, 12), (2, 12, 8), (3, 60, 16), (4, 60, 0),
                                             (5, 60, 48), (6, 60, 32))):

@@ -150,11 +150,15 @@ class Calibrator:
         photon_energy_kev: needed for ``photons``.
         common_mode: a common-mode corrector (``(s, good, g) -> s`` on the backend) or None;
             the string ``"raw"`` skips calibration (output = ``raw & data_mask``).
+        det: detector name for error messages (default: the model's type).
+
+    Raw batches must be of an integer dtype (SPEC section 1); another raises InputError.
     """
 
     def __init__(self, model: DetectorModel, constants: Constants, mask: np.ndarray, backend: Backend,
-                 units: str = "adu", photon_energy_kev: float | None = None, common_mode=None):
-        self.model, self.backend, self.common_mode = model, backend, common_mode
+                 units: str = "adu", photon_energy_kev: float | None = None, common_mode=None,
+                 det: str | None = None):
+        self.model, self.backend, self.common_mode, self.det = model, backend, common_mode, det
         xp = backend.xp
         self.pedestal = backend.to_device(constants.pedestal, xp.float32)
         self.scale = backend.to_device(unit_scale(constants.gain, units, photon_energy_kev))
@@ -165,6 +169,7 @@ class Calibrator:
     def __call__(self, raw) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
         xp = self.backend.xp
+        self.model.check_raw_dtype(self.det or self.model.type, raw.dtype)  # InputError for float raw data
         if self.common_mode == "raw":
             out = self.model.data(raw, xp).astype(xp.float32)
             good = xp.broadcast_to(self.mask, out.shape)

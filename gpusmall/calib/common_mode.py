@@ -263,13 +263,19 @@ class Epix100CommonMode:
     than ``min_fraction`` of the group's pixels are included.
 
     Args:
+        panel_shape: (rows, cols); rows must be even and cols a whole number of row segments
+            (InputError otherwise).
         noise: (panels, rows, cols) ADU rms on the device, or None (no photon cut then).
     """
 
     def __init__(self, model, panel_shape, noise=None, max_correction: float = 30.0, histo_range: float = 30.0,
-                 min_fraction: float = 0.25, norm_all: bool = False, backend=None):
+                 min_fraction: float = 0.25, norm_all: bool = False, backend=None, det: str = "?"):
         self.bank = tuple(int(v) for v in model.banks(tuple(panel_shape)))
-        self.half = (int(panel_shape[0]) // 2, self.bank[1])
+        r, c = (int(v) for v in panel_shape)
+        if r % 2 or c % self.bank[1]:
+            raise InputError(f"detector {det}: panel {(r, c)} does not fit the epix100 common mode: it needs an "
+                             f"even number of rows (two halves) and columns in whole segments of {self.bank[1]}")
+        self.half = (r // 2, self.bank[1])
         self.noise, self.max_correction = noise, float(max_correction)
         self.histo_range, self.min_fraction, self.norm_all = float(histo_range), float(min_fraction), norm_all
         self.backend = backend
@@ -304,15 +310,26 @@ class Epix100CommonMode:
 class ZeroPeakCommonMode:
     """``zero_peak`` common mode (smalldata_tools CsPad mode 1), vectorised on either backend.
 
-    Per event and bank, a histogram of the used pixels' ``s`` with 1-ADU bins over
-    ``[-max_correction, max_correction)``; the centre of its fullest bin (the first on ties) is
-    subtracted from the used pixels of the bank. A bank without any value in range is left as it is.
+    Per event and bank, a histogram of the used pixels' ``s`` within ``[-max_correction,
+    max_correction]``: 1-ADU bins with edges ``-max_correction + k``, the last bin ending at
+    ``max_correction`` (shorter than 1 ADU when ``2 * max_correction`` is not an integer; closed on the
+    right, as ``numpy.histogram``); values outside the range are left out. The centre of its fullest
+    bin (the first on ties) is subtracted from the used pixels of the bank. A bank without any value
+    in range is left as it is. The same array code runs on NumPy and CuPy.
     """
 
-    def __init__(self, model, panel_shape, max_correction: float = 100.0, gain_ranges: str = "high", backend=None):
-        self.median = MedianCommonMode(model, panel_shape, ("banks",), max_correction, 0, gain_ranges, backend)
+    def __init__(self, model, panel_shape, max_correction: float = 100.0, gain_ranges: str = "high", backend=None,
+                 det: str = "?"):
+        self.median = MedianCommonMode(model, panel_shape, ("banks",), max_correction, 0, gain_ranges, backend, det)
         self.bank = self.median.bank
         self.max_correction = float(max_correction)
+        if not self.max_correction > 0:
+            raise InputError(f"detector {det}: common_mode.max_correction must be > 0 for zero_peak, "
+                             f"not {max_correction}")
+        maxc = self.max_correction
+        self.nbins = max(int(np.ceil(2 * maxc - 1e-9)), 1)
+        edges = np.append(-maxc + np.arange(self.nbins, dtype=np.float64), maxc)
+        self.centres = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)  # (nbins,) host
         self.backend = backend
 
     def __call__(self, s, good, g):
@@ -320,15 +337,15 @@ class ZeroPeakCommonMode:
         s = xp.ascontiguousarray(s, dtype=xp.float32)
         use = self.median.use_mask(xp, good, g)
         sg, ug = _to_groups(s, "banks", self.bank), _to_groups(use, "banks", self.bank)
-        nbins = int(2 * np.ceil(self.max_correction))
-        lo = -nbins / 2
-        b = xp.floor(sg - xp.float32(lo)).astype(xp.int64)
-        inr = ug & (b >= 0) & (b < nbins)
+        nbins, maxc = self.nbins, xp.float32(self.max_correction)
+        # only values within [-maxc, maxc] enter; bin k = [-maxc + k, -maxc + k + 1), s == maxc in the last
+        inr = ug & (sg >= -maxc) & (sg <= maxc)
+        b = xp.clip(xp.floor(sg + maxc), 0, nbins - 1).astype(xp.int64)
         n_groups = int(np.prod(sg.shape[:-1]))
         gid = xp.arange(n_groups, dtype=xp.int64).reshape(sg.shape[:-1])[..., None]
         flat = xp.where(inr, gid * nbins + b, n_groups * nbins)
         hist = xp.bincount(flat.ravel(), minlength=n_groups * nbins + 1)[:-1].reshape(*sg.shape[:-1], nbins)
-        peak = (xp.argmax(hist, axis=-1).astype(xp.float32) + xp.float32(lo + 0.5)).astype(xp.float32)
+        peak = xp.asarray(self.centres)[xp.argmax(hist, axis=-1)]
         ok = hist.max(axis=-1) > 0
         sg = xp.where(ug & ok[..., None], sg - peak[..., None], sg)
         return _from_groups(xp, sg, "banks", s.shape, self.bank)
@@ -362,7 +379,7 @@ def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None)
                                 params.get("gain_ranges") or default_ranges, backend, det)
     if ctype == "zero_peak":
         return ZeroPeakCommonMode(model, panel_shape, 100.0 if maxc is None else maxc,
-                                  params.get("gain_ranges") or default_ranges, backend)
+                                  params.get("gain_ranges") or default_ranges, backend, det)
     if ctype == "epix100":
         noise = None if constants is None else constants.noise
         if noise is not None:
@@ -370,5 +387,5 @@ def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None)
             noise = backend.to_device(noise if noise.ndim == 3 else noise[0])
         return Epix100CommonMode(model, panel_shape, noise, 30.0 if maxc is None else maxc,
                                  params.get("histo_range", 30.0), params.get("min_fraction", 0.25),
-                                 params.get("norm_all", False), backend)
+                                 params.get("norm_all", False), backend, det)
     raise InputError(f"detector {det}: common_mode.type {ctype!r} is not known")

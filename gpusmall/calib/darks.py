@@ -25,6 +25,7 @@ import numpy as np
 from ..backend import Backend
 from ..detectors.base import DetectorModel
 from ..detectors.constants import Constants
+from ..detectors.epix10ka import CONFIG_BITS_MASK
 
 MAD_TO_SIGMA = 1.4826
 STATUS_PEDESTAL, STATUS_NOISE, STATUS_CONSTANT = 1, 2, 4
@@ -140,8 +141,11 @@ def compute_darks(source, det: str, model: DetectorModel, backend: Backend, *, e
         DarkResult with Constants: pedestal (gains, panels, rows, cols) float32 ADU, noise (gains, ...)
         float32 ADU rms ((panels, rows, cols) for single-range detectors), status uint8, plus
         config_bits and x, y, z when the source gives them. ``gain`` is not measured (left to defaults).
+        The dark run's config_bits are only a fallback: a run reduced with these constants uses its own
+        pixel configuration whenever its source gives one (:func:`~gpusmall.detectors.constants.select_config_bits`).
     """
     info = source.detectors[det]
+    model.check_raw_dtype(det, info.dtype)  # InputError before any event for float raw data
     n = source.n_events
     if events is not None:
         n = events if n is None else min(n, events)
@@ -154,8 +158,9 @@ def compute_darks(source, det: str, model: DetectorModel, backend: Backend, *, e
         raise InputError(f"detector {det}: the dark run has no events")
     ped, noise, count, constant = acc.result()
     status = dark_status(ped, noise, count, constant, n_sigma)
+    cbits_mask = np.uint8(CONFIG_BITS_MASK)  # the 5 control bits: what a constants file may hold
     c = Constants(pedestal=ped, gain=None, noise=noise if model.n_gains > 1 else noise[0], status=status,
-                  config_bits=None if info.config_bits is None else np.asarray(info.config_bits, np.uint8),
+                  config_bits=None if info.config_bits is None else np.asarray(info.config_bits, np.uint8) & cbits_mask,
                   x=info.x, y=info.y, z=info.z)
     per_range = np.median(count.reshape(count.shape[0], -1), axis=1)
     return DarkResult(c, acc.events, per_range, int((status != 0).sum()))

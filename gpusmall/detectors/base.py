@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InputError
+
 INVALID_GAIN = -1
 """Gain index of a pixel whose gain bits are invalid in that event (the pixel is bad then)."""
 
@@ -61,6 +63,14 @@ class DetectorModel:
             (events, panels, rows, cols) int8 gain index, ``INVALID_GAIN`` where undecodable.
         """
         return xp.zeros(raw.shape, dtype=xp.int8)
+
+    def check_raw_dtype(self, det: str, dtype) -> None:
+        """InputError unless ``dtype`` is an integer type (SPEC section 1: every family's raw data is
+        integer; the gain bits of a gain-switching detector cannot be read from floats)."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "iu":
+            raise InputError(f"detector {det}: raw data of dtype {dtype} cannot be calibrated: "
+                             f"{self.type} raw data must be of an integer type (SPEC section 1)")
 
     def data(self, raw, xp=np):
         """ADU value of each pixel, ``raw & data_mask``, as the raw dtype."""

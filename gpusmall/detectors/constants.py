@@ -7,6 +7,7 @@ cols) uint8; ``unbonded`` (panels, rows, cols) 1 = unbonded; ``mask`` (panels, r
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import numpy as np
 
 from ..errors import ConstantsError
 from .base import DetectorModel
+from .epix10ka import CONFIG_BITS_MASK
+
+log = logging.getLogger(__name__)
 
 PER_GAIN = ("pedestal", "gain")
 PER_PIXEL = ("status", "x", "y", "z", "config_bits", "unbonded", "mask")
@@ -87,7 +91,8 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
     if c.noise is not None:
         c.noise = np.asarray(c.noise, np.float32)
         if c.noise.shape not in (shape, (n, *shape)):
-            raise ConstantsError(f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, expected {shape}")
+            raise ConstantsError(f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, "
+                                 f"expected {shape} or {(n, *shape)}")
         _check_finite(det, "noise", c.noise)
     for name in PER_PIXEL:
         arr = getattr(c, name)
@@ -97,8 +102,65 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
         if arr.shape != shape:
             raise ConstantsError(f"detector {det}: constants dataset {name!r} has shape {arr.shape}, expected {shape}")
         _check_finite(det, name, arr)
+        if name == "config_bits":
+            arr = check_config_bits(det, arr, "constants dataset 'config_bits'")
         setattr(c, name, arr)
     return c
+
+
+CONFIG_BITS_LIMIT = CONFIG_BITS_MASK + 1
+"""ePix10ka pixel control bits are 5 bits (SPEC section 1): 0 <= c < 32."""
+
+
+def check_config_bits(det: str, arr, what: str) -> np.ndarray:
+    """``arr`` as uint8 after checking it holds ePix10ka control bits: an integer dtype, 0 <= c < 32.
+
+    ``what`` names the array in the ConstantsError (e.g. ``constants dataset 'config_bits'``), which
+    also gives the first bad pixel.
+    """
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "iu":
+        where = ""
+        if arr.dtype.kind == "f":  # name the first value that could not be control bits
+            bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr >= CONFIG_BITS_LIMIT))
+            if bad.size:
+                where = (f"; first bad value {float(arr.flat[bad[0]])} at (panel, row, col) "
+                         f"{tuple(map(int, np.unravel_index(bad[0], arr.shape)))}")
+        raise ConstantsError(f"detector {det}: {what} has dtype {arr.dtype}, expected an integer dtype "
+                             f"(uint8){where}")
+    out_of_range = (arr < 0) | (arr >= CONFIG_BITS_LIMIT)
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        bad = tuple(map(int, np.unravel_index(i, arr.shape)))
+        raise ConstantsError(f"detector {det}: {what} is {int(arr.flat[i])} at (panel, row, col) {bad}, "
+                             f"expected 0 <= config_bits < {CONFIG_BITS_LIMIT} (5 control bits)")
+    return arr.astype(np.uint8, copy=False)
+
+
+def select_config_bits(det: str, shape, from_constants, from_source):
+    """The ePix10ka pixel configuration a run uses (SPEC section 1: the run's own configuration).
+
+    The source's bits (the run being reduced) whenever the source gives them; the constants file's bits
+    only when it gives none (None when neither has any). When both exist and differ, a warning gives the
+    number of differing pixels. The source's bits must be (panels, rows, cols) of a non-negative integer
+    dtype; only their 5 control bits are kept (``& 0x1F``, as psana does: a configuration word's higher
+    bits are something else). ``from_constants`` is already validated (:func:`check_config_bits`).
+    """
+    if from_source is None:
+        return from_constants
+    shape = tuple(int(v) for v in shape)
+    bits = np.asarray(from_source)
+    if bits.shape != shape:
+        raise ConstantsError(f"detector {det}: the source's config_bits have shape {bits.shape}, expected {shape}")
+    if bits.dtype.kind in "iu" and not (bits < 0).any():
+        bits = bits & CONFIG_BITS_MASK
+    bits = check_config_bits(det, bits, "the source's config_bits")
+    if from_constants is not None:
+        differ = int(np.count_nonzero(np.asarray(from_constants) != bits))
+        if differ:
+            log.warning("detector %s: the run's config_bits differ from the constants file's in %d of %d pixels; "
+                        "using the run's", det, differ, bits.size)
+    return bits
 
 
 def load_constants(path, det: str, model: DetectorModel, shape) -> Constants:

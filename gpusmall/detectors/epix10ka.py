@@ -5,6 +5,9 @@ import numpy as np
 
 from .base import INVALID_GAIN, DetectorModel
 
+CONFIG_BITS_MASK = 0x1F
+"""The per-pixel control bits c are 5 bits (bit 4 = trbit); kernels/calib.cu masks them the same way."""
+
 # (index, mask, value) in the order SPEC tests them: b = config_bits | (data_bit14 << 5)
 RANGE_CONDITIONS = (
     (0, 28, 28),  # FH  fixed high
@@ -23,7 +26,8 @@ class Epix10ka(DetectorModel):
         if config_bits is None:
             # no configuration: auto-ranging high->low, d == 0 -> AHL-H (3), d == 1 -> AHL-L (5)
             return xp.where(d == 0, xp.int8(3), xp.int8(5)).astype(xp.int8, copy=False)
-        b = xp.asarray(config_bits, dtype=xp.uint8) | (d << 5)
+        # c: the 5 control bits (bits 5-7 of a configuration byte are not part of it; psana masks them too)
+        b = (xp.asarray(config_bits, dtype=xp.uint8) & xp.uint8(CONFIG_BITS_MASK)) | (d << 5)
         out = xp.full(raw.shape, INVALID_GAIN, dtype=xp.int8)
         # the first condition that holds wins: assign in reverse order
         for index, mask, value in reversed(RANGE_CONDITIONS):

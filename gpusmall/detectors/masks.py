@@ -46,7 +46,10 @@ def grow_bad(bad: np.ndarray, neighbours: int) -> np.ndarray:
 
 
 def read_user_mask(source, det: str, shape) -> np.ndarray:
-    """A user mask from ``FILE.npy`` or ``FILE.h5:/dataset`` (1 = keep) of the detector shape."""
+    """A user mask from ``FILE.npy`` or ``FILE.h5:/dataset`` (1 = keep) of the detector shape
+    (panels, rows, cols); a single-panel detector (camera, epix100) may give (rows, cols).
+    Returns (panels, rows, cols) bool; InputError when it cannot be read, is not a dataset or has
+    another shape."""
     s = str(source)
     try:
         if s.endswith(".npy"):
@@ -54,12 +57,19 @@ def read_user_mask(source, det: str, shape) -> np.ndarray:
         else:
             file, _, dset = s.partition(":")
             with h5py.File(file, "r") as f:
-                m = f[dset or "mask"][()]
-    except (OSError, KeyError) as exc:
+                obj = f[dset or "mask"]
+                if not isinstance(obj, h5py.Dataset):
+                    raise InputError(f"detector {det}: mask.user {s!r} is not a dataset")
+                m = obj[()]
+    except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"detector {det}: mask.user {s!r} cannot be read: {exc}") from None
     m = np.asarray(m)
-    if m.shape != tuple(shape):
-        raise InputError(f"detector {det}: mask.user {s!r} has shape {m.shape}, expected {tuple(shape)}")
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1 and m.shape == shape[1:]:
+        m = m.reshape(shape)
+    if m.shape != shape:
+        expected = f"{shape} or {shape[1:]}" if len(shape) == 3 and shape[0] == 1 else f"{shape}"
+        raise InputError(f"detector {det}: mask.user {s!r} has shape {m.shape}, expected {expected}")
     return m != 0
 
 

@@ -3,11 +3,15 @@
 Geometry -> bin map (once, in :meth:`Azav.prepare`, on the device) -> engine (per batch):
 
 * geometry: either ``center_um: [cx, cy]`` + ``distance_mm`` (pixel vector from the sample
-  ``(x - cx, y - cy, z - mean(z) + distance)``, 2theta and phi = atan2(y - cy, x - cx) from it), or
+  ``(x - cx, y - cy, z - mean(z) + distance)``, ``mean(z)`` over the whole detector also under a ``roi``
+  (``FrameContext.z_mean``), so a pixel's bin does not depend on the ROI it sits in; 2theta and
+  phi = atan2(y - cy, x - cx) from it), or
   ``poni: FILE`` read with pyFAI; then pyFAI computes 2theta, chi and the incidence angle of every pixel
   (rotations included) at the pixel centres ``ctx.x``, ``ctx.y`` (pyFAI's dim1 = rows = y, dim2 = cols = x;
   a pyFAI detector with 1 um pixels is evaluated at ``d1 = y/1um - 0.5``, ``d2 = x/1um - 0.5``, so a
   single panel built from its pixel size lands exactly on pyFAI's pixel centres).
+* ``unit: r_mm`` is the radius perpendicular to the beam in the lab frame, ``hypot(vx, vy)`` of the pixel
+  vector (pyFAI's ``r_mm``): ``hypot(x - cx, y - cy)`` for centre/distance, pyFAI's ``rFunction`` for a PONI.
 * correction per pixel: ``P = 0.5 * (1 + cos^2(2th) - f cos(2 phi) sin^2(2th))`` (``polarization: f``,
   ``null`` = 1) and ``Omega = cos^3(alpha)`` (``solid_angle``), alpha the incidence angle on the detector;
   for a flat detector normal to the beam alpha = 2theta, as the SPEC writes it. ``c = P * Omega``.
@@ -83,15 +87,24 @@ class AzavParams(FunctionParams):
 
 
 # ---- geometry (host, float64, once) ---------------------------------------------------------------
-def geometry_center(x, y, z, center_um, distance_mm):
-    """(2theta, phi, cos_incidence) per pixel, radians, for the centre/distance geometry (SPEC)."""
+def geometry_center(x, y, z, center_um, distance_mm, z_mean=None):
+    """(2theta, phi, cos_incidence) per pixel, radians, for the centre/distance geometry (SPEC).
+
+    ``z_mean``: the whole detector's mean z (um) when x, y, z are a part of it (None: ``z.mean()``).
+    """
     x, y, z = (np.asarray(a, np.float64) for a in (x, y, z))
     vx, vy = x - center_um[0], y - center_um[1]
-    vz = z - z.mean() + distance_mm * 1000.0
+    vz = z - (z.mean() if z_mean is None else z_mean) + distance_mm * 1000.0
     r = np.hypot(vx, vy)
     tth = np.arctan2(r, vz)
     phi = np.arctan2(vy, vx)
     return tth, phi, np.cos(tth)
+
+
+def radius_center(x, y, center_um):
+    """r_mm per pixel for the centre/distance geometry: ``hypot(x - cx, y - cy)`` in mm (x, y in um)."""
+    x, y = (np.asarray(a, np.float64) for a in (x, y))
+    return np.hypot(x - center_um[0], y - center_um[1]) / 1000.0
 
 
 def load_poni(path):
@@ -120,6 +133,19 @@ def geometry_poni(x, y, ai):
     return tth, chi, cosi
 
 
+def radius_poni(x, y, ai):
+    """r_mm per pixel from pyFAI at pixel centres x, y (um): pyFAI's ``r_mm``, the lab-frame
+    ``sqrt(x^2 + y^2)`` of the pixel (distance to the incident beam), rotations included."""
+    from pyFAI.detectors import Detector
+    from pyFAI.geometry import Geometry
+
+    geo = Geometry(dist=ai.dist, poni1=ai.poni1, poni2=ai.poni2, rot1=ai.rot1, rot2=ai.rot2, rot3=ai.rot3,
+                   detector=Detector(pixel1=1e-6, pixel2=1e-6), wavelength=ai.wavelength)
+    d1 = np.asarray(y, np.float64).ravel() - 0.5
+    d2 = np.asarray(x, np.float64).ravel() - 0.5
+    return np.asarray(geo.rFunction(d1, d2, path="numpy")).reshape(np.shape(x)) * 1000.0
+
+
 def correction(tth, phi, cos_inc, polarization, solid_angle):
     """c = P * Omega per pixel (SPEC formulas), float64."""
     c = np.ones_like(tth)
@@ -130,12 +156,15 @@ def correction(tth, phi, cos_inc, polarization, solid_angle):
     return c
 
 
-def radial(tth, unit, wavelength_a, distance_mm=None):
-    """Radial coordinate of each pixel in ``unit``."""
+def radial(tth, unit, wavelength_a, r_mm=None):
+    """Radial coordinate of each pixel in ``unit``; ``r_mm`` (the transverse radius per pixel, from
+    :func:`radius_center` or :func:`radius_poni`) is what ``unit: r_mm`` returns."""
     if unit == "2th_deg":
         return np.degrees(tth)
     if unit == "r_mm":
-        return distance_mm * np.tan(tth)
+        if r_mm is None:
+            raise ValueError("unit r_mm needs the per-pixel radius r_mm")
+        return np.asarray(r_mm, np.float64)
     q = 4 * np.pi / wavelength_a * np.sin(tth / 2)
     return q if unit == "q_A^-1" else 10 * q
 
@@ -172,22 +201,32 @@ class Azav(ReductionFunction):
         b = ctx.backend
         x, y = b.to_host(ctx.x), b.to_host(ctx.y)
         z = b.to_host(ctx.z) if ctx.z is not None else np.zeros_like(x)
-        distance_mm = p.distance_mm
+        r_mm = None
         if p.poni is not None:
             ai = load_poni(p.poni)
             tth, phi, cosi = geometry_poni(x, y, ai)
-            distance_mm = ai.dist * 1000.0
+            if p.unit == "r_mm":
+                r_mm = radius_poni(x, y, ai)
             wl = ai.wavelength * 1e10 if ai.wavelength else None
             if p.energy_kev is not None:
                 wl = HC_KEV_A / p.energy_kev
             if wl is None and p.unit.startswith("q"):
                 raise InputError(f"detector {ctx.det}: function {self.name}: no wavelength in {p.poni} and no energy_kev")
         else:
-            tth, phi, cosi = geometry_center(x, y, z, p.center_um, p.distance_mm)
+            z_mean = ctx.detector_z_mean() if ctx.z is not None else None
+            tth, phi, cosi = geometry_center(x, y, z, p.center_um, p.distance_mm, z_mean=z_mean)
             wl = HC_KEV_A / p.energy_kev if p.energy_kev else None
-        rad = radial(tth, p.unit, wl, distance_mm)
+            if p.unit == "r_mm":
+                r_mm = radius_center(x, y, p.center_um)
+        rad = radial(tth, p.unit, wl, r_mm)
         mask = b.to_host(ctx.mask).astype(bool) if ctx.mask is not None else np.ones(x.shape, bool)
-        lo, hi = p.range if p.range is not None else (float(rad[mask].min()), float(rad[mask].max()))
+        if p.range is not None:
+            lo, hi = p.range
+        elif not mask.any():
+            raise InputError(f"detector {ctx.det}: function {self.name}: no unmasked pixel to set the radial "
+                             f"range; give range")
+        else:
+            lo, hi = float(rad[mask].min()), float(rad[mask].max())
         if p.bins is not None:
             nb = p.bins
             width = (hi - lo) / nb

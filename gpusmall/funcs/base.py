@@ -56,6 +56,9 @@ class FrameContext:
         mask: static mask, bool, True = keep.
         noise: ADU rms of the high (first) gain range, or None.
         x, y, z: pixel centres in micrometres, or None.
+        z_mean: mean z (um, float64) of the whole detector, or None (= the mean of ``z``, i.e. this context
+            covers the whole detector); :meth:`crop` sets it, so geometry that refers to the detector's mean z
+            (azav's pixel vector) does not depend on the sub-region a pixel sits in.
         origin: (panel, row, col) of this frame's first pixel in the full detector.
         units: ``adu``, ``kev`` or ``photons``.
         saturation: raw ADU value at which a pixel saturates.
@@ -74,6 +77,7 @@ class FrameContext:
     x: Any = None
     y: Any = None
     z: Any = None
+    z_mean: float | None = None
     origin: tuple[int, int, int] = (0, 0, 0)
     units: str = "adu"
     saturation: float = float("inf")
@@ -83,6 +87,14 @@ class FrameContext:
     @property
     def xp(self):
         return self.backend.xp
+
+    def detector_z_mean(self) -> float:
+        """Mean z (um) of the whole detector: ``z_mean`` when set, else the mean of ``z`` (0 without z)."""
+        if self.z_mean is not None:
+            return self.z_mean
+        if self.z is None:
+            return 0.0
+        return float(np.asarray(self.backend.to_host(self.z), np.float64).mean())
 
     def stored_image(self, data, good):
         """``data`` as written to the output file: bad pixels 0 (``mask_value: zero``) or NaN (``nan``).
@@ -97,26 +109,33 @@ class FrameContext:
         return xp.where(good, data, xp.float32(np.nan)).astype(xp.float32, copy=False)
 
     def crop(self, index: tuple[slice, slice, slice]) -> "FrameContext":
-        """The context of a (panels, rows, cols) sub-region given as three slices with explicit bounds."""
+        """The context of a (panels, rows, cols) sub-region given as three slices with explicit bounds.
+
+        Pixel arrays are cut; ``z_mean`` keeps the whole detector's mean z (see :meth:`detector_z_mean`).
+        """
         def cut(a):
             return None if a is None else a[index]
 
         shape = tuple(s.stop - s.start for s in index)
         origin = tuple(o + s.start for o, s in zip(self.origin, index))
         return replace(self, shape=shape, mask=cut(self.mask), noise=cut(self.noise), x=cut(self.x),
-                       y=cut(self.y), z=cut(self.z), origin=origin)
+                       y=cut(self.y), z=cut(self.z), origin=origin,
+                       z_mean=None if self.z is None else self.detector_z_mean())
 
 
 class ReductionFunction:
     """Base of every reduction function.
 
-    Subclasses set ``type``, ``Params`` and implement :meth:`compute`; they may override
-    :meth:`prepare` (one-time set-up, returns the context for the children) and
+    Subclasses set ``type``, ``Params`` (and ``accepts_children`` when they pass frames on) and implement
+    :meth:`compute`; they may override :meth:`prepare` (one-time set-up, returns the context for the children) and
     :meth:`static_outputs` (arrays written once to /UserDataCfg, e.g. bin centres).
     """
 
     type: ClassVar[str] = "function"
     Params: ClassVar[type[FunctionParams]] = FunctionParams
+    accepts_children: ClassVar[bool] = False
+    """True for functions whose :meth:`prepare` and :meth:`compute` hand frames on to children (roi, droplet);
+    config validation rejects ``children`` under any other function."""
 
     def __init__(self, params: FunctionParams, children: list["ReductionFunction"] | None = None):
         self.p = params
@@ -167,11 +186,14 @@ class ReductionFunction:
         return {}
 
     def params(self) -> dict[str, Any]:
-        """Parameters (and static outputs) of this function and its children, by full key."""
+        """Parameters (and static outputs) of this function and its children, by full key.
+
+        Every parameter is there, also those that are None: they are written as the string ``"null"`` (their
+        YAML spelling), so that e.g. ``polarization: null`` (switched off) is told from the default.
+        """
         out = {}
         for k, v in self.p.model_dump(exclude={"name"}).items():
-            if v is not None:
-                out[f"{self.name}__{k}"] = v
+            out[f"{self.name}__{k}"] = "null" if v is None else v
         for k, v in self.static_outputs().items():
             out[f"{self.name}__{k}"] = v
         for child in self.children:

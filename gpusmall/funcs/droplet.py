@@ -32,8 +32,11 @@ from .base import FrameContext, Frames, FunctionParams, ReductionFunction
 
 
 class DropletParams(FunctionParams):
-    threshold: float = 5.0
-    threshold_low: float | None = None
+    """``threshold`` > 0 and ``0 <= threshold_low <= threshold`` (ADU, or noise multiples with ``use_rms``):
+    droplet pixels are never negative, so a droplet's photons (``photons``) never exceed its rounded total."""
+
+    threshold: float = Field(5.0, gt=0)
+    threshold_low: float | None = Field(None, ge=0)
     use_rms: bool = True
     thres_adu: float | None = None
     max_droplets: int = Field(1000, ge=1)
@@ -171,6 +174,7 @@ class Droplet(ReductionFunction):
     """Droplet finding; see the module docstring."""
 
     type = "droplet"
+    accepts_children = True
     Params = DropletParams
 
     def prepare(self, ctx: FrameContext):

@@ -5,7 +5,8 @@ pixels by largest remainders: pixel ``i`` of value ``v_i`` first gets ``floor(v_
 photons (0 for negative values); the ``n - sum(floor)`` photons left over (never negative, and never more
 than the droplet's pixel count) go one each to the pixels with the largest remainders
 ``v_i / adu_per_photon - floor(v_i / adu_per_photon)`` (ties: the earlier pixel, row-major). So the
-brightest pixels hold the photons and every droplet keeps exactly ``n``.
+brightest pixels hold the photons and every droplet keeps exactly ``n``. ("Never negative" holds because
+droplet pixels are never negative: ``droplet`` takes only ``threshold_low >= 0``.)
 
 Outputs: ``nPhotons`` (events,) int32; ``row``, ``col``, ``tile`` (events, max_photons) int32, one entry per
 photon (a pixel with k photons appears k times), in row-major pixel order per event, padded with 0.

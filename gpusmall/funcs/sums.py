@@ -3,6 +3,8 @@
 Names: ``calib`` (sum of out), ``square`` (sum of out^2), ``max`` (pixel maximum), ``nhits``
 (count of pixels above the threshold, 0 without one), each optionally ``_thresADU<t>``: pixels below
 ``t`` count 0 (for nhits: pixels > t count 1). Written as ``/Sums/<det>_<name>``, (panels, rows, cols).
+Statically masked pixels are 0 in the float sums (calib, square, max), NaN with the detector's
+``mask_value: nan`` (SPEC section 3); nhits is a count and keeps 0 there.
 
 All sums of a detector are one :class:`RunSums`: on CuPy one ``run_sums`` kernel (``kernels/sums.cu``)
 reads the calibrated batch once and updates every sum; :func:`run_sums_numpy` is its NumPy twin.
@@ -83,12 +85,18 @@ def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray
 class RunSums:
     """Every run sum of one detector, on the device: ``update`` per batch, ``results`` on the host.
 
-    Iterating gives the :class:`SumSpec` of each sum, in config order.
+    Iterating gives the :class:`SumSpec` of each sum, in config order. ``mask`` ((panels, rows, cols) host
+    bool, True = keep: the static mask) and ``mask_value`` (``"zero"`` or ``"nan"``) say what
+    :meth:`results` writes at masked pixels.
     """
 
-    def __init__(self, names, shape, backend: Backend):
+    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero"):
         self.specs = [SumSpec.parse(n) for n in names]
         self.shape, self.backend = tuple(shape), backend
+        if mask_value not in ("zero", "nan"):
+            raise ValueError(f"mask_value must be 'zero' or 'nan', not {mask_value!r}")
+        self.mask = None if mask is None else np.asarray(mask, bool).reshape(self.shape)
+        self.mask_value = mask_value
         npix = int(np.prod(self.shape))
         start = np.array([s.start() for s in self.specs], np.float64)
         self.acc = backend.to_device(np.repeat(start[:, None], npix, axis=1))  # (sums, pixels) float64
@@ -134,6 +142,13 @@ class RunSums:
                     self.thres[k0:k1], self.acc[k0:k1]))
 
     def results(self) -> dict[str, np.ndarray]:
-        """name -> (panels, rows, cols) host array (see :meth:`SumSpec.host_result`)."""
+        """name -> (panels, rows, cols) host array (see :meth:`SumSpec.host_result`); with ``mask_value``
+        ``"nan"`` and a mask, NaN at the masked pixels of the float sums (calib, square, max)."""
         acc = self.backend.to_host(self.acc)
-        return {s.name: s.host_result(acc[k].reshape(self.shape)) for k, s in enumerate(self.specs)}
+        out = {}
+        for k, s in enumerate(self.specs):
+            v = s.host_result(acc[k].reshape(self.shape))
+            if self.mask_value == "nan" and self.mask is not None and s.kind != "nhits":
+                v = np.where(self.mask, v, v.dtype.type(np.nan))
+            out[s.name] = v
+        return out

@@ -12,7 +12,8 @@ import numpy as np
 from ..backend import Backend
 from ..calib import Calibrator, make_common_mode
 from ..detectors import get_model
-from ..detectors.constants import default_constants, default_geometry, load_constants, validate_constants
+from ..detectors.constants import (default_constants, default_geometry, load_constants, select_config_bits,
+                                   validate_constants)
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
@@ -44,8 +45,9 @@ class DetectorPipeline:
         else:
             raise ConstantsError(f"detector {name}: a {model.type} needs a constants file with pedestals "
                                  f"(detectors.{name}.constants)")
-        if src.config_bits is not None and c.config_bits is None:
-            c.config_bits = src.config_bits
+        # the run's own pixel configuration decides (SPEC 1); the constants file's only when the run has none
+        c.config_bits = select_config_bits(name, shape, c.config_bits, src.config_bits)
+        model.check_raw_dtype(name, src.dtype)  # before any event: gain bits need integer raw data
         self.pixel_um = pixel_um = cfg.pixel_um or model.pixel_um or 1.0
         if src.x is not None:
             x, y, z = src.x, src.y, src.z
@@ -73,7 +75,7 @@ class DetectorPipeline:
         self.functions = [build_function(s) for s in specs]
         for f in self.functions:
             f.setup(self.ctx)
-        self.sums = RunSums(cfg.sums, shape, backend)
+        self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value)
 
     def process(self, raw, keep=None) -> dict[str, Any]:
         """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name.
