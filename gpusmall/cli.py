@@ -110,6 +110,7 @@ def cmd_darks(args) -> int:
     from .detectors import get_model
     from .errors import InputError
     from .producer.config import load_config
+    from .producer.paths import check_output, input_files
     from .sources import open_source
 
     from .producer.allocator import keep_freed_memory
@@ -120,6 +121,7 @@ def cmd_darks(args) -> int:
     det = args.det or (names[0] if len(names) == 1 else None)
     if det not in cfg.detectors:
         raise InputError(f"darks: name one detector with --det ({', '.join(names)})")
+    check_output(args.out, "--out", input_files(cfg))
     backend = get_backend(args.backend, cfg.backend)
     if cfg.source.type == "sim":  # a simulated dark run: no photons
         from .sources.sim import SimSource
@@ -161,12 +163,17 @@ def cmd_avimage(args) -> int:
     from .analysis.avimage import average_image, plot_average, write_average
     from .backend import get_backend
     from .producer.config import load_config
+    from .producer.paths import check_output, input_files
 
     from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()
     cfg = load_config(args.config)
     det = _one_detector(cfg, args.det, "avimage")
+    inputs = input_files(cfg)
+    check_output(args.png, "--png", inputs)
+    if args.out:
+        check_output(args.out, "--out", inputs)
     backend = get_backend(args.backend, cfg.backend)
     print(f"gpusmall: backend {backend.description}", file=sys.stderr)
     av = average_image(cfg, det, backend, events=args.events)
@@ -185,6 +192,9 @@ def cmd_avimage(args) -> int:
 def cmd_plot(args) -> int:
     from .analysis.plot import plot_key
 
+    from .producer.paths import check_output
+
+    check_output(args.png, "plot: --png", {"the input file": Path(args.file)})
     what = plot_key(args.file, args.key, args.png)
     print(f"gpusmall: {what} -> {args.png}", file=sys.stderr)
     return 0
@@ -193,12 +203,11 @@ def cmd_plot(args) -> int:
 def cmd_cube(args) -> int:
     from .analysis.cube import make_cube, write_cube
 
-    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range)
-    out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
-    if out.resolve() == Path(args.file).resolve():
-        from .errors import InputError
+    from .producer.paths import check_output
 
-        raise InputError(f"cube: --out {str(out)!r} is the input file")
+    out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
+    check_output(out, "cube: --out", {"the input file": Path(args.file)})
+    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range)
     write_cube(cube, out, source=str(Path(args.file).resolve()))
     i = cube.info
     left = ", ".join(f"{i[k]} {k}" for k in ("damaged", "nonfinite", "outside") if i[k])

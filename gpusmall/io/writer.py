@@ -23,6 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..errors import InputError
+
 
 def _storable(value: Any):
     """A value h5py can store: arrays as they are, lists of numbers as arrays, the rest as JSON text."""
@@ -54,8 +56,20 @@ def open_for_reading(path) -> tuple[h5py.File, bool]:
 
 
 def open_result(path) -> h5py.File:
-    """A result file for reading, also while ``gpusmall run`` is still writing it (SWMR)."""
-    return open_for_reading(path)[0]
+    """A result file for reading, also while ``gpusmall run`` is still writing it (SWMR).
+
+    :class:`UnreadableResult` (exit 2, also an OSError) when the file does not exist or is not HDF5."""
+    if not Path(path).is_file():
+        raise UnreadableResult(f"file {str(path)!r} does not exist")
+    try:
+        return open_for_reading(path)[0]
+    except OSError as exc:
+        raise UnreadableResult(f"{str(path)!r} is not a readable HDF5 file ({exc})") from None
+
+
+class UnreadableResult(InputError, OSError):
+    """A result file that does not exist or cannot be opened: bad input (exit 2) to the command line, and
+    an OSError to a caller that polls a file still being created (as h5py's own error is)."""
 
 
 class _Layout:

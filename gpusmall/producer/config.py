@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, model_validator
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 class Strict(BaseModel):
     """A config block: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
 class SourceConfig(Strict):
@@ -35,7 +35,7 @@ class SourceConfig(Strict):
     damage_every: int = Field(0, ge=0)  # sim only: every N-th event (index % N == N - 1) is damaged
     threads: PositiveInt | None = None  # sim only: threads making events (default: half the cores, at most 8)
     path: str | None = None
-    timestamp: str = "/timestamp"
+    timestamp: str | None = "/timestamp"  # hdf5: (events,) integer timestamps; null: use the event index
     files: list[str] | None = None
     exp: str | None = None
     run: int | None = None
@@ -43,10 +43,21 @@ class SourceConfig(Strict):
     follow: bool = False  # hdf5: wait for events still being written; psana: live mode
     follow_timeout_s: PositiveFloat = 60.0  # hdf5 + follow: the run has ended after this long without new events
 
+    #: the keys each source type reads (besides type and events); any other key set is an error
+    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sim": ("seed", "damage_every", "threads"),
+        "hdf5": ("path", "timestamp", "follow", "follow_timeout_s"),
+        "psana": ("files", "exp", "run", "psana", "follow"),
+    }
+
     @model_validator(mode="after")
     def _needs(self):
         if self.follow and self.type == "sim":
             raise ValueError("follow: a simulated run is complete from the start; follow an hdf5 or psana source")
+        unused = sorted(self.model_fields_set - {"type", "events", *self.KEYS[self.type]})
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not used by a {self.type} source "
+                             f"(a {self.type} source takes {', '.join(('events',) + self.KEYS[self.type])})")
         if self.type == "sim" and self.events is None:
             self.events = 1000
         if self.type == "hdf5" and not self.path:
@@ -181,12 +192,37 @@ def parse_functions(entries: list[dict], prefix: tuple) -> list[FunctionSpec]:
         children = entry.pop("children", []) or []
         if not isinstance(children, list):
             raise ConfigError(f"config: {key_path(loc + ('children',))}: must be a list of functions")
+        if children and not FUNCTIONS[ftype].accepts_children:
+            raise ConfigError(f"config: {key_path(loc + ('children',))}: {ftype} takes no children")
         try:
             params = FUNCTIONS[ftype].Params.model_validate(entry)
         except ValidationError as exc:
             raise _first_error(exc, loc) from None
         specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",)), key_path(loc)))
     return specs
+
+
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
+    """ConfigError when two sibling functions share an output name (the second would overwrite the
+    first's datasets and parameters) or a name cannot be part of a dataset name."""
+    from ..funcs import build_function
+
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        name = build_function(spec).name
+        loc = prefix + (i,)
+        if not FUNCTION_NAME.match(name):
+            raise ConfigError(f"config: {key_path(loc + ('name',))}: {name!r} cannot name datasets (letters, "
+                              f"digits, '_', '.', '+', '-'; no '/')")
+        if name in seen:
+            given = "" if spec.params.name else " (the default name of this function: give each a 'name')"
+            raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {name!r}, also "
+                              f"{key_path(prefix + (seen[name],))}{given}; their outputs would overwrite each other")
+        seen[name] = i
+        check_function_names(spec.children, loc + ("children",))
 
 
 def _resolve(base: Path, p: str | None) -> str | None:
@@ -236,6 +272,7 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         if cfg.source.type == "hdf5" and not det.dataset:
             raise ConfigError(f"config: detectors.{name}.dataset: required for an hdf5 source")
         specs[name] = parse_functions(det.functions, ("detectors", name, "functions"))
+        check_function_names(specs[name], ("detectors", name, "functions"))
         _resolve_function_paths(base, specs[name])
     cfg._specs = specs
     return cfg

@@ -45,10 +45,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..backend import Backend
+from ..errors import InputError
 from ..io.master import build_master, part_path
 from ..io.writer import BackgroundAppender, ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
+from .paths import check_output, input_files
 from .pipeline import DetectorPipeline
 from .process import BatchProcessor, DeviceTimes
 
@@ -203,6 +205,9 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
     comm = comm or get_comm()
     out_path = Path(output or cfg.output)
     my_path = part_path(out_path, comm.rank) if comm.size > 1 else out_path
+    inputs = input_files(cfg)
+    for path in {out_path, my_path}:
+        check_output(path, "--out" if output else "output", inputs)
     t0 = time.perf_counter()
     done = 0
     error: BaseException | None = None
@@ -210,6 +215,9 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
         n = source.n_events
         if events is not None:
             n = events if n is None else min(n, events)
+        if n == 0:
+            raise InputError(f"source: the {cfg.source.type} source has no events"
+                             + (f" ({cfg.source.path})" if cfg.source.path else ""))
         if getattr(source, "distributed", False):  # psana's MPI distribution hands this rank its events
             start, end = 0, None
             # ranks 0 and 1 read small data and build events: the first reducing rank shows its own events

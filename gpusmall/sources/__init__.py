@@ -20,7 +20,8 @@ def open_source(cfg) -> Source:
         from .hdf5 import Hdf5Source
 
         return Hdf5Source(s.path, dets, events=s.events, timestamp=s.timestamp, follow=s.follow,
-                          follow_timeout_s=s.follow_timeout_s)
+                          follow_timeout_s=s.follow_timeout_s,
+                          timestamp_required="timestamp" in s.model_fields_set)
     if s.type == "psana":
         from .psana import PsanaSource  # imports psana only here
 

@@ -1,7 +1,11 @@
 """Raw events from an HDF5 file: one dataset (events, [panels,] rows, cols) per detector.
 
 The config names the file (``source.path``) and each detector's ``dataset``; ``/timestamp``
-(events,) uint64 is used when present (else the event index), as is ``/<det>/config_bits``.
+(events,) integer (ns, as psana's) is used when present (else the event index; ``source.timestamp:
+null`` ignores it), as is ``/<det>/config_bits``. Timestamps must not decrease (SPEC 8: the output is
+in time order, for any number of ranks): a file whose events are not in time order is an error
+naming the first event out of order. Datasets of different lengths are cut to the shortest, with a
+warning naming them.
 
 Following a file that is still being written (``gpusmall run --follow``, ``source.follow: true``):
 the number of events is then open (``n_events`` None) and :meth:`Hdf5Source.read` waits until the
@@ -34,15 +38,18 @@ class Hdf5Source(Source):
         path: the file.
         detectors: name -> {"type", "shape" (panels, rows, cols), "dataset"} from the config.
         events: read at most this many events.
-        timestamp: dataset of (events,) uint64 timestamps (optional in the file).
+        timestamp: dataset of (events,) integer timestamps, optional in the file unless
+            ``timestamp_required``; None: use the event index.
         follow: wait for events still being written; ``follow_timeout_s``: end after this long
             without new events; ``poll_s``: seconds between looks at the file.
     """
 
     def __init__(self, path: str, detectors: dict[str, dict], events: int | None = None,
-                 timestamp: str = "/timestamp", follow: bool = False, follow_timeout_s: float = 60.0,
-                 poll_s: float = 0.5):
+                 timestamp: str | None = "/timestamp", follow: bool = False, follow_timeout_s: float = 60.0,
+                 poll_s: float = 0.5, timestamp_required: bool = False):
         self.path, self.names, self.timestamp = path, {n: d["dataset"] for n, d in detectors.items()}, timestamp
+        self.timestamp_required = bool(timestamp_required and timestamp)
+        self.last_ts: int | None = None  # follow mode: the last timestamp read, to check the order
         self.follow, self.follow_timeout_s, self.poll_s = follow, float(follow_timeout_s), float(poll_s)
         self.limit = None if events is None else int(events)
         self.swmr = False
@@ -61,6 +68,37 @@ class Hdf5Source(Source):
             self.n_events = None  # open: the run is still being written
         else:
             self.n_events = n if self.limit is None else min(n, self.limit)
+            self._check_lengths(n)
+            if self.ts_dataset is not None:
+                self._check_order(self.ts_dataset[: self.n_events], 0)
+
+    def _check_lengths(self, n: int) -> None:
+        """Warn when the datasets hold different numbers of events (the run is cut to the shortest)."""
+        lengths = {f"detectors.{name}.dataset {self.names[name]!r}": ds.shape[0] for name, ds in self.datasets.items()}
+        if self.ts_dataset is not None:
+            lengths[f"source.timestamp {self.timestamp!r}"] = self.ts_dataset.shape[0]
+        if len(set(lengths.values())) > 1:
+            log.warning("%s: datasets of different lengths (%s): only the first %d events are read", self.path,
+                        ", ".join(f"{k}: {v}" for k, v in lengths.items()), n)
+
+    def _check_order(self, ts: np.ndarray, first: int) -> None:
+        """InputError unless timestamps (events ``first``...) never decrease, also across batches."""
+        ts = ts.astype(np.uint64)
+        if ts.size == 0:
+            return
+        prev = self.last_ts
+        back = np.flatnonzero(ts[1:] < ts[:-1])
+        if prev is not None and int(ts[0]) < prev:
+            bad, before, after = first, prev, int(ts[0])
+        elif back.size:
+            bad = first + int(back[0]) + 1
+            before, after = int(ts[back[0]]), int(ts[back[0] + 1])
+        else:
+            self.last_ts = int(ts[-1]) if self.follow else None
+            return
+        raise InputError(f"source.timestamp: {self.timestamp!r} in {self.path} is not in time order at event "
+                         f"{bad} ({after} after {before}); gpusmall writes events in time order (use "
+                         f"'timestamp: null' to take the event index instead)")
 
     # -- the file -------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -78,8 +116,23 @@ class Hdf5Source(Source):
         for name, dset in self.names.items():
             if dset not in self.file:
                 raise InputError(f"detectors.{name}.dataset: {dset!r} is not in {self.path}")
-            self.datasets[name] = self.file[dset]
-        self.ts_dataset = self.file[self.timestamp] if self.timestamp in self.file else None
+            ds = self.file[dset]
+            if not isinstance(ds, h5py.Dataset):
+                raise InputError(f"detectors.{name}.dataset: {dset!r} in {self.path} is a group, not a dataset")
+            if ds.ndim < 3:
+                raise InputError(f"detectors.{name}.dataset: {dset!r} in {self.path} has shape {ds.shape}; "
+                                 f"expected (events, [panels,] rows, cols)")
+            self.datasets[name] = ds
+        self.ts_dataset = None
+        if self.timestamp and self.timestamp in self.file:
+            ts = self.file[self.timestamp]
+            if not isinstance(ts, h5py.Dataset) or ts.ndim != 1 or ts.dtype.kind not in "iu":
+                what = "a group" if not isinstance(ts, h5py.Dataset) else f"{ts.dtype} of shape {ts.shape}"
+                raise InputError(f"source.timestamp: {self.timestamp!r} in {self.path} is {what}; expected "
+                                 f"(events,) integers (ns)")
+            self.ts_dataset = ts
+        elif self.timestamp_required:
+            raise InputError(f"source.timestamp: {self.timestamp!r} is not in {self.path}")
 
     def _refresh(self) -> None:
         """Let the file show what the writer appended since the last look."""
@@ -135,8 +188,12 @@ class Hdf5Source(Source):
                 ds.read_direct(buf.reshape((n, *ds.shape[1:])), np.s_[start:stop])
             raw[name] = buf
         idx = np.arange(start, stop, dtype=np.int64)
-        ts = (self.ts_dataset[start:stop].astype(np.uint64) if self.ts_dataset is not None
-              else idx.astype(np.uint64))
+        if self.ts_dataset is not None:
+            ts = self.ts_dataset[start:stop].astype(np.uint64)
+            if self.follow:  # checked at open otherwise
+                self._check_order(ts, start)
+        else:
+            ts = idx.astype(np.uint64)
         return RawBatch(ts, idx, raw, {name: np.zeros(n, bool) for name in raw})
 
     def close(self) -> None:
