@@ -28,6 +28,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return v
+
+
 def demo_config_dict() -> dict:
     """The embedded default config of ``gpusmall demo``."""
     return yaml.safe_load(resources.files("gpusmall.producer").joinpath("demo.yaml").read_text())
@@ -41,6 +51,8 @@ def _run_config(cfg, args) -> int:
     from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()  # batches reuse the previous batch's host memory (see allocator.py)
+    if args.events is not None and cfg.source.type == "sim":
+        cfg.source.events = args.events  # a simulated run has no end of its own: --events N makes N events
     comm = get_comm()
     device = gpu_for_rank(comm, resolve_choice(args.backend, cfg.backend))
     backend = get_backend(args.backend, cfg.backend, device_id=device)
@@ -224,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def run_options(sp, default_events=None):
-        sp.add_argument("--events", type=_positive, default=default_events, help="reduce at most N events")
+        sp.add_argument("--events", type=_positive, default=default_events, help="a simulated run: make N events; other sources: reduce at most N")
         sp.add_argument("--out", help="output HDF5 file (default: the config's output)")
-        sp.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend (default: config, then $GPUSMALL_BACKEND, then auto)")
+        sp.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend (default: $GPUSMALL_BACKEND, then the config's, then auto)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     d = sub.add_parser("demo", help="simulated ePix10k2M run with the default function set (no input needed)")
@@ -248,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--events", type=_positive, help="use at most N events")
     k.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
     k.add_argument("--det", help="detector (needed when the config has several)")
-    k.add_argument("--n-sigma", type=float, default=6.0, help="status threshold in robust sigmas (default 6)")
+    k.add_argument("--n-sigma", type=_positive_float, default=6.0, help="status threshold in robust sigmas (default 6)")
     k.set_defaults(func=cmd_darks)
     i = sub.add_parser("inspect", help="what a result file holds")
     i.add_argument("file")

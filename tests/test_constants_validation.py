@@ -88,8 +88,11 @@ def make_pipeline(tmp_path, shape, file_bits, source_bits, dtype=np.uint16):
     return DetectorPipeline("e", cfg, src, [], Backend("numpy")), ped, gain
 
 
+PANEL = (1, 352, 384)  # one ePix10ka panel (a config's shape must be the detector's)
+
+
 def test_run_config_bits_win_over_the_constants_file(tmp_path, caplog):
-    shape = (1, 4, 6)
+    shape = PANEL
     run_bits = np.full(shape, 16, np.uint8)  # auto high->low (trbit)
     file_bits = np.full(shape, 28, np.uint8)  # a fixed-high dark run
     file_bits[0, 0, :2] = 16  # two pixels agree
@@ -97,7 +100,8 @@ def test_run_config_bits_win_over_the_constants_file(tmp_path, caplog):
         p, ped, gain = make_pipeline(tmp_path, shape, file_bits, run_bits)
     np.testing.assert_array_equal(p.calibrator.config_bits, run_bits)
     np.testing.assert_array_equal(p.constants.config_bits, run_bits)
-    assert any("22 of 24 pixels" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    n = 352 * 384
+    assert any(f"{n - 2} of {n} pixels" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     # data bit 14 set: b = 16 | 32 = 48 -> AHL-L (5); with the file's 28 it would be FH (0)
     raw = np.full((1, *shape), (1 << 14) | 1500, np.uint16)
     out = p.calibrator(raw).data
@@ -106,7 +110,7 @@ def test_run_config_bits_win_over_the_constants_file(tmp_path, caplog):
 
 
 def test_constants_file_bits_are_the_fallback(tmp_path, caplog):
-    shape = (1, 4, 6)
+    shape = PANEL
     file_bits = np.full(shape, 28, np.uint8)
     with caplog.at_level(logging.WARNING):
         p, ped, gain = make_pipeline(tmp_path, shape, file_bits, None)
@@ -208,7 +212,7 @@ def test_integer_raw_is_accepted(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_raw_is_rejected_before_any_event(tmp_path, dtype):
     with pytest.raises(InputError, match=f"detector e: raw data of dtype {np.dtype(dtype)}"):
-        make_pipeline(tmp_path, (1, 4, 6), None, None, dtype=dtype)
+        make_pipeline(tmp_path, PANEL, None, None, dtype=dtype)
     src = SimpleNamespace(detectors={"e": DetectorSource("e", "jungfrau", (1, 4, 6), np.dtype(dtype))}, n_events=2,
                           batches=lambda *a: pytest.fail("darks read events of a float detector"))
     with pytest.raises(InputError, match=f"detector e: raw data of dtype {np.dtype(dtype)}"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gpusmall.calib.darks import (STATUS_CONSTANT, STATUS_NOISE, STATUS_PEDESTAL, DarkAccumulator,
+from gpusmall.calib.darks import (STATUS_CONSTANT, STATUS_NO_RANGE, STATUS_NOISE, STATUS_PEDESTAL, DarkAccumulator,
                                   compute_darks, dark_status)
 from gpusmall.cli import main
 from gpusmall.detectors import get_model
@@ -110,3 +110,29 @@ def test_cli_darks(tmp_path):
     c = load_constants(out, "cam", get_model("jungfrau"), (1, 512, 1024))
     assert c.pedestal.shape == (3, 1, 512, 1024) and c.status.shape == (1, 512, 1024)
     assert (c.gain == 1).all()
+
+
+def test_pixel_in_no_valid_range_is_flagged(numpy_backend, rng):
+    """A JUNGFRAU pixel whose gain bits are 2 (invalid) in every event has no pedestal: status bit 8."""
+    model = get_model("jungfrau")
+    shape = (1, 2, 3)
+    v = rng.integers(100, 200, (30, *shape))
+    bits = np.zeros((30, *shape), np.int64)
+    bits[:, 0, 1, 2] = 2  # always invalid
+    bits[::2, 0, 0, 0] = 2  # invalid in half the events: still has a pedestal
+    acc = DarkAccumulator(model, shape, numpy_backend)
+    acc.update((v | (bits << 14)).astype(np.uint16))
+    ped, noise, count, constant = acc.result()
+    status = dark_status(ped, noise, count, constant)
+    assert status[0, 1, 2] & STATUS_NO_RANGE
+    assert (status & STATUS_NO_RANGE).sum() == STATUS_NO_RANGE
+    assert count[0, 0, 0, 0] == 15
+
+
+def test_n_sigma_must_be_positive(tmp_path, capsys):
+    p = tmp_path / "d.yaml"
+    p.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4},
+                                 "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}}))
+    with pytest.raises(SystemExit) as e:
+        main(["darks", str(p), "--out", str(tmp_path / "k.h5"), "--n-sigma", "0"])
+    assert e.value.code == 2 and "--n-sigma" in capsys.readouterr().err

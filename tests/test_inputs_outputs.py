@@ -178,3 +178,24 @@ def test_wrong_types_are_errors_not_coerced(where, value):
     # an integer where a float is asked is no error
     validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(
         CAM, common_mode={"type": "median", "max_correction": 50})}})
+
+
+def test_events_option_sets_the_length_of_a_simulated_run(tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    rc, _ = run_cli(capsys, "run", str(write_config(tmp_path)), "--events", "7", "--out", str(out),
+                    "--backend", "numpy", "--quiet")
+    assert rc == 0
+    with h5py.File(out) as f:  # the config says 4 events; --events 7 makes 7
+        assert f["timestamp"].shape == (7,)
+
+
+@pytest.mark.parametrize("det, where", [
+    (dict(type="jungfrau", shape=[1, 500, 1024]), "a jungfrau panel is 512 x 1024 pixels, not 500 x 1024"),
+    (dict(type="epix10ka", shape=[4, 384, 352]), "a epix10ka panel is 352 x 384"),
+    (dict(CAM, common_mode={"type": "median", "axes": []}), "common_mode.axes"),
+    (dict(CAM, functions=[{"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5,
+                           "bins": 10, "polarization": 2}]), r"functions\[0\].polarization"),
+])
+def test_values_out_of_their_domain_are_config_errors(det, where):
+    with pytest.raises(ConfigError, match=where):
+        validate_config({"source": {"type": "sim"}, "detectors": {"d": det}})

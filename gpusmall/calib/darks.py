@@ -11,7 +11,9 @@ From the sums: ``pedestal[g] = mean``, ``noise[g] = standard deviation`` (popula
 * 1: the pedestal of some gain range lies more than ``n_sigma`` robust standard deviations (median
   absolute deviation x 1.4826) from its panel's median (over the pixels seen in that range);
 * 2: the same for the noise;
-* 4: the pixel never changed during the run (its minimum equals its maximum).
+* 4: the pixel never changed during the run (its minimum equals its maximum);
+* 8: the pixel was in no valid gain range in any event (e.g. JUNGFRAU gain bits always 2): it has
+  no pedestal at all.
 
 A pixel never seen in a range gets pedestal 0 and noise 0 there (ranges need their own dark runs
 for gain-switching detectors in fixed-gain modes).
@@ -28,7 +30,7 @@ from ..detectors.constants import Constants
 from ..detectors.epix10ka import CONFIG_BITS_MASK
 
 MAD_TO_SIGMA = 1.4826
-STATUS_PEDESTAL, STATUS_NOISE, STATUS_CONSTANT = 1, 2, 4
+STATUS_PEDESTAL, STATUS_NOISE, STATUS_CONSTANT, STATUS_NO_RANGE = 1, 2, 4, 8
 
 
 class DarkAccumulator:
@@ -112,6 +114,7 @@ def dark_status(ped: np.ndarray, noise: np.ndarray, count: np.ndarray, constant:
         status |= np.where(robust_outliers(ped[r], seen, n_sigma), STATUS_PEDESTAL, 0).astype(np.uint8)
         status |= np.where(robust_outliers(noise[r], seen, n_sigma), STATUS_NOISE, 0).astype(np.uint8)
     status |= np.where(constant, STATUS_CONSTANT, 0).astype(np.uint8)
+    status |= np.where((count == 0).all(axis=0), STATUS_NO_RANGE, 0).astype(np.uint8)
     return status
 
 

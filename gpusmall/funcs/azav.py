@@ -62,7 +62,7 @@ class AzavParams(FunctionParams):
     range: list[float] | None = None
     bin_width: float | None = Field(None, gt=0)
     phi_bins: int = Field(1, ge=1)
-    polarization: float | None = 0.99
+    polarization: float | None = Field(0.99, ge=-1.0, le=1.0)  # factor f of SPEC 6; null: no correction
     solid_angle: bool = True
     thres_adu: float | None = None
     thres_adu_high: float | None = None

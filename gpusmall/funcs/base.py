@@ -60,9 +60,11 @@ class FrameContext:
             covers the whole detector); :meth:`crop` sets it, so geometry that refers to the detector's mean z
             (azav's pixel vector) does not depend on the sub-region a pixel sits in.
         origin: (panel, row, col) of this frame's first pixel in the full detector.
-        units: ``adu``, ``kev`` or ``photons``.
+        units: ``adu``, ``kev`` or ``photons``: the unit of the frames, and of every threshold applied to
+            them (``thres_adu``, droplet thresholds without ``use_rms``, sums' ``_thresADU<t>``), as
+            smalldata_tools applies its thresholds to the calibrated image; with the default ``adu`` the
+            names say it.
         saturation: raw ADU value at which a pixel saturates.
-        to_adu: factor turning the frames' units into ADU of the first gain range (1 for adu).
         pixel_um: pixel pitch in micrometres (1 = pixel units).
         mask_value: what bad pixels become in stored pixel images (e.g. the ROI ``area``):
             ``"zero"`` (0) or ``"nan"`` (NaN); see :meth:`stored_image` (SPEC section 3).

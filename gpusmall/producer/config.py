@@ -79,7 +79,7 @@ class MaskConfig(Strict):
 
 class CommonModeConfig(Strict):
     type: Literal["median", "epix100", "zero_peak", "none", "raw"]
-    axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"])
+    axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"], min_length=1)
     max_correction: PositiveFloat | None = None  # ADU; default 100 (median, zero_peak) or 30 (epix100)
     min_pixels: int = Field(10, ge=0)
     gain_ranges: Literal["all", "high"] | None = None  # default: high for gain-switching detectors
@@ -114,6 +114,16 @@ class DetectorConfig(Strict):
         bad = [s for s in self.sums if not SUM_NAME.match(s)]
         if bad:
             raise ValueError(f"unknown sums {bad}: use calib, square, max, nhits, optionally with _thresADU<t>")
+        return self
+
+    @model_validator(mode="after")
+    def _shape_of_the_model(self):
+        model = MODELS[self.type]
+        if self.shape is not None and model.panel_shape is not None:
+            panel = tuple(self.shape[-2:])
+            if panel != tuple(model.panel_shape):
+                raise ValueError(f"shape: a {self.type} panel is {model.panel_shape[0]} x {model.panel_shape[1]} "
+                                 f"pixels, not {panel[0]} x {panel[1]}")
         return self
 
     def panel_shape(self) -> tuple[int, int, int] | None:
