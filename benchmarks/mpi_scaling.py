@@ -8,9 +8,9 @@ sums), so that a run takes seconds on a laptop. Two sources:
 
 * ``hdf5`` (default): raw events written once beforehand to an HDF5 file (the production shape: a
   producer reads recorded data). Reading costs little, so each rank's reduction is what scales.
-* ``sim``: the simulator generates the events on the fly in each rank's reader thread. Generating a
-  frame costs about as much as reducing it, so one rank already keeps two cores busy (reader thread +
-  reduction) and a 2-core machine cannot give a second rank much more.
+* ``sim``: the simulator generates the events on the fly in each rank's reader thread (about half
+  a millisecond per 512 x 512 frame, a fraction of its reduction), so the ranks scale nearly as with
+  recorded data.
 
 Reported per run: wall time (start-up, imports, MPI, set-up and master file included) and the
 events/s of the reduction loop (what ``gpusmall run`` prints: events over the slowest rank's loop
