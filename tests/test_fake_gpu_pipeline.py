@@ -182,6 +182,8 @@ def case_on(backend, case, events=5, batch=3):
     src = SimSource(events, {"det": {"type": det_type, "shape": tuple(shape)}}, seed=4)
     pl = DetectorPipeline("det", cfg.detectors["det"], src.detectors["det"], cfg.function_specs("det"), backend)
     proc = BatchProcessor({"det": pl}, backend, batch)
+    transfers = getattr(backend, "transfers", [])
+    before = len(transfers)
     out = []
     for b in range(0, events, batch):
         raw = src.read(b, min(events, b + batch))
@@ -191,8 +193,10 @@ def case_on(backend, case, events=5, batch=3):
                 raw.damaged["det"][i - b] = True
         out.append(proc.process_async(proc.stage(raw)))
     cols = [p.result() for p in out]
+    # host->device copies per batch: the raw batch, plus a byte per event of damage flags where it has damage
+    uploads = sum(1 for k, n in transfers[before:] if k == "h2d" and n > batch)
     cols = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
-    return cols, {k: np.asarray(v) for k, v in pl.sum_results().items()}
+    return cols, {k: np.asarray(v) for k, v in pl.sum_results().items()}, uploads
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -202,7 +206,9 @@ def test_detectors_and_common_modes_under_cupys_rules(monkeypatch, case):
     the CuPy code paths under CuPy's rules with the compiled kernels give the NumPy backend's numbers."""
     gpu = FakeGpuStrict()
     install_fake_cupyx(monkeypatch, transfers=gpu.transfers)
-    got, got_sums = case_on(gpu, case)
-    want, want_sums = case_on(Backend("numpy"), case)
+    got, got_sums, uploads = case_on(gpu, case)
+    want, want_sums, _ = case_on(Backend("numpy"), case)
     _compare(got, want, got_sums, want_sums)
+    # constants, masks, bin maps and the like went up in the set-up: per batch only the raw batch goes up
+    assert uploads == 2, f"{uploads} host->device copies for 2 batches"
     np.testing.assert_array_equal(np.flatnonzero(got["det/damaged"]), DAMAGED.get(case, []))

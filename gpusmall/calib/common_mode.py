@@ -330,8 +330,9 @@ class ZeroPeakCommonMode:
         self.nbins = max(int(np.ceil(2 * maxc - 1e-9)), 1)
         edges = np.append(-maxc + np.arange(self.nbins, dtype=np.float64), maxc)
         self.centres = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)  # (nbins,) bin centres, ADU, host
-        self._centres_dev = None  # the same on the device, uploaded once (first batch)
         self.backend = backend
+        # the same on the device, once (None on NumPy)
+        self._centres_dev = None if backend is None or backend.xp is np else backend.to_device(self.centres)
 
     def __call__(self, s, good, g):
         xp = np if isinstance(s, np.ndarray) else self.backend.xp
@@ -346,13 +347,7 @@ class ZeroPeakCommonMode:
         gid = xp.arange(n_groups, dtype=xp.int64).reshape(sg.shape[:-1])[..., None]
         flat = xp.where(inr, gid * nbins + b, n_groups * nbins)
         hist = xp.bincount(flat.ravel(), minlength=n_groups * nbins + 1)[:-1].reshape(*sg.shape[:-1], nbins)
-        if xp is np:
-            centres = self.centres
-        else:
-            if self._centres_dev is None:
-                self._centres_dev = self.backend.to_device(self.centres)
-            centres = self._centres_dev
-        peak = centres[xp.argmax(hist, axis=-1)]
+        peak = (self.centres if xp is np else self._centres_dev)[xp.argmax(hist, axis=-1)]
         ok = hist.max(axis=-1) > 0
         sg = xp.where(ug & ok[..., None], sg - peak[..., None], sg)
         return _from_groups(xp, sg, "banks", s.shape, self.bank)
