@@ -48,3 +48,18 @@ def test_photon_count(backend, rng):
     for e in range(4):
         ne = np.minimum(n[e][good[e]], 3)
         np.testing.assert_array_equal(out["hist"][e], np.bincount(ne, minlength=4))
+
+
+def test_acf_profile_rings_without_lags_are_nan(backend, rng):
+    """resolution 0.4 px: rings [0.4, 0.8), [1.6, 2.0), [2.4, 2.8) hold no lag of a 5 x 5 crop."""
+    shape = (1, 12, 12)
+    data = rng.normal(10, 3, (2,) + shape).astype(np.float32)
+    good = np.ones(data.shape, bool)
+    f = setup(Acf, backend, make_ctx(backend, shape), window=5, resolution=0.4)
+    out = {k: backend.to_host(v) for k, v in f.compute(make_frames(backend, data, good))[0].items()}
+    lags = np.arange(5) - 2
+    b = np.floor(np.hypot(lags[:, None], lags[None, :]) / 0.4).astype(int)
+    for e in range(2):
+        want = np.array([out["acf"][e][b == k].mean() if (b == k).any() else np.nan for k in range(b.max() + 1)])
+        np.testing.assert_allclose(out["profile"][e], want, rtol=1e-5)
+    assert np.isnan(out["profile"][:, [1, 4, 6]]).all() and np.isfinite(out["profile"][:, [0, 2, 3, 5]]).all()

@@ -8,7 +8,8 @@ It equals ``scipy.signal.fftconvolve(x, x[::-1, ::-1])`` with zero lag in the mi
 
 Outputs: ``acf`` (events, window, window), the central crop: lags ``-(window // 2) ..`` along rows and columns
 (zero lag at index ``window // 2``); ``profile`` (events, nbins): the mean of the crop over rings of
-``resolution`` pixels of lag radius (bin k holds radii in ``[k, k + 1) * resolution``); a multi-panel input
+``resolution`` pixels of lag radius (bin k holds radii in ``[k, k + 1) * resolution``; NaN for a ring
+that holds no lag on the pixel grid, as some do with ``resolution < 1``); a multi-panel input
 keeps a panels axis after events. Static output ``profile_r``: bin centres in pixels.
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ class Acf(ReductionFunction):
         nb = b.max() + 1
         weights = np.zeros((w * w, nb))
         weights[np.arange(w * w), b] = 1
-        weights /= weights.sum(axis=0, keepdims=True).clip(1)
+        count = weights.sum(axis=0, keepdims=True)
+        weights = np.where(count > 0, weights / np.maximum(count, 1), np.nan)  # a ring with no lag: NaN
         self.weights = xp.asarray(weights)
         self.r_centres = (np.arange(nb) + 0.5) * self.p.resolution
         return None
