@@ -126,6 +126,7 @@ def test_run_writes_null_parameters_and_nan_sums(tmp_path):
         v = u["ring__polarization"][()]
         assert (v.decode() if isinstance(v, bytes) else v) == "null"
         assert float(u["pol__polarization"][()]) == pytest.approx(0.99)
+        assert u["mask__user"][()] in (b"null", "null")  # the mask's parameters: every key too
         mask = u["mask"][()].astype(bool)
         assert mask.shape == (1, 32, 48) and 0 < mask.sum() < mask.size  # edges: 2 masks the frame border
         for name in ("calib", "square", "max", "max_thresADU5"):

@@ -101,8 +101,7 @@ class DetectorPipeline:
             if v is not None:
                 out[f"common_mode__{k}"] = v
         for k, v in self.cfg.mask.model_dump().items():
-            if v is not None:
-                out[f"mask__{k}"] = v
+            out[f"mask__{k}"] = "null" if v is None else v  # as function parameters: every key is there
         for f in self.functions:
             out.update(f.params())
         return out
