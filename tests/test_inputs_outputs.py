@@ -175,6 +175,12 @@ def test_wrong_types_are_errors_not_coerced(where, value):
     node[where[-1]] = value
     with pytest.raises(ConfigError, match=r"config: " + r"\.".join(where)):
         validate_config(cfg)
+    # function parameters too
+    for bad in ({"type": "roi", "bounds": [[0, 8], [0, 8]], "write_area": "yes"},
+                {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": "10"}):
+        key = "write_area" if bad["type"] == "roi" else "bins"
+        with pytest.raises(ConfigError, match=rf"functions\[0\]\.{key}"):
+            validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=[bad])}})
     # an integer where a float is asked is no error
     validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(
         CAM, common_mode={"type": "median", "max_correction": 50})}})

@@ -21,7 +21,7 @@ from ..detectors.base import DetectorModel
 class FunctionParams(BaseModel):
     """Parameters common to every function; subclasses add their own. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str | None = None
 
 
