@@ -77,12 +77,15 @@ class Backend:
         name: ``"numpy"`` or ``"cupy"``.
         xp: the array module (numpy or cupy).
         description: one line saying what was chosen and on which device.
+        threads: CPU threads the NumPy path may use for work that splits by event (calibration);
+            1 = all in the calling thread. The GPU path ignores it.
     """
 
-    def __init__(self, name: str, device_id: int | None = None):
+    def __init__(self, name: str, device_id: int | None = None, threads: int = 1):
         if name not in ("numpy", "cupy"):
             raise BackendError(f"backend must be numpy or cupy, not {name!r}")
         self.name = name
+        self.threads = max(1, int(threads))
         self._kernels: dict[tuple[str, str, tuple[str, ...]], Any] = {}
         if name == "cupy":
             ok, why = gpu_status(device_id)
@@ -174,8 +177,20 @@ def resolve_choice(argument: str | None = None, config: str | None = None) -> st
     return "auto"
 
 
-def get_backend(argument: str | None = None, config: str | None = None, device_id: int | None = None) -> Backend:
-    """Choose the backend once for a run (see module docstring) and say what was chosen."""
+def cpu_threads(ranks_on_node: int = 1) -> int:
+    """CPU threads for one process's NumPy work: the cores it may run on shared by the MPI ranks of its
+    node (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(ranks_on_node)))
+
+
+def get_backend(argument: str | None = None, config: str | None = None, device_id: int | None = None,
+                threads: int = 1) -> Backend:
+    """Choose the backend once for a run (see module docstring) and say what was chosen; ``threads``:
+    CPU threads of the NumPy path (:attr:`Backend.threads`)."""
     choice, why = resolve_choice(argument, config), None
     if choice == "auto":
         ok, reason = gpu_status(device_id)
@@ -183,8 +198,10 @@ def get_backend(argument: str | None = None, config: str | None = None, device_i
         if not ok:
             why = reason
             log.info("backend auto: numpy (%s)", why)
-    backend = Backend(choice, device_id=device_id)
+    backend = Backend(choice, device_id=device_id, threads=threads)
     if why is not None:  # auto fell back: say why (e.g. CuPy installed, but no driver)
         backend.description = f"numpy (CPU; no GPU used: {why})"
+    if not backend.is_gpu and backend.threads > 1:
+        backend.description += f", {backend.threads} threads"
     log.info("backend: %s", backend.description)
     return backend

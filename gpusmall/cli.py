@@ -44,7 +44,7 @@ def demo_config_dict() -> dict:
 
 
 def _run_config(cfg, args) -> int:
-    from .backend import get_backend, resolve_choice
+    from .backend import cpu_threads, get_backend, resolve_choice
     from .producer.mpi import get_comm, gpu_for_rank
     from .producer.run import reduce_run
 
@@ -55,7 +55,8 @@ def _run_config(cfg, args) -> int:
         cfg.source.events = args.events  # a simulated run has no end of its own: --events N makes N events
     comm = get_comm()
     device = gpu_for_rank(comm, resolve_choice(args.backend, cfg.backend))
-    backend = get_backend(args.backend, cfg.backend, device_id=device)
+    threads = args.threads or cpu_threads(comm.local_size)  # NumPy: the node's cores shared by its ranks
+    backend = get_backend(args.backend, cfg.backend, device_id=device, threads=threads)
     who = f"rank {comm.rank}/{comm.size}: " if comm.size > 1 else ""
     if comm.rank == 0 or args.verbose:
         print(f"gpusmall: {who}backend {backend.description}", file=sys.stderr)
@@ -173,7 +174,7 @@ def _one_detector(cfg, det, command: str) -> str:
 def cmd_avimage(args) -> int:
     """Average calibrated image of the first N events, assembled with the geometry -> PNG (and HDF5)."""
     from .analysis.avimage import average_image, plot_average, write_average
-    from .backend import get_backend
+    from .backend import cpu_threads, get_backend
     from .producer.config import load_config
     from .producer.paths import check_output, input_files
 
@@ -186,7 +187,7 @@ def cmd_avimage(args) -> int:
     check_output(args.png, "--png", inputs)
     if args.out:
         check_output(args.out, "--out", inputs)
-    backend = get_backend(args.backend, cfg.backend)
+    backend = get_backend(args.backend, cfg.backend, threads=cpu_threads())
     print(f"gpusmall: backend {backend.description}", file=sys.stderr)
     av = average_image(cfg, det, backend, events=args.events)
     title = f"{det} ({cfg.detectors[det].type}): mean of {av.events} events, {Path(args.config).name}"
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", help="output HDF5 file (default: the config's output)")
         sp.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend (default: $GPUSMALL_BACKEND, then the config's, then auto)")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        sp.add_argument("--threads", type=_positive, help="NumPy backend: CPU threads per rank (default: the "
+                                                          "cores shared by the ranks on the node)")
 
     d = sub.add_parser("demo", help="simulated ePix10k2M run with the default function set (no input needed)")
     run_options(d)

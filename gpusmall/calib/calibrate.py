@@ -9,6 +9,8 @@ fused CUDA kernel ``kernels/calib.cu:calibrate_u16``.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor, ThreadPoolExecutor
+
 import numpy as np
 
 from ..backend import Backend
@@ -106,7 +108,8 @@ def pedestal_subtract(xp, model: DetectorModel, raw, pedestal, config_bits=None)
     return s, g
 
 
-def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, config_bits=None, common_mode=None):
+def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, config_bits=None, common_mode=None,
+                        pool: Executor | None = None):
     """Readable calibration: returns (out, good), out float32 with bad pixels 0.
 
     Args:
@@ -114,17 +117,27 @@ def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, co
         pedestal, scale: (gains, panels, rows, cols) float32 (see :func:`unit_scale`).
         mask: (panels, rows, cols) bool static mask.
         common_mode: callable ``(s, good, g) -> s`` applied before scaling, or None.
+        pool: NumPy only: an executor whose threads calibrate the chunks of events side by side (NumPy
+            releases the GIL in its loops and sorts); None: one after the other.
 
     On NumPy the batch goes through :data:`CHUNK_EVENTS` events at a time (same result: every step,
-    common mode included, is per event).
+    common mode included, is per event, and each chunk writes only its own events).
     """
     out = xp.empty(raw.shape, xp.float32)
     good = xp.empty(raw.shape, xp.bool_)
     step = CHUNK_EVENTS if xp is np else max(raw.shape[0], 1)
-    for e0 in range(0, raw.shape[0], step):
-        events = slice(e0, e0 + step)
+    chunks = [slice(e0, e0 + step) for e0 in range(0, raw.shape[0], step)]
+
+    def calibrate(events):
         _calibrate_events(xp, model, raw[events], pedestal, scale, mask, config_bits, common_mode,
                           out[events], good[events])
+
+    if pool is not None and xp is np and len(chunks) > 1:
+        for _ in pool.map(calibrate, chunks):  # re-raises a chunk's error
+            pass
+    else:
+        for events in chunks:
+            calibrate(events)
     return out, good
 
 
@@ -165,6 +178,9 @@ class Calibrator:
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
         self.use_kernel = backend.is_gpu and common_mode != "raw"
+        # NumPy: events calibrated on backend.threads threads (a pool of this calibrator's, made once)
+        self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix="gpusmall-calib")
+                     if not backend.is_gpu and backend.threads > 1 else None)
 
     def __call__(self, raw) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
@@ -178,7 +194,8 @@ class Calibrator:
             out, good = self._kernel_cm(raw) if callable(self.common_mode) else self._kernel(raw)
         else:
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
-                                            self.config_bits, self.common_mode if callable(self.common_mode) else None)
+                                            self.config_bits, self.common_mode if callable(self.common_mode) else None,
+                                            pool=self.pool)
         return Frames(out, good, raw)
 
     def _kernel(self, raw):
