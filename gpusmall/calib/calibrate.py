@@ -182,8 +182,9 @@ class Calibrator:
         self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix="gpusmall-calib")
                      if not backend.is_gpu and backend.threads > 1 else None)
 
-    def __call__(self, raw) -> Frames:
-        """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
+    def __call__(self, raw, threads: bool = True) -> Frames:
+        """raw: (events, panels, rows, cols) on the backend's device -> Frames. ``threads`` False: on NumPy
+        in the calling thread only (a caller that already splits the batch over threads)."""
         xp = self.backend.xp
         self.model.check_raw_dtype(self.det or self.model.type, raw.dtype)  # InputError for float raw data
         if self.common_mode == "raw":
@@ -195,7 +196,7 @@ class Calibrator:
         else:
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
                                             self.config_bits, self.common_mode if callable(self.common_mode) else None,
-                                            pool=self.pool)
+                                            pool=self.pool if threads else None)
         return Frames(out, good, raw)
 
     def _kernel(self, raw):

@@ -5,6 +5,7 @@ Everything that depends only on constants and geometry is built here once and ke
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -76,15 +77,39 @@ class DetectorPipeline:
         for f in self.functions:
             f.setup(self.ctx)
         self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value)
+        # NumPy with threads: the events of a batch are split over a pool of this pipeline's
+        self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
+                     if not backend.is_gpu and backend.threads > 1 else None)
 
     def process(self, raw, keep=None) -> dict[str, Any]:
         """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name.
-        ``keep``: (events,) host bool, the events that enter the run sums (None: all; damaged: False)."""
-        frames = self.calibrator(raw)
+        ``keep``: (events,) host bool, the events that enter the run sums (None: all; damaged: False).
+
+        On NumPy with ``backend.threads`` > 1 the batch is cut into that many blocks of consecutive
+        events, each calibrated and reduced in its own thread (NumPy, SciPy's labelling and sparse
+        products release the GIL); the run sums take the blocks in order. Every function works event by
+        event, so the outputs are those of one thread (test)."""
+        n = raw.shape[0]
+        if self.pool is None or n < 2:
+            frames = self.calibrator(raw)
+            self.sums.update(frames.data, keep)
+            return self._reduce(frames)
+        edges = np.linspace(0, n, min(self.backend.threads, n) + 1).astype(int)
+        blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+        def block(events):
+            frames = self.calibrator(raw[events], threads=False)
+            return frames, self._reduce(frames)
+
+        done = list(self.pool.map(block, blocks))
+        for events, (frames, _) in zip(blocks, done):
+            self.sums.update(frames.data, None if keep is None else keep[events])
+        return {k: np.concatenate([out[k] for _, out in done]) for k in done[0][1]}
+
+    def _reduce(self, frames) -> dict[str, Any]:
         out = {}
         for f in self.functions:
             out.update(f(frames))
-        self.sums.update(frames.data, keep)
         return out
 
     def user_data_cfg(self) -> dict[str, Any]:
