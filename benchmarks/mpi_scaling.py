@@ -68,10 +68,11 @@ def hdf5_config(raw_path: Path, events: int) -> dict:
     return cfg
 
 
-def run_once(cfg: Path, n: int, events: int, out: Path, backend: str, env: dict) -> tuple[float, float]:
-    """(wall s, loop events/s) of one ``gpusmall run`` with ``n`` ranks."""
+def run_once(cfg: Path, n: int, events: int, out: Path, backend: str, env: dict,
+             threads: int | None = None) -> tuple[float, float]:
+    """(wall s, loop events/s) of one ``gpusmall run`` with ``n`` ranks (``--threads`` per rank if given)."""
     cmd = [sys.executable, "-m", "gpusmall", "run", str(cfg), "--events", str(events),
-           "--out", str(out), "--backend", backend, "--quiet"]
+           "--out", str(out), "--backend", backend, "--quiet"] + (["--threads", str(threads)] if threads else [])
     if n > 1:
         cmd = ["mpiexec", "-n", str(n)] + cmd
     t0 = time.perf_counter()
@@ -95,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--config", help="your own config instead (its source is used as is)")
     ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--threads", type=int, help="NumPy threads per rank (default: gpusmall's, the cores "
+                                                "shared by the ranks; 1 measures the ranks alone)")
     args = ap.parse_args(argv)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", HDF5_USE_FILE_LOCKING="FALSE")
@@ -118,7 +121,8 @@ def main(argv=None):
             walls: dict[int, list[float]] = {n: [] for n in args.ranks}
             for _ in range(args.repeat):  # interleave rank counts so drifts hit both alike
                 for n in args.ranks:
-                    wall, loop = run_once(cfg, n, args.events, tmp / f"{kind}{n}.h5", args.backend, env)
+                    wall, loop = run_once(cfg, n, args.events, tmp / f"{kind}{n}.h5", args.backend, env,
+                                          args.threads)
                     walls[n].append(wall)
                     loops[n].append(loop)
             base = statistics.median(loops[args.ranks[0]])
