@@ -25,8 +25,8 @@ def test_threaded_numpy_calibration_equals_one_thread(det_type, shape, cm):
         b = Backend("numpy", threads=threads)
         common = None if cm is None else make_common_mode("d", CommonModeConfig(**cm), model, c, b, shape[1:])
         cal = Calibrator(model, c, c.status == 0, b, common_mode=common)
-        assert (cal.pool is None) == (threads == 1)
         out.append(cal(raw))
+        assert (cal.pool is None) == (threads == 1)
     np.testing.assert_array_equal(out[0].data, out[1].data)
     np.testing.assert_array_equal(out[0].good, out[1].good)
 

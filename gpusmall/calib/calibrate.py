@@ -178,9 +178,9 @@ class Calibrator:
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
         self.use_kernel = backend.is_gpu and common_mode != "raw"
-        # NumPy: events calibrated on backend.threads threads (a pool of this calibrator's, made once)
-        self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix="gpusmall-calib")
-                     if not backend.is_gpu and backend.threads > 1 else None)
+        # NumPy: events calibrated on backend.threads threads (a pool of this calibrator's, made at first use)
+        self.threaded = not backend.is_gpu and backend.threads > 1
+        self.pool: ThreadPoolExecutor | None = None
 
     def __call__(self, raw, threads: bool = True) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames. ``threads`` False: on NumPy
@@ -194,6 +194,8 @@ class Calibrator:
         if self.use_kernel and raw.dtype == xp.uint16:
             out, good = self._kernel_cm(raw) if callable(self.common_mode) else self._kernel(raw)
         else:
+            if threads and self.threaded and self.pool is None:
+                self.pool = ThreadPoolExecutor(self.backend.threads, thread_name_prefix="gpusmall-calib")
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
                                             self.config_bits, self.common_mode if callable(self.common_mode) else None,
                                             pool=self.pool if threads else None)
