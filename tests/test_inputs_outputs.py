@@ -205,3 +205,22 @@ def test_events_option_sets_the_length_of_a_simulated_run(tmp_path, capsys):
 def test_values_out_of_their_domain_are_config_errors(det, where):
     with pytest.raises(ConfigError, match=where):
         validate_config({"source": {"type": "sim"}, "detectors": {"d": det}})
+
+
+@pytest.mark.parametrize("what", ["text", "other_hdf5"])
+def test_run_does_not_overwrite_a_file_that_is_not_a_result(tmp_path, capsys, what):
+    out = tmp_path / "o.h5"
+    if what == "text":
+        out.write_text("notes of the shift")
+    else:
+        with h5py.File(out, "w") as f:
+            f["data"] = np.arange(3)
+    before = out.read_bytes()
+    rc, err = run_cli(capsys, "run", str(write_config(tmp_path)), "--out", str(out), "--backend", "numpy", "--quiet")
+    assert rc == 2 and ("not a gpusmall result" in err or "not HDF5" in err), err
+    assert out.read_bytes() == before
+    # an earlier result is overwritten by a rerun
+    out.unlink()
+    for _ in range(2):
+        rc, _ = run_cli(capsys, "run", str(write_config(tmp_path)), "--out", str(out), "--backend", "numpy", "--quiet")
+        assert rc == 0

@@ -52,16 +52,44 @@ def _same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_output(path, what: str, inputs: dict[str, Path] | None = None) -> Path:
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _other_data(p: Path) -> str | None:
+    """What an existing ``p`` holds when it is not a gpusmall result (which a rerun may overwrite), or None.
+
+    A file that is not HDF5, or an HDF5 file without the ``gpusmall_version`` attribute every result
+    file gets at its creation, is someone else's data. An HDF5 file that cannot be opened (a result whose
+    writer was killed) is taken as a result."""
+    import h5py
+
+    if not p.is_file() or p.stat().st_size == 0:
+        return None
+    with open(p, "rb") as f:
+        if f.read(8) != HDF5_SIGNATURE:
+            return "a file that is not HDF5"
+    try:
+        with h5py.File(p, "r", swmr=True) as f:
+            return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
+    except OSError:
+        return None
+
+
+def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False) -> Path:
     """InputError unless ``path`` can be created or overwritten and is none of ``inputs``.
 
     ``what`` names the key or option in the message (``output``, ``--out``, ``--png``). Missing
-    folders on the way are created (as ``gpusmall run`` always did for its output).
+    folders on the way are created (as ``gpusmall run`` always did for its output). ``results_only``:
+    an existing file may be overwritten only when it is an earlier gpusmall result (``gpusmall run``).
     """
     p = Path(path).expanduser()
     for key, f in (inputs or {}).items():
         if _same(p, f):
             raise InputError(f"{what}: {str(p)!r} is also {key}; writing it would destroy that input")
+    other = _other_data(p) if results_only else None
+    if other:
+        raise InputError(f"{what}: {str(p)!r} exists and is {other}; gpusmall overwrites only its own result "
+                         f"files: remove it or choose another output")
     if p.is_dir():
         raise InputError(f"{what}: {str(p)!r} is a folder; give a file name")
     folder = p.absolute().parent

@@ -207,7 +207,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
     my_path = part_path(out_path, comm.rank) if comm.size > 1 else out_path
     inputs = input_files(cfg)
     for path in {out_path, my_path}:
-        check_output(path, "--out" if output else "output", inputs)
+        check_output(path, "--out" if output else "output", inputs, results_only=True)
     t0 = time.perf_counter()
     done = 0
     error: BaseException | None = None
