@@ -61,7 +61,7 @@ def _other_data(p: Path) -> str | None:
     A file that is not HDF5, or an HDF5 file without the ``gpusmall_version`` attribute every result
     file gets at its creation, is someone else's data. An HDF5 file that cannot be opened (a result whose
     writer was killed) is taken as a result."""
-    import h5py
+    from ..io.writer import open_for_reading
 
     if not p.is_file() or p.stat().st_size == 0:
         return None
@@ -69,10 +69,11 @@ def _other_data(p: Path) -> str | None:
         if f.read(8) != HDF5_SIGNATURE:
             return "a file that is not HDF5"
     try:
-        with h5py.File(p, "r", swmr=True) as f:
-            return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
+        f = open_for_reading(p)[0]  # also a result still held by a writer in SWMR mode
     except OSError:
         return None
+    with f:
+        return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
 
 
 def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False) -> Path:
