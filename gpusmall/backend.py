@@ -77,8 +77,9 @@ class Backend:
         name: ``"numpy"`` or ``"cupy"``.
         xp: the array module (numpy or cupy).
         description: one line saying what was chosen and on which device.
-        threads: CPU threads the NumPy path may use for work that splits by event (calibration);
-            1 = all in the calling thread. The GPU path ignores it.
+        threads: CPU threads of the NumPy path: a batch's events are reduced in that many blocks side
+            by side (:meth:`~gpusmall.producer.pipeline.DetectorPipeline.process`); 1 = all in the
+            calling thread. The GPU path ignores it.
     """
 
     def __init__(self, name: str, device_id: int | None = None, threads: int = 1):

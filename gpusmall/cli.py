@@ -174,7 +174,7 @@ def _one_detector(cfg, det, command: str) -> str:
 def cmd_avimage(args) -> int:
     """Average calibrated image of the first N events, assembled with the geometry -> PNG (and HDF5)."""
     from .analysis.avimage import average_image, plot_average, write_average
-    from .backend import cpu_threads, get_backend
+    from .backend import get_backend
     from .producer.config import load_config
     from .producer.paths import check_output, input_files
 
@@ -187,7 +187,7 @@ def cmd_avimage(args) -> int:
     check_output(args.png, "--png", inputs)
     if args.out:
         check_output(args.out, "--out", inputs)
-    backend = get_backend(args.backend, cfg.backend, threads=cpu_threads())
+    backend = get_backend(args.backend, cfg.backend)
     print(f"gpusmall: backend {backend.description}", file=sys.stderr)
     av = average_image(cfg, det, backend, events=args.events)
     title = f"{det} ({cfg.detectors[det].type}): mean of {av.events} events, {Path(args.config).name}"

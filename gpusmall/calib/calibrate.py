@@ -9,8 +9,6 @@ fused CUDA kernel ``kernels/calib.cu:calibrate_u16``.
 """
 from __future__ import annotations
 
-from concurrent.futures import Executor, ThreadPoolExecutor
-
 import numpy as np
 
 from ..backend import Backend
@@ -108,8 +106,7 @@ def pedestal_subtract(xp, model: DetectorModel, raw, pedestal, config_bits=None)
     return s, g
 
 
-def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, config_bits=None, common_mode=None,
-                        pool: Executor | None = None):
+def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, config_bits=None, common_mode=None):
     """Readable calibration: returns (out, good), out float32 with bad pixels 0.
 
     Args:
@@ -117,27 +114,17 @@ def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, co
         pedestal, scale: (gains, panels, rows, cols) float32 (see :func:`unit_scale`).
         mask: (panels, rows, cols) bool static mask.
         common_mode: callable ``(s, good, g) -> s`` applied before scaling, or None.
-        pool: NumPy only: an executor whose threads calibrate the chunks of events side by side (NumPy
-            releases the GIL in its loops and sorts); None: one after the other.
 
     On NumPy the batch goes through :data:`CHUNK_EVENTS` events at a time (same result: every step,
-    common mode included, is per event, and each chunk writes only its own events).
+    common mode included, is per event).
     """
     out = xp.empty(raw.shape, xp.float32)
     good = xp.empty(raw.shape, xp.bool_)
     step = CHUNK_EVENTS if xp is np else max(raw.shape[0], 1)
-    chunks = [slice(e0, e0 + step) for e0 in range(0, raw.shape[0], step)]
-
-    def calibrate(events):
+    for e0 in range(0, raw.shape[0], step):
+        events = slice(e0, e0 + step)
         _calibrate_events(xp, model, raw[events], pedestal, scale, mask, config_bits, common_mode,
                           out[events], good[events])
-
-    if pool is not None and xp is np and len(chunks) > 1:
-        for _ in pool.map(calibrate, chunks):  # re-raises a chunk's error
-            pass
-    else:
-        for events in chunks:
-            calibrate(events)
     return out, good
 
 
@@ -178,13 +165,9 @@ class Calibrator:
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
         self.use_kernel = backend.is_gpu and common_mode != "raw"
-        # NumPy: events calibrated on backend.threads threads (a pool of this calibrator's, made at first use)
-        self.threaded = not backend.is_gpu and backend.threads > 1
-        self.pool: ThreadPoolExecutor | None = None
 
-    def __call__(self, raw, threads: bool = True) -> Frames:
-        """raw: (events, panels, rows, cols) on the backend's device -> Frames. ``threads`` False: on NumPy
-        in the calling thread only (a caller that already splits the batch over threads)."""
+    def __call__(self, raw) -> Frames:
+        """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
         xp = self.backend.xp
         self.model.check_raw_dtype(self.det or self.model.type, raw.dtype)  # InputError for float raw data
         if self.common_mode == "raw":
@@ -194,11 +177,8 @@ class Calibrator:
         if self.use_kernel and raw.dtype == xp.uint16:
             out, good = self._kernel_cm(raw) if callable(self.common_mode) else self._kernel(raw)
         else:
-            if threads and self.threaded and self.pool is None:
-                self.pool = ThreadPoolExecutor(self.backend.threads, thread_name_prefix="gpusmall-calib")
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
-                                            self.config_bits, self.common_mode if callable(self.common_mode) else None,
-                                            pool=self.pool if threads else None)
+                                            self.config_bits, self.common_mode if callable(self.common_mode) else None)
         return Frames(out, good, raw)
 
     def _kernel(self, raw):

@@ -235,10 +235,16 @@ def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
         check_function_names(spec.children, loc + ("children",))
 
 
+def split_file_spec(p: str) -> tuple[str, str, str]:
+    """``FILE.h5:/dataset`` -> ("FILE.h5", ":", "/dataset"); a plain path -> (path, "", "") (a Windows
+    drive letter is no dataset separator)."""
+    return p.partition(":") if not re.match(r"^[A-Za-z]:[\\/]", p) else (p, "", "")
+
+
 def _resolve(base: Path, p: str | None) -> str | None:
     if p is None:
         return None
-    head, sep, tail = p.partition(":") if not re.match(r"^[A-Za-z]:[\\/]", p) else (p, "", "")
+    head, sep, tail = split_file_spec(p)
     q = Path(head).expanduser()
     return str(q if q.is_absolute() else base / q) + sep + tail
 

@@ -8,17 +8,15 @@ would fail only after the events were reduced. :func:`check_output` raises
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import InputError
+from .config import split_file_spec
 
 
 def _file_part(spec: str) -> Path:
-    """``file.h5:/dataset`` -> ``file.h5`` (a Windows drive letter is not a dataset)."""
-    if not re.match(r"^[A-Za-z]:[\\/]", spec):
-        spec = spec.partition(":")[0]
-    return Path(spec).expanduser()
+    """``file.h5:/dataset`` -> ``file.h5``."""
+    return Path(split_file_spec(spec)[0]).expanduser()
 
 
 def input_files(cfg) -> dict[str, Path]:

@@ -65,7 +65,8 @@ class DetectorPipeline:
                                             user=m.user, calib=m.calib)
         self.common_mode = make_common_mode(name, cfg.common_mode, model, c, backend)
         self.calibrator = Calibrator(model, c, self.mask, backend, units=cfg.units,
-                                     photon_energy_kev=cfg.photon_energy_kev, common_mode=self.common_mode)
+                                     photon_energy_kev=cfg.photon_energy_kev, common_mode=self.common_mode,
+                                     det=name)
         noise = c.noise if c.noise is None or c.noise.ndim == 3 else c.noise[0]
         saturation = cfg.saturation if cfg.saturation is not None else model.saturation_value(src.dtype)
         to_dev = backend.to_device
@@ -98,7 +99,7 @@ class DetectorPipeline:
         blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
         def block(events):
-            frames = self.calibrator(raw[events], threads=False)
+            frames = self.calibrator(raw[events])
             return frames, self._reduce(frames)
 
         done = list(self.pool.map(block, blocks))

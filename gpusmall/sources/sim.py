@@ -11,13 +11,13 @@ photons of :data:`ENERGY_KEV`) matches the demo config, so its azimuthal integra
 """
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..backend import cpu_threads
 from ..detectors import get_model
 from ..detectors.constants import Constants
 from .base import DetectorSource, RawBatch, Source
@@ -59,13 +59,9 @@ def panel_layout(shape, pixel_um: float, gap_um: float = 2000.0):
 
 
 def default_threads() -> int:
-    """Threads for making simulated events: half the cores this process may run on, 1 to 8 (the
-    other half reduces; under MPI, SLURM's CPU binding gives each rank its own share)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover (macOS)
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores // 2))
+    """Threads for making simulated events: half the cores this process may use, 1 to 8 (the other
+    half reduces; under MPI, the node's cores are shared by its ranks as SLURM binds them)."""
+    return max(1, min(8, cpu_threads() // 2))
 
 
 class SimDetector:
@@ -166,13 +162,6 @@ class SimDetector:
             kev.append(rng.poisson(300 * pulse, 9) * ENERGY_KEV)
         pix, inverse = np.unique(np.concatenate(pix), return_inverse=True)
         return pix, np.bincount(inverse, weights=np.concatenate(kev), minlength=pix.size)
-
-    def signal_kev(self, rng) -> np.ndarray:
-        """Deposited energy per pixel (keV) of one event, (panels, rows, cols) float32."""
-        pix, kev = self.signal_sparse(rng)
-        sig = np.zeros(self.shape, np.float32)
-        sig.flat[pix] = kev
-        return sig
 
     def _scratch(self) -> np.ndarray:
         """A (panels, rows, cols) float32 work frame of the calling thread (events are made in threads)."""
