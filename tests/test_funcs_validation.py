@@ -28,7 +28,7 @@ BASE = {
 
 
 def test_only_roi_and_droplet_take_children():
-    assert {t for t, f in FUNCTIONS.items() if f.accepts_children} == {"roi", "droplet"}
+    assert {t: f.passes for t, f in FUNCTIONS.items() if f.passes} == {"roi": "image", "droplet": "droplets"}
 
 
 @pytest.mark.parametrize("entry, where", [

@@ -62,7 +62,7 @@ def test_duplicate_function_names_are_errors():
         validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=kids)}})
     named = [dict(two[0], name="a"), dict(two[1], name="b")]
     validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=named)}})
-    with pytest.raises(ConfigError, match=r"functions\[0\]\.name: 'a/b' cannot name datasets"):
+    with pytest.raises(ConfigError, match=r"functions\[0\]\.name: function name 'a/b' is not an identifier"):
         validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=[dict(two[0], name="a/b")])}})
 
 

@@ -85,15 +85,21 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
     n = model.n_gains
     c.pedestal = _per_gain(det, "pedestal", c.pedestal, n, shape, optional_gains=False)
     c.gain = _per_gain(det, "gain", c.gain, n, shape, optional_gains=True)
-    if (c.gain == 0).any():
-        bad = np.unravel_index(np.flatnonzero(c.gain == 0)[0], c.gain.shape)
-        raise ConstantsError(f"detector {det}: constants dataset 'gain' is 0 at (gain, panel, row, col) {tuple(map(int, bad))}")
+    if (c.gain <= 0).any():
+        i = int(np.flatnonzero(c.gain <= 0)[0])
+        bad = np.unravel_index(i, c.gain.shape)
+        raise ConstantsError(f"detector {det}: constants dataset 'gain' is {float(c.gain.flat[i]):g} at (gain, "
+                             f"panel, row, col) {tuple(map(int, bad))}; gains are positive (ADU per keV)")
     if c.noise is not None:
         c.noise = np.asarray(c.noise, np.float32)
         if c.noise.shape not in (shape, (n, *shape)):
             raise ConstantsError(f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, "
                                  f"expected {shape} or {(n, *shape)}")
         _check_finite(det, "noise", c.noise)
+        if (c.noise < 0).any():
+            i = int(np.flatnonzero(c.noise < 0)[0])
+            raise ConstantsError(f"detector {det}: constants dataset 'noise' is {float(c.noise.flat[i]):g} at "
+                                 f"{tuple(map(int, np.unravel_index(i, c.noise.shape)))}; noise (ADU rms) is not negative")
     for name in PER_PIXEL:
         arr = getattr(c, name)
         if arr is None:
@@ -102,6 +108,10 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
         if arr.shape != shape:
             raise ConstantsError(f"detector {det}: constants dataset {name!r} has shape {arr.shape}, expected {shape}")
         _check_finite(det, name, arr)
+        if name in ("status", "unbonded", "mask") and arr.dtype.kind == "f" and (arr != np.round(arr)).any():
+            i = int(np.flatnonzero(arr != np.round(arr))[0])
+            raise ConstantsError(f"detector {det}: constants dataset {name!r} is {float(arr.flat[i])} at "
+                                 f"{tuple(map(int, np.unravel_index(i, arr.shape)))}; expected whole numbers (flags)")
         if name == "config_bits":
             arr = check_config_bits(det, arr, "constants dataset 'config_bits'")
         setattr(c, name, arr)
@@ -168,19 +178,46 @@ def load_constants(path, det: str, model: DetectorModel, shape) -> Constants:
     path = Path(path)
     if not path.is_file():
         raise ConstantsError(f"detector {det}: constants file {str(path)!r} does not exist")
-    try:
-        with h5py.File(path, "r") as f:
-            data = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
-    except OSError as exc:
-        raise ConstantsError(f"detector {det}: cannot read constants file {str(path)!r}: {exc}") from None
-    known = {fl.name for fl in fields(Constants)}
+    data = read_constants_file(path, det)
     if "pedestal" not in data:
         if model.n_gains > 1:
             raise ConstantsError(f"detector {det}: constants file {str(path)!r} has no 'pedestal' dataset")
+        log.warning("detector %s: constants file %s has no 'pedestal': pedestal 0", det, path)
         data["pedestal"] = np.zeros(shape, np.float32)
     data.setdefault("gain", np.ones(shape, np.float32))
-    c = Constants(**{k: v for k, v in data.items() if k in known})
-    return validate_constants(det, model, shape, c)
+    return validate_constants(det, model, shape, Constants(**data))
+
+
+KNOWN = tuple(fl.name for fl in fields(Constants))
+"""The datasets a constants file may hold at its root (SPEC section 2)."""
+
+
+def read_constants_file(path: Path, det: str) -> dict[str, np.ndarray]:
+    """The root datasets of a constants file, validated like a config: ConstantsError (exit 2) for a file
+    that is not HDF5, holds none of :data:`KNOWN`, holds anything else (a misspelt name is named, with the
+    closest known one), a group where a dataset belongs, or data that is not numbers."""
+    import difflib
+
+    where = f"detector {det}: constants file {str(path)!r}"
+    try:
+        with h5py.File(path, "r") as f:
+            items = {k: f[k] for k in f.keys()}
+            for k, obj in items.items():
+                if k not in KNOWN:
+                    close = difflib.get_close_matches(k, KNOWN, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ConstantsError(f"{where}: unknown dataset {k!r}{hint}; a constants file holds "
+                                         f"{', '.join(KNOWN)}")
+                if not isinstance(obj, h5py.Dataset):
+                    raise ConstantsError(f"{where}: {k!r} is a group, not a dataset")
+                if obj.dtype.kind not in "biuf":
+                    raise ConstantsError(f"{where}: dataset {k!r} has dtype {obj.dtype}, not numbers")
+            data = {k: obj[()] for k, obj in items.items()}
+    except OSError as exc:
+        raise ConstantsError(f"{where}: cannot read it: {exc}") from None
+    if not data:
+        raise ConstantsError(f"{where} is empty; a constants file holds {', '.join(KNOWN)} (pedestal at least)")
+    return data
 
 
 def default_constants(model: DetectorModel, shape) -> Constants:

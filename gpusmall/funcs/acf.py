@@ -22,7 +22,7 @@ from .base import FrameContext, FunctionParams, ReductionFunction
 
 
 class AcfParams(FunctionParams):
-    window: int = Field(21, ge=1)
+    window: int = Field(21, ge=1, le=1 << 12)
     resolution: float = Field(1.0, gt=0)
 
 

@@ -50,6 +50,7 @@ from .droplet import bincount
 
 HC_KEV_A = 12.398419843320026  # h*c in keV*Angstrom
 CPU_CHUNK = 16  # events per sparse product on the NumPy backend
+MAX_BINS = 1 << 24  # radial x phi bins of one azav (a 4M detector has 2**22 pixels)
 
 
 class AzavParams(FunctionParams):
@@ -58,10 +59,10 @@ class AzavParams(FunctionParams):
     poni: str | None = None
     energy_kev: float | None = Field(None, gt=0)
     unit: Literal["q_A^-1", "q_nm^-1", "2th_deg", "r_mm"] = "q_A^-1"
-    bins: int | None = Field(None, ge=1)
+    bins: int | None = Field(None, ge=1, le=MAX_BINS)
     range: list[float] | None = None
     bin_width: float | None = Field(None, gt=0)
-    phi_bins: int = Field(1, ge=1)
+    phi_bins: int = Field(1, ge=1, le=1 << 16)
     polarization: float | None = Field(0.99, ge=-1.0, le=1.0)  # factor f of SPEC 6; null: no correction
     solid_angle: bool = True
     thres_adu: float | None = None
@@ -79,6 +80,8 @@ class AzavParams(FunctionParams):
             raise ValueError("give either poni or center_um/distance_mm, not both")
         if (self.bins is None) == (self.bin_width is None):
             raise ValueError("give exactly one of bins and bin_width")
+        if self.bins is not None and self.bins * self.phi_bins > MAX_BINS:
+            raise ValueError(f"bins x phi_bins = {self.bins * self.phi_bins} is more than {MAX_BINS}")
         if self.range is not None and (len(self.range) != 2 or self.range[1] <= self.range[0]):
             raise ValueError("range must be [low, high] with low < high")
         if self.unit in ("q_A^-1", "q_nm^-1") and self.poni is None and self.energy_kev is None:
@@ -112,9 +115,20 @@ def load_poni(path):
     import pyFAI
 
     try:
-        return pyFAI.load(path)
+        ai = pyFAI.load(path)
     except Exception as exc:
         raise InputError(f"azav: cannot read PONI file {path!r}: {exc}") from None
+    values = {"Distance": ai.dist, "Poni1": ai.poni1, "Poni2": ai.poni2, "Rot1": ai.rot1, "Rot2": ai.rot2,
+              "Rot3": ai.rot3}
+    if ai.wavelength is not None:
+        values["Wavelength"] = ai.wavelength
+    for key, v in values.items():
+        if v is None or not np.isfinite(v):
+            raise InputError(f"azav: PONI file {path!r}: {key} is {v}, not a finite number")
+    if not ai.dist > 0 or (ai.wavelength is not None and not ai.wavelength > 0):
+        key = "Distance" if not ai.dist > 0 else "Wavelength"
+        raise InputError(f"azav: PONI file {path!r}: {key} must be positive, not {values[key]}")
+    return ai
 
 
 def geometry_poni(x, y, ai):
@@ -232,6 +246,10 @@ class Azav(ReductionFunction):
             width = (hi - lo) / nb
         else:
             width = p.bin_width
+            if (hi - lo) / width * p.phi_bins > MAX_BINS:
+                raise InputError(f"detector {ctx.det}: function {self.name}: bin_width {width:g} makes "
+                                 f"{(hi - lo) / width:.3g} bins over [{lo:g}, {hi:g}] ({p.unit}); at most {MAX_BINS} "
+                                 f"bins x phi_bins")
             nb = max(int(np.ceil((hi - lo) / width)), 1)
             hi = lo + nb * width
         rb = np.floor((rad - lo) / width).astype(np.int64)

@@ -21,7 +21,7 @@ from ..detectors.base import DetectorModel
 class FunctionParams(BaseModel):
     """Parameters common to every function; subclasses add their own. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     name: str | None = None
 
 
@@ -128,16 +128,21 @@ class FrameContext:
 class ReductionFunction:
     """Base of every reduction function.
 
-    Subclasses set ``type``, ``Params`` (and ``accepts_children`` when they pass frames on) and implement
+    Subclasses set ``type``, ``Params`` (``passes`` when they hand frames on, ``takes`` when they need more
+    than an image) and implement
     :meth:`compute`; they may override :meth:`prepare` (one-time set-up, returns the context for the children) and
     :meth:`static_outputs` (arrays written once to /UserDataCfg, e.g. bin centres).
     """
 
     type: ClassVar[str] = "function"
     Params: ClassVar[type[FunctionParams]] = FunctionParams
-    accepts_children: ClassVar[bool] = False
-    """True for functions whose :meth:`prepare` and :meth:`compute` hand frames on to children (roi, droplet);
-    config validation rejects ``children`` under any other function."""
+    passes: ClassVar[str | None] = None
+    """What :meth:`prepare` and :meth:`compute` hand on to children: ``"image"`` (a region of the calibrated
+    frames, roi), ``"droplets"`` (the frames with the pixels of the droplets found, droplet), or None (no
+    children: config validation rejects ``children`` under such a function)."""
+    takes: ClassVar[tuple[str, ...]] = ("image",)
+    """What this function can be given: the detector's calibrated frames are an ``"image"``; config validation
+    rejects a function under a parent (or at the top level) that passes something else."""
 
     def __init__(self, params: FunctionParams, children: list["ReductionFunction"] | None = None):
         self.p = params

@@ -39,7 +39,7 @@ class DropletParams(FunctionParams):
     threshold_low: float | None = Field(None, ge=0)
     use_rms: bool = True
     thres_adu: float | None = None
-    max_droplets: int = Field(1000, ge=1)
+    max_droplets: int = Field(1000, ge=1, le=1 << 22)
 
     @model_validator(mode="after")
     def _check(self):
@@ -174,7 +174,7 @@ class Droplet(ReductionFunction):
     """Droplet finding; see the module docstring."""
 
     type = "droplet"
-    accepts_children = True
+    passes = "droplets"
     Params = DropletParams
 
     def prepare(self, ctx: FrameContext):

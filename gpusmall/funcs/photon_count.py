@@ -15,7 +15,7 @@ from .base import FrameContext, FunctionParams, ReductionFunction
 class PhotonCountParams(FunctionParams):
     adu_per_photon: float = Field(gt=0)
     thr_fraction: float = Field(0.9, ge=0, le=1)
-    hist_max: int | None = Field(None, ge=1)
+    hist_max: int | None = Field(None, ge=1, le=1 << 16)
 
 
 class PhotonCount(ReductionFunction):

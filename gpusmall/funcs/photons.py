@@ -1,15 +1,37 @@
 """photons: photons in droplets (child of droplet, SPEC section 6).
 
 A droplet of total ``A`` holds ``n = floor(A / adu_per_photon + 0.5)`` photons. They are placed on its
-pixels by largest remainders: pixel ``i`` of value ``v_i`` first gets ``floor(v_i / adu_per_photon)``
-photons (0 for negative values); the ``n - sum(floor)`` photons left over (never negative, and never more
-than the droplet's pixel count) go one each to the pixels with the largest remainders
-``v_i / adu_per_photon - floor(v_i / adu_per_photon)`` (ties: the earlier pixel, row-major). So the
-brightest pixels hold the photons and every droplet keeps exactly ``n``. ("Never negative" holds because
-droplet pixels are never negative: ``droplet`` takes only ``threshold_low >= 0``.)
+pixels by largest remainders: pixel ``i`` of value ``v_i`` first gets ``floor(r_i)`` photons, ``r_i =
+v_i / adu_per_photon`` (0 for negative values); the ``n - sum(floor)`` photons left over (never negative, and
+never more than the droplet's pixel count) go one each to the pixels with the largest remainders
+``r_i - floor(r_i)`` (ties: the earlier pixel, row-major). So the brightest pixels hold the photons and every
+droplet keeps exactly ``n``. ("Never negative" holds because droplet pixels are never negative: ``droplet``
+takes only ``threshold_low >= 0``.)
 
-Outputs: ``nPhotons`` (events,) int32; ``row``, ``col``, ``tile`` (events, max_photons) int32, one entry per
-photon (a pixel with k photons appears k times), in row-major pixel order per event, padded with 0.
+Exact, whatever the batch, the thread blocks or the order of the GPU's atomic adds: the remainders are
+truncated to integers ``q_i = floor(2**32 (r_i - floor(r_i)))`` (units of 2**-32 photon) and all that follows
+is integer arithmetic:
+
+* ``n = sum(floor(r_i)) + floor(sum(q_i) / 2**32 + 1/2)``, summed from the pixels (int64 prefix sums), i.e.
+  ``floor(A / adu_per_photon + 0.5)`` up to 2**-32 photon a pixel, with no float sum whose rounding depends
+  on the order of the additions;
+* the ranking is one stable sort by the int64 key ``droplet * 2**32 + (2**32 - 1 - q_i)`` (droplet, then
+  remainder descending, then pixel): remainders closer than 2**-32 photon are equal (earlier pixel first),
+  and nothing depends on the size of the droplet id, which is numbered per batch and per thread block (a
+  float key ``droplet + remainder`` rounds the remainder's low bits away for large ids);
+* a pixel holds at most ``2**30`` photons (larger values, ``inf`` included, count as ``2**30``), so that no
+  integer overflows.
+
+Memory is bounded by ``max_photons``: no entry per photon is ever made (a saturated frame holds ~1e10).
+Each of the (events, max_photons) slots looks its photon up in the pixels' cumulative photon counts
+(``searchsorted``): the first ``max_photons`` photons of each event, in row-major pixel order (a pixel with k
+photons k times in a row), are placed, the others only counted. Memory O(events x max_photons + labelled
+pixels), and no device->host wait on the GPU.
+
+Outputs: ``nPhotons`` (events,) int64, every photon of the event; ``nPhotons_truncated`` (events,) int64, the
+photons beyond ``max_photons`` (not in the arrays); ``row``, ``col``, ``tile`` (events, max_photons) int32, one
+entry per photon (a pixel with k photons appears k times), in row-major pixel order per event, padded with 0.
+The counts are int64: a saturated 256 x 256 frame at 1e6 photons a pixel holds 6.6e10, beyond int32.
 """
 from __future__ import annotations
 
@@ -17,42 +39,54 @@ from pydantic import Field
 
 from ..errors import InputError
 from .base import FrameContext, FunctionParams, ReductionFunction
-from .droplet import DropletFrames, PadLayout, bincount
+from .droplet import DropletFrames, bincount
+
+MAX_PHOTONS_PER_PIXEL = float(2**30)
+"""Photons one pixel may hold (larger values count as this): sums over < 2**31 pixels stay below 2**63."""
+REMAINDER_BITS = 32
+"""Remainders are compared and summed as integers in units of ``2**-REMAINDER_BITS`` photon (exact sums for
+fewer than 2**31 labelled pixels a batch, the GPU labelling's limit; droplet ids below 2**31 fit the sort
+key)."""
 
 
 class PhotonsParams(FunctionParams):
     adu_per_photon: float = Field(gt=0)
-    max_photons: int = Field(2000, ge=1)
+    max_photons: int = Field(2000, ge=1, le=1 << 24)
 
 
-def expand(xp, counts):
-    """Index array repeating ``i`` ``counts[i]`` times (``np.repeat(arange, counts)`` that also runs on CuPy)."""
-    total = int(counts.sum()) if counts.size else 0
-    if total == 0:
-        return xp.zeros(0, xp.int64)
-    ends = xp.cumsum(counts)
-    return xp.searchsorted(ends, xp.arange(total), side="right")
+def segment_sums(xp, values, counts):
+    """Exact sums of consecutive segments of the int64 ``values``, ``counts[j]`` items in segment ``j``
+    (int64 prefix sums: no float rounding, no dependence on the order of additions)."""
+    cs = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(values, dtype=xp.int64)])
+    end = xp.cumsum(counts)
+    return cs[end] - cs[end - counts]
 
 
 def photons_per_pixel(xp, value, droplet, droplet_sum, adu):
-    """Photons on each labelled pixel (largest-remainder rule of the module docstring), int64."""
+    """Photons on each labelled pixel (largest-remainder rule of the module docstring), int64.
+
+    ``value``, ``droplet``: (pixels,) value and droplet id (0 .. n_droplets - 1) of each labelled pixel, in
+    row-major order; ``droplet_sum``: (n_droplets,) the droplet totals, of which only the length is used (the
+    total is summed again from the pixels, exactly: see the module docstring).
+    """
     nd = droplet_sum.size
-    if value.size == 0:
+    m = value.size
+    if m == 0:
         return xp.zeros(0, xp.int64)
-    n = xp.floor(droplet_sum / adu + 0.5).astype(xp.int64)
-    r = value / adu
-    base = xp.maximum(xp.floor(r), 0).astype(xp.int64)
-    frac = xp.where(r > 0, r - xp.floor(r), 0.0)
-    left = n - bincount(xp, droplet, weights=base, minlength=nd).astype(xp.int64)
-    # rank pixels inside each droplet by decreasing remainder (stable: earlier pixel first)
-    key = droplet.astype(xp.float64) + (1.0 - frac) * 0.999
-    order = xp.argsort(key, kind="stable") if xp.__name__ == "numpy" else xp.argsort(key)
-    sd = droplet[order]
+    r = value.astype(xp.float64, copy=False) / adu
+    r = xp.where(r > 0, xp.minimum(r, MAX_PHOTONS_PER_PIXEL), 0.0)  # NaN (never labelled) -> 0, inf -> cap
+    base_f = xp.floor(r)
+    base = base_f.astype(xp.int64)
+    q = xp.floor((r - base_f) * float(1 << REMAINDER_BITS)).astype(xp.int64)  # 0 .. 2**32 - 1
+    # pixels by droplet, then decreasing remainder, then pixel (stable sort): one exact integer key
+    key = droplet.astype(xp.int64) << REMAINDER_BITS
+    key += (1 << REMAINDER_BITS) - 1 - q
+    order = xp.argsort(key, kind="stable")
+    del key
     seg_count = bincount(xp, droplet, minlength=nd)
-    seg_start = xp.cumsum(seg_count) - seg_count
-    rank_sorted = xp.arange(sd.size) - seg_start[sd]
-    rank = xp.empty_like(rank_sorted)
-    rank[order] = rank_sorted
+    left = (segment_sums(xp, q[order], seg_count) + (1 << (REMAINDER_BITS - 1))) >> REMAINDER_BITS
+    rank = xp.empty(m, xp.int64)
+    rank[order] = xp.arange(m) - (xp.cumsum(seg_count) - seg_count)[droplet[order]]
     return base + (rank < left[droplet]).astype(xp.int64)
 
 
@@ -61,6 +95,7 @@ class Photons(ReductionFunction):
 
     type = "photons"
     Params = PhotonsParams
+    takes = ("droplets",)
 
     def prepare(self, ctx: FrameContext):
         self.shape = ctx.shape
@@ -72,14 +107,30 @@ class Photons(ReductionFunction):
         xp = self.ctx.xp
         e = frames.data.shape[0]
         p, r, c = self.shape
-        k = photons_per_pixel(xp, frames.pix_value, frames.pix_droplet, frames.droplet_sum, self.p.adu_per_photon)
-        which = expand(xp, k)
-        idx = frames.pix_index[which] if which.size else xp.zeros(0, xp.int64)
-        ev = idx // (p * r * c)
         m = self.p.max_photons
-        layout = PadLayout(xp, ev, e, m)
-        out = {"nPhotons": layout.counts.astype(xp.int32),
-               "row": layout.pad(((idx // c) % r).astype(xp.int32)),
-               "col": layout.pad((idx % c).astype(xp.int32)),
-               "tile": layout.pad(((idx // (r * c)) % p).astype(xp.int32))}
+        if frames.pix_value.size == 0:
+            zeros = xp.zeros((e, m), xp.int32)
+            return {"nPhotons": xp.zeros(e, xp.int64), "nPhotons_truncated": xp.zeros(e, xp.int64),
+                    "row": zeros, "col": zeros.copy(), "tile": zeros.copy()}, None
+        k = photons_per_pixel(xp, frames.pix_value, frames.pix_droplet, frames.droplet_sum, self.p.adu_per_photon)
+        # pixels are in row-major order of the batch, hence grouped by event; photon j of the batch sits on
+        # the pixel i with before[i] <= j < before[i + 1] (exact int64 prefix sums)
+        before = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(k)])
+        pix_per_event = bincount(xp, frames.pix_index // (p * r * c), minlength=e)
+        start = xp.cumsum(pix_per_event) - pix_per_event  # first pixel of each event
+        first = before[start]  # photons before each event
+        total = before[start + pix_per_event] - first  # photons of each event
+        slot = xp.arange(m, dtype=xp.int64)
+        held = slot[None, :] < total[:, None]  # (events, max_photons)
+        j = (first[:, None] + slot[None, :]).ravel()  # the photon of the batch each slot holds
+        pix = xp.searchsorted(before[1:], j, side="right").reshape(e, m)  # ... and its pixel
+        del j
+        pix = xp.minimum(pix, k.size - 1, out=pix)  # (slots past the batch's last photon hold nothing)
+        idx = frames.pix_index
+
+        def put(per_pixel):  # per labelled pixel -> per slot (int32 gathers: (events, max_photons) each)
+            return xp.where(held, per_pixel.astype(xp.int32)[pix], xp.int32(0))
+
+        out = {"nPhotons": total, "nPhotons_truncated": xp.maximum(total - m, 0),
+               "row": put((idx // c) % r), "col": put(idx % c), "tile": put((idx // (r * c)) % p)}
         return out, None

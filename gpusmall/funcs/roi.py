@@ -34,7 +34,7 @@ class RoiParams(FunctionParams):
 
 class Roi(ReductionFunction):
     type = "roi"
-    accepts_children = True
+    passes = "image"
     Params = RoiParams
 
     def prepare(self, ctx: FrameContext) -> FrameContext:

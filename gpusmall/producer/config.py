@@ -23,9 +23,9 @@ except ImportError:  # pragma: no cover
 
 
 class Strict(BaseModel):
-    """A config block: unknown keys are errors."""
+    """A config block: unknown keys are errors, numbers are finite (no NaN or inf)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
 class SourceConfig(Strict):
@@ -150,6 +150,9 @@ class RunConfig(Strict):
         return self._specs[det]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\[\]']+")  # printed as it is in a key path; anything else as repr()
+
+
 def key_path(loc) -> str:
     """('detectors', 'e', 'functions', 1, 'bins') -> 'detectors.e.functions[1].bins'."""
     out = ""
@@ -157,7 +160,8 @@ def key_path(loc) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            part = str(part)
+            out += ("." if out else "") + (part if _PLAIN_KEY.fullmatch(part) else repr(part))
     return out
 
 
@@ -184,8 +188,11 @@ class FunctionSpec:
         return f"FunctionSpec({self.type}, {self.params!r}, children={self.children})"
 
 
-def parse_functions(entries: list[dict], prefix: tuple) -> list[FunctionSpec]:
-    """Validate function entries against each function's own parameter model (recursively)."""
+def parse_functions(entries: list[dict], prefix: tuple, given: str = "image", parent: str | None = None) -> list[FunctionSpec]:
+    """Validate function entries against each function's own parameter model (recursively).
+
+    ``given`` is what the entries receive (the detector's frames are an ``"image"``; a parent passes what its
+    class's ``passes`` says), checked against each function's ``takes``; ``parent`` names it in messages."""
     from ..funcs import FUNCTIONS
 
     specs = []
@@ -197,22 +204,43 @@ def parse_functions(entries: list[dict], prefix: tuple) -> list[FunctionSpec]:
         ftype = entry.pop("type", None)
         if ftype is None:
             raise ConfigError(f"config: {key_path(loc + ('type',))}: required key missing")
-        if ftype not in FUNCTIONS:
+        if not isinstance(ftype, str) or ftype not in FUNCTIONS:
             raise ConfigError(f"config: {key_path(loc + ('type',))}: unknown function {ftype!r}; known: {', '.join(sorted(FUNCTIONS))}")
+        cls = FUNCTIONS[ftype]
+        if given not in cls.takes:
+            where = f"under {parent}, which passes on {given}" if parent else "at the top level (on the detector's frames)"
+            hint = (f"; {ftype} must be a child of a function that passes on {' or '.join(cls.takes)} ("
+                    f"{', '.join(sorted(t for t, f in FUNCTIONS.items() if f.passes in cls.takes))})")
+            raise ConfigError(f"config: {key_path(loc + ('type',))}: {ftype} cannot work {where}{hint}")
         children = entry.pop("children", []) or []
         if not isinstance(children, list):
             raise ConfigError(f"config: {key_path(loc + ('children',))}: must be a list of functions")
-        if children and not FUNCTIONS[ftype].accepts_children:
+        if children and cls.passes is None:
             raise ConfigError(f"config: {key_path(loc + ('children',))}: {ftype} takes no children")
         try:
-            params = FUNCTIONS[ftype].Params.model_validate(entry)
+            params = cls.Params.model_validate(entry)
         except ValidationError as exc:
             raise _first_error(exc, loc) from None
-        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",)), key_path(loc)))
+        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",), cls.passes, ftype),
+                                  key_path(loc)))
     return specs
 
 
-FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+"""Detector and function names are identifiers: they become HDF5 group and dataset names."""
+RESERVED = frozenset({"timestamp", "event_index", "Sums", "UserDataCfg", "lightStatus", "scan", "epics",
+                      "epicsOnce", "fiducials", "event_time", "damaged"})
+"""Names the result file uses at its root (SPEC 8, 10): no detector may take them."""
+
+
+def check_name(name, loc: tuple, what: str) -> None:
+    """ConfigError unless ``name`` is an identifier (and, for a detector, not a reserved root name)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"config: {key_path(loc)}: {what} name {name!r} is not an identifier (a letter or '_', "
+                          f"then letters, digits, '_'): it names groups and datasets in the result file")
+    if what == "detector" and name in RESERVED:
+        raise ConfigError(f"config: {key_path(loc)}: detector name {name!r} is reserved: the result file uses "
+                          f"/{name} itself ({', '.join(sorted(RESERVED))})")
 
 
 def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
@@ -222,11 +250,9 @@ def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
 
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
-        name = build_function(spec).name
+        name = build_function(spec).name if spec.params.name is None else spec.params.name
         loc = prefix + (i,)
-        if not FUNCTION_NAME.match(name):
-            raise ConfigError(f"config: {key_path(loc + ('name',))}: {name!r} cannot name datasets (letters, "
-                              f"digits, '_', '.', '+', '-'; no '/')")
+        check_name(name, loc + ("name",), "function")
         if name in seen:
             given = "" if spec.params.name else " (the default name of this function: give each a 'name')"
             raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {name!r}, also "
@@ -265,7 +291,10 @@ def _resolve_function_paths(base: Path, specs: list[FunctionSpec]) -> None:
 def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
     """Validate a config mapping; relative paths are resolved against ``base_dir``."""
     if not isinstance(data, dict):
-        raise ConfigError("config: the top level must be a mapping (source, detectors, ...)")
+        raise ConfigError("config: (top level): must be a mapping (source, detectors, ...)")
+    if isinstance(data.get("detectors"), dict):
+        for name in data["detectors"]:
+            check_name(name, ("detectors", name), "detector")
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -299,12 +328,19 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    if text is None or "\x00" in text:
+        raise ConfigError(f"config: {path}: not a YAML/TOML text file (UTF-8 text expected)")
     try:
         if path.suffix.lower() == ".toml":
             return tomllib.loads(text)
         return yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, TypeError, RecursionError) as exc:
         line = str(exc).splitlines()
         raise ConfigError(f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {' '.join(line)[:200]}") from None
 

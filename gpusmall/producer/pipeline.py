@@ -5,6 +5,7 @@ Everything that depends only on constants and geometry is built here once and ke
 """
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +21,13 @@ from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
 from ..funcs.sums import RunSums
 from ..sources.base import DetectorSource
+
+log = logging.getLogger(__name__)
+
+
+def _uses_geometry(specs) -> bool:
+    """Whether a function tree holds a function whose numbers depend on the pixel positions (azav)."""
+    return any(s.type == "azav" or _uses_geometry(s.children) for s in specs)
 
 
 class DetectorPipeline:
@@ -42,6 +50,8 @@ class DetectorPipeline:
         elif src.constants is not None:
             c = validate_constants(name, model, shape, src.constants)
         elif model.n_gains == 1:
+            log.warning("detector %s: no constants file: pedestal 0 and gain 1 (raw ADU); set detectors.%s.constants "
+                        "for a calibrated run", name, name)
             c = default_constants(model, shape)
         else:
             raise ConstantsError(f"detector {name}: a {model.type} needs a constants file with pedestals "
@@ -56,6 +66,9 @@ class DetectorPipeline:
             x, y, z = c.x, c.y, c.z if c.z is not None else np.zeros(shape, np.float32)
         else:
             x, y, z = default_geometry(shape, pixel_um)
+            if not (cfg.pixel_um or model.pixel_um) and _uses_geometry(specs):
+                log.warning("detector %s: no pixel_um and no x, y in the constants: azav takes 1 um pixels (pixel "
+                            "units); set detectors.%s.pixel_um", name, name)
         self.constants = c
         self.segments = src.segments  # psana's segment numbers, or None
         self.geometry = tuple(np.asarray(a, np.float32) for a in (x, y, z))
@@ -74,7 +87,9 @@ class DetectorPipeline:
                                 noise=to_dev(noise), x=to_dev(self.geometry[0]), y=to_dev(self.geometry[1]),
                                 z=to_dev(self.geometry[2]), units=cfg.units, saturation=saturation,
                                 pixel_um=pixel_um, mask_value=cfg.mask_value)
+        self.raw_dtype = np.dtype(src.dtype)
         self.functions = [build_function(s) for s in specs]
+        self.function_paths = [s.path for s in specs]  # config key path of each, for messages
         for f in self.functions:
             f.setup(self.ctx)
         self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value)
@@ -106,6 +121,14 @@ class DetectorPipeline:
         for events, (frames, _) in zip(blocks, done):
             self.sums.update(frames.data, None if keep is None else keep[events])
         return {k: np.concatenate([out[k] for _, out in done]) for k in done[0][1]}
+
+    def event_output_nbytes(self) -> dict[str, int]:
+        """Bytes of one event's outputs per top-level function (by config key path), measured by calibrating
+        and reducing one event of zeros: the shapes are those of every real event (outputs are padded)."""
+        xp = self.backend.xp
+        frames = self.calibrator(xp.zeros((1, *self.shape), self.raw_dtype))
+        return {path: int(sum(int(v.nbytes) for v in f(frames).values()))
+                for path, f in zip(self.function_paths, self.functions)}
 
     def _reduce(self, frames) -> dict[str, Any]:
         out = {}
