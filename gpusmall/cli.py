@@ -104,13 +104,18 @@ def cmd_run(args) -> int:
 
 def cmd_merge(args) -> int:
     from .io.master import build_master, find_parts
+    from .producer.lock import OutputLock
+    from .producer.paths import check_output
 
     parts = find_parts(args.file)
     if not parts:
         stem = Path(args.file)
         print(f"gpusmall: error: no part files {stem.stem}.part*.h5 in {stem.parent}", file=sys.stderr)
         return 2
-    info = build_master(args.file, parts)
+    # FILE is overwritten only when it is an earlier gpusmall result (a master), never one of its parts
+    check_output(args.file, "merge", {f"its part {p.name}": p for p in parts}, results_only=True)
+    with OutputLock(args.file, "merge"):  # not while a run writes this master
+        info = build_master(args.file, parts)
     extra = f", {len(info['skipped'])} unreadable parts skipped" if info["skipped"] else ""
     print(f"gpusmall: {info['events']} events from {len(info['parts'])} parts -> {args.file}{extra}", file=sys.stderr)
     return 0
@@ -293,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not raise BrokenPipeError again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -305,6 +321,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("gpusmall: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away (`gpusmall inspect f | head`): not an error
+        _silence_stdout()
+        return 0
     except Exception as exc:  # one line, not a traceback; -v shows it
         if args.verbose:
             log.exception("failed")

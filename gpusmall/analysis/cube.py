@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
+from ..io.master import require_sources
 from ..io.writer import open_result
 from .results import (
     detector_of,
@@ -137,7 +138,8 @@ def make_cube(path, by: str, bins: int, keys: list[str] | None = None, value_ran
     """Bin the events of result file ``path`` by the per-event scalar ``by`` (see the module docstring).
 
     Raises InputError (exit 2) for a missing key (naming it, with close matches), a ``by`` that is not a
-    per-event scalar, a key that is not per event, or no event left to bin.
+    per-event scalar, a key that is not per event, no event left to bin, or a master file whose part
+    files are missing (naming them).
     """
     path = Path(path)
     if not path.is_file():
@@ -160,6 +162,7 @@ def make_cube(path, by: str, bins: int, keys: list[str] | None = None, value_ran
         else:
             keys = [k for k in default_keys(f, by) if f[k].dtype.kind in "biuf"]
         dets = {d for d in [detector_of(f, by), *(detector_of(f, k) for k in keys)] if d is not None}
+        require_sources(f, [by, *keys, *(f"{det}/damaged" for det in sorted(dets))], "cube")
         damaged = np.zeros(n, bool)
         for det in sorted(dets & set(detectors(f))):
             if f"{det}/damaged" in f:

@@ -3,22 +3,8 @@ from __future__ import annotations
 
 import h5py
 
+from ..io.master import missing_sources
 from ..io.writer import open_result
-
-
-def missing_sources(f: h5py.File, path) -> list[str]:
-    """Part files a master's virtual datasets read from that are not there (HDF5 would fill with zeros)."""
-    from pathlib import Path
-
-    base = Path(path).resolve().parent
-    files = set()
-
-    def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
-            files.update(vs.file_name for vs in obj.virtual_sources())
-
-    f.visititems(visit)
-    return sorted(n for n in files if n != "." and not (base / n).exists())
 
 
 def describe(path) -> str:
@@ -28,10 +14,10 @@ def describe(path) -> str:
         for k in ("events", "gpusmall_version", "backend"):
             if k in f.attrs:
                 lines.append(f"  @{k} = {f.attrs[k]}")
-        gone = missing_sources(f, path)
+        gone = sorted(set().union(*missing_sources(f).values()))
         if gone:
-            lines.append(f"  WARNING: part files missing beside the master (their events read as zeros): "
-                         f"{', '.join(gone)}")
+            lines.append(f"  WARNING: part files missing beside the master (their events read as NaN or zeros; "
+                         f"plot and cube refuse it): {', '.join(gone)}")
 
         def visit(name, obj):
             depth = name.count("/")

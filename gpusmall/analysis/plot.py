@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
+from ..io.master import require_sources
 from ..io.writer import open_result
 from .avimage import assemble, color_limits, pixel_grid, plot_image, tile_panels
 from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
@@ -154,7 +155,8 @@ def plot_key(path, key: str, png) -> str:
     """Plot dataset ``key`` of result file ``path`` into ``png``; returns a one-line description.
 
     Raises InputError (exit 2) naming the key when it is not in the file (with close matches) or cannot
-    be plotted (text, a single value).
+    be plotted (text, a single value), and naming the part files when ``path`` is a master file whose
+    parts are missing (the key would read as NaN or zeros).
     """
     path, png = Path(path), Path(png)
     if not path.is_file():
@@ -162,6 +164,7 @@ def plot_key(path, key: str, png) -> str:
     with open_result(path) as f:
         d = require_dataset(f, key)
         key = normalize_key(key)
+        require_sources(f, [key], "plot")
         if d.dtype.kind not in "biuf":
             raise InputError(f"plot: {key!r} holds {d.dtype} values, not numbers")
         if d.ndim == 0:

@@ -19,18 +19,26 @@ Only what a part has flushed counts: a part cut short (an interrupted rank) cont
 of its completed batches, i.e. the shortest of its per-event datasets; an unreadable part is skipped
 with a warning. ``gpusmall merge FILE`` calls the same function on the parts left on disk.
 The virtual datasets name their parts by file name only, so the master and its parts move together.
+Float virtual datasets have the fill value NaN: where a part is missing, HDF5 reads NaN, not zeros;
+gpusmall's readers refuse such a master (:func:`missing_sources`, :func:`require_sources`).
+
+The master is written to a temporary file of a unique name beside it (``tempfile.mkstemp``), renamed
+over ``<stem>.h5`` once complete and removed when writing fails.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .writer import open_for_reading
+from ..errors import InputError
+from .writer import HDF5_ERRORS, HDF5_SIGNATURE, OutputWriteError, failure_reason, open_for_reading, seal_file
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,6 @@ STATIC_GROUPS = ("UserDataCfg", "Sums")
 #: at most this many virtual-dataset mappings per dataset; more (a finely interleaved run) -> copies
 MAX_MAPPINGS = 10_000
 _MAX_SUM = re.compile(r"_max(_thresADU-?\d+(\.\d+)?)?$")
-_PART = re.compile(r"\.part(\d+)\.h5$")
 
 
 def part_path(output, rank: int) -> Path:
@@ -47,15 +54,131 @@ def part_path(output, rank: int) -> Path:
     return output.with_name(f"{output.stem}.part{rank}.h5")
 
 
-def find_parts(output) -> list[Path]:
-    """The part files of ``output`` on disk, in rank order."""
+def _numbered_parts(output) -> list[tuple[int, Path]]:
+    """(rank, path) of every file named exactly ``<stem>.part<rank>.h5`` beside ``output``, in rank order.
+
+    The folder is listed and each name matched in full (no glob: a stem such as ``run[1]`` holds glob
+    brackets; ``out.partner.h5`` or ``out.part01.h5`` are not part names)."""
     output = Path(output)
+    exact = re.compile(re.escape(output.stem) + r"\.part(0|[1-9][0-9]*)\.h5")
     found = []
-    for p in output.parent.glob(f"{output.stem}.part*.h5"):
-        m = _PART.search(p.name)
-        if m and p.name == f"{output.stem}.part{m.group(1)}.h5":
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    try:
+        entries = list(output.parent.iterdir())
+    except OSError:  # no such folder, or not listable
+        return []
+    for p in entries:
+        m = exact.fullmatch(p.name)
+        if m:
+            found.append((int(m.group(1)), output.parent / p.name))
+    return sorted(found)
+
+
+def find_parts(output) -> list[Path]:
+    """The part files of ``output`` on disk (by name: ``<stem>.part<rank>.h5``), in rank order."""
+    return [p for _, p in _numbered_parts(output)]
+
+
+def is_part_file(path, rank: int) -> bool:
+    """Whether ``path`` is a gpusmall part file of rank ``rank``: an HDF5 file (signature at its start) whose
+    root attributes are ``gpusmall_version``, ``rank == rank`` and ``ranks > 1``. A file that cannot be
+    read (opened as every reader does: plain, then SWMR) is not taken for one."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as fh:
+            if fh.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+                return False
+        f = open_for_reading(path)[0]
+    except (OSError, RuntimeError, ValueError):
+        return False
+    try:
+        a = f.attrs
+        return ("gpusmall_version" in a and "rank" in a and "ranks" in a
+                and int(a["rank"]) == rank and int(a["ranks"]) > 1)
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return False
+    finally:
+        f.close()
+
+
+def stale_parts(output, keep_ranks: int) -> list[Path]:
+    """Part files of ``output`` left by an earlier MPI run with more ranks than ``keep_ranks``: named exactly
+    ``<stem>.part<N>.h5`` with ``N >= keep_ranks``, and gpusmall part files of rank N
+    (:func:`is_part_file`). Anything else of that name (someone's data, a text file) is not returned."""
+    return [p for r, p in _numbered_parts(output) if r >= keep_ranks and is_part_file(p, r)]
+
+
+def remove_stale_parts(output, ranks: int) -> list[Path]:
+    """Delete :func:`stale_parts` ``(output, ranks)`` (a master built later by ``gpusmall merge`` would read
+    them); returns those deleted. A file that cannot be deleted is logged and left."""
+    removed = []
+    for p in stale_parts(output, ranks):
+        try:
+            p.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s, a part file of an earlier run with more ranks: %s", p, exc)
+            continue
+        log.info("removed %s, a part file of an earlier run with more ranks", p)
+        removed.append(p)
+    return removed
+
+
+def _source_found(name: str, prefixes: list[Path]) -> bool:
+    """Whether HDF5 finds a virtual dataset's source file ``name`` (as ``H5F_prefix_open_file`` looks for it:
+    an absolute name as it is, then its last component in each prefix; a relative one in each prefix, then
+    relative to the working folder)."""
+    if name == ".":  # the virtual dataset's own file
+        return True
+    p = Path(name)
+    if p.is_absolute():
+        places = [p] + [d / p.name for d in prefixes]
+    else:
+        places = [d / p for d in prefixes] + [Path.cwd() / p]
+    return any(c.is_file() for c in places)
+
+
+def missing_sources(f: h5py.File, names=None) -> dict[str, list[str]]:
+    """The source files of ``f``'s virtual datasets (every one, or those of ``names``) that are not there:
+    dataset path -> missing files (relative names as beside ``f``). HDF5 reads such a dataset without an
+    error, with its fill value (NaN in a gpusmall master, zeros in an older one) where the file is missing.
+
+    Files are looked for as HDF5 does: in ``$HDF5_VDS_PREFIX`` (``${ORIGIN}`` = the folder of ``f``), in the
+    folder of ``f``, then relative to the working folder."""
+    base = Path(f.filename).absolute().parent
+    env = os.environ.get("HDF5_VDS_PREFIX", "")
+    prefixes = [Path(d.replace("${ORIGIN}", str(base))) for d in env.split(os.pathsep) if d]
+    prefixes.append(base)
+    if names is None:
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+    found: dict[str, bool] = {}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        ds = f.get(name)
+        if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
+            continue
+        dcpl = ds.id.get_create_plist()
+        files = {dcpl.get_virtual_filename(i) for i in range(dcpl.get_virtual_count())}
+        for n in files:
+            if n not in found:
+                found[n] = _source_found(n, prefixes)
+        gone = sorted(n if Path(n).is_absolute() else str(base / n) for n in files if not found[n])
+        if gone:
+            out[ds.name.lstrip("/")] = gone
+    return out
+
+
+def require_sources(f: h5py.File, names, what: str) -> None:
+    """InputError (exit 2) naming the missing part files when a virtual dataset of ``names`` reads from one
+    (:func:`missing_sources`): its events would read as NaN or zeros."""
+    gone = missing_sources(f, names)
+    if gone:
+        files = sorted(set().union(*gone.values()))
+        keys = ", ".join(list(gone)[:3]) + (", ..." if len(gone) > 3 else "")
+        raise InputError(f"{what}: {f.filename} is a master file whose part files are missing: {', '.join(files)} "
+                         f"({keys} would read as NaN or zeros there); a master and its parts move together "
+                         f"(`gpusmall merge` writes a master over the parts there are)")
 
 
 def per_event_names(f: h5py.File) -> list[str]:
@@ -148,57 +271,92 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
     virtual = len(runs) <= MAX_MAPPINGS and all(p.clean for p in with_events)
     names = sorted(set().union(*(p.names for p in with_events))) if with_events else []
     total = sum(p.n for p in with_events)
-    tmp = output.with_name(output.name + ".tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    out = None
+    try:
+        out = h5py.File(tmp, "w", libver="latest")
+        info = _write_into(out, output, parts, skipped, with_events, runs, local_index, virtual, names, total)
+        out.close()
+        _give_mode(tmp, output)
+        tmp.replace(output)
+    except BaseException as exc:
+        if out is not None and out.id.valid:
+            seal_file(out)  # a failed write: HDF5 must not go on writing (nor crash closing it)
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, HDF5_ERRORS):
+            reason, full = failure_reason(exc)
+            raise OutputWriteError(f"writing the master {output} failed: {reason}{' (disk full?)' if full else ''}; "
+                                   f"the part files keep the events (`gpusmall merge {output}` writes it again)",
+                                   output, 0, full) from None
+        raise
+    return info
+
+
+def _give_mode(tmp: Path, output: Path) -> None:
+    """The permissions a file created as ``output`` would have (mkstemp makes it 0600)."""
+    try:
+        mode = output.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    os.chmod(tmp, mode)
+
+
+def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[str], with_events, runs,
+                local_index: bool, virtual: bool, names: list[str], total: int) -> dict:
+    first = parts[0]
     damaged = {}
-    with h5py.File(tmp, "w", libver="latest") as out:
-        for k, v in first.file.attrs.items():
-            if k not in ("rank", "first_event", "last_event", "event_index_local"):
-                out.attrs[k] = v
-        out.attrs["ranks"] = len(parts) + len(skipped)
-        if "UserDataCfg" in first.file:
-            first.file.copy(first.file["UserDataCfg"], out, "UserDataCfg")
-        for name in names:
-            src = [p for p in with_events if name in p.file]
-            if len(src) != len(with_events):
-                log.warning("%s is missing from some parts; left out of the master", name)
-                continue
-            d0 = src[0].file[name]
-            tail, dtype = d0.shape[1:], d0.dtype
-            if name == "event_index" and local_index:
-                out.create_dataset(name, data=np.arange(total, dtype=np.int64))
-            elif virtual:
-                layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
-                sources = []
-                for p in src:
-                    rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
-                    sources.append(h5py.VirtualSource(rel, name, shape=(p.n, *tail)))
-                for i, a, c, o in runs:
-                    layout[o: o + c] = sources[i][a: a + c]
-                out.create_virtual_dataset(name, layout, fillvalue=None)
-            else:  # the same runs, copied
-                data = np.empty((total, *tail), dtype)
-                whole = [p.file[name][: p.n] for p in src]
-                for i, a, c, o in runs:
-                    data[o: o + c] = whole[i][a: a + c]
-                out.create_dataset(name, data=data, chunks=True if data.ndim else None)
-            if name.endswith("/damaged"):
-                damaged[name.rsplit("/", 1)[0]] = int(sum(np.count_nonzero(p.file[name][: p.n]) for p in src))
-        sums: dict[str, np.ndarray] = {}
-        for p in parts:
-            if "Sums" not in p.file:
-                continue
-            for k, ds in p.file["Sums"].items():
-                v = ds[()]
-                sums[k] = v if k not in sums else _merge_sum(k, sums[k], v)
-        g = out.require_group("Sums")
-        for k, v in sums.items():
-            g.create_dataset(k, data=v)
-        for det, n in damaged.items():
-            out.require_group(det).attrs["damaged_events"] = n
-        out.attrs["events"] = total
-        out.attrs["parts"] = json.dumps([p.path.name for p in parts])
-        out.attrs["damaged"] = json.dumps(damaged)
-        complete = all(bool(p.file.attrs.get("complete", False)) for p in parts) and not skipped
-        out.attrs["complete"] = complete
-    tmp.replace(output)
+    for k, v in first.file.attrs.items():
+        if k not in ("rank", "first_event", "last_event", "event_index_local"):
+            out.attrs[k] = v
+    out.attrs["ranks"] = len(parts) + len(skipped)
+    if "UserDataCfg" in first.file:
+        first.file.copy(first.file["UserDataCfg"], out, "UserDataCfg")
+    for name in names:
+        src = [p for p in with_events if name in p.file]
+        if len(src) != len(with_events):
+            log.warning("%s is missing from some parts; left out of the master", name)
+            continue
+        d0 = src[0].file[name]
+        tail, dtype = d0.shape[1:], d0.dtype
+        if name == "event_index" and local_index:
+            out.create_dataset(name, data=np.arange(total, dtype=np.int64))
+        elif virtual:
+            layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            sources = []
+            for p in src:
+                rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
+                sources.append(h5py.VirtualSource(rel, name, shape=(p.n, *tail)))
+            for i, a, c, o in runs:
+                layout[o: o + c] = sources[i][a: a + c]
+            # NaN where a part is missing (moved, deleted): not zeros that look like data
+            out.create_virtual_dataset(name, layout, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
+        else:  # the same runs, copied
+            data = np.empty((total, *tail), dtype)
+            whole = [p.file[name][: p.n] for p in src]
+            for i, a, c, o in runs:
+                data[o: o + c] = whole[i][a: a + c]
+            out.create_dataset(name, data=data, chunks=True if data.ndim else None)
+        if name.endswith("/damaged"):
+            damaged[name.rsplit("/", 1)[0]] = int(sum(np.count_nonzero(p.file[name][: p.n]) for p in src))
+    sums: dict[str, np.ndarray] = {}
+    for p in parts:
+        if "Sums" not in p.file:
+            continue
+        for k, ds in p.file["Sums"].items():
+            v = ds[()]
+            sums[k] = v if k not in sums else _merge_sum(k, sums[k], v)
+    g = out.require_group("Sums")
+    for k, v in sums.items():
+        g.create_dataset(k, data=v)
+    for det, n in damaged.items():
+        out.require_group(det).attrs["damaged_events"] = n
+    out.attrs["events"] = total
+    out.attrs["parts"] = json.dumps([p.path.name for p in parts])
+    out.attrs["damaged"] = json.dumps(damaged)
+    complete = all(bool(p.file.attrs.get("complete", False)) for p in parts) and not skipped
+    out.attrs["complete"] = complete
     return {"complete": complete, "events": total, "parts": [str(p.path) for p in parts], "skipped": skipped, "damaged": damaged}

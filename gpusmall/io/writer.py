@@ -13,17 +13,43 @@ first batch the file is in HDF5 SWMR mode, so it can be read while the run goes 
 (:func:`open_result`, h5py ``File(path, "r", swmr=True)``; a reader calls ``dataset.refresh()`` to see
 new events). SWMR forbids new objects, so the end-of-run writes (run sums, attributes) reopen the
 file in normal mode.
+
+A full disk (or any failed write): before each batch the free space of the output's file system is
+checked (``os.statvfs``); below the batch's size plus :data:`SPACE_MARGIN_BYTES` the writer raises
+:class:`LowDiskSpace` without writing, and the file can still be closed normally. When a write fails
+anyway (ENOSPC, EFBIG, EDQUOT...), HDF5's file is left as it was after the last completed batch: the
+writer *seals* it (:func:`seal_file`: every later HDF5 write, including the ones of closing it, goes to
+a scratch file, never to the disk; the file's "open for writing" flags are then cleared so that it
+opens plainly) and raises :class:`OutputWriteError`; later writes are refused. Without this, HDF5
+went on writing into the file after the failure (a superblock naming space that was never written:
+"truncated file", unreadable without ``h5clear``) and crashed the process when it closed the file.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from ..errors import InputError
+from ..errors import GpusmallError, InputError
+
+log = logging.getLogger(__name__)
+
+#: free space (bytes) a batch must leave on the output's file system, for the metadata HDF5 adds and the
+#: end-of-run writes; below it the run stops before the batch (:class:`LowDiskSpace`)
+SPACE_MARGIN_BYTES = 8 << 20
+#: slack (bytes) for HDF5's metadata when the other writes (set-up, run sums) check the free space
+STATIC_SLACK_BYTES = 64 << 10
+#: errors of a full disk, a file-size limit or a quota
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+HDF5_ERRORS = (OSError, RuntimeError)  # what h5py raises for a failed HDF5 call
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (without a user block)
 
 
 def _storable(value: Any):
@@ -72,6 +98,200 @@ class UnreadableResult(InputError, OSError):
     an OSError to a caller that polls a file still being created (as h5py's own error is)."""
 
 
+class OutputWriteError(GpusmallError):
+    """Writing a result file failed (a full disk, a quota...); the file was sealed with the batches completed
+    before the failure (:attr:`events` of them). Exit status 1."""
+
+    def __init__(self, message: str, path: Path, events: int, disk_full: bool):
+        super().__init__(message)
+        self.path, self.events, self.disk_full = path, events, disk_full
+
+
+class LowDiskSpace(OutputWriteError):
+    """Too little free space for the next write: raised before writing it, the file is intact and can be
+    closed normally (the run stops as if interrupted)."""
+
+
+def failure_reason(exc: BaseException) -> tuple[str, bool]:
+    """(one line naming the cause of a failed write, whether it means a full disk, a size limit or a quota)."""
+    no = getattr(exc, "errno", None)
+    if not no:  # h5py puts the C errno into the message only: "..., errno = 28, error message = ..."
+        m = re.search(r"errno = (\d+)", str(exc))
+        no = int(m.group(1)) if m else None
+    if no in DISK_FULL_ERRNOS:
+        return f"[Errno {no}] {os.strerror(no)}", True
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return (line if len(line) <= 200 else line[:200] + "..."), False
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.0f} kB"
+
+
+def free_bytes(path) -> int | None:
+    """Bytes an unprivileged process may still write on the file system holding ``path`` (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # no such path, or no statvfs (Windows)
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _rot(x: int, k: int) -> int:
+    return ((x << k) | (x >> (32 - k))) & _M32
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` of ``data``: HDF5's metadata checksum (``H5_checksum_lookup3``)."""
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & _M32
+    i = 0
+    while length > 12:  # mix()
+        a = (a + int.from_bytes(data[i:i + 4], "little")) & _M32
+        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & _M32
+        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & _M32
+        for x, y, z, k in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)):
+            v = [a, b, c]
+            v[x] = ((v[x] - v[y]) & _M32) ^ _rot(v[y], k)
+            v[y] = (v[y] + v[z]) & _M32
+            a, b, c = v
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    tail = bytes(data[i:i + length]) + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & _M32
+    b = (b + int.from_bytes(tail[4:8], "little")) & _M32
+    c = (c + int.from_bytes(tail[8:12], "little")) & _M32
+    for x, y, k in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)):  # final()
+        v = [a, b, c]
+        v[x] = ((v[x] ^ v[y]) - _rot(v[y], k)) & _M32
+        a, b, c = v
+    return c
+
+
+def _clear_open_flags(path) -> bool:
+    """Clear the "open for writing" flags of a version 2/3 HDF5 superblock, as ``h5clear -s`` does, so
+    that a file whose writer could not close it opens plainly again, and let its end of file cover what
+    was written after the superblock (``h5clear --increment=0``: a flush cut short may have written
+    metadata beyond the end the superblock names). Only done when the superblock is at the start of the
+    file, its checksum verifies and the file is at least as long as the superblock says (the file then
+    holds everything up to its last flush). Returns whether the superblock is clear now."""
+    try:
+        with open(path, "r+b") as fh:
+            head = bytearray(fh.read(64))
+            size = os.fstat(fh.fileno()).st_size
+            if len(head) < 12 or head[:8] != HDF5_SIGNATURE or head[8] not in (2, 3):
+                return False
+            o = head[9]
+            n = 12 + 4 * o
+            if o not in (4, 8) or len(head) < n + 4:
+                return False
+            if int.from_bytes(head[n:n + 4], "little") != lookup3(bytes(head[:n])):
+                return False
+            eof = slice(12 + 2 * o, 12 + 3 * o)
+            base = int.from_bytes(head[12:12 + o], "little")
+            stored = int.from_bytes(head[eof], "little")
+            if base != 0 or stored > size:  # the file lacks what the superblock names
+                return False
+            if head[11] == 0 and stored == size:
+                return True
+            head[11] = 0
+            head[eof] = size.to_bytes(o, "little")
+            head[n:n + 4] = lookup3(bytes(head[:n])).to_bytes(4, "little")
+            fh.seek(0)
+            fh.write(bytes(head[:n + 4]))
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    except OSError as exc:
+        log.warning("could not clear the open-for-writing flags of %s: %s", path, exc)
+        return False
+
+
+def _memfd_can_take_all() -> bool:
+    """Whether a memory file can stand in for a sealed file: it takes every write and the final resize to
+    HDF5's end of file (so that the file closes without an error), unless a file-size limit
+    (RLIMIT_FSIZE) stops them as it stopped the real file; /dev/null takes every write but cannot be
+    resized (the close then fails, harmlessly)."""
+    if not hasattr(os, "memfd_create"):
+        return False
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        return False
+
+
+_SEALED: list = []  # sealed files whose close failed: kept, so that no garbage collection closes them again
+
+
+def readable(path) -> tuple[str | None, list[str]]:
+    """How a result file opens now: (``"plain"``, ``"swmr"`` (only with ``swmr=True``, as a file whose
+    writer was killed) or None (not at all), the attributes that cannot be read). Every object is visited
+    and every attribute read."""
+    try:
+        f, plain = open_for_reading(path)
+    except (OSError, RuntimeError, ValueError):
+        return None, []
+    bad: list[str] = []
+
+    def attrs(name, obj):
+        for k in list(obj.attrs):
+            try:
+                obj.attrs[k]
+            except Exception:  # noqa: BLE001 - whatever h5py raises for damaged metadata
+                bad.append(f"/{name}@{k}" if name else f"/@{k}")
+
+    try:
+        with f:
+            attrs("", f)
+            f.visititems(attrs)
+    except Exception:  # noqa: BLE001
+        return None, bad
+    return ("plain" if plain else "swmr"), bad
+
+
+def seal_file(f: h5py.File) -> tuple[str | None, list[str]]:
+    """After a failed write into ``f``: end every write into its file on disk and close it.
+
+    HDF5 keeps the failed write's space and metadata in memory and writes them when the file is flushed
+    or closed, which fails again (a superblock naming space never written: "truncated file") or crashes
+    the process. Here the file's descriptor is pointed at a scratch file (``memfd``, else ``/dev/null``)
+    before closing, so the disk keeps the file as it was at its last successful flush (in SWMR mode,
+    every completed batch); then its open flags are cleared (:func:`_clear_open_flags`). Returns how the
+    file opens afterwards (:func:`readable`)."""
+    path = f.filename
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - not the sec2 driver, or the file is closed already
+        fd = None
+    if isinstance(fd, int) and fd >= 0:
+        try:
+            scratch = os.memfd_create("gpusmall-sealed") if _memfd_can_take_all() else os.open(os.devnull, os.O_RDWR)
+            os.dup2(scratch, fd)
+            os.close(scratch)
+        except OSError as exc:
+            log.warning("could not detach %s from its file: %s", path, exc)
+            fd = None
+    if fd is None:  # nothing to detach: leave it open rather than let HDF5 write the failed state
+        _SEALED.append(f)
+        return readable(path)
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the scratch file takes what HDF5 writes; a failure here is moot
+        pass
+    if f.id.valid:  # the close failed (the scratch file could not be resized): keep it from a second try
+        _SEALED.append(f)
+    _clear_open_flags(path)
+    return readable(path)
+
+
 class _Layout:
     """What :class:`ResultWriter` needs per per-event dataset, read from HDF5 once: chunk length (events),
     dtype, whether whole chunks may be written directly (uncompressed, at least 2-D), and a low-level
@@ -103,29 +323,90 @@ class ResultWriter:
     Args:
         path: output file (overwritten).
         chunk_events: events per HDF5 chunk of per-event datasets (the batch size is a good choice).
+
+    A write that fails seals the file (see the module docstring): :attr:`sealed` is then True, the
+    method raises :class:`OutputWriteError` and every later write raises it again; :attr:`n_events`
+    events (the batches completed before) are in the file. :attr:`space_margin` (bytes, default
+    :data:`SPACE_MARGIN_BYTES`; 0 turns the check off) is the free space each batch must leave.
     """
 
     def __init__(self, path, chunk_events: int = 64):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.path, "w", libver="latest")
+        self.file = None
+        self.sealed = False
+        self.space_margin = SPACE_MARGIN_BYTES
         self.chunk_events = max(1, int(chunk_events))
         self.n_events = 0
         self._datasets: dict[str, h5py.Dataset] = {}
         self._layout: dict[str, _Layout] = {}  # HDF5 path -> cached layout of a per-event dataset
         self.swmr = False
+        try:
+            self.file = h5py.File(self.path, "w", libver="latest")
+        except HDF5_ERRORS as exc:
+            reason, full = failure_reason(exc)
+            raise OutputWriteError(f"cannot create {self.path}: {reason}{' (disk full?)' if full else ''}",
+                                   self.path, 0, full) from None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        try:
+            self.close()
+        except OutputWriteError as err:
+            if exc[0] is None:
+                raise
+            log.warning("%s", err)  # the exception in flight is the one to report
         return False
 
     def close(self) -> None:
-        if self.file is not None and self.file.id.valid:
+        if self.sealed or self.file is None or not self.file.id.valid:
+            return
+        try:
             self.file.flush()
             self.file.close()
+        except HDF5_ERRORS as exc:
+            raise self._failed(exc, "closing it") from None
+
+    def _failed(self, exc: BaseException, doing: str) -> OutputWriteError:
+        """Seal the file after the failed write ``exc``; the error to raise."""
+        reason, full = failure_reason(exc)
+        state, bad = seal_file(self.file) if self.file is not None else readable(self.path)
+        self.sealed, self._datasets, self._layout = True, {}, {}
+        how = {"plain": "", "swmr": " (it opens as a file still being written: h5py.File(path, 'r', swmr=True))",
+               None: " but is not readable"}[state]
+        if state and bad:
+            how += f" (attributes not readable: {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
+        kept = (f"the file keeps the {self.n_events} events of the batches completed before" if self.n_events
+                else "the file holds no events")
+        if state is None and not self.n_events:  # nothing of value, and unreadable: not left in the way
+            try:
+                self.path.unlink()
+                kept, how = "the file held no events yet and was removed", ""
+            except OSError:
+                pass
+        return OutputWriteError(f"writing {self.path} failed ({doing}): {reason}{' (disk full?)' if full else ''}; "
+                                f"{kept}{how}", self.path, self.n_events, full)
+
+    def _usable(self) -> None:
+        if self.sealed:
+            raise OutputWriteError(f"{self.path}: an earlier write failed; nothing more is written into it",
+                                   self.path, self.n_events, False)
+
+    def check_space(self, nbytes: int, what: str, margin: int | None = None) -> None:
+        """:class:`LowDiskSpace` unless the output's file system has room for ``nbytes`` plus ``margin``
+        (default :attr:`space_margin`). Nothing is checked with a margin of 0 or when the free space is
+        unknown."""
+        margin = self.space_margin if margin is None else margin
+        if margin <= 0 or self.space_margin <= 0:
+            return
+        free = free_bytes(self.path)
+        if free is None or free >= nbytes + margin:
+            return
+        raise LowDiskSpace(f"{self.path}: its disk is almost full ({_size(free)} free; {what} needs {_size(nbytes)} "
+                           f"and {_size(margin)} more are kept free): stopped before writing it; the file keeps the "
+                           f"{self.n_events} events written before", self.path, self.n_events, True)
 
     def _create(self, name: str, arr: np.ndarray) -> h5py.Dataset:
         """Chunks of whole events, at most ~1 MiB, and (for per-event arrays) a divisor of the batch size,
@@ -168,62 +449,95 @@ class ResultWriter:
     def append(self, columns: dict[str, np.ndarray]) -> None:
         """Append one batch: every array has the same leading events axis. Flushes the file.
 
-        The first batch creates the datasets; later batches must bring the same names.
+        The first batch creates the datasets; later batches must bring the same names. Before writing,
+        :meth:`check_space` (:class:`LowDiskSpace`, nothing written); a failed write seals the file
+        (:class:`OutputWriteError`).
         """
-        n = None
-        for name, arr in columns.items():
-            arr = np.asarray(arr)
+        self._usable()
+        arrays, n = {}, None
+        for name, arr in columns.items():  # checked before anything is written
+            arr = arrays[name] = np.asarray(arr)
             if n is None:
                 n = arr.shape[0]
             elif arr.shape[0] != n:
                 raise ValueError(f"output {name}: {arr.shape[0]} events in a batch of {n}")
-            ds = self._datasets.get(name)
-            if ds is None:
-                if self.n_events:
-                    raise ValueError(f"output {name} appears after the first batch")
-                ds = self._datasets[name] = self._create(name, arr)
-                self._layout[ds.name] = _Layout(ds)
-            self._layout[ds.name].grow(self.n_events + n)
-            self._write(ds, self.n_events, arr)
-        if n is not None:
-            self.n_events += n
-        self.file.flush()
-        if not self.swmr and self._datasets:
-            self.file.swmr_mode = True  # readers may now follow the file as it grows
-            self.swmr = True
+            if name not in self._datasets and self.n_events:
+                raise ValueError(f"output {name} appears after the first batch")
+        self.check_space(sum(a.nbytes for a in arrays.values()), "the next batch")
+        try:
+            for name, arr in arrays.items():
+                ds = self._datasets.get(name)
+                if ds is None:
+                    ds = self._datasets[name] = self._create(name, arr)
+                    self._layout[ds.name] = _Layout(ds)
+                self._layout[ds.name].grow(self.n_events + n)
+                self._write(ds, self.n_events, arr)
+            self.file.flush()
+            if n is not None:
+                self.n_events += n
+            if not self.swmr and self._datasets:
+                self.file.swmr_mode = True  # readers may now follow the file as it grows
+                self.swmr = True
+        except HDF5_ERRORS as exc:
+            raise self._failed(exc, "appending a batch") from None
 
     def _leave_swmr(self) -> None:
         """Reopen the file in normal mode so that new objects and attributes can be written."""
         if not self.swmr:
             return
-        self.file.flush()
-        self.file.close()
-        self.file = h5py.File(self.path, "a", libver="latest")
-        self._datasets = {name: self.file[name] for name in self._datasets}
-        self._layout = {ds.name: _Layout(ds) for ds in self._datasets.values()}
+        try:
+            self.file.flush()
+            self.file.close()
+        except HDF5_ERRORS as exc:
+            raise self._failed(exc, "closing it in SWMR mode") from None
         self.swmr = False
+        try:
+            self.file = h5py.File(self.path, "a", libver="latest")
+            self._datasets = {name: self.file[name] for name in self._datasets}
+            self._layout = {ds.name: _Layout(ds) for ds in self._datasets.values()}
+        except (*HDF5_ERRORS, KeyError) as exc:  # the file was closed cleanly: it stays as it is
+            if self.file is not None and not self.file.id.valid:
+                self.file = None
+            raise self._failed(exc, "reopening it") from None
 
     def write_static(self, group: str, values: dict[str, Any]) -> None:
-        """Write values once under ``group`` (e.g. ``UserDataCfg/<det>``); replaces existing ones."""
+        """Write values once under ``group`` (e.g. ``UserDataCfg/<det>``); replaces existing ones.
+
+        :class:`LowDiskSpace` before anything is written when the disk lacks room for the values."""
+        self._usable()
+        values = {k: _storable(v) for k, v in values.items() if v is not None}
+        size = sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for v in values.values())
+        self.check_space(size, f"{group}/", margin=STATIC_SLACK_BYTES)
         self._leave_swmr()
-        g = self.file.require_group(group)
-        for key, value in values.items():
-            if value is None:
-                continue
-            if key in g:
-                del g[key]
-            v = _storable(value)
-            if isinstance(v, np.ndarray) and v.size > 4096:
-                g.create_dataset(key, data=v, compression="gzip", compression_opts=1, shuffle=True)
-            else:
-                g.create_dataset(key, data=v)
-        self.file.flush()
+        try:
+            g = self.file.require_group(group)
+            for key, v in values.items():
+                if key in g:
+                    del g[key]
+                if isinstance(v, np.ndarray) and v.size > 4096:
+                    ds = g.create_dataset(key, shape=v.shape, dtype=v.dtype, compression="gzip", compression_opts=1,
+                                          shuffle=True)
+                    ds[...] = v
+                else:
+                    ds = g.create_dataset(key, data=v)
+                # a write that fails raises here: when h5py drops a dataset whose chunks HDF5 cannot write, the
+                # error is only printed, and the next flush of the file crashes the process
+                ds.flush()
+            self.file.flush()
+        except HDF5_ERRORS as exc:
+            raise self._failed(exc, f"writing {group}/") from None
 
     def set_attrs(self, path: str, attrs: dict[str, Any]) -> None:
+        """Set attributes of a group (``/``: the file); flushes the file."""
+        self._usable()
         self._leave_swmr()
-        obj = self.file.require_group(path) if path not in ("", "/") else self.file
-        for k, v in attrs.items():
-            obj.attrs[k] = _storable(v)
+        try:
+            obj = self.file.require_group(path) if path not in ("", "/") else self.file
+            for k, v in attrs.items():
+                obj.attrs[k] = _storable(v)
+            self.file.flush()
+        except HDF5_ERRORS as exc:
+            raise self._failed(exc, f"writing attributes of {path or '/'}") from None
 
 
 class BackgroundAppender:

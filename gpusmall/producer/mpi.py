@@ -61,6 +61,10 @@ class Comm:
         self._comm.Allreduce(arr, out, op=mop)
         return out
 
+    def allgather(self, obj) -> list:
+        """Every rank's ``obj`` (any picklable object), in rank order, on every rank."""
+        return [obj] if self._comm is None else self._comm.allgather(obj)
+
     def bcast(self, obj, root: int = 0):
         return obj if self._comm is None else self._comm.bcast(obj, root=root)
 

@@ -70,8 +70,11 @@ def _other_data(p: Path) -> str | None:
         f = open_for_reading(p)[0]  # also a result still held by a writer in SWMR mode
     except OSError:
         return None
-    with f:
-        return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
+    try:
+        with f:
+            return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
+    except (KeyError, RuntimeError, OSError):  # damaged metadata: a result whose writer failed is taken as one
+        return None
 
 
 def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False) -> Path:

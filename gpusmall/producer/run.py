@@ -17,7 +17,7 @@ MPI (:mod:`gpusmall.producer.mpi`): each rank reduces its contiguous block of ba
 ``<stem>.part<rank>.h5``; after a barrier rank 0 writes the master ``<stem>.h5``
 (:func:`gpusmall.io.master.build_master`). With one rank the output file is written directly.
 
-Crash safety: SIGTERM / SIGINT set a flag; the loop finishes the batch in hand, writes the sums,
+Crash safety: SIGTERM / SIGINT / SIGHUP set a flag; the loop finishes the batch in hand, writes the sums,
 flushes and closes the file (and under MPI the master is built); :attr:`RunSummary.interrupted`
 tells the caller (``gpusmall run`` exits 1). An exception while reducing a batch does the same and
 is re-raised afterwards. Every batch that was reduced is in the file: the writer thread's queue is
@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,12 @@ from pathlib import Path
 from .. import __version__
 from ..backend import Backend
 from ..errors import InputError
-from ..io.master import build_master, part_path
-from ..io.writer import BackgroundAppender, ResultWriter
+from ..io.master import build_master, part_path, remove_stale_parts
+from ..io.writer import BackgroundAppender, OutputWriteError, ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
+from .lock import OutputLock
+from .memory import check_frames_fit, check_run_fits
 from .paths import check_output, input_files
 from .pipeline import DetectorPipeline
 from .process import BatchProcessor, DeviceTimes
@@ -87,8 +90,14 @@ def progress_bar(total: int | None, quiet: bool, desc: str = "gpusmall"):
                 disable=quiet or not sys.stderr.isatty())
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that end a run cleanly: the batch in hand is finished and the file closed (SIGHUP: the ssh
+session or terminal that started the run went away)."""
+
+
 class StopFlag:
-    """Set by SIGTERM / SIGINT while installed (main thread only); the loop stops between batches."""
+    """Set by a signal of :data:`STOP_SIGNALS` while installed (main thread only); the loop stops between
+    batches."""
 
     def __init__(self):
         self.reason = ""
@@ -106,7 +115,7 @@ class StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
         return self
 
@@ -205,12 +214,50 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
     comm = comm or get_comm()
     out_path = Path(output or cfg.output)
     my_path = part_path(out_path, comm.rank) if comm.size > 1 else out_path
+    with ExitStack() as held:
+        locks = claim_outputs(cfg, comm, out_path, "--out" if output else "output")
+        for lock in locks:
+            held.callback(lock.release)
+        return _reduce(cfg, backend, comm, out_path, my_path, events, quiet)
+
+
+def claim_outputs(cfg, comm: Comm, out_path: Path, what: str) -> list[OutputLock]:
+    """Check every file this run writes and lock this rank's, before any event is read, on every rank alike.
+
+    Each rank checks the master and every rank's part (:func:`~gpusmall.producer.paths.check_output`: not an
+    input, not someone else's file, writable) and locks the files it writes itself (rank 0 also the
+    master). The ranks then compare: when any rank found a problem, every rank raises the first one, so no
+    rank waits for one that gave up (an input named like a part, a part locked by another run)."""
     inputs = input_files(cfg)
-    for path in {out_path, my_path}:
-        check_output(path, "--out" if output else "output", inputs, results_only=True)
+    paths = [out_path] + ([part_path(out_path, r) for r in range(comm.size)] if comm.size > 1 else [])
+    mine = ([out_path] if comm.rank == 0 else []) + ([part_path(out_path, comm.rank)] if comm.size > 1 else [])
+    problem, locks = None, []
+    try:
+        for path in paths:
+            check_output(path, what, inputs, results_only=True)
+        for path in mine:
+            locks.append(OutputLock(path, what).acquire())
+    except InputError as exc:
+        problem = str(exc)
+    problems = [p for p in comm.allgather(problem) if p]
+    if problems:
+        for lock in locks:
+            lock.release()
+        raise InputError(problems[0])
+    if comm.rank == 0 and comm.size > 1:
+        remove_stale_parts(out_path, comm.size)  # gpusmall parts left by an earlier run with more ranks
+    return locks
+
+
+def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, events: int | None,
+            quiet: bool) -> RunSummary:
     t0 = time.perf_counter()
     done = 0
     error: BaseException | None = None
+    batch_size = cfg.batch_size
+    if cfg.source.type == "sim":
+        batch_size = min(batch_size, events or cfg.source.events)
+    check_frames_fit(cfg, batch_size)  # before the source allocates anything frame-sized
     with StopFlag() as stop, open_source(cfg) as source:
         n = source.n_events
         if events is not None:
@@ -218,21 +265,20 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
         if n == 0:
             raise InputError(f"source: the {cfg.source.type} source has no events"
                              + (f" ({cfg.source.path})" if cfg.source.path else ""))
+        if n is not None:
+            batch_size = min(batch_size, n)  # no buffers for events that do not exist
         if getattr(source, "distributed", False):  # psana's MPI distribution hands this rank its events
             start, end = 0, None
             # ranks 0 and 1 read small data and build events: the first reducing rank shows its own events
             bar_rank, bar_scale, desc = min(2, comm.size - 1), 1, f"gpusmall rank {min(2, comm.size - 1)}"
         else:
-            start, end = block_range(n, cfg.batch_size, comm.rank, comm.size)
+            start, end = block_range(n, batch_size, comm.rank, comm.size)
             bar_rank, bar_scale, desc = 0, comm.size, "gpusmall"
         pipelines = {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend)
                      for name, dcfg in cfg.detectors.items()}
-        proc = BatchProcessor(pipelines, backend, cfg.batch_size)
-        if comm.rank == 0 and comm.size > 1:
-            for p in out_path.parent.glob(f"{out_path.stem}.part*.h5"):
-                if p.name not in {part_path(out_path, r).name for r in range(comm.size)}:
-                    p.unlink()  # left by an earlier run with more ranks
-        with ResultWriter(my_path, chunk_events=cfg.batch_size) as writer, \
+        check_run_fits(pipelines, batch_size, backend)
+        proc = BatchProcessor(pipelines, backend, batch_size)
+        with ResultWriter(my_path, chunk_events=batch_size) as writer, \
                 progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar:
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
                                    "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
@@ -241,7 +287,7 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                                    "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
-            reader = Prefetcher(source, backend, cfg.batch_size, start, end, stop)
+            reader = Prefetcher(source, backend, batch_size, start, end, stop)
             appender = BackgroundAppender(writer)
 
             def written(n):  # in the writer thread, once the batch is in the file
@@ -290,12 +336,28 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
                     failed(exc, "writing a batch failed as well")
                 finally:
                     appender.close()
-            for name, pl in pipelines.items():
-                writer.write_static("Sums", pl.sum_results())
-                writer.set_attrs(name, {"damaged_events": proc.damaged[name]})
+
+            def end_failed(exc, what):  # after a full disk (its one line said so) only -v tells the rest
+                if isinstance(error, OutputWriteError):
+                    log.info("%s: %s", what, exc)
+                else:
+                    failed(exc, what)
+
+            # the end-of-run writes: none into a sealed file (a write failed: it keeps the batches before)
+            try:
+                for name, pl in pipelines.items():
+                    writer.write_static("Sums", pl.sum_results())
+                    writer.set_attrs(name, {"damaged_events": proc.damaged[name]})
+            except OutputWriteError as exc:
+                end_failed(exc, "the run sums were not written")
             complete = (end is None or done == end - start) and error is None and not stop
-            writer.set_attrs("/", {"events": done, "complete": complete,
-                                   "damaged": json.dumps(proc.damaged)})
+            try:  # "complete" last, on its own: a file whose other writes failed never claims it
+                writer.set_attrs("/", {"events": done, "damaged": json.dumps(proc.damaged)})
+                writer.set_attrs("/", {"complete": complete})
+                writer.close()
+            except OutputWriteError as exc:
+                end_failed(exc, "the end-of-run attributes were not written")
+                complete = False
     total, damaged = done, dict(proc.damaged)
     if comm.size > 1:
         all_there = comm.barrier(timeout=BARRIER_TIMEOUT_S)
@@ -303,7 +365,13 @@ def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str 
             parts = [part_path(out_path, r) for r in range(comm.size)]
             if not all_there:
                 log.warning("not every rank finished within %.0f s; master over the parts on disk", BARRIER_TIMEOUT_S)
-            info = build_master(out_path, [p for p in parts if p.exists()])
+            try:
+                info = build_master(out_path, [p for p in parts if p.exists()])
+            except (OSError, OutputWriteError) as exc:  # e.g. the disk that filled: the parts hold the events
+                if error is None:
+                    raise
+                log.warning("the master %s was not written: %s", out_path, exc)
+                info = {"events": total, "damaged": damaged, "complete": False}
             total, damaged = info["events"], info["damaged"]
             complete = complete and info["complete"]
     if error is not None:
