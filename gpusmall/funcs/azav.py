@@ -3,9 +3,12 @@
 Geometry -> bin map (once, in :meth:`Azav.prepare`, on the device) -> engine (per batch):
 
 * geometry: either ``center_um: [cx, cy]`` + ``distance_mm`` (pixel vector from the sample
-  ``(x - cx, y - cy, z - mean(z) + distance)``, ``mean(z)`` over the whole detector also under a ``roi``
+  ``(x - cx, y - cy, distance + mean(z) - z)``: x, y, z are in psana's frame, whose z points against the
+  beam (psana ``GeometryAccess``: "Z opposite to the beam"), so a pixel with a larger z is closer to the
+  sample, as smalldata_tools also has it; ``mean(z)`` over the whole detector also under a ``roi``
   (``FrameContext.z_mean``), so a pixel's bin does not depend on the ROI it sits in; 2theta and
-  phi = atan2(y - cy, x - cx) from it), or
+  phi = atan2(y - cy, x - cx) from it; optional tilts ``tx``, ``ty`` (degrees, see
+  :func:`geometry_center`)), or
   ``poni: FILE`` read with pyFAI; then pyFAI computes 2theta, chi and the incidence angle of every pixel
   (rotations included) at the pixel centres ``ctx.x``, ``ctx.y`` (pyFAI's dim1 = rows = y, dim2 = cols = x;
   a pyFAI detector with 1 um pixels is evaluated at ``d1 = y/1um - 0.5``, ``d2 = x/1um - 0.5``, so a
@@ -33,6 +36,24 @@ histogram engine folds pixels below ``radial_range[0]`` into its first bin, azav
 Axis note: pyFAI's dim1 is the slow axis (rows, y, ``poni1``) and dim2 the fast one (columns, x, ``poni2``);
 azav follows pyFAI here (SPEC section 6 words it the other way round), verified against ``integrate1d``
 with rotations in ``tests/test_azav.py``.
+
+From smalldata_tools' azimuthalBinning (same geometry, different conventions; tested in
+``tests/test_azav_geometry.py``):
+
+* ``Pplane`` -> ``polarization: 1 - 2 * Pplane`` (its phi is measured from +y towards +x, ours from +x
+  towards +y; its default ``Pplane: 0`` is ``polarization: 1``);
+* ``phiBins: N`` -> ``phi_bins: N``, but our N bins cover the whole circle (-180, 180] degrees, 0 along +x;
+  its N bins span the phi range the pixels cover, 0 along +y, 0..360 degrees (explicit phi edges: not
+  supported);
+* ``qbin`` -> ``bin_width`` (with ``unit: q_A^-1``); its edges start one bin below the smallest q,
+  ours at the smallest q (or ``range``);
+* ``tx``, ``ty`` -> ``tx``, ``ty`` (degrees, the same beam direction); here the beam crosses the detector
+  plane at ``center_um`` for any tilt; smalldata_tools places the sample so that it does in x but not in
+  y when ``tx`` is not 0 (its y offset has the opposite sign of its beam direction);
+* ``dis_to_sam`` (mm) and ``center`` (um) -> ``distance_mm``, ``center_um``; its per-pixel distance
+  ``d + mean(z) - z`` is ours;
+* normalisation: it averages ``s / c`` over a bin's pixels, we divide sums, ``sum(s) / sum(c)``
+  (pyFAI's); the two differ where ``c`` varies inside a bin (to first order not at all for narrow bins).
 
 Outputs: ``azav`` (events, phi_bins, bins) float32, ``count`` (events, phi_bins, bins) int32 (number of good
 pixels per bin); static: ``q`` (radial bin centres in ``unit``) and ``phi`` (azimuthal bin centres, degrees).
@@ -68,6 +89,8 @@ class AzavParams(FunctionParams):
     thres_adu: float | None = None
     thres_adu_high: float | None = None
     engine: Literal["csr", "histogram"] = "csr"
+    tx: float = Field(0.0, gt=-90, lt=90)  # degrees: detector tilts against the beam (smalldata_tools' tx, ty)
+    ty: float = Field(0.0, gt=-90, lt=90)
 
     @model_validator(mode="after")
     def _check(self):
@@ -78,6 +101,8 @@ class AzavParams(FunctionParams):
                 raise ValueError("center_um must be [cx, cy]")
         elif self.center_um is not None or self.distance_mm is not None:
             raise ValueError("give either poni or center_um/distance_mm, not both")
+        elif self.tx or self.ty:
+            raise ValueError("tx, ty tilt the center_um/distance_mm geometry; a PONI file has its own rotations")
         if (self.bins is None) == (self.bin_width is None):
             raise ValueError("give exactly one of bins and bin_width")
         if self.bins is not None and self.bins * self.phi_bins > MAX_BINS:
@@ -90,24 +115,41 @@ class AzavParams(FunctionParams):
 
 
 # ---- geometry (host, float64, once) ---------------------------------------------------------------
-def geometry_center(x, y, z, center_um, distance_mm, z_mean=None):
-    """(2theta, phi, cos_incidence) per pixel, radians, for the centre/distance geometry (SPEC).
+def beam_direction(tx_deg: float = 0.0, ty_deg: float = 0.0) -> np.ndarray:
+    """(3,) unit vector of the incident beam in the detector frame (x, y as the pixel coordinates, z
+    downstream) for tilts ``tx``, ``ty`` (degrees) of the detector normal against the beam, in
+    smalldata_tools' convention: ``(-sin ty cos tx, -sin tx, cos ty cos tx)``."""
+    tx, ty = np.radians(tx_deg), np.radians(ty_deg)
+    return np.array([-np.sin(ty) * np.cos(tx), -np.sin(tx), np.cos(ty) * np.cos(tx)])
 
-    ``z_mean``: the whole detector's mean z (um) when x, y, z are a part of it (None: ``z.mean()``).
+
+def geometry_center(x, y, z, center_um, distance_mm, z_mean=None, tx=0.0, ty=0.0):
+    """(2theta, phi, cos_incidence, r_um) per pixel (radians, um) for the centre/distance geometry.
+
+    Pixel positions x, y, z in um in psana's frame (z points against the beam, towards the sample): a
+    pixel lies ``z - z_mean`` closer to the sample than the detector's mean plane, so the pixel vector
+    from the sample is ``(x - cx, y - cy, distance + z_mean - z)`` for a beam along the detector normal.
+    With tilts ``tx``, ``ty`` (degrees, :func:`beam_direction`) the beam crosses the mean plane at the
+    centre and the sample lies ``distance_mm`` before that plane. 2theta is the angle between the pixel
+    vector and the beam, phi the azimuth around the beam (0 along +x, towards +y; (-pi, pi]), the
+    incidence angle the one between the pixel vector and the detector normal (z), and ``r_um`` the pixel's
+    distance from the beam axis (``r_mm``). ``z_mean``: the whole detector's mean z (um) when x, y, z are
+    a part of it (None: ``z.mean()``).
     """
     x, y, z = (np.asarray(a, np.float64) for a in (x, y, z))
-    vx, vy = x - center_um[0], y - center_um[1]
-    vz = z - (z.mean() if z_mean is None else z_mean) + distance_mm * 1000.0
-    r = np.hypot(vx, vy)
-    tth = np.arctan2(r, vz)
-    phi = np.arctan2(vy, vx)
-    return tth, phi, np.cos(tth)
-
-
-def radius_center(x, y, center_um):
-    """r_mm per pixel for the centre/distance geometry: ``hypot(x - cx, y - cy)`` in mm (x, y in um)."""
-    x, y = (np.asarray(a, np.float64) for a in (x, y))
-    return np.hypot(x - center_um[0], y - center_um[1]) / 1000.0
+    d = beam_direction(tx, ty)
+    depth = distance_mm * 1000.0
+    sample = np.array([center_um[0], center_um[1], 0.0]) - depth / d[2] * d
+    v = np.stack([x - sample[0], y - sample[1], (z.mean() if z_mean is None else z_mean) - z - sample[2]])
+    length = np.sqrt((v ** 2).sum(axis=0))
+    along = np.tensordot(d, v, axes=1)
+    r_um = np.sqrt(((v - np.multiply.outer(d, along)) ** 2).sum(axis=0))  # distance from the beam axis
+    tth = np.arctan2(r_um, along)  # better than arccos near the beam
+    e1 = np.array([1.0, 0.0, 0.0]) - d[0] * d  # x, made perpendicular to the beam
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(d, e1)
+    phi = np.arctan2(np.tensordot(e2, v, axes=1), np.tensordot(e1, v, axes=1))
+    return tth, phi, v[2] / length, r_um
 
 
 def load_poni(path):
@@ -172,7 +214,7 @@ def correction(tth, phi, cos_inc, polarization, solid_angle):
 
 def radial(tth, unit, wavelength_a, r_mm=None):
     """Radial coordinate of each pixel in ``unit``; ``r_mm`` (the transverse radius per pixel, from
-    :func:`radius_center` or :func:`radius_poni`) is what ``unit: r_mm`` returns."""
+    :func:`geometry_center` or :func:`radius_poni`) is what ``unit: r_mm`` returns."""
     if unit == "2th_deg":
         return np.degrees(tth)
     if unit == "r_mm":
@@ -228,10 +270,11 @@ class Azav(ReductionFunction):
                 raise InputError(f"detector {ctx.det}: function {self.name}: no wavelength in {p.poni} and no energy_kev")
         else:
             z_mean = ctx.detector_z_mean() if ctx.z is not None else None
-            tth, phi, cosi = geometry_center(x, y, z, p.center_um, p.distance_mm, z_mean=z_mean)
+            tth, phi, cosi, r_um = geometry_center(x, y, z, p.center_um, p.distance_mm, z_mean=z_mean,
+                                                   tx=p.tx, ty=p.ty)
             wl = HC_KEV_A / p.energy_kev if p.energy_kev else None
             if p.unit == "r_mm":
-                r_mm = radius_center(x, y, p.center_um)
+                r_mm = r_um / 1000.0
         rad = radial(tth, p.unit, wl, r_mm)
         mask = b.to_host(ctx.mask).astype(bool) if ctx.mask is not None else np.ones(x.shape, bool)
         if p.range is not None:
