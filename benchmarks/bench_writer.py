@@ -3,11 +3,14 @@
     pytest benchmarks/bench_writer.py --benchmark-only
     GPUSMALL_BENCH_OUT=/path/on/the/target/filesystem pytest benchmarks/bench_writer.py --benchmark-only
 
-One batch of 64 events with the columns ``gpusmall demo`` writes for an ePix10k2M (30 datasets, ~300 kB
-per event, mostly the droplet and photon arrays padded to 6000 / 12000), appended and flushed per batch as
-the producer does. The writer is one of the limits of the whole pipeline: at 6,000 events/s the demo set
-writes ~1.8 GB/s. Side by side: ``ResultWriter.append`` (whole chunks written directly) and the plain h5py
-way (resize + slice assignment), in the same run. Default target folder: /dev/shm when it exists (the
+One batch of 64 events with the columns ``gpusmall demo`` wrote for an ePix10k2M with droplets padded
+(30 datasets, ~300 kB per event, mostly the droplet and photon arrays padded to 6000 / 12000), appended and
+flushed per batch as the producer does. The writer is one of the limits of the whole pipeline: at 6,000
+events/s the demo set writes ~1.8 GB/s. Side by side: ``ResultWriter.append`` (whole chunks written
+directly), the same droplets and photons stored ragged (``gpusmall-ragged``: 4500 and 7200 an event, as the
+padded arrays are filled; ``layout: ragged``, the default since 2026-12-02: flat per-item datasets, per-event
+``len``, the ``offset`` the writer adds, hard links under smalldata_tools' names) and the plain h5py way
+(resize + slice assignment), in the same run. Default target folder: /dev/shm when it exists (the
 writer's own cost), else the temporary folder.
 """
 from __future__ import annotations
@@ -56,6 +59,30 @@ def demo_columns(rng, n=BATCH):
     return cols
 
 
+DROPLETS, PHOTONS = 4500, 7200  # per event, as demo_columns fills the padded arrays
+
+
+def demo_columns_ragged(rng, n=BATCH):
+    """demo_columns with the droplet and photon arrays ragged: the same items, flat, with per-event counts."""
+    from gpusmall.io.writer import Columns
+
+    cols = Columns({k: v for k, v in demo_columns(rng, n).items()
+                    if not k.startswith(("epix10k2m/droplet_data", "epix10k2m/droplet_row", "epix10k2m/droplet_col",
+                                         "epix10k2m/droplet_npix", "epix10k2m/droplet_tile",
+                                         "epix10k2m/droplet_photons_row", "epix10k2m/droplet_photons_col",
+                                         "epix10k2m/droplet_photons_tile"))})
+    for prefix, keys, per_event in (("droplet", (("data", np.float32), ("row", np.float32), ("col", np.float32),
+                                                  ("npix", np.int32), ("tile", np.int32)), DROPLETS),
+                                    ("droplet_photons", (("row", np.int32), ("col", np.int32), ("tile", np.int32)),
+                                     PHOTONS)):
+        cols[f"epix10k2m/{prefix}_len"] = np.full(n, per_event, np.int32)
+        for k, t in keys:
+            cols[f"epix10k2m/{prefix}_{k}"] = rng.integers(1, 300, n * per_event).astype(t)
+            cols.ragged[f"epix10k2m/{prefix}_{k}"] = (f"epix10k2m/{prefix}_len", f"epix10k2m/{prefix}_offset")
+            cols.links[f"epix10k2m/var_{prefix}_sparse/{k}"] = f"epix10k2m/{prefix}_{k}"
+    return cols
+
+
 def _folder() -> Path:
     env = os.environ.get("GPUSMALL_BENCH_OUT")
     if env:
@@ -87,13 +114,14 @@ class PlainWriter:
         self.file.close()
 
 
-@pytest.mark.parametrize("how", ["gpusmall", "plain-h5py"])
+@pytest.mark.parametrize("how", ["gpusmall", "gpusmall-ragged", "plain-h5py"])
 def test_append_demo_batch(benchmark, how):
-    cols = demo_columns(np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    cols = demo_columns_ragged(rng) if how == "gpusmall-ragged" else demo_columns(rng)
     nbytes = sum(v.nbytes for v in cols.values())
     folder = Path(tempfile.mkdtemp(dir=_folder(), prefix="gpusmall-bench-"))
     path = folder / f"{how}.h5"
-    w = ResultWriter(path, chunk_events=BATCH) if how == "gpusmall" else PlainWriter(path)
+    w = ResultWriter(path, chunk_events=BATCH) if how.startswith("gpusmall") else PlainWriter(path)
     try:
         w.append(cols)  # creates the datasets
         benchmark.pedantic(w.append, args=(cols,), rounds=15, iterations=1, warmup_rounds=1)
@@ -104,6 +132,9 @@ def test_append_demo_batch(benchmark, how):
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(events_per_s=BATCH / t, gb_per_s=nbytes / t / 1e9, bytes_per_event=nbytes / BATCH,
                                 folder=str(_folder()))
+    if how.startswith("gpusmall"):
+        print(f"\n{how}: {t * 1e3:.2f} ms / batch of {BATCH}, {BATCH / t:,.0f} events/s, "
+              f"{nbytes / BATCH / 1e3:.0f} kB / event")
 
 
 def _busy_python(seconds):

@@ -125,13 +125,17 @@ class PerEventReference:
     def _step(self, f):
         p = f.p
         if f.type == "roi":
-            b = p.bounds if len(p.bounds) == 3 else [[0, 1], *p.bounds]
+            if isinstance(p.thres_adu, list):
+                raise ValueError("PerEventReference: roi with a [lo, hi] thres_adu not supported")
+            b = [[0, n] for n in self.shape] if p.bounds is None else p.bounds
+            b = b if len(b) == 3 else [[0, 1], *b]
             index = tuple(slice(lo, hi) for lo, hi in b)
             kids = []
             for ch in f.children:
                 if ch.type != "projection" or ch.p.mean or ch.p.thres_rms is not None or ch.p.single_photon:
                     raise ValueError(f"PerEventReference: roi child {ch.type} {ch.p} not supported")
-                kids.append((f"{f.name}_{ch.name}_data", 1 + ch.p.axis % 2, ch.p.thres_adu))
+                # smalldata_tools' axis: 0 / 1 of each panel's image (1 / 2 of (panels, rows, cols)), negative: all
+                kids.append((f"{f.name}_{ch.name}_data", None if ch.p.axis < 0 else 1 + ch.p.axis, ch.p.thres_adu))
             return lambda frame, raw: self._roi(f.name, index, p.thres_adu, kids, frame, raw)
         if f.type == "rebin":
             r, c = self.shape[1:]
@@ -186,17 +190,21 @@ class PerEventReference:
         total = area.sum(dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             com = np.array([(w * r).sum(), (w * c).sum()]) / w.sum()
+        good = self.mask[index] & (self.model.gain_index(raw[index][None])[0] >= 0)
         out = {f"{name}_sum": total, f"{name}_mean": total / area.size, f"{name}_max": area.max(),
-               f"{name}_com": com, f"{name}_nsat": int(((raw[index] & 0x3FFF) >= self.saturation).sum())}
+               f"{name}_com": com, f"{name}_nsat": int((((raw[index] & 0x3FFF) >= self.saturation) & good).sum())}
         for key, axis, t in kids:
+            if axis is None:  # the total of the image
+                out[key] = _thres(area, t).sum(dtype=np.float64)
+                continue
             pj = _thres(area, t).sum(axis=axis)  # axis 1 (rows) or 2 (cols) of (panels, rows, cols)
             out[key] = pj[0] if pj.shape[0] == 1 else pj
         return out
 
     @staticmethod
     def _rebin(frame, fr, fc):
-        p, r, c = frame.shape
-        return frame.reshape(p, r // fr, fr, c // fc, fc).sum(axis=(2, 4))
+        p, r, c = frame.shape  # block means, as smalldata_tools
+        return frame.reshape(p, r // fr, fr, c // fc, fc).sum(axis=(2, 4)) / np.float32(fr * fc)
 
     @staticmethod
     def _azav(name, pix, bins, norm, count, frame):
@@ -244,8 +252,8 @@ class PerEventReference:
         self.events += 1
         for name, kind, t in self.sums:
             acc = self.acc[name]
-            if kind == "nhits":
-                acc += frame > (t if t is not None else 0)
+            if kind == "nhits":  # smalldata_tools: values >= t, or > 0 without a threshold
+                acc += frame >= t if t is not None else frame > 0
                 continue
             d = _thres(frame, t)
             if kind == "calib":

@@ -66,6 +66,10 @@ def _run_config(cfg, args) -> int:
     bad = {k: v for k, v in summary.damaged.items() if v}
     if bad:
         print("gpusmall: damaged events: " + ", ".join(f"{k} {v}" for k, v in bad.items()), file=sys.stderr)
+    if summary.truncated_events:  # also in the file: root attributes truncated_events, truncated (JSON)
+        by = ", ".join(f"{k} {v}" for k, v in summary.truncated.items() if v)
+        print(f"gpusmall: {summary.truncated_events} of {summary.events} events truncated by a bounded output ({by}): "
+              f"raise max_droplets / max_photons to keep every item", file=sys.stderr)
     if summary.interrupted:
         print(f"gpusmall: interrupted ({summary.reason or 'stopped'}): {summary.events} events written to "
               f"{summary.output}", file=sys.stderr)
@@ -122,9 +126,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_darks(args) -> int:
-    """Pedestal, noise and status from a dark run -> a constants file (SPEC section 2)."""
+    """Pedestal, noise and status from one or more dark runs -> one constants file (SPEC section 2).
+
+    Each config names one dark run (a gain-switching detector's gain modes are taken one run each:
+    ePix10ka FH, FM, FL, AHL, AML; JUNGFRAU G0, G1, G2); per gain range and pixel the file takes the
+    run with the most events in that range (``gpusmall.calib.darks``). Every config must hold the
+    detector (``--det``, or its only one) with the same type and shape.
+    """
+    import numpy as np
+
     from .backend import get_backend
-    from .calib.darks import compute_darks
+    from .calib.darks import combine_dark_runs, dark_constants, measure_dark, measured_ranges
     from .detectors import get_model
     from .errors import InputError
     from .producer.config import load_config
@@ -134,27 +146,61 @@ def cmd_darks(args) -> int:
     from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()
-    cfg = load_config(args.config)
-    names = list(cfg.detectors)
-    det = args.det or (names[0] if len(names) == 1 else None)
-    if det not in cfg.detectors:
-        raise InputError(f"darks: name one detector with --det ({', '.join(names)})")
-    check_output(args.out, "--out", input_files(cfg))
-    backend = get_backend(args.backend, cfg.backend)
-    if cfg.source.type == "sim":  # a simulated dark run: no photons
-        from .sources.sim import SimSource
-
+    configs = [load_config(p) for p in args.config]
+    det, dtype, backend, acc, shape = args.det, None, None, None, None
+    for path, cfg in zip(args.config, configs):
+        names = list(cfg.detectors)
+        name = det or (names[0] if len(names) == 1 else None)
+        if name not in cfg.detectors:
+            where = f" in {path}" if len(configs) > 1 else ""
+            raise InputError(f"darks: name one detector with --det ({', '.join(names)}){where}")
+        if det is not None and name != det:
+            raise InputError(f"darks: {path} has detector {name!r}, the first config {det!r}; name it with --det")
+        det = name
         d = cfg.detectors[det]
-        source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),
-                                                     "pixel_um": d.pixel_um}}, seed=cfg.source.seed, photons=False,
-                           threads=cfg.source.threads)
-    else:
-        source = open_source(cfg)
-    with source:
-        res = compute_darks(source, det, get_model(cfg.detectors[det].type), backend, events=args.events,
-                            batch_size=cfg.batch_size, n_sigma=args.n_sigma)
+        if dtype is not None and d.type != dtype:
+            raise InputError(f"darks: detector {det} is a {d.type} in {path}, a {dtype} in {args.config[0]}")
+        dtype = d.type
+    for cfg in configs:  # before any event: the output must not be an input of any run
+        check_output(args.out, "--out", input_files(cfg))
+    model = get_model(dtype)
+    for k, (path, cfg) in enumerate(zip(args.config, configs)):
+        if backend is None:
+            backend = get_backend(args.backend, cfg.backend)
+        if cfg.source.type == "sim":  # a simulated dark run: no photons
+            from .sources.sim import SimSource
+
+            d = cfg.detectors[det]
+            source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),
+                                                         "pixel_um": d.pixel_um}}, seed=cfg.source.seed,
+                               photons=False, threads=cfg.source.threads)
+        else:
+            if cfg.source.type == "psana" and not cfg.detectors[det].constants:
+                # a dark run needs no constants: without this, a psana source asks psana for them (and
+                # refuses a gain-switching detector offline); nothing reads this name
+                cfg.detectors[det].constants = "(darks: no constants needed)"
+            source = open_source(cfg)
+        with source:
+            got = tuple(source.detectors[det].shape)
+            if shape is not None and got != shape:
+                raise InputError(f"darks: detector {det} has shape {list(got)} in {path}, {list(shape)} in "
+                                 f"{args.config[0]}")
+            shape = got
+            run = measure_dark(source, det, model, backend, events=args.events, batch_size=cfg.batch_size)
+        if len(configs) > 1:
+            seen = [model.gain_names[r] for r in np.flatnonzero(measured_ranges(run.count))]
+            print(f"gpusmall: darks of {det}: run {k + 1} ({path}): {run.events} events, gain ranges "
+                  f"{', '.join(seen) or 'none'}", file=sys.stderr)
+        acc = run if acc is None else combine_dark_runs([acc, run], det)
+    res = dark_constants(acc, model, args.n_sigma)
     res.constants.save(args.out)
-    print(f"gpusmall: darks of {det}: {res.events} events, {res.bad_pixels} bad pixels -> {args.out}",
+    ranges = ""
+    if model.n_gains > 1:
+        m = res.measured
+        held = [model.gain_names[r] + (" (derived)" if m[r] == 2 else "") for r in range(model.n_gains) if m[r]]
+        ranges = f", gain ranges {', '.join(held) or 'none'}"
+    runs = f" from {len(configs)} runs" if len(configs) > 1 else ""
+    print(f"gpusmall: darks of {det}: {res.events} events{runs}{ranges}, {res.bad_pixels} bad pixels -> {args.out}",
           file=sys.stderr)
     return 0
 
@@ -262,10 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="master file from the <stem>.part*.h5 of an interrupted MPI run")
     m.add_argument("file", help="the master file to write (its parts are <stem>.part<rank>.h5 beside it)")
     m.set_defaults(func=cmd_merge)
-    k = sub.add_parser("darks", help="pedestal, noise and status from a dark run -> constants file")
-    k.add_argument("config", help="YAML or TOML config naming the dark run")
+    k = sub.add_parser("darks", help="pedestal, noise and status from dark runs (one per gain mode) -> constants file")
+    k.add_argument("config", nargs="+", help="YAML or TOML config naming a dark run; several: one per gain mode "
+                                             "(per gain range and pixel, the run with most events in it)")
     k.add_argument("--out", required=True, help="constants HDF5 file to write")
-    k.add_argument("--events", type=_positive, help="use at most N events")
+    k.add_argument("--events", type=_positive, help="use at most N events of each run")
     k.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
     k.add_argument("--det", help="detector (needed when the config has several)")
     k.add_argument("--n-sigma", type=_positive_float, default=6.0, help="status threshold in robust sigmas (default 6)")

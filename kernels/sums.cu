@@ -2,9 +2,9 @@
 // NumPy twin: gpusmall.funcs.sums.run_sums_numpy. One thread per pixel walks the batch's events.
 //   data   (events, npix) float32, calibrated values (bad pixels are 0)
 //   keep   (events,) bool, the events that enter the sums (damaged ones do not)
-//   kinds  (n_sums,) int32: 0 calib (sum of v), 1 square (sum of v*v in double), 2 max, 3 nhits
-//   thres  (n_sums,) float32: calib/square/max take v where v >= thres (else 0; -inf: every v);
-//          nhits counts v > thres
+//   kinds  (n_sums,) int32: 0 calib (sum of v), 1 square (sum of v*v in double), 2 max,
+//          3 nhits (count of v >= thres), 4 nhits without a threshold (count of v > thres, thres = 0)
+//   thres  (n_sums,) float32: calib/square/max take v where v >= thres (else 0; -inf: every v)
 //   acc    (n_sums, npix) float64, updated in place: added to, or for max the maximum taken
 // n_sums <= MAX_SUMS (the caller launches once per group of MAX_SUMS sums).
 #define MAX_SUMS 8
@@ -36,7 +36,8 @@ extern "C" __global__ void run_sums(const float* __restrict__ data, const bool* 
                 if (kind[k] == 0) a[k] += x;
                 else if (kind[k] == 1) a[k] += x * x;
                 else if (kind[k] == 2) a[k] = a[k] > x ? a[k] : x;
-                else if (kind[k] == 3) a[k] += v > t[k] ? 1.0 : 0.0;
+                else if (kind[k] == 3) a[k] += v >= t[k] ? 1.0 : 0.0;
+                else if (kind[k] == 4) a[k] += v > t[k] ? 1.0 : 0.0;
             }
         }
         for (int k = 0; k < n_sums && k < MAX_SUMS; ++k) {

@@ -35,16 +35,21 @@ def _data_dir() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(params=["numpy", "cupy"])
-def backend(request) -> Backend:
-    """A Backend for each array library; CuPy skips without a GPU (fails with GPUSMALL_BACKEND=cupy)."""
-    if request.param == "cupy":
+def make_backend(name: str) -> Backend:
+    """Backend ``name``; "cupy" skips without a GPU (fails when the suite runs with GPUSMALL_BACKEND=cupy)."""
+    if name == "cupy":
         ok, why = gpu_status()
         if not ok:
             if os.environ.get("GPUSMALL_BACKEND", "").lower() == "cupy":
                 pytest.fail(f"GPUSMALL_BACKEND=cupy but no GPU is usable: {why}")
             pytest.skip(f"CuPy backend: {why}")
-    return Backend(request.param)
+    return Backend(name)
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def backend(request) -> Backend:
+    """A Backend for each array library; CuPy skips without a GPU (fails with GPUSMALL_BACKEND=cupy)."""
+    return make_backend(request.param)
 
 
 @pytest.fixture

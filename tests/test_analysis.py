@@ -249,7 +249,7 @@ def result_file(tmp_path_factory):
             "mask_value": "nan", "common_mode": {"type": "none"},
             "functions": [
                 {"type": "roi", "name": "roi0", "bounds": [[1, 2], [40, 80], [30, 90]], "thres_adu": 20,
-                 "write_area": True, "children": [{"type": "projection", "axis": -1}]},
+                 "write_area": True, "children": [{"type": "projection", "axis": 1}]},
                 {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 30},
             ],
             "sums": ["calib"]}},

@@ -189,7 +189,7 @@ def test_run_with_default_common_mode(tmp_path):
         with h5py.File(cfg["output"]) as f:
             n = f.attrs["events"]
             mean = f["Sums/e_calib"][()] / n
-            results[name] = np.sqrt(np.median(f["Sums/e_square"][()] / n - mean**2))
+            results[name] = np.sqrt(np.median(f["Sums/e_calib_square"][()] / n - mean**2))
     assert results["default"] < 0.6 * results["none"]  # bank and row offsets removed
 
 

@@ -1,4 +1,7 @@
-"""droplet and photons against scipy.ndimage.label + per-label sums, frame by frame, panel by panel."""
+"""droplet and photons against scipy.ndimage.label + per-label sums, frame by frame, panel by panel.
+
+Both layouts: ``ragged`` (the default: flat arrays and a per-event ``len``) is read back into rows with
+:func:`to_padded`, and must equal ``padded`` row by row (``tests/test_ragged.py`` checks that file-wide)."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +41,32 @@ def reference(data, good, thr, thr_low, thres_adu=None):
     return out
 
 
+DROPLET_FIELDS = ("data", "npix", "row", "col", "tile")
+PHOTON_FIELDS = ("row", "col", "tile")
+
+
+def to_padded(out, m, prefix="", keys=DROPLET_FIELDS):
+    """Outputs with the ragged ``<prefix><key>`` (flat, event after event, ``<prefix>len`` per event) as the
+    padded layout has them: (events, m), padded with 0; ``len`` dropped. Padded outputs come back as they are."""
+    if prefix + "len" not in out:
+        return dict(out)
+    n = np.asarray(out[prefix + "len"])
+    start = np.cumsum(n) - n
+    res = {k: v for k, v in out.items() if k != prefix + "len"}
+    for k in keys:
+        flat = np.asarray(out[prefix + k])
+        assert flat.shape == (n.sum(),), (k, flat.shape, n.sum())
+        a = np.zeros((len(n), m), flat.dtype)
+        for e in range(len(n)):
+            a[e, :n[e]] = flat[start[e]:start[e] + n[e]]
+        res[prefix + k] = a
+    return res
+
+
 def check(out, ref, m):
+    if "len" in out:  # ragged: every stored droplet, and no more than max_droplets an event
+        np.testing.assert_array_equal(out["len"], out["nDroplets"] - out["nDroplets_truncated"])
+        out = to_padded(out, m)
     n = out["nDroplets"]
     for e, lst in enumerate(ref):
         assert n[e] == len(lst)
@@ -69,25 +97,28 @@ def to_host(backend, out):
     return {k: backend.to_host(v) for k, v in out.items()}
 
 
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
 @pytest.mark.parametrize("low", [None, 3.0])
-def test_droplet_sparse_rms(backend, rng, low):
+def test_droplet_sparse_rms(backend, rng, low, layout):
     shape = (3, 40, 50)
     data = sparse_frames(rng, shape, 4)
     good = rng.random(data.shape) > 0.02
     noise = rng.uniform(2, 4, shape).astype(np.float32)
     ctx = make_ctx(backend, shape, noise=noise)
-    f = setup(Droplet, backend, ctx, threshold=5, threshold_low=low, use_rms=True, max_droplets=200)
+    f = setup(Droplet, backend, ctx, threshold=5, threshold_low=low, use_rms=True, max_droplets=200, layout=layout)
     out = to_host(backend, f.compute(make_frames(backend, data, good))[0])
     ref = reference(np.where(good, data, 0), good, 5 * noise, None if low is None else low * noise)
     check(out, ref, 200)
     assert (out["nDroplets_all"] == out["nDroplets"]).all()
 
 
-def test_droplet_dense_truncation_veto(backend, rng):
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_droplet_dense_truncation_veto(backend, rng, layout):
     shape = (2, 30, 30)
     data = rng.exponential(20, (3,) + shape).astype(np.float32)
     ctx = make_ctx(backend, shape)
-    f = setup(Droplet, backend, ctx, threshold=30, threshold_low=10, use_rms=False, thres_adu=60, max_droplets=15)
+    f = setup(Droplet, backend, ctx, threshold=30, threshold_low=10, use_rms=False, thres_adu=60, max_droplets=15,
+              layout=layout)
     out = to_host(backend, f.compute(make_frames(backend, data))[0])
     ref = reference(data, np.ones(data.shape, bool), np.full(2, 30.0), np.full(2, 10.0), thres_adu=60)
     check(out, ref, 15)
@@ -103,7 +134,7 @@ def test_droplet_no_connection_across_panels_or_events(backend):
     data[0, 1, 3, :] = 100
     ctx = make_ctx(backend, shape)
     f = setup(Droplet, backend, ctx, threshold=50, use_rms=False)
-    out = to_host(backend, f.compute(make_frames(backend, data))[0])
+    out = to_padded(to_host(backend, f.compute(make_frames(backend, data))[0]), 1000)
     np.testing.assert_array_equal(out["nDroplets"], [3, 1])
     np.testing.assert_array_equal(out["tile"][0, :3], [0, 1, 1])
     np.testing.assert_array_equal(out["npix"][0, :3], [4, 4, 4])
@@ -118,23 +149,28 @@ def test_droplet_masked_pixels(backend):
     good[0, 0, 2, 2] = False  # splits the line in two
     ctx = make_ctx(backend, shape)
     f = setup(Droplet, backend, ctx, threshold=50, use_rms=False)
-    out = to_host(backend, f.compute(make_frames(backend, data, good))[0])
+    out = to_padded(to_host(backend, f.compute(make_frames(backend, data, good))[0]), 1000)
     assert out["nDroplets"][0] == 2
     np.testing.assert_allclose(out["data"][0, :2], [200, 200])
     np.testing.assert_allclose(out["col"][0, :2], [0.5, 3.5])
 
 
-def test_photons(backend):
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_photons(backend, layout):
     shape = (1, 6, 8)
     data = np.zeros((2,) + shape, np.float32)
     data[0, 0, 1, 1:4] = [100, 250, 70]   # 420 ADU -> floor(420/160+0.5) = 3 photons: 0+1+0 base, 2 left
     data[0, 0, 4, 6] = 330                 # 2 photons (floor 2.06+0.5 = 2), base 2
     data[1, 0, 2, 2] = 60                  # 0 photons
     ctx = make_ctx(backend, shape)
-    ph = Photons(Photons.Params(adu_per_photon=160, max_photons=4))
-    f = setup(Droplet, backend, ctx, [ph], threshold=50, use_rms=False)
+    ph = Photons(Photons.Params(adu_per_photon=160, max_photons=4, layout=layout))
+    f = setup(Droplet, backend, ctx, [ph], threshold=50, use_rms=False, layout=layout)
     out = f(make_frames(backend, data))
     out = to_host(backend, out)
+    if layout == "ragged":
+        np.testing.assert_array_equal(out["droplet_photons_len"], [4, 0])
+        np.testing.assert_array_equal(out["droplet_photons_col"], [1, 2, 2, 6])
+        out = to_padded(out, 4, "droplet_photons_", PHOTON_FIELDS)
     np.testing.assert_array_equal(out["droplet_photons_nPhotons"], [5, 0])
     # droplet 1: base (0,1,0) remainders (.625,.5625,.4375): extra to col 1 and col 2 -> cols 1,2,2
     np.testing.assert_array_equal(out["droplet_photons_col"][0], [1, 2, 2, 6])  # 5 photons, 4 kept
@@ -148,19 +184,25 @@ def test_photons_total_matches_rule(numpy_backend, rng):
     ctx = make_ctx(numpy_backend, shape)
     ph = Photons(Photons.Params(adu_per_photon=80, max_photons=5000))
     f = setup(Droplet, numpy_backend, ctx, [ph], threshold=15, threshold_low=6, use_rms=False)
-    out = f(make_frames(numpy_backend, data))
+    out = to_padded(f(make_frames(numpy_backend, data)), 1000, "droplet_")
     m = out["droplet_data"]
     expected = np.floor(m / 80 + 0.5).astype(int) * (out["droplet_npix"] > 0)
     np.testing.assert_array_equal(out["droplet_photons_nPhotons"], expected.sum(axis=1))
 
 
-def test_no_droplets(backend):
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_no_droplets(backend, layout):
     shape = (2, 8, 8)
     ctx = make_ctx(backend, shape)
-    ph = Photons(Photons.Params(adu_per_photon=100, max_photons=5))
-    f = setup(Droplet, backend, ctx, [ph], threshold=5, use_rms=True, max_droplets=3)
+    ph = Photons(Photons.Params(adu_per_photon=100, max_photons=5, layout=layout))
+    f = setup(Droplet, backend, ctx, [ph], threshold=5, use_rms=True, max_droplets=3, layout=layout)
     out = to_host(backend, f(make_frames(backend, np.zeros((3,) + shape, np.float32))))
-    assert out["droplet_data"].shape == (3, 3) and out["droplet_photons_row"].shape == (3, 5)
+    if layout == "padded":
+        assert out["droplet_data"].shape == (3, 3) and out["droplet_photons_row"].shape == (3, 5)
+    else:
+        assert out["droplet_data"].shape == (0,) and out["droplet_photons_row"].shape == (0,)
+        np.testing.assert_array_equal(out["droplet_len"], 0)
+        np.testing.assert_array_equal(out["droplet_photons_len"], 0)
     for k in ("droplet_nDroplets", "droplet_nDroplets_all", "droplet_nDroplets_truncated", "droplet_photons_nPhotons"):
         np.testing.assert_array_equal(out[k], 0)
 

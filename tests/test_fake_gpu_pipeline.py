@@ -160,6 +160,8 @@ CASES = {
     "epix10ka-zero_peak-kev": ("epix10ka", [2, 352, 384], {"type": "zero_peak"},
                                [{"type": "roi", "name": "r", "bounds": [[1, 2], [0, 352], [0, 384]],
                                  "thres_adu": 5}, {"type": "acf", "window": 9}], "kev"),
+    "epix10ka-zero_peak-psana": ("epix10ka", [1, 352, 384], {"type": "zero_peak", "method": "psana", "min_count": 20},
+                                 [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 352], [0, 384]]}], "adu"),
     "camera-none": ("camera", [1, 300, 400], {"type": "none"},
                     [dict(AZAV, engine="histogram"), {"type": "droplet", "threshold": 30, "threshold_low": 10,
                                                       "use_rms": False, "thres_adu": 50}], "adu"),
@@ -202,7 +204,7 @@ def case_on(backend, case, events=5, batch=3):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_detectors_and_common_modes_under_cupys_rules(monkeypatch, case):
     """Other detectors, common modes, units and functions than the demo's (JUNGFRAU median, epix100,
-    zero_peak in keV, none, raw; 2-D azav, histogram engine, photon_count, acf, rebin, droplet growth):
+    zero_peak in keV, zero_peak psana, none, raw; 2-D azav, histogram engine, photon_count, acf, rebin, droplet growth):
     the CuPy code paths under CuPy's rules with the compiled kernels give the NumPy backend's numbers."""
     gpu = FakeGpuStrict()
     install_fake_cupyx(monkeypatch, transfers=gpu.transfers)

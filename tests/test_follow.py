@@ -152,4 +152,4 @@ def test_result_file_can_be_read_while_the_run_writes_it(tmp_path):
         assert np.isfinite(roi).all()
     with h5py.File(tmp_path / "live_out.h5") as f:  # the final file has what was read, and its sums
         np.testing.assert_array_equal(f["cam/roi0_sum"][: seen[-1][0]], seen[-1][2])
-        assert f["Sums/cam_calib"].shape == (1, 64, 64)
+        assert f["Sums/cam_calib"].shape == (64, 64)  # a camera's sums: its 2-D shape

@@ -253,7 +253,7 @@ def emu_run_sums(grid, block, shared, data, keep, events, npix, n_sums, kinds, t
         if kind == 2:
             a[k] = np.maximum(a[k], v.max(axis=0, initial=-np.inf))
         else:
-            a[k] += {0: v, 1: v * v, 3: (x > t).astype(np.float64)}[kind].sum(axis=0)
+            a[k] += {0: v, 1: v * v, 3: (x >= t).astype(np.float64), 4: (x > t).astype(np.float64)}[kind].sum(axis=0)
 
 
 def emu_droplet_mask(grid, block, shared, data, good, noise, threshold, threshold_low, use_rms, n, rows, cols, npix,
@@ -584,7 +584,7 @@ def test_compiled_calib_kernels_any_grid(rng, name, grid):
             np.testing.assert_array_equal(a, b)
 
 
-SUM_NAMES = ["calib", "square", "max", "nhits", "calib_thresADU10", "square_thresADU-5", "max_thresADU30",
+SUM_NAMES = ["calib", "square", "max", "nhits", "calib_thresADU10", "square_thresADU-5", "calib_max_thresADU30",
              "nhits_thresADU15.5", "max_thresADU1000", "calib_thresADU-3.5"]  # 10: two launches of <= 8
 
 
@@ -598,7 +598,7 @@ def test_run_sums_kernel_equals_numpy(rng, kernels, damaged):
 
     shape = (2, 7, 9)
     batches = [rng.normal(5, 20, (3,) + shape).astype(np.float32) for _ in range(2)]
-    batches[0][0, 0, 0, :3] = [0.0, 10.0, 30.0]  # values on the thresholds
+    batches[0][0, 0, 0, :4] = [0.0, 10.0, 30.0, 15.5]  # values on the thresholds
     keeps = [None, None if not damaged else ~np.isin(np.arange(3), damaged)]
     gpu, cpu = FakeGpu(kernels), Backend("numpy")
     got = {}
@@ -611,13 +611,16 @@ def test_run_sums_kernel_equals_numpy(rng, kernels, damaged):
     assert [name for name, *_ in gpu.launches] == ["run_sums"] * (4 if len(damaged) < 3 else 2)
     kept = np.concatenate([batches[0], batches[1][keeps[1]] if keeps[1] is not None else batches[1]])
     d = kept.astype(np.float64)
-    for name in SUM_NAMES:
+    written = ["calib", "calib_square", "calib_max", "nhits", "calib_thresADU10", "calib_square_thresADU-5",
+               "calib_max_thresADU30", "nhits_thresADU15.5", "calib_max_thresADU1000", "calib_thresADU-3.5"]
+    assert list(got[cpu]) == list(got[gpu]) == written  # smalldata_tools' names
+    for name in written:
         kind, _, t = name.partition("_thresADU")
         t = float(t) if t else None
         v = d if t is None else np.where(d >= t, d, 0)
-        want = {"calib": v.sum(0), "square": (v * v).sum(0), "max": v.max(0),
-                "nhits": (d > (t if t is not None else 0)).sum(0)}[kind]
-        assert got[cpu][name].dtype == {"max": np.float32, "nhits": np.int64}.get(kind, np.float64)
+        want = {"calib": v.sum(0), "calib_square": (v * v).sum(0), "calib_max": v.max(0),
+                "nhits": (d >= t if t is not None else d > 0).sum(0)}[kind]
+        assert got[cpu][name].dtype == {"calib_max": np.float32, "nhits": np.int64}.get(kind, np.float64)
         for b in (gpu, cpu):
             assert got[b][name].dtype == got[cpu][name].dtype and got[b][name].shape == shape
             np.testing.assert_allclose(got[b][name], want, rtol=1e-12, err_msg=f"{name} {b.description}")

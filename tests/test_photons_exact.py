@@ -8,14 +8,15 @@
 """
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from helpers_funcs import make_ctx, make_frames, setup
 
-from gpusmall.backend import Backend, gpu_status
+from conftest import make_backend
+
+from gpusmall.backend import Backend
 from gpusmall.funcs.droplet import Droplet, bincount
 from gpusmall.funcs.photons import Photons, photons_per_pixel
 
@@ -60,13 +61,7 @@ def any_backend(request) -> Backend:
     """NumPy, CuPy (skipped without a GPU, as conftest's ``backend``), and the CuPy stand-in."""
     if request.param == "fake_gpu":
         return fake_gpu()
-    if request.param == "cupy":
-        ok, why = gpu_status()
-        if not ok:
-            if os.environ.get("GPUSMALL_BACKEND", "").lower() == "cupy":
-                pytest.fail(f"GPUSMALL_BACKEND=cupy but no GPU is usable: {why}")
-            pytest.skip(f"CuPy backend: {why}")
-    return Backend(request.param)
+    return make_backend(request.param)
 
 
 def per_pixel(backend, value, droplet, droplet_sum, adu=ADU, f=photons_per_pixel):
@@ -117,7 +112,7 @@ def test_photon_positions_of_an_event_alone_and_last_in_a_big_batch(backend):
     ctx = make_ctx(backend, shape)
 
     def run(data):
-        ph = Photons(Photons.Params(adu_per_photon=ADU, max_photons=300))
+        ph = Photons(Photons.Params(adu_per_photon=ADU, max_photons=300, layout="padded"))
         f = setup(Droplet, backend, ctx, [ph], threshold=20, use_rms=False, max_droplets=10)
         return {k: backend.to_host(v) for k, v in f(make_frames(backend, data)).items()}
 
@@ -170,7 +165,7 @@ def test_photon_count_is_exact_whatever_the_order_of_the_sum(any_backend):
 def saturated(backend, data, max_photons=None):
     shape = data.shape[1:]
     params = {} if max_photons is None else {"max_photons": max_photons}
-    ph = Photons(Photons.Params(adu_per_photon=1.0, **params))
+    ph = Photons(Photons.Params(adu_per_photon=1.0, layout="padded", **params))
     f = setup(Droplet, backend, make_ctx(backend, shape), [ph], threshold=10, use_rms=False)
     return {k: backend.to_host(v) for k, v in f(make_frames(backend, data)).items()}
 
@@ -219,8 +214,8 @@ def test_bounded_entries_are_the_first_of_the_unbounded_ones(any_backend, rng):
     ctx = make_ctx(any_backend, shape)
 
     def run(m):
-        ph = Photons(Photons.Params(adu_per_photon=150.0, max_photons=m))
-        f = setup(Droplet, any_backend, ctx, [ph], threshold=30, threshold_low=10, use_rms=False)
+        ph = Photons(Photons.Params(adu_per_photon=150.0, max_photons=m, layout="padded"))
+        f = setup(Droplet, any_backend, ctx, [ph], threshold=30, threshold_low=10, use_rms=False, layout="padded")
         return {k: any_backend.to_host(v) for k, v in f(make_frames(any_backend, data)).items()}
 
     small, big = run(7), run(5000)
@@ -251,7 +246,7 @@ def test_photons_wait_for_nothing_on_the_gpu():
     outs = []
     for b in (Backend("numpy"), gpu):
         ctx = make_ctx(b, shape)
-        d = setup(Droplet, b, ctx, [Photons(Photons.Params(adu_per_photon=ADU, max_photons=30))],
+        d = setup(Droplet, b, ctx, [Photons(Photons.Params(adu_per_photon=ADU, max_photons=30, layout="padded"))],
                   threshold=40, use_rms=False)
         _, child = d.compute(make_frames(b, data))
         before = len(getattr(b, "transfers", []))
@@ -264,3 +259,73 @@ def test_photons_wait_for_nothing_on_the_gpu():
         np.testing.assert_array_equal(outs[1][k], outs[0][k], err_msg=k)
         assert outs[1][k].dtype == outs[0][k].dtype
     assert outs[0]["nPhotons"].tolist() == [4 + 6360, 0, 273]
+
+
+# ---- prob: smalldata_tools' photon statistics -----------------------------------------------------------
+def ref_prob(photon_image, good):
+    """smalldata_tools' prob of one event: over the good pixels, the fraction holding k = 0..10 photons, then
+    the mean photons per good pixel (kavg), 12 entries."""
+    v = photon_image[good]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.array([np.count_nonzero(v == k) / v.size for k in range(11)] + [v.sum() / v.size])
+
+
+def photon_images(out, key, shape):
+    """Photons per pixel of each event, from the photon positions (all of them: no truncation)."""
+    n = out[f"{key}_nPhotons"]
+    assert (out[f"{key}_nPhotons_truncated"] == 0).all()
+    img = np.zeros((len(n),) + shape, np.int64)
+    start = np.cumsum(n) - n  # ragged layout: the stored photons event after event
+    for e in range(len(n)):
+        if out[f"{key}_row"].ndim == 2:  # padded layout: (events, max_photons)
+            t, r, c = (out[f"{key}_{k}"][e, :n[e]] for k in ("tile", "row", "col"))
+        else:
+            t, r, c = (out[f"{key}_{k}"][start[e]:start[e] + n[e]] for k in ("tile", "row", "col"))
+        np.add.at(img[e], (t, r, c), 1)
+    return img
+
+
+@pytest.mark.parametrize("under_roi", [False, True])
+def test_prob_is_the_fraction_of_good_pixels_holding_k_photons(any_backend, rng, under_roi):
+    """prob (events, 12) float32: entries 0..10 the fraction of the good pixels of the droplet's frame (the ROI's
+    under a roi) holding k photons (pixels outside droplets hold 0, more than 10 are in no entry), entry 11 the
+    mean photons per good pixel; NaN for an event without a good pixel."""
+    from gpusmall.funcs.roi import Roi
+
+    shape = (2, 12, 16)
+    data = np.zeros((5,) + shape, np.float32)
+    for e in range(3):  # events 3 (no droplet) and 4 (no good pixel) have none
+        for _ in range(10):
+            p, r, c = rng.integers(0, 2), rng.integers(0, 11), rng.integers(0, 15)
+            data[e, p, r:r + 2, c] += rng.uniform(20, 700, 2).astype(np.float32)
+    data[0, 1, 5, 5] = 2600.0  # 17 photons on one pixel: more than 10
+    good = rng.random(data.shape) > 0.15
+    good[0, 1, 5, 5] = True
+    good[4] = False
+    bounds = [[0, 2], [2, 12], [1, 15]]
+    ctx = make_ctx(any_backend, shape)
+    ph = Photons(Photons.Params(adu_per_photon=150.0, max_photons=5000))
+    drop = Droplet(Droplet.Params(threshold=30, threshold_low=10, use_rms=False), [ph])
+    f = Roi(Roi.Params(name="r", bounds=bounds), [drop]) if under_roi else drop
+    f.setup(ctx)
+    out = {k: any_backend.to_host(v) for k, v in f(make_frames(any_backend, data, good)).items()}
+    key = "r_droplet_photons" if under_roi else "droplet_photons"
+    index = tuple(slice(a, b) for a, b in bounds) if under_roi else (slice(None),) * 3
+    sub_good = good[(slice(None),) + index]
+    img = photon_images(out, key, sub_good.shape[1:])
+    want = np.array([ref_prob(i, g) for i, g in zip(img, sub_good)])
+    got = out[f"{key}_prob"]
+    assert got.shape == (5, 12) and got.dtype == np.float32
+    assert img.max() > 10 and (img[:3] > 0).any()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.isnan(got[4]).all() and got[3, 0] == 1 and (got[3, 1:] == 0).all()
+    np.testing.assert_allclose(got[:4, 11], out[f"{key}_nPhotons"][:4] / sub_good[:4].reshape(4, -1).sum(1), rtol=1e-6)
+
+
+def test_prob_without_any_droplet(any_backend):
+    shape = (1, 6, 6)
+    ctx = make_ctx(any_backend, shape)
+    f = setup(Droplet, any_backend, ctx, [Photons(Photons.Params(adu_per_photon=100.0))], threshold=50,
+              use_rms=False)
+    out = {k: any_backend.to_host(v) for k, v in f(make_frames(any_backend, np.zeros((2,) + shape))).items()}
+    np.testing.assert_array_equal(out["droplet_photons_prob"], [[1] + [0] * 11] * 2)

@@ -5,6 +5,8 @@ psana is the reference: raw frames, gain decoding and calibration (with constant
 """
 from __future__ import annotations
 
+import datetime
+
 import h5py
 import numpy as np
 import pytest
@@ -42,11 +44,17 @@ def psana_run(path, det):
     return run, run.Detector(det).raw
 
 
+#: psana's time origin (``psana.event.epoch``, 1990-01-01) in seconds since the Unix epoch
+PSANA_EPOCH_UNIX_S = int((psana.event.epoch - datetime.datetime(1970, 1, 1)).total_seconds())
+
+
 def psana_frames(path, det):
+    """(timestamps, frames) of every event: the timestamps as gpusmall's ``/timestamp`` means them, ns since
+    the Unix epoch, from psana's own seconds (since its epoch) and nanoseconds."""
     run, raw = psana_run(path, det)
     ts, frames = [], []
     for evt in run.events():
-        ts.append(evt.timestamp)
+        ts.append((int(evt._seconds) + PSANA_EPOCH_UNIX_S) * 10**9 + int(evt._nanoseconds))
         frames.append(raw.raw(evt))
     return np.array(ts, np.uint64), np.stack(frames)
 
@@ -247,6 +255,17 @@ def test_gpusmall_run_on_psana(data_dir, tmp_path, det):
     with h5py.File(tmp_path / "out.h5", "r") as f:
         np.testing.assert_array_equal(f["timestamp"][()], ts)
         np.testing.assert_array_equal(f["event_index"][()], np.arange(len(ts)))
+        # LCLS-I's event_time: POSIX seconds << 32 | ns, the time psana's evt.datetime() gives; fiducials: the index
+        et = f["event_time"][()]
+        assert et.dtype == np.uint64 and f["fiducials"].dtype == np.int64
+        np.testing.assert_array_equal(et >> np.uint64(32), ts // np.uint64(10**9))
+        np.testing.assert_array_equal(et & np.uint64(0xFFFFFFFF), ts % np.uint64(10**9))
+        np.testing.assert_array_equal(f["fiducials"][()], np.arange(len(ts)))
+        run, _ = psana_run(path, det)
+        when = [evt.datetime() for evt in run.events()]
+        got = [datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=int(s), microseconds=int(ns) / 1000)
+               for s, ns in zip(et >> np.uint64(32), et & np.uint64(0xFFFFFFFF))]
+        assert got == when
         assert f[f"{det}/damaged"].shape == (len(ts),) and not f[f"{det}/damaged"][()].any()
         assert f[f"{det}/roi0_sum"].shape[0] == len(ts)
         for k, a in zip("xyz", (x, y, z)):

@@ -31,7 +31,7 @@ def config(common_mode):
             "common_mode": common_mode,
             "functions": [
                 {"type": "roi", "name": "roi0", "bounds": [[1, 2], [100, 200], [100, 300]], "thres_adu": 20,
-                 "children": [{"type": "projection", "axis": -1}]},
+                 "children": [{"type": "projection", "axis": 1}, {"type": "projection", "name": "tot", "axis": -1}]},
                 {"type": "roi", "name": "roi1", "bounds": [[0, 1], [0, 352], [0, 384]], "thres_adu": 20,
                  "children": [{"type": "projection", "axis": 0, "thres_adu": 20}]},
                 {"type": "rebin", "shape": [22, 24]},
@@ -63,7 +63,7 @@ def stack(per_event, key):
     return np.stack([np.asarray(r[key]) for r in per_event])
 
 
-@pytest.mark.parametrize("key", ["roi0_sum", "roi0_max", "roi0_com", "roi0_pj_ax_1_data",
+@pytest.mark.parametrize("key", ["roi0_sum", "roi0_max", "roi0_com", "roi0_nsat", "roi0_pj_ax_1_data", "roi0_tot_data",
                                  "roi1_sum", "roi1_pj_ax_0_data", "rebin_data"])
 def test_roi_and_rebin_agree(both, key):
     batched, per_event, _, _ = both

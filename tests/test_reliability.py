@@ -230,8 +230,6 @@ DROPLET = {"type": "droplet", "threshold": 5.0, "use_rms": False}
 
 
 @pytest.mark.parametrize("functions, where, message", [
-    ([dict(DROPLET, children=[{"type": "projection", "axis": 0}])], "functions[0].children[0].type",
-     "projection cannot work under droplet, which passes on droplets"),
     ([{"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [{"type": "photons", "adu_per_photon": 10.0}]}],
      "functions[0].children[0].type", "photons cannot work under roi, which passes on image"),
     ([{"type": "photons", "adu_per_photon": 10.0}], "functions[0].type", "photons cannot work at the top level"),
@@ -246,6 +244,39 @@ def test_11_what_fits_still_validates(tmp_path):
     kids = [dict(DROPLET, children=[{"type": "photons", "adu_per_photon": 10.0}]),
             {"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [dict(DROPLET, name="d2")]}]
     validate_config(config(tmp_path, detectors={"cam": dict(CAM, functions=kids)}))
+
+
+def test_11_image_functions_under_droplet_work_on_the_droplet_image(tmp_path, capsys):
+    """droplet passes on droplets and the droplet image: a projection (and a roi, and photons beside them)
+    under droplet validates, and computes the projection of the droplet image, i.e. the calibrated values at
+    the pixels of the droplets kept (after thres_adu), 0 elsewhere: checked against scipy's labels."""
+    from scipy import ndimage
+
+    raw = raw_file(tmp_path / "raw.h5", n=6)  # camera, no constants: calibrated = raw where the mask keeps it
+    drop = dict(DROPLET, threshold=80.0, thres_adu=150.0, children=[
+        {"type": "projection", "axis": -1}, {"type": "projection", "axis": 0},
+        {"type": "roi", "name": "r", "bounds": [[2, 10], [3, 12]], "children": [{"type": "projection", "axis": 1}]},
+        {"type": "photons", "adu_per_photon": 50.0}])
+    cam = dict(CAM, dataset="/cam/raw", functions=[drop])
+    cfg = write(tmp_path, config(tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": cam}))
+    validate_config(yaml.safe_load(cfg.read_text()))
+    rc, err = run_cli(capsys, "run", cfg, "--backend", "numpy", "--quiet")
+    assert rc == 0, err
+    with h5py.File(tmp_path / "out.h5", "r") as f, h5py.File(raw, "r") as r:
+        mask = f["UserDataCfg/cam/mask"][()].reshape(16, 16) != 0
+        cal = np.where(mask, r["cam/raw"][()].astype(np.float64), 0.0)
+        image = np.zeros_like(cal)
+        for e in range(len(cal)):
+            lab, n = ndimage.label(mask & (cal[e] >= 80))
+            total = ndimage.sum_labels(cal[e], lab, np.arange(1, n + 1))
+            keep = np.isin(lab, 1 + np.flatnonzero(total >= 150))
+            image[e] = np.where(keep, cal[e], 0)
+        assert (image > 0).any() and ((cal >= 80) & (image == 0)).any()  # some droplets vetoed, some kept
+        np.testing.assert_allclose(f["cam/droplet_pj_ax_1_data"][()], image.sum(axis=(1, 2)), rtol=1e-6)
+        np.testing.assert_allclose(f["cam/droplet_pj_ax_0_data"][()], image.sum(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(f["cam/droplet_r_sum"][()], image[:, 2:10, 3:12].sum(axis=(1, 2)), rtol=1e-6)
+        np.testing.assert_allclose(f["cam/droplet_r_pj_ax_1_data"][()], image[:, 2:10, 3:12].sum(axis=2), rtol=1e-6)
+        assert f["cam/droplet_photons_nPhotons"][()].sum() > 0
 
 
 # ---- 12: names are identifiers -----------------------------------------------------------------

@@ -313,10 +313,12 @@ def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:
     centre of image cell [0, 0])."""
     import h5py
 
+    from ..io.writer import LIBVER, attr_value
+
     mean, image = av.stored()
     _, _, _, origin = pixel_grid(av.x_um, av.y_um, av.pixel_um)
     path = Path(path)
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver=LIBVER) as f:
         g = f.create_group(av.det)
         g.create_dataset("mean", data=mean)
         g.create_dataset("image", data=image)
@@ -325,5 +327,5 @@ def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:
         g.create_dataset("y", data=av.y_um)
         for k, v in {"events": av.events, "damaged": av.damaged, "pixel_um": av.pixel_um, "units": av.units,
                      "mask_value": av.mask_value, "image_origin_um": np.asarray(origin), **(attrs or {})}.items():
-            g.attrs[k] = v
+            g.attrs[k] = attr_value(v)
     return path

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.master import require_sources
-from ..io.writer import open_result
+from ..io.writer import LIBVER, open_result
 from .results import (
     detector_of,
     detectors,
@@ -191,7 +191,7 @@ def make_cube(path, by: str, bins: int, keys: list[str] | None = None, value_ran
 def write_cube(cube: Cube, out, source: str = "") -> Path:
     """HDF5: /bins/edges, /bins/centers, /bins/count, /<key>_sum, /<key>_mean (``/`` in keys = groups)."""
     out = Path(out)
-    with h5py.File(out, "w") as f:
+    with h5py.File(out, "w", libver=LIBVER) as f:
         g = f.create_group("bins")
         g.create_dataset("edges", data=cube.edges)
         g.create_dataset("centers", data=cube.centers)

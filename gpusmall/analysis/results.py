@@ -57,13 +57,27 @@ def n_events(f: h5py.File) -> int:
 
 
 def is_per_event(f: h5py.File, path: str, n: int | None = None) -> bool:
-    """True for a dataset outside /UserDataCfg and /Sums whose first axis is the events axis."""
+    """True for a dataset outside /UserDataCfg and /Sums whose first axis is the events axis; a ragged
+    per-item dataset (attribute ``items_count``: droplets, photons) and its per-event offsets are not (their
+    length can equal the events' by chance; an offset is a position, not a value to bin)."""
     path = normalize_key(path)
     if path.split("/", 1)[0] in STATIC_GROUPS:
         return False
     d = f.get(path)
     n = n_events(f) if n is None else n
-    return isinstance(d, h5py.Dataset) and d.ndim >= 1 and d.shape[0] == n
+    if not (isinstance(d, h5py.Dataset) and d.ndim >= 1 and d.shape[0] == n) or "items_count" in d.attrs:
+        return False
+    return path.rsplit("/", 1)[-1] not in _ragged_offsets(d.parent)
+
+
+def _ragged_offsets(group: h5py.Group) -> set[str]:
+    """Names of the per-event offset datasets of the ragged datasets in ``group``."""
+    out = set()
+    for obj in group.values():
+        if isinstance(obj, h5py.Dataset) and "items_offset" in obj.attrs:
+            v = obj.attrs["items_offset"]
+            out.add(v.decode() if isinstance(v, bytes) else str(v))
+    return out
 
 
 def per_event_datasets(f: h5py.File, group: str | None = None) -> list[str]:

@@ -4,6 +4,10 @@
 (events, panels, rows, cols) arrays of the run's backend, or returns None (``none``) or the
 string ``"raw"`` (skip calibration).
 
+Types: ``median`` (:class:`MedianCommonMode`), ``epix100`` (:class:`Epix100CommonMode`), ``zero_peak``
+(:class:`ZeroPeakCommonMode`: the fullest bin, or psana's CsPad algorithm with ``method: psana``) and
+``unbonded`` (:class:`UnbondedCommonMode`: CsPad's unbonded pixels as reference).
+
 Every corrector has a vectorised array-module reference (``reference``, the same code on NumPy and
 CuPy, written like the SPEC) and, for ``median``, a CUDA kernel (``kernels/common_mode.cu``) used on
 CuPy. Groups (a bank, a row segment within a bank, a column within a half-panel) are cut out of the
@@ -307,62 +311,240 @@ class Epix100CommonMode:
         return s
 
 
+def _cummax(xp, a):
+    """Running maximum along the last axis (NumPy's ``maximum.accumulate``; elsewhere log2(n) passes)."""
+    if xp is np:
+        return np.maximum.accumulate(a, axis=-1)
+    out = a.copy()
+    k = 1
+    while k < a.shape[-1]:
+        out[..., k:] = xp.maximum(out[..., k:], out[..., :-k])  # the right side is a new array: no aliasing
+        k *= 2
+    return out
+
+
+def _round_half_away(xp, s):
+    """Float32 ``s`` rounded to whole numbers, halves away from zero (psana's ``int(v +- 0.5)``), exactly."""
+    t = xp.trunc(s)
+    frac = s - t  # exact: t and s share the integer part
+    return t + xp.where(xp.abs(frac) >= xp.float32(0.5), xp.sign(s), xp.float32(0)).astype(xp.float32)
+
+
+ZERO_PEAK_METHODS = ("fullest", "psana")
+PSANA_HISTO_RANGE = (-1000, 2000)
+PSANA_MIN_COUNT, PSANA_MAX_CORRECTION, PSANA_MAX_SIGMA = 100, 25.0, 40.0
+"""psana's CsPad common mode 1 parameters (smalldata_tools: ``cmpars = [1, 25, 40, 100]``)."""
+
+
 class ZeroPeakCommonMode:
     """``zero_peak`` common mode (smalldata_tools CsPad mode 1), vectorised on either backend.
 
-    Per event and bank, a histogram of the used pixels' ``s`` within ``[-max_correction,
-    max_correction]``: 1-ADU bins with edges ``-max_correction + k``, the last bin ending at
-    ``max_correction`` (shorter than 1 ADU when ``2 * max_correction`` is not an integer; closed on the
-    right, as ``numpy.histogram``); values outside the range are left out. The centre of its fullest
-    bin (the first on ties) is subtracted from the used pixels of the bank. A bank without any value
-    in range is left as it is. The same array code runs on NumPy and CuPy.
+    Per event and bank, a histogram of the used pixels' ``s`` (good pixels in the selected gain ranges;
+    values outside the histogram range are left out); the position of its zero-photon peak is
+    subtracted from the used pixels of the bank (bad pixels are 0 in the output whatever they hold).
+    Two methods (``method``):
+
+    ``fullest`` (the default, except for CsPad): 1-ADU bins over ``histo_range`` ``[lo, hi]`` (default
+    ``[-max_correction, max_correction]``) with edges ``lo + k``, the last bin ending at ``hi`` (shorter
+    than 1 ADU when ``hi - lo`` is not an integer; closed on the right, as ``numpy.histogram``). The
+    peak is the centre of the fullest bin (the first on ties); a bank whose fullest bin holds no more
+    than ``min_count`` (default 0) values, or whose peak lies beyond ``max_correction`` (default 100),
+    is left as it is.
+
+    ``psana`` (psana's ``findCommonMode``, smalldata_tools CsPad mode 1; the CsPad default): values are
+    rounded to whole ADU (halves away from zero) and counted in the bins ``lo, lo + 1, ..., hi - 1`` of
+    ``histo_range`` (whole numbers, default ``[-1000, 2000]``). Scanning the bins upwards, a bin with
+    more than ``min_count`` (default 100) values and more than the peak so far becomes the peak; the scan
+    stops at the first later bin holding at most half the peak count (integer halves), ``right`` (the
+    end of the histogram if none). ``left`` is the last bin at or below the peak bin holding at most half
+    the peak count (one below the first bin if none). Then ``sigma = (right - left) / 2.36`` and, twice,
+    over the bins within ``d = int(2 sigma + 0.5)`` of the peak bin, ``mean += sum((i - mean) h_i) /
+    sum(h_i)`` (from the peak bin) and ``sigma = sqrt(sum((i - mean)^2 h_i) / sum(h_i) - (that step)^2)``
+    (0 where rounding makes it negative). The correction ``mean`` (ADU) is applied unless no bin exceeds
+    ``min_count``, ``|mean| > max_correction`` (default 25) or ``sigma > max_sigma`` (default 40). A
+    CsPad bank is its whole 2x1 section (185 x 388).
+
+    The same array code runs on NumPy and CuPy.
     """
 
-    def __init__(self, model, panel_shape, max_correction: float = 100.0, gain_ranges: str = "high", backend=None,
-                 det: str = "?"):
-        self.median = MedianCommonMode(model, panel_shape, ("banks",), max_correction, 0, gain_ranges, backend, det)
-        self.bank = self.median.bank
+    def __init__(self, model, panel_shape, max_correction: float | None = None, gain_ranges: str = "high",
+                 backend=None, det: str = "?", *, method: str = "fullest", histo_range=None,
+                 min_count: int | None = None, max_sigma: float | None = None):
+        if method not in ZERO_PEAK_METHODS:
+            raise InputError(f"detector {det}: common_mode.method must be one of {', '.join(ZERO_PEAK_METHODS)}, "
+                             f"not {method!r}")
+        self.method = method
+        psana = method == "psana"
+        if max_correction is None:
+            max_correction = PSANA_MAX_CORRECTION if psana else 100.0
         self.max_correction = float(max_correction)
         if not self.max_correction > 0:
             raise InputError(f"detector {det}: common_mode.max_correction must be > 0 for zero_peak, "
                              f"not {max_correction}")
-        maxc = self.max_correction
-        self.nbins = max(int(np.ceil(2 * maxc - 1e-9)), 1)
-        edges = np.append(-maxc + np.arange(self.nbins, dtype=np.float64), maxc)
-        self.centres = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)  # (nbins,) bin centres, ADU, host
+        self.median = MedianCommonMode(model, panel_shape, ("banks",), self.max_correction, 0, gain_ranges, backend,
+                                       det)
+        self.bank = self.median.bank
+        if histo_range is None:
+            lo, hi = PSANA_HISTO_RANGE if psana else (-self.max_correction, self.max_correction)
+        elif np.ndim(histo_range) == 0:
+            lo, hi = -float(histo_range), float(histo_range)
+        else:
+            lo, hi = (float(v) for v in histo_range)
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise InputError(f"detector {det}: common_mode.histo_range must be a range [low, high] with low < high, "
+                             f"not {histo_range}")
+        if psana and (lo != round(lo) or hi != round(hi)):
+            raise InputError(f"detector {det}: common_mode.histo_range for method psana is whole ADU (its bins are "
+                             f"the whole values low .. high - 1), not {histo_range}")
+        self.lo, self.hi = lo, hi
+        self.min_count = int(min_count) if min_count is not None else (PSANA_MIN_COUNT if psana else 0)
+        if self.min_count < 0:
+            raise InputError(f"detector {det}: common_mode.min_count must be >= 0, not {min_count}")
+        if max_sigma is not None and not psana:
+            raise InputError(f"detector {det}: common_mode.max_sigma is for method psana (the fullest bin has no width)")
+        self.max_sigma = float(max_sigma) if max_sigma is not None else (PSANA_MAX_SIGMA if psana else np.inf)
+        if psana:
+            self.nbins = int(round(hi - lo))
+            self.centres = None
+        else:
+            self.nbins = max(int(np.ceil(hi - lo - 1e-9)), 1)
+            edges = np.append(lo + np.arange(self.nbins, dtype=np.float64), hi)
+            self.centres = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)  # (nbins,) bin centres, ADU, host
         self.backend = backend
         # the same on the device, once (None on NumPy)
-        self._centres_dev = None if backend is None or backend.xp is np else backend.to_device(self.centres)
+        on_device = backend is not None and backend.xp is not np
+        self._centres_dev = backend.to_device(self.centres) if on_device and self.centres is not None else None
+
+    def _histogram(self, xp, b, inr):
+        """(groups..., nbins) int64 counts of bin indices ``b`` where ``inr`` along the last axis."""
+        nbins = self.nbins
+        n_groups = int(np.prod(b.shape[:-1]))
+        gid = xp.arange(n_groups, dtype=xp.int64).reshape(b.shape[:-1])[..., None]
+        flat = xp.where(inr, gid * nbins + b, n_groups * nbins)
+        return xp.bincount(flat.ravel(), minlength=n_groups * nbins + 1)[:-1].reshape(*b.shape[:-1], nbins)
 
     def __call__(self, s, good, g):
         xp = np if isinstance(s, np.ndarray) else self.backend.xp
         s = xp.ascontiguousarray(s, dtype=xp.float32)
         use = self.median.use_mask(xp, good, g)
         sg, ug = _to_groups(s, "banks", self.bank), _to_groups(use, "banks", self.bank)
-        nbins, maxc = self.nbins, xp.float32(self.max_correction)
-        # only values within [-maxc, maxc] enter; bin k = [-maxc + k, -maxc + k + 1), s == maxc in the last
-        inr = ug & (sg >= -maxc) & (sg <= maxc)
-        b = xp.clip(xp.floor(sg + maxc), 0, nbins - 1).astype(xp.int64)
-        n_groups = int(np.prod(sg.shape[:-1]))
-        gid = xp.arange(n_groups, dtype=xp.int64).reshape(sg.shape[:-1])[..., None]
-        flat = xp.where(inr, gid * nbins + b, n_groups * nbins)
-        hist = xp.bincount(flat.ravel(), minlength=n_groups * nbins + 1)[:-1].reshape(*sg.shape[:-1], nbins)
-        peak = (self.centres if xp is np else self._centres_dev)[xp.argmax(hist, axis=-1)]
-        ok = hist.max(axis=-1) > 0
+        if self.method == "psana":
+            peak, ok = self._psana_peak(xp, sg, ug)
+        else:
+            peak, ok = self._fullest_peak(xp, sg, ug)
         sg = xp.where(ug & ok[..., None], sg - peak[..., None], sg)
         return _from_groups(xp, sg, "banks", s.shape, self.bank)
 
+    def _fullest_peak(self, xp, sg, ug):
+        lo, hi = xp.float32(self.lo), xp.float32(self.hi)
+        # only values within [lo, hi] enter; bin k = [lo + k, lo + k + 1), s == hi in the last
+        inr = ug & (sg >= lo) & (sg <= hi)
+        b = xp.clip(xp.floor(sg - lo), 0, self.nbins - 1).astype(xp.int64)
+        hist = self._histogram(xp, b, inr)
+        peak = (self.centres if xp is np else self._centres_dev)[xp.argmax(hist, axis=-1)]
+        ok = (hist.max(axis=-1) > self.min_count) & (xp.abs(peak) <= xp.float32(self.max_correction))
+        return peak, ok
+
+    def _psana_peak(self, xp, sg, ug):
+        """(mean, ok) per group: psana's findCommonMode on the rounded values (class docstring)."""
+        lo, nbins = int(self.lo), self.nbins
+        v = _round_half_away(xp, sg)
+        inr = ug & (v >= xp.float32(lo)) & (v < xp.float32(lo + nbins))
+        b = xp.clip(v - xp.float32(lo), 0, nbins - 1).astype(xp.int64)
+        hist = self._histogram(xp, b, inr)  # (..., nbins)
+        j = xp.arange(nbins, dtype=xp.int64)
+        # the peak so far after each bin: bins above min_count raise it (strictly: the first wins a tie)
+        above = xp.where(hist > self.min_count, hist, -1)
+        run = _cummax(xp, above)
+        before = xp.concatenate([xp.full(run.shape[:-1] + (1,), -1, run.dtype), run[..., :-1]], axis=-1)
+        stop = (before > 0) & (hist <= before // 2)
+        right = xp.where(stop.any(axis=-1), xp.argmax(stop.astype(xp.int8), axis=-1), nbins)
+        upto = xp.where(j < right[..., None], above, -1)
+        count = upto.max(axis=-1)
+        pos = xp.argmax(upto, axis=-1)
+        found = count > 0
+        half = xp.where(found, count // 2, -1)
+        left = xp.where((hist <= half[..., None]) & (j <= pos[..., None]), j, -1).max(axis=-1)
+        sigma = (right - left).astype(xp.float64) / 2.36
+        mean = pos.astype(xp.float64)
+        jf = j.astype(xp.float64)
+        histf = hist.astype(xp.float64)
+        for _ in range(2):
+            d = xp.floor(sigma * 2 + 0.5).astype(xp.int64)
+            win = (j >= (pos - d)[..., None]) & (j <= (pos + d)[..., None])
+            h = xp.where(win, histf, 0.0)
+            s0 = xp.maximum(h.sum(axis=-1), 1.0)  # > 0 where found (the peak bin is in the window)
+            x = jf - mean[..., None]
+            s1 = (x * h).sum(axis=-1) / s0
+            s2 = (x * x * h).sum(axis=-1) / s0
+            mean = mean + s1
+            sigma = xp.sqrt(xp.maximum(s2 - s1 * s1, 0.0))
+        mean = mean + lo
+        ok = found & (xp.abs(mean) <= self.max_correction) & (sigma <= self.max_sigma)
+        return xp.where(ok, mean, 0.0).astype(xp.float32), ok
+
+
+class UnbondedCommonMode:
+    """``unbonded`` common mode (smalldata_tools CsPad mode 5, psana's ``applyCModeUnbond``).
+
+    Per event and panel (CsPad: 2x1 section), the mean of ``s`` over the model's unbonded pixels (CsPad:
+    (r, r) and (r, r + 194) for r = 10, 20, ..., 180; they see no charge, only the common mode; they
+    are bad pixels of the mask and enter whatever their status) is subtracted from every pixel of the
+    panel, unless ``|mean| > max_correction`` (default 100 ADU).
+
+    Args:
+        model: a model with ``unbonded_pixels`` (InputError otherwise).
+        panel_shape: (rows, cols) of a panel; must hold the unbonded pixels.
+    """
+
+    def __init__(self, model, panel_shape, max_correction: float = 100.0, backend=None, det: str = "?"):
+        if not model.unbonded_pixels:
+            raise InputError(f"detector {det}: common_mode.type unbonded needs unbonded reference pixels, which a "
+                             f"{model.type} does not have (cspad, cs140k have them)")
+        rows, cols = (np.asarray(a, np.intp) for a in zip(*model.unbonded_pixels))
+        r, c = (int(v) for v in panel_shape)
+        if rows.max() >= r or cols.max() >= c:
+            raise InputError(f"detector {det}: panel {(r, c)} does not hold the {model.type}'s unbonded pixels "
+                             f"(up to row {rows.max()}, col {cols.max()})")
+        self.max_correction = float(max_correction)
+        self.rows, self.cols = rows, cols
+        self.backend = backend
+        on_device = backend is not None and backend.xp is not np
+        self._index_dev = (backend.to_device(rows), backend.to_device(cols)) if on_device else None
+
+    def __call__(self, s, good, g):
+        xp = np if isinstance(s, np.ndarray) else self.backend.xp
+        s = xp.ascontiguousarray(s, dtype=xp.float32)
+        rows, cols = (self.rows, self.cols) if xp is np else self._index_dev
+        ref = s[:, :, rows, cols]  # (events, panels, unbonded pixels)
+        mean = ref.sum(axis=-1, dtype=xp.float64) / ref.shape[-1]
+        cm = xp.where(xp.abs(mean) <= self.max_correction, mean, 0.0).astype(xp.float32)
+        return s - cm[:, :, None, None]
+
+
+def common_mode_params(cfg, model) -> dict:
+    """The parameters of ``cfg`` (a CommonModeConfig, a mapping, or None = the model's default): those the
+    config gives, then for the parameters it does not give, the model's default common mode when it is
+    of the same type (a CsPad's ``{type: zero_peak}`` is psana's method), then the type's own defaults
+    (in :func:`make_common_mode`)."""
+    if cfg is None:
+        return dict(model.default_common_mode)
+    if hasattr(cfg, "model_fields_set"):  # pydantic: only what the config gives
+        given = cfg.model_dump(include=set(cfg.model_fields_set) | {"type"})
+    else:
+        given = dict(cfg.model_dump() if hasattr(cfg, "model_dump") else cfg)
+    base = model.default_common_mode if model.default_common_mode.get("type") == given.get("type") else {}
+    return {**base, **given}
+
 
 def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None):
-    """A corrector for ``cfg`` (a CommonModeConfig or None = the model's default).
+    """A corrector for ``cfg`` (a CommonModeConfig or None = the model's default; see
+    :func:`common_mode_params`).
 
     Returns None (``none``), ``"raw"``, or a callable ``(s, good, g) -> s`` on (events, panels,
     rows, cols) float32 arrays of ``backend``.
     """
-    if cfg is not None:
-        params = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
-    else:
-        params = dict(model.default_common_mode)
+    params = common_mode_params(cfg, model)
     ctype = params.get("type", "none")
     if ctype == "none":
         return None
@@ -380,8 +562,11 @@ def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None)
                                 100.0 if maxc is None else maxc, params.get("min_pixels", 10),
                                 params.get("gain_ranges") or default_ranges, backend, det)
     if ctype == "zero_peak":
-        return ZeroPeakCommonMode(model, panel_shape, 100.0 if maxc is None else maxc,
-                                  params.get("gain_ranges") or default_ranges, backend, det)
+        return ZeroPeakCommonMode(model, panel_shape, maxc, params.get("gain_ranges") or default_ranges, backend, det,
+                                  method=params.get("method") or "fullest", histo_range=params.get("histo_range"),
+                                  min_count=params.get("min_count"), max_sigma=params.get("max_sigma"))
+    if ctype == "unbonded":
+        return UnbondedCommonMode(model, panel_shape, 100.0 if maxc is None else maxc, backend, det)
     if ctype == "epix100":
         noise = None if constants is None else constants.noise
         if noise is not None:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from .base import INVALID_GAIN, DetectorModel
 from .camera import CAMERA
+from .cspad import CS140K, CSPAD
 from .epix10ka import EPIX10KA
 from .epix100 import EPIX100
 from .jungfrau import JUNGFRAU
 
-MODELS: dict[str, DetectorModel] = {m.type: m for m in (EPIX10KA, JUNGFRAU, EPIX100, CAMERA)}
+MODELS: dict[str, DetectorModel] = {m.type: m for m in (EPIX10KA, JUNGFRAU, EPIX100, CAMERA, CSPAD, CS140K)}
 
 
 def get_model(type_name: str) -> DetectorModel:

@@ -6,7 +6,7 @@ with one model (see ``epix10ka.py``) and registering it in ``detectors/__init__.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,17 @@ class DetectorModel:
         bank_shape: (rows, cols) of a common-mode bank (None: the whole panel).
         asic_rows, asic_cols: first row/col index of each ASIC after the first, inside a panel.
         high_gain_ranges: gain ranges that take part in common mode with ``gain_ranges: high``.
-        default_common_mode: common-mode parameters used when the config gives none.
+        default_common_mode: common-mode parameters used when the config gives none; for a config
+            whose ``common_mode.type`` is this one's, the parameters it does not give.
+        derived_ranges: (range, from range) pairs: gain ranges a dark run cannot measure, whose
+            pedestal and noise ``gpusmall darks`` takes from another range (ePix10ka: AHL-L and
+            AML-L from FL; SPEC section 2).
+        unbonded_pixels: (row, col) of each pixel of a panel whose sensor is not bonded (CsPad:
+            the common-mode reference of ``common_mode: unbonded``); the ``unbonded`` mask source
+            (SPEC section 5) when the constants file gives none.
+        invalid_ranges: gain ranges decoded as invalid (``INVALID_GAIN``: the pixel is bad in that
+            event): a run whose constants lack them (:meth:`with_invalid_ranges`); empty for the
+            registered models.
     """
 
     type: str
@@ -47,13 +57,20 @@ class DetectorModel:
     asic_cols: tuple[int, ...] = ()
     high_gain_ranges: tuple[int, ...] = (0,)
     default_common_mode: dict[str, Any] = field(default_factory=lambda: {"type": "none"})
+    derived_ranges: tuple[tuple[int, int], ...] = ()
+    unbonded_pixels: tuple[tuple[int, int], ...] = ()
+    invalid_ranges: tuple[int, ...] = ()
 
     @property
     def n_gains(self) -> int:
         return len(self.gain_names)
 
+    def range_names(self, ranges) -> str:
+        """``"AHL-L (5), AML-L (6)"``: names and indices of gain ranges, for messages."""
+        return ", ".join(f"{self.gain_names[r]} ({r})" for r in ranges)
+
     def gain_index(self, raw, config_bits=None, xp=np):
-        """Gain range per pixel.
+        """Gain range per pixel (:meth:`decode_gain`, then ``invalid_ranges`` made invalid).
 
         Args:
             raw: (events, panels, rows, cols) raw words.
@@ -62,7 +79,42 @@ class DetectorModel:
         Returns:
             (events, panels, rows, cols) int8 gain index, ``INVALID_GAIN`` where undecodable.
         """
+        g = self.decode_gain(raw, config_bits, xp)
+        for r in self.invalid_ranges:
+            g = xp.where(g == r, xp.int8(INVALID_GAIN), g).astype(xp.int8, copy=False)
+        return g
+
+    def decode_gain(self, raw, config_bits=None, xp=np):
+        """The gain range the raw words say (SPEC section 1); single-range families: 0."""
         return xp.zeros(raw.shape, dtype=xp.int8)
+
+    def ranges_met(self, config_bits=None, mask=None) -> set[int] | None:
+        """The gain ranges a run can meet, known before its events: the set, or None when the
+        family's gain mode is not known from its configuration (e.g. JUNGFRAU: dynamic gain meets
+        0, 1, 2, a forced-gain mode fewer, and the sources do not say which).
+
+        Args:
+            config_bits: (panels, rows, cols) pixel configuration the run uses, or None.
+            mask: (panels, rows, cols) bool static mask; only pixels that are kept count (None: all).
+        """
+        return {0} if self.n_gains == 1 else None
+
+    def with_invalid_ranges(self, ranges) -> "DetectorModel":
+        """This model, with the pixels of gain ranges ``ranges`` decoded as invalid (bad in the event)."""
+        return replace(self, invalid_ranges=tuple(sorted(set(self.invalid_ranges) | set(int(r) for r in ranges))))
+
+    def unbonded_mask(self, shape) -> np.ndarray | None:
+        """(panels, rows, cols) bool, True on the model's :attr:`unbonded_pixels` of every panel
+        (None when the family has none, or the panels are too small to hold them)."""
+        if not self.unbonded_pixels:
+            return None
+        p, r, c = (int(v) for v in shape)
+        rows, cols = np.asarray(self.unbonded_pixels, np.intp).T
+        if rows.max() >= r or cols.max() >= c:
+            return None
+        m = np.zeros((p, r, c), bool)
+        m[:, rows, cols] = True
+        return m
 
     def check_raw_dtype(self, det: str, dtype) -> None:
         """InputError unless ``dtype`` is an integer type (SPEC section 1: every family's raw data is

@@ -3,7 +3,10 @@
 Shapes: ``pedestal`` and ``gain`` (gains, panels, rows, cols) float32 (ADU, ADU/keV); ``noise``
 (panels, rows, cols) or (gains, panels, rows, cols) float32 ADU rms; ``status`` (panels, rows, cols)
 0 = good; ``x``, ``y``, ``z`` (panels, rows, cols) float32 micrometres; ``config_bits`` (panels, rows,
-cols) uint8; ``unbonded`` (panels, rows, cols) 1 = unbonded; ``mask`` (panels, rows, cols) 1 = keep.
+cols) uint8; ``unbonded`` (panels, rows, cols) 1 = unbonded; ``mask`` (panels, rows, cols) 1 = keep;
+``gain_ranges_measured`` (gains,) uint8, per gain range 0 = not measured (no pedestal: 0 there),
+1 = measured by a dark run, 2 = derived from another range (``gpusmall darks`` writes it; a file
+without it, an older or a user's file, is taken as it is).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import h5py
 import numpy as np
 
 from ..errors import ConstantsError
+from ..io.writer import LIBVER, storable_array
 from .base import DetectorModel
 from .epix10ka import CONFIG_BITS_MASK
 
@@ -38,15 +42,18 @@ class Constants:
     config_bits: np.ndarray | None = None
     unbonded: np.ndarray | None = None
     mask: np.ndarray | None = None
+    gain_ranges_measured: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def save(self, path) -> None:
-        """Write every array at the root of an HDF5 file (the format :func:`load_constants` reads)."""
-        with h5py.File(path, "w") as f:
+        """Write every array at the root of an HDF5 file (the format :func:`load_constants` reads), in the
+        format of HDF5 1.10 (:data:`gpusmall.io.writer.LIBVER`), booleans as uint8."""
+        with h5py.File(path, "w", libver=LIBVER) as f:
             for name, arr in self.arrays().items():
-                f.create_dataset(name, data=arr, compression="gzip", compression_opts=1, shuffle=True)
+                f.create_dataset(name, data=storable_array(np.asarray(arr)), compression="gzip", compression_opts=1,
+                                 shuffle=True)
 
 
 def default_geometry(shape: tuple[int, int, int], pixel_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,7 +122,77 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
         if name == "config_bits":
             arr = check_config_bits(det, arr, "constants dataset 'config_bits'")
         setattr(c, name, arr)
+    if c.gain_ranges_measured is not None:
+        c.gain_ranges_measured = _check_measured(det, c.gain_ranges_measured, n)
     return c
+
+
+RANGE_NOT_MEASURED, RANGE_MEASURED, RANGE_DERIVED = 0, 1, 2
+"""Values of ``gain_ranges_measured``: no pedestal, measured by a dark run, derived from another range."""
+
+
+def _check_measured(det: str, arr, n_gains: int) -> np.ndarray:
+    arr = np.asarray(arr)
+    what = f"detector {det}: constants dataset 'gain_ranges_measured'"
+    if arr.shape != (n_gains,):
+        raise ConstantsError(f"{what} has shape {arr.shape}, expected ({n_gains},): one value per gain range")
+    if arr.dtype.kind not in "biu" or not np.isin(arr, (RANGE_NOT_MEASURED, RANGE_MEASURED, RANGE_DERIVED)).all():
+        raise ConstantsError(f"{what} is {arr.tolist()}; expected integers 0 (not measured), 1 (measured) "
+                             f"or 2 (derived) per gain range")
+    return arr.astype(np.uint8)
+
+
+def check_measured_ranges(det: str, model: DetectorModel, where: str, c: Constants, mask=None) -> DetectorModel:
+    """Refuse constants that lack a gain range the run can meet (SPEC section 2).
+
+    With ``c.gain_ranges_measured`` (files from ``gpusmall darks``) and ranges marked 0 (not measured):
+
+    * when the run's ranges are known before its events (:meth:`DetectorModel.ranges_met`: a
+      single-range detector; an ePix10ka from its pixel configuration ``c.config_bits``, or the
+      SPEC's auto-ranging high->low without one), a range the run can meet that is not measured is
+      a ConstantsError naming the detector, ``where`` (the constants file) and the missing ranges;
+    * when they are not (JUNGFRAU: the gain mode is not in the source), a warning names the missing
+      ranges, and the returned model decodes them as invalid: a pixel in such a range is bad in that
+      event (never calibrated with pedestal 0).
+
+    A file without the record is used as it is. Ranges derived from another one (2) are accepted with
+    a warning when the run can meet them. Returns the model to calibrate with.
+    """
+    m = c.gain_ranges_measured
+    if m is None:
+        return model
+    missing = [r for r in range(model.n_gains) if m[r] == RANGE_NOT_MEASURED]
+    derived = [r for r in range(model.n_gains) if m[r] == RANGE_DERIVED]
+    held = [r for r in range(model.n_gains) if m[r] != RANGE_NOT_MEASURED]
+    met = model.ranges_met(c.config_bits, mask)
+    if met is None:
+        if missing:
+            log.warning("detector %s: constants file %s has no pedestals for gain ranges %s (not measured by its "
+                        "dark runs); pixels in them are marked bad in those events", det, where,
+                        model.range_names(missing))
+            return model.with_invalid_ranges(missing)
+        return model
+    lacking = sorted(set(met) & set(missing))
+    if lacking:
+        if model.n_gains == 1:
+            how = "(its only gain range)"
+        elif c.config_bits is not None:
+            how = "by its pixel configuration (config_bits)"
+        else:
+            how = "without configuration bits (decoded as auto-ranging high->low, SPEC section 1)"
+        hint = (": make the file with `gpusmall darks` from a dark run in each of these modes"
+                + ("; AHL-L and AML-L are derived from FL, so add an FL dark run" if set(lacking) & {5, 6}
+                   and model.type == "epix10ka" else ""))
+        raise ConstantsError(f"detector {det}: constants file {where} lacks gain range(s) {model.range_names(lacking)}, "
+                             f"which this run can meet {how}; it holds {model.range_names(held) or 'none'}{hint}")
+    used = sorted(set(met) & set(derived))
+    if used:
+        sources = dict(model.derived_ranges)
+        log.warning("detector %s: constants file %s: gain ranges %s were not measured but derived (%s): their "
+                    "pedestals are approximate", det, where, model.range_names(used),
+                    ", ".join(f"{model.gain_names[r]} from {model.gain_names[sources[r]]}" if r in sources
+                              else model.gain_names[r] for r in used))
+    return model
 
 
 CONFIG_BITS_LIMIT = CONFIG_BITS_MASK + 1

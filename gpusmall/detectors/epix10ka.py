@@ -21,7 +21,7 @@ RANGE_CONDITIONS = (
 
 
 class Epix10ka(DetectorModel):
-    def gain_index(self, raw, config_bits=None, xp=np):
+    def decode_gain(self, raw, config_bits=None, xp=np):
         d = ((raw >> 14) & 1).astype(xp.uint8)
         if config_bits is None:
             # no configuration: auto-ranging high->low, d == 0 -> AHL-H (3), d == 1 -> AHL-L (5)
@@ -33,6 +33,21 @@ class Epix10ka(DetectorModel):
         for index, mask, value in reversed(RANGE_CONDITIONS):
             out = xp.where((b & mask) == value, xp.int8(index), out)
         return out
+
+    def ranges_met(self, config_bits=None, mask=None):
+        """Per kept pixel, the ranges its configuration gives for data bit 14 = 0 and 1 (a fixed-gain
+        FH pixel meets only 0, an auto-ranging AHL pixel 3 and 5); without configuration bits the
+        SPEC's auto-ranging high->low: {3, 5}."""
+        if config_bits is None:
+            return {3, 5}
+        c = np.asarray(config_bits, np.uint8)
+        keep = np.ones(c.shape, bool) if mask is None else np.asarray(mask, bool)
+        met = set()
+        for d in (0, 1):
+            raw = np.full((1, *c.shape), d << 14, np.uint16)
+            g = self.decode_gain(raw, c, np)[0][keep]
+            met |= {int(v) for v in np.unique(g) if v != INVALID_GAIN}
+        return met
 
 
 EPIX10KA = Epix10ka(
@@ -48,4 +63,7 @@ EPIX10KA = Epix10ka(
     asic_cols=(192,),
     high_gain_ranges=(0, 1, 3, 4),
     default_common_mode={"type": "median", "axes": ["rows", "cols"], "gain_ranges": "high"},
+    # the switched-to-low ranges of the auto modes cannot be seen in a dark run; psana derives them
+    # from charge-injection offsets, which gpusmall does not have: darks take FL's (SPEC section 2)
+    derived_ranges=((5, 2), (6, 2)),
 )

@@ -10,7 +10,10 @@ STAGE_OF_BITS = np.array([0, 1, INVALID_GAIN, 2], dtype=np.int8)
 
 
 class Jungfrau(DetectorModel):
-    def gain_index(self, raw, config_bits=None, xp=np):
+    """JUNGFRAU; :meth:`ranges_met` is None (unknown): dynamic gain meets stages 0, 1 and 2, a forced
+    gain mode fewer, and no source says which mode a run used."""
+
+    def decode_gain(self, raw, config_bits=None, xp=np):
         bits = (raw >> 14) & 3
         return xp.asarray(STAGE_OF_BITS)[bits.astype(xp.intp)]
 

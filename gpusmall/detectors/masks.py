@@ -1,6 +1,7 @@
 """Static pixel masks, computed once per run (SPEC section 5). 1 = keep, 0 = bad.
 
-``mask = status_ok & edges & central & unbonded & user & calib``; ``cmask`` is the same mask (it
+``mask = status_ok & edges & central & unbonded & user & calib``; ``unbonded`` comes from the
+constants file, or from the model (CsPad's unbonded pixels) when the file has none. ``cmask`` is the same mask (it
 includes ``user`` and ``calib``), kept under both names for smalldata_tools notebooks.
 All arrays are (panels, rows, cols) bool.
 """
@@ -94,8 +95,10 @@ def static_mask(
         m &= constants.status == 0
     m &= edge_mask(shape, edges)
     m &= central_mask(shape, model, central)
-    if unbonded and constants.unbonded is not None:
-        m &= ~grow_bad(constants.unbonded != 0, neighbours)
+    if unbonded:  # the constants file's, else the model's own (CsPad)
+        u = constants.unbonded != 0 if constants.unbonded is not None else model.unbonded_mask(shape)
+        if u is not None:
+            m &= ~grow_bad(u, neighbours)
     if user is not None:
         m &= read_user_mask(Path(user) if not isinstance(user, str) else user, det, shape)
     if calib and constants.mask is not None:

@@ -2,7 +2,8 @@
 
 A function receives :class:`Frames` (a calibrated batch) and returns a dict of per-event arrays,
 each with a leading events axis. Output names are ``<name>_<key>``; a child's are
-``<name>_<childname>_<key>`` (SPEC section 6). Parameters are written once as ``<name>__<param>``.
+``<name>_<childname>_<key>`` (SPEC section 6). Parameters are written once as ``<name>__<param>`` (a child's as
+``<name>_<childname>__<param>``) and again under smalldata_tools' names (:meth:`ReductionFunction.smalldata_params`).
 
 Geometry-only work happens in :meth:`ReductionFunction.prepare`, once per run, on the device.
 """
@@ -136,13 +137,14 @@ class ReductionFunction:
 
     type: ClassVar[str] = "function"
     Params: ClassVar[type[FunctionParams]] = FunctionParams
-    passes: ClassVar[str | None] = None
-    """What :meth:`prepare` and :meth:`compute` hand on to children: ``"image"`` (a region of the calibrated
-    frames, roi), ``"droplets"`` (the frames with the pixels of the droplets found, droplet), or None (no
-    children: config validation rejects ``children`` under such a function)."""
+    passes: ClassVar[str | tuple[str, ...] | None] = None
+    """What :meth:`prepare` and :meth:`compute` hand on to children, one kind or a tuple of kinds: ``"image"``
+    (a region of the calibrated frames, roi), ``("droplets", "image")`` (droplet: the droplet image, i.e. the
+    calibrated values at the pixels of the droplets kept and 0 elsewhere, with the lists of those pixels), or
+    None (no children: config validation rejects ``children`` under such a function). See :func:`kinds`."""
     takes: ClassVar[tuple[str, ...]] = ("image",)
     """What this function can be given: the detector's calibrated frames are an ``"image"``; config validation
-    rejects a function under a parent (or at the top level) that passes something else."""
+    rejects a function under a parent (or at the top level) that passes none of these kinds."""
 
     def __init__(self, params: FunctionParams, children: list["ReductionFunction"] | None = None):
         self.p = params
@@ -207,6 +209,41 @@ class ReductionFunction:
             for k, v in child.params().items():
                 out[f"{self.name}_{k}"] = v
         return out
+
+    SMALLDATA_PARAM_NAMES: ClassVar[dict[str, str]] = {"thres_adu": "thresADU"}
+    """Parameters whose smalldata_tools name differs from ours (subclasses add theirs); the others keep theirs."""
+
+    def smalldata_params(self, top: str | None = None) -> dict[str, Any]:
+        """The same parameters (and static outputs) under smalldata_tools' names, for a top-level function.
+
+        smalldata_tools writes every parameter of a function tree under its top function as
+        ``<top>__<owner>_<param>``: ``owner`` is the function the parameter belongs to (the top function
+        itself or any function below it, by its own name, without its parents'), e.g. ``roi0__roi0_bound``,
+        ``roi0__pj_ax_1_axis``, ``azav__azav_q``; parameter names as :attr:`SMALLDATA_PARAM_NAMES` renames them.
+        Values are those of :meth:`params`. A key that two functions of the tree would both write (two
+        functions of the same name under one top function), or that is one of :meth:`params`' keys (names
+        with ``__`` in them can do that), is left out: :meth:`params`' keys, which name the whole path, are
+        always there.
+        """
+        seen: dict[str, list] = {}
+        self._smalldata_collect(self.name if top is None else top, seen)
+        ours = self.params()
+        return {k: v[0] for k, v in seen.items() if len(v) == 1 and k not in ours}
+
+    def _smalldata_collect(self, top: str, seen: dict[str, list]) -> None:
+        own = {k: "null" if v is None else v for k, v in self.p.model_dump(exclude={"name"}).items()}
+        own.update(self.static_outputs())
+        for k, v in own.items():
+            seen.setdefault(f"{top}__{self.name}_{self.SMALLDATA_PARAM_NAMES.get(k, k)}", []).append(v)
+        for child in self.children:
+            child._smalldata_collect(top, seen)
+
+
+def kinds(passes) -> tuple[str, ...]:
+    """A function's ``passes`` as a tuple of kinds (``"image"`` -> ``("image",)``, None -> ``()``)."""
+    if passes is None:
+        return ()
+    return (passes,) if isinstance(passes, str) else tuple(passes)
 
 
 def threshold(xp, data, thres):

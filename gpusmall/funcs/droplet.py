@@ -12,17 +12,32 @@ Whole batch at once:
    with ``s >= threshold_low``; the grown mask is what step 2 labels (droplets that touch after growing merge);
 4. per droplet, segmented reductions (``bincount`` on label ids over the labelled pixels, which scales with
    pixels, not droplets): ``data`` (sum), ``npix``, intensity-weighted ``row`` and ``col``, ``tile`` (panel);
-5. ``thres_adu`` vetoes droplets whose total is below it; the kept droplets of each event are written in order
-   of their first pixel (row-major over panel, row, col) into arrays padded with 0 to ``max_droplets``.
+5. ``thres_adu`` vetoes droplets whose total is below it; the first ``max_droplets`` kept droplets of each
+   event, in order of their first pixel (row-major over panel, row, col), are stored (``layout``).
 
-Outputs: ``nDroplets_all``, ``nDroplets``, ``nDroplets_truncated`` (kept droplets beyond ``max_droplets``)
-(events,) int32; ``data``, ``row``, ``col`` (events, max_droplets) float32, ``npix``, ``tile`` int32.
-Children (photons) receive :class:`DropletFrames`: the frames plus the labelled pixels of the kept droplets.
+Outputs: ``nDroplets_all``, ``nDroplets``, ``nDroplets_truncated`` (kept droplets beyond ``max_droplets``, not
+stored) (events,) int32; per droplet ``data``, ``row``, ``col`` float32, ``npix``, ``tile`` int32, stored as
+``layout`` says:
+
+* ``ragged`` (default): flat arrays over the stored droplets of the batch, event after event (``(n_droplets,)``;
+  in the file ``/<det>/<name>_data`` etc. of shape (droplets of the run,)), with ``len`` (events,) int32, the
+  droplets stored for each event (``nDroplets - nDroplets_truncated``); the writer adds ``offset`` (events,)
+  int64, the index of each event's first droplet in the flat arrays (:mod:`gpusmall.io.writer`). Event ``e``'s
+  droplets are ``data[offset[e]:offset[e] + len[e]]``. ``max_droplets`` only bounds the memory.
+* ``padded``: (events, max_droplets) arrays, the droplets of event ``e`` in row ``e``, padded with 0 (SPEC 6).
+
+smalldata_tools' names of the same datasets (hard links in the file, :class:`SparseOutputs`): padded
+``<name>_sparse_data``, ``_sparse_row``, ``_sparse_col``, ``_sparse_tile``, ``_sparse_npix`` (its ``sparsify``
+child with ``nData``); ragged ``var_<name>_sparse/data`` (``row``, ...) and ``var_<name>_sparse_len``.
+
+Children receive :class:`DropletFrames`: the droplet image (the calibrated values at the pixels of the kept
+droplets, 0 elsewhere; the good mask of the frames), as smalldata_tools' ``unsparsify`` gives it, so image
+functions (projection, roi, azav...) work on it; and the lists of those pixels (photons).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -40,6 +55,7 @@ class DropletParams(FunctionParams):
     use_rms: bool = True
     thres_adu: float | None = None
     max_droplets: int = Field(1000, ge=1, le=1 << 22)
+    layout: Literal["ragged", "padded"] = "ragged"
 
     @model_validator(mode="after")
     def _check(self):
@@ -51,6 +67,10 @@ class DropletParams(FunctionParams):
 @dataclass
 class DropletFrames(Frames):
     """Frames handed to droplet children, with the pixels of the kept droplets.
+
+    ``data`` is the droplet image when a child takes an image (:attr:`image`): the calibrated values at the
+    pixels of the kept droplets (all of them, also those beyond ``max_droplets``), 0 elsewhere; otherwise (only
+    photons below) the calibrated frames, which photons does not read. ``good`` and ``raw`` are the frames'.
 
     Attributes (all 1-D over the labelled pixels of kept droplets, in row-major order of the batch):
         pix_index: flat index into (events, panels, rows, cols).
@@ -65,6 +85,67 @@ class DropletFrames(Frames):
     pix_droplet: Any = None
     droplet_event: Any = None
     droplet_sum: Any = None
+    image: bool = False
+
+
+@dataclass(frozen=True)
+class SparseOutputs:
+    """How a function's per-item outputs (droplets, photons) are stored (``layout``), for the writer.
+
+    Attributes:
+        keys: short keys of the per-item outputs (``data``, ``row``, ...).
+        layout: ``ragged`` (flat over the items, with the per-event ``count`` and the ``offset`` the writer
+            adds) or ``padded`` ((events, max_items)).
+        max_items: items stored per event at most (``max_droplets``, ``max_photons``).
+        count: short key of the per-event number of stored items (ragged).
+        offset: short key of the per-event index of the first item, added by the writer (ragged).
+    """
+
+    keys: tuple[str, ...]
+    layout: str
+    max_items: int
+    count: str = "len"
+    offset: str = "offset"
+
+
+@dataclass
+class SparseColumns:
+    """:func:`sparse_columns` of a function tree, by full output name (``<name>_<key>``, children included).
+
+    Attributes:
+        items: ragged per-item output -> (its per-event count, its per-event offset).
+        links: smalldata_tools' name -> our output it names (hard links in the file).
+        bounds: ragged per-item output -> items per event at most (what memory estimates must assume).
+    """
+
+    items: dict[str, tuple[str, str]] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    bounds: dict[str, int] = field(default_factory=dict)
+
+
+def sparse_columns(functions, prefix: str = "") -> SparseColumns:
+    """The per-item outputs of function trees (functions with a ``sparse_outputs`` method) by full name:
+    ``<prefix><name>_<key>``. smalldata_tools' names: padded ``<full>_sparse_<key>`` (its sparsify with
+    ``nData``), ragged ``var_<full>_sparse/<key>`` and ``var_<full>_sparse_len`` (its variable-length data)."""
+    out = SparseColumns()
+    for f in functions:
+        full = prefix + f.name
+        spec = f.sparse_outputs() if hasattr(f, "sparse_outputs") else None
+        if spec is not None:
+            for k in spec.keys:
+                if spec.layout == "ragged":
+                    out.items[f"{full}_{k}"] = (f"{full}_{spec.count}", f"{full}_{spec.offset}")
+                    out.bounds[f"{full}_{k}"] = spec.max_items
+                    out.links[f"var_{full}_sparse/{k}"] = f"{full}_{k}"
+                else:
+                    out.links[f"{full}_sparse_{k}"] = f"{full}_{k}"
+            if spec.layout == "ragged":
+                out.links[f"var_{full}_sparse_len"] = f"{full}_{spec.count}"
+        sub = sparse_columns(f.children, full + "_")
+        out.items.update(sub.items)
+        out.links.update(sub.links)
+        out.bounds.update(sub.bounds)
+    return out
 
 
 LABEL_THREADS = 256
@@ -169,13 +250,25 @@ class PadLayout:
         out[self.rows, self.cols] = values[self.source]
         return out
 
+    def flat(self, values):
+        """The items that fit, event after event: ``values[items]`` of those :meth:`pad` places (no wait)."""
+        return values[self.source]
+
+    def stored(self):
+        """(n_events,) int32: the items of each event that fit (``min(counts, length)``)."""
+        return self.xp.minimum(self.counts, self.shape[1]).astype(self.xp.int32)
+
 
 class Droplet(ReductionFunction):
     """Droplet finding; see the module docstring."""
 
     type = "droplet"
-    passes = "droplets"
+    passes = ("droplets", "image")
     Params = DropletParams
+    FIELDS = ("data", "npix", "row", "col", "tile")
+
+    def sparse_outputs(self) -> SparseOutputs:
+        return SparseOutputs(self.FIELDS, self.p.layout, self.p.max_droplets)
 
     def prepare(self, ctx: FrameContext):
         p, xp = self.p, ctx.xp
@@ -247,23 +340,35 @@ class Droplet(ReductionFunction):
         cnt = layout.counts
         out["nDroplets"] = cnt.astype(xp.int32)
         out["nDroplets_truncated"] = xp.maximum(cnt - m, 0).astype(xp.int32)
-        out["data"] = layout.pad(f["total"].astype(xp.float32))
-        out["npix"] = layout.pad(f["npix"].astype(xp.int32))
-        out["row"] = layout.pad(f["row"].astype(xp.float32))
-        out["col"] = layout.pad(f["col"].astype(xp.float32))
-        out["tile"] = layout.pad(f["tile"].astype(xp.int32))
+        store = layout.pad if self.p.layout == "padded" else layout.flat
+        if self.p.layout == "ragged":
+            out["len"] = layout.stored()
+        out["data"] = store(f["total"].astype(xp.float32))
+        out["npix"] = store(f["npix"].astype(xp.int32))
+        out["row"] = store(f["row"].astype(xp.float32))
+        out["col"] = store(f["col"].astype(xp.float32))
+        out["tile"] = store(f["tile"].astype(xp.int32))
         child = None
         if self.children:
             if kept is None:  # every droplet kept: the labelled pixels as they are
-                child = DropletFrames(frames.data, frames.good, frames.raw, pix_index=f["idx"], pix_value=f["val"],
-                                      pix_droplet=f["lab"], droplet_event=ev, droplet_sum=f["total"])
+                pix, val, pix_id, d_sum = f["idx"], f["val"], f["lab"], f["total"]
             else:
                 new_id = xp.full(n, -1, xp.int64)
                 new_id[kept] = xp.arange(kept.size)
                 pix_id = new_id[f["lab"]]
                 pk = xp.flatnonzero(pix_id >= 0)
-                child = DropletFrames(frames.data, frames.good, frames.raw, pix_index=f["idx"][pk],
-                                      pix_value=f["val"][pk], pix_droplet=pix_id[pk],
-                                      droplet_event=ev, droplet_sum=f["total"][kept])
+                pix, val, pix_id, d_sum = f["idx"][pk], f["val"][pk], pix_id[pk], f["total"][kept]
+            image = any("image" in c.takes for c in self.children)
+            data = droplet_image(xp, frames.data, pix) if image else frames.data
+            child = DropletFrames(data, frames.good, frames.raw, pix_index=pix, pix_value=val, pix_droplet=pix_id,
+                                  droplet_event=ev, droplet_sum=d_sum, image=image)
         return out, child
+
+
+def droplet_image(xp, data, pix):
+    """The droplet image: float32 like ``data`` (events, panels, rows, cols), ``data``'s values at the flat
+    indices ``pix`` (the pixels of the kept droplets), 0 elsewhere (smalldata_tools' unsparsify)."""
+    img = xp.zeros(data.shape, xp.float32)
+    img.reshape(-1)[pix] = data.reshape(-1)[pix]
+    return img
 

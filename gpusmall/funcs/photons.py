@@ -23,23 +23,41 @@ is integer arithmetic:
   integer overflows.
 
 Memory is bounded by ``max_photons``: no entry per photon is ever made (a saturated frame holds ~1e10).
-Each of the (events, max_photons) slots looks its photon up in the pixels' cumulative photon counts
+Each of the (events, max_photons) slots (ragged: each stored photon) looks its photon up in the pixels' cumulative photon counts
 (``searchsorted``): the first ``max_photons`` photons of each event, in row-major pixel order (a pixel with k
 photons k times in a row), are placed, the others only counted. Memory O(events x max_photons + labelled
 pixels), and no device->host wait on the GPU.
 
 Outputs: ``nPhotons`` (events,) int64, every photon of the event; ``nPhotons_truncated`` (events,) int64, the
-photons beyond ``max_photons`` (not in the arrays); ``row``, ``col``, ``tile`` (events, max_photons) int32, one
-entry per photon (a pixel with k photons appears k times), in row-major pixel order per event, padded with 0.
+photons beyond ``max_photons`` (not stored); ``row``, ``col``, ``tile`` int32, one entry per stored photon (a
+pixel with k photons appears k times), in row-major pixel order per event, stored as ``layout`` says:
+
+* ``ragged`` (default): flat over the stored photons of the batch, event after event, with ``len`` (events,)
+  int32 (``nPhotons - nPhotons_truncated``) and the ``offset`` (events,) int64 the writer adds, as droplet's
+  (:mod:`gpusmall.funcs.droplet`). The flat list is found with one device->host wait per batch (its length).
+  smalldata_tools' names (hard links): ``var_<name>_sparse/row`` (``col``, ``tile``), ``var_<name>_sparse_len``.
+* ``padded``: (events, max_photons), padded with 0; smalldata_tools' names ``<name>_sparse_row`` (``_col``,
+  ``_tile``). No device->host wait.
+
 The counts are int64: a saturated 256 x 256 frame at 1e6 photons a pixel holds 6.6e10, beyond int32.
+
+``prob`` (events, 12) float32, smalldata_tools' ``prob`` (its getProb): over the good pixels of the frame the
+droplets were found in (the detector's, or the ROI's when droplet is under a roi; ``G`` of them in an event),
+entry ``k`` (0..10) is the fraction of those pixels that hold exactly ``k`` photons (pixels outside every
+droplet hold 0; pixels with more than 10 photons are in no entry), and the last entry (11) is ``kavg``, the mean
+photons per good pixel (every photon of the event, ``nPhotons / G``). NaN in an event without a good pixel.
+Found on the device for the whole batch, one ``bincount`` of (event, photons) over the droplet pixels.
 """
 from __future__ import annotations
+
+import numpy as np
+from typing import Literal
 
 from pydantic import Field
 
 from ..errors import InputError
 from .base import FrameContext, FunctionParams, ReductionFunction
-from .droplet import DropletFrames, bincount
+from .droplet import DropletFrames, SparseOutputs, bincount
 
 MAX_PHOTONS_PER_PIXEL = float(2**30)
 """Photons one pixel may hold (larger values count as this): sums over < 2**31 pixels stay below 2**63."""
@@ -49,9 +67,14 @@ fewer than 2**31 labelled pixels a batch, the GPU labelling's limit; droplet ids
 key)."""
 
 
+PROB_MAX_PHOTONS = 10
+"""``prob`` has the fractions of the pixels holding 0..PROB_MAX_PHOTONS photons, then the mean (12 entries)."""
+
+
 class PhotonsParams(FunctionParams):
     adu_per_photon: float = Field(gt=0)
     max_photons: int = Field(2000, ge=1, le=1 << 24)
+    layout: Literal["ragged", "padded"] = "ragged"
 
 
 def segment_sums(xp, values, counts):
@@ -97,6 +120,9 @@ class Photons(ReductionFunction):
     Params = PhotonsParams
     takes = ("droplets",)
 
+    def sparse_outputs(self) -> SparseOutputs:
+        return SparseOutputs(("row", "col", "tile"), self.p.layout, self.p.max_photons)
+
     def prepare(self, ctx: FrameContext):
         self.shape = ctx.shape
         return None
@@ -108,29 +134,69 @@ class Photons(ReductionFunction):
         e = frames.data.shape[0]
         p, r, c = self.shape
         m = self.p.max_photons
+        n_good = frames.good.reshape(e, -1).sum(axis=1)  # good pixels of each event's frame
+        ragged = self.p.layout == "ragged"
         if frames.pix_value.size == 0:
-            zeros = xp.zeros((e, m), xp.int32)
+            zeros = xp.zeros(0 if ragged else (e, m), xp.int32)
             return {"nPhotons": xp.zeros(e, xp.int64), "nPhotons_truncated": xp.zeros(e, xp.int64),
-                    "row": zeros, "col": zeros.copy(), "tile": zeros.copy()}, None
+                    "row": zeros, "col": zeros.copy(), "tile": zeros.copy(),
+                    **({"len": xp.zeros(e, xp.int32)} if ragged else {}),
+                    "prob": self.prob(xp.zeros((e, PROB_MAX_PHOTONS + 2), xp.int64), xp.zeros(e, xp.int64),
+                                      n_good)}, None
         k = photons_per_pixel(xp, frames.pix_value, frames.pix_droplet, frames.droplet_sum, self.p.adu_per_photon)
         # pixels are in row-major order of the batch, hence grouped by event; photon j of the batch sits on
         # the pixel i with before[i] <= j < before[i + 1] (exact int64 prefix sums)
         before = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(k)])
-        pix_per_event = bincount(xp, frames.pix_index // (p * r * c), minlength=e)
+        pix_event = frames.pix_index // (p * r * c)  # the event of each labelled pixel
+        pix_per_event = bincount(xp, pix_event, minlength=e)
         start = xp.cumsum(pix_per_event) - pix_per_event  # first pixel of each event
         first = before[start]  # photons before each event
         total = before[start + pix_per_event] - first  # photons of each event
-        slot = xp.arange(m, dtype=xp.int64)
-        held = slot[None, :] < total[:, None]  # (events, max_photons)
-        j = (first[:, None] + slot[None, :]).ravel()  # the photon of the batch each slot holds
-        pix = xp.searchsorted(before[1:], j, side="right").reshape(e, m)  # ... and its pixel
-        del j
-        pix = xp.minimum(pix, k.size - 1, out=pix)  # (slots past the batch's last photon hold nothing)
         idx = frames.pix_index
+        if ragged:  # the first max_photons photons of each event, event after event
+            stored = xp.minimum(total, m)
+            ends = xp.cumsum(stored)
+            n_flat = int(ends[-1])  # the ragged layout's one device->host wait: how many photons are stored
+            q = xp.arange(n_flat, dtype=xp.int64)
+            ev = xp.searchsorted(ends, q, side="right")  # the event of each stored photon
+            j = first[ev] + q - (ends - stored)[ev]  # ... its photon in the batch
+            pix = xp.searchsorted(before[1:], j, side="right")  # ... and its pixel
+            del q, ev, j
 
-        def put(per_pixel):  # per labelled pixel -> per slot (int32 gathers: (events, max_photons) each)
-            return xp.where(held, per_pixel.astype(xp.int32)[pix], xp.int32(0))
+            def put(per_pixel):  # per labelled pixel -> per stored photon (int32 gathers)
+                return per_pixel.astype(xp.int32)[pix]
+        else:
+            slot = xp.arange(m, dtype=xp.int64)
+            held = slot[None, :] < total[:, None]  # (events, max_photons)
+            j = (first[:, None] + slot[None, :]).ravel()  # the photon of the batch each slot holds
+            pix = xp.searchsorted(before[1:], j, side="right").reshape(e, m)  # ... and its pixel
+            del j
+            pix = xp.minimum(pix, k.size - 1, out=pix)  # (slots past the batch's last photon hold nothing)
+
+            def put(per_pixel):  # per labelled pixel -> per slot (int32 gathers: (events, max_photons) each)
+                return xp.where(held, per_pixel.astype(xp.int32)[pix], xp.int32(0))
 
         out = {"nPhotons": total, "nPhotons_truncated": xp.maximum(total - m, 0),
                "row": put((idx // c) % r), "col": put(idx % c), "tile": put((idx // (r * c)) % p)}
+        if ragged:
+            out["len"] = stored.astype(xp.int32)
+        # droplet pixels holding k = 0..10 photons (column k) and more than 10 (column 11), per event: one
+        # bincount of event * 12 + min(k, 11)
+        width = PROB_MAX_PHOTONS + 2
+        code = pix_event * width
+        code += xp.minimum(k, width - 1)
+        per_k = bincount(xp, code, minlength=e * width).reshape(e, width)
+        out["prob"] = self.prob(per_k, total, n_good)
         return out, None
+
+    def prob(self, per_k, total, n_good):
+        """``prob`` (events, 12) float32 (module docstring) from ``per_k`` (events, 12) int64, the droplet pixels
+        holding k = 1..10 photons in column k and more than 10 in column 11 (column 0 is not read), the photons
+        of each event ``total`` and its good pixels ``n_good`` (events,)."""
+        xp = self.ctx.xp
+        count = per_k.astype(xp.float64)
+        count[:, 0] = n_good - per_k[:, 1:].sum(axis=1)  # no photon: every other good pixel
+        count[:, -1] = total  # kavg's numerator, in place of the pixels with more than 10
+        with np.errstate(invalid="ignore", divide="ignore"):
+            count /= n_good[:, None]
+        return count.astype(xp.float32)

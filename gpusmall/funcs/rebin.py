@@ -1,4 +1,10 @@
-"""rebin: block sums to a smaller 2-D shape per panel (SPEC section 6). Output ``data``."""
+"""rebin: block means to a smaller 2-D shape per panel (SPEC section 6). Output ``data``.
+
+``shape`` is the target (rows, cols) of each panel; both must divide the panel's. Each output pixel is the mean of
+its block of ``(rows / shape[0]) x (cols / shape[1])`` input pixels, bad pixels counting 0 (as smalldata_tools'
+rebin and roi's ``mean``): the block sum divided by the block size. A single-panel input gives (events, rows,
+cols), a multi-panel one (events, panels, rows, cols).
+"""
 from __future__ import annotations
 
 from pydantic import Field
@@ -26,7 +32,9 @@ class Rebin(ReductionFunction):
         return None
 
     def compute(self, frames: Frames):
+        xp = self.ctx.xp
         e, p, r, c = frames.data.shape
         fr, fc = self.factors
         out = frames.data.reshape(e, p, r // fr, fr, c // fc, fc).sum(axis=(3, 5))
+        out /= xp.float32(fr * fc)
         return {"data": out[:, 0] if p == 1 else out}, None

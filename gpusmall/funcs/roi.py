@@ -1,9 +1,14 @@
 """roi: a rectangular region of interest (SPEC section 6).
 
+Parameters: ``bounds`` (``[[p0,p1],[r0,r1],[c0,c1]]`` or ``[[r0,r1],[c0,c1]]`` on panel 0, half-open; without
+it the whole detector), ``thres_adu`` (a number ``t``: pixels below ``t`` count 0; ``[lo, hi]``: pixels below
+``lo`` or above ``hi`` count 0), ``write_area``, ``calc_pars``, ``user_mask``.
+
 Outputs per event: ``sum``, ``mean`` (over all ROI pixels, bad ones as 0), ``max``, ``com`` (2 values:
-intensity-weighted row and column relative to the ROI origin), ``nsat`` (pixels at or above the
-detector's saturation value), ``area`` (the ROI image, only with ``write_area``). Children receive
-the ROI image.
+intensity-weighted row and column relative to the ROI origin), ``nsat`` (good pixels whose raw value ``v`` is at
+or above the detector's saturation value; bad and masked pixels never count, SPEC 3), ``area`` (the ROI image,
+only with ``write_area``). Children receive the ROI image (thresholded). smalldata_tools' names of the parameters
+(:meth:`~gpusmall.funcs.base.ReductionFunction.smalldata_params`): ``bound``, ``thresADU``.
 """
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ from .base import FrameContext, Frames, FunctionParams, ReductionFunction, thres
 
 
 class RoiParams(FunctionParams):
-    bounds: list[list[int]]
-    thres_adu: float | None = None
+    bounds: list[list[int]] | None = None
+    thres_adu: float | list[float] | None = None
     write_area: bool = False
     calc_pars: bool = True
     user_mask: str | None = None
@@ -25,20 +30,42 @@ class RoiParams(FunctionParams):
     @field_validator("bounds")
     @classmethod
     def _bounds(cls, v):
+        if v is None:
+            return v
         if len(v) not in (2, 3) or any(len(b) != 2 for b in v):
             raise ValueError("bounds must be [[p0,p1],[r0,r1],[c0,c1]] or [[r0,r1],[c0,c1]]")
         if any(b[0] < 0 or b[1] <= b[0] for b in v):
             raise ValueError("each bound must be [start, stop] with 0 <= start < stop")
         return v
 
+    @field_validator("thres_adu")
+    @classmethod
+    def _thres(cls, v):
+        if isinstance(v, list) and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError("thres_adu must be a number or [lo, hi] with lo <= hi")
+        return v
+
+
+def roi_threshold(xp, data, thres):
+    """``data`` with the pixels outside ``thres`` set to 0: a number ``t`` keeps ``data >= t``, ``[lo, hi]``
+    keeps ``lo <= data <= hi``; None keeps everything (no copy)."""
+    if isinstance(thres, (list, tuple)):
+        lo, hi = (xp.float32(t) for t in thres)
+        return xp.where((data >= lo) & (data <= hi), data, xp.float32(0))
+    return threshold(xp, data, thres)
+
 
 class Roi(ReductionFunction):
     type = "roi"
     passes = "image"
     Params = RoiParams
+    SMALLDATA_PARAM_NAMES = {**ReductionFunction.SMALLDATA_PARAM_NAMES, "bounds": "bound"}
 
     def prepare(self, ctx: FrameContext) -> FrameContext:
-        b = self.p.bounds if len(self.p.bounds) == 3 else [[0, 1], *self.p.bounds]
+        if self.p.bounds is None:  # the whole detector
+            b = [[0, n] for n in ctx.shape]
+        else:
+            b = self.p.bounds if len(self.p.bounds) == 3 else [[0, 1], *self.p.bounds]
         for axis, ((lo, hi), n) in enumerate(zip(b, ctx.shape)):
             if hi > n:
                 raise InputError(
@@ -65,7 +92,7 @@ class Roi(ReductionFunction):
         if self.user_mask is not None:
             good = good & self.user_mask[None]
             data = xp.where(good, data, xp.float32(0))
-        data = threshold(xp, data, self.p.thres_adu)
+        data = roi_threshold(xp, data, self.p.thres_adu)
         out = {}
         if self.p.calc_pars:
             n_events = data.shape[0]
@@ -86,7 +113,7 @@ class Roi(ReductionFunction):
             out["com"] = xp.stack([com_r, com_c], axis=1)
             if sub.raw is not None:
                 v = self.ctx.model.data(sub.raw, xp)
-                out["nsat"] = (v >= self.sat).reshape(n_events, -1).sum(axis=1).astype(xp.int32)
+                out["nsat"] = ((v >= self.sat) & good).reshape(n_events, -1).sum(axis=1).astype(xp.int32)
         if self.p.write_area:
             area = self.ctx.stored_image(data, good)  # bad pixels 0 or NaN (mask_value)
             out["area"] = area if area.shape[1] > 1 else area[:, 0]

@@ -1,10 +1,22 @@
 """Run sums (SPEC section 6, ``sums``): images accumulated over all events of a run.
 
-Names: ``calib`` (sum of out), ``square`` (sum of out^2), ``max`` (pixel maximum), ``nhits``
-(count of pixels above the threshold, 0 without one), each optionally ``_thresADU<t>``: pixels below
-``t`` count 0 (for nhits: pixels > t count 1). Written as ``/Sums/<det>_<name>``, (panels, rows, cols).
-Statically masked pixels are 0 in the float sums (calib, square, max), NaN with the detector's
-``mask_value: nan`` (SPEC section 3); nhits is a count and keeps 0 there.
+Names as smalldata_tools names them (config name -> written ``/Sums/<det>_<name>``):
+
+* ``calib``: sum of the calibrated values ``out``;
+* ``calib_square`` (also ``square``): sum of ``out**2``;
+* ``calib_max`` (also ``max``): the pixel's maximum;
+* ``nhits``: count of the events in which the pixel is ``> 0``;
+
+each optionally with ``_thresADU<t>`` (``calib_thresADU5``, ``calib_max_thresADU5``, also ``max_thresADU5``,
+``square_thresADU5``): pixels below ``t`` count 0, i.e. values ``>= t`` are kept; ``nhits_thresADU<t>`` counts the
+values ``>= t``. The file always has smalldata_tools' name (``square`` is written ``calib_square``, ``max``
+``calib_max``, ``max_thresADU5`` ``calib_max_thresADU5``); two config names that mean the same sum (``max`` and
+``calib_max``, ``calib_thresADU5`` and ``calib_thresADU5.0``) are a config error. ``calib_dropped`` (smalldata_tools'
+sum over the dropped X-ray shots) needs the event context (``lightStatus``), not yet available: a config error.
+
+A camera's sums have the camera's (rows, cols) shape, as smalldata_tools writes them; every other detector's
+(panels, rows, cols). Statically masked pixels are 0 in the float sums (calib, square, max), NaN with the
+detector's ``mask_value: nan`` (SPEC section 3); nhits is a count and keeps 0 there.
 
 All sums of a detector are one :class:`RunSums`: on CuPy one ``run_sums`` kernel (``kernels/sums.cu``)
 reads the calibrated batch once and updates every sum; :func:`run_sums_numpy` is its NumPy twin.
@@ -18,15 +30,22 @@ import numpy as np
 
 from ..backend import Backend
 
-_NAME = re.compile(r"^(calib|square|max|nhits)(?:_thresADU(-?\d+(?:\.\d+)?))?$")
-KINDS = ("calib", "square", "max", "nhits")  # the kernel's kind codes 0..3
+_NAME = re.compile(r"^(?:calib_(square|max)|(calib|square|max|nhits))(?:_thresADU(-?\d+(?:\.\d+)?))?$")
+"""A config's sum name: smalldata_tools' (``calib``, ``calib_square``, ``calib_max``, ``nhits``) or gpusmall's
+older short ones (``square``, ``max``), optionally ``_thresADU<t>``."""
+WRITTEN = {"calib": "calib", "square": "calib_square", "max": "calib_max", "nhits": "nhits"}
+"""Each kind's name in the file (smalldata_tools')."""
+KINDS = ("calib", "square", "max", "nhits", "nhits_above_zero")
+"""The kernel's kind codes 0..4: ``nhits`` with a threshold counts ``v >= t`` (3), without one ``v > 0`` (4)."""
 KERNEL_MAX_SUMS = 8  # sums per kernel launch (MAX_SUMS in kernels/sums.cu)
 KERNEL_THREADS = 256
+SUM_NAMES_HELP = ("calib, calib_square, calib_max, nhits (or square, max), each optionally with _thresADU<t>, "
+                  "e.g. calib_thresADU5, nhits_thresADU10")
 
 
 @dataclass(frozen=True)
 class SumSpec:
-    """One run sum: its name, kind and optional threshold (ADU)."""
+    """One run sum: its name (as written: smalldata_tools'), kind and optional threshold (ADU)."""
 
     name: str
     kind: str
@@ -34,15 +53,31 @@ class SumSpec:
 
     @classmethod
     def parse(cls, name: str) -> SumSpec:
+        """The sum a config name means; ValueError (with the names there are) when it means none."""
+        if not isinstance(name, str):
+            raise ValueError(f"a sum name must be a string, not {name!r}")
         m = _NAME.match(name)
         if not m:
-            raise ValueError(f"unknown sum {name!r}")
-        return cls(name, m.group(1), float(m.group(2)) if m.group(2) is not None else None)
+            if "dropped" in name:
+                raise ValueError(f"sum {name!r} (over the dropped X-ray shots) needs the event context lightStatus, "
+                                 "not yet available in gpusmall")
+            raise ValueError(f"unknown sum {name!r}: use {SUM_NAMES_HELP}")
+        kind = m.group(1) or m.group(2)
+        t = m.group(3)
+        written = WRITTEN[kind] + ("" if t is None else f"_thresADU{t}")
+        return cls(written, kind, float(t) if t is not None else None)
+
+    @property
+    def kernel_kind(self) -> int:
+        """The kernel's kind code (:data:`KINDS`)."""
+        if self.kind == "nhits" and self.thres is None:
+            return KINDS.index("nhits_above_zero")
+        return KINDS.index(self.kind)
 
     @property
     def kernel_thres(self) -> float:
-        """The threshold as the kernel takes it: values ``>=`` it count (``-inf``: all) for calib/square/max,
-        values ``>`` it for nhits (0 without a threshold)."""
+        """The threshold as the kernel takes it: values ``>=`` it count (``-inf``: all) for calib/square/max and a
+        thresholded nhits; a plain nhits counts values ``>`` it (0)."""
         if self.thres is not None:
             return self.thres
         return 0.0 if self.kind == "nhits" else -np.inf
@@ -61,6 +96,20 @@ class SumSpec:
         return acc
 
 
+def parse_sums(names) -> list[SumSpec]:
+    """The sums of a config's ``sums`` list, in order; ValueError for an unknown name or two names that mean the
+    same sum (they would write the same dataset)."""
+    specs, seen = [], {}
+    for n in names:
+        s = SumSpec.parse(n)
+        key = (s.kind, s.thres)
+        if key in seen:
+            raise ValueError(f"sums {seen[key]!r} and {n!r} are the same sum ({s.name}): give it once")
+        seen[key] = n
+        specs.append(s)
+    return specs
+
+
 def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray) -> None:
     """NumPy twin of the ``run_sums`` kernel: update ``acc`` (sums, pixels) float64 in place with the
     events of ``data`` (events, pixels) float32 ADU where ``keep`` (events,) bool (None: all)."""
@@ -71,7 +120,7 @@ def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray
     for k, s in enumerate(specs):
         t = np.float32(s.kernel_thres)
         if s.kind == "nhits":
-            acc[k] += (data > t).sum(axis=0)
+            acc[k] += (data >= t if s.thres is not None else data > t).sum(axis=0)
             continue
         x = data if s.thres is None else np.where(data >= t, data, np.float32(0))
         if s.kind == "calib":
@@ -87,12 +136,16 @@ class RunSums:
 
     Iterating gives the :class:`SumSpec` of each sum, in config order. ``mask`` ((panels, rows, cols) host
     bool, True = keep: the static mask) and ``mask_value`` (``"zero"`` or ``"nan"``) say what
-    :meth:`results` writes at masked pixels.
+    :meth:`results` writes at masked pixels. ``camera``: the detector is a camera, whose sums are written
+    (rows, cols) (one panel, as smalldata_tools writes a camera's); otherwise (panels, rows, cols).
     """
 
-    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero"):
-        self.specs = [SumSpec.parse(n) for n in names]
+    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero", camera: bool = False):
+        self.specs = parse_sums(names)
         self.shape, self.backend = tuple(shape), backend
+        if camera and self.shape[0] != 1:
+            raise ValueError(f"a camera has one panel, not {self.shape[0]}")
+        self.result_shape = self.shape[1:] if camera else self.shape
         if mask_value not in ("zero", "nan"):
             raise ValueError(f"mask_value must be 'zero' or 'nan', not {mask_value!r}")
         self.mask = None if mask is None else np.asarray(mask, bool).reshape(self.shape)
@@ -100,7 +153,7 @@ class RunSums:
         npix = int(np.prod(self.shape))
         start = np.array([s.start() for s in self.specs], np.float64)
         self.acc = backend.to_device(np.repeat(start[:, None], npix, axis=1))  # (sums, pixels) float64
-        self.kinds = backend.to_device(np.array([KINDS.index(s.kind) for s in self.specs], np.int32))
+        self.kinds = backend.to_device(np.array([s.kernel_kind for s in self.specs], np.int32))
         self.thres = backend.to_device(np.array([s.kernel_thres for s in self.specs], np.float32))
         self.events = 0
         self._every_event = {}  # events -> device (events,) bool of ones: no upload per batch
@@ -142,13 +195,14 @@ class RunSums:
                     self.thres[k0:k1], self.acc[k0:k1]))
 
     def results(self) -> dict[str, np.ndarray]:
-        """name -> (panels, rows, cols) host array (see :meth:`SumSpec.host_result`); with ``mask_value``
-        ``"nan"`` and a mask, NaN at the masked pixels of the float sums (calib, square, max)."""
+        """written name (:class:`SumSpec` ``name``) -> (panels, rows, cols) host array, (rows, cols) for a
+        camera (see :meth:`SumSpec.host_result`); with ``mask_value`` ``"nan"`` and a mask, NaN at the masked
+        pixels of the float sums (calib, square, max)."""
         acc = self.backend.to_host(self.acc)
         out = {}
         for k, s in enumerate(self.specs):
             v = s.host_result(acc[k].reshape(self.shape))
             if self.mask_value == "nan" and self.mask is not None and s.kind != "nhits":
                 v = np.where(self.mask, v, v.dtype.type(np.nan))
-            out[s.name] = v
+            out[s.name] = v.reshape(self.result_shape)
         return out

@@ -8,8 +8,17 @@ Each rank ``r`` writes ``<stem>.part<r>.h5`` with the per-event datasets of its 
   psana batch when psana's MPI distribution interleaves the ranks' events); the master holds sorted
   copies instead beyond :data:`MAX_MAPPINGS` runs, or when a part was left open by a rank killed hard
   (it then reads only in SWMR mode, which a virtual dataset's source cannot);
-- ``event_index`` as a virtual dataset too, unless the parts count their events locally (attribute
-  ``event_index_local``, psana's MPI distribution): then it is renumbered 0, 1, ... in timestamp order;
+- ``event_index`` (and ``fiducials``, the event index too) as a virtual dataset, unless the parts count
+  their events locally (attribute ``event_index_local``, psana's MPI distribution): then they are
+  renumbered 0, 1, ... in timestamp order;
+- every per-item (ragged) dataset (attributes ``items_count``, ``items_offset``: droplets, photons) as a virtual
+  dataset over the parts' items in the same event order: one mapping per run of events, over the items of
+  those events (copies where the per-event datasets are copied); its per-event ``offset`` recomputed over the
+  whole run from the counts (a real dataset, 8 bytes an event), its count a virtual dataset as any other;
+- the second names of datasets (hard links: smalldata_tools' names, root attribute ``aliases``) of the first
+  part, made again over the master's datasets;
+- the attributes ``truncated_events`` (events where a ``*_truncated`` dataset is > 0) and ``truncated`` (JSON:
+  such events per dataset), counted from the parts' data;
 - ``/UserDataCfg`` copied from the first part (rank 0 when it exists);
 - ``/Sums`` reduced over the parts: ``max`` sums by maximum, the others by addition;
 - the root attributes of the first part, with ``events``, ``parts`` and ``damaged`` (JSON: damaged
@@ -38,11 +47,14 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
-from .writer import HDF5_ERRORS, HDF5_SIGNATURE, OutputWriteError, failure_reason, open_for_reading, seal_file
+from .writer import (HDF5_ERRORS, HDF5_SIGNATURE, LIBVER, OutputWriteError, attr_value, failure_reason,
+                     open_for_reading, seal_file)
 
 log = logging.getLogger(__name__)
 
 STATIC_GROUPS = ("UserDataCfg", "Sums")
+#: per-event counts of a part's own events when the parts count locally: renumbered in the master
+LOCAL_COUNTS = ("event_index", "fiducials")
 #: at most this many virtual-dataset mappings per dataset; more (a finely interleaved run) -> copies
 MAX_MAPPINGS = 10_000
 _MAX_SUM = re.compile(r"_max(_thresADU-?\d+(\.\d+)?)?$")
@@ -181,16 +193,41 @@ def require_sources(f: h5py.File, names, what: str) -> None:
                          f"(`gpusmall merge` writes a master over the parts there are)")
 
 
+def aliases(f: h5py.File) -> dict[str, str]:
+    """Second names of datasets (hard links, root attribute ``aliases``): name -> the dataset's own path."""
+    try:
+        return dict(json.loads(str(attr_value(f.attrs["aliases"])))) if "aliases" in f.attrs else {}
+    except (ValueError, TypeError):
+        return {}
+
+
 def per_event_names(f: h5py.File) -> list[str]:
-    """Paths of the per-event datasets of a result file (everything outside /UserDataCfg and /Sums)."""
-    names = []
+    """Paths of the per-event datasets of a result file (everything outside /UserDataCfg and /Sums, except
+    the per-item datasets of :func:`item_names`), each by its own name (not by one of its :func:`aliases`)."""
+    names, own = [], aliases(f)
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and name.split("/")[0] not in STATIC_GROUPS:
-            names.append(name)
+        if isinstance(obj, h5py.Dataset) and name.split("/")[0] not in STATIC_GROUPS and "items_count" not in obj.attrs:
+            names.append(own.get(name, name))
 
     f.visititems(visit)
     return sorted(names)
+
+
+def item_names(f: h5py.File) -> dict[str, tuple[str, str]]:
+    """The per-item (ragged) datasets of a result file: path -> (path of its per-event count, of its per-event
+    offset), from its attributes ``items_count`` and ``items_offset`` (names beside it; see
+    :mod:`gpusmall.io.writer`)."""
+    out, own = {}, aliases(f)
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and name.split("/")[0] not in STATIC_GROUPS and "items_count" in obj.attrs:
+            name = own.get(name, name)
+            group = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+            out[name] = tuple(group + str(attr_value(obj.attrs[k])) for k in ("items_count", "items_offset"))
+
+    f.visititems(visit)
+    return dict(sorted(out.items()))
 
 
 def _merge_sum(name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -206,9 +243,17 @@ class _Part:
         if not self.clean:
             log.warning("part %s was not closed (its rank was killed?): the master copies its data", path)
         self.names = per_event_names(self.file)
+        self.items = item_names(self.file)
         self.n = min((self.file[k].shape[0] for k in self.names), default=0)
         ts = self.file["timestamp"][: self.n] if "timestamp" in self.file else np.arange(self.n, dtype=np.uint64)
         self.ts = np.asarray(ts)
+        self._counts: dict[str, np.ndarray] = {}
+
+    def counts(self, name: str) -> np.ndarray:
+        """The per-event count dataset ``name`` (items of each of the first :attr:`n` events), int64."""
+        if name not in self._counts:
+            self._counts[name] = np.asarray(self.file[name][: self.n], np.int64)
+        return self._counts[name]
 
     def close(self):
         self.file.close()
@@ -270,13 +315,14 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
     local_index = any(bool(p.file.attrs.get("event_index_local", False)) for p in parts)
     virtual = len(runs) <= MAX_MAPPINGS and all(p.clean for p in with_events)
     names = sorted(set().union(*(p.names for p in with_events))) if with_events else []
+    names += sorted(set().union(*(p.items for p in with_events))) if with_events else []
     total = sum(p.n for p in with_events)
     fd, tmp_name = tempfile.mkstemp(prefix=f"{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     out = None
     try:
-        out = h5py.File(tmp, "w", libver="latest")
+        out = h5py.File(tmp, "w", libver=LIBVER)
         info = _write_into(out, output, parts, skipped, with_events, runs, local_index, virtual, names, total)
         out.close()
         _give_mode(tmp, output)
@@ -311,10 +357,15 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
     damaged = {}
     for k, v in first.file.attrs.items():
         if k not in ("rank", "first_event", "last_event", "event_index_local"):
-            out.attrs[k] = v
+            out.attrs[k] = attr_value(v)  # (a bool of an older part: uint8)
     out.attrs["ranks"] = len(parts) + len(skipped)
     if "UserDataCfg" in first.file:
         first.file.copy(first.file["UserDataCfg"], out, "UserDataCfg")
+    items = {}
+    for p in with_events:
+        items.update(p.items)
+    offsets = {o for _, o in items.values()}
+    truncated, hit = {}, np.zeros(total, bool)
     for name in names:
         src = [p for p in with_events if name in p.file]
         if len(src) != len(with_events):
@@ -322,7 +373,18 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
             continue
         d0 = src[0].file[name]
         tail, dtype = d0.shape[1:], d0.dtype
-        if name == "event_index" and local_index:
+        if name in offsets:
+            continue  # recomputed with the per-item datasets
+        if name in items:
+            _write_items(out, output, name, items[name], src, with_events, runs, virtual)
+            continue
+        if name.endswith("_truncated") and d0.ndim == 1 and np.dtype(dtype).kind in "iu":
+            h, whole = np.zeros(total, bool), [p.file[name][: p.n] > 0 for p in src]
+            for i, a, c, o in runs:
+                h[o: o + c] = whole[i][a: a + c]
+            truncated[name] = int(h.sum())
+            hit |= h
+        if name in LOCAL_COUNTS and local_index:
             out.create_dataset(name, data=np.arange(total, dtype=np.int64))
         elif virtual:
             layout = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
@@ -357,6 +419,65 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
     out.attrs["events"] = total
     out.attrs["parts"] = json.dumps([p.path.name for p in parts])
     out.attrs["damaged"] = json.dumps(damaged)
+    out.attrs["truncated_events"] = int(hit.sum())
+    out.attrs["truncated"] = json.dumps(truncated)
+    made = {}
+    for name, target in aliases(first.file).items():  # (the root attributes copied above include the part's)
+        if name not in out and out.get(name, getlink=True) is None and isinstance(out.get(target), h5py.Dataset):
+            out[name] = out[target]
+            made[name] = target
+    if made or "aliases" in out.attrs:
+        out.attrs["aliases"] = json.dumps(made)
     complete = all(bool(p.file.attrs.get("complete", False)) for p in parts) and not skipped
-    out.attrs["complete"] = complete
-    return {"complete": complete, "events": total, "parts": [str(p.path) for p in parts], "skipped": skipped, "damaged": damaged}
+    out.attrs["complete"] = np.uint8(complete)
+    return {"complete": complete, "events": total, "parts": [str(p.path) for p in parts], "skipped": skipped,
+            "damaged": damaged, "truncated_events": int(hit.sum()), "truncated": truncated}
+
+
+def _write_items(out: h5py.File, output: Path, name: str, spec: tuple[str, str], src: list[_Part], with_events,
+                 runs, virtual: bool) -> None:
+    """A per-item dataset of the master and (once per count) its offset: the items of each run of events
+    (:func:`segments`) in the master's event order, as virtual-dataset mappings (or copies); the offsets
+    recomputed from the counts over the whole run."""
+    count, offset = spec
+    if len(src) != len(with_events) or any(count not in p.file for p in src):
+        log.warning("%s or its count %s is missing from some parts; left out of the master", name, count)
+        return
+    per_event = [p.counts(count) for p in src]
+    short = [str(p.path) for p, c in zip(src, per_event) if p.file[name].shape[0] < int(c.sum())]
+    if short:  # (a part whose rank died between writing the counts and the items)
+        log.warning("%s holds fewer items than its counts say in %s; left out of the master", name, ", ".join(short))
+        return
+    starts = [np.cumsum(c) - c for c in per_event]  # each part's item offsets, from its counts
+    total_events = sum(len(c) for c in per_event)
+    counts = np.zeros(total_events, np.int64)
+    for i, a, c, o in runs:
+        counts[o: o + c] = per_event[i][a: a + c]
+    master_start = np.cumsum(counts) - counts
+    n_items = int(counts.sum())
+    if offset not in out:
+        out.create_dataset(offset, data=master_start.astype(np.int64))
+    d0 = src[0].file[name]
+    tail, dtype = d0.shape[1:], d0.dtype
+    spans = []  # (part, its first item, items, the master's first item)
+    for i, a, c, o in runs:
+        k = int(per_event[i][a: a + c].sum())
+        if k:
+            spans.append((i, int(starts[i][a]), k, int(master_start[o])))
+    if virtual:
+        layout = h5py.VirtualLayout(shape=(n_items, *tail), dtype=dtype)
+        sources = []
+        for p, c in zip(src, per_event):
+            rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
+            sources.append(h5py.VirtualSource(rel, name, shape=(int(c.sum()), *tail)))
+        for i, a, k, o in spans:
+            layout[o: o + k] = sources[i][a: a + k]
+        ds = out.create_virtual_dataset(name, layout, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
+    else:
+        data = np.empty((n_items, *tail), dtype)
+        whole = [p.file[name][: int(c.sum())] for p, c in zip(src, per_event)]
+        for i, a, k, o in spans:
+            data[o: o + k] = whole[i][a: a + k]
+        ds = out.create_dataset(name, data=data, chunks=True, maxshape=(None, *tail))
+    ds.attrs["items_count"] = count.rsplit("/", 1)[-1]
+    ds.attrs["items_offset"] = offset.rsplit("/", 1)[-1]

@@ -3,16 +3,32 @@
 Layout::
 
     /timestamp (events,) uint64     /event_index (events,) int64
+    /event_time (events,) uint64    /fiducials (events,) int64
     /<det>/<name>_<key>             per event, events first
+    /<det>/<name>_<key>             per item (ragged: droplets, photons), items first (see below)
     /<det>/damaged                  (events,) uint8
     /UserDataCfg/<det>/...          written once: constants, masks, parameters
     /Sums/<det>_<sum>               run totals
+
+Ragged outputs (``layout: ragged`` of droplet and photons; :class:`Columns`): a per-item dataset holds the
+items of every event one after the other, shape (items of the run,); its attributes ``items_count`` and
+``items_offset`` name two per-event datasets beside it: the items of each event (``<name>_len``, int32) and
+the index of its first item (``<name>_offset``, int64, written by the writer: the running sum of the counts).
+Event ``e``'s items are ``ds[offset[e]:offset[e] + len[e]]``, readable with plain h5py. smalldata_tools'
+names are hard links to our datasets (``Columns.links``: the same dataset under a second name), made with
+the datasets and listed in the root attribute ``aliases`` (JSON: name -> our dataset). Hard, not soft: PyTables
+(smalldata_tools' SmallDataAna) names a soft link's node by its target and then looks that name up in the link's
+own group. h5py's ``visititems`` visits each dataset once, under the first of its names.
 
 The file is valid HDF5 after every :meth:`ResultWriter.append` (each batch is flushed). After the
 first batch the file is in HDF5 SWMR mode, so it can be read while the run goes on
 (:func:`open_result`, h5py ``File(path, "r", swmr=True)``; a reader calls ``dataset.refresh()`` to see
 new events). SWMR forbids new objects, so the end-of-run writes (run sums, attributes) reopen the
 file in normal mode.
+
+Every file is written in the format of HDF5 1.10 (:data:`LIBVER`), so that HDF5 1.10 and later read it,
+with booleans stored as uint8 and text in datasets as fixed-length bytes (:func:`_storable`), as PyTables
+(smalldata_tools' SmallDataAna) needs.
 
 A full disk (or any failed write): before each batch the free space of the output's file system is
 checked (``os.statvfs``); below the batch's size plus :data:`SPACE_MARGIN_BYTES` the writer raises
@@ -52,21 +68,55 @@ HDF5_ERRORS = (OSError, RuntimeError)  # what h5py raises for a failed HDF5 call
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 file (without a user block)
 
 
+#: HDF5 file-format bounds (h5py ``libver``) of every file gpusmall writes: objects in the format of HDF5
+#: 1.10 and nothing newer, so that HDF5 1.10 and later (h5py on HDF5 1.x, PyTables, h5dump, smalldata_tools'
+#: SmallDataAna) read them. 1.10 is also the earliest with SWMR (it needs superblock version 3: a file
+#: created with a lower bound of "v108" refuses ``swmr_mode``). ``libver="latest"`` under HDF5 2.0 writes
+#: booleans in a datatype-message version HDF5 1.14 cannot decode ("bad version number for datatype message").
+LIBVER = ("v110", "v110")
+
+
+def storable_array(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as stored: booleans as uint8 (HDF5's enum of them is unreadable to PyTables, and to HDF5 1.x
+    when HDF5 2.0 writes it), unicode text as fixed-length UTF-8 bytes (numpy ``S``)."""
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "U":
+        return np.char.encode(arr, "utf-8")
+    return arr
+
+
+def text_value(text: str) -> np.ndarray:
+    """Text as a 0-d fixed-length UTF-8 bytes array: PyTables cannot read variable-length string datasets
+    (they become ``UnImplemented`` nodes); h5py reads it back as ``bytes``."""
+    return np.array(text.encode("utf-8"), dtype=np.bytes_)
+
+
 def _storable(value: Any):
-    """A value h5py can store: arrays as they are, lists of numbers as arrays, the rest as JSON text."""
+    """A value h5py can store as a dataset readable everywhere: arrays and numbers as they are (booleans as
+    uint8), lists of numbers as arrays, text (and JSON text of anything else) as fixed-length bytes."""
     if isinstance(value, np.ndarray):
-        return value
+        return storable_array(value)
     if isinstance(value, (bool, int, float, np.number, np.bool_)):
-        return np.asarray(value)
+        return storable_array(np.asarray(value))
     if isinstance(value, str):
-        return value
+        return text_value(value)
     try:
         arr = np.asarray(value)
         if arr.dtype.kind in "biuf":
-            return arr
+            return storable_array(arr)
     except (ValueError, TypeError):
         pass
-    return json.dumps(value)
+    return text_value(json.dumps(value))
+
+
+def attr_value(value: Any):
+    """A value for an HDF5 attribute: as :func:`_storable`, but text stays a (variable-length) string, which
+    PyTables and HDF5 1.10 read as attributes."""
+    if isinstance(value, str):
+        return value
+    v = _storable(value)
+    return v.item().decode("utf-8") if isinstance(v, np.ndarray) and v.dtype.kind == "S" and v.ndim == 0 else v
 
 
 def open_for_reading(path) -> tuple[h5py.File, bool]:
@@ -292,17 +342,40 @@ def seal_file(f: h5py.File) -> tuple[str | None, list[str]]:
     return readable(path)
 
 
+class Columns(dict):
+    """The columns of one batch (name -> host array) with what is not per event.
+
+    Attributes:
+        ragged: per-item column -> (its per-event count column, the per-event offset column the writer adds).
+            A per-item column holds ``count.sum()`` items of the batch, event after event.
+        links: other name -> column: hard links made with the datasets (smalldata_tools' names).
+    """
+
+    def __init__(self, *args, ragged=None, links=None, **kw):
+        super().__init__(*args, **kw)
+        self.ragged: dict[str, tuple[str, str]] = dict(ragged or {})
+        self.links: dict[str, str] = dict(links or {})
+
+
+ITEM_CHUNK_BYTES = 1 << 17
+"""Largest chunk (bytes) of a per-item dataset. The whole chunks of a batch's items are written directly, the
+partial ones at its two ends through HDF5's chunk cache (default 1 MiB: the chunk a batch ends in is completed
+by the next without being read back). Appends of the demo's batches on /dev/shm took 7.4-7.7 ms with chunks of
+128 KiB, 9.5 with 512 KiB and 1 MiB (``benchmarks/bench_writer.py``, 2026-12-02)."""
+
+
 class _Layout:
-    """What :class:`ResultWriter` needs per per-event dataset, read from HDF5 once: chunk length (events),
-    dtype, whether whole chunks may be written directly (uncompressed, at least 2-D), and a low-level
-    write of whole rows."""
+    """What :class:`ResultWriter` needs per per-event (or per-item) dataset, read from HDF5 once: chunk length
+    (events or items), dtype, whether whole chunks may be written directly (uncompressed, at least 2-D or
+    per-item), and a low-level write of whole rows."""
 
     def __init__(self, ds: h5py.Dataset):
         self.id = ds.id
         self.tail = tuple(ds.shape[1:])
         self.chunk = ds.chunks[0]
         self.dtype = ds.dtype
-        self.direct = ds.ndim >= 2 and ds.compression is None
+        # per-item datasets too: a batch's items cover whole chunks, and later batches never write them again
+        self.direct = (ds.ndim >= 2 or "items_count" in ds.attrs) and ds.compression is None
         self.zeros = (0,) * len(self.tail)
 
     def grow(self, n_events: int) -> None:
@@ -340,9 +413,14 @@ class ResultWriter:
         self.n_events = 0
         self._datasets: dict[str, h5py.Dataset] = {}
         self._layout: dict[str, _Layout] = {}  # HDF5 path -> cached layout of a per-event dataset
+        self._ragged: dict[str, tuple[str, str]] = {}  # per-item column -> (count, offset), from the first batch
+        self._items: dict[str, int] = {}  # offset column -> items written so far
+        #: events whose ``*_truncated`` column is > 0, by column, and events where any of them is
+        self.truncated: dict[str, int] = {}
+        self.truncated_events = 0
         self.swmr = False
         try:
-            self.file = h5py.File(self.path, "w", libver="latest")
+            self.file = h5py.File(self.path, "w", libver=LIBVER)
         except HDF5_ERRORS as exc:
             reason, full = failure_reason(exc)
             raise OutputWriteError(f"cannot create {self.path}: {reason}{' (disk full?)' if full else ''}",
@@ -425,6 +503,49 @@ class ResultWriter:
         return self.file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=arr.dtype,
                                         chunks=chunks)
 
+    def _create_items(self, name: str, arr: np.ndarray, count: str, offset: str) -> h5py.Dataset:
+        """A per-item dataset: (0, ...) growing along its items; chunks of the first batch's items (a power of
+        two, 4096 at least, :data:`ITEM_CHUNK_BYTES` at most); attributes naming its count and offset."""
+        per_item = max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize)
+        most = max(1, ITEM_CHUNK_BYTES // per_item)
+        chunk0 = min(most, max(4096, 1 << max(0, int(len(arr) - 1).bit_length())))
+        ds = self.file.create_dataset(name, shape=(0, *arr.shape[1:]), maxshape=(None, *arr.shape[1:]),
+                                      dtype=arr.dtype, chunks=(chunk0, *arr.shape[1:]))
+        ds.attrs["items_count"] = count.rsplit("/", 1)[-1]
+        ds.attrs["items_offset"] = offset.rsplit("/", 1)[-1]
+        return ds
+
+    def _item_offsets(self, arrays: dict, ragged: dict, n: int) -> dict[str, np.ndarray]:
+        """The offset columns of this batch's ragged columns (checked: each per-item column holds the sum of
+        its count column's items)."""
+        offsets = {}
+        for name, (count, offset) in ragged.items():
+            if count not in arrays or arrays[count].shape != (n,):
+                raise ValueError(f"output {name}: its count {count} is not a per-event column of the batch")
+            c = arrays[count].astype(np.int64)
+            if (c < 0).any() or int(c.sum()) != len(arrays[name]):
+                raise ValueError(f"output {name}: {len(arrays[name])} items, its count {count} says {int(c.sum())}")
+            if offset in arrays and offset not in offsets:
+                raise ValueError(f"output {offset} is the offset the writer adds for {name}")
+            if offset not in offsets:
+                offsets[offset] = self._items.get(offset, 0) + np.cumsum(c) - c
+        return offsets
+
+    def _make_links(self, links: dict[str, str]) -> None:
+        """Hard links ``name`` to the datasets ``links[name]`` (made before SWMR mode, which forbids new objects),
+        listed in the root attribute ``aliases``; a name that is taken (a column of that name) is left out with a
+        warning."""
+        made = {}
+        for name, target in links.items():
+            if name in self.file or self.file.get(name, getlink=True) is not None or target not in self._datasets:
+                log.warning("%s: %s is taken (or %s is not an output); that name of smalldata_tools' is left out",
+                            self.path, name, target)
+                continue
+            self.file[name] = self._datasets[target]
+            made[name] = target
+        if made:
+            self.file.attrs["aliases"] = json.dumps(made)
+
     def _write(self, ds: h5py.Dataset, start: int, arr: np.ndarray) -> None:
         """``ds[start:start + len(arr)] = arr`` for a dataset this writer created (its layout cached in
         :class:`_Layout`). Whole chunks go to the file directly (no chunk cache, no type conversion:
@@ -446,40 +567,76 @@ class ResultWriter:
         if k < n:
             lay.write_rows(start + k, arr[k:])
 
-    def append(self, columns: dict[str, np.ndarray]) -> None:
-        """Append one batch: every array has the same leading events axis. Flushes the file.
+    def append(self, columns: dict[str, np.ndarray], ragged: dict[str, tuple[str, str]] | None = None,
+               links: dict[str, str] | None = None) -> None:
+        """Append one batch: every array has the same leading events axis, except the per-item columns of
+        ``ragged`` (default: ``columns.ragged`` of :class:`Columns`), whose items are appended along their own
+        axis, with their offsets (module docstring). Flushes the file.
 
-        The first batch creates the datasets; later batches must bring the same names. Before writing,
-        :meth:`check_space` (:class:`LowDiskSpace`, nothing written); a failed write seals the file
-        (:class:`OutputWriteError`).
+        The first batch creates the datasets and the hard links ``links`` (default ``columns.links``); later
+        batches must bring the same names. Before writing, :meth:`check_space` (:class:`LowDiskSpace`, nothing
+        written); a failed write seals the file (:class:`OutputWriteError`). Counts in :attr:`truncated` the
+        events whose ``*_truncated`` columns are > 0.
         """
         self._usable()
+        ragged = {**getattr(columns, "ragged", {}), **(ragged or {})}
+        links = {**getattr(columns, "links", {}), **(links or {})}
+        if self.n_events and ragged != self._ragged:
+            raise ValueError(f"ragged outputs {sorted(set(ragged) ^ set(self._ragged))} differ from the first batch's")
         arrays, n = {}, None
         for name, arr in columns.items():  # checked before anything is written
-            arr = arrays[name] = np.asarray(arr)
+            arr = arrays[name] = storable_array(np.asarray(arr))
+            if name in ragged:
+                if name not in self._datasets and self.n_events:
+                    raise ValueError(f"output {name} appears after the first batch")
+                continue
             if n is None:
                 n = arr.shape[0]
             elif arr.shape[0] != n:
                 raise ValueError(f"output {name}: {arr.shape[0]} events in a batch of {n}")
             if name not in self._datasets and self.n_events:
                 raise ValueError(f"output {name} appears after the first batch")
+        offsets = self._item_offsets(arrays, ragged, n) if ragged else {}
+        arrays.update(offsets)
         self.check_space(sum(a.nbytes for a in arrays.values()), "the next batch")
         try:
             for name, arr in arrays.items():
                 ds = self._datasets.get(name)
+                item = ragged.get(name)
                 if ds is None:
-                    ds = self._datasets[name] = self._create(name, arr)
+                    ds = self._datasets[name] = (self._create(name, arr) if item is None
+                                                 else self._create_items(name, arr, *item))
                     self._layout[ds.name] = _Layout(ds)
-                self._layout[ds.name].grow(self.n_events + n)
-                self._write(ds, self.n_events, arr)
+                start = self.n_events if item is None else self._items.get(item[1], 0)
+                self._layout[ds.name].grow(start + len(arr))
+                if len(arr):
+                    self._write(ds, start, arr)
+            if not self.n_events:
+                self._ragged = dict(ragged)
+                self._make_links(links)
             self.file.flush()
+            for offset in offsets:
+                count = next(c for c, o in ragged.values() if o == offset)
+                self._items[offset] = self._items.get(offset, 0) + int(arrays[count].sum())
             if n is not None:
                 self.n_events += n
+            self._count_truncated(arrays, ragged)
             if not self.swmr and self._datasets:
                 self.file.swmr_mode = True  # readers may now follow the file as it grows
                 self.swmr = True
         except HDF5_ERRORS as exc:
             raise self._failed(exc, "appending a batch") from None
+
+    def _count_truncated(self, arrays: dict, ragged: dict) -> None:
+        """Events of the batch with a ``*_truncated`` column > 0 (items a padded or bounded output left out)."""
+        hit = None
+        for name, arr in arrays.items():
+            if name.endswith("_truncated") and name not in ragged and arr.ndim == 1 and arr.dtype.kind in "iu":
+                h = arr > 0
+                self.truncated[name] = self.truncated.get(name, 0) + int(h.sum())
+                hit = h if hit is None else hit | h
+        if hit is not None:
+            self.truncated_events += int(hit.sum())
 
     def _leave_swmr(self) -> None:
         """Reopen the file in normal mode so that new objects and attributes can be written."""
@@ -492,7 +649,7 @@ class ResultWriter:
             raise self._failed(exc, "closing it in SWMR mode") from None
         self.swmr = False
         try:
-            self.file = h5py.File(self.path, "a", libver="latest")
+            self.file = h5py.File(self.path, "a", libver=LIBVER)
             self._datasets = {name: self.file[name] for name in self._datasets}
             self._layout = {ds.name: _Layout(ds) for ds in self._datasets.values()}
         except (*HDF5_ERRORS, KeyError) as exc:  # the file was closed cleanly: it stays as it is
@@ -505,8 +662,14 @@ class ResultWriter:
 
         :class:`LowDiskSpace` before anything is written when the disk lacks room for the values."""
         self._usable()
+        same: dict[str, str] = {}  # key -> an earlier key given the very same array: stored once, hard-linked
+        first: dict[int, str] = {}
+        for k, v in values.items():
+            if isinstance(v, np.ndarray) and v.size:
+                same[k] = first.setdefault(id(v), k)
         values = {k: _storable(v) for k, v in values.items() if v is not None}
-        size = sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for v in values.values())
+        size = sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for k, v in values.items()
+                   if same.get(k, k) == k)
         self.check_space(size, f"{group}/", margin=STATIC_SLACK_BYTES)
         self._leave_swmr()
         try:
@@ -514,6 +677,9 @@ class ResultWriter:
             for key, v in values.items():
                 if key in g:
                     del g[key]
+                if same.get(key, key) != key:  # e.g. UserDataCfg rms: the noise under smalldata_tools' name
+                    g[key] = g[same[key]]
+                    continue
                 if isinstance(v, np.ndarray) and v.size > 4096:
                     ds = g.create_dataset(key, shape=v.shape, dtype=v.dtype, compression="gzip", compression_opts=1,
                                           shuffle=True)
@@ -534,7 +700,7 @@ class ResultWriter:
         try:
             obj = self.file.require_group(path) if path not in ("", "/") else self.file
             for k, v in attrs.items():
-                obj.attrs[k] = _storable(v)
+                obj.attrs[k] = attr_value(v)
             self.file.flush()
         except HDF5_ERRORS as exc:
             raise self._failed(exc, f"writing attributes of {path or '/'}") from None

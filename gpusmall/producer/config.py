@@ -78,17 +78,45 @@ class MaskConfig(Strict):
 
 
 class CommonModeConfig(Strict):
-    type: Literal["median", "epix100", "zero_peak", "none", "raw"]
+    """``common_mode`` (SPEC section 4; gpusmall.calib.common_mode). Keys a config does not give take the
+    detector's default common mode when it is of the same type (CsPad: ``zero_peak`` with ``method:
+    psana``), then the type's defaults below."""
+
+    type: Literal["median", "epix100", "zero_peak", "unbonded", "none", "raw"]
     axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"], min_length=1)
-    max_correction: PositiveFloat | None = None  # ADU; default 100 (median, zero_peak) or 30 (epix100)
+    # ADU; default 100 (median, zero_peak fullest, unbonded), 25 (zero_peak psana) or 30 (epix100)
+    max_correction: PositiveFloat | None = None
     min_pixels: int = Field(10, ge=0)
     gain_ranges: Literal["all", "high"] | None = None  # default: high for gain-switching detectors
     norm_all: bool = False
-    histo_range: PositiveFloat = 30.0
+    # epix100: |s| <= histo_range (ADU); zero_peak: the histogram range, r = [-r, r] or [low, high]
+    # (default: +-max_correction for fullest, [-1000, 2000] for psana)
+    histo_range: PositiveFloat | list[float] = 30.0
     min_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # zero_peak only: fullest (default) or psana (default for cspad, cs140k); min_count: a peak bin holds more
+    # values (default 0, psana 100); max_sigma: psana's peak-width limit (ADU, default 40)
+    method: Literal["fullest", "psana"] | None = None
+    min_count: int | None = Field(None, ge=0)
+    max_sigma: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _keys_of_the_type(self):
+        given = self.model_fields_set
+        only = [k for k in ("method", "min_count", "max_sigma") if k in given]
+        if only and self.type != "zero_peak":
+            raise ValueError(f"{', '.join(only)}: only for type zero_peak")
+        if isinstance(self.histo_range, list):
+            if self.type != "zero_peak":
+                raise ValueError("histo_range: a [low, high] range is for zero_peak; epix100 takes one number (ADU)")
+            if len(self.histo_range) != 2 or not self.histo_range[0] < self.histo_range[1]:
+                raise ValueError(f"histo_range: [low, high] with low < high, not {self.histo_range}")
+        if "max_sigma" in given and self.method == "fullest":
+            raise ValueError("max_sigma: only with method: psana (the fullest bin has no width)")
+        return self
 
 
-SUM_NAME = re.compile(r"^(calib|square|max|nhits)(_thresADU(-?\d+(\.\d+)?))?$")
+SUM_NAME = re.compile(r"^(calib_(square|max)|calib|square|max|nhits)(_thresADU(-?\d+(\.\d+)?))?$")
+"""A run sum's name (gpusmall.funcs.sums: smalldata_tools' names, and the older ``square``, ``max``)."""
 
 
 class DetectorConfig(Strict):
@@ -111,9 +139,12 @@ class DetectorConfig(Strict):
     def _check(self):
         if self.units == "photons" and self.photon_energy_kev is None:
             raise ValueError("units: photons needs photon_energy_kev")
+        from ..funcs.sums import SUM_NAMES_HELP, parse_sums
+
         bad = [s for s in self.sums if not SUM_NAME.match(s)]
-        if bad:
-            raise ValueError(f"unknown sums {bad}: use calib, square, max, nhits, optionally with _thresADU<t>")
+        if bad and not any("dropped" in s for s in bad):
+            raise ValueError(f"unknown sums {bad}: use {SUM_NAMES_HELP}")
+        parse_sums(self.sums)  # calib_dropped (needs lightStatus), two names of one sum: ValueError
         return self
 
     @model_validator(mode="after")
@@ -165,9 +196,13 @@ def key_path(loc) -> str:
     return out
 
 
+_UNION_TAG = re.compile(r"^(function-after.*|float|int|str|bool|none|list\[.*\]|dict\[.*\]|tuple\[.*\])$")
+"""Parts of a pydantic error location that name a validator or a member of a union, not a key."""
+
+
 def _first_error(exc: ValidationError, prefix=()) -> ConfigError:
     err = exc.errors()[0]
-    loc = tuple(prefix) + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    loc = tuple(prefix) + tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -188,12 +223,18 @@ class FunctionSpec:
         return f"FunctionSpec({self.type}, {self.params!r}, children={self.children})"
 
 
-def parse_functions(entries: list[dict], prefix: tuple, given: str = "image", parent: str | None = None) -> list[FunctionSpec]:
+def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, ...] = "image",
+                    parent: str | None = None) -> list[FunctionSpec]:
     """Validate function entries against each function's own parameter model (recursively).
 
-    ``given`` is what the entries receive (the detector's frames are an ``"image"``; a parent passes what its
-    class's ``passes`` says), checked against each function's ``takes``; ``parent`` names it in messages."""
+    ``given`` is what the entries receive, one kind or a tuple of kinds (the detector's frames are an
+    ``"image"``; a parent passes what its class's ``passes`` says: droplet passes ``droplets`` and the droplet
+    ``image``), checked against each function's ``takes`` (it must take one of them); ``parent`` names it in
+    messages."""
     from ..funcs import FUNCTIONS
+    from ..funcs.base import kinds
+
+    given = kinds(given)
 
     specs = []
     for i, entry in enumerate(entries):
@@ -207,10 +248,11 @@ def parse_functions(entries: list[dict], prefix: tuple, given: str = "image", pa
         if not isinstance(ftype, str) or ftype not in FUNCTIONS:
             raise ConfigError(f"config: {key_path(loc + ('type',))}: unknown function {ftype!r}; known: {', '.join(sorted(FUNCTIONS))}")
         cls = FUNCTIONS[ftype]
-        if given not in cls.takes:
-            where = f"under {parent}, which passes on {given}" if parent else "at the top level (on the detector's frames)"
+        if not any(k in cls.takes for k in given):
+            where = (f"under {parent}, which passes on {' and '.join(given)}" if parent
+                     else "at the top level (on the detector's frames)")
             hint = (f"; {ftype} must be a child of a function that passes on {' or '.join(cls.takes)} ("
-                    f"{', '.join(sorted(t for t, f in FUNCTIONS.items() if f.passes in cls.takes))})")
+                    f"{', '.join(sorted(t for t, f in FUNCTIONS.items() if set(kinds(f.passes)) & set(cls.takes)))})")
             raise ConfigError(f"config: {key_path(loc + ('type',))}: {ftype} cannot work {where}{hint}")
         children = entry.pop("children", []) or []
         if not isinstance(children, list):

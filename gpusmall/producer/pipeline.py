@@ -14,8 +14,8 @@ import numpy as np
 from ..backend import Backend
 from ..calib import Calibrator, make_common_mode
 from ..detectors import get_model
-from ..detectors.constants import (default_constants, default_geometry, load_constants, select_config_bits,
-                                   validate_constants)
+from ..detectors.constants import (check_measured_ranges, default_constants, default_geometry, load_constants,
+                                   select_config_bits, validate_constants)
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
@@ -76,10 +76,16 @@ class DetectorPipeline:
         self.mask, self.cmask = static_mask(name, model, shape, c, status=m.status, edges=m.edges,
                                             central=m.central, unbonded=m.unbonded, neighbours=m.neighbours,
                                             user=m.user, calib=m.calib)
+        # a gain range the run can meet must have pedestals (SPEC 2): refused here, or (gain mode unknown
+        # before the events) its pixels are bad in those events through the model's decoding
+        where = repr(str(cfg.constants)) if cfg.constants else "(from the source)"
+        self.model = model = check_measured_ranges(name, model, where, c, self.mask)
         self.common_mode = make_common_mode(name, cfg.common_mode, model, c, backend)
         self.calibrator = Calibrator(model, c, self.mask, backend, units=cfg.units,
                                      photon_energy_kev=cfg.photon_energy_kev, common_mode=self.common_mode,
                                      det=name)
+        if model.invalid_ranges:  # the CUDA kernels decode gain ranges themselves: take the xp path
+            self.calibrator.use_kernel = False
         noise = c.noise if c.noise is None or c.noise.ndim == 3 else c.noise[0]
         saturation = cfg.saturation if cfg.saturation is not None else model.saturation_value(src.dtype)
         to_dev = backend.to_device
@@ -92,7 +98,8 @@ class DetectorPipeline:
         self.function_paths = [s.path for s in specs]  # config key path of each, for messages
         for f in self.functions:
             f.setup(self.ctx)
-        self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value)
+        self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value,
+                            camera=model.type == "camera")
         # NumPy with threads: the events of a batch are split over a pool of this pipeline's
         self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
                      if not backend.is_gpu and backend.threads > 1 else None)
@@ -124,11 +131,17 @@ class DetectorPipeline:
 
     def event_output_nbytes(self) -> dict[str, int]:
         """Bytes of one event's outputs per top-level function (by config key path), measured by calibrating
-        and reducing one event of zeros: the shapes are those of every real event (outputs are padded)."""
+        and reducing one event of zeros: the shapes are those of every real event (padded outputs); ragged
+        per-item outputs (droplets, photons) count as many items as their bound per event (``max_droplets``...)."""
+        from ..funcs.droplet import sparse_columns
+
         xp = self.backend.xp
         frames = self.calibrator(xp.zeros((1, *self.shape), self.raw_dtype))
-        return {path: int(sum(int(v.nbytes) for v in f(frames).values()))
-                for path, f in zip(self.function_paths, self.functions)}
+        out = {}
+        for path, f in zip(self.function_paths, self.functions):
+            bounds = sparse_columns([f]).bounds
+            out[path] = int(sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize for k, v in f(frames).items()))
+        return out
 
     def _reduce(self, frames) -> dict[str, Any]:
         out = {}
@@ -137,9 +150,18 @@ class DetectorPipeline:
         return out
 
     def user_data_cfg(self) -> dict[str, Any]:
-        """What /UserDataCfg/<det>/ holds: constants, geometry, masks, corrections, function parameters."""
+        """What /UserDataCfg/<det>/ holds: constants, geometry, masks, corrections, function parameters.
+
+        Also under smalldata_tools' names: ``rms`` (= ``noise``), ``ix``, ``iy`` ((panels, rows, cols) int32
+        column and row of each pixel in the image assembled from ``x``, ``y`` as ``gpusmall avimage`` assembles
+        it: :func:`~gpusmall.analysis.avimage.pixel_grid`; left out, with a warning, for a geometry that does
+        not fit a grid), and every function parameter as ``<top function>__<function>_<param>``
+        (:meth:`~gpusmall.funcs.base.ReductionFunction.smalldata_params`) beside ours, which win a clash.
+        """
+        from ..analysis.avimage import pixel_grid
+
         c = self.constants
-        out = {"ped": c.pedestal, "gain": c.gain, "noise": c.noise, "status": c.status,
+        out = {"ped": c.pedestal, "gain": c.gain, "noise": c.noise, "rms": c.noise, "status": c.status,
                "x": self.geometry[0], "y": self.geometry[1], "z": self.geometry[2],
                "mask": self.mask.astype(np.uint8), "cmask": self.cmask.astype(np.uint8),
                "config_bits": c.config_bits, "type": self.model.type, "units": self.cfg.units,
@@ -151,8 +173,20 @@ class DetectorPipeline:
                 out[f"common_mode__{k}"] = v
         for k, v in self.cfg.mask.model_dump().items():
             out[f"mask__{k}"] = "null" if v is None else v  # as function parameters: every key is there
+        try:
+            rows, cols, _, _ = pixel_grid(self.geometry[0], self.geometry[1], self.pixel_um)
+            out["ix"], out["iy"] = cols.astype(np.int32), rows.astype(np.int32)
+        except ValueError as exc:
+            log.warning("detector %s: no ix, iy in /UserDataCfg: %s", self.name, exc)
         for f in self.functions:
             out.update(f.params())
+        for f in self.functions:
+            for k, v in f.smalldata_params().items():
+                if k in out:
+                    log.warning("detector %s: parameter %s under smalldata_tools' name is also one of ours; ours "
+                                "is written", self.name, k)
+                    continue
+                out[k] = v
         return out
 
     def sum_results(self) -> dict[str, np.ndarray]:

@@ -18,9 +18,16 @@ read it (stream-ordered by a CUDA event). Each detector has two device slots of
 CUDA events around each copy and each reduction give :class:`DeviceTimes` (transfer and device time
 separately, summed over the run). On NumPy staging only zeroes damaged rows (no copy).
 
+Variable-size outputs (ragged droplets and photons: flat over the batch's items, with a per-event count)
+pack like the others: their sizes are known on the host once the reduction has made them (the droplets'
+padding layout reads how many fit; ragged photons read their number back, one extra device->host wait per
+batch), so the batch still comes back in one copy. The columns say which outputs are per item
+(:class:`~gpusmall.io.writer.Columns`; ``sparse_columns`` of the function trees).
+
 Damaged events (``RawBatch.damaged[det]``): their raw rows are zeroed before upload, they are left out
 of the run sums, and their result rows are overwritten with NaN (floats), -1 (signed integers) or
-0 (unsigned integers, booleans); ``/<det>/damaged`` is 1 there.
+0 (unsigned integers, booleans); ``/<det>/damaged`` is 1 there. Their items are dropped from per-item
+outputs and their counts are 0 (:func:`fill_damaged`).
 
 GPU out of memory: a reduction that raises ``OutOfMemoryError`` (CuPy's, found by class name) is
 retried in halves; the smaller size is kept for the rest of the run (logged). If the device slots
@@ -36,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import Backend
+from ..funcs.droplet import sparse_columns
+from ..io.writer import Columns
 from .pipeline import DetectorPipeline
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,31 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "cudaErrorMemoryAllocation" in str(exc)
 
 
+def event_time(timestamp_ns: np.ndarray) -> np.ndarray:
+    """``/event_time`` of ``/timestamp`` (uint64 ns since the Unix epoch): uint64 ``(seconds << 32) |
+    nanoseconds``, seconds since the Unix epoch, as LCLS-I small data files hold it (smalldata_tools'
+    SmallDataAna reads ``event_time >> 32`` as POSIX seconds and the low 32 bits as nanoseconds)."""
+    ts = np.asarray(timestamp_ns, dtype=np.uint64)
+    sec, ns = np.divmod(ts, np.uint64(10**9))
+    return (sec << np.uint64(32)) | ns
+
+
+def event_columns(timestamp: np.ndarray, event_index: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-event datasets at the root of every result file (SPEC section 8):
+
+    - ``timestamp`` (events,) uint64: ns since the Unix epoch, for every source (psana's packed time is
+      converted by the psana source);
+    - ``event_index`` (events,) int64: the event's index in the run;
+    - ``event_time`` (events,) uint64: the same time as ``(unix seconds << 32) | ns`` (:func:`event_time`);
+    - ``fiducials`` (events,) int64: the event index. LCLS-II has no 360 Hz fiducials, and psana's events
+      give no pulse id to Python; SmallDataAna needs ``/fiducials`` for its filters and cubes (one entry
+      per event), not its values.
+    """
+    ts = np.asarray(timestamp, dtype=np.uint64)
+    idx = np.asarray(event_index, dtype=np.int64)
+    return {"timestamp": ts, "event_index": idx, "event_time": event_time(ts), "fiducials": idx.copy()}
+
+
 def fill_value(dtype) -> object:
     """What a damaged event's result holds: NaN for floats, -1 for signed ints, 0 otherwise."""
     dtype = np.dtype(dtype)
@@ -54,6 +88,23 @@ def fill_value(dtype) -> object:
     if dtype.kind == "i":
         return -1
     return 0
+
+
+def fill_damaged(res: dict, damaged: np.ndarray, items: dict[str, tuple[str, str]]) -> None:
+    """Damaged events' results, in place: per-event rows filled (:func:`fill_value`); per-item outputs
+    (``items``: output -> (its per-event count, offset)) lose the damaged events' items, whose counts become 0
+    (the offsets stay consistent: a damaged event has no items)."""
+    counts = {c for c, _ in items.values()}
+    for count in counts:
+        c = np.asarray(res[count])
+        keep = np.repeat(~damaged, c.astype(np.int64))
+        for k, (cc, _) in items.items():
+            if cc == count:
+                res[k] = res[k][keep]
+        c[damaged] = 0
+    for k, v in res.items():
+        if k not in items and k not in counts:
+            v[damaged] = fill_value(v.dtype)
 
 
 @dataclass
@@ -140,6 +191,8 @@ class BatchProcessor:
     def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int):
         self.pipelines, self.backend = pipelines, backend
         self.batch_size = batch_size
+        # per detector: its ragged per-item outputs (count, offset) and smalldata_tools' names (hard links)
+        self.sparse = {name: sparse_columns(getattr(pl, "functions", ())) for name, pl in pipelines.items()}
         self.chunk = batch_size
         gpu = backend.is_gpu
         self.copy_stream = backend.stream() if gpu else None
@@ -306,16 +359,21 @@ class BatchProcessor:
         self.times.batches += 1
 
         def finish():
-            columns = {"timestamp": timestamp, "event_index": event_index}
+            columns = Columns(event_columns(timestamp, event_index))
             for name, (pieces, damaged) in finishers.items():
                 parts = [p() for p in pieces]
+                # (pieces of a batch halved on OOM: per-item outputs are event after event, so they concatenate)
                 res = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                sparse = self.sparse[name]
                 if damaged.any():
-                    for v in res.values():
-                        v[damaged] = fill_value(v.dtype)
+                    fill_damaged(res, damaged, sparse.items)
                 for k, v in res.items():
                     columns[f"{name}/{k}"] = v
                 columns[f"{name}/damaged"] = damaged.astype(np.uint8)
+                for k, (count, offset) in sparse.items.items():
+                    columns.ragged[f"{name}/{k}"] = (f"{name}/{count}", f"{name}/{offset}")
+                for k, target in sparse.links.items():
+                    columns.links[f"{name}/{k}"] = f"{name}/{target}"
             return columns
 
         return PendingColumns(finish)

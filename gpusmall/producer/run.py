@@ -76,6 +76,8 @@ class RunSummary:
     damaged: dict = field(default_factory=dict)
     reason: str = ""
     device_times: DeviceTimes = field(default_factory=DeviceTimes)
+    truncated_events: int = 0  # events a padded or bounded output truncated (a ``*_truncated`` output > 0)
+    truncated: dict = field(default_factory=dict)  # such events per output
 
     @property
     def events_per_s(self) -> float:
@@ -352,13 +354,16 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                 end_failed(exc, "the run sums were not written")
             complete = (end is None or done == end - start) and error is None and not stop
             try:  # "complete" last, on its own: a file whose other writes failed never claims it
-                writer.set_attrs("/", {"events": done, "damaged": json.dumps(proc.damaged)})
+                writer.set_attrs("/", {"events": done, "damaged": json.dumps(proc.damaged),
+                                       "truncated_events": writer.truncated_events,
+                                       "truncated": json.dumps(writer.truncated)})
                 writer.set_attrs("/", {"complete": complete})
                 writer.close()
             except OutputWriteError as exc:
                 end_failed(exc, "the end-of-run attributes were not written")
                 complete = False
     total, damaged = done, dict(proc.damaged)
+    truncated_events, truncated = writer.truncated_events, dict(writer.truncated)
     if comm.size > 1:
         all_there = comm.barrier(timeout=BARRIER_TIMEOUT_S)
         if comm.rank == 0:
@@ -373,13 +378,15 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                 log.warning("the master %s was not written: %s", out_path, exc)
                 info = {"events": total, "damaged": damaged, "complete": False}
             total, damaged = info["events"], info["damaged"]
+            truncated_events = info.get("truncated_events", truncated_events)
+            truncated = info.get("truncated", truncated)
             complete = complete and info["complete"]
     if error is not None:
         raise error
     dt = time.perf_counter() - t0
     return RunSummary(out_path, total, dt, backend.name, interrupted=not complete, rank=comm.rank,
                       ranks=comm.size, local_events=done, damaged=damaged, reason=stop.reason,
-                      device_times=proc.times)
+                      device_times=proc.times, truncated_events=truncated_events, truncated=truncated)
 
 
 def config_json(cfg) -> str:

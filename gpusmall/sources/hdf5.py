@@ -1,20 +1,21 @@
 """Raw events from an HDF5 file: one dataset (events, [panels,] rows, cols) per detector.
 
 The config names the file (``source.path``) and each detector's ``dataset``; ``/timestamp``
-(events,) integer (ns, as psana's) is used when present (else the event index; ``source.timestamp:
-null`` ignores it), as is ``/<det>/config_bits``. Timestamps must not decrease (SPEC 8: the output is
-in time order, for any number of ranks): a file whose events are not in time order is an error
-naming the first event out of order. Datasets of different lengths are cut to the shortest, with a
-warning naming them.
+(events,) integer, taken as ns since the Unix epoch (1970-01-01 UTC, the meaning of gpusmall's own
+``/timestamp``; not psana's packed ``(seconds << 32) | nanoseconds``), is used when present (else the
+event index, as ns: ``source.timestamp: null`` ignores it), as is ``/<det>/config_bits``. Timestamps
+must not decrease (SPEC 8: the output is in time order, for any number of ranks): a file whose events
+are not in time order is an error naming the first event out of order. Datasets of different lengths
+are cut to the shortest, with a warning naming them.
 
 Following a file that is still being written (``gpusmall run --follow``, ``source.follow: true``):
 the number of events is then open (``n_events`` None) and :meth:`Hdf5Source.read` waits until the
 events asked for are in the file, polling every ``poll_s``. The run ends when the file has not grown
 for ``follow_timeout_s`` seconds (or on SIGTERM / SIGINT); the last batch may be short. An event
 counts as written once every detector's dataset (and ``/timestamp``, when there is one) holds it.
-The writer should use HDF5 SWMR mode (h5py: ``libver="latest"``, ``f.swmr_mode = True``, ``flush()``
-after each append), which lets a reader see appended data safely; without SWMR the file is reopened
-at each poll, which works for a writer that closes the file between appends.
+The writer should use HDF5 SWMR mode (h5py: ``libver=("v110", "v110")`` or later, ``f.swmr_mode =
+True``, ``flush()`` after each append), which lets a reader see appended data safely; without SWMR
+the file is reopened at each poll, which works for a writer that closes the file between appends.
 
 Truncated and corrupt files (HDF5 reads bytes beyond the end of a file as zeros, without an error):
 at each batch the events whose storage (from the chunk index, or the contiguous dataset's offset)
@@ -253,7 +254,7 @@ class Hdf5Source(Source):
             if not isinstance(ts, h5py.Dataset) or ts.ndim != 1 or ts.dtype.kind not in "iu":
                 what = "a group" if not isinstance(ts, h5py.Dataset) else f"{ts.dtype} of shape {ts.shape}"
                 raise InputError(f"source.timestamp: {self.timestamp!r} in {self.path} is {what}; expected "
-                                 f"(events,) integers (ns)")
+                                 f"(events,) integers (ns since the Unix epoch)")
             self.ts_dataset = ts
         elif self.timestamp_required:
             raise InputError(f"source.timestamp: {self.timestamp!r} is not in {self.path}")

@@ -24,6 +24,11 @@ MPI: with ``exp``/``run`` (and ``psana: {dir: ...}`` for a local experiment fold
 reads the small data, rank 1 builds events, the others receive events in batches. The source is then
 ``distributed``: every rank walks its own ``run.events()`` to the end (ranks 0 and 1 get none), and
 ``event_index`` counts the rank's own events (the master file renumbers them in timestamp order).
+
+Timestamps: psana's ``evt.timestamp`` is packed (``(seconds << 32) | nanoseconds``, seconds since the
+EPICS epoch 1990-01-01 UTC); batches carry it as ns since the Unix epoch (:func:`unix_ns`), the meaning
+``/timestamp`` has for every source. psana's events give Python no pulse id: ``/fiducials`` is the
+event index.
 With ``files`` psana has no MPI distribution (every rank would read every event), so rank 0 reduces
 them all. psana's ``max_events`` (our ``events``) counts over all ranks.
 """
@@ -57,6 +62,17 @@ EPIX10KA_CBITS = 0x1F
 
 #: events looked at, at most, to find a detector's shape and dtype when psana does not say
 PEEK_EVENTS = 100
+
+#: seconds from the Unix epoch (1970-01-01 UTC) to the EPICS epoch (1990-01-01 UTC), psana's time origin
+EPICS_EPOCH_UNIX_S = 631_152_000
+
+
+def unix_ns(packed) -> np.ndarray:
+    """psana's event timestamps (uint64 ``(seconds << 32) | nanoseconds``, seconds since the EPICS epoch
+    1990-01-01) as uint64 ns since the Unix epoch, gpusmall's ``/timestamp``. The order is kept."""
+    t = np.asarray(packed, dtype=np.uint64)
+    sec = (t >> np.uint64(32)) + np.uint64(EPICS_EPOCH_UNIX_S)
+    return sec * np.uint64(10**9) + (t & np.uint64(0xFFFFFFFF))
 
 
 def psana_model_type(dettype: str) -> str | None:
@@ -354,7 +370,8 @@ class PsanaSource(Source):
                 n += 1
             if n == 0:
                 return
-            yield RawBatch(ts[:n], idx[:n], {k: v[:n] for k, v in raw.items()}, {k: v[:n] for k, v in damaged.items()})
+            yield RawBatch(unix_ns(ts[:n]), idx[:n], {k: v[:n] for k, v in raw.items()},
+                           {k: v[:n] for k, v in damaged.items()})
             if n < n_max:
                 return
 

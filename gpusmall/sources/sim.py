@@ -26,7 +26,7 @@ ENERGY_KEV = 9.5
 DISTANCE_MM = 100.0
 RING_Q = (1.2, 2.0, 2.9)  # Angstrom^-1, powder rings of the simulated sample
 RING_WIDTH_Q = 0.03
-T0_NS = 1_700_000_000 * 10**9  # first event's timestamp, ns
+T0_NS = 1_700_000_000 * 10**9  # first event's timestamp, ns since the Unix epoch (2023-11-14 22:13:20 UTC)
 PERIOD_NS = 8_333_333  # 120 Hz
 
 # per family: gain per range (ADU/keV), pedestal per range (ADU), high-gain noise (ADU rms),
@@ -37,7 +37,9 @@ FAMILY = {
     "jungfrau": dict(gain=(40.0, 1.5, 0.1), pedestal=(2500, 8000, 9000), noise=10.0, ranges=(0, 1, 2), cm=(2.0, 0.0)),
     "epix100": dict(gain=(4.4,), pedestal=(1000,), noise=3.0, ranges=(0,), cm=(8.0, 3.0)),
     "camera": dict(gain=(10.0,), pedestal=(32,), noise=2.0, ranges=(0,), cm=(0.0, 0.0)),
+    "cspad": dict(gain=(4.4,), pedestal=(1200,), noise=4.0, ranges=(0,), cm=(8.0, 0.0)),
 }
+FAMILY["cs140k"] = FAMILY["cspad"]
 SWITCH_ADU = 12000.0  # a pixel leaves a range when its signal there would exceed this
 
 
