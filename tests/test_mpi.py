@@ -286,11 +286,11 @@ def test_exception_in_batch_keeps_completed_batches(tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = pipeline.DetectorPipeline.process
 
-    def flaky(self, raw, keep=None):
+    def flaky(self, raw, *args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("detector exploded")
-        return orig(self, raw, keep)
+        return orig(self, raw, *args, **kw)
 
     monkeypatch.setattr(pipeline.DetectorPipeline, "process", flaky)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -450,10 +450,10 @@ def test_out_of_memory_halves_batch(tmp_path, monkeypatch, caplog):
 
     orig = pipeline.DetectorPipeline.process
 
-    def small_only(self, raw, keep=None):
+    def small_only(self, raw, *args, **kw):
         if raw.shape[0] > 3:
             raise OutOfMemoryError("Out of memory allocating 1 GB")
-        return orig(self, raw, keep)
+        return orig(self, raw, *args, **kw)
 
     run_inproc(cam_config(tmp_path, batch=8, out="ref.h5"), tmp_path)
     monkeypatch.setattr(pipeline.DetectorPipeline, "process", small_only)

@@ -383,10 +383,10 @@ def test_a_batch_halved_on_out_of_memory_gives_the_same_ragged_file(tmp_path, mo
 
     orig = pipeline.DetectorPipeline.process
 
-    def small_only(self, raw, keep=None):
+    def small_only(self, raw, *args, **kw):
         if raw.shape[0] > 3:
             raise OutOfMemoryError("Out of memory allocating 1 GB")
-        return orig(self, raw, keep)
+        return orig(self, raw, *args, **kw)
 
     run_inproc(cam_droplets(tmp_path, out="ref.h5"), tmp_path)
     monkeypatch.setattr(pipeline.DetectorPipeline, "process", small_only)

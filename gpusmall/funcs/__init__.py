@@ -8,11 +8,12 @@ from .droplet import Droplet
 from .photon_count import PhotonCount
 from .photons import Photons
 from .projection import Projection
+from .python import PythonFunction
 from .rebin import Rebin
 from .roi import Roi
 
 FUNCTIONS: dict[str, type[ReductionFunction]] = {f.type: f for f in (Roi, Projection, Rebin, Azav, Droplet, Photons,
-                                                                 PhotonCount, Acf)}
+                                                                 PhotonCount, Acf, PythonFunction)}
 
 
 def build_function(spec) -> ReductionFunction:

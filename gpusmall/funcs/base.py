@@ -9,7 +9,7 @@ Geometry-only work happens in :meth:`ReductionFunction.prepare`, once per run, o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -34,15 +34,31 @@ class Frames:
         data: (events, panels, rows, cols) float32 in the detector's units; bad pixels are 0.
         good: (events, panels, rows, cols) bool, False where the pixel is bad in that event.
         raw: (events, panels, rows, cols) raw words (for saturation counts), or None.
+        events: the batch's :class:`EventInfo` (timestamps, indices, context), or None (e.g. a test batch).
     """
 
     data: Any
     good: Any
     raw: Any = None
+    events: "EventInfo | None" = None
 
     def crop(self, index: tuple[slice, ...]) -> "Frames":
         idx = (slice(None),) + tuple(index)
-        return Frames(self.data[idx], self.good[idx], None if self.raw is None else self.raw[idx])
+        return Frames(self.data[idx], self.good[idx], None if self.raw is None else self.raw[idx], self.events)
+
+
+@dataclass
+class EventInfo:
+    """The events of a batch, on the host: ``timestamp`` (events,) uint64 ns since the Unix epoch,
+    ``event_index`` (events,) int64, ``context`` name -> (events,) array (SPEC section 10)."""
+
+    timestamp: Any
+    event_index: Any
+    context: dict = field(default_factory=dict)
+
+    def __getitem__(self, events: slice) -> "EventInfo":
+        return EventInfo(self.timestamp[events], self.event_index[events],
+                         {k: v[events] for k, v in self.context.items()})
 
 
 @dataclass

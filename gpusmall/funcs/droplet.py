@@ -360,7 +360,7 @@ class Droplet(ReductionFunction):
                 pix, val, pix_id, d_sum = f["idx"][pk], f["val"][pk], pix_id[pk], f["total"][kept]
             image = any("image" in c.takes for c in self.children)
             data = droplet_image(xp, frames.data, pix) if image else frames.data
-            child = DropletFrames(data, frames.good, frames.raw, pix_index=pix, pix_value=val, pix_droplet=pix_id,
+            child = DropletFrames(data, frames.good, frames.raw, frames.events, pix_index=pix, pix_value=val, pix_droplet=pix_id,
                                   droplet_event=ev, droplet_sum=d_sum, image=image)
         return out, child
 

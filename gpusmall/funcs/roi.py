@@ -117,7 +117,7 @@ class Roi(ReductionFunction):
         if self.p.write_area:
             area = self.ctx.stored_image(data, good)  # bad pixels 0 or NaN (mask_value)
             out["area"] = area if area.shape[1] > 1 else area[:, 0]
-        return out, Frames(data, good, sub.raw)
+        return out, Frames(data, good, sub.raw, frames.events)
 
 
 def _roi_shaped(path: str, shape) -> bool:

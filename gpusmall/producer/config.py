@@ -167,12 +167,23 @@ class DetectorConfig(Strict):
         return (model.default_panels, *model.panel_shape)
 
 
+class EventFunctionConfig(Strict):
+    """A user function over several detectors' batches of the same events (SPEC section 11)."""
+
+    type: Literal["python"]
+    name: str
+    function: str
+    detectors: list[str] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class RunConfig(Strict):
     source: SourceConfig
     batch_size: PositiveInt = 64
     backend: Literal["auto", "numpy", "cupy"] = "auto"
     output: str = "run.h5"
     detectors: dict[str, DetectorConfig] = Field(min_length=1)
+    event_functions: list[EventFunctionConfig] = Field(default_factory=list)
     # filled by validate_config, not by the user
     _base_dir: str = PrivateAttr(".")
     _specs: dict = PrivateAttr(default_factory=dict)
@@ -327,6 +338,10 @@ def _resolve_function_paths(base: Path, specs: list[FunctionSpec]) -> None:
             value = getattr(spec.params, key, None)
             if isinstance(value, str):
                 setattr(spec.params, key, _resolve(base, value))
+        if spec.type == "python":  # "file.py:function" follows the config file; "module:function" stays
+            where, _, name = spec.params.function.rpartition(":")
+            if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+                spec.params.function = f"{base / Path(where).expanduser()}:{name}"
         _resolve_function_paths(base, spec.children)
 
 
@@ -362,7 +377,36 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         check_function_names(specs[name], ("detectors", name, "functions"))
         _resolve_function_paths(base, specs[name])
     cfg._specs = specs
+    _check_event_functions(cfg, base)
     return cfg
+
+
+def _check_event_functions(cfg: RunConfig, base: Path) -> None:
+    """Names, detectors and the function string of ``event_functions``; relative ``file.py`` follow the config."""
+    from ..funcs.python import PythonParams
+
+    seen: dict[str, int] = {}
+    for i, ef in enumerate(cfg.event_functions):
+        loc = ("event_functions", i)
+        check_name(ef.name, loc + ("name",), "event function")
+        if ef.name in RESERVED or ef.name in cfg.detectors:
+            raise ConfigError(f"config: {key_path(loc + ('name',))}: {ef.name!r} is taken (a detector or a name the "
+                              f"result file uses at its root)")
+        if ef.name in seen:
+            raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {ef.name!r}, also "
+                              f"{key_path(('event_functions', seen[ef.name]))}")
+        seen[ef.name] = i
+        for j, det in enumerate(ef.detectors):
+            if det not in cfg.detectors:
+                raise ConfigError(f"config: {key_path(loc + ('detectors', j))}: no detector {det!r} "
+                                  f"(detectors: {', '.join(cfg.detectors)})")
+        try:
+            PythonParams.model_validate({"function": ef.function})
+        except ValidationError as exc:
+            raise _first_error(exc, loc) from None
+        where, _, name = ef.function.rpartition(":")
+        if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+            ef.function = f"{base / Path(where).expanduser()}:{name}"
 
 
 def read_config_file(path) -> dict:

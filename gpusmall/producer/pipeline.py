@@ -19,6 +19,7 @@ from ..detectors.constants import (check_measured_ranges, default_constants, def
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
+from ..funcs.base import EventInfo
 from ..funcs.sums import RunSums
 from ..sources.base import DetectorSource
 
@@ -104,9 +105,11 @@ class DetectorPipeline:
         self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
                      if not backend.is_gpu and backend.threads > 1 else None)
 
-    def process(self, raw, keep=None) -> dict[str, Any]:
+    def process(self, raw, keep=None, events=None, frames_out: list | None = None) -> dict[str, Any]:
         """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name.
         ``keep``: (events,) host bool, the events that enter the run sums (None: all; damaged: False).
+        ``events``: the batch's :class:`~gpusmall.funcs.base.EventInfo` (what user functions see), or None.
+        ``frames_out``: a list that receives (frames, outputs) of each block of events, in order (event functions).
 
         On NumPy with ``backend.threads`` > 1 the batch is cut into that many blocks of consecutive
         events, each calibrated and reduced in its own thread (NumPy, SciPy's labelling and sparse
@@ -115,18 +118,25 @@ class DetectorPipeline:
         n = raw.shape[0]
         if self.pool is None or n < 2:
             frames = self.calibrator(raw)
+            frames.events = events
             self.sums.update(frames.data, keep)
-            return self._reduce(frames)
+            out = self._reduce(frames)
+            if frames_out is not None:
+                frames_out.append((frames, out))
+            return out
         edges = np.linspace(0, n, min(self.backend.threads, n) + 1).astype(int)
         blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
-        def block(events):
-            frames = self.calibrator(raw[events])
+        def block(which):
+            frames = self.calibrator(raw[which])
+            frames.events = None if events is None else events[which]
             return frames, self._reduce(frames)
 
         done = list(self.pool.map(block, blocks))
-        for events, (frames, _) in zip(blocks, done):
-            self.sums.update(frames.data, None if keep is None else keep[events])
+        for which, (frames, out) in zip(blocks, done):
+            self.sums.update(frames.data, None if keep is None else keep[which])
+            if frames_out is not None:
+                frames_out.append((frames, out))
         return {k: np.concatenate([out[k] for _, out in done]) for k in done[0][1]}
 
     def event_output_nbytes(self) -> dict[str, int]:
@@ -137,11 +147,16 @@ class DetectorPipeline:
 
         xp = self.backend.xp
         frames = self.calibrator(xp.zeros((1, *self.shape), self.raw_dtype))
+        frames.events = EventInfo(np.zeros(1, np.uint64), np.full(1, -1, np.int64))  # -1: the set-up call
         out = {}
         for path, f in zip(self.function_paths, self.functions):
             bounds = sparse_columns([f]).bounds
             out[path] = int(sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize for k, v in f(frames).items()))
         return out
+
+    def reduce_frames(self, frames) -> dict[str, Any]:
+        """Every function's outputs (by output name) for calibrated ``frames``."""
+        return self._reduce(frames)
 
     def _reduce(self, frames) -> dict[str, Any]:
         out = {}

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import Backend
+from ..funcs.base import EventInfo, Frames
 from ..funcs.droplet import sparse_columns
 from ..io.writer import Columns
 from .pipeline import DetectorPipeline
@@ -188,8 +189,11 @@ class PendingColumns:
 class BatchProcessor:
     """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
 
-    def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int):
+    def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int,
+                 event_functions: list = ()):
         self.pipelines, self.backend = pipelines, backend
+        self.event_functions = list(event_functions)  # producer.event_functions.EventFunction
+        self._grab = {d for ef in self.event_functions for d in ef.detectors}  # their detectors' frames are kept
         self.batch_size = batch_size
         # per detector: its ragged per-item outputs (count, offset) and smalldata_tools' names (hard links)
         self.sparse = {name: sparse_columns(getattr(pl, "functions", ())) for name, pl in pipelines.items()}
@@ -267,14 +271,14 @@ class BatchProcessor:
         return staged
 
     # -- reduction --------------------------------------------------------------------------------
-    def _run_one(self, name, raw, damaged, copied=None, upload=False):
+    def _run_one(self, name, raw, damaged, copied=None, upload=False, events=None, grab=None):
         """Reduce ``raw`` (events, ...) of detector ``name``: a staged array, or (``upload``) a host array
         to upload here on the compute stream. Returns (a function giving the host results, the CUDA event
         that ends the reduction or None); on CuPy the results are still being copied when it returns."""
         pl = self.pipelines[name]
         keep = ~damaged if damaged.any() else None  # damaged events stay out of the run sums
         if self.compute_stream is None:
-            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep).items()}
+            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep, events, grab).items()}
             return (lambda: res), None
         cp = self.backend.xp
         with self.compute_stream:
@@ -287,7 +291,7 @@ class BatchProcessor:
                 d.set(np.ascontiguousarray(raw), stream=self.compute_stream)
                 self.times.h2d_bytes += raw.nbytes
                 raw = d
-            res = pl.process(raw, keep)
+            res = pl.process(raw, keep, events, grab)
             packed, layout = pack_on_device(cp, res)
             end.record(self.compute_stream)
         if packed is None:
@@ -323,6 +327,8 @@ class BatchProcessor:
         n = len(batch)
         # the host batch goes back to the reader when this returns: keep copies of what the columns need
         timestamp, event_index = np.array(batch.timestamp, copy=True), np.array(batch.event_index, copy=True)
+        info = EventInfo(timestamp, event_index)  # what user functions see of the events
+        grabbed = {name: [] for name in self._grab}  # (frames, outputs) blocks for the event functions
         finishers = {}
         for name in self.pipelines:
             damaged = staged.damaged[name]
@@ -335,7 +341,7 @@ class BatchProcessor:
                 stop = min(n, start + self.chunk)
                 try:
                     piece, end = self._run_one(name, source[start:stop], damaged[start:stop], copied,
-                                               upload=dev is None)
+                                               upload=dev is None, events=info[start:stop], grab=grabbed.get(name))
                     pieces.append(piece)
                     start = stop
                 except Exception as exc:
@@ -357,9 +363,11 @@ class BatchProcessor:
             self.damaged[name] += int(damaged.sum())
             finishers[name] = (pieces, np.array(damaged, copy=True))
         self.times.batches += 1
+        event_outputs = self._event_functions(grabbed, info, staged.damaged)
 
         def finish():
             columns = Columns(event_columns(timestamp, event_index))
+            columns.update(event_outputs)
             for name, (pieces, damaged) in finishers.items():
                 parts = [p() for p in pieces]
                 # (pieces of a batch halved on OOM: per-item outputs are event after event, so they concatenate)
@@ -377,6 +385,39 @@ class BatchProcessor:
             return columns
 
         return PendingColumns(finish)
+
+    def _event_functions(self, grabbed: dict, info: EventInfo, damaged: dict) -> dict[str, np.ndarray]:
+        """Host columns ``<name>_<key>`` of the event functions for the batch whose detectors' (frames,
+        outputs) blocks are in ``grabbed``; events damaged in any of a function's detectors are filled."""
+        if not self.event_functions:
+            return {}
+        from .event_functions import user_batch
+
+        xp = self.backend.xp
+        batches = {}
+        for det, blocks in grabbed.items():
+            frames, out = blocks[0]
+            if len(blocks) > 1:  # threads or an out-of-memory split: one batch again
+                frames = Frames(xp.concatenate([b[0].data for b in blocks]), xp.concatenate([b[0].good for b in blocks]))
+                out = {k: xp.concatenate([b[1][k] for b in blocks]) for k in out}
+            frames.events = info
+            batches[det] = user_batch(self.pipelines[det], frames, out)
+        columns = {}
+        for ef in self.event_functions:
+            if self.compute_stream is not None:
+                with self.compute_stream:
+                    res = ef({d: batches[d] for d in ef.detectors}, info, xp)
+            else:
+                res = ef({d: batches[d] for d in ef.detectors}, info, xp)
+            bad = np.zeros(len(info.event_index), bool)
+            for d in ef.detectors:
+                bad |= np.asarray(damaged[d], bool)
+            for k, v in res.items():
+                host = np.array(self.backend.to_host(v), copy=True)
+                if bad.any():
+                    host[bad] = fill_value(host.dtype)
+                columns[f"{ef.name}_{k}"] = host
+        return columns
 
     def process(self, staged) -> dict[str, np.ndarray]:
         """A staged batch (or a RawBatch, staged here) -> columns to append (host arrays), damaged rows filled."""

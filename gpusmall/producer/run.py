@@ -51,6 +51,7 @@ from ..io.master import build_master, part_path, remove_stale_parts
 from ..io.writer import BackgroundAppender, OutputWriteError, ResultWriter
 from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
+from .event_functions import EventFunction
 from .lock import OutputLock
 from .memory import check_frames_fit, check_run_fits
 from .paths import check_output, input_files
@@ -279,13 +280,17 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
         pipelines = {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend)
                      for name, dcfg in cfg.detectors.items()}
         check_run_fits(pipelines, batch_size, backend)
-        proc = BatchProcessor(pipelines, backend, batch_size)
+        event_functions = [EventFunction(ef, i) for i, ef in enumerate(cfg.event_functions)]
+        for ef in event_functions:
+            ef.setup(pipelines)  # keys, shapes and dtypes fixed before the output is created
+        proc = BatchProcessor(pipelines, backend, batch_size, event_functions)
         with ResultWriter(my_path, chunk_events=batch_size) as writer, \
                 progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar:
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
                                    "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
                                    "first_event": start, "last_event": -1 if end is None else end,
                                    "event_index_local": bool(getattr(source, "distributed", False)),
+                                   "event_functions": json.dumps([ef.params_record() for ef in event_functions]),
                                    "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
