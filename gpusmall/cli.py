@@ -162,7 +162,7 @@ def cmd_darks(args) -> int:
             raise InputError(f"darks: detector {det} is a {d.type} in {path}, a {dtype} in {args.config[0]}")
         dtype = d.type
     for cfg in configs:  # before any event: the output must not be an input of any run
-        check_output(args.out, "--out", input_files(cfg))
+        check_output(args.out, "--out", input_files(cfg), results_only=True, kind="constants")
     model = get_model(dtype)
     for k, (path, cfg) in enumerate(zip(args.config, configs)):
         if backend is None:
@@ -235,9 +235,9 @@ def cmd_avimage(args) -> int:
     cfg = load_config(args.config)
     det = _one_detector(cfg, args.det, "avimage")
     inputs = input_files(cfg)
-    check_output(args.png, "--png", inputs)
+    check_output(args.png, "--png", inputs, results_only=True, kind="plot")
     if args.out:
-        check_output(args.out, "--out", inputs)
+        check_output(args.out, "--out", inputs, results_only=True, kind="average")
     backend = get_backend(args.backend, cfg.backend)
     print(f"gpusmall: backend {backend.description}", file=sys.stderr)
     av = average_image(cfg, det, backend, events=args.events)
@@ -258,7 +258,7 @@ def cmd_plot(args) -> int:
 
     from .producer.paths import check_output
 
-    check_output(args.png, "plot: --png", {"the input file": Path(args.file)})
+    check_output(args.png, "plot: --png", {"the input file": Path(args.file)}, results_only=True, kind="plot")
     what = plot_key(args.file, args.key, args.png)
     print(f"gpusmall: {what} -> {args.png}", file=sys.stderr)
     return 0
@@ -270,7 +270,7 @@ def cmd_cube(args) -> int:
     from .producer.paths import check_output
 
     out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
-    check_output(out, "cube: --out", {"the input file": Path(args.file)})
+    check_output(out, "cube: --out", {"the input file": Path(args.file)}, results_only=True, kind="cube")
     cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range)
     write_cube(cube, out, source=str(Path(args.file).resolve()))
     i = cube.info

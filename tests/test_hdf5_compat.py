@@ -28,7 +28,6 @@ import pytest
 from test_smalldata_layout import make_results, smalldata_config
 
 from gpusmall.backend import Backend
-from gpusmall.detectors.constants import Constants
 from gpusmall.io.writer import LIBVER
 from gpusmall.producer.config import validate_config
 

@@ -412,3 +412,75 @@ def test_02_merge_refuses_an_output_a_run_is_writing(tmp_path, capsys):
     assert not (tmp_path / "m.h5").exists()
     rc, err = run_cli(capsys, "merge", tmp_path / "m.h5")
     assert rc == 0, err
+
+
+# ---- every output command overwrites only what gpusmall wrote, of its own kind (a new user's trial) ------
+
+def foreign_files(tmp_path):
+    """A config, a text file, a foreign HDF5 file and a PNG that gpusmall did not write."""
+    cfg_like = tmp_path / "other.yaml"
+    cfg_like.write_text("source: {type: sim}\n")
+    text = tmp_path / "notes.h5"
+    text.write_text("my notes\n")
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(3)
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    return [cfg_like, text, foreign, png]
+
+
+def test_darks_avimage_cube_plot_never_overwrite_a_file_gpusmall_did_not_write(tmp_path, capsys):
+    cfg = write(tmp_path, config(tmp_path))
+    assert run_cli(capsys, "run", cfg, "--backend", "numpy", "--quiet")[0] == 0
+    result = tmp_path / "out.h5"
+    files = foreign_files(tmp_path) + [result]  # a run's result is not a constants file, average or cube
+    for target in files:
+        before = target.read_bytes()
+        for argv in (["darks", cfg, "--out", target, "--events", "2", "--backend", "numpy"],
+                     ["avimage", cfg, "--events", "2", "--png", tmp_path / "a.png", "--out", target,
+                      "--backend", "numpy"],
+                     ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", target]):
+            if target == result and argv[0] == "cube":
+                continue  # cube refuses its own input (tested elsewhere)
+            rc, err = run_cli(capsys, *argv)
+            assert rc == 2 and "gpusmall overwrites only files it wrote" in err, (argv, err)
+            assert target.read_bytes() == before, argv
+        if target.suffix == ".png" or target == result:
+            rc, err = run_cli(capsys, "plot", result, "cam/roi_sum", "--png", target)
+            assert rc == 2 and target.read_bytes() == before, err
+    # what they wrote themselves they may write again
+    for argv in (["darks", cfg, "--out", tmp_path / "k.h5", "--events", "2", "--backend", "numpy"],
+                 ["avimage", cfg, "--events", "2", "--png", tmp_path / "a.png", "--out", tmp_path / "av.h5",
+                  "--backend", "numpy"],
+                 ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", tmp_path / "c.h5"],
+                 ["plot", result, "cam/roi_sum", "--png", tmp_path / "p.png"]):
+        for _ in range(2):
+            rc, err = run_cli(capsys, *argv)
+            assert rc == 0, (argv, err)
+
+
+def test_a_single_rank_run_removes_the_parts_of_an_earlier_mpi_run_of_its_output(tmp_path, capsys):
+    from gpusmall.io.master import part_path
+    from test_mpi import FakeComm, cam_config, run_inproc
+
+    data = cam_config(tmp_path, out="m.h5")
+    for r in (1, 0):
+        run_inproc(data, tmp_path, comm=FakeComm(r, 2))
+    assert part_path(tmp_path / "m.h5", 1).exists()
+    keep = tmp_path / "m.partner.h5"
+    keep.write_text("not a part")
+    run_inproc(data, tmp_path)
+    assert not part_path(tmp_path / "m.h5", 0).exists() and not part_path(tmp_path / "m.h5", 1).exists()
+    assert keep.read_text() == "not a part"
+
+
+def test_inspect_lists_hard_links_too(tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    with h5py.File(out, "w") as f:
+        f.attrs["gpusmall_version"] = "0"
+        f["det/droplet_data"] = np.zeros(3, np.float32)
+        f["det/var_droplet_sparse/data"] = f["det/droplet_data"]  # an alias, as smalldata_tools names it
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "var_droplet_sparse/" in text and text.count("(3,)") == 2, text

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
+from ..producer.paths import png_metadata
 from ..errors import InputError
 
 #: an assembled image may have at most this many cells per detector pixel (plus a margin): a geometry in
@@ -158,7 +160,7 @@ def plot_image(image, png, title: str, *, covered=None, extent=None, xlabel: str
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     png = Path(png)
-    fig.savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15)
+    fig.savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15, metadata=png_metadata())
     return png
 
 
@@ -319,6 +321,8 @@ def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:
     _, _, _, origin = pixel_grid(av.x_um, av.y_um, av.pixel_um)
     path = Path(path)
     with h5py.File(path, "w", libver=LIBVER) as f:
+        f.attrs["gpusmall_version"] = __version__  # gpusmall wrote it (may overwrite it)
+        f.attrs["gpusmall_kind"] = "average"
         g = f.create_group(av.det)
         g.create_dataset("mean", data=mean)
         g.create_dataset("image", data=image)

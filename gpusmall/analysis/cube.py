@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .. import __version__
 from ..errors import InputError
 from ..io.master import require_sources
 from ..io.writer import LIBVER, open_result
@@ -192,6 +193,8 @@ def write_cube(cube: Cube, out, source: str = "") -> Path:
     """HDF5: /bins/edges, /bins/centers, /bins/count, /<key>_sum, /<key>_mean (``/`` in keys = groups)."""
     out = Path(out)
     with h5py.File(out, "w", libver=LIBVER) as f:
+        f.attrs["gpusmall_version"] = __version__  # gpusmall wrote it (may overwrite it)
+        f.attrs["gpusmall_kind"] = "cube"
         g = f.create_group("bins")
         g.create_dataset("edges", data=cube.edges)
         g.create_dataset("centers", data=cube.centers)

@@ -23,8 +23,11 @@ def describe(path) -> str:
             depth = name.count("/")
             if isinstance(obj, h5py.Dataset):
                 lines.append(f"{'  ' * (depth + 1)}{name.rsplit('/', 1)[-1]:<32} {str(obj.shape):<22} {obj.dtype}")
-            else:
+            elif obj is not None:
                 lines.append(f"{'  ' * (depth + 1)}{name.rsplit('/', 1)[-1]}/")
 
-        f.visititems(visit)
+        if hasattr(f, "visititems_links"):  # every name, also a second hard link (smalldata_tools' aliases)
+            f.visititems_links(lambda name, link: visit(name, f.get(name)))
+        else:
+            f.visititems(visit)
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..producer.paths import png_metadata
 from ..errors import InputError
 from ..io.master import require_sources
 from ..io.writer import open_result
@@ -109,7 +110,7 @@ def _plot_scalars(f, key, d, png):
         ax.legend(fontsize=8)
     ax.set_title(f"{key}: {v.shape[0]} events" + (f", {nan} NaN (damaged)" if nan else ""), fontsize=10)
     axh.set_title("histogram of the finite values", fontsize=10)
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, metadata=png_metadata())
     return f"{key}: {v.shape[0]} events, value vs event and histogram"
 
 
@@ -132,7 +133,7 @@ def _plot_curves(f, key, d, png):
     axi.set_xlabel("bin")
     axi.set_ylabel("event index")
     axi.set_title("every event" if step == 1 else f"every {step}th event", fontsize=10)
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, metadata=png_metadata())
     return f"{key}: mean of {d.shape[0]} events vs {xlabel}, and events x bins"
 
 
@@ -189,7 +190,7 @@ def plot_key(path, key: str, png) -> str:
                 ax.set_xlabel("index")
                 ax.set_ylabel(key)
                 ax.set_title(f"{key} ({mean.size} values)", fontsize=10)
-                fig.savefig(png, dpi=100)
+                fig.savefig(png, dpi=100, metadata=png_metadata())
                 return f"{key}: {mean.size} values"
             title = key
             while mean.ndim > 3:

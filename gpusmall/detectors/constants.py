@@ -50,7 +50,11 @@ class Constants:
     def save(self, path) -> None:
         """Write every array at the root of an HDF5 file (the format :func:`load_constants` reads), in the
         format of HDF5 1.10 (:data:`gpusmall.io.writer.LIBVER`), booleans as uint8."""
+        from .. import __version__
+
         with h5py.File(path, "w", libver=LIBVER) as f:
+            f.attrs["gpusmall_version"] = __version__  # gpusmall wrote it: a later darks may overwrite it
+            f.attrs["gpusmall_kind"] = "constants"
             for name, arr in self.arrays().items():
                 f.create_dataset(name, data=storable_array(np.asarray(arr)), compression="gzip", compression_opts=1,
                                  shuffle=True)

@@ -40,6 +40,12 @@ class UserFunctionError(GpusmallError):
     """A user function failed or returned something else than at set-up (exit 1)."""
 
 
+class UserFunctionSetupError(UserFunctionError, InputError):
+    """A user function failed its set-up call (one event of zeros), before the run: bad input (exit 2)."""
+
+    exit_code = 2
+
+
 class PythonParams(FunctionParams):
     function: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -169,25 +175,26 @@ def checked_outputs(out, n: int, xp, layout, where: str):
     identifier keys -> numeric arrays (bools as uint8) with ``n`` rows, on ``xp``; ``layout`` (keys ->
     per-event shape and dtype) is fixed by the first call and later calls must match it. Raises
     UserFunctionError starting with ``where``."""
+    error = UserFunctionSetupError if layout is None else UserFunctionError  # set-up: exit 2, later: exit 1
     if not isinstance(out, dict) or not out:
-        raise UserFunctionError(f"{where}: must return a non-empty dict of arrays, not {type(out).__name__}")
+        raise error(f"{where}: must return a non-empty dict of arrays, not {type(out).__name__}")
     arrays = {}
     for key, value in out.items():
         if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise UserFunctionError(f"{where}: key {key!r} is not an identifier")
+            raise error(f"{where}: key {key!r} is not an identifier")
         try:
             arr = xp.asarray(value)
         except Exception as exc:  # noqa: BLE001
-            raise UserFunctionError(f"{where}: {key!r} is not an array ({exc})") from None
+            raise error(f"{where}: {key!r} is not an array ({exc})") from None
         if arr.dtype.kind not in "biuf":
-            raise UserFunctionError(f"{where}: {key!r} has dtype {arr.dtype}; numbers or bools only")
+            raise error(f"{where}: {key!r} has dtype {arr.dtype}; numbers or bools only")
         if arr.ndim == 0 or arr.shape[0] != n:
-            raise UserFunctionError(f"{where}: {key!r} has shape {tuple(arr.shape)}: its first axis must be the "
+            raise error(f"{where}: {key!r} has shape {tuple(arr.shape)}: its first axis must be the "
                                     f"batch's {n} events")
         arrays[key] = arr.astype(xp.uint8) if arr.dtype.kind == "b" else arr
     got = {k: (tuple(a.shape[1:]), np.dtype(a.dtype)) for k, a in arrays.items()}
     if layout is not None and got != layout:
-        raise UserFunctionError(f"{where}: returned {_describe(got)}, at set-up {_describe(layout)}; keys, "
+        raise error(f"{where}: returned {_describe(got)}, at set-up {_describe(layout)}; keys, "
                                 f"per-event shapes and dtypes must not change")
     return arrays, got
 
@@ -202,7 +209,8 @@ def call_user(fn, args, params: dict, setup: bool, where: str):
                 return fn(args, **params)
         return fn(args, **params)
     except Exception:  # noqa: BLE001 - named, with the user's traceback
-        raise UserFunctionError(f"{where} raised:\n{traceback.format_exc().rstrip()}") from None
+        error = UserFunctionSetupError if setup else UserFunctionError
+        raise error(f"{where} raised:\n{traceback.format_exc().rstrip()}") from None
 
 
 def _describe(layout) -> str:

@@ -308,7 +308,6 @@ def segments(parts_ts: list[np.ndarray]) -> list[tuple[int, int, int, int]]:
 
 
 def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
-    first = parts[0]
     with_events = [p for p in parts if p.n > 0]
     with_events.sort(key=lambda p: (int(p.ts[0]), str(p.path)))
     runs = segments([p.ts for p in with_events])

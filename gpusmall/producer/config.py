@@ -214,7 +214,7 @@ _UNION_TAG = re.compile(r"^(function-after.*|float|int|str|bool|none|list\[.*\]|
 def _first_error(exc: ValidationError, prefix=()) -> ConfigError:
     err = exc.errors()[0]
     loc = tuple(prefix) + tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":

@@ -51,9 +51,19 @@ def _same(a: Path, b: Path) -> bool:
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SOFTWARE = "gpusmall"
+"""The ``Software`` text of every PNG gpusmall writes (:func:`png_metadata`): the mark that lets it overwrite one."""
 
 
-def _other_data(p: Path) -> str | None:
+def png_metadata() -> dict[str, str]:
+    """``savefig(..., metadata=png_metadata())``: marks a PNG as gpusmall's own."""
+    from .. import __version__
+
+    return {"Software": f"{PNG_SOFTWARE} {__version__}"}
+
+
+def _other_data(p: Path, kind: str = "result") -> str | None:
     """What an existing ``p`` holds when it is not a gpusmall result (which a rerun may overwrite), or None.
 
     A file that is not HDF5, or an HDF5 file without the ``gpusmall_version`` attribute every result
@@ -64,34 +74,44 @@ def _other_data(p: Path) -> str | None:
     if not p.is_file() or p.stat().st_size == 0:
         return None
     with open(p, "rb") as f:
-        if f.read(8) != HDF5_SIGNATURE:
-            return "a file that is not HDF5"
+        head = f.read(8192)
+    if head.startswith(PNG_SIGNATURE):  # a plot: ours when its Software text says so
+        return None if PNG_SOFTWARE.encode() in head else "a PNG image that gpusmall did not write"
+    if not head.startswith(HDF5_SIGNATURE):
+        return "a file that gpusmall did not write (not HDF5)"
     try:
         f = open_for_reading(p)[0]  # also a result still held by a writer in SWMR mode
     except OSError:
         return None
     try:
         with f:
-            return None if "gpusmall_version" in f.attrs else "an HDF5 file that is not a gpusmall result"
+            if "gpusmall_version" not in f.attrs:
+                return "an HDF5 file that gpusmall did not write"
+            has = f.attrs.get("gpusmall_kind", "result")
+            has = has.decode() if isinstance(has, bytes) else str(has)
     except (KeyError, RuntimeError, OSError):  # damaged metadata: a result whose writer failed is taken as one
         return None
+    return None if has == kind else f"a gpusmall {has} file (this writes a {kind} file)"
 
 
-def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False) -> Path:
+def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False,
+                 kind: str = "result") -> Path:
     """InputError unless ``path`` can be created or overwritten and is none of ``inputs``.
 
     ``what`` names the key or option in the message (``output``, ``--out``, ``--png``). Missing
     folders on the way are created (as ``gpusmall run`` always did for its output). ``results_only``:
-    an existing file may be overwritten only when it is an earlier gpusmall result (``gpusmall run``).
+    an existing file may be overwritten only when gpusmall wrote it (an HDF5 file with the root attribute
+    ``gpusmall_version``, of the same ``kind`` (its ``gpusmall_kind`` attribute: ``result`` (the default, also
+    for files without it), ``constants``, ``average``, ``cube``); a PNG marked by :func:`png_metadata`).
     """
     p = Path(path).expanduser()
     for key, f in (inputs or {}).items():
         if _same(p, f):
             raise InputError(f"{what}: {str(p)!r} is also {key}; writing it would destroy that input")
-    other = _other_data(p) if results_only else None
+    other = _other_data(p, kind) if results_only else None
     if other:
-        raise InputError(f"{what}: {str(p)!r} exists and is {other}; gpusmall overwrites only its own result "
-                         f"files: remove it or choose another output")
+        raise InputError(f"{what}: {str(p)!r} exists and is {other}; gpusmall overwrites only files it wrote: "
+                         f"remove it or choose another output")
     if p.is_dir():
         raise InputError(f"{what}: {str(p)!r} is a folder; give a file name")
     folder = p.absolute().parent

@@ -247,8 +247,8 @@ def claim_outputs(cfg, comm: Comm, out_path: Path, what: str) -> list[OutputLock
         for lock in locks:
             lock.release()
         raise InputError(problems[0])
-    if comm.rank == 0 and comm.size > 1:
-        remove_stale_parts(out_path, comm.size)  # gpusmall parts left by an earlier run with more ranks
+    if comm.rank == 0:  # gpusmall parts of this output left by an earlier run with more ranks (or under MPI)
+        remove_stale_parts(out_path, comm.size if comm.size > 1 else 0)
     return locks
 
 
