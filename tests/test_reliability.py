@@ -484,3 +484,17 @@ def test_inspect_lists_hard_links_too(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "var_droplet_sparse/" in text and text.count("(3,)") == 2, text
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["source"].update(evnts=3), "source.evnts: unknown key (did you mean 'events'?)"),
+    (lambda c: c["detectors"]["cam"]["functions"][0].update(thres_adux=3.0),
+     "detectors.cam.functions[0].thres_adux: unknown key (did you mean 'thres_adu'?)"),
+    (lambda c: c["detectors"]["cam"].update(zzz=1), "detectors.cam.zzz: unknown key"),
+])
+def test_a_misspelt_key_gets_the_closest_name(tmp_path, change, message):
+    cfg = config(tmp_path)
+    change(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert str(err.value) == f"config: {message}"

@@ -211,12 +211,25 @@ _UNION_TAG = re.compile(r"^(function-after.*|float|int|str|bool|none|list\[.*\]|
 """Parts of a pydantic error location that name a validator or a member of a union, not a key."""
 
 
+def _did_you_mean(key) -> str:
+    """`` (did you mean 'thres_adu'?)`` for a misspelt key: the closest key of any config block or function."""
+    import difflib
+
+    from ..funcs import FUNCTIONS
+
+    models = [RunConfig, SourceConfig, DetectorConfig, MaskConfig, CommonModeConfig, EventFunctionConfig,
+              *(f.Params for f in FUNCTIONS.values())]
+    known = sorted({k for m in models for k in m.model_fields} | {"children"})
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _first_error(exc: ValidationError, prefix=()) -> ConfigError:
     err = exc.errors()[0]
     loc = tuple(prefix) + tuple(p for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(loc[-1] if loc else "")
     elif err["type"] == "missing":
         msg = "required key missing"
     n = len(exc.errors())
