@@ -442,7 +442,8 @@ def test_damage_printed_by_cli(tmp_path):
 # ---- GPU out of memory -----------------------------------------------------------------------
 
 
-def test_out_of_memory_halves_batch(tmp_path, monkeypatch, caplog):
+def out_of_memory_above(monkeypatch, most: int = 3) -> None:
+    """Make every reduction of more than ``most`` events raise an OutOfMemoryError, as CuPy's would."""
     from gpusmall.producer import pipeline
 
     class OutOfMemoryError(MemoryError):
@@ -451,12 +452,16 @@ def test_out_of_memory_halves_batch(tmp_path, monkeypatch, caplog):
     orig = pipeline.DetectorPipeline.process
 
     def small_only(self, raw, *args, **kw):
-        if raw.shape[0] > 3:
+        if raw.shape[0] > most:
             raise OutOfMemoryError("Out of memory allocating 1 GB")
         return orig(self, raw, *args, **kw)
 
-    run_inproc(cam_config(tmp_path, batch=8, out="ref.h5"), tmp_path)
     monkeypatch.setattr(pipeline.DetectorPipeline, "process", small_only)
+
+
+def test_out_of_memory_halves_batch(tmp_path, monkeypatch, caplog):
+    run_inproc(cam_config(tmp_path, batch=8, out="ref.h5"), tmp_path)
+    out_of_memory_above(monkeypatch)
     with caplog.at_level("WARNING"):
         s = run_inproc(cam_config(tmp_path, batch=8, out="oom.h5"), tmp_path)
     assert s.events == 40

@@ -376,20 +376,10 @@ def test_damaged_events_hold_no_items(tmp_path):
 
 
 def test_a_batch_halved_on_out_of_memory_gives_the_same_ragged_file(tmp_path, monkeypatch):
-    from gpusmall.producer import pipeline
-
-    class OutOfMemoryError(MemoryError):
-        pass
-
-    orig = pipeline.DetectorPipeline.process
-
-    def small_only(self, raw, *args, **kw):
-        if raw.shape[0] > 3:
-            raise OutOfMemoryError("Out of memory allocating 1 GB")
-        return orig(self, raw, *args, **kw)
+    from test_mpi import out_of_memory_above
 
     run_inproc(cam_droplets(tmp_path, out="ref.h5"), tmp_path)
-    monkeypatch.setattr(pipeline.DetectorPipeline, "process", small_only)
+    out_of_memory_above(monkeypatch)
     run_inproc(cam_droplets(tmp_path, out="oom.h5"), tmp_path)
     assert_same_files(tmp_path / "ref.h5", tmp_path / "oom.h5")
 

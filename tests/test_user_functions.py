@@ -93,6 +93,14 @@ def run(tmp_path, data, backend=None, comm=None):
     return reduce_run(cfg, backend or Backend("numpy"), quiet=True, comm=comm or Comm())
 
 
+def run_cli(tmp_path, capsys, data, *options):
+    """``gpusmall run`` of config ``data`` written beside the user's code: (exit status, stderr)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc = main(["run", str(path), "--quiet", *options])
+    return rc, capsys.readouterr().err
+
+
 def by_hand(area, threshold):
     """The moments of ``moments`` from the ROI image (bad pixels 0) with NumPy, event by event."""
     n, total, com = [], [], []
@@ -189,10 +197,7 @@ def test_two_ranks_give_the_same_file(tmp_path):
 ])
 def test_bad_returns_stop_before_the_run(tmp_path, capsys, fn, message):
     write_user_code(tmp_path)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config(tmp_path, fn=f"userf.py:{fn}")))
-    rc = main(["run", str(path), "--quiet"])
-    err = capsys.readouterr().err
+    rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=f"userf.py:{fn}"))
     assert rc == 2 and "detector cam: function mom (" in err and "the set-up call" in err and message in err, err
     assert not (tmp_path / "u.h5").exists()
 
@@ -203,10 +208,7 @@ def test_bad_returns_stop_before_the_run(tmp_path, capsys, fn, message):
 ])
 def test_a_later_failure_names_the_function_and_event_and_keeps_the_batches(tmp_path, capsys, fn, message):
     write_user_code(tmp_path)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config(tmp_path, fn=f"userf.py:{fn}")))
-    rc = main(["run", str(path), "--quiet", "--threads", "1"])
-    err = capsys.readouterr().err
+    rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=f"userf.py:{fn}"), "--threads", "1")
     assert rc == 1 and "function mom (" in err and "the batch starting at event 8" in err and message in err, err
     if fn == "fails_later":
         assert "ValueError: bad pixel map 8" in err  # the user's own traceback
@@ -218,10 +220,7 @@ def test_a_later_failure_names_the_function_and_event_and_keeps_the_batches(tmp_
                                        ("no_such_module_xyz:f", "cannot import module")])
 def test_a_function_that_cannot_be_found_exits_2(tmp_path, capsys, fn, where):
     write_user_code(tmp_path)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config(tmp_path, fn=fn)))
-    rc = main(["run", str(path), "--quiet"])
-    err = capsys.readouterr().err
+    rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=fn))
     assert rc == 2 and "detector cam: function mom" in err and where in err, err
 
 
@@ -298,10 +297,7 @@ def test_event_functions_do_not_depend_on_the_batch_size_or_ranks(tmp_path, batc
 
 
 def test_an_event_function_failure_names_it_and_keeps_the_batches(tmp_path, capsys):
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(event_config(tmp_path, fn="corr.py:fails_later")))
-    rc = main(["run", str(path), "--quiet"])
-    err = capsys.readouterr().err
+    rc, err = run_cli(tmp_path, capsys, event_config(tmp_path, fn="corr.py:fails_later"))
     assert rc == 1 and "event function ab (" in err and "the batch starting at event 8" in err, err
     assert "KeyError: 'no such shot'" in err
     with h5py.File(tmp_path / "e.h5") as f:
