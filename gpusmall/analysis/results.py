@@ -56,10 +56,11 @@ def n_events(f: h5py.File) -> int:
     raise InputError(f"{f.filename} has no /timestamp: not a gpusmall result file")
 
 
-def is_per_event(f: h5py.File, path: str, n: int | None = None) -> bool:
+def is_per_event(f: h5py.File, path: str, n: int | None = None, offsets: dict | None = None) -> bool:
     """True for a dataset outside /UserDataCfg and /Sums whose first axis is the events axis; a ragged
     per-item dataset (attribute ``items_count``: droplets, photons) and its per-event offsets are not (their
-    length can equal the events' by chance; an offset is a position, not a value to bin)."""
+    length can equal the events' by chance; an offset is a position, not a value to bin). ``offsets``: a dict
+    that keeps each group's offset names between calls (one look at a group's datasets)."""
     path = normalize_key(path)
     if path.split("/", 1)[0] in STATIC_GROUPS:
         return False
@@ -67,7 +68,11 @@ def is_per_event(f: h5py.File, path: str, n: int | None = None) -> bool:
     n = n_events(f) if n is None else n
     if not (isinstance(d, h5py.Dataset) and d.ndim >= 1 and d.shape[0] == n) or "items_count" in d.attrs:
         return False
-    return path.rsplit("/", 1)[-1] not in _ragged_offsets(d.parent)
+    group = d.parent
+    known = offsets if offsets is not None else {}
+    if group.name not in known:
+        known[group.name] = _ragged_offsets(group)
+    return path.rsplit("/", 1)[-1] not in known[group.name]
 
 
 def _ragged_offsets(group: h5py.Group) -> set[str]:
@@ -84,7 +89,8 @@ def per_event_datasets(f: h5py.File, group: str | None = None) -> list[str]:
     """Paths of the per-event datasets (all, or those directly or deeper under ``group``)."""
     n = n_events(f)
     prefix = normalize_key(group) + "/" if group else ""
-    return [p for p in dataset_paths(f) if p.startswith(prefix) and is_per_event(f, p, n)]
+    offsets: dict = {}
+    return [p for p in dataset_paths(f) if p.startswith(prefix) and is_per_event(f, p, n, offsets)]
 
 
 def detectors(f: h5py.File) -> list[str]:

@@ -60,6 +60,16 @@ class EventInfo:
         return EventInfo(self.timestamp[events], self.event_index[events],
                          {k: v[events] for k, v in self.context.items()})
 
+    def describe(self) -> str:
+        """``the batch starting at event N``, or ``the set-up call`` for :data:`SETUP_EVENT` (for messages)."""
+        if not len(self.event_index) or int(self.event_index[0]) < 0:
+            return "the set-up call (one event of zeros)"
+        return f"the batch starting at event {int(self.event_index[0])}"
+
+
+SETUP_EVENT = EventInfo(np.zeros(1, np.uint64), np.full(1, -1, np.int64))
+"""The one event of zeros every pipeline calibrates and reduces at set-up (event index -1)."""
+
 
 @dataclass
 class FrameContext:

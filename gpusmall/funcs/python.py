@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ..errors import GpusmallError, InputError
-from .base import FrameContext, Frames, FunctionParams, ReductionFunction
+from .base import SETUP_EVENT, FrameContext, Frames, FunctionParams, ReductionFunction
 
 _SPEC = re.compile(r"^(?P<where>.+):(?P<name>[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)$")
 
@@ -92,6 +92,15 @@ class UserBatch:
     def __len__(self) -> int:
         return int(self.frames.shape[0])
 
+    @classmethod
+    def of(cls, ctx: FrameContext, frames: Frames, outputs: dict | None = None) -> "UserBatch":
+        """The batch a user function gets for ``frames`` (with their EventInfo) of the detector ``ctx`` describes."""
+        ev = frames.events
+        return cls(frames=frames.data, good=frames.good, xp=ctx.xp, mask=ctx.mask, noise=ctx.noise, x=ctx.x,
+                   y=ctx.y, z=ctx.z, timestamps=None if ev is None else ev.timestamp,
+                   event_index=None if ev is None else ev.event_index,
+                   context={} if ev is None else dict(ev.context), det=ctx.det, outputs=dict(outputs or {}))
+
 
 def load_callable(spec: str, base_dir: str | Path = "."):
     """The callable named by ``module:function`` or ``file.py:function`` (a path relative to ``base_dir``).
@@ -144,23 +153,13 @@ class PythonFunction(ReductionFunction):
         return None
 
     def _where(self, frames) -> str:
-        ev = frames.events
-        if ev is None or not len(ev.event_index) or int(ev.event_index[0]) < 0:
-            first = "the set-up call (one event of zeros)"
-        else:
-            first = f"the batch starting at event {int(ev.event_index[0])}"
-        return f"detector {self.ctx.det}: function {self.name} ({self.p.function}), {first}"
+        at = (frames.events or SETUP_EVENT).describe()
+        return f"detector {self.ctx.det}: function {self.name} ({self.p.function}), {at}"
 
     def compute(self, frames: Frames):
-        ctx, xp = self.ctx, self.ctx.xp
-        n = int(frames.data.shape[0])
-        ev = frames.events
-        batch = UserBatch(frames=frames.data, good=frames.good, xp=xp, mask=ctx.mask, noise=ctx.noise, x=ctx.x,
-                          y=ctx.y, z=ctx.z, timestamps=None if ev is None else ev.timestamp,
-                          event_index=None if ev is None else ev.event_index,
-                          context={} if ev is None else dict(ev.context), det=ctx.det)
-        out = call_user(self.fn, batch, self.p.params, self.layout is None, self._where(frames))
-        arrays, self.layout = checked_outputs(out, n, xp, self.layout, self._where(frames))
+        where = self._where(frames)
+        out = call_user(self.fn, UserBatch.of(self.ctx, frames), self.p.params, self.layout is None, where)
+        arrays, self.layout = checked_outputs(out, int(frames.data.shape[0]), self.ctx.xp, self.layout, where)
         return arrays, None
 
     def params(self) -> dict[str, Any]:

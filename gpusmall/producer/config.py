@@ -351,11 +351,17 @@ def _resolve_function_paths(base: Path, specs: list[FunctionSpec]) -> None:
             value = getattr(spec.params, key, None)
             if isinstance(value, str):
                 setattr(spec.params, key, _resolve(base, value))
-        if spec.type == "python":  # "file.py:function" follows the config file; "module:function" stays
-            where, _, name = spec.params.function.rpartition(":")
-            if where.endswith(".py") and not Path(where).expanduser().is_absolute():
-                spec.params.function = f"{base / Path(where).expanduser()}:{name}"
+        if spec.type == "python":
+            spec.params.function = _resolve_callable(base, spec.params.function)
         _resolve_function_paths(base, spec.children)
+
+
+def _resolve_callable(base: Path, function: str) -> str:
+    """A user function's ``file.py:function`` with the file relative to the config; ``module:function`` as it is."""
+    where, _, name = function.rpartition(":")
+    if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+        return f"{base / Path(where).expanduser()}:{name}"
+    return function
 
 
 def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
@@ -417,9 +423,7 @@ def _check_event_functions(cfg: RunConfig, base: Path) -> None:
             PythonParams.model_validate({"function": ef.function})
         except ValidationError as exc:
             raise _first_error(exc, loc) from None
-        where, _, name = ef.function.rpartition(":")
-        if where.endswith(".py") and not Path(where).expanduser().is_absolute():
-            ef.function = f"{base / Path(where).expanduser()}:{name}"
+        ef.function = _resolve_callable(base, ef.function)
 
 
 def read_config_file(path) -> dict:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..errors import InputError
-from ..funcs.base import EventInfo
+from ..funcs.base import SETUP_EVENT, EventInfo
 from ..funcs.python import UserBatch, call_user, checked_outputs, load_callable
 
 
@@ -32,9 +30,7 @@ class EventFunction:
         self.layout: dict | None = None
 
     def _where(self, events: EventInfo) -> str:
-        first = int(events.event_index[0]) if len(events.event_index) else -1
-        at = "the set-up call (one event of zeros)" if first < 0 else f"the batch starting at event {first}"
-        return f"event function {self.name} ({self.spec}), {at}"
+        return f"event function {self.name} ({self.spec}), {events.describe()}"
 
     def __call__(self, batches: dict[str, UserBatch], events: EventInfo, xp) -> dict[str, Any]:
         """Outputs (on ``xp``) by key for the events of ``batches``."""
@@ -44,23 +40,13 @@ class EventFunction:
         return arrays
 
     def setup(self, pipelines: dict) -> None:
-        """The set-up call: each detector's one event of zeros, calibrated and reduced."""
-        events = EventInfo(np.zeros(1, np.uint64), np.full(1, -1, np.int64))
+        """The set-up call on each detector's event of zeros (``DetectorPipeline.setup_event``)."""
         batches = {}
         for det in self.detectors:
-            pl = pipelines[det]
-            frames = pl.calibrator(pl.backend.xp.zeros((1, *pl.shape), pl.raw_dtype))
-            frames.events = events
-            batches[det] = user_batch(pl, frames, pl.reduce_frames(frames))
-        self(batches, events, next(iter(pipelines.values())).backend.xp)
+            frames, by_function = pipelines[det].setup_event()
+            outputs = {k: v for out in by_function.values() for k, v in out.items()}
+            batches[det] = UserBatch.of(pipelines[det].ctx, frames, outputs)
+        self(batches, SETUP_EVENT, next(iter(pipelines.values())).backend.xp)
 
     def params_record(self) -> dict[str, Any]:
         return {"name": self.name, "function": self.spec, "detectors": self.detectors, "params": self.params}
-
-
-def user_batch(pl, frames, outputs: dict) -> UserBatch:
-    """The UserBatch of detector pipeline ``pl`` for ``frames`` (with their EventInfo) and its outputs."""
-    ctx, ev = pl.ctx, frames.events
-    return UserBatch(frames=frames.data, good=frames.good, xp=ctx.xp, mask=ctx.mask, noise=ctx.noise, x=ctx.x,
-                     y=ctx.y, z=ctx.z, timestamps=ev.timestamp, event_index=ev.event_index,
-                     context=dict(ev.context), det=pl.name, outputs=dict(outputs))

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 
-N_HOST_BUFFERS = 4  # raw host buffers per detector (producer.run.N_BUFFERS)
+N_HOST_BUFFERS = 4  # raw host buffers per detector (the run loop's reader ring, producer.run.N_BUFFERS)
 N_RESULT_BATCHES = 4  # batches of results alive at once: reducing, on the way back, queued, writing
 FRAME_BYTES_PER_PIXEL = 4 * 4 + 2  # calibrated float32 frames and their temporaries, the good mask
 CONSTANT_BYTES_PER_GAIN = 8  # pedestal and gain, float32, per gain range

@@ -19,7 +19,7 @@ from ..detectors.constants import (check_measured_ranges, default_constants, def
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
-from ..funcs.base import EventInfo
+from ..funcs.base import SETUP_EVENT
 from ..funcs.sums import RunSums
 from ..sources.base import DetectorSource
 
@@ -97,6 +97,7 @@ class DetectorPipeline:
         self.raw_dtype = np.dtype(src.dtype)
         self.functions = [build_function(s) for s in specs]
         self.function_paths = [s.path for s in specs]  # config key path of each, for messages
+        self._setup_event = None  # see setup_event
         for f in self.functions:
             f.setup(self.ctx)
         self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value,
@@ -145,18 +146,23 @@ class DetectorPipeline:
         per-item outputs (droplets, photons) count as many items as their bound per event (``max_droplets``...)."""
         from ..funcs.droplet import sparse_columns
 
-        xp = self.backend.xp
-        frames = self.calibrator(xp.zeros((1, *self.shape), self.raw_dtype))
-        frames.events = EventInfo(np.zeros(1, np.uint64), np.full(1, -1, np.int64))  # -1: the set-up call
+        _, by_function = self.setup_event()
         out = {}
         for path, f in zip(self.function_paths, self.functions):
             bounds = sparse_columns([f]).bounds
-            out[path] = int(sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize for k, v in f(frames).items()))
+            out[path] = int(sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize
+                                for k, v in by_function[path].items()))
         return out
 
-    def reduce_frames(self, frames) -> dict[str, Any]:
-        """Every function's outputs (by output name) for calibrated ``frames``."""
-        return self._reduce(frames)
+    def setup_event(self):
+        """(frames, outputs by top-level function path) of one event of zeros, calibrated and reduced once at
+        set-up (event index -1: :data:`~gpusmall.funcs.base.SETUP_EVENT`): what sizes the run's memory and
+        fixes what user functions return, before the output file exists."""
+        if self._setup_event is None:
+            frames = self.calibrator(self.backend.xp.zeros((1, *self.shape), self.raw_dtype))
+            frames.events = SETUP_EVENT
+            self._setup_event = frames, {p: f(frames) for p, f in zip(self.function_paths, self.functions)}
+        return self._setup_event
 
     def _reduce(self, frames) -> dict[str, Any]:
         out = {}

@@ -391,7 +391,7 @@ class BatchProcessor:
         outputs) blocks are in ``grabbed``; events damaged in any of a function's detectors are filled."""
         if not self.event_functions:
             return {}
-        from .event_functions import user_batch
+        from ..funcs.python import UserBatch
 
         xp = self.backend.xp
         batches = {}
@@ -401,7 +401,7 @@ class BatchProcessor:
                 frames = Frames(xp.concatenate([b[0].data for b in blocks]), xp.concatenate([b[0].good for b in blocks]))
                 out = {k: xp.concatenate([b[1][k] for b in blocks]) for k in out}
             frames.events = info
-            batches[det] = user_batch(self.pipelines[det], frames, out)
+            batches[det] = UserBatch.of(self.pipelines[det].ctx, frames, out)
         columns = {}
         for ef in self.event_functions:
             if self.compute_stream is not None:

@@ -53,7 +53,7 @@ from ..sources import open_source
 from .mpi import Comm, block_range, get_comm
 from .event_functions import EventFunction
 from .lock import OutputLock
-from .memory import check_frames_fit, check_run_fits
+from .memory import N_HOST_BUFFERS, check_frames_fit, check_run_fits
 from .paths import check_output, input_files
 from .pipeline import DetectorPipeline
 from .process import BatchProcessor, DeviceTimes
@@ -61,7 +61,7 @@ from .process import BatchProcessor, DeviceTimes
 log = logging.getLogger(__name__)
 
 BARRIER_TIMEOUT_S = float(os.environ.get("GPUSMALL_BARRIER_TIMEOUT", "120"))
-N_BUFFERS = 4  # batch being reduced, batch uploading, batch being read, one spare
+N_BUFFERS = N_HOST_BUFFERS  # batch being reduced, batch uploading, batch being read, one spare
 
 
 @dataclass
