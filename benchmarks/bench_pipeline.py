@@ -33,10 +33,10 @@ from gpusmall.backend import get_backend  # noqa: E402
 from gpusmall.cli import demo_config_dict  # noqa: E402
 from gpusmall.producer.config import load_config, validate_config  # noqa: E402
 from gpusmall.producer.mpi import Comm  # noqa: E402
-from gpusmall.producer.pipeline import DetectorPipeline  # noqa: E402
+from gpusmall.producer.pipeline import make_pipelines  # noqa: E402
 from gpusmall.io.writer import BackgroundAppender, ResultWriter  # noqa: E402
 from gpusmall.producer.process import BatchProcessor, DeviceTimes  # noqa: E402
-from gpusmall.producer.run import reduce_run  # noqa: E402
+from gpusmall.producer.run import reduce_run, setup_cube  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
 from reference_pipeline import PerEventReference  # noqa: E402  (benchmarks/, the script's directory)
 
@@ -54,8 +54,7 @@ def end_to_end(cfg, backend, events, out):
 
 def pipelines(cfg, src, backend):
     """{det: DetectorPipeline} of the config, for an open source, on ``backend``."""
-    return {n: DetectorPipeline(n, d, src.detectors[n], cfg.function_specs(n), backend)
-            for n, d in cfg.detectors.items()}
+    return make_pipelines(cfg, src, backend)
 
 
 def read_pinned(cfg, src, backend, events):
@@ -69,20 +68,20 @@ def read_pinned(cfg, src, backend, events):
     return batches
 
 
-def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None):
+def compute_only(cfg, backend, events, repeat=3, overlap=True, out=None, cube=False):
     """Batches already in (pinned) host memory through BatchProcessor, as reduce_run drives it.
 
     ``overlap``: stage (upload) batch k+1 before reducing batch k and collect batch k's results a batch
     later (by a writer thread when there is a file), as the run loop does; False: one batch at a time
     (upload, reduce, results, write), to show what the overlap gains. ``out``: also append every batch's
     results to this HDF5 file (flushed per batch), i.e. "pinned host memory to a written file", the
-    issue-7 measure without the source.
+    issue-7 measure without the source. ``cube``: with the config's ``cube:`` (its frame sums on the device).
     """
     with open_source(cfg) as src:
         nbytes = raw_bytes_per_event(src)
         pls = pipelines(cfg, src, backend)
         batches = read_pinned(cfg, src, backend, events)
-    proc = BatchProcessor(pls, backend, cfg.batch_size)
+    proc = BatchProcessor(pls, backend, cfg.batch_size, cube=setup_cube(cfg, pls, backend) if cube else None)
     proc.process(batches[0])  # warm-up: kernel compilation, memory pool
     backend.synchronize()
     proc.times = DeviceTimes()
@@ -196,6 +195,12 @@ def main(argv=None):
         print(f"pinned->file : {to_file['events_per_s']:9.1f} events/s  {to_file['gb_per_s']:7.3f} GB/s raw "
               f"(batches in pinned host memory -> upload, reduce, results -> HDF5; overlapped)")
     results = {}
+    if cfg.cube is not None:  # the cube's cost: compute only without it, then with it
+        plain, cubed = (compute_only(cfg, backend, args.events, cube=c) for c in (False, True))
+        extra = 1 / cubed["events_per_s"] - 1 / plain["events_per_s"]
+        print(f"cube         : {cubed['events_per_s']:9.1f} events/s with the config's cube vs {plain['events_per_s']:.1f} "
+              f"without: {1e3 * extra:+.2f} ms per event ({100 * extra * plain['events_per_s']:+.1f}%)")
+        results["cube"] = {"with_events_per_s": cubed["events_per_s"], "without_events_per_s": plain["events_per_s"]}
     for overlap in (True, False) if backend.is_gpu else (True,):
         r = results["overlapped" if overlap else "serial"] = compute_only(cfg, backend, args.events, overlap=overlap)
         how = "overlapped" if overlap else "serial    "
@@ -228,7 +233,8 @@ def main(argv=None):
         runs = json.loads(path.read_text()) if path.is_file() else []
         runs.append({"backend": backend.name, "device": backend.description, "batch": cfg.batch_size,
                      "events": args.events, "config": args.config or "demo",
-                     "end_to_end": {"events_per_s": ev, "gb_per_s": gb}, "compute_only": results["overlapped"]})
+                     "end_to_end": {"events_per_s": ev, "gb_per_s": gb}, "compute_only": results["overlapped"],
+                     "cube": results.get("cube")})
         path.write_text(json.dumps(runs, indent=1))
 
 

@@ -9,7 +9,7 @@
 # even when a step hangs; a step that finds too little time left is skipped and says so. Files in $OUT (7):
 #   session.log      everything printed, with the step summary at the end
 #   junit.xml        the test suite (GPUSMALL_BACKEND=cupy): any skipped CuPy test is listed as a failure of the session
-#   bench_cupy.json  benchmarks/bench_calib.py + bench_funcs.py on CuPy (pytest-benchmark JSON)
+#   bench_cupy.json  benchmarks/bench_calib.py + bench_funcs.py + bench_cube.py on CuPy (pytest-benchmark JSON)
 #   bench_numpy.json the same on NumPy, same machine (last step; SKIP_NUMPY_BENCH=1 skips it)
 #   pipeline.json    benchmarks/bench_pipeline.py (demo config) on CuPy, batches of 16 and 64
 #   profile.txt      benchmarks/profile_kernels.py: GPU time, GB/s vs a device copy, registers/spills per kernel
@@ -133,7 +133,7 @@ EOF
 
 # (d) benchmarks: calibration and functions on the backend, the whole pipeline
 bench() {  # bench BACKEND JSON
-  GPUSMALL_BACKEND=$1 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_calib.py benchmarks/bench_funcs.py \
+  GPUSMALL_BACKEND=$1 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_calib.py benchmarks/bench_funcs.py benchmarks/bench_cube.py \
     $([ "$1" = cupy ] && echo benchmarks/bench_writer.py) \
     --benchmark-only --benchmark-json="$2" --benchmark-columns=min,mean,median,rounds
 }

@@ -77,6 +77,11 @@ def _run_config(cfg, args) -> int:
     ranks = f" on {summary.ranks} ranks" if summary.ranks > 1 else ""
     print(f"gpusmall: {summary.events} events -> {summary.output}{ranks} in {summary.seconds:.1f} s "
           f"({summary.events_per_s:.1f} events/s)", file=sys.stderr)
+    if summary.cube is not None:
+        i = summary.cube_info
+        mine = f" (rank 0: {i.get('used', 0)} of its {i.get('events', 0)} events)" if summary.ranks > 1 else (
+            f" ({i.get('used', 0)} of {i.get('events', 0)} events in its bins)")
+        print(f"gpusmall: cube -> {summary.cube}{mine}", file=sys.stderr)
     t = summary.device_times
     if backend.is_gpu and t.batches:
         print(f"gpusmall: rank 0 GPU time: reduce {t.compute_s:.2f} s, host->device {t.h2d_s:.2f} s "
@@ -271,12 +276,17 @@ def cmd_cube(args) -> int:
 
     out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
     check_output(out, "cube: --out", {"the input file": Path(args.file)}, results_only=True, kind="cube")
-    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range)
+    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range, edges=args.edges,
+                     width=args.width, steps=args.steps, selection=args.selection, split=args.split,
+                     select=args.select)
     write_cube(cube, out, source=str(Path(args.file).resolve()))
     i = cube.info
-    left = ", ".join(f"{i[k]} {k}" for k in ("damaged", "nonfinite", "outside") if i[k])
-    print(f"gpusmall: {i['used']} of {i['events']} events in {len(cube.count)} bins of {cube.by} "
-          f"[{cube.edges[0]:g}, {cube.edges[-1]:g}]" + (f" (left out: {left})" if left else "")
+    left = ", ".join(f"{i[k]} {k}" for k in ("damaged", "nonfinite", "unselected", "outside", "unsplit") if i.get(k))
+    where = (f"{cube.nbins} steps of {cube.by}" if cube.edges is None else
+             f"{cube.nbins} bins of {cube.by} [{cube.edges[0]:g}, {cube.edges[-1]:g}]")
+    print(f"gpusmall: {i['used']} of {i['events']} events in {where}"
+          + (f" (left out: {left})" if left else "")
+          + (f", split by {' '.join(cube.split)}" if cube.split else "")
           + f", {len(cube.sums)} datasets -> {out}", file=sys.stderr)
     return 0
 
@@ -335,11 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("cube", help="bin events by a per-event scalar: count, sum and mean per bin")
     c.add_argument("file", help="result HDF5 file")
-    c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum")
-    c.add_argument("--bins", type=_positive, required=True, help="number of equal-width bins")
+    c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum or scan/step")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--bins", type=_positive, help="number of equal-width bins (over --range or the key's finite range)")
+    how.add_argument("--edges", nargs="+", type=float, metavar="E", help="explicit, strictly increasing bin edges")
+    how.add_argument("--width", type=_positive_float, metavar="W",
+                     help="bins of width W over --range, or from floor(min/W)*W over the key's finite range")
+    how.add_argument("--steps", action="store_true",
+                     help="one bin per distinct value of --by (scan steps: --by scan/step)")
+    c.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="bin range for --bins or --width (default: the key's finite range)")
     c.add_argument("--keys", nargs="+", help="per-event datasets to bin (default: all of --by's detector group, "
-                                             "or all non-scalar per-event datasets)")
-    c.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="bin range (default: the key's finite range)")
+                                             "or all non-scalar per-event datasets, and every per-event scalar)")
+    c.add_argument("--selection", metavar="NAME", help="only the events of this selection of the run's config "
+                                                       "(or built-in: dropped, laser_on, laser_off)")
+    c.add_argument("--split", nargs="+", metavar="NAME",
+                   help="split each bin by each of these selections (a leading split axis on every count and sum)")
+    c.add_argument("--select", action="append", metavar="KEY=V|KEY=LO:HI",
+                   help="only events with KEY == V or LO <= KEY <= HI (repeatable: all must hold)")
     c.add_argument("--out", help="output HDF5 file (default: <file stem>_cube.h5 beside FILE)")
     c.set_defaults(func=cmd_cube)
     return p

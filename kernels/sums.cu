@@ -46,3 +46,43 @@ extern "C" __global__ void run_sums(const float* __restrict__ data, const bool* 
         }
     }
 }
+
+// Cube sums of a batch (SPEC 10 `cube`): each event's calibrated frame added to its bin's row.
+// NumPy twin: gpusmall.producer.cube.cube_add_numpy. One thread per pixel walks the batch's events in order;
+// consecutive events of the same row are summed in a register and added once.
+//   data   (events, npix) float32, calibrated values
+//   rows   (splits, events) int32: the accumulator row of each event in each split, -1 = not in the cube
+//   sum    (n_rows, npix) float64, sq (n_rows, npix) float64 (with_square), updated in place
+extern "C" __global__ void cube_add(const float* __restrict__ data, const int* __restrict__ rows,
+                                    long long events, int splits, long long npix,
+                                    double* __restrict__ sum, double* __restrict__ sq, int with_square)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
+        for (int s = 0; s < splits; ++s) {
+            int row = -1;
+            double a = 0.0, a2 = 0.0;
+            for (long long e = 0; e < events; ++e) {
+                const int r = rows[(long long)s * events + e];
+                if (r != row) {
+                    if (row >= 0) {
+                        sum[(long long)row * npix + p] += a;
+                        if (with_square) sq[(long long)row * npix + p] += a2;
+                    }
+                    row = r;
+                    a = 0.0;
+                    a2 = 0.0;
+                }
+                if (r >= 0) {
+                    const double v = (double)data[e * npix + p];
+                    a += v;
+                    a2 += v * v;
+                }
+            }
+            if (row >= 0) {
+                sum[(long long)row * npix + p] += a;
+                if (with_square) sq[(long long)row * npix + p] += a2;
+            }
+        }
+    }
+}

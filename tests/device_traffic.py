@@ -21,7 +21,7 @@ from test_fake_gpu_pipeline import FakeGpuStrict
 
 from gpusmall.cli import demo_config_dict
 from gpusmall.producer.config import validate_config
-from gpusmall.producer.pipeline import DetectorPipeline
+from gpusmall.producer.pipeline import make_pipelines
 from gpusmall.producer.process import BatchProcessor
 from gpusmall.sources.sim import SimSource
 
@@ -156,9 +156,9 @@ def demo_traffic(monkeypatch, events: int = 8, shape=(16, 352, 384), seed: int =
     cfg = validate_config(data)
     gpu = TrafficGpu()
     install_fake_cupyx(monkeypatch, transfers=gpu.transfers)
-    src = SimSource(2 * events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=seed)
-    pl = DetectorPipeline("epix10k2m", cfg.detectors["epix10k2m"], src.detectors["epix10k2m"],
-                          cfg.function_specs("epix10k2m"), gpu)
+    src = SimSource(2 * events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=seed,
+                    simulate=cfg.source.simulate)
+    pl = make_pipelines(cfg, src, gpu)["epix10k2m"]
     proc = BatchProcessor({"epix10k2m": pl}, gpu, events)
     with np.errstate(all="ignore"):
         proc.process(proc.stage(src.read(0, events)))

@@ -333,10 +333,11 @@ def test_cube_range_nan_keys_and_top_level_key(result_file, tmp_path):
     assert cube.info["outside"] == 11 - count.sum() and cube.info["used"] == count.sum()
     for k in keys:
         np.testing.assert_allclose(cube.sums[k], sums[k], rtol=1e-12)
-    # binned by the timestamp (outside the detector groups): every non-scalar per-event dataset
+    # binned by the timestamp (outside the detector groups): every non-scalar per-event dataset and every
+    # per-event scalar but the bookkeeping ones (timestamp, event_index, event_time, fiducials, damaged)
     cube = make_cube(result_file, "timestamp", 2)
     assert set(cube.sums) == {"epix/roi0_com", "epix/roi0_area", "epix/roi0_pj_ax_1_data", "epix/azav_azav",
-                              "epix/azav_count"}
+                              "epix/azav_count", "epix/roi0_sum", "epix/roi0_max", "epix/roi0_mean", "epix/roi0_nsat"}
     assert cube.count.sum() == 12
 
 

@@ -22,7 +22,7 @@ from test_kernel_launches import FakeGpu
 from gpusmall.backend import Backend
 from gpusmall.cli import demo_config_dict
 from gpusmall.producer.config import validate_config
-from gpusmall.producer.pipeline import DetectorPipeline
+from gpusmall.producer.pipeline import DetectorPipeline, make_pipelines
 from gpusmall.producer.process import BatchProcessor
 from gpusmall.sources.sim import SimSource
 
@@ -63,9 +63,9 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4, per_batch=None):
     det["functions"].append({"type": "photon_count", "adu_per_photon": 156})
     data["source"]["events"] = events
     cfg = validate_config(data)
-    src = SimSource(events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=2)
-    pl = DetectorPipeline("epix10k2m", cfg.detectors["epix10k2m"], src.detectors["epix10k2m"],
-                          cfg.function_specs("epix10k2m"), backend)
+    src = SimSource(events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=2,
+                    simulate=cfg.source.simulate)
+    pl = make_pipelines(cfg, src, backend)["epix10k2m"]
     proc = BatchProcessor({"epix10k2m": pl}, backend, batch)
     if hasattr(backend, "transfers"):
         backend.transfers.clear()  # count from the first batch on (set-up moves constants once)

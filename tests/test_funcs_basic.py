@@ -271,8 +271,9 @@ def test_two_names_of_one_sum_are_an_error(names):
 def test_sum_names():
     assert [s.name for s in parse_sums(["square", "max_thresADU5", "calib_thresADU5", "nhits_thresADU5"])] == [
         "calib_square", "calib_max_thresADU5", "calib_thresADU5", "nhits_thresADU5"]
-    with pytest.raises(ValueError, match="lightStatus"):
-        SumSpec.parse("calib_dropped")
+    assert SumSpec.parse("calib_dropped") == SumSpec("calib_dropped", "calib", None, "dropped")
+    assert SumSpec.parse("calib_dropped_square") == SumSpec("calib_dropped_square", "square", None, "dropped")
+    assert SumSpec.parse("max_thresADU5:laser_on") == SumSpec("calib_max_thresADU5_laser_on", "max", 5.0, "laser_on")
     for bad in ("mean", "calib_mean", "nhits_max", "calib_square_max", "calib_thresADU"):
         with pytest.raises(ValueError, match="unknown sum"):
             SumSpec.parse(bad)
@@ -290,8 +291,8 @@ def test_sum_names_in_the_config():
     ok = ["calib", "calib_square", "calib_max", "calib_thresADU5", "calib_max_thresADU5", "nhits", "nhits_thresADU5",
           "square_thresADU3", "max_thresADU3"]
     assert validate_config(cfg(ok)).detectors["cam"].sums == ok
-    for sums, match in ((["calib_dropped"], "lightStatus"), (["square", "calib_square"], "the same sum"),
-                        (["calib_mean"], "unknown sums")):
+    for sums, match in ((["calib:nosuch"], "no selection 'nosuch'"), (["square", "calib_square"], "the same sum"),
+                        (["calib_mean"], "unknown sum"), (["calib:1x"], "must name a selection")):
         with pytest.raises(ConfigError, match=f"detectors.cam.*{match}"):
             validate_config(cfg(sums))
 

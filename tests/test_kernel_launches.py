@@ -256,6 +256,22 @@ def emu_run_sums(grid, block, shared, data, keep, events, npix, n_sums, kinds, t
             a[k] += {0: v, 1: v * v, 3: (x >= t).astype(np.float64), 4: (x > t).astype(np.float64)}[kind].sum(axis=0)
 
 
+def emu_cube_add(grid, block, shared, data, rows, events, splits, npix, acc, sq, with_square):
+    E, S, N = int(events), int(splits), int(npix)
+    r = _flat(rows, S * E, "rows")[:S * E].reshape(S, E)
+    n_rows = acc.size // N
+    assert r.max() < n_rows, "a row past the accumulators"
+    x = _flat(data, E * N, "data")[:E * N].reshape(E, N).astype(np.float64)
+    a = _flat(acc, n_rows * N, "acc")[:n_rows * N].reshape(n_rows, N)
+    q = _flat(sq, n_rows * N, "sq")[:n_rows * N].reshape(n_rows, N)
+    for s in range(S):
+        for e in range(E):
+            if r[s, e] >= 0:
+                a[r[s, e]] += x[e]
+                if int(with_square):
+                    q[r[s, e]] += x[e] * x[e]
+
+
 def emu_droplet_mask(grid, block, shared, data, good, noise, threshold, threshold_low, use_rms, n, rows, cols, npix,
                      grow, mask):
     n, R, C, P = int(n), int(rows), int(cols), int(npix)
@@ -316,7 +332,7 @@ def emu_label_flatten(grid, block, shared, parent, m):
 EMULATORS = {"calibrate_u16": emu_calibrate_u16, "pedestal_u16": emu_pedestal_u16, "scale_apply": emu_scale_apply,
              "cm_median_step": emu_cm_median_step, "cm_median_rows_warp": emu_cm_median_rows_warp,
              "cm_median_cols_warp": emu_cm_median_cols_warp, "azav_histogram": emu_azav_histogram,
-             "run_sums": emu_run_sums, "droplet_mask": emu_droplet_mask, "label_union": emu_label_union,
+             "run_sums": emu_run_sums, "cube_add": emu_cube_add, "droplet_mask": emu_droplet_mask, "label_union": emu_label_union,
              "label_flatten": emu_label_flatten}
 
 
@@ -582,6 +598,38 @@ def test_compiled_calib_kernels_any_grid(rng, name, grid):
             outs[run] = (out, gi, good)
         for a, b in zip(outs["compiled"], outs["emulated"]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
+@pytest.mark.parametrize("square", [False, True])
+def test_cube_add_kernel_equals_numpy(rng, kernels, square):
+    """The cube's frame sums through DetectorCube: the ``cube_add`` kernel (rows of consecutive events summed in a
+    register, two splits, events out of the cube, a batch over more bins than device rows) equals the NumPy twin
+    and the grouping formula."""
+    from gpusmall.producer.cube import DetectorCube
+
+    shape = (2, 5, 7)
+    batches = [rng.normal(5, 20, (6,) + shape).astype(np.float32) for _ in range(3)]
+    ids = [np.array([[0, 0, 1, -1, 1, 2], [-1, 2, 2, 2, 0, -1]]), np.array([[3, 3, 3, 3, 4, 4], [3, -1, 3, -1, 4, 4]]),
+           np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])]
+    gpu, cpu = FakeGpu(kernels), Backend("numpy")
+    got = {}
+    for b in (gpu, cpu):
+        cube = DetectorCube(shape, b, splits=2, rows=2, square=square)
+        for data, i in zip(batches, ids):
+            cube.add(b.to_device(data), i)
+        got[b] = cube.host_sums()
+    assert {name for name, *_ in gpu.launches} == {"cube_add"}
+    for k in range(6):
+        for s in range(2):
+            m = [i[s] == k for i in ids]
+            x = np.concatenate([d[mm] for d, mm in zip(batches, m)]).astype(np.float64).reshape(-1, 70)
+            for b in (gpu, cpu):
+                np.testing.assert_allclose(got[b][k][0][s], x.sum(0), rtol=1e-12, atol=1e-9)
+                if square:
+                    np.testing.assert_allclose(got[b][k][1][s], (x * x).sum(0), rtol=1e-12, atol=1e-9)
+                else:
+                    assert got[b][k][1] is None
 
 
 SUM_NAMES = ["calib", "square", "max", "nhits", "calib_thresADU10", "square_thresADU-5", "calib_max_thresADU30",

@@ -33,7 +33,7 @@ class SumPipeline:
         self.sums = []
         self.seen = []
 
-    def process(self, raw, keep=None, events=None, frames_out=None):
+    def process(self, raw, keep=None, events=None, frames_out=None, cube_ids=None):
         self.seen.append(type(raw).__name__)
         return {"sum": np.asarray(raw, np.float64).sum(axis=(1, 2, 3))}
 

@@ -11,8 +11,11 @@ each optionally with ``_thresADU<t>`` (``calib_thresADU5``, ``calib_max_thresADU
 ``square_thresADU5``): pixels below ``t`` count 0, i.e. values ``>= t`` are kept; ``nhits_thresADU<t>`` counts the
 values ``>= t``. The file always has smalldata_tools' name (``square`` is written ``calib_square``, ``max``
 ``calib_max``, ``max_thresADU5`` ``calib_max_thresADU5``); two config names that mean the same sum (``max`` and
-``calib_max``, ``calib_thresADU5`` and ``calib_thresADU5.0``) are a config error. ``calib_dropped`` (smalldata_tools'
-sum over the dropped X-ray shots) needs the event context (``lightStatus``), not yet available: a config error.
+``calib_max``, ``calib_thresADU5`` and ``calib_thresADU5.0``) are a config error.
+
+Sums over a selection of events (SPEC 10): ``<sum>:<selection>`` (``calib:laser_on``, ``nhits_thresADU10:good_i0``) is
+written ``<sum>_<selection>``; smalldata_tools' ``calib_dropped`` and ``calib_dropped_square`` (the dropped X-ray
+shots: the built-in selection ``dropped``, ``lightStatus/xray == 0``) keep their names.
 
 A camera's sums have the camera's (rows, cols) shape, as smalldata_tools writes them; every other detector's
 (panels, rows, cols). Statically masked pixels are 0 in the float sums (calib, square, max), NaN with the
@@ -24,7 +27,7 @@ reads the calibrated batch once and updates every sum; :func:`run_sums_numpy` is
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,8 +42,11 @@ KINDS = ("calib", "square", "max", "nhits", "nhits_above_zero")
 """The kernel's kind codes 0..4: ``nhits`` with a threshold counts ``v >= t`` (3), without one ``v > 0`` (4)."""
 KERNEL_MAX_SUMS = 8  # sums per kernel launch (MAX_SUMS in kernels/sums.cu)
 KERNEL_THREADS = 256
+SMALLDATA_SELECTED = {"calib_dropped": ("calib", "dropped"), "calib_dropped_square": ("calib_square", "dropped")}
+"""smalldata_tools' sums over the dropped X-ray shots: config (and written) name -> (sum, selection)."""
+_SELECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SUM_NAMES_HELP = ("calib, calib_square, calib_max, nhits (or square, max), each optionally with _thresADU<t>, "
-                  "e.g. calib_thresADU5, nhits_thresADU10")
+                  "e.g. calib_thresADU5, nhits_thresADU10; over a selection <sum>:<selection> or calib_dropped")
 
 
 @dataclass(frozen=True)
@@ -50,17 +56,24 @@ class SumSpec:
     name: str
     kind: str
     thres: float | None
+    selection: str | None = None
 
     @classmethod
     def parse(cls, name: str) -> SumSpec:
         """The sum a config name means; ValueError (with the names there are) when it means none."""
         if not isinstance(name, str):
             raise ValueError(f"a sum name must be a string, not {name!r}")
+        if name in SMALLDATA_SELECTED:
+            base, selection = SMALLDATA_SELECTED[name]
+            return replace(cls.parse(base), name=name, selection=selection)
+        base, colon, selection = name.partition(":")
+        if colon:
+            if not _SELECTION.match(selection):
+                raise ValueError(f"sum {name!r}: {selection!r} after ':' must name a selection")
+            spec = cls.parse(base)
+            return replace(spec, name=f"{spec.name}_{selection}", selection=selection)
         m = _NAME.match(name)
         if not m:
-            if "dropped" in name:
-                raise ValueError(f"sum {name!r} (over the dropped X-ray shots) needs the event context lightStatus, "
-                                 "not yet available in gpusmall")
             raise ValueError(f"unknown sum {name!r}: use {SUM_NAMES_HELP}")
         kind = m.group(1) or m.group(2)
         t = m.group(3)
@@ -102,7 +115,7 @@ def parse_sums(names) -> list[SumSpec]:
     specs, seen = [], {}
     for n in names:
         s = SumSpec.parse(n)
-        key = (s.kind, s.thres)
+        key = (s.kind, s.thres, s.selection)
         if key in seen:
             raise ValueError(f"sums {seen[key]!r} and {n!r} are the same sum ({s.name}): give it once")
         seen[key] = n
@@ -140,8 +153,27 @@ class RunSums:
     (rows, cols) (one panel, as smalldata_tools writes a camera's); otherwise (panels, rows, cols).
     """
 
-    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero", camera: bool = False):
-        self.specs = parse_sums(names)
+    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero", camera: bool = False,
+                 selections=None):
+        """``selections``: the run's :class:`~gpusmall.selections.Selections`, for sums over a selection."""
+        specs = parse_sums(names)
+        self.selections = selections
+        # accumulator rows grouped by selection (None first), config order within a group
+        self._row = {}
+        self.specs = specs
+        grouped = sorted(range(len(specs)), key=lambda k: (specs[k].selection is not None, specs[k].selection or ""))
+        self._groups: list[tuple[str | None, int, int]] = []  # (selection, first row, end row)
+        for row, k in enumerate(grouped):
+            self._row[k] = row
+            sel = specs[k].selection
+            if self._groups and self._groups[-1][0] == sel:
+                self._groups[-1] = (sel, self._groups[-1][1], row + 1)
+            else:
+                self._groups.append((sel, row, row + 1))
+        for sel, _, _ in self._groups:
+            if sel is not None and (selections is None or sel not in selections):
+                raise ValueError(f"sum over selection {sel!r}: the run has no such selection")
+        specs = [specs[k] for k in grouped]  # in row order, for the accumulators
         self.shape, self.backend = tuple(shape), backend
         if camera and self.shape[0] != 1:
             raise ValueError(f"a camera has one panel, not {self.shape[0]}")
@@ -151,11 +183,13 @@ class RunSums:
         self.mask = None if mask is None else np.asarray(mask, bool).reshape(self.shape)
         self.mask_value = mask_value
         npix = int(np.prod(self.shape))
-        start = np.array([s.start() for s in self.specs], np.float64)
+        start = np.array([s.start() for s in specs], np.float64)
         self.acc = backend.to_device(np.repeat(start[:, None], npix, axis=1))  # (sums, pixels) float64
-        self.kinds = backend.to_device(np.array([s.kernel_kind for s in self.specs], np.int32))
-        self.thres = backend.to_device(np.array([s.kernel_thres for s in self.specs], np.float32))
+        self.kinds = backend.to_device(np.array([s.kernel_kind for s in specs], np.int32))
+        self.thres = backend.to_device(np.array([s.kernel_thres for s in specs], np.float32))
+        self._row_specs = specs
         self.events = 0
+        self.selected_events = {sel: 0 for sel, _, _ in self._groups if sel is not None}
         self._every_event = {}  # events -> device (events,) bool of ones: no upload per batch
 
     def __iter__(self):
@@ -164,16 +198,28 @@ class RunSums:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def update(self, data, keep=None) -> None:
+    def update(self, data, keep=None, context=None) -> None:
         """Add a batch: ``data`` (events, panels, rows, cols) float32 on the device, ``keep`` (events,)
-        host bool (None: every event; False: a damaged event, left out)."""
+        host bool (None: every event; False: a damaged event, left out), ``context`` the batch's event context
+        (name -> (events,) host), which sums over a selection need."""
         if not self.specs:
             return
         n = data.shape[0]
         self.events += n if keep is None else int(np.count_nonzero(keep))
         flat = data.reshape(n, -1)
+        for sel, r0, r1 in self._groups:
+            k = keep
+            if sel is not None:
+                m = self.selections.mask(sel, context)
+                k = m if keep is None else keep & m
+                self.selected_events[sel] += int(np.count_nonzero(k))
+            self._update_rows(flat, k, r0, r1)
+
+    def _update_rows(self, flat, keep, r0: int, r1: int) -> None:
+        """The sums of accumulator rows ``r0`` .. ``r1`` (one selection's) over the events ``keep``."""
+        n = flat.shape[0]
         if not self.backend.is_gpu:
-            run_sums_numpy(flat, keep, self.specs, self.acc)
+            run_sums_numpy(flat, keep, self._row_specs[r0:r1], self.acc[r0:r1])
             return
         if keep is not None and not np.any(keep):
             return
@@ -188,8 +234,8 @@ class RunSums:
         kernel = self.backend.kernel("sums.cu", "run_sums")
         blocks = max(1, min((npix + KERNEL_THREADS - 1) // KERNEL_THREADS, 65535))
         flat = xp.ascontiguousarray(flat, dtype=xp.float32)
-        for k0 in range(0, len(self.specs), KERNEL_MAX_SUMS):
-            k1 = min(len(self.specs), k0 + KERNEL_MAX_SUMS)
+        for k0 in range(r0, r1, KERNEL_MAX_SUMS):
+            k1 = min(r1, k0 + KERNEL_MAX_SUMS)
             kernel((blocks,), (KERNEL_THREADS,),
                    (flat, keep_dev, np.int64(n), np.int64(npix), np.int32(k1 - k0), self.kinds[k0:k1],
                     self.thres[k0:k1], self.acc[k0:k1]))
@@ -201,7 +247,7 @@ class RunSums:
         acc = self.backend.to_host(self.acc)
         out = {}
         for k, s in enumerate(self.specs):
-            v = s.host_result(acc[k].reshape(self.shape))
+            v = s.host_result(acc[self._row[k]].reshape(self.shape))
             if self.mask_value == "nan" and self.mask is not None and s.kind != "nhits":
                 v = np.where(self.mask, v, v.dtype.type(np.nan))
             out[s.name] = v.reshape(self.result_shape)

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from ..detectors import MODELS
 from ..errors import ConfigError
@@ -28,12 +37,34 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, strict=True, allow_inf_nan=False)
 
 
+class SimScanConfig(Strict):
+    """A simulated step scan: ``scan/<variable>`` = ``start + step * (event // events_per_step)``."""
+
+    variable: str = "delay"
+    start: float = 0.0
+    step: float = 1.0
+    events_per_step: PositiveInt = 100
+
+
+class SimulateConfig(Strict):
+    """What a simulated run's events carry besides frames (SPEC 10): a step scan, a laser pattern, dropped
+    X-ray shots and a beam intensity I0 (``ipm/sum``) that scales the signal. Event ``i``'s values depend only on
+    ``(seed, i)``. Pump-probe signal: laser-on events at a positive delay have ``1 + pump`` times the photons."""
+
+    scan: SimScanConfig | None = None
+    laser_off_every: int = Field(0, ge=0)   # every N-th event (index % N == 0) the laser is off; 0: always on
+    xray_off_every: int = Field(0, ge=0)    # every N-th event (index % N == N - 1) has no X-rays (dropped shot)
+    i0: bool = True                         # write ipm/sum, the shot's intensity (mean 1), scaling the photons
+    pump: float = Field(0.3, ge=0.0)
+
+
 class SourceConfig(Strict):
     type: Literal["sim", "hdf5", "psana"]
     events: PositiveInt | None = None
     seed: int = 0
     damage_every: int = Field(0, ge=0)  # sim only: every N-th event (index % N == N - 1) is damaged
     threads: PositiveInt | None = None  # sim only: threads making events (default: half the cores, at most 8)
+    simulate: SimulateConfig | None = None  # sim only: event context (scan, laser, dropped shots, I0)
     path: str | None = None
     timestamp: str | None = "/timestamp"  # hdf5: (events,) integer timestamps; null: use the event index
     files: list[str] | None = None
@@ -45,7 +76,7 @@ class SourceConfig(Strict):
 
     #: the keys each source type reads (besides type and events); any other key set is an error
     KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sim": ("seed", "damage_every", "threads"),
+        "sim": ("seed", "damage_every", "threads", "simulate"),
         "hdf5": ("path", "timestamp", "follow", "follow_timeout_s"),
         "psana": ("files", "exp", "run", "psana", "follow"),
     }
@@ -115,10 +146,6 @@ class CommonModeConfig(Strict):
         return self
 
 
-SUM_NAME = re.compile(r"^(calib_(square|max)|calib|square|max|nhits)(_thresADU(-?\d+(\.\d+)?))?$")
-"""A run sum's name (gpusmall.funcs.sums: smalldata_tools' names, and the older ``square``, ``max``)."""
-
-
 class DetectorConfig(Strict):
     type: Literal[tuple(MODELS)]  # type: ignore[valid-type]
     shape: list[PositiveInt] | None = Field(None, min_length=2, max_length=3)
@@ -139,12 +166,9 @@ class DetectorConfig(Strict):
     def _check(self):
         if self.units == "photons" and self.photon_energy_kev is None:
             raise ValueError("units: photons needs photon_energy_kev")
-        from ..funcs.sums import SUM_NAMES_HELP, parse_sums
+        from ..funcs.sums import parse_sums
 
-        bad = [s for s in self.sums if not SUM_NAME.match(s)]
-        if bad and not any("dropped" in s for s in bad):
-            raise ValueError(f"unknown sums {bad}: use {SUM_NAMES_HELP}")
-        parse_sums(self.sums)  # calib_dropped (needs lightStatus), two names of one sum: ValueError
+        parse_sums(self.sums)  # an unknown name, two names of one sum: ValueError
         return self
 
     @model_validator(mode="after")
@@ -177,6 +201,87 @@ class EventFunctionConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class LightStatusConfig(Strict):
+    """psana: how ``lightStatus/xray`` and ``lightStatus/laser`` are read from the timing detector (SPEC 10).
+
+    ``xray``: 1 when the event's beam destination is ``xray_destination`` (None: when the timing system reports
+    any destination with beam). ``laser``: from ``laser_codes``, smalldata_tools' convention: a positive code
+    present marks the laser off (a dropped laser shot); a negative code ``-c`` means the laser is on only when code
+    ``c`` is present."""
+
+    timing: str = "timing"
+    xray_destination: int | None = None
+    laser_codes: list[int] = Field(default_factory=lambda: [-272])
+
+
+class ContextConfig(Strict):
+    """The event context a run writes at the root of the result (SPEC 10), besides what the sim makes.
+
+    ``values``: output name (``ipm/sum``, ``lightStatus/laser``, ``scan/delay``, ``epics/<pv>``) -> where the source
+    has it: for an hdf5 source a per-event dataset of the raw file (``/evr/laser``); for psana
+    ``<detector>.<attribute>...`` called with the event (``gmd.raw.milliJoulesPerPulse``). ``epics``: psana PVs
+    written per event as ``epics/<pv>`` (run-constant ones in ``/epicsOnce/<pv>``). ``scan``: psana step scans
+    (``scan/<variable>``, ``scan/step``; None: when the run has scan variables). ``light_status``: psana's
+    ``lightStatus`` (None: when the run has the timing detector; false: never)."""
+
+    values: dict[str, str] = Field(default_factory=dict)
+    epics: list[str] = Field(default_factory=list)
+    scan: bool | None = None
+    light_status: LightStatusConfig | bool | None = None
+
+
+class CubeBinsConfig(Strict):
+    """How a cube bins ``by``: ``edges`` (explicit, increasing), ``n`` bins over ``range``, a ``width`` over
+    ``range``, or (none of them: ``steps: true``) one bin per distinct value (scan steps)."""
+
+    edges: list[float] | None = Field(None, min_length=2)
+    n: PositiveInt | None = None
+    width: PositiveFloat | None = None
+    range: list[float] | None = Field(None, min_length=2, max_length=2)
+    steps: bool = False
+    max_bins: PositiveInt = 1000  # steps: bins the device holds at most (checked at set-up)
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        ways = [k for k in ("edges", "n", "width", "steps") if getattr(self, k) not in (None, False)]
+        if len(ways) != 1:
+            raise ValueError(f"give one of edges, n (with range), width (with range), steps: true; got "
+                             f"{', '.join(ways) or 'none'}")
+        if self.edges is not None:
+            if self.range is not None:
+                raise ValueError("range: not used with edges")
+            if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+                raise ValueError(f"edges: must increase, not {self.edges}")
+        if self.n is not None or self.width is not None:
+            if self.range is None or not self.range[0] < self.range[1]:
+                raise ValueError(f"range: [lo, hi] with lo < hi is needed with {'n' if self.n else 'width'}"
+                                 + (f", not {self.range}" if self.range else ""))
+        if self.steps and self.range is not None:
+            raise ValueError("range: not used with steps")
+        return self
+
+
+class CubeDetectorConfig(Strict):
+    """What a cube sums of one detector per bin: the calibrated frame, its square, per-event outputs."""
+
+    frame: bool = True
+    square: bool = False
+    outputs: list[str] = Field(default_factory=list)  # the detector's per-event outputs, e.g. azav_azav, roi0_sum
+
+
+class CubeConfig(Strict):
+    """Binned data during the run (SPEC 10): events binned by ``by`` (a context name, e.g. ``scan/step``), only
+    those of ``selection`` (None: all that are not damaged), split by each selection of ``split``."""
+
+    by: str
+    bins: CubeBinsConfig = Field(default_factory=lambda: CubeBinsConfig(steps=True))
+    selection: str | None = None
+    split: list[str] = Field(default_factory=list)
+    norm: str | None = None
+    detectors: dict[str, CubeDetectorConfig] | None = None  # None: every detector's frame
+    output: str | None = None  # None: <output stem>_cube.h5 beside the result
+
+
 class RunConfig(Strict):
     source: SourceConfig
     batch_size: PositiveInt = 64
@@ -184,6 +289,9 @@ class RunConfig(Strict):
     output: str = "run.h5"
     detectors: dict[str, DetectorConfig] = Field(min_length=1)
     event_functions: list[EventFunctionConfig] = Field(default_factory=list)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    selections: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    cube: CubeConfig | None = None
     # filled by validate_config, not by the user
     _base_dir: str = PrivateAttr(".")
     _specs: dict = PrivateAttr(default_factory=dict)
@@ -192,7 +300,7 @@ class RunConfig(Strict):
         return self._specs[det]
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\[\]']+")  # printed as it is in a key path; anything else as repr()
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\[\]'/]+")  # printed as it is in a key path; anything else as repr()
 
 
 def key_path(loc) -> str:
@@ -397,7 +505,95 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         _resolve_function_paths(base, specs[name])
     cfg._specs = specs
     _check_event_functions(cfg, base)
+    _check_context(cfg)
+    _check_selections_and_cube(cfg, base)
     return cfg
+
+
+CONTEXT_ROOTS = ("lightStatus", "scan", "epics")
+"""Root names of the result that hold event context (SPEC 10); ``epicsOnce`` is written by the run."""
+
+
+def check_context_name(name, loc: tuple, cfg: RunConfig) -> None:
+    """ConfigError unless ``name`` can name a context value: identifiers joined by ``/`` (``ipm/sum``), under
+    neither a detector nor an event function; under a reserved root name only ``lightStatus/xray``,
+    ``lightStatus/laser``, ``scan/<variable>`` and ``epics/<pv>``."""
+    parts = name.split("/") if isinstance(name, str) else [name]
+    for p in parts:
+        if not isinstance(p, str) or not NAME.fullmatch(p):
+            raise ConfigError(f"config: {key_path(loc)}: context name {name!r} must be identifiers joined by '/' "
+                              f"(e.g. ipm/sum): it names a dataset at the root of the result")
+    root = parts[0]
+    if root in cfg.detectors or root in {ef.name for ef in cfg.event_functions}:
+        raise ConfigError(f"config: {key_path(loc)}: context name {name!r} is under /{root}, which the detector "
+                          f"or event function {root!r} writes")
+    if root in RESERVED:
+        ok = (root in CONTEXT_ROOTS and len(parts) == 2
+              and (root != "lightStatus" or parts[1] in ("xray", "laser")))
+        if not ok:
+            raise ConfigError(f"config: {key_path(loc)}: context name {name!r}: under /{root} only "
+                              + ("lightStatus/xray and lightStatus/laser" if root == "lightStatus" else
+                                 f"{root}/<name>" if root in CONTEXT_ROOTS else "what gpusmall writes itself"))
+
+
+def _check_context(cfg: RunConfig) -> None:
+    """The ``context`` block against the source type: ``values`` for hdf5 and psana, the rest psana's."""
+    ctx, kind = cfg.context, cfg.source.type
+    for name, where in ctx.values.items():
+        loc = ("context", "values", name)
+        check_context_name(name, loc, cfg)
+        if kind == "sim":
+            raise ConfigError(f"config: {key_path(loc)}: a sim source makes its own context (source.simulate)")
+        if kind == "hdf5" and not where.startswith("/"):
+            raise ConfigError(f"config: {key_path(loc)}: {where!r}: a dataset of the raw file, from its root "
+                              f"(e.g. /ipm2/sum)")
+        if kind == "psana" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", where):
+            raise ConfigError(f"config: {key_path(loc)}: {where!r}: a psana detector and its field, e.g. "
+                              f"gmd.raw.milliJoulesPerPulse")
+    psana_only = [k for k in ("epics", "scan", "light_status") if k in ctx.model_fields_set]
+    if psana_only and kind != "psana":
+        raise ConfigError(f"config: context.{psana_only[0]}: read from psana runs only (this source is {kind}"
+                          + ("; its context comes from source.simulate)" if kind == "sim"
+                             else "; map its datasets with context.values)"))
+    for i, pv in enumerate(ctx.epics):
+        check_context_name(f"epics/{pv}", ("context", "epics", i), cfg)
+
+
+def _check_selections_and_cube(cfg: RunConfig, base: Path) -> None:
+    """Selections parse (names, conditions, no cycles); the cube names existing selections. Whether their keys
+    are in the event context is checked when the source is open (:func:`gpusmall.producer.context.check_run_context`)."""
+    from ..selections import SelectionError, Selections
+
+    for name in cfg.selections:
+        check_name(name, ("selections", name), "selection")
+    try:
+        sel = Selections(cfg.selections, builtin=True)
+    except SelectionError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    from ..funcs.sums import parse_sums
+
+    for name, det in cfg.detectors.items():
+        for i, spec in enumerate(parse_sums(det.sums)):
+            if spec.selection is not None:
+                try:
+                    sel.require(spec.selection, f"detectors.{name}.sums[{i}]")
+                except SelectionError as exc:
+                    raise ConfigError(f"config: {exc}") from None
+    cube = cfg.cube
+    if cube is None:
+        return
+    try:
+        if cube.selection is not None:
+            sel.require(cube.selection, "cube.selection")
+        for i, s in enumerate(cube.split):
+            sel.require(s, f"cube.split[{i}]")
+    except SelectionError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    for det in cube.detectors or {}:
+        if det not in cfg.detectors:
+            raise ConfigError(f"config: cube.detectors.{det}: no detector {det!r} (detectors: {', '.join(cfg.detectors)})")
+    if cube.output is not None:
+        cube.output = _resolve(base, cube.output)
 
 
 def _check_event_functions(cfg: RunConfig, base: Path) -> None:

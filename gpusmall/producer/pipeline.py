@@ -42,7 +42,7 @@ class DetectorPipeline:
         backend: the run's backend.
     """
 
-    def __init__(self, name: str, cfg, src: DetectorSource, specs, backend: Backend):
+    def __init__(self, name: str, cfg, src: DetectorSource, specs, backend: Backend, selections=None):
         self.name, self.cfg, self.backend = name, cfg, backend
         self.model = model = get_model(cfg.type)
         self.shape = shape = tuple(src.shape)
@@ -101,16 +101,24 @@ class DetectorPipeline:
         for f in self.functions:
             f.setup(self.ctx)
         self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value,
-                            camera=model.type == "camera")
+                            camera=model.type == "camera", selections=selections)
+        self.cube = None  # the run's producer.cube.RunCube, when it sums this detector's frames
         # NumPy with threads: the events of a batch are split over a pool of this pipeline's
         self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
                      if not backend.is_gpu and backend.threads > 1 else None)
 
-    def process(self, raw, keep=None, events=None, frames_out: list | None = None) -> dict[str, Any]:
+    def _accumulate(self, data, keep, events, cube_ids) -> None:
+        """Run sums and cube rows of a block of calibrated events."""
+        self.sums.update(data, keep, None if events is None else events.context)
+        if self.cube is not None and cube_ids is not None:
+            self.cube.add_frames(self.name, data, cube_ids)
+
+    def process(self, raw, keep=None, events=None, frames_out: list | None = None, cube_ids=None) -> dict[str, Any]:
         """raw (events, panels, rows, cols) on the device -> outputs (device arrays) by short name.
         ``keep``: (events,) host bool, the events that enter the run sums (None: all; damaged: False).
         ``events``: the batch's :class:`~gpusmall.funcs.base.EventInfo` (what user functions see), or None.
         ``frames_out``: a list that receives (frames, outputs) of each block of events, in order (event functions).
+        ``cube_ids``: (splits, events) host int64 cube bin of each event (:meth:`~gpusmall.producer.cube.RunCube.rows`).
 
         On NumPy with ``backend.threads`` > 1 the batch is cut into that many blocks of consecutive
         events, each calibrated and reduced in its own thread (NumPy, SciPy's labelling and sparse
@@ -120,7 +128,7 @@ class DetectorPipeline:
         if self.pool is None or n < 2:
             frames = self.calibrator(raw)
             frames.events = events
-            self.sums.update(frames.data, keep)
+            self._accumulate(frames.data, keep, events, cube_ids)
             out = self._reduce(frames)
             if frames_out is not None:
                 frames_out.append((frames, out))
@@ -135,7 +143,8 @@ class DetectorPipeline:
 
         done = list(self.pool.map(block, blocks))
         for which, (frames, out) in zip(blocks, done):
-            self.sums.update(frames.data, None if keep is None else keep[which])
+            self._accumulate(frames.data, None if keep is None else keep[which], frames.events,
+                             None if cube_ids is None else cube_ids[:, which])
             if frames_out is not None:
                 frames_out.append((frames, out))
         return {k: np.concatenate([out[k] for _, out in done]) for k in done[0][1]}
@@ -212,3 +221,15 @@ class DetectorPipeline:
 
     def sum_results(self) -> dict[str, np.ndarray]:
         return {f"{self.name}_{k}": v for k, v in self.sums.results().items()}
+
+
+def make_pipelines(cfg, source, backend: Backend) -> dict[str, DetectorPipeline]:
+    """{detector: DetectorPipeline} of a validated run config for an open source, with the run's selections
+    (:func:`~gpusmall.producer.context.check_run_context`: InputError before any event for a context key the
+    source lacks)."""
+    from .context import check_run_context
+
+    selections = check_run_context(cfg, source)
+    return {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend,
+                                   selections=selections)
+            for name, dcfg in cfg.detectors.items()}

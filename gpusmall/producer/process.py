@@ -46,6 +46,7 @@ from ..backend import Backend
 from ..funcs.base import EventInfo, Frames
 from ..funcs.droplet import sparse_columns
 from ..io.writer import Columns
+from ..sources.context import is_missing
 from .pipeline import DetectorPipeline
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class BatchProcessor:
     """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
 
     def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int,
-                 event_functions: list = ()):
+                 event_functions: list = (), cube=None):
         self.pipelines, self.backend = pipelines, backend
         self.event_functions = list(event_functions)  # producer.event_functions.EventFunction
         self._grab = {d for ef in self.event_functions for d in ef.detectors}  # their detectors' frames are kept
@@ -206,6 +207,8 @@ class BatchProcessor:
         # (cupy.asarray copies, fill kernels); the non-blocking streams above do not wait for it.
         backend.synchronize()
         self.damaged = {name: 0 for name in pipelines}
+        self.context_missing: dict[str, int] = {}  # context name -> events without a value
+        self.cube = cube  # producer.cube.RunCube or None
         self.times = DeviceTimes()
         self._slots: dict[str, list] = {}  # name -> two device raw buffers (batch_size, ...)
         self._slot_read: dict[tuple[str, int], object] = {}  # (name, turn) -> event: its last reduction ended
@@ -271,14 +274,14 @@ class BatchProcessor:
         return staged
 
     # -- reduction --------------------------------------------------------------------------------
-    def _run_one(self, name, raw, damaged, copied=None, upload=False, events=None, grab=None):
+    def _run_one(self, name, raw, damaged, copied=None, upload=False, events=None, grab=None, cube_ids=None):
         """Reduce ``raw`` (events, ...) of detector ``name``: a staged array, or (``upload``) a host array
         to upload here on the compute stream. Returns (a function giving the host results, the CUDA event
         that ends the reduction or None); on CuPy the results are still being copied when it returns."""
         pl = self.pipelines[name]
         keep = ~damaged if damaged.any() else None  # damaged events stay out of the run sums
         if self.compute_stream is None:
-            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep, events, grab).items()}
+            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep, events, grab, cube_ids).items()}
             return (lambda: res), None
         cp = self.backend.xp
         with self.compute_stream:
@@ -291,7 +294,7 @@ class BatchProcessor:
                 d.set(np.ascontiguousarray(raw), stream=self.compute_stream)
                 self.times.h2d_bytes += raw.nbytes
                 raw = d
-            res = pl.process(raw, keep, events, grab)
+            res = pl.process(raw, keep, events, grab, cube_ids)
             packed, layout = pack_on_device(cp, res)
             end.record(self.compute_stream)
         if packed is None:
@@ -327,7 +330,11 @@ class BatchProcessor:
         n = len(batch)
         # the host batch goes back to the reader when this returns: keep copies of what the columns need
         timestamp, event_index = np.array(batch.timestamp, copy=True), np.array(batch.event_index, copy=True)
-        info = EventInfo(timestamp, event_index)  # what user functions see of the events
+        context = {k: np.array(v, copy=True) for k, v in getattr(batch, "context", {}).items()}
+        for k, v in context.items():
+            self.context_missing[k] = self.context_missing.get(k, 0) + int(is_missing(k, v).sum())
+        info = EventInfo(timestamp, event_index, context)  # what functions and user functions see of the events
+        cube_rows = None if self.cube is None else self.cube.rows(context, staged.damaged)
         grabbed = {name: [] for name in self._grab}  # (frames, outputs) blocks for the event functions
         finishers = {}
         for name in self.pipelines:
@@ -341,7 +348,8 @@ class BatchProcessor:
                 stop = min(n, start + self.chunk)
                 try:
                     piece, end = self._run_one(name, source[start:stop], damaged[start:stop], copied,
-                                               upload=dev is None, events=info[start:stop], grab=grabbed.get(name))
+                                               upload=dev is None, events=info[start:stop], grab=grabbed.get(name),
+                                               cube_ids=None if cube_rows is None else cube_rows[:, start:stop])
                     pieces.append(piece)
                     start = stop
                 except Exception as exc:
@@ -367,6 +375,7 @@ class BatchProcessor:
 
         def finish():
             columns = Columns(event_columns(timestamp, event_index))
+            columns.update(context)
             columns.update(event_outputs)
             for name, (pieces, damaged) in finishers.items():
                 parts = [p() for p in pieces]
@@ -382,6 +391,8 @@ class BatchProcessor:
                     columns.ragged[f"{name}/{k}"] = (f"{name}/{count}", f"{name}/{offset}")
                 for k, target in sparse.links.items():
                     columns.links[f"{name}/{k}"] = f"{name}/{target}"
+            if cube_rows is not None:
+                self.cube.add_outputs(cube_rows, columns)
             return columns
 
         return PendingColumns(finish)

@@ -43,19 +43,25 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from .. import __version__
 from ..backend import Backend
 from ..errors import InputError
 from ..io.master import build_master, part_path, remove_stale_parts
 from ..io.writer import BackgroundAppender, OutputWriteError, ResultWriter
 from ..sources import open_source
-from .mpi import Comm, block_range, get_comm
+from .cube import (
+    RunCube,
+    check_cube_fits,
+    cube_part_path,
+    default_cube_path,
+    merge_cube_parts,
+)
 from .event_functions import EventFunction
 from .lock import OutputLock
 from .memory import N_HOST_BUFFERS, check_frames_fit, check_run_fits
+from .mpi import Comm, block_range, get_comm
 from .paths import check_output, input_files
-from .pipeline import DetectorPipeline
+from .pipeline import make_pipelines
 from .process import BatchProcessor, DeviceTimes
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,8 @@ class RunSummary:
     device_times: DeviceTimes = field(default_factory=DeviceTimes)
     truncated_events: int = 0  # events a padded or bounded output truncated (a ``*_truncated`` output > 0)
     truncated: dict = field(default_factory=dict)  # such events per output
+    cube: Path | None = None  # the cube file (config ``cube:``), or None
+    cube_info: dict = field(default_factory=dict)  # this rank's cube event counts (RunCube.info)
 
     @property
     def events_per_s(self) -> float:
@@ -234,12 +242,24 @@ def claim_outputs(cfg, comm: Comm, out_path: Path, what: str) -> list[OutputLock
     inputs = input_files(cfg)
     paths = [out_path] + ([part_path(out_path, r) for r in range(comm.size)] if comm.size > 1 else [])
     mine = ([out_path] if comm.rank == 0 else []) + ([part_path(out_path, comm.rank)] if comm.size > 1 else [])
+    cubes, cube_mine = [], []
+    if cfg.cube is not None:  # the cube file (and under MPI each rank's part of it)
+        cube = cube_path(cfg, out_path)
+        cubes = [(cube, "cube")] + ([(cube_part_path(cube, r), "cube_part") for r in range(comm.size)]
+                                    if comm.size > 1 else [])
+        cube_mine = ([cube] if comm.rank == 0 else []) + ([cube_part_path(cube, comm.rank)] if comm.size > 1 else [])
     problem, locks = None, []
     try:
         for path in paths:
             check_output(path, what, inputs, results_only=True)
+        for path, kind in cubes:
+            if any(_same_path(path, p) for p in paths):
+                raise InputError(f"cube.output: {str(path)!r} is also the run's result file")
+            check_output(path, "cube.output", inputs, results_only=True, kind=kind)
         for path in mine:
             locks.append(OutputLock(path, what).acquire())
+        for path in cube_mine:
+            locks.append(OutputLock(path, "cube.output").acquire())
     except InputError as exc:
         problem = str(exc)
     problems = [p for p in comm.allgather(problem) if p]
@@ -250,6 +270,36 @@ def claim_outputs(cfg, comm: Comm, out_path: Path, what: str) -> list[OutputLock
     if comm.rank == 0:  # gpusmall parts of this output left by an earlier run with more ranks (or under MPI)
         remove_stale_parts(out_path, comm.size if comm.size > 1 else 0)
     return locks
+
+
+def cube_path(cfg, out_path: Path) -> Path:
+    """Where the run's cube goes: ``cube.output``, or ``<output stem>.cube.h5`` beside the result."""
+    return Path(cfg.cube.output) if cfg.cube.output else default_cube_path(out_path)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return Path(a).absolute() == Path(b).absolute()
+
+
+def setup_cube(cfg, pipelines: dict, backend: Backend):
+    """The run's :class:`~gpusmall.producer.cube.RunCube` (None without ``cube:``), checked to fit, its detectors'
+    pipelines pointed at it."""
+    if cfg.cube is None:
+        return None
+    from ..funcs.droplet import sparse_columns
+
+    outputs = {}
+    for name, pl in pipelines.items():
+        _, by_function = pl.setup_event()
+        per_item = set(sparse_columns(pl.functions).items) | set(sparse_columns(pl.functions).links)
+        outputs[name] = {k: (tuple(v.shape[1:]), v.dtype) for out in by_function.values() for k, v in out.items()
+                         if k not in per_item}
+    check_cube_fits(cfg.cube, pipelines, backend)
+    selections = next(iter(pipelines.values())).sums.selections
+    cube = RunCube(cfg.cube, selections, pipelines, backend, outputs)
+    for name in cube.frame:
+        pipelines[name].cube = cube
+    return cube
 
 
 def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, events: int | None,
@@ -277,13 +327,13 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
         else:
             start, end = block_range(n, batch_size, comm.rank, comm.size)
             bar_rank, bar_scale, desc = 0, comm.size, "gpusmall"
-        pipelines = {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend)
-                     for name, dcfg in cfg.detectors.items()}
+        pipelines = make_pipelines(cfg, source, backend)  # before any event: every context key the config reads
         check_run_fits(pipelines, batch_size, backend)
+        cube = setup_cube(cfg, pipelines, backend)
         event_functions = [EventFunction(ef, i) for i, ef in enumerate(cfg.event_functions)]
         for ef in event_functions:
             ef.setup(pipelines)  # keys, shapes and dtypes fixed before the output is created
-        proc = BatchProcessor(pipelines, backend, batch_size, event_functions)
+        proc = BatchProcessor(pipelines, backend, batch_size, event_functions, cube=cube)
         with ResultWriter(my_path, chunk_events=batch_size) as writer, \
                 progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar:
             writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
@@ -291,7 +341,7 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                                    "first_event": start, "last_event": -1 if end is None else end,
                                    "event_index_local": bool(getattr(source, "distributed", False)),
                                    "event_functions": json.dumps([ef.params_record() for ef in event_functions]),
-                                   "complete": False})
+                                   "context": json.dumps(sorted(source.context)), "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
             reader = Prefetcher(source, backend, batch_size, start, end, stop)
@@ -355,11 +405,20 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                 for name, pl in pipelines.items():
                     writer.write_static("Sums", pl.sum_results())
                     writer.set_attrs(name, {"damaged_events": proc.damaged[name]})
+                    if pl.sums.selected_events:
+                        writer.set_attrs(name, {"sums_selected_events": json.dumps(pl.sums.selected_events)})
+                once = source.context_once()
+                if once:
+                    writer.write_static("/", once)
             except OutputWriteError as exc:
                 end_failed(exc, "the run sums were not written")
+            for k, v in sorted(proc.context_missing.items()):
+                if v:
+                    log.warning("context %s: %d of %d events had no value (NaN or missing)", k, v, done)
             complete = (end is None or done == end - start) and error is None and not stop
             try:  # "complete" last, on its own: a file whose other writes failed never claims it
                 writer.set_attrs("/", {"events": done, "damaged": json.dumps(proc.damaged),
+                                       "context_missing": json.dumps(proc.context_missing),
                                        "truncated_events": writer.truncated_events,
                                        "truncated": json.dumps(writer.truncated)})
                 writer.set_attrs("/", {"complete": complete})
@@ -369,8 +428,19 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                 complete = False
     total, damaged = done, dict(proc.damaged)
     truncated_events, truncated = writer.truncated_events, dict(writer.truncated)
+    if cube is not None:  # this rank's cube: the cube itself, or its part that rank 0 adds up
+        where = cube_path(cfg, out_path)
+        cube.write(where if comm.size == 1 else cube_part_path(where, comm.rank), source=str(out_path),
+                   part=comm.size > 1, complete=complete)
     if comm.size > 1:
         all_there = comm.barrier(timeout=BARRIER_TIMEOUT_S)
+        if comm.rank == 0 and cube is not None:
+            where = cube_path(cfg, out_path)
+            parts = [cube_part_path(where, r) for r in range(comm.size)]
+            merge_cube_parts(where, [p for p in parts if p.exists()], cfg.cube, source=str(out_path),
+                             complete=complete and all_there and all(p.exists() for p in parts))
+            for p in parts:  # written by this run's ranks just now (checked and locked as ours at the start)
+                p.unlink(missing_ok=True)
         if comm.rank == 0:
             parts = [part_path(out_path, r) for r in range(comm.size)]
             if not all_there:
@@ -391,7 +461,9 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
     dt = time.perf_counter() - t0
     return RunSummary(out_path, total, dt, backend.name, interrupted=not complete, rank=comm.rank,
                       ranks=comm.size, local_events=done, damaged=damaged, reason=stop.reason,
-                      device_times=proc.times, truncated_events=truncated_events, truncated=truncated)
+                      device_times=proc.times, truncated_events=truncated_events, truncated=truncated,
+                      cube=None if cube is None else cube_path(cfg, out_path),
+                      cube_info={} if cube is None else dict(cube.info))
 
 
 def config_json(cfg) -> str:

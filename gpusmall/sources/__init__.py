@@ -15,13 +15,13 @@ def open_source(cfg) -> Source:
         from .sim import SimSource
 
         return SimSource(s.events, dets, seed=s.seed, damage_every=getattr(s, "damage_every", 0),
-                         threads=getattr(s, "threads", None))
+                         threads=getattr(s, "threads", None), simulate=s.simulate)
     if s.type == "hdf5":
         from .hdf5 import Hdf5Source
 
         return Hdf5Source(s.path, dets, events=s.events, timestamp=s.timestamp, follow=s.follow,
                           follow_timeout_s=s.follow_timeout_s,
-                          timestamp_required="timestamp" in s.model_fields_set)
+                          timestamp_required="timestamp" in s.model_fields_set, context=cfg.context.values)
     if s.type == "psana":
         from .psana import PsanaSource  # imports psana only here
 

@@ -51,12 +51,15 @@ class RawBatch:
         event_index: (events,) int64, index of each event in the run.
         raw: detector name -> (events, panels, rows, cols) raw array.
         damaged: detector name -> (events,) bool, True where the detector had no or bad data.
+        context: context name -> (events,) array of the event context (SPEC 10; :mod:`.context`), every name of
+            :attr:`Source.context` in every batch.
     """
 
     timestamp: np.ndarray
     event_index: np.ndarray
     raw: dict[str, np.ndarray]
     damaged: dict[str, np.ndarray] = field(default_factory=dict)
+    context: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.timestamp.shape[0])
@@ -70,6 +73,13 @@ class Source:
     #: True when the source itself hands each MPI rank its own events (psana's MPI distribution):
     #: every rank then reads "its" events from 0 to the end, and ``event_index`` is rank-local.
     distributed: bool = False
+    #: context name -> dtype (:func:`.context.context_dtype`) of the event context every batch carries, known
+    #: when the source is open (before any event is read)
+    context: dict[str, np.dtype] = {}
+
+    def context_once(self) -> dict[str, object]:
+        """Run-constant values (``epicsOnce/<pv>`` -> value), asked for once at the end of the run."""
+        return {}
 
     def should_stop(self) -> bool:
         """Asked by sources that wait for data (following a run): True ends the wait. The run loop

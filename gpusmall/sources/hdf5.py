@@ -43,6 +43,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.writer import open_for_reading
 from .base import DetectorSource, RawBatch, Source
+from .context import as_context, context_dtype
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,10 @@ class Hdf5Source(Source):
 
     def __init__(self, path: str, detectors: dict[str, dict], events: int | None = None,
                  timestamp: str | None = "/timestamp", follow: bool = False, follow_timeout_s: float = 60.0,
-                 poll_s: float = 0.5, timestamp_required: bool = False):
+                 poll_s: float = 0.5, timestamp_required: bool = False, context: dict[str, str] | None = None):
         self.path, self.names, self.timestamp = path, {n: d["dataset"] for n, d in detectors.items()}, timestamp
+        self.context_paths = dict(context or {})  # context name -> per-event dataset of the file
+        self.context = {k: context_dtype(k) for k in self.context_paths}
         self.timestamp_required = bool(timestamp_required and timestamp)
         self.last_ts: int | None = None  # follow mode: the last timestamp read, to check the order
         self.follow, self.follow_timeout_s, self.poll_s = follow, float(follow_timeout_s), float(poll_s)
@@ -184,6 +187,10 @@ class Hdf5Source(Source):
         else:
             self.n_events = n if self.limit is None else min(n, self.limit)
             self._check_lengths(n)
+            for name, ds in self.context_datasets.items():
+                if ds.shape[0] < self.n_events:
+                    log.warning("%s: context %s (%r) holds %d values for %d events: the rest are missing (NaN)",
+                                self.path, name, self.context_paths[name], ds.shape[0], self.n_events)
             if self.ts_dataset is not None:  # read once: a later truncation does not reach them
                 self._ts, self._ts_bad = self._read_ts(0, self.n_events)
                 self._check_order(self._ts, 0)
@@ -248,6 +255,16 @@ class Hdf5Source(Source):
                 raise InputError(f"detectors.{name}.dataset: {dset!r} in {self.path} has shape {ds.shape}; "
                                  f"expected (events, [panels,] rows, cols)")
             self.datasets[name] = ds
+        self.context_datasets = {}
+        for name, dset in self.context_paths.items():
+            ds = self.file.get(dset)
+            where = f"context.values.{name}"
+            if ds is None:
+                raise InputError(f"{where}: {dset!r} is not in {self.path}")
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind not in "biuf":
+                what = "a group" if not isinstance(ds, h5py.Dataset) else f"{ds.dtype} of shape {ds.shape}"
+                raise InputError(f"{where}: {dset!r} in {self.path} is {what}; expected (events,) numbers")
+            self.context_datasets[name] = ds
         self.ts_dataset = None
         if self.timestamp and self.timestamp in self.file:
             ts = self.file[self.timestamp]
@@ -262,7 +279,7 @@ class Hdf5Source(Source):
     def _refresh(self) -> None:
         """Let the file show what the writer appended since the last look."""
         if self.swmr:
-            for ds in (*self.datasets.values(), self.ts_dataset):
+            for ds in (*self.datasets.values(), *self.context_datasets.values(), self.ts_dataset):
                 if ds is not None:
                     ds.refresh()
             return
@@ -408,7 +425,18 @@ class Hdf5Source(Source):
             damaged[name] = self._read_checked(name, ds, buf.reshape((n, *ds.shape[1:])), start) | ts_bad
             buf[ts_bad] = 0
             raw[name] = buf
-        return RawBatch(ts, np.arange(start, stop, dtype=np.int64), raw, damaged)
+        return RawBatch(ts, np.arange(start, stop, dtype=np.int64), raw, damaged, self._context(start, stop))
+
+    def _context(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The mapped context of events ``start`` .. ``stop``; values past a dataset's end are missing."""
+        out = {}
+        for name, ds in self.context_datasets.items():
+            v = np.full(stop - start, np.nan)
+            have = max(0, min(stop, ds.shape[0]) - start)
+            if have:
+                v[:have] = ds[start:start + have]
+            out[name] = as_context(name, v)
+        return out
 
     def close(self) -> None:
         for key, more in self._unreadable.items():

@@ -21,6 +21,7 @@ from ..backend import cpu_threads
 from ..detectors import get_model
 from ..detectors.constants import Constants
 from .base import DetectorSource, RawBatch, Source
+from .context import LIGHT_STATUS, context_dtype
 
 ENERGY_KEV = 9.5
 DISTANCE_MM = 100.0
@@ -40,6 +41,7 @@ FAMILY = {
     "cspad": dict(gain=(4.4,), pedestal=(1200,), noise=4.0, ranges=(0,), cm=(8.0, 0.0)),
 }
 FAMILY["cs140k"] = FAMILY["cspad"]
+I0_NAME = "ipm/sum"  # the simulated beam-intensity monitor (SimulateConfig.i0)
 SWITCH_ADU = 12000.0  # a pixel leaves a range when its signal there would exceed this
 
 
@@ -139,12 +141,13 @@ class SimDetector:
                               constants=self.constants())
 
     # ---- events -------------------------------------------------------------------
-    def signal_sparse(self, rng) -> tuple[np.ndarray, np.ndarray]:
+    def signal_sparse(self, rng, intensity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Deposited energy of one event where there is any: (pixels,) int64 flat indices into
-        (panels, rows, cols), unique and increasing, and (pixels,) float64 keV."""
+        (panels, rows, cols), unique and increasing, and (pixels,) float64 keV. ``intensity``: the shot's
+        intensity (photons scale with it; None: drawn here, per detector)."""
         p, r, c = self.shape
         npix = p * r * c
-        pulse = rng.gamma(5.0, 1.0 / 5.0)  # shot-to-shot intensity
+        pulse = rng.gamma(5.0, 1.0 / 5.0) if intensity is None else float(intensity)  # shot-to-shot intensity
         n = rng.poisson(self.mean_photons * pulse)
         # sorted draws: searchsorted walks the 2M-entry CDF in order (5x faster than random order)
         where = np.searchsorted(self.cdf, np.sort(rng.random(n))).clip(0, npix - 1)
@@ -172,15 +175,16 @@ class SimDetector:
             frame = self._local.frame = np.empty(self.shape, np.float32)
         return frame
 
-    def event(self, index: int, out: np.ndarray) -> None:
-        """Write raw event ``index`` into ``out`` (panels, rows, cols) uint16.
+    def event(self, index: int, out: np.ndarray, intensity: float | None = None) -> None:
+        """Write raw event ``index`` into ``out`` (panels, rows, cols) uint16; ``intensity``: the shot's
+        (:meth:`SimSource.shot`; 0: no X-rays), None: drawn per detector.
 
         Five passes over the frame (noise, pedestal, common mode, clip, cast); photons, gain
         switching and gain bits touch only the pixels that hold signal.
         """
         rng = np.random.default_rng(self.key + [1, int(index)])
-        if self.photons:
-            pix, kev = self.signal_sparse(rng)
+        if self.photons and intensity != 0:
+            pix, kev = self.signal_sparse(rng, intensity)
         else:
             pix, kev = np.zeros(0, np.int64), np.zeros(0)
         # gain switching, per pixel with signal: a pixel leaves a range when its signal would exceed SWITCH_ADU
@@ -223,15 +227,18 @@ class SimSource(Source):
     """A simulated run of ``events`` events for the configured detectors."""
 
     def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0,
-                 photons: bool = True, threads: int | None = None):
+                 photons: bool = True, threads: int | None = None, simulate=None):
         """detectors: name -> {type, shape (panels, rows, cols), pixel_um}; photons False: a dark run.
 
         ``damage_every`` N > 0 makes every N-th event (index % N == N - 1) damaged for every detector:
         its raw data is garbage (all 0xFFFF) and ``RawBatch.damaged`` marks it (for tests).
         ``threads``: threads that make the events of a batch (NumPy releases the GIL in the frame
         passes); None takes :func:`default_threads`. Events do not depend on it.
+        ``simulate``: a :class:`~gpusmall.producer.config.SimulateConfig` (scan, laser, dropped shots, I0), or None.
         """
         self.n_events = int(events)
+        self.seed, self.simulate = int(seed), simulate
+        self.context = {} if simulate is None else {k: context_dtype(k) for k in self.context_names(simulate)}
         self.damage_every = int(damage_every)
         self.threads = int(threads) if threads else default_threads()
         self._pool: ThreadPoolExecutor | None = None
@@ -239,16 +246,49 @@ class SimSource(Source):
                      for name, d in detectors.items()}
         self.detectors = {name: s.source_info() for name, s in self.sims.items()}
 
+    @staticmethod
+    def context_names(simulate) -> list[str]:
+        """The context names a ``simulate`` block makes."""
+        names = list(LIGHT_STATUS)
+        if simulate.i0:
+            names.append(I0_NAME)
+        if simulate.scan is not None:
+            names += [f"scan/{simulate.scan.variable}", "scan/step"]
+        return names
+
+    def shots(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(context name -> (events,) values, (events,) float64 intensity scaling each event's photons) of
+        events ``idx``; with no ``simulate`` ({}, None)."""
+        sim = self.simulate
+        if sim is None:
+            return {}, None
+        n = len(idx)
+        laser = np.ones(n, np.uint8) if not sim.laser_off_every else (idx % sim.laser_off_every != 0).astype(np.uint8)
+        xray = (np.ones(n, np.uint8) if not sim.xray_off_every
+                else (idx % sim.xray_off_every != sim.xray_off_every - 1).astype(np.uint8))
+        pulse = np.array([np.random.default_rng([self.seed & 0xFFFFFFFF, 0xC0FFEE, int(i)]).gamma(5.0, 0.2)
+                          for i in idx]) * xray
+        ctx = {"lightStatus/xray": xray, "lightStatus/laser": laser}
+        pumped = laser.astype(bool)
+        if sim.i0:
+            ctx[I0_NAME] = pulse.astype(np.float64)
+        if sim.scan is not None:
+            step = (idx // sim.scan.events_per_step).astype(np.int64)
+            value = sim.scan.start + sim.scan.step * step
+            ctx[f"scan/{sim.scan.variable}"], ctx["scan/step"] = value.astype(np.float64), step
+            pumped &= value > 0
+        return ctx, pulse * np.where(pumped, 1.0 + sim.pump, 1.0)
+
     def _make(self, jobs) -> None:
-        """Run ``(sim, index, out)`` jobs, on the thread pool when there is more than one thread."""
+        """Run ``(sim, index, out, intensity)`` jobs, on the thread pool when there is more than one thread."""
         if self.threads > 1 and len(jobs) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gpusmall-sim")
-            for _ in self._pool.map(lambda job: job[0].event(job[1], job[2]), jobs):
+            for _ in self._pool.map(lambda job: job[0].event(job[1], job[2], job[3]), jobs):
                 pass  # re-raises the first error
         else:
-            for sim, index, buf in jobs:
-                sim.event(index, buf)
+            for sim, index, buf, intensity in jobs:
+                sim.event(index, buf, intensity)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -257,13 +297,14 @@ class SimSource(Source):
 
     def read(self, start: int, stop: int, out=None) -> RawBatch:
         n = stop - start
+        idx = np.arange(start, stop, dtype=np.int64)
+        context, intensity = self.shots(idx)
         raw, jobs = {}, []
         for name, sim in self.sims.items():
             buf = out[name][:n] if out is not None and name in out else np.empty((n, *sim.shape), sim.dtype)
-            jobs += [(sim, start + k, buf[k]) for k in range(n)]
+            jobs += [(sim, start + k, buf[k], None if intensity is None else float(intensity[k])) for k in range(n)]
             raw[name] = buf
         self._make(jobs)
-        idx = np.arange(start, stop, dtype=np.int64)
         ts = (T0_NS + idx * PERIOD_NS).astype(np.uint64)
         if self.damage_every > 0:
             bad = idx % self.damage_every == self.damage_every - 1
@@ -271,4 +312,4 @@ class SimSource(Source):
                 buf[bad] = 0xFFFF
         else:
             bad = np.zeros(n, bool)
-        return RawBatch(ts, idx, raw, {name: bad.copy() for name in raw})
+        return RawBatch(ts, idx, raw, {name: bad.copy() for name in raw}, context)
