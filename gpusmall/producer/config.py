@@ -510,6 +510,8 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
     return cfg
 
 
+EPICS_PV = re.compile(r"^[A-Za-z_][A-Za-z0-9_:.\-]*$")
+"""An EPICS PV name or alias (``epics/<pv>``): letters, digits and ``_ : . -``."""
 CONTEXT_ROOTS = ("lightStatus", "scan", "epics")
 """Root names of the result that hold event context (SPEC 10); ``epicsOnce`` is written by the run."""
 
@@ -519,7 +521,9 @@ def check_context_name(name, loc: tuple, cfg: RunConfig) -> None:
     neither a detector nor an event function; under a reserved root name only ``lightStatus/xray``,
     ``lightStatus/laser``, ``scan/<variable>`` and ``epics/<pv>``."""
     parts = name.split("/") if isinstance(name, str) else [name]
-    for p in parts:
+    for i, p in enumerate(parts):
+        if i == 1 and parts[0] == "epics" and isinstance(p, str) and EPICS_PV.fullmatch(p):
+            continue  # a PV name as EPICS spells it (HX2:DVD:GCC:01:PMON)
         if not isinstance(p, str) or not NAME.fullmatch(p):
             raise ConfigError(f"config: {key_path(loc)}: context name {name!r} must be identifiers joined by '/' "
                               f"(e.g. ipm/sum): it names a dataset at the root of the result")

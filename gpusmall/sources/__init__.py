@@ -25,7 +25,7 @@ def open_source(cfg) -> Source:
     if s.type == "psana":
         from .psana import PsanaSource  # imports psana only here
 
-        return PsanaSource(s, dets)
+        return PsanaSource(s, dets, context=cfg.context)
     raise ValueError(f"unknown source type {s.type!r}")
 
 

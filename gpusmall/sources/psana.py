@@ -31,6 +31,11 @@ EPICS epoch 1990-01-01 UTC); batches carry it as ns since the Unix epoch (:func:
 event index.
 With ``files`` psana has no MPI distribution (every rank would read every event), so rank 0 reduces
 them all. psana's ``max_events`` (our ``events``) counts over all ranks.
+
+Event context (SPEC 10, the ``context`` block; :mod:`.psana_context`): ``lightStatus/*`` from the timing
+detector, ``scan/step`` and ``scan/<variable>`` of step scans, ``epics/<pv>`` and configured values, in every
+batch's ``context``. With the scan context on, the run is walked step by step (``run.steps()``, then each
+step's ``events()``; the same under psana's MPI distribution, where every rank sees every step).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from ..detectors import get_model
 from ..detectors.constants import Constants
 from ..errors import ConstantsError, InputError
 from .base import DetectorSource, RawBatch, Source
+from .psana_context import PsanaContext
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +144,11 @@ class PsanaSource(Source):
     Args:
         cfg: the validated ``source`` block (SourceConfig).
         detectors: name -> {"type", "shape", "source_name", "constants", ...} from the config.
+        context: the ``context`` block (ContextConfig); None: its defaults (light status when the run has the
+            timing detector, scans when it has scan variables).
     """
 
-    def __init__(self, cfg, detectors: dict[str, dict]):
+    def __init__(self, cfg, detectors: dict[str, dict], context=None):
         try:
             from psana import DataSource
         except ImportError as exc:
@@ -176,7 +184,9 @@ class PsanaSource(Source):
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
             raise InputError(f"source: psana cannot open {what}: {exc or type(exc).__name__}") from None
         self.n_events = None
-        self._events = None  # iterator over run.events(), made once
+        self.ctx = PsanaContext(self.run, context)  # resolved before any event is read
+        self.context = dict(self.ctx.names)
+        self._events = None  # iterator over (event, step) of the run, made once
         self._ahead: deque = deque()  # events read ahead to learn shapes, not yet delivered
         self._pos = 0  # index of the next event the iterator delivers
         self.dets = {}
@@ -311,29 +321,46 @@ class PsanaSource(Source):
         return Constants(pedestal=peds, gain=gain, noise=noise, status=status)
 
     # -- events --------------------------------------------------------------------------------
+    def context_once(self) -> dict[str, object]:
+        """``epicsOnce/<pv>`` of the configured PVs that never changed (:meth:`.PsanaContext.once`)."""
+        return self.ctx.once()
+
+    def _walk(self) -> Iterator[tuple]:
+        """(event, step) of every event in run order; step: (index, {``scan/<var>``: value}) when the run is
+        walked step by step, else None."""
+        if not self.ctx.steps:
+            for evt in self.run.events():
+                yield evt, None
+            return
+        for i, step in enumerate(self.run.steps()):
+            values = self.ctx.step_values(step)
+            for evt in step.events():
+                yield evt, (i, values)
+
     def _iter(self):
         if self._events is None:
-            self._events = iter(self.run.events())
+            self._events = self._walk()
         return self._events
 
     def _peek(self) -> Iterator:
         """Events read ahead (kept for delivery later) to learn shapes and dtypes."""
-        yield from list(self._ahead)
+        yield from [evt for evt, _ in list(self._ahead)]
         it = self._iter()
         while len(self._ahead) < PEEK_EVENTS:
-            evt = next(it, None)
-            if evt is None:
+            item = next(it, None)
+            if item is None:
                 return
-            self._ahead.append(evt)
-            yield evt
+            self._ahead.append(item)
+            yield item[0]
 
     def _next_event(self):
+        """(event, step) of the next event (see :meth:`_walk`), or None at the end."""
         if self.limit is not None and self._pos >= self.limit:
             return None
-        evt = self._ahead.popleft() if self._ahead else next(self._iter(), None)
-        if evt is not None:
+        item = self._ahead.popleft() if self._ahead else next(self._iter(), None)
+        if item is not None:
             self._pos += 1
-        return evt
+        return item
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
                 out: dict[str, np.ndarray] | None = None) -> Iterator[RawBatch]:
@@ -354,12 +381,15 @@ class PsanaSource(Source):
             raw = {name: (out[name][:n_max] if out is not None and name in out else np.zeros((n_max, *s.shape), s.dtype))
                    for name, s in self.detectors.items()}
             damaged = {name: np.zeros(n_max, bool) for name in self.detectors}
+            context = self.ctx.new_arrays(n_max)
             n = 0
             while n < n_max:
-                evt = self._next_event()
-                if evt is None:
+                item = self._next_event()
+                if item is None:
                     break
+                evt, step = item
                 ts[n], idx[n] = np.uint64(evt.timestamp), self._pos - 1
+                self.ctx.fill(context, n, evt, step)
                 for name, det in self.dets.items():
                     a = det.raw(evt)
                     if a is None or np.size(a) != raw[name][n].size or _shape3(np.asarray(a)) != raw[name].shape[1:]:
@@ -371,7 +401,7 @@ class PsanaSource(Source):
             if n == 0:
                 return
             yield RawBatch(unix_ns(ts[:n]), idx[:n], {k: v[:n] for k, v in raw.items()},
-                           {k: v[:n] for k, v in damaged.items()})
+                           {k: v[:n] for k, v in damaged.items()}, self.ctx.finish(context, n))
             if n < n_max:
                 return
 
@@ -381,4 +411,5 @@ class PsanaSource(Source):
             return batch
         return RawBatch(np.zeros(0, np.uint64), np.zeros(0, np.int64),
                         {k: np.zeros((0, *s.shape), s.dtype) for k, s in self.detectors.items()},
-                        {k: np.zeros(0, bool) for k in self.detectors})
+                        {k: np.zeros(0, bool) for k in self.detectors},
+                        self.ctx.finish(self.ctx.new_arrays(0), 0))
