@@ -165,6 +165,12 @@ class Calibrator:
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
         self.use_kernel = backend.is_gpu and common_mode != "raw"
+        self.cpu = None  # NumPy backend: numba's fused kernels when numba is there and handles the model
+        if not backend.is_gpu and common_mode != "raw":
+            from . import cpu_kernels  # imports numba (optional): only NumPy runs pay for it
+
+            self.cpu = cpu_kernels.for_calibrator(model, self.pedestal, self.scale, self.mask, self.config_bits,
+                                                  backend.threads)
 
     def __call__(self, raw) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
@@ -176,10 +182,27 @@ class Calibrator:
             return Frames(xp.where(good, out, xp.float32(0)), good, raw)
         if self.use_kernel and raw.dtype == xp.uint16:
             out, good = self._kernel_cm(raw) if callable(self.common_mode) else self._kernel(raw)
+        elif self.cpu is not None and self.cpu.supports(raw):  # NumPy backend with numba: fused kernels
+            out, good = self._cpu_kernels(raw)
         else:
             out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
                                             self.config_bits, self.common_mode if callable(self.common_mode) else None)
         return Frames(out, good, raw)
+
+    def _cpu_kernels(self, raw):
+        """NumPy backend, numba kernels (:mod:`gpusmall.calib.cpu_kernels`), bit-identical to
+        :func:`calibrate_reference`: one pass without a common mode; with one, per CHUNK_EVENTS events
+        pedestal -> common mode -> scale, as the reference."""
+        if not callable(self.common_mode):
+            return self.cpu.calibrate(raw)
+        out = np.empty(raw.shape, np.float32)
+        good = np.empty(raw.shape, np.bool_)
+        for e0 in range(0, raw.shape[0], CHUNK_EVENTS):
+            events = slice(e0, e0 + CHUNK_EVENTS)
+            s, g, good[events] = self.cpu.pedestal_subtract(raw[events])
+            s = np.ascontiguousarray(self.common_mode(s, good[events], g), dtype=np.float32)
+            self.cpu.scale_apply(raw[events], s, good[events], out[events])
+        return out, good
 
     def _kernel(self, raw):
         xp = self.backend.xp

@@ -130,6 +130,10 @@ def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray
         data = data[keep]
     if data.shape[0] == 0:
         return
+    from ..calib import cpu_kernels  # numba (optional): one pass over the batch for all sums
+
+    if cpu_kernels.available() and cpu_kernels.run_sums(data, specs, acc):
+        return
     for k, s in enumerate(specs):
         t = np.float32(s.kernel_thres)
         if s.kind == "nhits":
