@@ -264,7 +264,14 @@ def cmd_plot(args) -> int:
     from .producer.paths import check_output
 
     check_output(args.png, "plot: --png", {"the input file": Path(args.file)}, results_only=True, kind="plot")
-    what = plot_key(args.file, args.key, args.png)
+    from .analysis.plot_vs import is_cube_file, plot_cube, plot_vs
+
+    if args.vs:
+        what = plot_vs(args.file, args.key, args.vs, args.png, bins=args.bins)
+    elif is_cube_file(args.file):
+        what = plot_cube(args.file, args.key, args.png)
+    else:
+        what = plot_key(args.file, args.key, args.png)
     print(f"gpusmall: {what} -> {args.png}", file=sys.stderr)
     return 0
 
@@ -342,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("file", help="result HDF5 file")
     pl.add_argument("key", help="dataset path, e.g. epix/roi0_sum or Sums/epix_calib")
     pl.add_argument("--png", required=True, help="PNG file to write")
+    pl.add_argument("--vs", metavar="KEY2", help="per-event scalar for the x axis (e.g. ipm/sum, scan/delay): every "
+                    "event's KEY against it, with the mean of KEY per bin")
+    pl.add_argument("--bins", type=int, default=20, help="--vs: bins of KEY2 (one per value when it takes <= 50)")
     pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("cube", help="bin events by a per-event scalar: count, sum and mean per bin")
     c.add_argument("file", help="result HDF5 file")
