@@ -92,7 +92,7 @@ class Run:
             self.config = validate_config(config, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
         else:
             raise InputError(f"open_run: config must be a file path, a mapping or a RunConfig, not {type(config).__name__}")
-        self.last_summary = None
+        self.last_summary: Any = None  # a RunSummary after run()
 
     # -- the config ---------------------------------------------------------------------------------------
 
@@ -470,7 +470,7 @@ class Result:
         with self._open() as f:
             if "Sums" not in f:
                 return {}
-            out = {}
+            out: dict = {}
             f["Sums"].visititems(lambda n, o: out.__setitem__(n, o[()]) if hasattr(o, "shape") else None)
             return out
 
@@ -488,7 +488,7 @@ class Result:
         if det not in names:
             raise InputError(f"user_data_cfg: no detector {det!r} in {self.path} (detectors: {', '.join(names)})")
         with self._open() as f:
-            out = {}
+            out: dict = {}
             f[f"UserDataCfg/{det}"].visititems(
                 lambda n, o: out.__setitem__(n, _text(o[()])) if hasattr(o, "shape") else None)
             return out
@@ -534,7 +534,7 @@ class Result:
         attrs = {"by": cube.by, "binning": "steps" if cube.edges is None else "edges", "option": f"--{cube.binning}",
                  "selection": cube.selection or "", "select": json.dumps(list(cube.select)),
                  "source": str(self.path.resolve())}
-        attrs.update({("events" if k == "events" else f"events_{k}"): int(v) for k, v in cube.info.items()})
+        attrs.update({("events" if k == "events" else f"events_{k}"): int(v) for k, v in cube.info.items()})  # type: ignore[misc]
         variables = {}
         for k in cube.sums:
             variables[f"{k}_sum"] = (k, cube.sums[k])
@@ -555,7 +555,7 @@ def _azav_coords(f, key: str, shape: tuple, dims: tuple) -> dict:
         return {}
     det, name = parts[0], parts[1][: -len("_azav")]
     g = f.get(f"UserDataCfg/{det}")
-    out = {}
+    out: dict = {}
     if g is None:
         return out
     for suffix, dim, n in (("q", dims[2], shape[2]), ("phi", dims[1], shape[1])):
@@ -600,7 +600,7 @@ def cube_dataset(centers, edges, count, split: list[str], variables: dict, attrs
     data = {"count": (lead, np.asarray(count))}
     for name, (key, a) in variables.items():
         a = np.asarray(a)
-        data[name] = (lead + tuple(f"{key}_dim{i}" for i in range(1, a.ndim - len(lead) + 1)), a)
+        data[name] = (lead + tuple(f"{key}_dim{i}" for i in range(1, a.ndim - len(lead) + 1)), a)  # type: ignore[assignment]
     ds = xr.Dataset(data, coords=coords, attrs=dict(attrs or {}))
     ds["bin"].attrs["description"] = f"bin centres of {ds.attrs.get('by', 'the binning key')}"
     return ds

@@ -43,7 +43,7 @@ def find_kernel_source(filename: str) -> Path:
     raise FileNotFoundError(f"CUDA source {filename!r} not found in {[str(d) for d in kernel_dirs()]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_status(device_id: int | None = None) -> tuple[bool, str]:
     """(usable, reason): whether CuPy can import and run a kernel on GPU ``device_id`` (default 0).
 
@@ -123,7 +123,7 @@ class Backend:
     def to_host(self, a) -> np.ndarray:
         """Backend array -> NumPy array (a device->host copy on CuPy)."""
         if a is None:
-            return None
+            return None  # type: ignore[return-value]
         if self.is_gpu and not isinstance(a, np.ndarray):
             return self.xp.asnumpy(a)
         return np.asarray(a)

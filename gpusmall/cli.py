@@ -45,10 +45,9 @@ def demo_config_dict() -> dict:
 
 def _run_config(cfg, args) -> int:
     from .backend import cpu_threads, get_backend, resolve_choice
+    from .producer.allocator import keep_freed_memory
     from .producer.mpi import get_comm, gpu_for_rank
     from .producer.run import reduce_run
-
-    from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()  # batches reuse the previous batch's host memory (see allocator.py)
     if args.events is not None and cfg.source.type == "sim":
@@ -144,11 +143,10 @@ def cmd_darks(args) -> int:
     from .calib.darks import combine_dark_runs, dark_constants, measure_dark, measured_ranges
     from .detectors import get_model
     from .errors import InputError
+    from .producer.allocator import keep_freed_memory
     from .producer.config import load_config
     from .producer.paths import check_output, input_files
     from .sources import open_source
-
-    from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()
     configs = [load_config(p) for p in args.config]
@@ -168,7 +166,7 @@ def cmd_darks(args) -> int:
         dtype = d.type
     for cfg in configs:  # before any event: the output must not be an input of any run
         check_output(args.out, "--out", input_files(cfg), results_only=True, kind="constants")
-    model = get_model(dtype)
+    model = get_model(dtype)  # type: ignore[arg-type]
     for k, (path, cfg) in enumerate(zip(args.config, configs)):
         if backend is None:
             backend = get_backend(args.backend, cfg.backend)
@@ -176,7 +174,7 @@ def cmd_darks(args) -> int:
             from .sources.sim import SimSource
 
             d = cfg.detectors[det]
-            source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),
+            source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),  # type: ignore[arg-type]
                                                          "pixel_um": d.pixel_um}}, seed=cfg.source.seed,
                                photons=False, threads=cfg.source.threads)
         else:
@@ -184,7 +182,7 @@ def cmd_darks(args) -> int:
                 # a dark run needs no constants: without this, a psana source asks psana for them (and
                 # refuses a gain-switching detector offline); nothing reads this name
                 cfg.detectors[det].constants = "(darks: no constants needed)"
-            source = open_source(cfg)
+            source = open_source(cfg)  # type: ignore[assignment]
         with source:
             got = tuple(source.detectors[det].shape)
             if shape is not None and got != shape:
@@ -197,12 +195,12 @@ def cmd_darks(args) -> int:
             print(f"gpusmall: darks of {det}: run {k + 1} ({path}): {run.events} events, gain ranges "
                   f"{', '.join(seen) or 'none'}", file=sys.stderr)
         acc = run if acc is None else combine_dark_runs([acc, run], det)
-    res = dark_constants(acc, model, args.n_sigma)
+    res = dark_constants(acc, model, args.n_sigma)  # type: ignore[arg-type]
     res.constants.save(args.out)
     ranges = ""
     if model.n_gains > 1:
         m = res.measured
-        held = [model.gain_names[r] + (" (derived)" if m[r] == 2 else "") for r in range(model.n_gains) if m[r]]
+        held = [model.gain_names[r] + (" (derived)" if m[r] == 2 else "") for r in range(model.n_gains) if m[r]]  # type: ignore[index]
         ranges = f", gain ranges {', '.join(held) or 'none'}"
     runs = f" from {len(configs)} runs" if len(configs) > 1 else ""
     print(f"gpusmall: darks of {det}: {res.events} events{runs}{ranges}, {res.bad_pixels} bad pixels -> {args.out}",
@@ -231,10 +229,9 @@ def cmd_avimage(args) -> int:
     """Average calibrated image of the first N events, assembled with the geometry -> PNG (and HDF5)."""
     from .analysis.avimage import average_image, plot_average, write_average
     from .backend import get_backend
+    from .producer.allocator import keep_freed_memory
     from .producer.config import load_config
     from .producer.paths import check_output, input_files
-
-    from .producer.allocator import keep_freed_memory
 
     keep_freed_memory()
     cfg = load_config(args.config)
@@ -260,7 +257,6 @@ def cmd_avimage(args) -> int:
 
 def cmd_plot(args) -> int:
     from .analysis.plot import plot_key
-
     from .producer.paths import check_output
 
     check_output(args.png, "plot: --png", {"the input file": Path(args.file)}, results_only=True, kind="plot")
@@ -278,7 +274,6 @@ def cmd_plot(args) -> int:
 
 def cmd_cube(args) -> int:
     from .analysis.cube import make_cube, write_cube
-
     from .producer.paths import check_output
 
     out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")

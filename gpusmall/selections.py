@@ -16,8 +16,8 @@ config defines the same names: ``dropped`` (no X-rays, smalldata_tools' ``calib_
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -103,7 +103,7 @@ class Selections:
         if name in path:
             raise SelectionError(f"selections.{path[0]}: refers to itself ({' -> '.join(path + (name,))})")
         for c in self.conditions[name]:
-            for ref in (c.value if c.kind == "any" else (c.key,) if c.kind == "in" else ()):
+            for ref in (c.value if c.kind == "any" else (c.key,) if c.kind == "in" else ()):  # type: ignore[attr-defined]
                 self._check_cycle(ref, path + (name,))
 
     def __contains__(self, name) -> bool:
@@ -119,7 +119,7 @@ class Selections:
             if c.kind in ("equal", "range"):
                 out.add(c.key)
             else:
-                for ref in (c.value if c.kind == "any" else (c.key,)):
+                for ref in (c.value if c.kind == "any" else (c.key,)):  # type: ignore[attr-defined]
                     out |= self.keys_of(ref)
         return out
 
@@ -146,12 +146,12 @@ class Selections:
             elif c.kind == "range":
                 v = np.asarray(values[c.key], np.float64)
                 with np.errstate(invalid="ignore"):
-                    m = (v >= c.value[0]) & (v <= c.value[1])
+                    m = (v >= c.value[0]) & (v <= c.value[1])  # type: ignore[index]
             elif c.kind == "in":
                 m = self.mask(c.key, values) == c.value
             else:
                 m = np.zeros_like(out) if out is not None else None
-                for ref in c.value:
+                for ref in c.value:  # type: ignore[attr-defined]
                     r = self.mask(ref, values)
                     m = r if m is None else m | r
             out = m if out is None else out & m

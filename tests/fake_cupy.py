@@ -404,7 +404,7 @@ def strict_cupy(transfers, extra=None, module=np, name="cupy"):
             if k in ("fft", "linalg", "random"):
                 setattr(ns, k, strict_cupy(transfers, module=v, name=f"{name}.{k}"))
             continue
-        if isinstance(v, type) or isinstance(v, np.ufunc) or not callable(v):
+        if isinstance(v, (type, np.ufunc)) or not callable(v):
             setattr(ns, k, v)  # dtypes, classes, ufuncs (these dispatch on DeviceArray), constants
             continue
         setattr(ns, k, _strict_function(v, transfers))

@@ -9,7 +9,9 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from helpers_funcs import make_ctx, make_frames, setup
 from matplotlib.image import imread
+from test_end_to_end import calibrate_by_the_spec
 
 from gpusmall.analysis.avimage import assemble, average_image, pixel_grid, tile_panels
 from gpusmall.analysis.cube import make_cube
@@ -19,10 +21,6 @@ from gpusmall.funcs.roi import Roi
 from gpusmall.producer.config import validate_config
 from gpusmall.producer.run import reduce_run
 from gpusmall.sources.sim import SimSource, panel_layout
-
-from helpers_funcs import make_ctx, make_frames, setup
-from test_end_to_end import calibrate_by_the_spec
-
 
 # ---- assemble ----------------------------------------------------------------------------------------
 

@@ -161,7 +161,7 @@ def test_xarray_equals_the_datasets(made):
     _, path, _ = made
     res = gpusmall.open_result(path)
     ds = res.to_xarray()
-    keys = [k for k in res.keys() if k not in ("timestamp", "event_index", "event_time", "fiducials")]
+    keys = [k for k in res.keys() if k not in ("timestamp", "event_index", "event_time", "fiducials")]  # noqa: SIM118  (a Result, not a dict)
     assert sorted(ds.data_vars) == sorted(keys)
     assert "cam/roi0_area" in keys and "cam/azav_azav" in keys
     with h5py.File(path, "r") as f:

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from gpusmall.calib.common_mode import (MedianCommonMode, ZeroPeakCommonMode, group_median,
-                                        make_common_mode)
+from gpusmall.calib.common_mode import MedianCommonMode, ZeroPeakCommonMode, group_median, make_common_mode
 from gpusmall.detectors import get_model
 from gpusmall.detectors.base import DetectorModel
 from gpusmall.errors import InputError

@@ -11,8 +11,7 @@ pytest.importorskip("numba")
 from test_calibration import make_case  # noqa: E402
 
 from gpusmall.backend import Backend  # noqa: E402
-from gpusmall.calib import Calibrator  # noqa: E402
-from gpusmall.calib import cpu_kernels  # noqa: E402
+from gpusmall.calib import Calibrator, cpu_kernels  # noqa: E402
 from gpusmall.calib.calibrate import calibrate_reference  # noqa: E402
 from gpusmall.calib.common_mode import MedianCommonMode, make_common_mode  # noqa: E402
 from gpusmall.detectors import get_model  # noqa: E402

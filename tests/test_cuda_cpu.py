@@ -5,10 +5,9 @@ missing barrier, guard bytes behind dynamic shared memory, and the portable (uco
 """
 from __future__ import annotations
 
+import cuda_cpu
 import numpy as np
 import pytest
-
-import cuda_cpu
 
 pytestmark = pytest.mark.skipif(cuda_cpu.compiler() is None, reason="no C++ compiler to run kernels on the CPU")
 

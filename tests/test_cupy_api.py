@@ -121,7 +121,7 @@ def test_the_stand_ins_fake_only_real_cupy_api():
         assert hasattr(cuda.Event, name), name
     for name in ("wait_event", "synchronize", "__enter__", "__exit__"):
         assert hasattr(cuda.Stream, name), name
-    cuda.Stream.__init__  # Backend.stream calls cupy.cuda.Stream(non_blocking=...): Cython, no signature
+    cuda.Stream.__init__  # noqa: B018  Backend.stream calls cupy.cuda.Stream(non_blocking=...): Cython, no signature
     assert "non_blocking" in (cuda.Stream.__doc__ or "") + (cuda.Stream.__init__.__doc__ or "")
     for name in ("empty", "asnumpy", "asarray", "get_default_memory_pool", "RawModule", "RawKernel"):
         assert hasattr(cupy, name), name

@@ -5,13 +5,19 @@ import numpy as np
 import pytest
 import yaml
 
-from gpusmall.calib.darks import (STATUS_CONSTANT, STATUS_NO_RANGE, STATUS_NOISE, STATUS_PEDESTAL, DarkAccumulator,
-                                  compute_darks, dark_status)
+from gpusmall.calib.darks import (
+    STATUS_CONSTANT,
+    STATUS_NO_RANGE,
+    STATUS_NOISE,
+    STATUS_PEDESTAL,
+    DarkAccumulator,
+    compute_darks,
+    dark_status,
+)
 from gpusmall.cli import main
 from gpusmall.detectors import get_model
 from gpusmall.detectors.constants import load_constants
 from gpusmall.sources.sim import SimSource
-
 
 
 @pytest.mark.parametrize("dtype_name", ["epix10ka", "jungfrau"])

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gpusmall.calib.darks import (STATUS_RANGE_MISSING, combine_dark_runs, compute_darks, dark_constants,
-                                  measure_dark)
+from gpusmall.calib.darks import STATUS_RANGE_MISSING, combine_dark_runs, compute_darks, dark_constants, measure_dark
 from gpusmall.cli import main
 from gpusmall.detectors import get_model
 from gpusmall.detectors.constants import Constants, check_measured_ranges, load_constants

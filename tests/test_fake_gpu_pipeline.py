@@ -115,6 +115,7 @@ def _compare(got, want, got_sums, want_sums):
         np.testing.assert_allclose(got_sums[k], want_sums[k], rtol=1e-5, atol=1e-2, err_msg=k)
 
 
+@pytest.mark.slow
 def test_demo_under_cupys_rules_and_host_traffic_per_batch_not_per_event(monkeypatch):
     """The demo set on a backend under CuPy's rules, batches of 2 and of 4 events: the same numbers as
     NumPy, results on the host as NumPy arrays, and the same transfers to the host per batch whatever

@@ -13,6 +13,7 @@ import time
 import h5py
 import numpy as np
 import pytest
+from test_mpi import assert_same, env
 
 from gpusmall.backend import Backend
 from gpusmall.errors import ConfigError
@@ -20,8 +21,6 @@ from gpusmall.producer.config import validate_config
 from gpusmall.producer.mpi import Comm
 from gpusmall.producer.run import reduce_run
 from gpusmall.sources import open_source
-
-from test_mpi import assert_same, env
 
 WRITER = textwrap.dedent("""
     import sys, time

@@ -533,7 +533,8 @@ def test_azav_gpu_branches(rng, monkeypatch, engine, kernels):
 
 @pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)),
                                         ((4, 64), (8, 128)), ((3, 33), (6, 66)), ((2, 32), (4, 96)),
-                                        ((256, 2), (512, 70)), ((300, 70), (600, 140))])
+                                        pytest.param((256, 2), (512, 70), marks=pytest.mark.slow),
+                                        ((300, 70), (600, 140))])
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
     """The CUDA median kernels themselves: rows of up to 64 pixels in the rows warp kernel (1, 2, 3, 7, 32,

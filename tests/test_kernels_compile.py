@@ -12,9 +12,9 @@ import shutil
 import subprocess
 
 import pytest
+from test_kernel_launches import kernels_used
 
 from gpusmall.backend import find_kernel_source, kernel_dirs
-from test_kernel_launches import kernels_used
 
 SOURCES = sorted(p.name for d in kernel_dirs() if d.is_dir() for p in d.glob("*.cu"))
 

@@ -110,7 +110,7 @@ class FakeComm(Comm):
 def test_block_range_covers_in_whole_batches(n, bs, size):
     ranges = [block_range(n, bs, r, size) for r in range(size)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    for (a0, a1), (b0, b1) in zip(ranges[:-1], ranges[1:]):
+    for (a0, a1), (b0, _b1) in zip(ranges[:-1], ranges[1:]):
         assert a1 == b0 and a0 <= a1
     counts = [-(-(b - a) // bs) for a, b in ranges]
     assert max(counts) - min(counts) <= 1
@@ -386,17 +386,16 @@ def test_background_appender_order_errors_and_drain(tmp_path):
     from gpusmall.io.writer import BackgroundAppender, ResultWriter
 
     written = []
-    with ResultWriter(tmp_path / "a.h5", chunk_events=4) as w:
-        with BackgroundAppender(w, depth=1) as app:
-            for k in range(5):
-                app.append({"x": np.full(4, k)}, on_written=lambda k=k: written.append(k))
+    with ResultWriter(tmp_path / "a.h5", chunk_events=4) as w, BackgroundAppender(w, depth=1) as app:
+        for k in range(5):
+            app.append({"x": np.full(4, k)}, on_written=lambda k=k: written.append(k))
+        app.drain()
+        assert written == [0, 1, 2, 3, 4] and w.n_events == 20
+        app.append({"y": np.zeros(4)})  # a new name after the first batch: the writer refuses it
+        with pytest.raises(ValueError, match="appears after the first batch"):
             app.drain()
-            assert written == [0, 1, 2, 3, 4] and w.n_events == 20
-            app.append({"y": np.zeros(4)})  # a new name after the first batch: the writer refuses it
-            with pytest.raises(ValueError, match="appears after the first batch"):
-                app.drain()
-            with pytest.raises(RuntimeError, match="failed earlier"):
-                app.append({"x": np.zeros(4)})
+        with pytest.raises(RuntimeError, match="failed earlier"):
+            app.append({"x": np.zeros(4)})
     with h5py.File(tmp_path / "a.h5") as f:
         np.testing.assert_array_equal(f["x"][()], np.repeat(np.arange(5), 4))
 

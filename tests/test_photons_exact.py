@@ -12,9 +12,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers_funcs import make_ctx, make_frames, setup
-
 from conftest import make_backend
+from helpers_funcs import make_ctx, make_frames, setup
 
 from gpusmall.backend import Backend
 from gpusmall.funcs.droplet import Droplet, bincount

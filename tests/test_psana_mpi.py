@@ -21,12 +21,12 @@ import yaml
 
 psana = pytest.importorskip("psana")
 
+from test_mpi import assert_same, env, have_mpi  # noqa: E402
+from test_psana import FILES, make_constants, psana_frames, xtc  # noqa: E402
+
 from gpusmall.detectors.constants import Constants  # noqa: E402
 from gpusmall.producer.config import validate_config  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
-
-from test_mpi import assert_same, env, have_mpi  # noqa: E402
-from test_psana import FILES, make_constants, psana_frames, xtc  # noqa: E402
 
 #: psana detector -> (experiment, run) recorded in the test file
 EXP_RUN = {"jungfrau": ("mfx101332224", 7), "epixquad": ("ueddaq02", 109)}

@@ -419,10 +419,10 @@ def test_truncation_is_counted_stored_and_printed(tmp_path, capsys):
 
 def test_memory_estimate_counts_ragged_outputs_at_their_bound(tmp_path):
     """The set-up memory check takes max_droplets / max_photons items an event, as for padded outputs."""
+    from gpusmall.backend import Backend
     from gpusmall.producer.config import validate_config
     from gpusmall.producer.pipeline import DetectorPipeline
     from gpusmall.sources.sim import SimSource
-    from gpusmall.backend import Backend
 
     sizes = {}
     for layout in ("ragged", "padded"):

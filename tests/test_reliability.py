@@ -4,8 +4,8 @@ Each test reproduces one case of the issue's list (the number in its name) and f
 """
 import copy
 import math
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -461,8 +461,9 @@ def test_darks_avimage_cube_plot_never_overwrite_a_file_gpusmall_did_not_write(t
 
 
 def test_a_single_rank_run_removes_the_parts_of_an_earlier_mpi_run_of_its_output(tmp_path, capsys):
-    from gpusmall.io.master import part_path
     from test_mpi import FakeComm, cam_config, run_inproc
+
+    from gpusmall.io.master import part_path
 
     data = cam_config(tmp_path, out="m.h5")
     for r in (1, 0):

@@ -211,7 +211,7 @@ def test_psana_time_becomes_unix_ns_in_the_same_order():
     from gpusmall.sources.psana import EPICS_EPOCH_UNIX_S, unix_ns
 
     epoch = datetime.datetime(1990, 1, 1, tzinfo=datetime.timezone.utc)
-    assert EPICS_EPOCH_UNIX_S == int(epoch.timestamp())
+    assert int(epoch.timestamp()) == EPICS_EPOCH_UNIX_S
     packed = np.array([0, 5, (982960461 << 32) | 942241006], np.uint64)
     np.testing.assert_array_equal(unix_ns(packed), [631_152_000 * 10**9, 631_152_000 * 10**9 + 5,
                                                     (982960461 + 631_152_000) * 10**9 + 942241006])

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..producer.paths import png_metadata
 from ..errors import InputError
+from ..producer.paths import png_metadata
 
 #: an assembled image may have at most this many cells per detector pixel (plus a margin): a geometry in
 #: the wrong unit (metres for micrometres) would otherwise ask for a gigantic array
@@ -153,7 +153,7 @@ def plot_image(image, png, title: str, *, covered=None, extent=None, xlabel: str
     ax = fig.add_subplot()
     cmap = colormaps["viridis"].with_extremes(bad="0.6")
     alpha = None if covered is None else np.asarray(covered, np.float32)
-    im = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, origin=origin, extent=extent, alpha=alpha,
+    im = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, origin=origin, extent=extent, alpha=alpha,  # type: ignore[arg-type]
                    interpolation="nearest" if max(h, w) <= 1200 else "antialiased")
     fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.9)
     ax.set_title(title, fontsize=10)

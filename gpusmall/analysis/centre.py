@@ -291,7 +291,7 @@ def fit_center(image, x, y, mask=None, *, percentile: float = 99.0, threshold: f
             break
     if profile_rings:  # the fainter rings: peaks of the radial profile about this centre
         more = profile_peaks(image, x, y, c, mask, max_rings=max_rings)
-        merged = list(radii)
+        merged = list(radii)  # type: ignore[arg-type]
         for rk in more:
             if np.min(np.abs(np.asarray(merged) - rk)) > gap:
                 merged.append(rk)
@@ -300,16 +300,16 @@ def fit_center(image, x, y, mask=None, *, percentile: float = 99.0, threshold: f
     # sub-pixel: ring maxima per sector, each ring's window from its thresholded width
     for _ in range(2):
         pts = []
-        for k, rk in enumerate(radii):
+        for k, rk in enumerate(radii):  # type: ignore[arg-type]
             half = max(4 * pix, 2.5 * rms)
-            half = min(half, 0.45 * np.min(np.abs(np.delete(radii, k) - rk))) if len(radii) > 1 else half
+            half = min(half, 0.45 * np.min(np.abs(np.delete(radii, k) - rk))) if len(radii) > 1 else half  # type: ignore[arg-type]
             px, py, w = ring_maxima(image, x, y, c, rk, half, mask=mask, sectors=sectors)
             pts.append((px, py, w, np.full(px.size, k)))
         px, py, w, lab = (np.concatenate(a) for a in zip(*pts))
         if px.size < 3:
             raise ValueError("too few ring maxima to fit")
         c, radii, rms = fit_concentric(px, py, lab, c, weights=w)
-    return CircleFit((float(c[0]), float(c[1])), radii, rms, px, py, lab)
+    return CircleFit((float(c[0]), float(c[1])), radii, rms, px, py, lab)  # type: ignore[arg-type]
 
 
 # ---- 6: sharpness of the azimuthal average ---------------------------------------------------------------

@@ -252,7 +252,7 @@ def default_keys(f: h5py.File, by: str) -> list[str]:
         base = [k for k in every if k.startswith(det + "/")]
     else:
         base = [k for k in every if f[k].ndim >= 2]
-    base = set(base) | {k for k in every if f[k].ndim == 1}
+    base = set(base) | {k for k in every if f[k].ndim == 1}  # type: ignore[assignment]
     return [k for k in every if k in base and not _bookkeeping(k) and _numeric(f[k])]
 
 
@@ -394,7 +394,7 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         context = {k: f[k][()] for k in sorted(sel_keys)}
         selected = np.ones(n, bool)
         if selection is not None:
-            selected &= sels.mask(selection, context)
+            selected &= sels.mask(selection, context)  # type: ignore[union-attr]
         for k, kind, value in conds:
             selected &= _select_mask(kind, value, context[k])
         candidates = ~damaged & finite & selected
@@ -412,9 +412,9 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         else:
             steps_v = None
             if ways[0] == "--bins":
-                cube_edges = bin_edges(values[candidates], bins, value_range)
+                cube_edges = bin_edges(values[candidates], bins, value_range)  # type: ignore[arg-type]
             elif ways[0] == "--width":
-                cube_edges = width_edges(values[candidates], width, value_range)
+                cube_edges = width_edges(values[candidates], width, value_range)  # type: ignore[arg-type]
             else:
                 cube_edges = edges
             nb = len(cube_edges) - 1
@@ -422,7 +422,7 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         keep = inside & candidates
         masks = None
         if split:
-            masks = np.stack([sels.mask(s, context) & keep for s in split])
+            masks = np.stack([sels.mask(s, context) & keep for s in split])  # type: ignore[union-attr]
             used = masks.any(axis=0)
         else:
             used = keep

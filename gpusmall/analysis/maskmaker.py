@@ -159,7 +159,7 @@ def circle_mask(x, y, center_um, r_max_um: float, r_min_um: float = 0.0) -> np.n
 def combine(*bad_maps) -> np.ndarray:
     """OR of bad maps of one shape; an argument may also be a dict (its values, as :func:`make_mask`
     returns) or a list of bad maps."""
-    flat = []
+    flat: list = []
     for m in bad_maps:
         if isinstance(m, dict):
             flat.extend(m.values())
@@ -167,7 +167,7 @@ def combine(*bad_maps) -> np.ndarray:
             flat.extend(m)
         else:
             flat.append(m)
-    bad_maps = flat
+    bad_maps = flat  # type: ignore[assignment]
     if not bad_maps:
         raise ValueError("nothing to combine")
     out = np.zeros(np.shape(bad_maps[0]), bool)
@@ -188,7 +188,7 @@ def make_mask(mean=None, std=None, max=None, *, hot_k: float | None = 5.0, hot_a
     if not given:
         raise ValueError("make_mask needs mean, std or max")
     if mean is not None and (hot_k is not None or hot_adu is not None):
-        out["hot"] = hot_pixels(mean, k=hot_k, adu=hot_adu, mask=mask)
+        out["hot"] = hot_pixels(mean, k=hot_k, adu=hot_adu, mask=mask)  # type: ignore[arg-type]
     if std is not None and noisy_k is not None:
         out["noisy"] = noisy_pixels(std, k=noisy_k, mask=mask)
     if (std is not None and dead_std_frac is not None) or (max is not None and dead_max_abs is not None):
@@ -248,7 +248,7 @@ def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: 
     badm = _as3d(np.asarray(bad, bool))
     if img.shape != badm.shape:
         raise ValueError(f"image {img.shape} and mask {badm.shape} differ in shape")
-    kw = {}
+    kw: dict = {}
     if x is not None and y is not None:
         x, y = _as3d(np.asarray(x, np.float64)), _as3d(np.asarray(y, np.float64))
         pixel_um = pixel_size_um(x, y) if pixel_um is None else pixel_um

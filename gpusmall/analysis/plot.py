@@ -28,10 +28,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..producer.paths import png_metadata
 from ..errors import InputError
 from ..io.master import require_sources
 from ..io.writer import open_result
+from ..producer.paths import png_metadata
 from .avimage import assemble, color_limits, pixel_grid, plot_image, tile_panels
 from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
 

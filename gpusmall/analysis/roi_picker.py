@@ -109,7 +109,7 @@ class PanelView:
             self.shown = np.full((h, w), np.nan, np.float32)
             self.shown[rows, cols] = self.image
             self.origin = "upper"
-            self.extent = None  # imshow's default: cell (i, j) centred at (j, i)
+            self.extent = None  # type: ignore[assignment]  # imshow's default: cell (i, j) centred at (j, i)
             self._grid0, self._step = (0.0, 0.0), 1.0
             self.px, self.py = cols.astype(np.float64), rows.astype(np.float64)
             self.xlabel, self.ylabel = "column (panels tiled)", "row"
@@ -125,7 +125,7 @@ class PanelView:
             return None
         j = int(np.floor((xd - self._grid0[0]) / self._step + 0.5))
         i = int(np.floor((yd - self._grid0[1]) / self._step + 0.5))
-        h, w = self.lookup.shape
+        h, w = self.lookup.shape  # type: ignore[misc]
         if not (0 <= i < h and 0 <= j < w) or self.lookup[i, j] < 0:
             return None
         return tuple(int(v) for v in np.unravel_index(self.lookup[i, j], self.shape))
@@ -231,7 +231,7 @@ class RoiPicker:
         self.view, self.ax, self.verbose = view, ax, verbose
         self.rois: list[list[list[int]]] = []
         view.draw(ax)
-        self.selector = RectangleSelector(ax, self.onselect, useblit=True, button=[1], minspanx=0, minspany=0,
+        self.selector = RectangleSelector(ax, self.onselect, useblit=True, button=[1], minspanx=0, minspany=0,  # type: ignore[list-item]
                                           spancoords="data", interactive=False)
 
     def onselect(self, eclick, erelease):

@@ -41,7 +41,7 @@ def unit_scale(gain: np.ndarray, units: str, photon_energy_kev: float | None = N
     elif units == "kev":
         s = 1.0 / gain
     elif units == "photons":
-        s = 1.0 / (gain * float(photon_energy_kev))
+        s = 1.0 / (gain * float(photon_energy_kev))  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown units {units!r}")
     return s.astype(np.float32)

@@ -186,9 +186,9 @@ class MedianCommonMode:
             n = {"rows": bc, "cols": br, "banks": br * bc}[axis]
             if axis == "banks" or n > KERNEL_MAX_GROUP:
                 use = self.use_mask(xp, good, g)
-                sg, ug = _to_groups(s, axis, self.bank), _to_groups(use, axis, self.bank)
+                sg, ug = _to_groups(s, axis, self.bank), _to_groups(use, axis, self.bank)  # type: ignore[arg-type]
                 med, ok = group_median(xp, sg, ug, self.min_pixels, self.max_correction)
-                s = _from_groups(xp, xp.where(ug & ok[..., None], sg - med[..., None], sg), axis, s.shape, self.bank)
+                s = _from_groups(xp, xp.where(ug & ok[..., None], sg - med[..., None], sg), axis, s.shape, self.bank)  # type: ignore[arg-type]
                 continue
             if axis == "rows":  # group = (e, p, row, bank col): n = bc contiguous pixels
                 n_outer, outer_stride, n_inner, inner_stride, elem_stride = e * p * r, c, c // bc, bc, 1

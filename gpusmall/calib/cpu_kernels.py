@@ -30,7 +30,7 @@ try:  # optional: without numba the NumPy path stays
     import numba
     from numba import njit, prange, uint64
 except Exception:  # ImportError, or a numba that does not match the installed NumPy
-    numba = None
+    numba = None  # type: ignore[assignment]
 
 ENV_VAR = "GPUSMALL_NUMBA"
 """``GPUSMALL_NUMBA=0`` turns the kernels off (the pure NumPy path, e.g. to compare)."""
@@ -54,7 +54,7 @@ def threads_for_call(backend_threads: int) -> int:
     """numba threads for one kernel call: the backend's threads from the main thread, 1 elsewhere,
     at most numba's thread count (``NUMBA_NUM_THREADS``)."""
     n = max(1, int(backend_threads)) if threading.current_thread() is threading.main_thread() else 1
-    return min(n, numba.config.NUMBA_NUM_THREADS)
+    return min(n, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
 if numba is not None:

@@ -87,7 +87,7 @@ class DarkAccumulator:
             self.vmax = v[0].copy()
         self.vmin = xp.minimum(self.vmin, v.min(axis=0))
         self.vmax = xp.maximum(self.vmax, v.max(axis=0))
-        d = v - self.ref[None]
+        d = v - self.ref[None]  # type: ignore[index]
         hist = self.backend.to_host(xp.bincount(g.ravel().astype(xp.int64) + 1, minlength=self.model.n_gains + 1))
         for r in np.flatnonzero(hist[1:self.model.n_gains + 1]):
             m = g == r
@@ -255,7 +255,7 @@ def dark_constants(run: DarkRun, model: DetectorModel, n_sigma: float = 6.0) -> 
     status = dark_status(run.pedestal, run.noise, count, run.constant, n_sigma)
     missing = ((count == 0) & (measured == RANGE_MEASURED)[:, None, None, None]).any(axis=0)
     status |= np.where(missing, STATUS_RANGE_MISSING, 0).astype(np.uint8)
-    c = Constants(pedestal=ped, gain=None, noise=noise if model.n_gains > 1 else noise[0], status=status,
+    c = Constants(pedestal=ped, gain=None, noise=noise if model.n_gains > 1 else noise[0], status=status,  # type: ignore[arg-type]
                   config_bits=run.config_bits, x=run.x, y=run.y, z=run.z, gain_ranges_measured=measured)
     per_range = np.median(count.reshape(count.shape[0], -1), axis=1)
     return DarkResult(c, run.events, per_range, int((status != 0).sum()), measured)

@@ -99,7 +99,7 @@ class DetectorModel:
         """
         return {0} if self.n_gains == 1 else None
 
-    def with_invalid_ranges(self, ranges) -> "DetectorModel":
+    def with_invalid_ranges(self, ranges) -> DetectorModel:
         """This model, with the pixels of gain ranges ``ranges`` decoded as invalid (bad in the event)."""
         return replace(self, invalid_ranges=tuple(sorted(set(self.invalid_ranges) | set(int(r) for r in ranges))))
 
@@ -139,4 +139,4 @@ class DetectorModel:
 
     def banks(self, panel_shape: tuple[int, int]) -> tuple[int, int]:
         """(bank rows, bank cols) for a panel of this shape (whole panel when the family has no banks)."""
-        return tuple(self.bank_shape) if self.bank_shape is not None else tuple(panel_shape)
+        return tuple(self.bank_shape) if self.bank_shape is not None else tuple(panel_shape)  # type: ignore[return-value]

@@ -222,7 +222,7 @@ def check_config_bits(det: str, arr, what: str) -> np.ndarray:
     out_of_range = (arr < 0) | (arr >= CONFIG_BITS_LIMIT)
     if out_of_range.any():
         i = int(np.flatnonzero(out_of_range)[0])
-        bad = tuple(map(int, np.unravel_index(i, arr.shape)))
+        bad = tuple(map(int, np.unravel_index(i, arr.shape)))  # type: ignore[assignment]
         raise ConstantsError(f"detector {det}: {what} is {int(arr.flat[i])} at (panel, row, col) {bad}, "
                              f"expected 0 <= config_bits < {CONFIG_BITS_LIMIT} (5 control bits)")
     return arr.astype(np.uint8, copy=False)
@@ -282,7 +282,7 @@ def read_constants_file(path: Path, det: str) -> dict[str, np.ndarray]:
     where = f"detector {det}: constants file {str(path)!r}"
     try:
         with h5py.File(path, "r") as f:
-            items = {k: f[k] for k in f.keys()}
+            items = {k: f[k] for k in f}
             for k, obj in items.items():
                 if k not in KNOWN:
                     close = difflib.get_close_matches(k, KNOWN, n=1)

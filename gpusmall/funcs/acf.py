@@ -29,6 +29,7 @@ class AcfParams(FunctionParams):
 class Acf(ReductionFunction):
     type = "acf"
     Params = AcfParams
+    p: AcfParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def prepare(self, ctx: FrameContext):
         xp = ctx.xp

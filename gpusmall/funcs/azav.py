@@ -249,6 +249,7 @@ class Azav(ReductionFunction):
 
     type = "azav"
     Params = AzavParams
+    p: AzavParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def prepare(self, ctx: FrameContext):
         p = self.p
@@ -288,7 +289,7 @@ class Azav(ReductionFunction):
             nb = p.bins
             width = (hi - lo) / nb
         else:
-            width = p.bin_width
+            width = p.bin_width  # type: ignore[assignment]
             if (hi - lo) / width * p.phi_bins > MAX_BINS:
                 raise InputError(f"detector {ctx.det}: function {self.name}: bin_width {width:g} makes "
                                  f"{(hi - lo) / width:.3g} bins over [{lo:g}, {hi:g}] ({p.unit}); at most {MAX_BINS} "

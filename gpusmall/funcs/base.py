@@ -9,6 +9,7 @@ Geometry-only work happens in :meth:`ReductionFunction.prepare`, once per run, o
 """
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -40,9 +41,9 @@ class Frames:
     data: Any
     good: Any
     raw: Any = None
-    events: "EventInfo | None" = None
+    events: EventInfo | None = None
 
-    def crop(self, index: tuple[slice, ...]) -> "Frames":
+    def crop(self, index: tuple[slice, ...]) -> Frames:
         idx = (slice(None),) + tuple(index)
         return Frames(self.data[idx], self.good[idx], None if self.raw is None else self.raw[idx], self.events)
 
@@ -56,7 +57,7 @@ class EventInfo:
     event_index: Any
     context: dict = field(default_factory=dict)
 
-    def __getitem__(self, events: slice) -> "EventInfo":
+    def __getitem__(self, events: slice) -> EventInfo:
         return EventInfo(self.timestamp[events], self.event_index[events],
                          {k: v[events] for k, v in self.context.items()})
 
@@ -137,7 +138,7 @@ class FrameContext:
         xp = self.xp
         return xp.where(good, data, xp.float32(np.nan)).astype(xp.float32, copy=False)
 
-    def crop(self, index: tuple[slice, slice, slice]) -> "FrameContext":
+    def crop(self, index: tuple[slice, slice, slice]) -> FrameContext:
         """The context of a (panels, rows, cols) sub-region given as three slices with explicit bounds.
 
         Pixel arrays are cut; ``z_mean`` keeps the whole detector's mean z (see :meth:`detector_z_mean`).
@@ -162,7 +163,7 @@ class ReductionFunction:
     """
 
     type: ClassVar[str] = "function"
-    Params: ClassVar[type[FunctionParams]] = FunctionParams
+    Params: ClassVar[builtins.type[FunctionParams]] = FunctionParams  # builtins: ``type`` is the str above
     passes: ClassVar[str | tuple[str, ...] | None] = None
     """What :meth:`prepare` and :meth:`compute` hand on to children, one kind or a tuple of kinds: ``"image"``
     (a region of the calibrated frames, roi), ``("droplets", "image")`` (droplet: the droplet image, i.e. the
@@ -172,10 +173,10 @@ class ReductionFunction:
     """What this function can be given: the detector's calibrated frames are an ``"image"``; config validation
     rejects a function under a parent (or at the top level) that passes none of these kinds."""
 
-    def __init__(self, params: FunctionParams, children: list["ReductionFunction"] | None = None):
+    def __init__(self, params: FunctionParams, children: list[ReductionFunction] | None = None):
         self.p = params
         self.children = children or []
-        self.ctx: FrameContext | None = None
+        self.ctx: FrameContext = None  # type: ignore[assignment]  # set by setup(), before any compute()
 
     @property
     def name(self) -> str:
@@ -195,7 +196,7 @@ class ReductionFunction:
         if self.children and child_ctx is None:
             raise ValueError(f"detector {ctx.det}: function {self.name} passes nothing to children")
         for child in self.children:
-            child.setup(child_ctx)
+            child.setup(child_ctx)  # type: ignore[arg-type]
 
     def prepare(self, ctx: FrameContext) -> FrameContext | None:
         """Subclass hook for set-up; returns the context of the frames children receive (or None)."""
@@ -211,7 +212,7 @@ class ReductionFunction:
         outputs, child_frames = self.compute(frames)
         out = {f"{self.name}_{k}": v for k, v in outputs.items()}
         for child in self.children:
-            for k, v in child(child_frames).items():
+            for k, v in child(child_frames).items():  # type: ignore[arg-type]
                 out[f"{self.name}_{k}"] = v
         return out
 

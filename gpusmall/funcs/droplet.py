@@ -265,6 +265,7 @@ class Droplet(ReductionFunction):
     type = "droplet"
     passes = ("droplets", "image")
     Params = DropletParams
+    p: DropletParams  # ReductionFunction.p, narrowed to this function's parameters
     FIELDS = ("data", "npix", "row", "col", "tile")
 
     def sparse_outputs(self) -> SparseOutputs:

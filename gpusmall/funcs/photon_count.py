@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .droplet import bincount
 from .base import FrameContext, FunctionParams, ReductionFunction
+from .droplet import bincount
 
 
 class PhotonCountParams(FunctionParams):
@@ -21,6 +21,7 @@ class PhotonCountParams(FunctionParams):
 class PhotonCount(ReductionFunction):
     type = "photon_count"
     Params = PhotonCountParams
+    p: PhotonCountParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def default_name(self) -> str:
         return "photon"

@@ -50,9 +50,9 @@ Found on the device for the whole batch, one ``bincount`` of (event, photons) ov
 """
 from __future__ import annotations
 
-import numpy as np
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from ..errors import InputError
@@ -118,6 +118,7 @@ class Photons(ReductionFunction):
 
     type = "photons"
     Params = PhotonsParams
+    p: PhotonsParams  # ReductionFunction.p, narrowed to this function's parameters
     takes = ("droplets",)
 
     def sparse_outputs(self) -> SparseOutputs:

@@ -14,7 +14,6 @@ import numpy as np
 from pydantic import Field
 
 from ..errors import InputError
-
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction, threshold
 
 
@@ -29,6 +28,7 @@ class ProjectionParams(FunctionParams):
 class Projection(ReductionFunction):
     type = "projection"
     Params = ProjectionParams
+    p: ProjectionParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def default_name(self) -> str:
         return f"pj_ax_{abs(self.p.axis)}"

@@ -93,7 +93,7 @@ class UserBatch:
         return int(self.frames.shape[0])
 
     @classmethod
-    def of(cls, ctx: FrameContext, frames: Frames, outputs: dict | None = None) -> "UserBatch":
+    def of(cls, ctx: FrameContext, frames: Frames, outputs: dict | None = None) -> UserBatch:
         """The batch a user function gets for ``frames`` (with their EventInfo) of the detector ``ctx`` describes."""
         ev = frames.events
         return cls(frames=frames.data, good=frames.good, xp=ctx.xp, mask=ctx.mask, noise=ctx.noise, x=ctx.x,
@@ -117,10 +117,10 @@ def load_callable(spec: str, base_dir: str | Path = "."):
             raise InputError(f"function {spec!r}: file {str(path)!r} does not exist")
         mod_name = f"gpusmall_user_{abs(hash(str(path.resolve())))}"
         loader = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(loader)
+        module = importlib.util.module_from_spec(loader)  # type: ignore[arg-type]
         sys.modules[mod_name] = module
         try:
-            loader.loader.exec_module(module)
+            loader.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - the user's module failed to import
             raise InputError(f"function {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
     else:
@@ -130,7 +130,7 @@ def load_callable(spec: str, base_dir: str | Path = "."):
             raise InputError(f"function {spec!r}: cannot import module {where!r}: {type(exc).__name__}: {exc}") from None
     obj = module
     for part in name.split("."):
-        obj = getattr(obj, part, None)
+        obj = getattr(obj, part, None)  # type: ignore[assignment]
         if obj is None:
             raise InputError(f"function {spec!r}: {where} has no {name!r}")
     if not callable(obj):
@@ -143,6 +143,7 @@ class PythonFunction(ReductionFunction):
 
     type = "python"
     Params = PythonParams
+    p: PythonParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def prepare(self, ctx: FrameContext):
         try:

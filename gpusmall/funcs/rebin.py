@@ -20,6 +20,7 @@ class RebinParams(FunctionParams):
 class Rebin(ReductionFunction):
     type = "rebin"
     Params = RebinParams
+    p: RebinParams  # ReductionFunction.p, narrowed to this function's parameters
 
     def prepare(self, ctx: FrameContext):
         _, r, c = ctx.shape

@@ -59,6 +59,7 @@ class Roi(ReductionFunction):
     type = "roi"
     passes = "image"
     Params = RoiParams
+    p: RoiParams  # ReductionFunction.p, narrowed to this function's parameters
     SMALLDATA_PARAM_NAMES = {**ReductionFunction.SMALLDATA_PARAM_NAMES, "bounds": "bound"}
 
     def prepare(self, ctx: FrameContext) -> FrameContext:
@@ -66,13 +67,13 @@ class Roi(ReductionFunction):
             b = [[0, n] for n in ctx.shape]
         else:
             b = self.p.bounds if len(self.p.bounds) == 3 else [[0, 1], *self.p.bounds]
-        for axis, ((lo, hi), n) in enumerate(zip(b, ctx.shape)):
+        for (_lo, hi), n in zip(b, ctx.shape):
             if hi > n:
                 raise InputError(
                     f"detector {ctx.det}: function {self.name}: bounds {self.p.bounds} exceed the frame shape {ctx.shape}"
                 )
         self.index = tuple(slice(lo, hi) for lo, hi in b)
-        sub = ctx.crop(self.index)
+        sub = ctx.crop(self.index)  # type: ignore[arg-type]
         xp = ctx.xp
         if self.p.user_mask is not None:
             m = read_user_mask(self.p.user_mask, ctx.det, ctx.shape if not _roi_shaped(self.p.user_mask, sub.shape) else sub.shape)

@@ -112,7 +112,8 @@ class SumSpec:
 def parse_sums(names) -> list[SumSpec]:
     """The sums of a config's ``sums`` list, in order; ValueError for an unknown name or two names that mean the
     same sum (they would write the same dataset)."""
-    specs, seen = [], {}
+    specs: list = []
+    seen: dict = {}
     for n in names:
         s = SumSpec.parse(n)
         key = (s.kind, s.thres, s.selection)
@@ -194,7 +195,7 @@ class RunSums:
         self._row_specs = specs
         self.events = 0
         self.selected_events = {sel: 0 for sel, _, _ in self._groups if sel is not None}
-        self._every_event = {}  # events -> device (events,) bool of ones: no upload per batch
+        self._every_event: dict = {}  # events -> device (events,) bool of ones: no upload per batch
 
     def __iter__(self):
         return iter(self.specs)

@@ -47,8 +47,16 @@ import h5py
 import numpy as np
 
 from ..errors import InputError
-from .writer import (HDF5_ERRORS, HDF5_SIGNATURE, LIBVER, OutputWriteError, attr_value, failure_reason,
-                     open_for_reading, seal_file)
+from .writer import (
+    HDF5_ERRORS,
+    HDF5_SIGNATURE,
+    LIBVER,
+    OutputWriteError,
+    attr_value,
+    failure_reason,
+    open_for_reading,
+    seal_file,
+)
 
 log = logging.getLogger(__name__)
 

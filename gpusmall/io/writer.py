@@ -406,7 +406,7 @@ class ResultWriter:
     def __init__(self, path, chunk_events: int = 64):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = None
+        self.file: Any = None  # the h5py.File while open
         self.sealed = False
         self.space_margin = SPACE_MARGIN_BYTES
         self.chunk_events = max(1, int(chunk_events))
@@ -562,7 +562,7 @@ class ResultWriter:
             lay.write_rows(start, arr[:first])
         k = first
         while k + c <= n:
-            ds.id.write_direct_chunk((start + k, *lay.zeros), memoryview(arr[k:k + c]).cast("B"))
+            ds.id.write_direct_chunk((start + k, *lay.zeros), memoryview(arr[k:k + c]).cast("B"))  # type: ignore[arg-type]
             k += c
         if k < n:
             lay.write_rows(start + k, arr[k:])
@@ -596,7 +596,7 @@ class ResultWriter:
                 raise ValueError(f"output {name}: {arr.shape[0]} events in a batch of {n}")
             if name not in self._datasets and self.n_events:
                 raise ValueError(f"output {name} appears after the first batch")
-        offsets = self._item_offsets(arrays, ragged, n) if ragged else {}
+        offsets = self._item_offsets(arrays, ragged, n) if ragged else {}  # type: ignore[arg-type]
         arrays.update(offsets)
         self.check_space(sum(a.nbytes for a in arrays.values()), "the next batch")
         try:

@@ -26,7 +26,7 @@ from ..detectors import MODELS
 from ..errors import ConfigError
 
 try:  # Python >= 3.11
-    import tomllib
+    import tomllib  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
     import tomli as tomllib
 
@@ -114,7 +114,7 @@ class CommonModeConfig(Strict):
     psana``), then the type's defaults below."""
 
     type: Literal["median", "epix100", "zero_peak", "unbonded", "none", "raw"]
-    axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"], min_length=1)
+    axes: list[Literal["banks", "rows", "cols"]] = Field(default_factory=lambda: ["rows", "cols"], min_length=1)  # type: ignore[arg-type]
     # ADU; default 100 (median, zero_peak fullest, unbonded), 25 (zero_peak psana) or 30 (epix100)
     max_correction: PositiveFloat | None = None
     min_pixels: int = Field(10, ge=0)
@@ -156,7 +156,7 @@ class DetectorConfig(Strict):
     constants: str | None = None
     units: Literal["adu", "kev", "photons"] = "adu"
     photon_energy_kev: PositiveFloat | None = None
-    mask: MaskConfig = Field(default_factory=MaskConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)  # type: ignore[arg-type]
     mask_value: Literal["zero", "nan"] = "zero"
     common_mode: CommonModeConfig | None = None
     functions: list[dict[str, Any]] = Field(default_factory=list)
@@ -184,7 +184,7 @@ class DetectorConfig(Strict):
     def panel_shape(self) -> tuple[int, int, int] | None:
         """(panels, rows, cols) from ``shape`` (a 2-D shape is one panel), or the model's default."""
         if self.shape is not None:
-            return (1, *self.shape) if len(self.shape) == 2 else tuple(self.shape)
+            return (1, *self.shape) if len(self.shape) == 2 else tuple(self.shape)  # type: ignore[return-value]
         model = MODELS[self.type]
         if model.panel_shape is None:
             return None
@@ -252,10 +252,9 @@ class CubeBinsConfig(Strict):
                 raise ValueError("range: not used with edges")
             if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
                 raise ValueError(f"edges: must increase, not {self.edges}")
-        if self.n is not None or self.width is not None:
-            if self.range is None or not self.range[0] < self.range[1]:
-                raise ValueError(f"range: [lo, hi] with lo < hi is needed with {'n' if self.n else 'width'}"
-                                 + (f", not {self.range}" if self.range else ""))
+        if (self.n is not None or self.width is not None) and (self.range is None or not self.range[0] < self.range[1]):
+            raise ValueError(f"range: [lo, hi] with lo < hi is needed with {'n' if self.n else 'width'}"
+                             + (f", not {self.range}" if self.range else ""))
         if self.steps and self.range is not None:
             raise ValueError("range: not used with steps")
         return self
@@ -274,7 +273,7 @@ class CubeConfig(Strict):
     those of ``selection`` (None: all that are not damaged), split by each selection of ``split``."""
 
     by: str
-    bins: CubeBinsConfig = Field(default_factory=lambda: CubeBinsConfig(steps=True))
+    bins: CubeBinsConfig = Field(default_factory=lambda: CubeBinsConfig(steps=True))  # type: ignore[call-arg]
     selection: str | None = None
     split: list[str] = Field(default_factory=list)
     norm: str | None = None
@@ -296,7 +295,7 @@ class RunConfig(Strict):
     _base_dir: str = PrivateAttr(".")
     _specs: dict = PrivateAttr(default_factory=dict)
 
-    def function_specs(self, det: str) -> list["FunctionSpec"]:
+    def function_specs(self, det: str) -> list[FunctionSpec]:
         return self._specs[det]
 
 
@@ -327,7 +326,7 @@ def _did_you_mean(key) -> str:
 
     models = [RunConfig, SourceConfig, DetectorConfig, MaskConfig, CommonModeConfig, EventFunctionConfig,
               *(f.Params for f in FUNCTIONS.values())]
-    known = sorted({k for m in models for k in m.model_fields} | {"children"})
+    known = sorted({k for m in models for k in m.model_fields} | {"children"})  # type: ignore[attr-defined]
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -348,7 +347,7 @@ def _first_error(exc: ValidationError, prefix=()) -> ConfigError:
 class FunctionSpec:
     """A validated reduction function entry: its type, parameters and children."""
 
-    def __init__(self, type: str, params: BaseModel, children: list["FunctionSpec"], path: str):
+    def __init__(self, type: str, params: BaseModel, children: list[FunctionSpec], path: str):
         self.type, self.params, self.children, self.path = type, params, children, path
 
     def __repr__(self):
@@ -395,7 +394,7 @@ def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, 
             params = cls.Params.model_validate(entry)
         except ValidationError as exc:
             raise _first_error(exc, loc) from None
-        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",), cls.passes, ftype),
+        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",), cls.passes, ftype),  # type: ignore[arg-type]
                                   key_path(loc)))
     return specs
 
@@ -424,11 +423,11 @@ def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
 
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
-        name = build_function(spec).name if spec.params.name is None else spec.params.name
+        name = build_function(spec).name if spec.params.name is None else spec.params.name  # type: ignore[attr-defined]
         loc = prefix + (i,)
         check_name(name, loc + ("name",), "function")
         if name in seen:
-            given = "" if spec.params.name else " (the default name of this function: give each a 'name')"
+            given = "" if spec.params.name else " (the default name of this function: give each a 'name')"  # type: ignore[attr-defined]
             raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {name!r}, also "
                               f"{key_path(prefix + (seen[name],))}{given}; their outputs would overwrite each other")
         seen[name] = i
@@ -460,7 +459,7 @@ def _resolve_function_paths(base: Path, specs: list[FunctionSpec]) -> None:
             if isinstance(value, str):
                 setattr(spec.params, key, _resolve(base, value))
         if spec.type == "python":
-            spec.params.function = _resolve_callable(base, spec.params.function)
+            spec.params.function = _resolve_callable(base, spec.params.function)  # type: ignore[attr-defined]
         _resolve_function_paths(base, spec.children)
 
 
@@ -488,10 +487,10 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
     if cfg.source.path:
         cfg.source.path = _resolve(base, cfg.source.path)
     if cfg.source.files:
-        cfg.source.files = [_resolve(base, f) for f in cfg.source.files]
+        cfg.source.files = [_resolve(base, f) for f in cfg.source.files]  # type: ignore[misc]
     if isinstance(cfg.source.psana.get("dir"), str):  # psana's experiment folder (exp/run mode)
         cfg.source.psana["dir"] = _resolve(base, cfg.source.psana["dir"])
-    cfg.output = _resolve(base, cfg.output)
+    cfg.output = _resolve(base, cfg.output)  # type: ignore[assignment]
     specs = {}
     for name, det in cfg.detectors.items():
         det.constants = _resolve(base, det.constants)
@@ -593,7 +592,7 @@ def _check_selections_and_cube(cfg: RunConfig, base: Path) -> None:
             sel.require(s, f"cube.split[{i}]")
     except SelectionError as exc:
         raise ConfigError(f"config: {exc}") from None
-    for det in cube.detectors or {}:
+    for det in cube.detectors or {}:  # type: ignore[assignment]
         if det not in cfg.detectors:
             raise ConfigError(f"config: cube.detectors.{det}: no detector {det!r} (detectors: {', '.join(cfg.detectors)})")
     if cube.output is not None:

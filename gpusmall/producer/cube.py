@@ -22,6 +22,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -138,7 +139,7 @@ class DetectorCube:
         self.sq = xp.zeros_like(self.sum) if square else None
         self.slot: dict[int, int] = {}  # bin id -> device row block (of ``splits`` rows)
         self.host: dict[int, list] = {}  # bin id -> [sum (S, npix), sq (S, npix) or None] moved to the host
-        self._pool = None  # NumPy: threads over chunks of pixels
+        self._pool: Any = None  # NumPy: threads over chunks of pixels
 
     @staticmethod
     def nbytes(shape, splits: int, rows: int, square: bool) -> int:
@@ -336,7 +337,7 @@ class RunCube:
         ids = sorted(set(self.count) | {i for c in self.frame.values() for i in c.host_sums()})
         keys = self.binning.key_of()
         if not self.binning.steps:
-            ids = list(range(self.binning.n_known))
+            ids = list(range(self.binning.n_known))  # type: ignore[arg-type]
         order = sorted(ids, key=lambda i: keys[i]) if self.binning.steps else ids
         n = len(order)
         S = self.S

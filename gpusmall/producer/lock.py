@@ -41,7 +41,7 @@ class OutputLock:
         self.lock_file = lock_path(self.path)
         self.fd: int | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # the holder may unlink the file just after we opened it: open again
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)

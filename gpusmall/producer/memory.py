@@ -84,8 +84,8 @@ def check_frames_fit(cfg, batch_size: int, available: int | None = None) -> None
         if largest is None or raw > largest[1]:
             largest = (name, raw)
     if total > have:
-        _refuse("batch_size", total, have, "host", f"a batch of {batch_size} events (detector {largest[0]}'s raw "
-                f"buffers: {gib(largest[1])})", "lower batch_size")
+        _refuse("batch_size", total, have, "host", f"a batch of {batch_size} events (detector {largest[0]}'s raw "  # type: ignore[index]
+                f"buffers: {gib(largest[1])})", "lower batch_size")  # type: ignore[index]
 
 
 def check_run_fits(pipelines: dict, batch_size: int, backend, available: int | None = None) -> None:

@@ -14,8 +14,14 @@ import numpy as np
 from ..backend import Backend
 from ..calib import Calibrator, make_common_mode
 from ..detectors import get_model
-from ..detectors.constants import (check_measured_ranges, default_constants, default_geometry, load_constants,
-                                   select_config_bits, validate_constants)
+from ..detectors.constants import (
+    check_measured_ranges,
+    default_constants,
+    default_geometry,
+    load_constants,
+    select_config_bits,
+    validate_constants,
+)
 from ..detectors.masks import static_mask
 from ..errors import ConstantsError
 from ..funcs import FrameContext, build_function
@@ -66,7 +72,7 @@ class DetectorPipeline:
         elif c.x is not None and c.y is not None:
             x, y, z = c.x, c.y, c.z if c.z is not None else np.zeros(shape, np.float32)
         else:
-            x, y, z = default_geometry(shape, pixel_um)
+            x, y, z = default_geometry(shape, pixel_um)  # type: ignore[arg-type]
             if not (cfg.pixel_um or model.pixel_um) and _uses_geometry(specs):
                 log.warning("detector %s: no pixel_um and no x, y in the constants: azav takes 1 um pixels (pixel "
                             "units); set detectors.%s.pixel_um", name, name)
@@ -90,7 +96,7 @@ class DetectorPipeline:
         noise = c.noise if c.noise is None or c.noise.ndim == 3 else c.noise[0]
         saturation = cfg.saturation if cfg.saturation is not None else model.saturation_value(src.dtype)
         to_dev = backend.to_device
-        self.ctx = FrameContext(det=name, model=model, backend=backend, shape=shape, mask=to_dev(self.mask),
+        self.ctx = FrameContext(det=name, model=model, backend=backend, shape=shape, mask=to_dev(self.mask),  # type: ignore[arg-type]
                                 noise=to_dev(noise), x=to_dev(self.geometry[0]), y=to_dev(self.geometry[1]),
                                 z=to_dev(self.geometry[2]), units=cfg.units, saturation=saturation,
                                 pixel_um=pixel_um, mask_value=cfg.mask_value)

@@ -145,7 +145,7 @@ class StagedBatch:
     slot: dict = field(default_factory=dict)      # name -> device slot (turn) its raw is in
 
     def __len__(self) -> int:
-        return len(self.batch)
+        return len(self.batch)  # type: ignore[arg-type]
 
 
 def pack_on_device(xp, arrays: dict):
@@ -191,7 +191,7 @@ class BatchProcessor:
     """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
 
     def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int,
-                 event_functions: list = (), cube=None):
+                 event_functions: list = (), cube=None):  # type: ignore[assignment]
         self.pipelines, self.backend = pipelines, backend
         self.event_functions = list(event_functions)  # producer.event_functions.EventFunction
         self._grab = {d for ef in self.event_functions for d in ef.detectors}  # their detectors' frames are kept
@@ -262,7 +262,7 @@ class BatchProcessor:
             view = slot[:n]
             read = self._slot_read.pop((name, self._turn), None)
             if read is not None:  # the reduction that read this slot last must be done with it
-                self.copy_stream.wait_event(read)
+                self.copy_stream.wait_event(read)  # type: ignore[union-attr]
             start, end = cp.cuda.Event(), cp.cuda.Event()
             start.record(self.copy_stream)
             view.set(np.ascontiguousarray(raw), stream=self.copy_stream)
@@ -335,7 +335,7 @@ class BatchProcessor:
             self.context_missing[k] = self.context_missing.get(k, 0) + int(is_missing(k, v).sum())
         info = EventInfo(timestamp, event_index, context)  # what functions and user functions see of the events
         cube_rows = None if self.cube is None else self.cube.rows(context, staged.damaged)
-        grabbed = {name: [] for name in self._grab}  # (frames, outputs) blocks for the event functions
+        grabbed: dict[str, list] = {name: [] for name in self._grab}  # (frames, outputs) blocks for the event functions
         finishers = {}
         for name in self.pipelines:
             damaged = staged.damaged[name]

@@ -154,7 +154,7 @@ class Prefetcher:
         if stop is None:  # a sequential source of unknown length: read until it runs dry
             self.ranges = ((b, b + batch_size) for b in itertools.count(start, batch_size))
         else:
-            self.ranges = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+            self.ranges = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]  # type: ignore[has-type]
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         source.should_stop = lambda: self._cancel.is_set() or bool(stop_flag)  # ends waits for data
@@ -344,7 +344,7 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                                    "context": json.dumps(sorted(source.context)), "complete": False})
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
-            reader = Prefetcher(source, backend, batch_size, start, end, stop)
+            reader = Prefetcher(source, backend, batch_size, start, end, stop)  # type: ignore[arg-type]
             appender = BackgroundAppender(writer)
 
             def written(n):  # in the writer thread, once the batch is in the file

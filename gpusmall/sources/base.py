@@ -6,8 +6,8 @@ the events' timestamps and indices. Sources with random access (sim, hdf5) imple
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -92,8 +92,8 @@ class Source:
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[RawBatch]:
         stop = self.n_events if stop is None else stop
-        for b in range(start, stop, batch_size):
-            yield self.read(b, min(b + batch_size, stop))
+        for b in range(start, stop, batch_size):  # type: ignore[arg-type]
+            yield self.read(b, min(b + batch_size, stop))  # type: ignore[arg-type, type-var]
 
     def close(self) -> None:
         pass

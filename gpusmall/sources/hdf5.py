@@ -62,7 +62,7 @@ class _Extents:
             self._scan(ds, size)
 
     @staticmethod
-    def of(ds: h5py.Dataset, size: int, follow: bool) -> "_Extents | None":
+    def of(ds: h5py.Dataset, size: int, follow: bool) -> _Extents | None:
         """The extents of ``ds``, None for storage not in this file's byte range (compact, virtual, external)."""
         plist = ds.id.get_create_plist()
         if plist.get_layout() not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED) or plist.get_external_count():
@@ -199,7 +199,7 @@ class Hdf5Source(Source):
         """Where each event's storage ends, per detector (and None: the timestamps), to compare with the
         file's length at each read (see module docstring)."""
         self._extents = {}
-        for key, ds in {**self.datasets, None: self.ts_dataset}.items():
+        for key, ds in {**self.datasets, None: self.ts_dataset}.items():  # type: ignore[misc]
             size = None if ds is None else self._file_size(ds.file)  # an external link's file, if so
             if size is not None:
                 self._extents[key] = _Extents.of(ds, size, self.follow)
@@ -345,10 +345,10 @@ class Hdf5Source(Source):
         ext = self._extents.get(key)
         size = None if ext is None else self._file_size(ds.file)
         if size is not None:
-            beyond = ext.beyond(ds, start, start + n, size)
+            beyond = ext.beyond(ds, start, start + n, size)  # type: ignore[union-attr]
             if beyond.any():
                 buf[beyond] = 0
-                self._warn_truncated(key, ds, ext, size)
+                self._warn_truncated(key, ds, ext, size)  # type: ignore[arg-type]
                 failed = [f for f in failed if not beyond[f[0] - start]]  # told about already
             bad |= beyond
         if failed:
@@ -393,7 +393,7 @@ class Hdf5Source(Source):
     def _read_ts(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(events,) uint64 timestamps of events ``start`` .. ``stop`` and (events,) bool damaged ones
         (their timestamp is the one before, see :func:`_fill`)."""
-        buf = np.empty(stop - start, self.ts_dataset.dtype)
+        buf = np.empty(stop - start, self.ts_dataset.dtype)  # type: ignore[union-attr]
         bad = self._read_checked(None, self.ts_dataset, buf, start)
         ts = buf.astype(np.uint64)
         return (_fill(ts, bad, self.last_ts) if bad.any() else ts), bad

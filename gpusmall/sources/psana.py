@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -130,8 +130,8 @@ def tolerate_offline_file_lookup() -> None:
                      type(exc).__name__, runnum)
             return {}
 
-    file_info_or_nothing._gpusmall_offline = True
-    base._get_file_info_from_db = file_info_or_nothing
+    file_info_or_nothing._gpusmall_offline = True  # type: ignore[attr-defined]
+    base._get_file_info_from_db = file_info_or_nothing  # type: ignore[union-attr]
 
 
 def _shape3(a: np.ndarray) -> tuple[int, ...]:

@@ -264,7 +264,7 @@ class PsanaContext:
             if v is _NOT_SET:
                 continue
             out["epicsOnce/" + n[len("epics/"):]] = v if isinstance(v, str) else _scalar(v)
-        return out
+        return out  # type: ignore[return-value]
 
 
 def _same(a, b) -> bool:

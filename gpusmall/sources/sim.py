@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ PERIOD_NS = 8_333_333  # 120 Hz
 
 # per family: gain per range (ADU/keV), pedestal per range (ADU), high-gain noise (ADU rms),
 # common-mode offsets (ADU rms) per bank and per row within a bank
-FAMILY = {
+FAMILY: dict[str, dict[str, Any]] = {
     "epix10ka": dict(gain=(16.4, 5.47, 0.164, 16.4, 5.47, 0.164, 0.164),
                      pedestal=(2800, 2900, 3000, 2800, 2900, 3000, 3000), noise=3.0, ranges=(3, 5), cm=(8.0, 3.0)),
     "jungfrau": dict(gain=(40.0, 1.5, 0.1), pedestal=(2500, 8000, 9000), noise=10.0, ranges=(0, 1, 2), cm=(2.0, 0.0)),
@@ -122,7 +123,7 @@ class SimDetector:
         # noise pool: unit normals, sliced at a random offset per event (no per-event draw of npix normals)
         self.pool_pad = 1 << 16
         self.pool = rng.standard_normal((4, npix + self.pool_pad), dtype=np.float32)
-        self.bank = self.model.banks(self.shape[1:])
+        self.bank = self.model.banks(self.shape[1:])  # type: ignore[arg-type]
         # per event: the frame starts from the first range's pedestal (+ 5000 ADU on bad pixels, + 0.5
         # that makes the final cast round); flat views of gain and pedestal for the pixels with signal
         self.base = self.pedestal[self.ranges[0]] + np.float32(5000.0) * (self.status != 0) + np.float32(0.5)
@@ -137,7 +138,7 @@ class SimDetector:
                          x=self.x, y=self.y, z=self.z)
 
     def source_info(self) -> DetectorSource:
-        return DetectorSource(self.name, self.type, self.shape, self.dtype, x=self.x, y=self.y, z=self.z,
+        return DetectorSource(self.name, self.type, self.shape, self.dtype, x=self.x, y=self.y, z=self.z,  # type: ignore[arg-type]
                               constants=self.constants())
 
     # ---- events -------------------------------------------------------------------
@@ -165,8 +166,8 @@ class SimDetector:
             rows, cols = np.mgrid[sr - 1: sr + 2, sc - 1: sc + 2]
             pix.append(((sp * r + rows) * c + cols).ravel())
             kev.append(rng.poisson(300 * pulse, 9) * ENERGY_KEV)
-        pix, inverse = np.unique(np.concatenate(pix), return_inverse=True)
-        return pix, np.bincount(inverse, weights=np.concatenate(kev), minlength=pix.size)
+        pix, inverse = np.unique(np.concatenate(pix), return_inverse=True)  # type: ignore[assignment]
+        return pix, np.bincount(inverse, weights=np.concatenate(kev), minlength=pix.size)  # type: ignore[attr-defined, return-value]
 
     def _scratch(self) -> np.ndarray:
         """A (panels, rows, cols) float32 work frame of the calling thread (events are made in threads)."""
@@ -261,7 +262,7 @@ class SimSource(Source):
         events ``idx``; with no ``simulate`` ({}, None)."""
         sim = self.simulate
         if sim is None:
-            return {}, None
+            return {}, None  # type: ignore[return-value]
         n = len(idx)
         laser = np.ones(n, np.uint8) if not sim.laser_off_every else (idx % sim.laser_off_every != 0).astype(np.uint8)
         xray = (np.ones(n, np.uint8) if not sim.xray_off_every

@@ -209,7 +209,7 @@ class CpuKernel:
                     raise TypeError(f"{self.name}({pname}): needs a C-contiguous {np.dtype(POINTER[ctype])} array")
                 key = (a.ctypes.data, a.nbytes)
                 if key not in guarded:
-                    for (other, n), g in guarded.items():
+                    for other, n in guarded:
                         if other < key[0] + key[1] and key[0] < other + n:
                             raise ValueError(f"{self.name}({pname}): overlaps another argument without being it")
                     guarded[key] = _Guarded(a)
