@@ -14,45 +14,33 @@ The cube's cost per event over the calibration's is ``cube_frames`` time / ``cal
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpusmall.backend import get_backend
 from gpusmall.calib import Calibrator
 from gpusmall.calib.common_mode import MedianCommonMode
-from gpusmall.detectors import get_model
-from gpusmall.detectors.constants import Constants
 from gpusmall.producer.cube import DetectorCube
 
-MODEL = get_model("epix10ka")
-EVENTS = int(os.environ.get("GPUSMALL_BENCH_EVENTS", 64))
-PANELS = int(os.environ.get("GPUSMALL_BENCH_PANELS", 16))
-BINS = int(os.environ.get("GPUSMALL_BENCH_BINS", 50))
-SHAPE = (EVENTS, PANELS, 352, 384)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the same synthetic ePix10k2M batch as the calibration benchmark (its fixtures ``backend`` and ``case``)
+from bench_calib import EVENTS, MODEL, SHAPE, backend, case  # noqa: E402, F401
+
+BINS = int(os.environ.get("GPUSMALL_BENCH_BINS", "50"))
 
 
 @pytest.fixture(scope="module")
-def backend():
-    return get_backend(None)
-
-
-@pytest.fixture(scope="module")
-def case(backend):
-    """(raw on device, calibrator, calibrated frames on device)."""
-    rng = np.random.default_rng(0)
-    n = MODEL.n_gains
-    ped = rng.normal(2800, 100, (n, *SHAPE[1:])).round().astype(np.float32)
-    gain = rng.normal(16.4, 0.3, (n, *SHAPE[1:])).astype(np.float32)
-    raw = np.clip(np.rint(ped[3][None] + rng.normal(0, 3, SHAPE).astype(np.float32)), 0, 0x3FFF).astype(np.uint16)
-    mask = rng.random(SHAPE[1:]) > 0.001
+def calibrated(backend, case):  # noqa: F811
+    """(raw on device, calibrator with the median rows+cols common mode, calibrated frames on device)."""
+    raw, _, constants, mask = case
     cm = MedianCommonMode(MODEL, (352, 384), ["rows", "cols"], backend=backend)
-    cal = Calibrator(MODEL, Constants(pedestal=ped, gain=gain), mask, backend, common_mode=cm)
-    raw_dev = backend.to_device(raw)
-    return raw_dev, cal, cal(raw_dev).data
+    cal = Calibrator(MODEL, constants, mask, backend, common_mode=cm)
+    return raw, cal, cal(raw).data
 
 
-def _run(benchmark, backend, fn):
+def _run(benchmark, backend, fn):  # noqa: F811  (the fixture is passed in)
     def once():
         out = fn()
         backend.synchronize()
@@ -73,23 +61,23 @@ def _report(benchmark):
     print(f"\n{benchmark.name}: {EVENTS / mean:.1f} events/s, {1e3 * mean / EVENTS:.2f} ms/event")
 
 
-def test_calib_cm(benchmark, backend, case):
-    raw, cal, _ = case
+def test_calib_cm(benchmark, backend, calibrated):  # noqa: F811
+    raw, cal, _ = calibrated
     _run(benchmark, backend, lambda: cal(raw))
     _report(benchmark)
 
 
 @pytest.mark.parametrize("square", [False, True], ids=["cube_frames", "cube_frames_square"])
-def test_cube(benchmark, backend, case, square):
-    _, _, frames = case
+def test_cube(benchmark, backend, calibrated, square):  # noqa: F811
+    _, _, frames = calibrated
     cube = DetectorCube(SHAPE[1:], backend, splits=1, rows=BINS, square=square)
     ids = np.random.default_rng(1).integers(0, BINS, (1, EVENTS))
     _run(benchmark, backend, lambda: cube.add(frames, ids))
     _report(benchmark)
 
 
-def test_cube_steps(benchmark, backend, case):
-    _, _, frames = case
+def test_cube_steps(benchmark, backend, calibrated):  # noqa: F811
+    _, _, frames = calibrated
     cube = DetectorCube(SHAPE[1:], backend, splits=1, rows=4, square=False)
     ids = (np.arange(EVENTS) >= EVENTS // 2).astype(np.int64)[None]
     _run(benchmark, backend, lambda: cube.add(frames, ids))
