@@ -26,6 +26,8 @@ import threading
 
 import numpy as np
 
+from .reusable import ReusableArrays
+
 try:  # optional: without numba the NumPy path stays
     import numba
     from numba import njit, prange, uint64
@@ -310,6 +312,8 @@ class CpuCalibration:
     def __init__(self, model, pedestal, scale, mask, config_bits, threads: int = 1):
         npix = int(np.prod(mask.shape))
         self.npix, self.threads, self.model, self.shape = npix, threads, model, tuple(mask.shape)
+        self._reuse = {name: ReusableArrays(self.shape, dtype) for name, dtype in
+                       (("out", np.float32), ("good", np.bool_), ("s", np.float32), ("g", np.int8), ("sgood", np.bool_))}
         self.kind = _decoders()[type(model).decode_gain]
         self.kbits, opt_keys = FAMILIES[self.kind]
         ped = np.asarray(pedestal, np.float32).reshape(-1, npix)
@@ -358,11 +362,15 @@ class CpuCalibration:
     def _flat(self, raw):
         return np.ascontiguousarray(raw).reshape(raw.shape[0], self.npix)
 
+    def outputs(self, n_events: int):
+        """(out, good): uninitialised (events, *pixel shape) float32 and bool arrays, reused once the
+        caller has dropped the previous ones (:mod:`gpusmall.calib.reusable`: no page faults per batch)."""
+        return self._reuse["out"].empty(n_events), self._reuse["good"].empty(n_events)
+
     def calibrate(self, raw):
         """(out, good) of a raw batch (events, *pixel shape)."""
         n = raw.shape[0]
-        out = np.empty(raw.shape, np.float32)
-        good = np.empty(raw.shape, np.bool_)
+        out, good = self.outputs(n)
         args = (self._flat(raw), self._dmask(raw.dtype), self.tab, self.okb, out.reshape(n, self.npix),
                 good.reshape(n, self.npix))
         with _threads(self.threads):
@@ -372,9 +380,7 @@ class CpuCalibration:
     def pedestal_subtract(self, raw):
         """(s, g, good): s and g as :func:`gpusmall.calib.calibrate.pedestal_subtract`, good = mask & (g >= 0)."""
         n = raw.shape[0]
-        s = np.empty(raw.shape, np.float32)
-        g = np.empty(raw.shape, np.int8)
-        good = np.empty(raw.shape, np.bool_)
+        s, g, good = (self._reuse[k].empty(n) for k in ("s", "g", "sgood"))
         with _threads(self.threads):
             _pedestal(self._flat(raw), self._dmask(raw.dtype), self.kbits, self.n_opt, self.opt_of_key, self.tab,
                       self.okb, self.gk, s.reshape(n, self.npix), g.reshape(n, self.npix), good.reshape(n, self.npix))
