@@ -40,6 +40,7 @@ def demo_columns(rng, n=BATCH):
                                                               ("col", np.float32), ("npix", np.int32),
                                                               ("tile", np.int32))]
     spec += [(f"droplet_photons_{k}", (12000,), np.int32, 0.6) for k in ("row", "col", "tile")]
+    spec += [("droplet_photons_data", (12000,), np.uint8, 0.6)]
     cols = {}
     for name, shape, dtype, filled in spec:
         a = np.zeros((n, *shape), dtype)

@@ -42,7 +42,7 @@ def reference(data, good, thr, thr_low, thres_adu=None):
 
 
 DROPLET_FIELDS = ("data", "npix", "row", "col", "tile")
-PHOTON_FIELDS = ("row", "col", "tile")
+PHOTON_FIELDS = ("data", "row", "col", "tile")
 
 
 def to_padded(out, m, prefix="", keys=DROPLET_FIELDS):

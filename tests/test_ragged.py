@@ -58,6 +58,10 @@ def test_ragged_and_padded_give_the_same_droplets_and_photons(any_backend, rng):
     np.testing.assert_array_equal(rag["droplet_photons_len"],
                                   rag["droplet_photons_nPhotons"] - rag["droplet_photons_nPhotons_truncated"])
     assert rag["droplet_len"][3] == 0 and rag["droplet_photons_len"][3] == 0
+    # smalldata_tools' sparse_data of photons: 1 per stored photon (0 in padding), summing to the stored photons
+    assert rag["droplet_photons_data"].dtype == np.uint8 and (rag["droplet_photons_data"] == 1).all()
+    assert rag["droplet_photons_data"].size == rag["droplet_photons_len"].sum()
+    np.testing.assert_array_equal(pad["droplet_photons_data"].sum(axis=1), rag["droplet_photons_len"])
     back = to_padded(to_padded(rag, 12, "droplet_", DROPLET_FIELDS), 25, "droplet_photons_", PHOTON_FIELDS)
     assert sorted(back) == sorted(pad)
     for k in pad:
@@ -263,7 +267,7 @@ def test_two_ranks_master_equals_one_rank(tmp_path, monkeypatch, layout):
     with h5py.File(tmp_path / "two.h5") as f:
         assert f["cam/droplet_data"].is_virtual and f["cam/droplet_photons_row"].is_virtual
         assert layout == "padded" or not f["cam/droplet_offset"].is_virtual
-        assert len(links(f)) == (10 if layout == "ragged" else 8)
+        assert len(links(f)) == (11 if layout == "ragged" else 9)  # droplet 5 + photons 4 fields (+ 2 lens)
     assert_same_files(tmp_path / "one.h5", tmp_path / "two.h5")
     from gpusmall.io import master
 

@@ -30,14 +30,16 @@ pixels), and no device->host wait on the GPU.
 
 Outputs: ``nPhotons`` (events,) int64, every photon of the event; ``nPhotons_truncated`` (events,) int64, the
 photons beyond ``max_photons`` (not stored); ``row``, ``col``, ``tile`` int32, one entry per stored photon (a
-pixel with k photons appears k times), in row-major pixel order per event, stored as ``layout`` says:
+pixel with k photons appears k times), in row-major pixel order per event, and ``data`` uint8, the photons of
+each entry: 1 (0 in padding), so that smalldata_tools' ``sum(data)`` is the stored photons as with its
+one-entry-per-pixel counts (1 byte per photon beside the 12 of the positions). Stored as ``layout`` says:
 
 * ``ragged`` (default): flat over the stored photons of the batch, event after event, with ``len`` (events,)
   int32 (``nPhotons - nPhotons_truncated``) and the ``offset`` (events,) int64 the writer adds, as droplet's
   (:mod:`gpusmall.funcs.droplet`). The flat list is found with one device->host wait per batch (its length).
-  smalldata_tools' names (hard links): ``var_<name>_sparse/row`` (``col``, ``tile``), ``var_<name>_sparse_len``.
-* ``padded``: (events, max_photons), padded with 0; smalldata_tools' names ``<name>_sparse_row`` (``_col``,
-  ``_tile``). No device->host wait.
+  smalldata_tools' names (hard links): ``var_<name>_sparse/data`` (``row``, ``col``, ``tile``), ``var_<name>_sparse_len``.
+* ``padded``: (events, max_photons), padded with 0; smalldata_tools' names ``<name>_sparse_data`` (``_row``,
+  ``_col``, ``_tile``). No device->host wait.
 
 The counts are int64: a saturated 256 x 256 frame at 1e6 photons a pixel holds 6.6e10, beyond int32.
 
@@ -122,7 +124,7 @@ class Photons(ReductionFunction):
     takes = ("droplets",)
 
     def sparse_outputs(self) -> SparseOutputs:
-        return SparseOutputs(("row", "col", "tile"), self.p.layout, self.p.max_photons)
+        return SparseOutputs(("data", "row", "col", "tile"), self.p.layout, self.p.max_photons)
 
     def prepare(self, ctx: FrameContext):
         self.shape = ctx.shape
@@ -140,7 +142,7 @@ class Photons(ReductionFunction):
         if frames.pix_value.size == 0:
             zeros = xp.zeros(0 if ragged else (e, m), xp.int32)
             return {"nPhotons": xp.zeros(e, xp.int64), "nPhotons_truncated": xp.zeros(e, xp.int64),
-                    "row": zeros, "col": zeros.copy(), "tile": zeros.copy(),
+                    "data": zeros.astype(xp.uint8), "row": zeros, "col": zeros.copy(), "tile": zeros.copy(),
                     **({"len": xp.zeros(e, xp.int32)} if ragged else {}),
                     "prob": self.prob(xp.zeros((e, PROB_MAX_PHOTONS + 2), xp.int64), xp.zeros(e, xp.int64),
                                       n_good)}, None
@@ -166,6 +168,7 @@ class Photons(ReductionFunction):
 
             def put(per_pixel):  # per labelled pixel -> per stored photon (int32 gathers)
                 return per_pixel.astype(xp.int32)[pix]
+            data = xp.ones(n_flat, xp.uint8)
         else:
             slot = xp.arange(m, dtype=xp.int64)
             held = slot[None, :] < total[:, None]  # (events, max_photons)
@@ -176,8 +179,9 @@ class Photons(ReductionFunction):
 
             def put(per_pixel):  # per labelled pixel -> per slot (int32 gathers: (events, max_photons) each)
                 return xp.where(held, per_pixel.astype(xp.int32)[pix], xp.int32(0))
+            data = held.astype(xp.uint8)
 
-        out = {"nPhotons": total, "nPhotons_truncated": xp.maximum(total - m, 0),
+        out = {"nPhotons": total, "nPhotons_truncated": xp.maximum(total - m, 0), "data": data,
                "row": put((idx // c) % r), "col": put(idx % c), "tile": put((idx // (r * c)) % p)}
         if ragged:
             out["len"] = stored.astype(xp.int32)

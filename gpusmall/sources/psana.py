@@ -289,8 +289,9 @@ class PsanaSource(Source):
         return shape, dtype
 
     def _psana_constants(self, name, raw, model, shape) -> Constants | None:
-        """psana's own constants (pedestals, gain, rms, status), or ConstantsError when a gain-switching
-        detector has none (e.g. offline with skip_calib_load)."""
+        """psana's own constants (pedestals, gain, rms, status, and its ``pixel_mask`` as the ``calib`` mask,
+        1 = keep), or ConstantsError when a gain-switching detector has none (e.g. offline with
+        skip_calib_load)."""
         def get(method):
             try:
                 a = getattr(raw, method)()
@@ -318,7 +319,10 @@ class PsanaSource(Source):
         status = get("_status")
         if status is not None:
             status = status.reshape((-1, *shape)).any(axis=0).astype(np.uint8)
-        return Constants(pedestal=peds, gain=gain, noise=noise, status=status)
+        calib_mask = get("_mask_calib")  # psana's pixel_mask constants (det.raw._mask_calib), 1 = keep
+        if calib_mask is not None:
+            calib_mask = calib_mask.reshape((-1, *shape)).all(axis=0).astype(np.uint8)
+        return Constants(pedestal=peds, gain=gain, noise=noise, status=status, mask=calib_mask)
 
     # -- events --------------------------------------------------------------------------------
     def context_once(self) -> dict[str, object]:
