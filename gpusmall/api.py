@@ -184,7 +184,8 @@ class Run:
         """The average image drawn as ``gpusmall avimage --png`` draws it, as a matplotlib Figure.
 
         Assembled with the geometry, axes in mm (pixels for a camera in pixel units), colour scale from the
-        1st to the 99th percentile, bad pixels grey, gaps blank. ``av``: an
+        1st to the 99th percentile, bad pixels grey, gaps blank, row 0 (the smallest y) at the top, colour bar
+        ``<det> calib mean [<units>]`` (SPEC section 9, "Plots"). ``av``: an
         :class:`~gpusmall.analysis.avimage.AverageImage` already computed (then ``events``, ``det`` and
         ``backend`` are not used). Returns a :class:`matplotlib.figure.Figure` (not registered with pyplot:
         Jupyter shows it as a cell's value; ``fig.savefig("avg.png")`` writes it).
@@ -238,34 +239,12 @@ def open_run(config, base_dir: str | Path | None = None) -> Run:
 
 
 def average_figure(av, title: str):
-    """A matplotlib Figure of an :class:`~gpusmall.analysis.avimage.AverageImage`, drawn as
-    :func:`gpusmall.analysis.avimage.plot_average` draws its PNG."""
-    import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    """A matplotlib Figure of an :class:`~gpusmall.analysis.avimage.AverageImage`: the Figure
+    :func:`gpusmall.analysis.avimage.plot_average` writes as its PNG (row 0 at the top, colour bar in the
+    run's units)."""
+    from .analysis.avimage import average_figure as _figure
 
-    from .analysis.avimage import assemble, color_limits, pixel_grid
-
-    img = av.image(np.nan)
-    covered = assemble(np.ones(av.mean.shape, np.float32), av.x_um, av.y_um, av.pixel_um, fill=0.0) > 0
-    _, _, (h, w), (x0, y0) = pixel_grid(av.x_um, av.y_um, av.pixel_um)
-    scale, unit = (1.0, "pixels") if av.pixel_um == 1.0 else (1e-3, "mm")
-    half = av.pixel_um / 2
-    extent = ((x0 - half) * scale, (x0 + (w - 1) * av.pixel_um + half) * scale,
-              (y0 - half) * scale, (y0 + (h - 1) * av.pixel_um + half) * scale)
-    if av.damaged:
-        title += f" ({av.damaged} damaged left out)"
-    vmin, vmax = color_limits(img)
-    fig = Figure(figsize=(7.5, float(np.clip(6.0 * h / max(w, 1) + 1.0, 2.5, 12.0))), layout="constrained")
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="0.6")
-    im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", extent=extent,
-                   alpha=covered.astype(np.float32), interpolation="nearest" if max(h, w) <= 1200 else "antialiased")
-    fig.colorbar(im, ax=ax, label=av.units.replace("adu", "ADU"), shrink=0.9)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel(f"x ({unit})")
-    ax.set_ylabel(f"y ({unit})")
-    return fig
+    return _figure(av, title)
 
 
 # ---- a result file -------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def test_assembled_view_follows_avimage():
     x, y = epix_like_geometry()
     img = np.random.default_rng(0).random(x.shape).astype(np.float32)
     view = roi_picker.PanelView(img, x, y)
-    assert view.kind == "assembled" and view.origin == "lower"
+    assert view.kind == "assembled" and view.origin == "upper"  # row 0 at the top, as every image
     np.testing.assert_array_equal(view.shown, assemble(img, x, y, PIX))
     for where in [(0, 0, 0), (1, 10, 20), (2, 95, 111), (3, 50, 3)]:
         assert view.pixel_at(x[where] / 1000, y[where] / 1000) == where

@@ -12,7 +12,8 @@ Three steps, each usable on its own:
    convention, SPEC section 6), so the default geometry ``x = (col + 0.5) * pixel_um``,
    ``y = (row + 0.5) * pixel_um`` gives back each panel as it is.
 3. :func:`plot_image` writes a PNG (matplotlib, Agg canvas; no pyplot state): colour scale from the
-   1st to the 99th percentile of the finite values, colorbar, bad pixels grey, gaps between panels blank.
+   1st to the 99th percentile of the finite values, bad pixels grey, gaps between panels blank, row 0 (the
+   smallest y) at the top and a colour bar labelled with the unit (:mod:`gpusmall.analysis.imshow`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..producer.paths import png_metadata
+from .imshow import color_limits as color_limits  # noqa: F401  (re-exported: older imports)
+from .imshow import grid_extent, show_image, unit_name
 
 #: an assembled image may have at most this many cells per detector pixel (plus a margin): a geometry in
 #: the wrong unit (metres for micrometres) would otherwise ask for a gigantic array
@@ -117,50 +120,45 @@ def tile_panels(stack, gap: int = 4, fill: float = np.nan) -> np.ndarray:
     return out
 
 
-def color_limits(values, lo: float = 1.0, hi: float = 99.0) -> tuple[float, float]:
-    """(vmin, vmax): the ``lo`` and ``hi`` percentiles of the finite values (a flat or empty image gets a
-    unit-wide range around its value)."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return 0.0, 1.0
-    vmin, vmax = (float(a) for a in np.percentile(v, [lo, hi]))
-    if vmax <= vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
-    return vmin, vmax
+def assembled_extent(x_um, y_um, pixel_um: float):
+    """(extent, unit) of the image :func:`assemble` makes, for :func:`~gpusmall.analysis.imshow.show_image`:
+    data coordinates = pixel centres in mm (in pixels for a camera in pixel units, ``pixel_um == 1``), row 0
+    (the smallest y) at the top."""
+    _, _, shape, (x0, y0) = pixel_grid(x_um, y_um, pixel_um)
+    s, unit = (1.0, "pixels") if pixel_um == 1.0 else (1e-3, "mm")
+    return grid_extent(x0 * s, y0 * s, pixel_um * s, shape), unit
 
 
-def plot_image(image, png, title: str, *, covered=None, extent=None, xlabel: str = "column",
-               ylabel: str = "row", cbar_label: str = "", origin: str = "lower") -> Path:
-    """Write a 2-D image as a PNG: percentile (1-99) colour scale, colorbar, NaN grey.
+def image_figure(image, title: str, *, covered=None, extent=None, xlabel: str = "column", ylabel: str = "row",
+                 label: str = "value", unit: str = "a.u."):
+    """matplotlib Figure (no pyplot state) of a 2-D image: percentile (1-99) colour scale, NaN grey, row 0
+    at the top, colour bar ``"<label> [<unit>]"`` (:func:`~gpusmall.analysis.imshow.show_image`).
 
     Args:
         image: (H, W) values; NaN pixels are drawn grey.
-        png: output path.
-        title: figure title.
+        title: axes title.
         covered: optional (H, W) bool, False where no pixel is (gaps between panels: drawn blank).
-        extent: optional (left, right, bottom, top) in axis units (as ``imshow``).
-        origin: ``lower`` puts row 0 at the bottom (y up, as the lab frame); ``upper`` at the top.
+        extent: optional (left, right, bottom, top) in axis units (:func:`assembled_extent`).
     """
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     image = np.asarray(image, np.float32)
-    vmin, vmax = color_limits(image)
     h, w = image.shape
-    aspect = h / max(w, 1)
-    fig = Figure(figsize=(7.5, float(np.clip(6.0 * aspect + 1.0, 2.5, 12.0))), layout="constrained")
+    fig = Figure(figsize=(7.5, float(np.clip(6.0 * h / max(w, 1) + 1.0, 2.5, 12.0))), layout="constrained")
     ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="0.6")
     alpha = None if covered is None else np.asarray(covered, np.float32)
-    im = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, origin=origin, extent=extent, alpha=alpha,  # type: ignore[arg-type]
-                   interpolation="nearest" if max(h, w) <= 1200 else "antialiased")
-    fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.9)
+    show_image(ax, image, label=label, unit=unit, extent=extent, alpha=alpha)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    return fig
+
+
+def plot_image(image, png, title: str, **kw) -> Path:
+    """Write :func:`image_figure` (same arguments) as a PNG; returns its path."""
     png = Path(png)
-    fig.savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15, metadata=png_metadata())
+    image_figure(image, title, **kw).savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15,
+                                             metadata=png_metadata())
     return png
 
 
@@ -288,24 +286,23 @@ def average_image(cfg, det: str, backend, events: int | None = 100) -> AverageIm
                         units=dcfg.units, mask_value=dcfg.mask_value)
 
 
-def plot_average(av: AverageImage, png, title: str | None = None) -> Path:
-    """PNG of an :class:`AverageImage`: assembled, bad pixels grey, gaps blank, axes in mm (pixels for a
-    camera in pixel units)."""
-    img = av.image(np.nan)
+def average_figure(av: AverageImage, title: str | None = None):
+    """matplotlib Figure of an :class:`AverageImage`: assembled, row 0 (smallest y) at the top, bad pixels
+    grey, gaps blank, axes in mm (pixels for a camera in pixel units), colour bar ``mean [<units>]``."""
     covered = assemble(np.ones(av.mean.shape, np.float32), av.x_um, av.y_um, av.pixel_um, fill=0.0) > 0
-    _, _, (h, w), (x0, y0) = pixel_grid(av.x_um, av.y_um, av.pixel_um)
-    if av.pixel_um == 1.0:
-        scale, unit = 1.0, "pixels"
-    else:
-        scale, unit = 1e-3, "mm"
-    half = av.pixel_um / 2
-    extent = ((x0 - half) * scale, (x0 + (w - 1) * av.pixel_um + half) * scale,
-              (y0 - half) * scale, (y0 + (h - 1) * av.pixel_um + half) * scale)
+    extent, unit = assembled_extent(av.x_um, av.y_um, av.pixel_um)
     title = title or f"{av.det}: mean of {av.events} events"
     if av.damaged:
         title += f" ({av.damaged} damaged left out)"
-    return plot_image(img, png, title, covered=covered, extent=extent, xlabel=f"x ({unit})",
-                      ylabel=f"y ({unit})", cbar_label=av.units.replace("adu", "ADU"))
+    return image_figure(av.image(np.nan), title, covered=covered, extent=extent, xlabel=f"x ({unit})",
+                        ylabel=f"y ({unit})", label=f"{av.det} calib mean", unit=unit_name(av.units))
+
+
+def plot_average(av: AverageImage, png, title: str | None = None) -> Path:
+    """PNG of :func:`average_figure`; returns its path."""
+    png = Path(png)
+    average_figure(av, title).savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15, metadata=png_metadata())
+    return png
 
 
 def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:

@@ -230,48 +230,42 @@ def load_user_mask(source, shape) -> np.ndarray:
 
 
 # ---- a look ---------------------------------------------------------------------------------------------
-def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: str = "", png=None):
+def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: str = "", png=None,
+              label: str = "value", unit: str = "ADU"):
     """matplotlib Figure of ``image`` with the bad pixels in red (no pyplot state).
 
     With pixel coordinates ``x``, ``y`` (um) the panels are assembled as ``gpusmall avimage`` draws them
-    (rows from y, row 0 at the bottom, axes in mm); without them they are tiled as ``gpusmall plot`` tiles
-    them (row 0 of each panel at the top). ``png``: also save it there. Returns the Figure.
+    (rows from y, axes in mm); without them they are tiled as ``gpusmall plot`` tiles them. Either way row 0
+    is at the top (:mod:`gpusmall.analysis.imshow`); the colour bar reads ``"<label> [<unit>]"`` (``image``'s
+    quantity and unit, e.g. a dark's mean in ADU). ``png``: also save it there. Returns the Figure.
     """
-    from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    from .avimage import assemble, color_limits, pixel_grid, tile_panels
+    from .avimage import assemble, assembled_extent, tile_panels
     from .centre import pixel_size_um
+    from .imshow import show_image
 
     img = _as3d(np.asarray(image, np.float32))
     badm = _as3d(np.asarray(bad, bool))
     if img.shape != badm.shape:
         raise ValueError(f"image {img.shape} and mask {badm.shape} differ in shape")
-    kw: dict = {}
     if x is not None and y is not None:
         x, y = _as3d(np.asarray(x, np.float64)), _as3d(np.asarray(y, np.float64))
         pixel_um = pixel_size_um(x, y) if pixel_um is None else pixel_um
         shown = assemble(img, x, y, pixel_um)
         over = assemble(badm.astype(np.float32), x, y, pixel_um, fill=0.0) > 0
-        _, _, (h, w), (x0, y0) = pixel_grid(x, y, pixel_um)
-        s = 1e-3
-        kw = {"origin": "lower", "extent": ((x0 - pixel_um / 2) * s, (x0 + (w - 0.5) * pixel_um) * s,
-                                            (y0 - pixel_um / 2) * s, (y0 + (h - 0.5) * pixel_um) * s)}
-        labels = ("x (mm)", "y (mm)")
+        extent, u = assembled_extent(x, y, pixel_um)
+        labels = (f"x ({u})", f"y ({u})")
     else:
         shown = tile_panels(img)
         over = tile_panels(badm.astype(np.float32), fill=0.0) > 0
-        kw = {"origin": "upper"}
-        labels = ("column (panels tiled)", "row")
-    vmin, vmax = color_limits(shown)
+        extent, labels = None, ("column (panels tiled)", "row")
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
     ax = fig.add_subplot()
-    im = ax.imshow(shown, cmap=colormaps["gray"].with_extremes(bad="0.6"), vmin=vmin, vmax=vmax,
-                   interpolation="nearest", **kw)
-    ax.imshow(np.where(over, 1.0, np.nan), cmap=ListedColormap(["red"]), vmin=0, vmax=1, alpha=0.8,
-              interpolation="nearest", **kw)
-    fig.colorbar(im, ax=ax, shrink=0.9)
+    show_image(ax, shown, label=label, unit=unit, extent=extent, cmap="gray")
+    show_image(ax, np.where(over, 1.0, np.nan), label="masked", unit="", extent=extent, colorbar=False,
+               cmap=ListedColormap(["red"]), vmin=0, vmax=1, alpha=0.8, bad=None, interpolation="nearest")
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.set_title(title or f"{int(badm.sum())} of {badm.size} pixels masked (red)", fontsize=10)

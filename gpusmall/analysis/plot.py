@@ -16,10 +16,17 @@ per event, 3-D ``(events, panels, rows, cols)``         mean image, panels tiled
 /Sums, /UserDataCfg 3-D (panels, rows, cols)            image assembled with ``/UserDataCfg/<det>/x, y``
                                                         when the shapes match, else panels tiled
 /Sums, /UserDataCfg 4-D (gains, panels, rows, cols)     the first entry, as 3-D
+per item (droplet, photons; ragged or padded) ``row``,  an image of the items' positions: items per
+``col``                                                 detector pixel (``tile``, rounded ``row``, ``col``),
+                                                        assembled or tiled as the 3-D images
+per item, other fields (``data``, ``npix``, ``tile``)   a histogram of the values
 =====================================================  ==================================================
 
 Singleton axes after the events axis are dropped first (an azav with one phi bin is 1-D). Means over
 events read the dataset in chunks; an image of all events shows at most :data:`MAX_ROWS` of them.
+Per-item outputs (:mod:`gpusmall.analysis.items`) are never drawn as curves: padding (the zeros after each
+event's stored items in the ``padded`` layout) is left out. Every image has row 0 at the top and a colour
+bar ``"<key> [<unit>]"`` (:mod:`gpusmall.analysis.imshow`, :func:`dataset_unit`).
 """
 from __future__ import annotations
 
@@ -32,11 +39,18 @@ from ..errors import InputError
 from ..io.master import require_sources
 from ..io.writer import open_result
 from ..producer.paths import png_metadata
-from .avimage import assemble, color_limits, pixel_grid, plot_image, tile_panels
+from .avimage import assemble, assembled_extent, plot_image, tile_panels
+from .imshow import show_image, unit_name
+from .items import ItemList, item_list
 from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
 
 MAX_ROWS = 4000  # events shown in an events x bins image (evenly strided beyond)
 CHUNK_BYTES = 64 << 20
+#: units of the constants and geometry in ``/UserDataCfg/<det>`` (colour bars)
+STATIC_UNITS = {"ped": "ADU", "noise": "ADU", "rms": "ADU", "gain": "ADU/keV", "x": "um", "y": "um", "z": "um",
+                "mask": "1 = good", "cmask": "1 = good", "status": "bits", "ix": "column", "iy": "row"}
+#: units of the per-item fields (droplets, photons); ``data`` is in the detector's unit
+ITEM_UNITS = {"npix": "pixels", "tile": "panel", "row": "pixel", "col": "pixel"}
 
 
 def _chunks(d: h5py.Dataset):
@@ -126,15 +140,41 @@ def _plot_curves(f, key, d, png):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"mean of {key}")
     ax.set_title(f"{key}: mean over {d.shape[0]} events", fontsize=10)
-    vmin, vmax = color_limits(rows)
-    im = axi.imshow(rows, aspect="auto", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest",
-                    extent=(-0.5, nb - 0.5, -0.5 * step, (rows.shape[0] - 0.5) * step))
-    fig.colorbar(im, ax=axi)
+    # event 0 at the top, as every image gpusmall draws (row 0 at the top)
+    show_image(axi, rows, label=key, unit=dataset_unit(f, key), aspect="auto", shrink=1.0,
+               extent=(-0.5, nb - 0.5, (rows.shape[0] - 0.5) * step, -0.5 * step))
     axi.set_xlabel("bin")
     axi.set_ylabel("event index")
     axi.set_title("every event" if step == 1 else f"every {step}th event", fontsize=10)
     fig.savefig(png, dpi=100, metadata=png_metadata())
     return f"{key}: mean of {d.shape[0]} events vs {xlabel}, and events x bins"
+
+
+def _det_unit(f: h5py.File, det: str | None) -> str:
+    u = f.get(f"UserDataCfg/{det}/units") if det else None
+    return unit_name(u[()]) if isinstance(u, h5py.Dataset) else "a.u."
+
+
+def dataset_unit(f: h5py.File, key: str) -> str:
+    """The unit of dataset ``key``'s values as a colour bar shows it: the detector's calibrated unit
+    (``/UserDataCfg/<det>/units``: ADU, keV, photons) for frames, sums and images, squared for ``acf`` and
+    ``square`` sums; :data:`STATIC_UNITS` for the constants and geometry in ``/UserDataCfg/<det>``; ``a.u.``
+    when the file does not say."""
+    key = normalize_key(key)
+    det = detector_of(f, key)
+    u = _det_unit(f, det)
+    tail = key.rsplit("/", 1)[-1]
+    if key.startswith("UserDataCfg/"):
+        return STATIC_UNITS.get(tail, "a.u.")
+    if key.startswith("Sums/"):
+        if "nhits" in tail:
+            return "events"
+        return f"{u}^2" if "square" in tail else u
+    if det is None:
+        return "a.u."
+    if tail.endswith("_hist"):
+        return "pixels"
+    return f"{u}^2" if "acf" in tail else u
 
 
 def _panel_image(f, key, stack):
@@ -144,12 +184,41 @@ def _panel_image(f, key, stack):
     if geo is not None and geo[0].shape == stack.shape:
         x, y, pixel = geo
         covered = assemble(np.ones(stack.shape, np.float32), x, y, pixel, fill=0.0) > 0
-        _, _, (h, w), (x0, y0) = pixel_grid(x, y, pixel)
-        s, unit = (1.0, "pixels") if pixel == 1.0 else (1e-3, "mm")
-        extent = ((x0 - pixel / 2) * s, (x0 + (w - 0.5) * pixel) * s, (y0 - pixel / 2) * s, (y0 + (h - 0.5) * pixel) * s)
+        extent, unit = assembled_extent(x, y, pixel)
         return assemble(stack, x, y, pixel), dict(covered=covered, extent=extent, xlabel=f"x ({unit})",
                                                    ylabel=f"y ({unit})"), "assembled"
-    return tile_panels(stack), dict(origin="upper"), "panels tiled"
+    return tile_panels(stack), {}, "panels tiled"
+
+
+def _plot_items(f, key, items: ItemList, png) -> str:
+    """Per-item values (droplets, photons), padding left out: ``row`` / ``col`` as a count image of the
+    positions (per pixel of the detector, drawn as its images are), other fields as a histogram."""
+    rc = ("row", "col")
+    if items.field in rc and all(items.sibling(k) in f for k in rc):
+        row, col = (np.floor(items.values(f, k) + 0.5).astype(np.int64) for k in rc)
+        tile = items.values(f, "tile").astype(np.int64) if items.sibling("tile") in f else np.zeros_like(row)
+        shape_ds = f.get(f"UserDataCfg/{items.det}/shape")
+        if isinstance(shape_ds, h5py.Dataset) and shape_ds.shape == (3,):
+            shape = tuple(int(v) for v in shape_ds[()])
+        else:
+            shape = (int(tile.max(initial=0)) + 1, int(row.max(initial=0)) + 1, int(col.max(initial=0)) + 1)
+        ok = (tile >= 0) & (tile < shape[0]) & (row >= 0) & (row < shape[1]) & (col >= 0) & (col < shape[2])
+        counts = np.zeros(shape, np.float64)
+        np.add.at(counts, (tile[ok], row[ok], col[ok]), 1.0)
+        img, opts, how = _panel_image(f, items.sibling("row"), counts)
+        title = f"{items.full} ({items.layout}): {int(ok.sum())} item positions, {how}"
+        plot_image(img, png, title, label=f"{items.full} items per pixel", unit="count", **opts)
+        return f"{key}: per-item positions, {int(ok.sum())} items as an image {img.shape[0]} x {img.shape[1]}"
+    v = items.values(f)
+    v = v[np.isfinite(v)]
+    fig, (ax,) = _figure(1, 1, 8.0, 4.2)
+    if v.size:
+        ax.hist(v, bins=min(100, max(10, int(np.sqrt(v.size)))), histtype="stepfilled")
+    ax.set_xlabel(f"{key} [{ITEM_UNITS.get(items.field) or dataset_unit(f, key)}]")
+    ax.set_ylabel("items")
+    ax.set_title(f"{key} ({items.layout}): histogram of {v.size} items", fontsize=10)
+    fig.savefig(png, dpi=100, metadata=png_metadata())
+    return f"{key}: histogram of {v.size} per-item values"
 
 
 def plot_key(path, key: str, png) -> str:
@@ -170,6 +239,9 @@ def plot_key(path, key: str, png) -> str:
             raise InputError(f"plot: {key!r} holds {d.dtype} values, not numbers")
         if d.ndim == 0:
             raise InputError(f"plot: {key!r} is a single value ({d[()]}), nothing to plot")
+        items = item_list(f, key)
+        if items is not None:  # droplets, photons: never a curve of a padded or ragged list
+            return _plot_items(f, key, items, png)
         try:
             per_event = is_per_event(f, key)
         except InputError:
@@ -182,6 +254,7 @@ def plot_key(path, key: str, png) -> str:
                 return _plot_curves(f, key, d, png)
             mean = event_mean(d).reshape(inner)
             title = f"{key}: mean of {d.shape[0]} events"
+            label = f"{key} mean per event"
         else:
             mean = d[()].astype(np.float64)
             if mean.ndim == 1:
@@ -192,15 +265,16 @@ def plot_key(path, key: str, png) -> str:
                 ax.set_title(f"{key} ({mean.size} values)", fontsize=10)
                 fig.savefig(png, dpi=100, metadata=png_metadata())
                 return f"{key}: {mean.size} values"
-            title = key
+            title = label = key
             while mean.ndim > 3:
                 title += " [0]"
                 mean = mean[0]
         if mean.ndim > 3:
             raise InputError(f"plot: {key!r} has {mean.ndim} dimensions per event; plot takes up to 3")
         if mean.ndim == 2:
-            img, opts, how = mean, dict(origin="upper"), "image"
+            img, opts, how = mean, {}, "image"
         else:
             img, opts, how = _panel_image(f, key, mean)
-        plot_image(img, png, f"{title} ({how})" if how != "image" else title, **opts)
+        plot_image(img, png, f"{title} ({how})" if how != "image" else title, label=label,
+                   unit=dataset_unit(f, key), **opts)
         return f"{title}: {how} {img.shape[0]} x {img.shape[1]}"

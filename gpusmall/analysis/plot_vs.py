@@ -5,7 +5,8 @@ result file, e.g. a ROI sum against ``ipm/sum`` or ``scan/delay``) with the mean
 (:func:`binned_mean`: one bin per distinct value when ``X`` takes few, e.g. scan steps; else ``bins`` equal bins)
 and its standard error. ``gpusmall plot CUBE.h5 KEY --png OUT`` on a cube file (the run's or ``gpusmall cube``'s)
 draws ``KEY``'s mean per bin (``<KEY>_sum / count``) against the bin centres, one line per split; a 1-D output per
-bin (azav) as an image bins x values; a full frame as its total per bin.
+bin (azav) as an image bins x values (bin 0 at the top, as every image gpusmall draws: SPEC section 9, "Plots";
+colour bar in the unit of the result file the cube was made from); a full frame as its total per bin.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..producer.paths import png_metadata
+from .imshow import show_image
 
 STEP_VALUES = 50  # X with at most this many distinct values is binned per value (scan steps)
 
@@ -97,6 +99,21 @@ def plot_vs(path, y: str, x: str, png, bins: int = 20) -> str:
     return f"{y} vs {x}: {int(ok.sum())} events, {len(b['centers'])} bins"
 
 
+def _cube_unit(path, source: str, key: str) -> str:
+    """The unit of a cube's ``key`` (:func:`gpusmall.analysis.plot.dataset_unit` of the result file the cube
+    was made from, its ``source`` attribute), ``a.u.`` when that file is not there."""
+    from .plot import dataset_unit
+
+    src = Path(path).parent / source if source else None
+    if src is None or src.suffix not in (".h5", ".hdf5") or not src.is_file():
+        return "a.u."
+    try:
+        with h5py.File(src, "r") as f:
+            return dataset_unit(f, key)
+    except (OSError, KeyError, ValueError, InputError):
+        return "a.u."
+
+
 def plot_cube(path, key: str, png) -> str:
     """PNG of a cube file's ``key`` per bin (module docstring); returns a summary."""
     import matplotlib
@@ -116,6 +133,7 @@ def plot_cube(path, key: str, png) -> str:
         total = f[f"{key}_sum"][()]
         split = [s.decode() for s in f["bins/split"][()]] if "bins/split" in f else []
         by = str(f.attrs.get("by", "bin"))
+        source = str(f.attrs.get("source", ""))
     if not split:
         count, total = count[None], total[None]
     names = split or [""]
@@ -131,12 +149,12 @@ def plot_cube(path, key: str, png) -> str:
         ax.set_ylabel(f"{key} ({what})")
         if split:
             ax.legend()
-    else:  # a curve per bin (azav): bins x values, the first split
-        im = ax.imshow(mean[0], aspect="auto", origin="lower", interpolation="nearest",
-                       extent=(-0.5, mean.shape[2] - 0.5, -0.5, len(centers) - 0.5))
+    else:  # a curve per bin (azav): bins x values, the first split; bin 0 at the top (row 0, as every image)
+        show_image(ax, mean[0], label=f"{key}, mean per event" + (f" ({names[0]})" if split else ""),
+                   unit=_cube_unit(path, source, key), aspect="auto", interpolation="nearest", shrink=1.0,
+                   extent=(-0.5, mean.shape[2] - 0.5, len(centers) - 0.5, -0.5))
         ax.set_yticks(range(len(centers)), [f"{c:g}" for c in centers])
         ax.set_xlabel(f"{key} index")
-        fig.colorbar(im, ax=ax, label=f"{key}, mean per event" + (f" ({names[0]})" if split else ""))
     if per_bin.shape[2] == 1 or frame:
         ax.set_xlabel(by)
     else:

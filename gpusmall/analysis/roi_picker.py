@@ -4,11 +4,15 @@ A (panels, rows, cols) image is shown in one of the two views gpusmall already d
 orientation:
 
 * **assembled** (pixel centres ``x``, ``y`` given, as ``gpusmall avimage`` / ``plot_average``): image rows
-  follow ``y`` and columns ``x`` (:func:`gpusmall.analysis.avimage.pixel_grid`), row 0 at the bottom
-  (``origin="lower"``), axes in mm (data coordinates = the pixel centres' x, y in mm);
+  follow ``y`` and columns ``x`` (:func:`gpusmall.analysis.avimage.pixel_grid`), axes in mm (data
+  coordinates = the pixel centres' x, y in mm; y grows downwards);
 * **tiled** (no geometry, as ``gpusmall plot`` shows panels without one: :func:`~gpusmall.analysis.avimage.tile_panels`):
-  each panel as its array, row 0 at the top (``origin="upper"``), data coordinates in cells (pixel (r, c)
-  of a panel whose tile starts at (R, C) is centred at x = C + c, y = R + r).
+  each panel as its array, data coordinates in cells (pixel (r, c) of a panel whose tile starts at (R, C) is
+  centred at x = C + c, y = R + r).
+
+Both have row 0 at the top (``origin="upper"``, :mod:`gpusmall.analysis.imshow`, the one orientation of every
+image gpusmall draws) and a colour bar ``"<label> [<unit>]"``. The maps below work in data coordinates, so
+they do not depend on the orientation.
 
 :class:`PanelView` maps data coordinates to (panel, row, col) (``format_coord``) and a drawn rectangle to
 ROI bounds: the pixels whose centres lie inside it, per panel their bounding box ``[[p, p+1], [r0, r1],
@@ -72,10 +76,15 @@ class PanelView:
         x, y: optional pixel centres (um), same shape: the assembled view; without them, tiled.
         pixel_um: grid pitch of the assembled view (default: the pixel size measured from x, y).
         gap: cells between tiles in the tiled view (as ``tile_panels``).
+        label, unit: the colour bar's quantity and unit (``"<label> [<unit>]"``).
     """
 
-    def __init__(self, image, x=None, y=None, pixel_um: float | None = None, gap: int = 4):
-        from .avimage import assemble, color_limits, pixel_grid
+    def __init__(self, image, x=None, y=None, pixel_um: float | None = None, gap: int = 4, label: str = "value",
+                 unit: str = "a.u."):
+        from .avimage import assemble, pixel_grid
+        from .imshow import ORIGIN, color_limits, grid_extent
+
+        self.label, self.unit, self.origin = label, unit, ORIGIN
 
         self.image = _as3d(np.asarray(image, np.float32))
         self.shape = self.image.shape
@@ -91,10 +100,8 @@ class PanelView:
             self.pixel_um = pixel_size_um(self.x, self.y) if pixel_um is None else float(pixel_um)
             rows, cols, (h, w), (x0, y0) = pixel_grid(self.x, self.y, self.pixel_um)
             self.shown = assemble(self.image, self.x, self.y, self.pixel_um)
-            self.origin = "lower"
-            s, half = 1e-3, self.pixel_um / 2
-            self.extent = ((x0 - half) * s, (x0 + (w - 1) * self.pixel_um + half) * s,
-                           (y0 - half) * s, (y0 + (h - 1) * self.pixel_um + half) * s)
+            s = 1e-3
+            self.extent = grid_extent(x0 * s, y0 * s, self.pixel_um * s, (h, w))
             self._grid0, self._step = (x0 * s, y0 * s), self.pixel_um * s
             self.px, self.py = self.x * s, self.y * s  # data coordinates of every pixel centre (mm)
             self.xlabel, self.ylabel = "x (mm)", "y (mm)"
@@ -108,7 +115,6 @@ class PanelView:
             cols = self.tile_origin[:, 1, None, None] + pc[None]
             self.shown = np.full((h, w), np.nan, np.float32)
             self.shown[rows, cols] = self.image
-            self.origin = "upper"
             self.extent = None  # type: ignore[assignment]  # imshow's default: cell (i, j) centred at (j, i)
             self._grid0, self._step = (0.0, 0.0), 1.0
             self.px, self.py = cols.astype(np.float64), rows.astype(np.float64)
@@ -173,12 +179,13 @@ class PanelView:
         return out
 
     # ---- drawing ----
-    def draw(self, ax, cmap: str = "viridis"):
-        """imshow the view on ``ax`` (percentile colour scale, NaN grey), with this view's ``format_coord``."""
-        from matplotlib import colormaps
+    def draw(self, ax, cmap: str = "viridis", colorbar: bool = True):
+        """imshow the view on ``ax`` (percentile colour scale, NaN grey, row 0 at the top, colour bar
+        ``"<label> [<unit>]"``), with this view's ``format_coord``; returns the AxesImage."""
+        from .imshow import show_image
 
-        im = ax.imshow(self.shown, cmap=colormaps[cmap].with_extremes(bad="0.6"), vmin=self.vmin,
-                       vmax=self.vmax, origin=self.origin, extent=self.extent, interpolation="nearest")
+        im = show_image(ax, self.shown, label=self.label, unit=self.unit, extent=self.extent, cmap=cmap,
+                        vmin=self.vmin, vmax=self.vmax, colorbar=colorbar, shrink=0.85, interpolation="nearest")
         ax.format_coord = self.format_coord
         ax.set_xlabel(self.xlabel)
         ax.set_ylabel(self.ylabel)
@@ -252,16 +259,17 @@ class RoiPicker:
         return roi_config(self.rois, prefix)
 
 
-def roi_figure(image, x=None, y=None, pixel_um: float | None = None, rois=(), grid: int = 32, title: str = ""):
+def roi_figure(image, x=None, y=None, pixel_um: float | None = None, rois=(), grid: int = 32, title: str = "",
+               label: str = "value", unit: str = "a.u."):
     """matplotlib Figure (no pyplot state) of the :class:`PanelView` with its grid labels
-    (:meth:`PanelView.draw_grid`) and the outlines of ``rois`` (bounds), labelled roi0, roi1..."""
+    (:meth:`PanelView.draw_grid`) and the outlines of ``rois`` (bounds), labelled roi0, roi1...; ``label``,
+    ``unit``: the colour bar's (a PanelView given as ``image`` keeps its own)."""
     from matplotlib.figure import Figure
 
-    view = image if isinstance(image, PanelView) else PanelView(image, x, y, pixel_um)
+    view = image if isinstance(image, PanelView) else PanelView(image, x, y, pixel_um, label=label, unit=unit)
     fig = Figure(figsize=(9, 8), layout="constrained")
     ax = fig.add_subplot()
-    im = view.draw(ax)
-    fig.colorbar(im, ax=ax, shrink=0.85)
+    view.draw(ax)
     view.draw_grid(ax, grid)
     for i, b in enumerate(rois):
         xy = view.roi_outline(b)
@@ -272,11 +280,11 @@ def roi_figure(image, x=None, y=None, pixel_um: float | None = None, rois=(), gr
 
 
 def roi_png(image, png, x=None, y=None, pixel_um: float | None = None, rois=(), grid: int = 32,
-            title: str = "") -> Path:
+            title: str = "", label: str = "value", unit: str = "a.u.") -> Path:
     """Write :func:`roi_figure` as a PNG; returns its path."""
     from ..producer.paths import png_metadata
 
-    fig = roi_figure(image, x, y, pixel_um, rois, grid, title)
+    fig = roi_figure(image, x, y, pixel_um, rois, grid, title, label, unit)
     png = Path(png)
     fig.savefig(png, dpi=100, metadata=png_metadata())
     return png
