@@ -153,7 +153,10 @@ class Backend:
 
     # ---- kernels ---------------------------------------------------------------
     def kernel(self, filename: str, name: str, options: tuple[str, ...] = ()):
-        """``cupy.RawKernel`` ``name`` compiled from ``kernels/<filename>``, cached per backend."""
+        """``cupy.RawKernel`` ``name`` compiled from ``kernels/<filename>``, cached per backend.
+
+        The package launches kernels through their :class:`~gpusmall.kernel_specs.KernelSpec` (arguments by
+        name, converted and checked), which calls this."""
         if not self.is_gpu:
             raise BackendError(f"kernel {name!r} asked for on the {self.name} backend")
         key = (filename, name, tuple(options))

@@ -1,9 +1,12 @@
 // Raw -> calibrated in one pass over the batch (SPEC section 3), for uint16 detectors.
 //
-// Per pixel: gain range g from the raw word (family: 0 single range, 1 ePix10ka, 2 JUNGFRAU),
-// v = raw & data_mask, s = v - pedestal[g], out = s * scale[g] (scale = unit factor / gain[g]),
-// good = mask && g valid. Bad pixels are written as 0 in `out`.
-// Layout: raw/out/good (events, npix) row-major; pedestal/scale (gains, npix); mask/config_bits (npix).
+// Per pixel: gain range g = gain_table[((raw >> gain_shift) & gain_bits) << 8 | config byte] (the
+// detector model's own decoding, tabulated on the host: DetectorModel.gain_table; -1 invalid; the config
+// byte is 0 without has_config), v = raw & data_mask, s = v - pedestal[g], out = s * scale[g]
+// (scale = unit factor / gain[g]), good = mask && g valid. Bad pixels are written as 0 in `out`.
+// Layout: raw/out/good (events, npix) row-major; pedestal/scale (gains, npix); mask/config_bits (npix);
+// gain_table ((gain_bits + 1) * 256) int8, read through the read-only cache (at most a few kB, the few
+// entries a batch meets stay in L1: no per-pixel memory traffic).
 //
 // Work split (all three kernels): a thread takes pixel p (grid-stride over x) and a chunk of
 // EVENTS_PER_THREAD consecutive events (grid-stride over y, in chunks). It reads the pixel's mask and
@@ -12,37 +15,7 @@
 // event. The launch wants grid.y = ceil(events / EVENTS_PER_THREAD) (gpusmall/calib/calibrate.py
 // uses the same constant); any grid gives the same result.
 
-#define FAMILY_SINGLE 0
-#define FAMILY_EPIX10KA 1
-#define FAMILY_JUNGFRAU 2
 #define EVENTS_PER_THREAD 8
-
-__device__ __forceinline__ int epix10ka_range(unsigned int c, unsigned int d)
-{
-    const unsigned int b = (c & 0x1Fu) | (d << 5);  // c: the 5 control bits (bits 5-7 are not part of it)
-    if ((b & 28u) == 28u) return 0;  // FH
-    if ((b & 28u) == 12u) return 1;  // FM
-    if ((b & 12u) == 8u) return 2;   // FL
-    if ((b & 60u) == 16u) return 3;  // AHL-H
-    if ((b & 60u) == 0u) return 4;   // AML-M
-    if ((b & 60u) == 48u) return 5;  // AHL-L
-    if ((b & 60u) == 32u) return 6;  // AML-L
-    return -1;
-}
-
-__device__ __forceinline__ int gain_range(int family, unsigned int raw, int has_config, unsigned int cbits)
-{
-    if (family == FAMILY_EPIX10KA) {
-        const unsigned int d = (raw >> 14) & 1u;
-        if (!has_config) return d ? 5 : 3;
-        return epix10ka_range(cbits, d);
-    }
-    if (family == FAMILY_JUNGFRAU) {
-        const unsigned int bits = (raw >> 14) & 3u;
-        return bits == 0u ? 0 : (bits == 1u ? 1 : (bits == 3u ? 2 : -1));
-    }
-    return 0;
-}
 
 // body(p, e0, n): pixel p of events e0 .. e0 + n - 1 (n <= EVENTS_PER_THREAD), for every (pixel, chunk)
 // of this thread.
@@ -65,8 +38,10 @@ __device__ __forceinline__ void for_pixel_chunks(long long npix, long long n_eve
 __device__ __forceinline__ bool decode_chunk(const unsigned short* __restrict__ raw,
                                              const unsigned char* __restrict__ mask,
                                              const unsigned char* __restrict__ config_bits, long long p,
-                                             long long e0, int n, long long npix, int family, int has_config,
-                                             unsigned int data_mask, int* r, float* v)
+                                             long long e0, int n, long long npix,
+                                             const signed char* __restrict__ gain_table, int gain_shift,
+                                             unsigned int gain_bits, int has_config, unsigned int data_mask,
+                                             int* r, float* v)
 {
     const unsigned int cbits = has_config ? config_bits[p] : 0u;
     unsigned int w[EVENTS_PER_THREAD];
@@ -74,7 +49,7 @@ __device__ __forceinline__ bool decode_chunk(const unsigned short* __restrict__ 
     for (int j = 0; j < EVENTS_PER_THREAD; ++j) w[j] = j < n ? raw[(e0 + j) * npix + p] : 0u;
 #pragma unroll
     for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
-        r[j] = gain_range(family, w[j], has_config, cbits);
+        r[j] = __ldg(&gain_table[(((w[j] >> gain_shift) & gain_bits) << 8) | cbits]);
         v[j] = (float)(w[j] & data_mask);
     }
     return mask[p] != 0;
@@ -91,14 +66,17 @@ extern "C" __global__ void calibrate_u16(
     long long n_events,
     long long npix,
     int n_gains,
-    int family,
+    const signed char* __restrict__ gain_table,
+    int gain_shift,
+    unsigned int gain_bits,
     int has_config,
     unsigned int data_mask)
 {
     for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
         int r[EVENTS_PER_THREAD];
         float v[EVENTS_PER_THREAD];
-        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, family, has_config, data_mask, r, v);
+        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, gain_table, gain_shift, gain_bits,
+                                       has_config, data_mask, r, v);
 #pragma unroll
         for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
             if (j < n) {
@@ -127,14 +105,17 @@ extern "C" __global__ void pedestal_u16(
     long long n_events,
     long long npix,
     int n_gains,
-    int family,
+    const signed char* __restrict__ gain_table,
+    int gain_shift,
+    unsigned int gain_bits,
     int has_config,
     unsigned int data_mask)
 {
     for_pixel_chunks(npix, n_events, [&](long long p, long long e0, int n) {
         int r[EVENTS_PER_THREAD];
         float v[EVENTS_PER_THREAD];
-        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, family, has_config, data_mask, r, v);
+        const bool keep = decode_chunk(raw, mask, config_bits, p, e0, n, npix, gain_table, gain_shift, gain_bits,
+                                       has_config, data_mask, r, v);
 #pragma unroll
         for (int j = 0; j < EVENTS_PER_THREAD; ++j) {
             if (j < n) {

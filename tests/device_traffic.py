@@ -20,6 +20,7 @@ from fake_cupy import TrafficLog, install_fake_cupyx
 from test_fake_gpu_pipeline import FakeGpuStrict
 
 from gpusmall.cli import demo_config_dict
+from gpusmall.kernel_specs import file_signatures
 from gpusmall.producer.config import validate_config
 from gpusmall.producer.pipeline import make_pipelines
 from gpusmall.producer.process import BatchProcessor
@@ -33,16 +34,17 @@ def _calib_consts(grid, npix, *per_pixel_bytes):
     return grid[1] * npix * sum(per_pixel_bytes)
 
 
-def _calibrate_u16(grid, raw, pedestal, scale, mask, config_bits, out, good, n_events, npix, n_gains, family,
-                   has_config, data_mask):
+def _calibrate_u16(grid, raw, pedestal, scale, mask, config_bits, out, good, n_events, npix, n_gains, gain_table,
+                   gain_shift, gain_bits, has_config, data_mask):
     # per pixel and chunk: mask, config bits, pedestal and scale of (mostly) one gain range
-    consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4, 4)
+    # (the gain table once: a few kB that the read-only cache serves to every block)
+    consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4, 4) + gain_table.nbytes
     return raw.nbytes + consts, out.nbytes + good.nbytes
 
 
-def _pedestal_u16(grid, raw, pedestal, mask, config_bits, s, gain_index, good, n_events, npix, n_gains, family,
-                  has_config, data_mask):
-    consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4)
+def _pedestal_u16(grid, raw, pedestal, mask, config_bits, s, gain_index, good, n_events, npix, n_gains, gain_table,
+                  gain_shift, gain_bits, has_config, data_mask):
+    consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4) + gain_table.nbytes
     return raw.nbytes + consts, s.nbytes + gain_index.nbytes + good.nbytes
 
 
@@ -50,12 +52,12 @@ def _scale_apply(grid, s, gain_index, good, scale, out, n_events, npix):
     return s.nbytes + gain_index.nbytes + good.nbytes + _calib_consts(grid, int(npix), 4), out.nbytes
 
 
-def _cm_median_step(grid, s, good, g, n_groups, n, *rest):
+def _cm_median_step(grid, s, good, g, n_groups, n, **rest):
     touched = int(n_groups) * int(n)  # every pixel of every group: s, good and gain range read, s written
     return touched * (4 + 1 + 1), touched * 4
 
 
-def _cm_median_rows_warp(grid, s, good, g, n_groups, n, *rest):
+def _cm_median_rows_warp(grid, s, good, g, n_groups, n, **rest):
     return _cm_median_step(grid, s, good, g, n_groups, n)
 
 
@@ -101,18 +103,19 @@ KERNEL_TRAFFIC = {"calibrate_u16": _calibrate_u16, "pedestal_u16": _pedestal_u16
 
 class TrafficGpu(FakeGpuStrict):
     """The backend under CuPy's rules of ``test_fake_gpu_pipeline`` with a :class:`TrafficLog` as its
-    ``transfers``; kernel launches run their NumPy emulations and are logged with :data:`KERNEL_TRAFFIC`."""
+    ``transfers``; kernel launches run the kernels compiled for the CPU and are logged with
+    :data:`KERNEL_TRAFFIC` (called with the launch's arguments by parameter name)."""
 
     def __init__(self):
-        super().__init__("emulated", transfers=TrafficLog())
+        super().__init__("compiled", transfers=TrafficLog())
 
     def kernel(self, filename, name, options=()):
         launch = super().kernel(filename, name, options)
         ops = self.transfers.ops
 
         def logged(grid, block, args, shared_mem=0):
-            host = tuple(getattr(a, "a", a) for a in args)
-            read, written = KERNEL_TRAFFIC[name](tuple(grid) + (1,) * (3 - len(grid)), *host)
+            host = {p.name: getattr(a, "a", a) for p, a in zip(file_signatures(filename)[name], args, strict=True)}
+            read, written = KERNEL_TRAFFIC[name](tuple(grid) + (1,) * (3 - len(grid)), **host)
             ops.append(("kernel", name, read, written))
             return launch(grid, block, args, shared_mem=shared_mem)
         return logged

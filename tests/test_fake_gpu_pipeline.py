@@ -1,8 +1,8 @@
 """The whole demo function set through the CuPy code paths, on the CPU.
 
 A stand-in backend takes every GPU branch: ``is_gpu`` is True, ``xp`` is not NumPy (so the CuPy-only
-branches run too), kernels are the checked NumPy emulations of ``test_kernel_launches`` or the CUDA
-sources themselves compiled for the CPU (``tests/cuda_cpu``), ``cupyx`` is
+branches run too), kernels are the CUDA sources themselves compiled for the CPU (``tests/cuda_cpu``),
+launched through the checks of ``test_kernel_launches``, ``cupyx`` is
 replaced by SciPy with CuPy's restrictions where we know them (``scatter_min`` dtypes, labels numbered
 in another order), and streams/events are the stand-ins of ``test_process``. The batch goes through
 ``BatchProcessor`` (two-stream staging) and must give the NumPy backend's numbers. What this cannot see:
@@ -30,7 +30,7 @@ from gpusmall.sources.sim import SimSource
 class FakeGpuXp(FakeGpu):
     """FakeGpu whose ``xp`` is not NumPy and has CuPy's streams and events."""
 
-    def __init__(self, kernels="emulated"):
+    def __init__(self, kernels="compiled"):
         super().__init__(kernels)
         cuda_parts, self.stream = fake_cuda([])
         self.xp = numpy_as_cupy(cuda_parts)
@@ -81,10 +81,9 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4, per_batch=None):
     return cols, sums, proc
 
 
-@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
-def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch, kernels):
+def test_demo_functions_on_the_gpu_code_paths_equal_numpy(monkeypatch):
     install_fake_cupyx(monkeypatch)
-    gpu = FakeGpuXp(kernels)
+    gpu = FakeGpuXp()
     got, got_sums, proc = demo_on(gpu)
     want, want_sums, _ = demo_on(Backend("numpy"))
     names = {name for name, *_ in gpu.launches}

@@ -15,8 +15,8 @@ from ..backend import Backend
 from ..detectors.base import DetectorModel
 from ..detectors.constants import Constants
 from ..funcs.base import Frames
+from ..kernel_specs import KernelSpec
 
-FAMILY = {"epix10ka": 1, "jungfrau": 2}
 KERNEL_THREADS = 256
 KERNEL_EVENTS_PER_THREAD = 8  # EVENTS_PER_THREAD of kernels/calib.cu
 
@@ -27,6 +27,27 @@ def kernel_grid(npix: int, n_events: int) -> tuple[int, int]:
     x = min((npix + KERNEL_THREADS - 1) // KERNEL_THREADS, 4096)
     y = min((n_events + KERNEL_EVENTS_PER_THREAD - 1) // KERNEL_EVENTS_PER_THREAD, 65535)
     return max(x, 1), max(y, 1)
+
+
+def _calib_launch(args):
+    return kernel_grid(int(args["npix"]), int(args["n_events"])), (KERNEL_THREADS,), 0
+
+
+def _decode_sizes(a, *batch):
+    """Elements the calib.cu kernels index: (events, pixels) arrays, (gains, pixels) pedestal, the per-pixel
+    mask and config bits, the gain table of the model's gain bits."""
+    n, e = int(a["npix"]), int(a["n_events"]) * int(a["npix"])
+    return dict({k: e for k in ("raw",) + batch}, pedestal=int(a["n_gains"]) * n, mask=n,
+                config_bits=n if a["has_config"] else 0, gain_table=(int(a["gain_bits"]) + 1) * 256)
+
+
+CALIBRATE_U16 = KernelSpec("calib.cu", "calibrate_u16", _calib_launch, "gpusmall.calib.calibrate:calibrate_reference",
+                           sizes=lambda a: dict(_decode_sizes(a, "out", "good"), scale=int(a["n_gains"]) * int(a["npix"])))
+PEDESTAL_U16 = KernelSpec("calib.cu", "pedestal_u16", _calib_launch, "gpusmall.calib.calibrate:pedestal_subtract",
+                          sizes=lambda a: _decode_sizes(a, "s", "gain_index", "good"))
+SCALE_APPLY = KernelSpec("calib.cu", "scale_apply", _calib_launch, "gpusmall.calib.calibrate:calibrate_reference",
+                         sizes=lambda a: dict({k: int(a["n_events"]) * int(a["npix"]) for k in
+                                               ("s", "gain_index", "good", "out")}, scale=int(a["npix"])))
 
 
 def unit_scale(gain: np.ndarray, units: str, photon_energy_kev: float | None = None) -> np.ndarray:
@@ -138,6 +159,23 @@ def _calibrate_events(xp, model, raw, pedestal, scale, mask, config_bits, common
     out[~good] = 0  # bad pixels are 0
 
 
+def decode_arguments(backend: Backend, model: DetectorModel, raw, pedestal, mask, config_bits=None,
+                     gain_table=None) -> dict:
+    """The arguments calibrate_u16 and pedestal_u16 share, by name: the raw batch (made contiguous), its size,
+    the per-pixel constants on the device (mask bool, config bits uint8 or None) and how the model's gain
+    range is decoded: ``gain_table`` (:meth:`~gpusmall.detectors.base.DetectorModel.gain_table` on the
+    device; built and uploaded when not given) and the model's gain bits."""
+    xp = backend.xp
+    mask = mask.view(xp.uint8)
+    if gain_table is None:
+        gain_table = backend.to_device(model.gain_table(config_bits is not None))
+    return dict(raw=xp.ascontiguousarray(raw), pedestal=pedestal, mask=mask,
+                config_bits=config_bits if config_bits is not None else mask,
+                n_events=raw.shape[0], npix=raw[0].size, n_gains=model.n_gains, gain_table=gain_table,
+                gain_shift=model.gain_shift, gain_bits=model.gain_bits, has_config=config_bits is not None,
+                data_mask=model.data_mask or 0xFFFF)
+
+
 class Calibrator:
     """Calibration of one detector for a whole run.
 
@@ -165,6 +203,8 @@ class Calibrator:
         self.mask = backend.to_device(np.asarray(mask, bool))
         self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
         self.use_kernel = backend.is_gpu and common_mode != "raw"
+        # the CUDA kernels' gain decoding: the model's own, tabulated once per run (a few kB)
+        self.gain_table = backend.to_device(model.gain_table(constants.config_bits is not None)) if self.use_kernel else None
         self.cpu = None  # NumPy backend: numba's fused kernels when numba is there and handles the model
         if not backend.is_gpu and common_mode != "raw":
             from . import cpu_kernels  # imports numba (optional): only NumPy runs pay for it
@@ -204,39 +244,25 @@ class Calibrator:
             self.cpu.scale_apply(raw[events], s, good[events], out[events])
         return out, good
 
+    def _decode_args(self, raw) -> dict:
+        return decode_arguments(self.backend, self.model, raw, self.pedestal, self.mask, self.config_bits,
+                                self.gain_table)
+
     def _kernel(self, raw):
         xp = self.backend.xp
-        n_events = raw.shape[0]
-        npix = raw[0].size
         out = xp.empty(raw.shape, xp.float32)
         good = xp.empty(raw.shape, xp.bool_)
-        k = self.backend.kernel("calib.cu", "calibrate_u16")
-        cfg = self.config_bits if self.config_bits is not None else self.mask.view(xp.uint8)
-        k(kernel_grid(npix, n_events), (KERNEL_THREADS,),
-          (xp.ascontiguousarray(raw), self.pedestal, self.scale, self.mask.view(xp.uint8), cfg, out, good,
-           np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
-           np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
-           np.uint32(self.model.data_mask or 0xFFFF)))
+        CALIBRATE_U16.launch(self.backend, **self._decode_args(raw), scale=self.scale, out=out, good=good)
         return out, good
 
     def _kernel_cm(self, raw):
         """CuPy with a common mode: pedestal_u16 -> common mode (its own kernels) -> scale_apply; with a
         median whose last step is cols, that step applies the scale itself (no scale_apply pass)."""
         xp = self.backend.xp
-        raw = xp.ascontiguousarray(raw)
-        n_events = raw.shape[0]
-        npix = raw[0].size
         s = xp.empty(raw.shape, xp.float32)
         g = xp.empty(raw.shape, xp.int8)
         good = xp.empty(raw.shape, xp.bool_)
-        grid = kernel_grid(npix, n_events)
-        cfg = self.config_bits if self.config_bits is not None else self.mask.view(xp.uint8)
-        self.backend.kernel("calib.cu", "pedestal_u16")(
-            grid, (KERNEL_THREADS,),
-            (raw, self.pedestal, self.mask.view(xp.uint8), cfg, s, g, good,
-             np.int64(n_events), np.int64(npix), np.int32(self.model.n_gains),
-             np.int32(FAMILY.get(self.model.type, 0)), np.int32(self.config_bits is not None),
-             np.uint32(self.model.data_mask or 0xFFFF)))
+        PEDESTAL_U16.launch(self.backend, **self._decode_args(raw), s=s, gain_index=g, good=good)
         if hasattr(self.common_mode, "gpu"):  # the median kernels correct s in place
             if self.common_mode.fuses_scale():  # the last (cols) step applies the gain scale too
                 return self.common_mode.gpu(s, good, g, inplace=True, scale=self.scale), good
@@ -244,6 +270,6 @@ class Calibrator:
         else:
             s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
         out = xp.empty(raw.shape, xp.float32)
-        self.backend.kernel("calib.cu", "scale_apply")(
-            grid, (KERNEL_THREADS,), (s, g, good, self.scale, out, np.int64(n_events), np.int64(npix)))
+        SCALE_APPLY.launch(self.backend, s=s, gain_index=g, good=good, scale=self.scale, out=out,
+                           n_events=raw.shape[0], npix=raw[0].size)
         return out, good

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from ..kernel_specs import KernelSpec
 
 AXES_ORDER = ("banks", "rows", "cols")
 KERNEL_MAX_GROUP = 1024
@@ -219,41 +220,67 @@ def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, i
     of an event) float32; columns only) the column kernel also applies it (see ``cm_median_cols_warp``).
     """
     n_groups = n_outer * n_inner
+    common = dict(s=s, good=good, g=g, n=n, outer_stride=outer_stride, range_mask=range_mask & 0xFFFFFFFF,
+                  min_pixels=min_pixels, max_correction=max_correction)
     if inner_stride == 1 and elem_stride == n_inner and n <= COLS_WARP_MAX:  # columns of a bank row
-        tiles = (n_inner + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
         xp = backend.xp
-        npix = s[0].size
         scale_arg = scale if scale is not None else xp.zeros(1, xp.float32)  # (not read without apply_scale)
-        backend.kernel("common_mode.cu", "cm_median_cols_warp")(
-            (n_outer * tiles,), (WARP_KERNEL_THREADS,),
-            (s, good, g, np.int64(n_outer), np.int32(n), np.int64(n_inner), np.int64(outer_stride),
-             np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels), np.float32(max_correction), scale_arg,
-             np.int64(npix), np.int32(scale is not None)),
-            shared_mem=(n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4 + n * (COLS_PER_BLOCK + 1))
+        CM_MEDIAN_COLS_WARP.launch(backend, **common, n_outer=n_outer, n_inner=n_inner, scale=scale_arg,
+                                   npix=s[0].size, apply_scale=scale is not None)
         return
     if scale is not None:
         raise ValueError("the gain scale is applied only by the column kernel (cm_median_cols_warp)")
     if elem_stride == 1 and n <= WARP_GROUP_MAX:
-        threads = WARP_KERNEL_THREADS
-        blocks = (n_groups * 32 + threads - 1) // threads
-        backend.kernel("common_mode.cu", "cm_median_rows_warp")(
-            (blocks,), (threads,),
-            (s, good, g, np.int64(n_groups), np.int32(n), np.int64(n_inner), np.int64(outer_stride),
-             np.int64(inner_stride), np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels),
-             np.float32(max_correction)))
+        CM_MEDIAN_ROWS_WARP.launch(backend, **common, n_groups=n_groups, n_inner=n_inner, inner_stride=inner_stride)
         return
     p2 = max(_next_pow2(n), 2)
-    half = p2 // 2
-    gpb = max(1, 256 // half)  # groups per block
-    threads = gpb * half
-    blocks = (n_groups + gpb - 1) // gpb
-    shared = gpb * (p2 + 1) * 4 + gpb * 8
-    k = backend.kernel("common_mode.cu", "cm_median_step")
-    k((blocks,), (threads,),
-      (s, good, g, np.int64(n_groups), np.int32(n), np.int32(p2), np.int32(gpb),
-       np.int64(n_inner), np.int64(outer_stride), np.int64(inner_stride), np.int64(elem_stride),
-       np.int32(elem_stride == 1), np.uint32(range_mask & 0xFFFFFFFF), np.int32(min_pixels),
-       np.float32(max_correction)), shared_mem=shared)
+    CM_MEDIAN_STEP.launch(backend, **common, n_groups=n_groups, p2=p2, gpb=max(1, 256 // (p2 // 2)), n_inner=n_inner,
+                          inner_stride=inner_stride, elem_stride=elem_stride, contiguous=elem_stride == 1)
+
+
+def _cols_warp_launch(a):
+    """A block of WARP_KERNEL_THREADS per tile of COLS_PER_BLOCK columns; shared: the tile's values (float)
+    and flags (byte), padded to COLS_PER_BLOCK + 1 columns, and a float per column."""
+    n, tiles = int(a["n"]), (int(a["n_inner"]) + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
+    return ((int(a["n_outer"]) * tiles,), (WARP_KERNEL_THREADS,),
+            (n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4 + n * (COLS_PER_BLOCK + 1))
+
+
+def _rows_warp_launch(a):
+    """A warp per group, WARP_KERNEL_THREADS per block."""
+    return ((int(a["n_groups"]) * 32 + WARP_KERNEL_THREADS - 1) // WARP_KERNEL_THREADS,), (WARP_KERNEL_THREADS,), 0
+
+
+def _median_step_launch(a):
+    """``gpb`` groups per block, p2 / 2 threads per group; shared: gpb rows of p2 + 1 floats, 8 bytes per group."""
+    gpb, p2 = int(a["gpb"]), int(a["p2"])
+    return ((int(a["n_groups"]) + gpb - 1) // gpb,), (gpb * (p2 // 2),), gpb * (p2 + 1) * 4 + gpb * 8
+
+
+def _groups_extent(a, elem_stride):
+    """Elements of s, good and g up to the last one a group holds (group ``outer * n_inner + inner``: pixels
+    ``outer * outer_stride + inner * inner_stride + k * elem_stride``, k < n)."""
+    n_groups, n_inner = int(a["n_groups"]), int(a["n_inner"])
+    if n_groups < 1:
+        return dict(s=0, good=0, g=0)
+    last = ((n_groups - 1) // n_inner * int(a["outer_stride"]) + min(n_groups - 1, n_inner - 1) * int(a["inner_stride"])
+            + (int(a["n"]) - 1) * elem_stride + 1)
+    return dict(s=last, good=last, g=last)
+
+
+def _cols_warp_sizes(a):
+    n_inner = int(a["n_inner"])  # the group (outer, c): pixels outer * outer_stride + k * n_inner + c
+    ext = _groups_extent(dict(a, n_groups=int(a["n_outer"]) * n_inner, inner_stride=1), n_inner)
+    return dict(ext, scale=int(a["npix"]) if a["apply_scale"] else 1)
+
+
+_CM_REFERENCE = "gpusmall.calib.common_mode:group_median"
+CM_MEDIAN_COLS_WARP = KernelSpec("common_mode.cu", "cm_median_cols_warp", _cols_warp_launch, _CM_REFERENCE,
+                                 sizes=_cols_warp_sizes)
+CM_MEDIAN_ROWS_WARP = KernelSpec("common_mode.cu", "cm_median_rows_warp", _rows_warp_launch, _CM_REFERENCE,
+                                 sizes=lambda a: _groups_extent(a, 1))
+CM_MEDIAN_STEP = KernelSpec("common_mode.cu", "cm_median_step", _median_step_launch, _CM_REFERENCE,
+                            sizes=lambda a: _groups_extent(a, int(a["elem_stride"])))
 
 
 class Epix100CommonMode:

@@ -43,6 +43,11 @@ class DetectorModel:
         invalid_ranges: gain ranges decoded as invalid (``INVALID_GAIN``: the pixel is bad in that
             event): a run whose constants lack them (:meth:`with_invalid_ranges`); empty for the
             registered models.
+        gain_shift, gain_bits: the raw word's bits that (with the pixel's configuration byte) decide its
+            gain range, ``(raw >> gain_shift) & gain_bits`` (0: one range, the raw word says nothing).
+            The CUDA calibration kernels decode through :meth:`gain_table`, built from
+            :meth:`gain_index` itself: a new detector declares these bits and its ``decode_gain``,
+            nothing else.
     """
 
     type: str
@@ -60,6 +65,8 @@ class DetectorModel:
     derived_ranges: tuple[tuple[int, int], ...] = ()
     unbonded_pixels: tuple[tuple[int, int], ...] = ()
     invalid_ranges: tuple[int, ...] = ()
+    gain_shift: int = 14
+    gain_bits: int = 0
 
     @property
     def n_gains(self) -> int:
@@ -83,6 +90,18 @@ class DetectorModel:
         for r in self.invalid_ranges:
             g = xp.where(g == r, xp.int8(INVALID_GAIN), g).astype(xp.int8, copy=False)
         return g
+
+    def gain_table(self, with_config: bool) -> np.ndarray:
+        """The gain range (int8, ``INVALID_GAIN``) per key ``((raw >> gain_shift) & gain_bits) << 8 | config``
+        (config: the pixel's configuration byte, 0 ``with_config`` False), as :meth:`gain_index` decodes
+        it (``invalid_ranges`` included): ``(gain_bits + 1) * 256`` entries. The CUDA calibration kernels
+        read it (kernels/calib.cu), so they decode as this model does."""
+        if (self.gain_bits << self.gain_shift) >> 16:
+            raise ValueError(f"{self.type}: gain bits {self.gain_bits:#x} << {self.gain_shift} are not in a 16-bit word")
+        keys = np.arange((self.gain_bits + 1) * 256)
+        words = ((keys >> 8) << self.gain_shift).astype(np.uint16).reshape(1, 1, 1, -1)
+        cfg = (keys & 0xFF).astype(np.uint8).reshape(1, 1, -1) if with_config else None
+        return np.ascontiguousarray(np.asarray(self.gain_index(words, cfg, np), np.int8).reshape(-1))
 
     def decode_gain(self, raw, config_bits=None, xp=np):
         """The gain range the raw words say (SPEC section 1); single-range families: 0."""

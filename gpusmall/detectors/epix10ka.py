@@ -66,4 +66,5 @@ EPIX10KA = Epix10ka(
     # the switched-to-low ranges of the auto modes cannot be seen in a dark run; psana derives them
     # from charge-injection offsets, which gpusmall does not have: darks take FL's (SPEC section 2)
     derived_ranges=((5, 2), (6, 2)),
+    gain_bits=1,  # bit 14 (with the configuration byte's control bits: decode_gain)
 )

@@ -31,4 +31,5 @@ JUNGFRAU = Jungfrau(
     asic_cols=(256, 512, 768),
     high_gain_ranges=(0,),
     default_common_mode={"type": "none"},
+    gain_bits=3,  # bits 14-15: STAGE_OF_BITS
 )

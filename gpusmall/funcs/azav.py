@@ -66,6 +66,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import InputError
+from ..kernel_specs import KernelSpec, blocks_1d
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction
 from .droplet import bincount
 
@@ -226,6 +227,14 @@ def radial(tth, unit, wavelength_a, r_mm=None):
 
 
 # ---- engines ----------------------------------------------------------------------------------------
+AZAV_HISTOGRAM = KernelSpec("azav.cu", "azav_histogram",
+                            lambda a: (blocks_1d(int(a["events"]) * int(a["pixels"]), 256), (256,), 0),
+                            "gpusmall.funcs.azav:histogram_numpy",
+                            sizes=lambda a: dict(data=int(a["events"]) * int(a["pixels"]), good=int(a["events"]) * int(a["pixels"]),
+                                                 bin=int(a["pixels"]), c=int(a["pixels"]), num=int(a["events"]) * int(a["nbins"]),
+                                                 den=int(a["events"]) * int(a["nbins"]), cnt=int(a["events"]) * int(a["nbins"])))
+
+
 def histogram_numpy(data, good, bin_index, c, nbins):
     """NumPy twin of ``azav_histogram``: (num, den, count) each (events, nbins), float64/float64/int64.
 
@@ -383,12 +392,9 @@ class Azav(ReductionFunction):
         num = xp.zeros((e, nb), xp.float64)
         den = xp.zeros((e, nb), xp.float64)
         cnt = xp.zeros((e, nb), xp.int32)
-        k = self.ctx.backend.kernel("azav.cu", "azav_histogram")
-        n = e * npix
-        threads = 256
-        k(((n + threads - 1) // threads,), (threads,),
-          (xp.ascontiguousarray(data, dtype=xp.float32), xp.ascontiguousarray(good, dtype=xp.bool_),
-           self.bin_index, self.c, np.int64(e), np.int64(npix), np.int32(nb), num, den, cnt))
+        AZAV_HISTOGRAM.launch(self.ctx.backend, data=xp.ascontiguousarray(data, dtype=xp.float32),
+                              good=xp.ascontiguousarray(good, dtype=xp.bool_), bin=self.bin_index, c=self.c,
+                              events=e, pixels=npix, nbins=nb, num=num, den=den, cnt=cnt)
         return num, den, cnt.astype(xp.int64)
 
     def static_outputs(self):

@@ -43,6 +43,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ..errors import InputError
+from ..kernel_specs import KernelSpec, blocks_1d
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction
 
 
@@ -151,6 +152,20 @@ def sparse_columns(functions, prefix: str = "") -> SparseColumns:
 LABEL_THREADS = 256
 
 
+def _label_launch(a):
+    return blocks_1d(int(a["m"]), LABEL_THREADS, 1 << 20), (LABEL_THREADS,), 0
+
+
+LABEL_UNION = KernelSpec("label.cu", "label_union", _label_launch, "gpusmall.funcs.droplet:label_stack",
+                         sizes=lambda a: dict(idx=int(a["m"]), parent=int(a["m"])))
+LABEL_FLATTEN = KernelSpec("label.cu", "label_flatten", _label_launch, "gpusmall.funcs.droplet:label_stack",
+                           sizes=lambda a: dict(parent=int(a["m"])))
+DROPLET_MASK = KernelSpec("droplet.cu", "droplet_mask", lambda a: (blocks_1d(int(a["n"]), 256, 1 << 20), (256,), 0),
+                          "gpusmall.funcs.droplet:droplet_mask",
+                          sizes=lambda a: dict(data=int(a["n"]), good=int(a["n"]), mask=int(a["n"]),
+                                               noise=int(a["npix"]) if a["use_rms"] else 0))
+
+
 def label_stack(backend, mask, idx=None):
     """(labels, n): 4-connected labels of a (events, panels, rows, cols) bool mask, none across events/panels,
     at the pixels ``idx`` = ``flatnonzero(mask)`` (computed when not given): (idx.size,) int, 1..n.
@@ -184,11 +199,9 @@ def label_pixels(backend, idx, rows: int, cols: int):
     if m >= 2**31:
         raise ValueError(f"{m} labelled pixels in one batch: more than int32 positions; use a smaller batch")
     parent = xp.arange(m, dtype=xp.int32)
-    grid = (max(1, min((m + LABEL_THREADS - 1) // LABEL_THREADS, 1 << 20)),)
-    backend.kernel("label.cu", "label_union")(
-        grid, (LABEL_THREADS,), (xp.ascontiguousarray(idx, dtype=xp.int64), parent, np.int64(m), np.int32(rows),
-                                 np.int32(cols)))
-    backend.kernel("label.cu", "label_flatten")(grid, (LABEL_THREADS,), (parent, np.int64(m)))
+    LABEL_UNION.launch(backend, idx=xp.ascontiguousarray(idx, dtype=xp.int64), parent=parent, m=m, rows=rows,
+                       cols=cols)
+    LABEL_FLATTEN.launch(backend, parent=parent, m=m)
     number = xp.cumsum(parent == xp.arange(m, dtype=xp.int32), dtype=xp.int32)  # 1..n at the roots
     return number[parent], int(number[-1])
 
@@ -295,13 +308,11 @@ class Droplet(ReductionFunction):
             return droplet_mask(xp, data, good, self.thr, self.thr_low, self.grow)
         e, np_, nr, nc = data.shape
         out = xp.empty(data.shape, xp.bool_)
-        n = data.size
-        threads = 256
-        self.ctx.backend.kernel("droplet.cu", "droplet_mask")(
-            (max(1, min((n + threads - 1) // threads, 1 << 20)),), (threads,),
-            (xp.ascontiguousarray(data, dtype=xp.float32), xp.ascontiguousarray(good, dtype=xp.bool_),
-             self.kernel_noise, *self.kernel_thr, np.int32(self.p.use_rms), np.int64(n), np.int32(nr),
-             np.int32(nc), np.int64(np_ * nr * nc), np.int32(self.grow), out))
+        threshold, threshold_low = self.kernel_thr
+        DROPLET_MASK.launch(self.ctx.backend, data=xp.ascontiguousarray(data, dtype=xp.float32),
+                            good=xp.ascontiguousarray(good, dtype=xp.bool_), noise=self.kernel_noise,
+                            threshold=threshold, threshold_low=threshold_low, use_rms=self.p.use_rms, n=data.size,
+                            rows=nr, cols=nc, npix=np_ * nr * nc, grow=self.grow, mask=out)
         return out
 
     def find(self, frames: Frames):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..backend import Backend
+from ..kernel_specs import KernelSpec, blocks_1d
 
 _NAME = re.compile(r"^(?:calib_(square|max)|(calib|square|max|nhits))(?:_thresADU(-?\d+(?:\.\d+)?))?$")
 """A config's sum name: smalldata_tools' (``calib``, ``calib_square``, ``calib_max``, ``nhits``) or gpusmall's
@@ -42,6 +43,12 @@ KINDS = ("calib", "square", "max", "nhits", "nhits_above_zero")
 """The kernel's kind codes 0..4: ``nhits`` with a threshold counts ``v >= t`` (3), without one ``v > 0`` (4)."""
 KERNEL_MAX_SUMS = 8  # sums per kernel launch (MAX_SUMS in kernels/sums.cu)
 KERNEL_THREADS = 256
+RUN_SUMS = KernelSpec("sums.cu", "run_sums",
+                      lambda a: (blocks_1d(int(a["npix"]), KERNEL_THREADS, 65535), (KERNEL_THREADS,), 0),
+                      "gpusmall.funcs.sums:run_sums_numpy",
+                      sizes=lambda a: dict(data=int(a["events"]) * int(a["npix"]), keep=int(a["events"]),
+                                           kinds=int(a["n_sums"]), thres=int(a["n_sums"]),
+                                           acc=int(a["n_sums"]) * int(a["npix"])))
 SMALLDATA_SELECTED = {"calib_dropped": ("calib", "dropped"), "calib_dropped_square": ("calib_square", "dropped")}
 """smalldata_tools' sums over the dropped X-ray shots: config (and written) name -> (sum, selection)."""
 _SELECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -236,14 +243,11 @@ class RunSums:
             keep_dev = self._every_event[n]
         else:  # a batch with damaged events (rare): its few bytes go up
             keep_dev = self.backend.to_device(np.asarray(keep, bool))
-        kernel = self.backend.kernel("sums.cu", "run_sums")
-        blocks = max(1, min((npix + KERNEL_THREADS - 1) // KERNEL_THREADS, 65535))
         flat = xp.ascontiguousarray(flat, dtype=xp.float32)
         for k0 in range(r0, r1, KERNEL_MAX_SUMS):
             k1 = min(r1, k0 + KERNEL_MAX_SUMS)
-            kernel((blocks,), (KERNEL_THREADS,),
-                   (flat, keep_dev, np.int64(n), np.int64(npix), np.int32(k1 - k0), self.kinds[k0:k1],
-                    self.thres[k0:k1], self.acc[k0:k1]))
+            RUN_SUMS.launch(self.backend, data=flat, keep=keep_dev, events=n, npix=npix, n_sums=k1 - k0,
+                            kinds=self.kinds[k0:k1], thres=self.thres[k0:k1], acc=self.acc[k0:k1])
 
     def results(self) -> dict[str, np.ndarray]:
         """written name (:class:`SumSpec` ``name``) -> (panels, rows, cols) host array, (rows, cols) for a

@@ -30,12 +30,18 @@ import numpy as np
 from .. import __version__
 from ..errors import InputError
 from ..io.writer import LIBVER
+from ..kernel_specs import KernelSpec, blocks_1d
 from ..sources.context import is_missing
 from .memory import USABLE_FRACTION, available_device_bytes, available_host_bytes, gib
 
 log = logging.getLogger(__name__)
 
 CUBE_THREADS = 256
+CUBE_ADD = KernelSpec("sums.cu", "cube_add",
+                      lambda a: (blocks_1d(int(a["npix"]), CUBE_THREADS, 65535), (CUBE_THREADS,), 0),
+                      "gpusmall.producer.cube:cube_add_numpy",
+                      sizes=lambda a: dict(data=int(a["events"]) * int(a["npix"]), rows=int(a["splits"]) * int(a["events"]),
+                                           sum=int(a["npix"]), sq=int(a["npix"])))
 STEP_ROWS = 4  # device rows (bins) a ``steps`` cube keeps per split: a batch rarely spans more steps
 MEANS_NOTE = "means are <key>_sum / bins/count (sums and counts per bin; bins/count per split when split)"
 
@@ -192,12 +198,10 @@ class DetectorCube:
             self._add_numpy(flat, rows)
             return
         xp = self.backend.xp
-        kernel = self.backend.kernel("sums.cu", "cube_add")
-        blocks = max(1, min((self.npix + CUBE_THREADS - 1) // CUBE_THREADS, 65535))
         sq = self.sq if self.sq is not None else self.sum  # not written without with_square
-        kernel((blocks,), (CUBE_THREADS,), (xp.ascontiguousarray(flat, dtype=xp.float32), self.backend.to_device(rows),
-                                            np.int64(n), np.int32(self.splits), np.int64(self.npix), self.sum, sq,
-                                            np.int32(self.sq is not None)))
+        CUBE_ADD.launch(self.backend, data=xp.ascontiguousarray(flat, dtype=xp.float32),
+                        rows=self.backend.to_device(rows), events=n, splits=self.splits, npix=self.npix,
+                        sum=self.sum, sq=sq, with_square=self.sq is not None)
 
     def _add_numpy(self, flat: np.ndarray, rows: np.ndarray) -> None:
         """:func:`cube_add_numpy` over chunks of pixels, on ``backend.threads`` threads (NumPy drops the GIL)."""

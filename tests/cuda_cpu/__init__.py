@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gpusmall.kernel_specs import POINTER_DTYPES, SCALAR_TYPES, parse_signatures
+
 HERE = Path(__file__).resolve().parent
 RUNTIME = HERE / "runtime.h"
 
-POINTER = {"float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
-           "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32, "long long": np.int64}
-SCALAR = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
+POINTER = POINTER_DTYPES  # C type of a pointer parameter -> array dtype (the package's table)
+SCALAR = SCALAR_TYPES
 CTYPES = {"long long": ctypes.c_longlong, "int": ctypes.c_int32, "unsigned int": ctypes.c_uint32,
           "float": ctypes.c_float}
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
@@ -90,17 +91,9 @@ def compiler() -> str | None:
 
 
 def signatures(src: str) -> dict[str, list[tuple[str, str, bool]]]:
-    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in CUDA source."""
-    src = re.sub(r"//[^\n]*", "", src)
-    out = {}
-    for name, params in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', src):
-        sig = []
-        for p in params.split(","):
-            p = " ".join(p.replace("__restrict__", " ").replace("const ", " ").split())
-            words = p.replace("*", " ").split()
-            sig.append((words[-1], " ".join(words[:-1]), "*" in p))
-        out[name] = sig
-    return out
+    """name -> [(parameter, C type, is pointer)] of every ``extern "C" __global__`` kernel in CUDA source (the
+    package's parser, :func:`gpusmall.kernel_specs.parse_signatures`)."""
+    return {name: [(p.name, p.ctype, p.pointer) for p in params] for name, params in parse_signatures(src).items()}
 
 
 def _rewrite(src: str) -> str:

@@ -350,6 +350,7 @@ inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+template <class T> inline T __ldg(const T* p) { return *p; }  // the read-only cache: a plain load
 inline double __dadd_rn(double a, double b) { return a + b; }
 // Warp shuffles and votes (full warps only, as the kernels use them): each lane puts its value in its
 // slot, the warp meets (a __syncwarp), each lane reads its source lane's slot, and the warp meets again
