@@ -183,8 +183,9 @@ class Run:
                      av=None, title: str | None = None):
         """The average image drawn as ``gpusmall avimage --png`` draws it, as a matplotlib Figure.
 
-        Assembled with the geometry, axes in mm (pixels for a camera in pixel units), colour scale from the
-        1st to the 99th percentile, bad pixels grey, gaps blank, row 0 (the smallest y) at the top, colour bar
+        Assembled with the geometry as psana's ``det.raw.image()`` (rows along x, columns along y; axes
+        ``y``, ``x`` in mm, pixels for a camera in pixel units), colour scale from the 1st to the 99th
+        percentile, bad pixels grey, gaps blank, row 0 (the smallest x) at the top, colour bar
         ``<det> calib mean [<units>]`` (SPEC section 9, "Plots"). ``av``: an
         :class:`~gpusmall.analysis.avimage.AverageImage` already computed (then ``events``, ``det`` and
         ``backend`` are not used). Returns a :class:`matplotlib.figure.Figure` (not registered with pyplot:

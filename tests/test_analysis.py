@@ -26,13 +26,13 @@ from gpusmall.sources.sim import SimSource, panel_layout
 
 def test_assemble_places_known_pixels_at_known_positions():
     pix = 100.0
-    # panel 0: 2 x 3 pixels at the origin, rows along y, columns along x
+    # panel 0: 2 x 3 pixels at the origin, rows along x, columns along y (psana's geometry)
     r, c = np.mgrid[0:2, 0:3]
-    x0, y0 = (c + 0.5) * pix, (r + 0.5) * pix
-    # panel 1: 2 x 3 pixels rotated by 90 degrees (its rows run along x, its columns along -y),
-    # placed 5 pixels to the right, its first pixel at grid (row 4, col 5)
-    x1 = (5 + r + 0.5) * pix
-    y1 = (4 - c + 0.5) * pix
+    x0, y0 = (r + 0.5) * pix, (c + 0.5) * pix
+    # panel 1: 2 x 3 pixels rotated by 90 degrees (its rows run along y, its columns along -x),
+    # placed 5 pixels to the right (along y), its first pixel at grid (row 4, col 5)
+    y1 = (5 + r + 0.5) * pix
+    x1 = (4 - c + 0.5) * pix
     x = np.stack([x0, x1]).astype(np.float32)
     y = np.stack([y0, y1]).astype(np.float32)
     img = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
@@ -40,8 +40,8 @@ def test_assemble_places_known_pixels_at_known_positions():
     out = assemble(img, x, y, pix, fill=-1.0)
     assert out.shape == (5, 7) and out.dtype == np.float32
     for p, i, j in np.ndindex(img.shape):
-        row = int(round(y[p, i, j] / pix - 0.5))
-        col = int(round(x[p, i, j] / pix - 0.5))
+        row = int(round(x[p, i, j] / pix - 0.5))  # rows from x, columns from y: psana's det.raw.image()
+        col = int(round(y[p, i, j] / pix - 0.5))
         if np.isnan(img[p, i, j]):
             assert np.isnan(out[row, col])
         else:
@@ -55,15 +55,16 @@ def test_assemble_places_known_pixels_at_known_positions():
     assert covered.sum() == 12 and (out[~covered] == -1).all()
 
 
-def test_assemble_rounds_like_psana_and_averages_overlaps():
-    # centres 40 % of a pixel off the grid still land in the nearest cell; two pixels in one cell average
-    x = np.array([[[50.0, 190.0, 260.0]]])  # -> (x - 50)/100 + 0.5 = 0.5, 1.9, 2.6 -> cols 0, 1, 2
-    y = np.array([[[50.0, 50.0, 140.0]]])   # rows 0, 0, 1 (0.9 + 0.5 -> 1)
+def test_assemble_rounds_like_psana_and_keeps_the_largest_of_overlaps():
+    # centres 40 % of a pixel off the grid still land in the nearest cell; of two pixels in one cell the
+    # larger value is kept (psana's det.raw.image() default, mapmode=2)
+    y = np.array([[[50.0, 190.0, 260.0]]])  # -> (y - 50)/100 + 0.5 = 0.5, 1.9, 2.6 -> cols 0, 1, 2
+    x = np.array([[[50.0, 50.0, 140.0]]])   # rows 0, 0, 1 (0.9 + 0.5 -> 1)
     out = assemble(np.array([[[1.0, 2.0, 3.0]]]), x, y, 100.0, fill=0.0)
     np.testing.assert_array_equal(out, [[1, 2, 0], [0, 0, 3]])
-    x2 = np.array([[[50.0, 60.0, 250.0]]])  # the first two share cell (0, 0)
-    out2 = assemble(np.array([[[1.0, 4.0, np.nan]]]), x2, np.full_like(x2, 50.0), 100.0, fill=0.0)
-    np.testing.assert_array_equal(out2[0, :2], [2.5, 0.0])
+    y2 = np.array([[[50.0, 60.0, 250.0, 350.0, 360.0]]])  # the first two share cell (0, 0), the last two (0, 3)
+    out2 = assemble(np.array([[[1.0, 4.0, np.nan, np.nan, -2.0]]]), np.full_like(y2, 50.0), y2, 100.0, fill=0.0)
+    np.testing.assert_array_equal(out2[0, [0, 1, 3]], [4.0, 0.0, -2.0])  # a NaN does not win a shared cell
     assert np.isnan(out2[0, 2])
 
 
@@ -72,7 +73,9 @@ def test_assemble_default_geometry_is_the_identity_and_errors():
 
     img = np.random.default_rng(0).normal(size=(1, 7, 9)).astype(np.float32)
     x, y, _ = default_geometry(img.shape, 13.5)
-    np.testing.assert_array_equal(assemble(img, x, y, 13.5), img[0])
+    # the default geometry has x along the columns; the image's rows follow x: the panel transposed
+    np.testing.assert_array_equal(assemble(img, x, y, 13.5), img[0].T)
+    np.testing.assert_array_equal(assemble(img, y, x, 13.5), img[0])
     with pytest.raises(ValueError, match="shape"):
         assemble(img[:, :3], x, y, 13.5)
     with pytest.raises(ValueError, match="micrometres"):
@@ -111,8 +114,8 @@ def test_avimage_camera_equals_the_direct_mean(tmp_path, backend):
     direct = np.where(mask, cal.mean(axis=0), np.nan)
     np.testing.assert_allclose(av.mean, direct, rtol=1e-6, atol=1e-4)
     assert (np.isnan(av.mean) == ~mask).all() and (av.count == np.where(mask, 8, 0)).all()
-    # default geometry (x = (col + 0.5) * 13.5 um): the assembled image is the frame itself
-    np.testing.assert_array_equal(av.image(), av.mean[0])
+    # default geometry (x = (col + 0.5) * 13.5 um) and rows from x (psana's layout): the frame transposed
+    np.testing.assert_array_equal(av.image(), av.mean[0].T)
 
 
 def test_avimage_cli_png_and_h5(tmp_path, capsys):
@@ -133,7 +136,7 @@ def test_avimage_cli_png_and_h5(tmp_path, capsys):
     bad = av.count == 0
     assert bad.any() and (mean[bad] == 0).all()  # mask_value: zero -> 0 in the stored image
     np.testing.assert_array_equal(mean[~bad], av.mean[~bad])
-    np.testing.assert_array_equal(image, mean[0])
+    np.testing.assert_array_equal(image, mean[0].T)  # default geometry (x along columns), rows from x
     assert "mean of 5 events" in capsys.readouterr().err
 
 
@@ -162,16 +165,16 @@ def test_avimage_epix_assembles_the_direct_mean_with_the_sim_geometry(tmp_path):
     good = mask.astype(bool)
     np.testing.assert_allclose(av.mean[good], direct[good], rtol=1e-5, atol=1e-3)
     assert np.isnan(av.mean[~good]).all()
-    # the geometry is the simulator's: panels side by side with a 2 mm gap; pixel (p, r, c) sits at
-    # grid row (y - y.min()) / 100, column (x - x.min()) / 100
+    # the geometry is the simulator's: panels side by side along x with a 2 mm gap; pixel (p, r, c) sits
+    # at grid row (x - x.min()) / 100, column (y - y.min()) / 100 (psana's det.raw.image() layout)
     x, y, _ = panel_layout((2, 352, 384), 100.0)
     img = av.image(fill=-7.0)
-    assert img.shape == (352, 2 * 384 + 20)
+    assert img.shape == (2 * 384 + 20, 352)
     for p, r, cc in [(0, 10, 20), (1, 100, 5), (1, 351, 383), (0, 200, 300)]:
-        row = int(round((y[p, r, cc] - y.min()) / 100))
-        col = int(round((x[p, r, cc] - x.min()) / 100))
+        row = int(round((x[p, r, cc] - x.min()) / 100))
+        col = int(round((y[p, r, cc] - y.min()) / 100))
         assert img[row, col] == pytest.approx(av.mean[p, r, cc], nan_ok=True)
-    assert (img[:, 384:404] == -7.0).all()  # the gap between the panels
+    assert (img[384:404] == -7.0).all()  # the gap between the panels
 
 
 def test_avimage_calibrates_as_the_run_does_with_common_mode(tmp_path):

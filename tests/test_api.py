@@ -316,7 +316,9 @@ def test_avimage_equals_the_analysis_average(made):
     np.testing.assert_array_equal(av.mean, ref.mean)
     np.testing.assert_array_equal(av.count, ref.count)
     np.testing.assert_array_equal(av.image(), ref.image())
-    assert av.mean.shape == (1, 32, 48) and av.image().shape == (32, 48)
+    # default geometry: x along the columns, and the image's rows follow x (psana's layout): transposed
+    assert av.mean.shape == (1, 32, 48) and av.image().shape == (48, 32)
+    np.testing.assert_array_equal(av.image(), av.mean[0].T)
 
 
 def test_avimage_without_det_in_a_script_names_the_detectors(made, monkeypatch):
@@ -356,7 +358,7 @@ def test_plot_avimage_is_a_figure_of_the_assembled_average(made):
     (im,) = fig.axes[0].get_images()
     np.testing.assert_array_equal(np.ma.filled(im.get_array(), np.nan), av.image(np.nan))
     assert "cam (camera): mean of 8 events" in fig.axes[0].get_title()
-    assert fig.axes[0].get_xlabel() == "x (mm)"
+    assert fig.axes[0].get_xlabel() == "y (mm)" and fig.axes[0].get_ylabel() == "x (mm)"
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     assert buf.getvalue()[:4] == b"\x89PNG"

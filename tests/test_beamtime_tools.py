@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gpusmall.analysis import centre, maskmaker, roi_picker
-from gpusmall.analysis.avimage import assemble
+from gpusmall.analysis.avimage import assemble, pixel_grid
 from gpusmall.detectors.masks import read_user_mask
 from gpusmall.funcs.azav import HC_KEV_A, geometry_center, geometry_poni, load_poni
 from gpusmall.funcs.roi import RoiParams
@@ -247,15 +247,20 @@ def test_assembled_view_follows_avimage():
     view = roi_picker.PanelView(img, x, y)
     assert view.kind == "assembled" and view.origin == "upper"  # row 0 at the top, as every image
     np.testing.assert_array_equal(view.shown, assemble(img, x, y, PIX))
+    # psana's det.raw.image() layout: the horizontal data coordinate is y, the vertical one x (mm)
+    assert (view.xlabel, view.ylabel) == ("y (mm)", "x (mm)")
     for where in [(0, 0, 0), (1, 10, 20), (2, 95, 111), (3, 50, 3)]:
-        assert view.pixel_at(x[where] / 1000, y[where] / 1000) == where
+        assert view.pixel_at(y[where] / 1000, x[where] / 1000) == where
+        rows, cols, _, _ = pixel_grid(x, y, PIX)
+        assert view.shown[rows[where], cols[where]] == img[where]
+    assert view.format_coord(-1e3, -1e3) == "x=-1000 mm, y=-1000 mm"  # off the image: x is the vertical one
     # panel 1 is turned by 90 degrees: a rectangle in x, y covers rows along x and cols along y
     p, r0, r1, c0, c1 = 1, 10, 20, 30, 45
     xs, ys = x[p, r0:r1, c0:c1] / 1000, y[p, r0:r1, c0:c1] / 1000
-    got = view.rectangle_to_bounds(xs.min() - 0.02, ys.min() - 0.02, xs.max() + 0.02, ys.max() + 0.02)
+    got = view.rectangle_to_bounds(ys.min() - 0.02, xs.min() - 0.02, ys.max() + 0.02, xs.max() + 0.02)
     assert got == [[[1, 2], [10, 20], [30, 45]]]
-    outline = view.roi_outline(got[0])  # the outline is the pixels' outer edge
-    assert outline[:, 0].min() == pytest.approx(xs.min() - 0.05) and outline[:, 1].max() == pytest.approx(ys.max() + 0.05)
+    outline = view.roi_outline(got[0])  # the outline is the pixels' outer edge, in (y, x) data coordinates
+    assert outline[:, 0].min() == pytest.approx(ys.min() - 0.05) and outline[:, 1].max() == pytest.approx(xs.max() + 0.05)
 
 
 class _Event:

@@ -2,7 +2,8 @@
 colour bars labelled with a unit; per-item (droplet, photon) lists never drawn as curves.
 
 Every plot kind gets one bright cell at array [0, 0] (for an assembled image: the pixel the project's own
-:func:`~gpusmall.analysis.avimage.assemble` puts in cell [0, 0], the smallest y and x) on a background of
+:func:`~gpusmall.analysis.avimage.assemble` puts in cell [0, 0], the smallest x and y, where psana's
+``det.raw.image()`` puts it too: rows from x, columns from y, tests/test_psana_image.py) on a background of
 zeros; the figure is rendered with Agg and the pixels of the colormap's top colour are located on the canvas,
 inside the drawn image: they must lie in its top-left corner.
 """

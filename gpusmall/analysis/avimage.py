@@ -7,13 +7,17 @@ Three steps, each usable on its own:
    backend) and averages per pixel over the events in which that pixel is good (SPEC section 3: bad
    pixels are excluded from means). Damaged events are left out.
 2. :func:`assemble` puts a (panels, rows, cols) image on one 2-D grid from the pixel centres ``x``, ``y``
-   (um): column ``floor((x - x.min()) / pixel_um + 0.5)``, row ``floor((y - y.min()) / pixel_um + 0.5)``,
-   the rounding psana's ``img_from_pixel_arrays`` uses. Rows follow ``y`` and columns ``x`` (pyFAI's
-   convention, SPEC section 6), so the default geometry ``x = (col + 0.5) * pixel_um``,
-   ``y = (row + 0.5) * pixel_um`` gives back each panel as it is.
+   (um) exactly as psana's ``det.raw.image()`` lays it out: row ``floor((x - x.min()) / pixel_um + 0.5)``,
+   column ``floor((y - y.min()) / pixel_um + 0.5)`` (psana's ``xy_to_rc_arrays``: rows follow ``x``, "along
+   gravity", columns ``y``; where several pixels fall in one cell the largest value, psana's default
+   ``mapmode=2``). With psana's geometry an unrotated JUNGFRAU module is 512 rows x 1024 columns, as its
+   raw array; the default geometry (SPEC section 2: ``x = (col + 0.5) * pixel_um``, along the columns, as
+   pyFAI's) comes back transposed. psana's image also fills holes inside a panel (cells no pixel falls in) from
+   their neighbours; here they stay gaps.
 3. :func:`plot_image` writes a PNG (matplotlib, Agg canvas; no pyplot state): colour scale from the
    1st to the 99th percentile of the finite values, bad pixels grey, gaps between panels blank, row 0 (the
-   smallest y) at the top and a colour bar labelled with the unit (:mod:`gpusmall.analysis.imshow`).
+   smallest x) at the top and a colour bar labelled with the unit (:mod:`gpusmall.analysis.imshow`); the
+   horizontal axis is y, the vertical axis x.
 """
 from __future__ import annotations
 
@@ -34,15 +38,25 @@ MAX_CELLS_PER_PIXEL = 16
 
 
 def pixel_grid(x_um, y_um, pixel_um: float):
-    """Grid indices of every pixel (psana's rounding, rows from ``y``, columns from ``x``).
+    """Grid indices of every pixel, as psana's ``det.raw.image()`` has them: rows from ``x``, columns from ``y``.
+
+    Row ``floor((x - x.min()) / pixel_um + 0.5)``, column ``floor((y - y.min()) / pixel_um + 0.5)``: psana's
+    ``GeometryAccess.xy_to_rc_arrays`` (its ``pixel_coord_indexes``, ``img[iX, iY]``), so an assembled image
+    equals psana's cell for cell.
 
     Args:
         x_um, y_um: pixel centres, any shape (e.g. (panels, rows, cols)), micrometres.
         pixel_um: grid pitch in micrometres (the detector's pixel size).
 
     Returns:
-        ``(rows, cols, (H, W), (x0_um, y0_um))``: int64 arrays shaped like ``x_um``, the grid shape, and
-        the coordinates of the centre of grid cell (0, 0) (= ``x.min()``, ``y.min()``).
+        ``(rows, cols, (H, W), (x0_um, y0_um))``: int64 arrays shaped like ``x_um`` (rows: index along x,
+        columns: index along y), the grid shape, and the coordinates of the centre of grid cell (0, 0)
+        (= ``x.min()``, ``y.min()``; cell [i, j] is centred at x = x0 + i * pixel_um, y = y0 + j * pixel_um).
+
+    Example:
+        >>> rows, cols, shape, origin = pixel_grid(np.array([50., 150.]), np.array([50., 350.]), 100.0)
+        >>> rows.tolist(), cols.tolist(), shape, origin
+        ([0, 1], [0, 3], (2, 4), (50.0, 50.0))
     """
     x = np.asarray(x_um, np.float64)
     y = np.asarray(y_um, np.float64)
@@ -55,8 +69,8 @@ def pixel_grid(x_um, y_um, pixel_um: float):
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("pixel coordinates x, y must be finite")
     x0, y0 = float(x.min()), float(y.min())
-    cols = np.floor((x - x0) / pixel_um + 0.5).astype(np.int64)
-    rows = np.floor((y - y0) / pixel_um + 0.5).astype(np.int64)
+    rows = np.floor((x - x0) / pixel_um + 0.5).astype(np.int64)
+    cols = np.floor((y - y0) / pixel_um + 0.5).astype(np.int64)
     shape = (int(rows.max()) + 1, int(cols.max()) + 1)
     if shape[0] * shape[1] > MAX_CELLS_PER_PIXEL * x.size + 1_000_000:
         raise ValueError(f"the geometry spans {shape[0]} x {shape[1]} cells of {pixel_um} um for {x.size} pixels: "
@@ -74,12 +88,13 @@ def assemble(image, x_um, y_um, pixel_um: float, fill: float = np.nan) -> np.nda
         fill: value of grid cells that no pixel falls in (gaps between panels); psana uses 0.
 
     Returns:
-        (H, W) float32: cell ``[row, col]`` holds the pixel at row ``floor((y - y.min())/pixel_um + 0.5)``,
-        column ``floor((x - x.min())/pixel_um + 0.5)``. Where several pixels fall in one cell (tilted
-        panels) it holds the mean of their finite values; a cell whose pixels are all NaN is NaN.
+        (H, W) float32, psana's ``det.raw.image()`` layout (:func:`pixel_grid`): cell ``[row, col]`` holds
+        the pixel at row ``floor((x - x.min())/pixel_um + 0.5)``, column ``floor((y - y.min())/pixel_um + 0.5)``.
+        Where several pixels fall in one cell (tilted panels) it holds the largest of their finite values
+        (as psana's default ``mapmode=2``); a cell whose pixels are all NaN is NaN.
 
     Example:
-        >>> x = np.array([[[50., 150.]], [[450., 550.]]]); y = np.full_like(x, 50.)
+        >>> y = np.array([[[50., 150.]], [[450., 550.]]]); x = np.full_like(y, 50.)
         >>> assemble(np.array([[[1., 2.]], [[3., 4.]]]), x, y, 100.0, fill=0)
         array([[1., 2., 0., 0., 3., 4.]], dtype=float32)
     """
@@ -92,10 +107,10 @@ def assemble(image, x_um, y_um, pixel_um: float, fill: float = np.nan) -> np.nda
     finite = np.isfinite(values)
     n = h * w
     count = np.bincount(flat[finite], minlength=n)
-    total = np.bincount(flat[finite], weights=values[finite], minlength=n)
     covered = np.bincount(flat, minlength=n) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(count > 0, total / np.maximum(count, 1), np.where(covered, np.nan, fill))
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, flat[finite], values[finite])
+    out = np.where(count > 0, best, np.where(covered, np.nan, fill))
     return out.reshape(h, w).astype(np.float32)
 
 
@@ -122,11 +137,18 @@ def tile_panels(stack, gap: int = 4, fill: float = np.nan) -> np.ndarray:
 
 def assembled_extent(x_um, y_um, pixel_um: float):
     """(extent, unit) of the image :func:`assemble` makes, for :func:`~gpusmall.analysis.imshow.show_image`:
-    data coordinates = pixel centres in mm (in pixels for a camera in pixel units, ``pixel_um == 1``), row 0
-    (the smallest y) at the top."""
+    data coordinates = pixel centres in mm (in pixels for a camera in pixel units, ``pixel_um == 1``), the
+    horizontal axis ``y`` (columns), the vertical axis ``x`` (rows, row 0 = the smallest x at the top): label
+    them ``y (<unit>)`` and ``x (<unit>)`` (:func:`assembled_labels`)."""
     _, _, shape, (x0, y0) = pixel_grid(x_um, y_um, pixel_um)
     s, unit = (1.0, "pixels") if pixel_um == 1.0 else (1e-3, "mm")
-    return grid_extent(x0 * s, y0 * s, pixel_um * s, shape), unit
+    return grid_extent(y0 * s, x0 * s, pixel_um * s, shape), unit
+
+
+def assembled_labels(unit: str) -> tuple[str, str]:
+    """(xlabel, ylabel) of an assembled image's axes: ``("y (<unit>)", "x (<unit>)")`` (columns follow y,
+    rows x: :func:`pixel_grid`)."""
+    return f"y ({unit})", f"x ({unit})"
 
 
 def image_figure(image, title: str, *, covered=None, extent=None, xlabel: str = "column", ylabel: str = "row",
@@ -287,15 +309,17 @@ def average_image(cfg, det: str, backend, events: int | None = 100) -> AverageIm
 
 
 def average_figure(av: AverageImage, title: str | None = None):
-    """matplotlib Figure of an :class:`AverageImage`: assembled, row 0 (smallest y) at the top, bad pixels
-    grey, gaps blank, axes in mm (pixels for a camera in pixel units), colour bar ``mean [<units>]``."""
+    """matplotlib Figure of an :class:`AverageImage`: assembled as psana's ``det.raw.image()`` (rows from x,
+    row 0 = smallest x at the top; columns from y), bad pixels grey, gaps blank, axes ``y``, ``x`` in mm
+    (pixels for a camera in pixel units), colour bar ``mean [<units>]``."""
     covered = assemble(np.ones(av.mean.shape, np.float32), av.x_um, av.y_um, av.pixel_um, fill=0.0) > 0
     extent, unit = assembled_extent(av.x_um, av.y_um, av.pixel_um)
     title = title or f"{av.det}: mean of {av.events} events"
     if av.damaged:
         title += f" ({av.damaged} damaged left out)"
-    return image_figure(av.image(np.nan), title, covered=covered, extent=extent, xlabel=f"x ({unit})",
-                        ylabel=f"y ({unit})", label=f"{av.det} calib mean", unit=unit_name(av.units))
+    xlabel, ylabel = assembled_labels(unit)
+    return image_figure(av.image(np.nan), title, covered=covered, extent=extent, xlabel=xlabel,
+                        ylabel=ylabel, label=f"{av.det} calib mean", unit=unit_name(av.units))
 
 
 def plot_average(av: AverageImage, png, title: str | None = None) -> Path:
@@ -306,10 +330,11 @@ def plot_average(av: AverageImage, png, title: str | None = None) -> Path:
 
 
 def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:
-    """HDF5 file: ``/<det>/mean`` (panels, rows, cols) float32, ``/<det>/image`` (H, W) float32 (bad
-    pixels and gaps 0 or NaN after ``mask_value``), ``/<det>/count`` int32, ``/<det>/x``, ``y`` (um),
-    and attributes ``events``, ``damaged``, ``pixel_um``, ``units``, ``image_origin_um`` (x, y of the
-    centre of image cell [0, 0])."""
+    """HDF5 file: ``/<det>/mean`` (panels, rows, cols) float32, ``/<det>/image`` (H, W) float32 in psana's
+    ``det.raw.image()`` layout (rows along x, columns along y: :func:`assemble`; bad pixels and gaps 0 or NaN
+    after ``mask_value``), ``/<det>/count`` int32, ``/<det>/x``, ``y`` (um), and attributes ``events``,
+    ``damaged``, ``pixel_um``, ``units``, ``image_origin_um`` (x, y of the centre of image cell [0, 0]; cell
+    [i, j] is at x + i * pixel_um, y + j * pixel_um)."""
     import h5py
 
     from ..io.writer import LIBVER, attr_value

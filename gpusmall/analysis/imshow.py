@@ -4,9 +4,11 @@ Every image the package draws (``gpusmall avimage``, ``gpusmall plot``, cube plo
 ``show_mask``, ``Run.plot_avimage``) goes through :func:`show_image`:
 
 * **orientation**: array row 0 at the top, column 0 at the left (``origin="upper"``), as psana's image
-  viewers show ``det.raw.image()`` and as matplotlib shows an array by default. For an assembled image row 0
-  is the smallest ``y`` (:func:`gpusmall.analysis.avimage.pixel_grid`), so the y axis grows downwards; in a
-  tiled view it is row 0 of the panels in the top row of tiles; in an events x bins image it is the first event.
+  viewers show ``det.raw.image()`` and as matplotlib shows an array by default. An assembled image is
+  psana's ``det.raw.image()`` cell for cell (:func:`gpusmall.analysis.avimage.pixel_grid`): rows follow ``x``
+  and columns ``y``, so the horizontal axis is ``y`` (growing to the right) and the vertical axis ``x`` (row 0,
+  the smallest ``x``, at the top: it grows downwards); in a tiled view row 0 is row 0 of the panels in the top
+  row of tiles; in an events x bins image it is the first event.
 * **colour bar**: labelled ``"<quantity> [<unit>]"``, e.g. ``calib mean [keV]``, ``ped [ADU]``,
   ``droplets [count]`` (:func:`colorbar_label`; detector units from :func:`unit_name`).
 
@@ -48,12 +50,14 @@ def color_limits(values, lo: float = 1.0, hi: float = 99.0) -> tuple[float, floa
     return vmin, vmax
 
 
-def grid_extent(x0: float, y0: float, step: float, shape) -> tuple[float, float, float, float]:
-    """``imshow`` extent (left, right, bottom, top) of an (H, W) grid whose cell [i, j] is centred at
-    (x0 + j * step, y0 + i * step), for :data:`ORIGIN` (row 0 at the top: ``top = y0 - step / 2``)."""
+def grid_extent(col0: float, row0: float, step: float, shape) -> tuple[float, float, float, float]:
+    """``imshow`` extent (left, right, bottom, top) of an (H, W) grid whose cell [i, j] is drawn centred at
+    horizontal ``col0 + j * step``, vertical ``row0 + i * step``, for :data:`ORIGIN` (row 0 at the top:
+    ``top = row0 - step / 2``). For an assembled image (columns along ``y``, rows along ``x``) ``col0`` is
+    the smallest ``y`` and ``row0`` the smallest ``x`` (:func:`gpusmall.analysis.avimage.assembled_extent`)."""
     h, w = shape
     half = step / 2
-    return x0 - half, x0 + (w - 1) * step + half, y0 + (h - 1) * step + half, y0 - half
+    return col0 - half, col0 + (w - 1) * step + half, row0 + (h - 1) * step + half, row0 - half
 
 
 def show_image(ax, image, *, label: str, unit: str, extent=None, cmap="viridis", vmin=None, vmax=None,

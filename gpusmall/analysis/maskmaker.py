@@ -235,14 +235,14 @@ def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: 
     """matplotlib Figure of ``image`` with the bad pixels in red (no pyplot state).
 
     With pixel coordinates ``x``, ``y`` (um) the panels are assembled as ``gpusmall avimage`` draws them
-    (rows from y, axes in mm); without them they are tiled as ``gpusmall plot`` tiles them. Either way row 0
+    (psana's ``det.raw.image()`` layout: rows from x, columns from y; axes ``y``, ``x`` in mm); without them they are tiled as ``gpusmall plot`` tiles them. Either way row 0
     is at the top (:mod:`gpusmall.analysis.imshow`); the colour bar reads ``"<label> [<unit>]"`` (``image``'s
     quantity and unit, e.g. a dark's mean in ADU). ``png``: also save it there. Returns the Figure.
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    from .avimage import assemble, assembled_extent, tile_panels
+    from .avimage import assemble, assembled_extent, assembled_labels, tile_panels
     from .centre import pixel_size_um
     from .imshow import show_image
 
@@ -256,7 +256,7 @@ def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: 
         shown = assemble(img, x, y, pixel_um)
         over = assemble(badm.astype(np.float32), x, y, pixel_um, fill=0.0) > 0
         extent, u = assembled_extent(x, y, pixel_um)
-        labels = (f"x ({u})", f"y ({u})")
+        labels = assembled_labels(u)
     else:
         shown = tile_panels(img)
         over = tile_panels(badm.astype(np.float32), fill=0.0) > 0

@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..io.master import require_sources
 from ..io.writer import open_result
 from ..producer.paths import png_metadata
-from .avimage import assemble, assembled_extent, plot_image, tile_panels
+from .avimage import assemble, assembled_extent, assembled_labels, plot_image, tile_panels
 from .imshow import show_image, unit_name
 from .items import ItemList, item_list
 from .results import detector_of, geometry, is_per_event, normalize_key, require_dataset
@@ -185,8 +185,9 @@ def _panel_image(f, key, stack):
         x, y, pixel = geo
         covered = assemble(np.ones(stack.shape, np.float32), x, y, pixel, fill=0.0) > 0
         extent, unit = assembled_extent(x, y, pixel)
-        return assemble(stack, x, y, pixel), dict(covered=covered, extent=extent, xlabel=f"x ({unit})",
-                                                   ylabel=f"y ({unit})"), "assembled"
+        xlabel, ylabel = assembled_labels(unit)
+        return assemble(stack, x, y, pixel), dict(covered=covered, extent=extent, xlabel=xlabel,
+                                                   ylabel=ylabel), "assembled"
     return tile_panels(stack), {}, "panels tiled"
 
 

@@ -3,16 +3,18 @@
 A (panels, rows, cols) image is shown in one of the two views gpusmall already draws, in the same
 orientation:
 
-* **assembled** (pixel centres ``x``, ``y`` given, as ``gpusmall avimage`` / ``plot_average``): image rows
-  follow ``y`` and columns ``x`` (:func:`gpusmall.analysis.avimage.pixel_grid`), axes in mm (data
-  coordinates = the pixel centres' x, y in mm; y grows downwards);
+* **assembled** (pixel centres ``x``, ``y`` given, as ``gpusmall avimage`` / ``plot_average``): psana's
+  ``det.raw.image()`` layout, image rows follow ``x`` and columns ``y``
+  (:func:`gpusmall.analysis.avimage.pixel_grid`), axes in mm: the horizontal data coordinate is the pixel
+  centres' ``y``, the vertical one their ``x`` (growing downwards);
 * **tiled** (no geometry, as ``gpusmall plot`` shows panels without one: :func:`~gpusmall.analysis.avimage.tile_panels`):
   each panel as its array, data coordinates in cells (pixel (r, c) of a panel whose tile starts at (R, C) is
-  centred at x = C + c, y = R + r).
+  centred at horizontal C + c, vertical R + r).
 
 Both have row 0 at the top (``origin="upper"``, :mod:`gpusmall.analysis.imshow`, the one orientation of every
-image gpusmall draws) and a colour bar ``"<label> [<unit>]"``. The maps below work in data coordinates, so
-they do not depend on the orientation.
+image gpusmall draws) and a colour bar ``"<label> [<unit>]"``. The maps below work in data coordinates
+(horizontal, vertical: matplotlib's ``xdata``, ``ydata``, which on an assembled view are the pixels' y, x),
+so they do not depend on the orientation.
 
 :class:`PanelView` maps data coordinates to (panel, row, col) (``format_coord``) and a drawn rectangle to
 ROI bounds: the pixels whose centres lie inside it, per panel their bounding box ``[[p, p+1], [r0, r1],
@@ -101,10 +103,12 @@ class PanelView:
             rows, cols, (h, w), (x0, y0) = pixel_grid(self.x, self.y, self.pixel_um)
             self.shown = assemble(self.image, self.x, self.y, self.pixel_um)
             s = 1e-3
-            self.extent = grid_extent(x0 * s, y0 * s, self.pixel_um * s, (h, w))
-            self._grid0, self._step = (x0 * s, y0 * s), self.pixel_um * s
-            self.px, self.py = self.x * s, self.y * s  # data coordinates of every pixel centre (mm)
-            self.xlabel, self.ylabel = "x (mm)", "y (mm)"
+            # columns along y (horizontal), rows along x (vertical), as psana's det.raw.image()
+            self.extent = grid_extent(y0 * s, x0 * s, self.pixel_um * s, (h, w))
+            self._grid0, self._step = (y0 * s, x0 * s), self.pixel_um * s
+            # data coordinates (horizontal, vertical) of every pixel centre (mm): its y, x
+            self.px, self.py = self.y * s, self.x * s
+            self.xlabel, self.ylabel = "y (mm)", "x (mm)"
         else:
             self.kind = "tiled"
             ncol = int(np.ceil(np.sqrt(p))) if p > 1 else 1
@@ -126,7 +130,8 @@ class PanelView:
 
     # ---- coordinates ----
     def pixel_at(self, xd: float, yd: float):
-        """(panel, row, col) of the pixel drawn at data coordinates (xd, yd), or None (gap, outside)."""
+        """(panel, row, col) of the pixel drawn at data coordinates (xd horizontal, yd vertical), or None
+        (gap, outside)."""
         if xd is None or yd is None or not (np.isfinite(xd) and np.isfinite(yd)):
             return None
         j = int(np.floor((xd - self._grid0[0]) / self._step + 0.5))
@@ -137,16 +142,19 @@ class PanelView:
         return tuple(int(v) for v in np.unravel_index(self.lookup[i, j], self.shape))
 
     def format_coord(self, xd: float, yd: float) -> str:
-        """The text matplotlib shows under the cursor: panel, row, col and value (or the coordinates)."""
+        """The text matplotlib shows under the cursor: panel, row, col and value (or the coordinates: on an
+        assembled view the horizontal data coordinate ``xd`` is the pixels' y, the vertical ``yd`` their x)."""
         where = self.pixel_at(xd, yd)
         if where is None:
+            if self.kind == "assembled":
+                return f"x={yd:.4g} mm, y={xd:.4g} mm"
             return f"x={xd:.4g}, y={yd:.4g}"
         p, r, c = where
         return f"panel {p}, row {r}, col {c}: {self.image[p, r, c]:.4g}"
 
     def data_xy(self, panel: int, row, col):
-        """Data coordinates of fractional pixel positions (row, col) of ``panel`` (a panel is flat:
-        affine in (row, col), from its pixel centres)."""
+        """Data coordinates (horizontal, vertical) of fractional pixel positions (row, col) of ``panel`` (a
+        panel is flat: affine in (row, col), from its pixel centres)."""
         row, col = np.asarray(row, np.float64), np.asarray(col, np.float64)
         px, py = self.px[panel], self.py[panel]
         if px.shape[0] > 1:
@@ -160,7 +168,8 @@ class PanelView:
         return px[0, 0] + row * dxr + col * dxc, py[0, 0] + row * dyr + col * dyc
 
     def rectangle_to_bounds(self, xd0: float, yd0: float, xd1: float, yd1: float) -> list[list[list[int]]]:
-        """ROI bounds of a rectangle drawn in data coordinates: for each panel with pixel centres inside it
+        """ROI bounds of a rectangle drawn in data coordinates (horizontal ``xd``, vertical ``yd``, as
+        matplotlib's ``xdata``, ``ydata``): for each panel with pixel centres inside it
         (edges included) the bounding box of those pixels, ``[[p, p+1], [r0, r1], [c0, c1]]``, by panel.
         A rectangle holding no centre gives the pixel under its middle (none over a gap)."""
         xlo, xhi = sorted((xd0, xd1))

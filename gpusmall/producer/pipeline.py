@@ -211,7 +211,7 @@ class DetectorPipeline:
             out[f"mask__{k}"] = "null" if v is None else v  # as function parameters: every key is there
         try:
             rows, cols, _, _ = pixel_grid(self.geometry[0], self.geometry[1], self.pixel_um)
-            out["ix"], out["iy"] = cols.astype(np.int32), rows.astype(np.int32)
+            out["ix"], out["iy"] = rows.astype(np.int32), cols.astype(np.int32)  # psana iX (image row, along x), iY
         except ValueError as exc:
             log.warning("detector %s: no ix, iy in /UserDataCfg: %s", self.name, exc)
         for f in self.functions:
