@@ -15,6 +15,7 @@ from gpusmall.calib import Calibrator, cpu_kernels  # noqa: E402
 from gpusmall.calib.calibrate import calibrate_reference  # noqa: E402
 from gpusmall.calib.common_mode import MedianCommonMode, make_common_mode  # noqa: E402
 from gpusmall.detectors import get_model  # noqa: E402
+from gpusmall.detectors.base import DetectorModel  # noqa: E402
 from gpusmall.detectors.constants import Constants  # noqa: E402
 from gpusmall.funcs.sums import RunSums, parse_sums, run_sums_numpy  # noqa: E402
 
@@ -233,3 +234,39 @@ def test_run_sums_results_with_mask_value(rng, mask_value, monkeypatch):
     for name in res[0]:
         np.testing.assert_allclose(res[0][name], res[1][name], rtol=1e-12, atol=1e-9, equal_nan=True)
         assert np.array_equal(np.isnan(res[0][name]), np.isnan(res[1][name]))
+
+
+class _TwoStage(DetectorModel):
+    """A detector the kernels were never written for: range = bit 14 of the raw word, with range 1
+    meaning range 2 on pixels whose config byte is odd (decoding declared only here)."""
+
+    def decode_gain(self, raw, config_bits=None, xp=np):
+        g = ((raw >> 14) & 1).astype(xp.int8)
+        if config_bits is not None:
+            g = xp.where((g == 1) & ((config_bits[None] & 1) == 1), xp.int8(2), g).astype(xp.int8)
+        return g
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_new_detectors_gain_bits_need_nothing_in_the_kernels(rng, with_config):
+    """The tables come from the model's own gain_index: a new model with gain_bits=1 is calibrated by the
+    kernels, bit-identical to the NumPy path; bits the kernels cannot read fall back to NumPy."""
+    import dataclasses
+
+    model = _TwoStage(type="twostage", panel_shape=(16, 24), default_panels=2, data_mask=0x3FFF,
+                      gain_names=("H", "M", "L"), pixel_um=100.0, saturation=None, bank_shape=None, gain_bits=1)
+    shape = (4, 2, 16, 24)
+    ped = rng.normal(1000, 30, (3, *shape[1:])).astype(np.float32)
+    gain = rng.uniform(0.5, 2.0, (3, *shape[1:])).astype(np.float32)
+    raw = (rng.integers(800, 1300, shape) | (rng.integers(0, 2, shape) << 14)).astype(np.uint16)
+    cfg = rng.integers(0, 256, shape[1:]).astype(np.uint8) if with_config else None
+    mask = rng.random(shape[1:]) > 0.1
+    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"))
+    assert cal.cpu is not None and cal.cpu.supports(raw)
+    got = cal(raw)
+    want = reference(cal, raw)
+    assert_same((got.data, got.good), want)
+    g = model.gain_index(raw, cfg)
+    assert (g == 2).any() == with_config and (g == 1).any()
+    moved = dataclasses.replace(model, gain_shift=13)  # bits the kernels do not read: the NumPy path
+    assert not cpu_kernels.supports(moved, np.uint16, 3)

@@ -7,9 +7,10 @@ temporary; the kernels here do what ``kernels/calib.cu`` (``calibrate_u16``, ``p
 every result written once. The arithmetic is the NumPy path's, operation for operation in float32
 (``fastmath=False``): the results are bit-identical to it (``tests/test_cpu_kernels.py``).
 
-Gain ranges come from a 64-entry table built by the detector model's own :meth:`gain_index` on every
-combination of the bits it reads (ePix10ka: data bit 14 and the 5 control bits; JUNGFRAU: bits
-14-15), so the kernel decodes exactly as the model does, ``invalid_ranges`` included.
+Gain ranges come from per-pixel tables built by the detector model's own :meth:`gain_index` on every
+key its ``gain_bits`` give (the raw word's bits at ``gain_shift``; ePix10ka: bit 14, with each pixel's
+control bits; JUNGFRAU: bits 14-15), so the kernels decode exactly as the model does,
+``invalid_ranges`` included, and a new detector needs nothing here: its module declares its bits.
 
 numba is optional: :func:`available` is False without it (or with ``GPUSMALL_NUMBA=0``) and the
 callers keep the NumPy path. Compiled code is cached on disk (``cache=True``): the first call on a
@@ -44,7 +45,8 @@ TAB_PAD = 16
 SUM_BLOCK = 512
 """Pixels per work item of the run sums: the float64 accumulators of up to 8 sums (32 kB) stay in L1."""
 KEY_SHIFT = 14
-"""The gain bits of the raw word start at bit 14 (ePix10ka bit 14, JUNGFRAU bits 14-15)."""
+"""The kernels read the gain bits at bit 14 (every gain-switching model's ``gain_shift``; others fall back
+to the NumPy path)."""
 
 
 def available() -> bool:
@@ -255,32 +257,24 @@ def run_sums(data, specs, acc, threads: int = 1) -> bool:
 
 # -- per-pixel tables ---------------------------------------------------------------------------------------
 
-def _decoders():
-    from ..detectors.base import DetectorModel
-    from ..detectors.epix10ka import Epix10ka
-    from ..detectors.jungfrau import Jungfrau
-
-    return {DetectorModel.decode_gain: "single", Epix10ka.decode_gain: "epix10ka", Jungfrau.decode_gain: "jungfrau"}
-
-
-FAMILIES = {  # decoder -> (bits of the key (raw >> 14) & kbits, the key each option row stands for)
-    "single": (0, (0,)),
-    "epix10ka": (1, (0, 1)),
-    "jungfrau": (3, (0, 1, 3)),  # key 2 is invalid (bad pixel): no row, its okb bit is 0
+FAMILIES = {  # model.gain_bits -> (its kernel, the key each option row stands for); key = (raw >> 14) & gain_bits
+    0: ("single", (0,)),  # the raw word says nothing about the range (the config byte may: in the tables)
+    1: ("one_bit", (0, 1)),  # ePix10ka: bit 14
+    3: ("two_bits", (0, 1, 3)),  # JUNGFRAU: bits 14-15; a key without a row of its own shares one (exact check)
 }
 
 
 def supports(model, raw_dtype, pedestal_gains: int) -> bool:
-    """Whether the kernels calibrate this model's raw data exactly as the NumPy path: a registered
-    decoder (single range, ePix10ka, JUNGFRAU), uint16 raw for gain-switching families (any integer
-    for one range), constants for every range."""
-    kind = _decoders().get(type(model).decode_gain)
+    """Whether the kernels calibrate this model's raw data exactly as the NumPy path: gain bits the
+    kernels read (the model's ``gain_bits`` 0, 1 or 3 at ``gain_shift`` 14; the tables come from its
+    own ``gain_index``), uint16 raw when the raw word holds gain bits (any integer otherwise),
+    constants for every range."""
     dt = np.dtype(raw_dtype)
-    if kind is None or dt.kind not in "iu" or pedestal_gains != model.n_gains:
+    if model.gain_bits not in FAMILIES or dt.kind not in "iu" or pedestal_gains != model.n_gains:
         return False
-    if kind == "single":
+    if model.gain_bits == 0:
         return model.data_mask == 0 or dt.itemsize >= 2
-    return dt == np.uint16
+    return model.gain_shift == KEY_SHIFT and dt == np.uint16
 
 
 def for_calibrator(model, pedestal, scale, mask, config_bits, threads: int = 1):
@@ -314,8 +308,8 @@ class CpuCalibration:
         self.npix, self.threads, self.model, self.shape = npix, threads, model, tuple(mask.shape)
         self._reuse = {name: ReusableArrays(self.shape, dtype) for name, dtype in
                        (("out", np.float32), ("good", np.bool_), ("s", np.float32), ("g", np.int8), ("sgood", np.bool_))}
-        self.kind = _decoders()[type(model).decode_gain]
-        self.kbits, opt_keys = FAMILIES[self.kind]
+        self.kbits = model.gain_bits
+        self.kind, opt_keys = FAMILIES[self.kbits]
         ped = np.asarray(pedestal, np.float32).reshape(-1, npix)
         sc = np.asarray(scale, np.float32).reshape(-1, npix)
         keep = np.asarray(mask, bool).reshape(npix)
@@ -374,7 +368,7 @@ class CpuCalibration:
         args = (self._flat(raw), self._dmask(raw.dtype), self.tab, self.okb, out.reshape(n, self.npix),
                 good.reshape(n, self.npix))
         with _threads(self.threads):
-            {"single": _calib1, "epix10ka": _calib2, "jungfrau": _calib3}[self.kind](*args)
+            {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](*args)
         return out, good
 
     def pedestal_subtract(self, raw):
