@@ -270,3 +270,32 @@ def test_a_new_detectors_gain_bits_need_nothing_in_the_kernels(rng, with_config)
     assert (g == 2).any() == with_config and (g == 1).any()
     moved = dataclasses.replace(model, gain_shift=13)  # bits the kernels do not read: the NumPy path
     assert not cpu_kernels.supports(moved, np.uint16, 3)
+
+
+@pytest.mark.parametrize("det,panel", [("epix10ka", (352, 384)), ("jungfrau", (512, 1024))])
+@pytest.mark.parametrize("gain_ranges", ["high", "all"])
+@pytest.mark.parametrize("axes", [("rows", "cols"), ("banks", "rows", "cols"), ("rows",), ("cols",)])
+def test_median_common_mode_kernels_bit_identical(rng, det, panel, gain_ranges, axes):
+    """The median's rows/cols steps in gpusmall/calib/cpu_median.py against the reference, bit for bit, with
+    NaN and +-inf values, whole excluded columns, invalid and other gain ranges, and groups at min_pixels."""
+    model = get_model(det)
+    shape = (2, 2, *panel)
+    s = rng.normal(0, 20, shape).astype(np.float32) + rng.normal(0, 30, (2, 2, panel[0], 1)).astype(np.float32)
+    s[0, 0, 0, :10] = np.nan
+    s[1, 1, 5, 3] = np.inf
+    s[0, 1, :, 9] = -np.inf
+    s[1, 0, :100, 7] = np.nan
+    s[1, 0, 4, :] = np.round(s[1, 0, 4, :] / 50)  # ties
+    good = rng.random(shape) > 0.05
+    good[1, 0, :, :40] = False
+    g = rng.integers(-1, model.n_gains, shape).astype(np.int8)
+    g[rng.random(shape) < 0.8] = 0
+    bank = model.banks(panel)
+    for min_pixels in (0, 10, bank[1] - 1):
+        cm = MedianCommonMode(model, panel, axes=axes, gain_ranges=gain_ranges, min_pixels=min_pixels,
+                              backend=Backend("numpy"))
+        want = cm.reference(s, good, g)
+        got = cm(s, good, g)
+        np.testing.assert_array_equal(bits(got), bits(want))
+        if min_pixels == 0:
+            assert not np.array_equal(bits(got), bits(s))  # something was corrected

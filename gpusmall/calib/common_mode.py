@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..kernel_specs import KernelSpec
+from . import cpu_median
 
 AXES_ORDER = ("banks", "rows", "cols")
 KERNEL_MAX_GROUP = 1024
@@ -158,8 +159,27 @@ class MedianCommonMode:
 
     def __call__(self, s, good, g):
         if self.backend is None or not self.backend.is_gpu:
-            return self.reference(s, good, g)
+            return self.cpu(s, good, g) if cpu_median.supports(s) else self.reference(s, good, g)
         return self.gpu(s, good, g)
+
+    # -- CPU (numba) ------------------------------------------------------------------------
+    def cpu(self, s, good, g):
+        """NumPy backend with numba: rows and cols steps by :mod:`gpusmall.calib.cpu_median` (bit-identical
+        to :meth:`reference`, a fraction of its passes), banks as the reference does it."""
+        s = np.array(s, dtype=np.float32, order="C", copy=True)
+        good = np.ascontiguousarray(good, dtype=np.bool_)
+        g = np.ascontiguousarray(g, dtype=np.int8)
+        threads = getattr(self.backend, "threads", 1) if self.backend is not None else 1
+        for axis in self.axes:
+            if axis == "banks":
+                use = self.use_mask(np, good, g)
+                sg, ug = _to_groups(s, axis, self.bank), _to_groups(use, axis, self.bank)
+                med, ok = group_median(np, sg, ug, self.min_pixels, self.max_correction)
+                _subtract_where(np, sg, np.where(ok, med, np.float32(0))[..., None], ug)
+                s = np.ascontiguousarray(_from_groups(np, sg, axis, s.shape, self.bank))
+            else:
+                cpu_median.median_step(self, axis, s, good, g, threads)
+        return s
 
     # -- CUDA -------------------------------------------------------------------------------
     def fuses_scale(self) -> bool:

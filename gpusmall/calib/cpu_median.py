@@ -1,0 +1,135 @@
+"""The median common mode's rows and cols steps on the CPU, for the NumPy backend (numba + NumPy's sort).
+
+:meth:`gpusmall.calib.common_mode.MedianCommonMode.reference` builds the groups with array operations
+(the use mask, ``where`` with +inf, a contiguous copy of the transposed cols, a count, gathers, a
+masked subtraction): several full-frame passes and temporaries around the sort. Here one numba pass
+writes each group's values (+inf where a pixel does not enter the median) contiguously and counts
+them, NumPy sorts the groups in place (its SIMD sort: faster than a selection per group in numba,
+BENCHMARKS.md), and a second numba pass takes each median and subtracts it in place.
+
+The values sorted and the arithmetic are the reference's, so the result is bit-identical
+(``tests/test_cpu_kernels.py``): the median of ``n`` used values is ``(v[(n - 1) // 2] + v[n // 2]) * 0.5``
+in float32, a group is corrected where ``n > min_pixels`` and ``|median| < max_correction``, and
+``x -= median`` in float32 on the used pixels. ``banks`` steps stay on the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import cpu_kernels
+
+if cpu_kernels.numba is not None:
+    from numba import njit, prange, uint64
+
+    _jit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+
+    @njit(inline="always")
+    def _used(good, g, all_ranges, range_mask):
+        """Whether a pixel enters the median: good, and (unless all ranges) its gain range selected.
+        Branch-free (bitwise operators on bools), so the loops around it stay SIMD."""
+        gi = np.int32(g)
+        in_range = (gi >= 0) & (gi < 32) & (((range_mask >> np.uint32(gi & 31)) & np.uint32(1)) != 0)
+        return good & (all_ranges | in_range)
+
+    @njit(inline="always")
+    def _median(v, n, half):
+        return (v[max((n - 1) // 2, 0)] + v[n // 2 if n // 2 < v.size else v.size - 1]) * half
+
+    @_jit
+    def _gather_rows(s, good, g, all_ranges, range_mask, v, n):
+        """s, good, g (N, C); v (N, C) the values or +inf; n (N, C // bc) used values per group of bc."""
+        rows, c = s.shape
+        nb = n.shape[1]
+        bc = c // nb
+        inf = np.float32(np.inf)
+        for i in prange(rows):
+            si, gdi, gi, vi = s[i], good[i], g[i], v[i]
+            for j in range(nb):
+                cnt = 0
+                for k in range(uint64(j * bc), uint64(j * bc + bc)):
+                    u = _used(gdi[k], gi[k], all_ranges, range_mask)
+                    vi[k] = si[k] if u else inf
+                    cnt += np.int64(u)
+                n[i, j] = cnt
+
+    @_jit
+    def _apply_rows(s, good, g, all_ranges, range_mask, v, n, min_pixels, max_correction):
+        """s -= median of each group of bc (sorted in v) on its used pixels, where the group is corrected."""
+        rows, c = s.shape
+        nb = n.shape[1]
+        bc = c // nb
+        half = np.float32(0.5)
+        zero = np.float32(0.0)
+        for i in prange(rows):
+            for j in range(nb):
+                cnt = n[i, j]
+                if cnt <= min_pixels:
+                    continue
+                med = _median(v[i, j * bc: j * bc + bc], cnt, half)
+                if not abs(med) < max_correction:
+                    continue
+                si, gdi, gi = s[i], good[i], g[i]
+                for k in range(uint64(j * bc), uint64(j * bc + bc)):  # x - 0 == x exactly: branch-free
+                    si[k] -= med if _used(gdi[k], gi[k], all_ranges, range_mask) else zero
+
+    @_jit
+    def _gather_cols(s, good, g, all_ranges, range_mask, v, n):
+        """s, good, g (M, BR, C); v (M, C, BR): each column's values or +inf, contiguous; n (M, C)."""
+        groups, br, c = s.shape
+        inf = np.float32(np.inf)
+        for q in prange(groups):
+            nq, vq = n[q], v[q]
+            for r in range(br):
+                sr, gdr, gr = s[q, r], good[q, r], g[q, r]
+                for j in range(uint64(0), uint64(c)):
+                    u = _used(gdr[j], gr[j], all_ranges, range_mask)
+                    vq[j, r] = sr[j] if u else inf
+                    nq[j] += np.int64(u)
+
+    @_jit
+    def _apply_cols(s, good, g, all_ranges, range_mask, v, n, min_pixels, max_correction):
+        """s -= median of each column group (sorted in v) on its used pixels, where corrected."""
+        groups, br, c = s.shape
+        half = np.float32(0.5)
+        zero = np.float32(0.0)
+        for q in prange(groups):
+            d = np.empty(c, np.float32)  # each column's median, 0 where not corrected (x - 0 == x exactly)
+            for j in range(c):
+                cnt = n[q, j]
+                med = _median(v[q, j], cnt, half)
+                d[j] = med if cnt > min_pixels and abs(med) < max_correction else zero
+            for r in range(br):
+                sr, gdr, gr = s[q, r], good[q, r], g[q, r]
+                for j in range(uint64(0), uint64(c)):
+                    sr[j] -= d[j] if _used(gdr[j], gr[j], all_ranges, range_mask) else zero
+
+
+def supports(s) -> bool:
+    """Whether the kernels can run a median's rows/cols steps on ``s``: numba there and on, NumPy arrays."""
+    return cpu_kernels.available() and isinstance(s, np.ndarray) and s.ndim == 4
+
+
+def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
+    """One ``rows`` or ``cols`` step of :class:`~gpusmall.calib.common_mode.MedianCommonMode` ``cm`` in place
+    on C-contiguous float32 ``s`` (events, panels, rows, cols); good bool and g int8, same shape, C-contiguous."""
+    e, p, r, c = s.shape
+    br, bc = cm.bank
+    sel = (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF))
+    lim = (np.int64(cm.min_pixels), np.float32(cm.max_correction))
+    with cpu_kernels._threads(threads):
+        if axis == "rows":
+            flat = (e * p * r, c)
+            s2, good2, g2 = s.reshape(flat), good.reshape(flat), g.reshape(flat)
+            v = np.empty(flat, np.float32)
+            n = np.empty((flat[0], c // bc), np.int64)
+            _gather_rows(s2, good2, g2, *sel, v, n)
+            v.reshape(-1, bc).sort(axis=-1)
+            _apply_rows(s2, good2, g2, *sel, v, n, *lim)
+        else:
+            shape = (e * p * (r // br), br, c)
+            s3, good3, g3 = s.reshape(shape), good.reshape(shape), g.reshape(shape)
+            v = np.empty((shape[0], c, br), np.float32)
+            n = np.zeros((shape[0], c), np.int64)
+            _gather_cols(s3, good3, g3, *sel, v, n)
+            v.sort(axis=-1)
+            _apply_cols(s3, good3, g3, *sel, v, n, *lim)
