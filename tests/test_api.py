@@ -25,7 +25,7 @@ xr = pytest.importorskip("xarray")
 
 EVENTS = 20
 SCALARS = ["cam/damaged", "cam/roi0_max", "cam/roi0_mean", "cam/roi0_nsat", "cam/roi0_sum", "cam2/damaged",
-           "cam2/r_max", "cam2/r_mean", "cam2/r_nsat", "cam2/r_sum", "ipm/sum", "lightStatus/laser",
+           "cam2/r_max", "cam2/r_mean", "cam2/r_nsat", "cam2/r_sum", "damage/cam", "damage/cam2", "ipm/sum", "lightStatus/laser",
            "lightStatus/xray", "scan/delay", "scan/step"]
 
 

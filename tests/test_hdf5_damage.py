@@ -126,6 +126,7 @@ def check_result(out, data, damaged):
     with h5py.File(out, "r") as f:
         assert f.attrs["complete"] and f.attrs["events"] == N
         np.testing.assert_array_equal(f["cam/damaged"][:].astype(bool), damaged)
+        np.testing.assert_array_equal(f["damage/cam"][:], (~damaged).astype(np.uint8))  # smalldata_tools' cut
         np.testing.assert_allclose(f["cam/roi_sum"][:][~damaged],
                                    data[~damaged, 0, :8, :8].sum(axis=(1, 2), dtype=np.float64))
 

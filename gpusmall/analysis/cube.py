@@ -57,7 +57,7 @@ from .results import (
 CHUNK_BYTES = 64 << 20
 MAX_BINS = 100_000  # width and steps: more bins than this is a mistake (a tiny width, steps of a float)
 BOOKKEEPING = frozenset({"timestamp", "event_index", "event_time", "fiducials"})
-"""Root per-event datasets that a cube leaves out by default (with every ``damaged``)."""
+"""Root per-event datasets that a cube leaves out by default (with every ``damaged`` and ``damage/<det>``)."""
 MEANS_NOTE = "<key>_mean = <key>_sum / bins/count"
 
 
@@ -238,7 +238,7 @@ def per_event_scalars(f: h5py.File) -> list[str]:
 
 
 def _bookkeeping(key: str) -> bool:
-    return key in BOOKKEEPING or key.rsplit("/", 1)[-1] == "damaged"
+    return key in BOOKKEEPING or key.rsplit("/", 1)[-1] == "damaged" or key.startswith("damage/")
 
 
 def default_keys(f: h5py.File, by: str) -> list[str]:

@@ -402,7 +402,7 @@ def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 """Detector and function names are identifiers: they become HDF5 group and dataset names."""
 RESERVED = frozenset({"timestamp", "event_index", "Sums", "UserDataCfg", "lightStatus", "scan", "epics",
-                      "epicsOnce", "fiducials", "event_time", "damaged"})
+                      "epicsOnce", "fiducials", "event_time", "damaged", "damage"})
 """Names the result file uses at its root (SPEC 8, 10): no detector may take them."""
 
 

@@ -387,6 +387,7 @@ class BatchProcessor:
                 for k, v in res.items():
                     columns[f"{name}/{k}"] = v
                 columns[f"{name}/damaged"] = damaged.astype(np.uint8)
+                columns[f"damage/{name}"] = (~damaged).astype(np.uint8)  # smalldata_tools': 1 = detector there
                 for k, (count, offset) in sparse.items.items():
                     columns.ragged[f"{name}/{k}"] = (f"{name}/{count}", f"{name}/{offset}")
                 for k, target in sparse.links.items():
