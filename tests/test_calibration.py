@@ -269,7 +269,7 @@ def test_camera_raw_dtypes_calibrate_in_float32(backend, rng, dtype, high):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("kernels", ["numpy", "emulated", "compiled"])
+@pytest.mark.parametrize("kernels", ["numpy", "compiled"])
 @pytest.mark.parametrize("with_cm", [False, True])
 def test_config_bits_beyond_5_bits_are_masked_on_every_path(rng, kernels, with_cm):
     """Control bits c are 5 bits (SPEC 1): a configuration byte's bits 5-7 change nothing, in the NumPy

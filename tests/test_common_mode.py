@@ -1,6 +1,7 @@
 """Common mode (SPEC section 4) against slow, direct transcriptions of the SPEC, on both backends."""
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -317,10 +318,17 @@ def test_epix100(backend, rng, norm_all):
     np.testing.assert_allclose(run(backend, cm, s, good, np.zeros(shape, np.int8)), want, rtol=1e-5, atol=2e-3)
 
 
-@pytest.mark.parametrize("model", [SMALL, EPIX, JF])
-def test_kernel_index_arithmetic_emulated(rng, model):
-    """The CUDA kernel's launch geometry, loads, bitonic network and stores give the reference result
-    (launched through MedianCommonMode.gpu; the kernel's NumPy transcription and launch checks live in
+# JUNGFRAU's banks (256 x 64: columns of 256 and rows of 64, both warp kernels at their largest group) on a
+# panel of 2 x 2 of them instead of 2 x 16: the same index arithmetic (bank rows and columns, tiles of 32
+# columns, event and panel strides) on 1/8 of the pixels; whole JUNGFRAU panels go through the same
+# kernels in test_fake_gpu_pipeline (jungfrau-median)
+JF_2X2_BANKS = dataclasses.replace(JF, panel_shape=(2 * JF.bank_shape[0], 2 * JF.bank_shape[1]))
+
+
+@pytest.mark.parametrize("model", [SMALL, EPIX, JF_2X2_BANKS], ids=["small", "epix10ka", "jungfrau-2x2-banks"])
+def test_kernel_index_arithmetic(rng, model):
+    """The CUDA kernels' launch geometry, loads, bitonic network and stores give the reference result
+    (launched through MedianCommonMode.gpu, the kernels compiled for the CPU; launch checks live in
     test_kernel_launches)."""
     from test_kernel_launches import FakeGpu
 

@@ -384,17 +384,16 @@ def test_cam_config_still_writes_no_context(tmp_path):
     assert json.loads(r["attrs"]["context"]) == []
 
 
-@pytest.mark.parametrize("kernels", ["emulated", "compiled"])
-def test_cube_and_selection_sums_on_the_cupy_code_paths(tmp_path, monkeypatch, kernels):
-    """The whole run through the CuPy branches under CuPy's rules (the strict stand-in, kernels emulated or
-    compiled for the CPU): the cube and the selection sums equal the NumPy backend's."""
+def test_cube_and_selection_sums_on_the_cupy_code_paths(tmp_path, monkeypatch):
+    """The whole run through the CuPy branches under CuPy's rules (the strict stand-in, the kernels compiled
+    for the CPU): the cube and the selection sums equal the NumPy backend's."""
     from fake_cupy import install_fake_cupyx
     from test_fake_gpu_pipeline import FakeGpuStrict
 
     from gpusmall.backend import Backend
     from gpusmall.producer.run import reduce_run
 
-    gpu = FakeGpuStrict(kernels)
+    gpu = FakeGpuStrict()
     install_fake_cupyx(monkeypatch, transfers=gpu.transfers)
     runs = {}
     for name, backend in (("gpu", gpu), ("numpy", Backend("numpy"))):

@@ -103,12 +103,12 @@ class FakeKernel:
 class FakeGpu(Backend):
     """NumPy arrays on the CuPy code paths (see the module docstring); the kernels are the CUDA sources
     built for the CPU (skips without g++), their threads run in ``order`` ("forward", "reverse",
-    "shuffle"). ``kernels`` is "compiled" ("emulated", the NumPy transcriptions this file once had, is
-    taken as "compiled" for the tests that still name it)."""
+    "shuffle"). ``kernels`` is "compiled" (the only kind left: the NumPy transcriptions this file once had
+    are gone)."""
 
     def __init__(self, kernels="compiled", order="forward"):
         super().__init__("numpy")
-        assert kernels in ("emulated", "compiled")
+        assert kernels == "compiled", kernels
         if cuda_cpu.compiler() is None:
             pytest.skip("no C++ compiler to run the CUDA kernels on the CPU")
         self.order = order

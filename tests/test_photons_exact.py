@@ -52,7 +52,7 @@ def fake_gpu():
     """The CuPy code paths under CuPy's rules on the CPU (tests/fake_cupy.py), every transfer logged."""
     from test_fake_gpu_pipeline import FakeGpuStrict
 
-    return FakeGpuStrict(kernels="emulated")
+    return FakeGpuStrict()
 
 
 @pytest.fixture(params=["numpy", "cupy", "fake_gpu"])

@@ -6,6 +6,7 @@ psana is the reference: raw frames, gain decoding and calibration (with constant
 from __future__ import annotations
 
 import datetime
+import functools
 
 import h5py
 import numpy as np
@@ -50,7 +51,15 @@ PSANA_EPOCH_UNIX_S = int((psana.event.epoch - datetime.datetime(1970, 1, 1)).tot
 
 def psana_frames(path, det):
     """(timestamps, frames) of every event: the timestamps as gpusmall's ``/timestamp`` means them, ns since
-    the Unix epoch, from psana's own seconds (since its epoch) and nanoseconds."""
+    the Unix epoch, from psana's own seconds (since its epoch) and nanoseconds. psana reads each (file,
+    detector) once per session (the reference the tests compare with; the files do not change); every call
+    gets its own copies."""
+    ts, frames = _psana_frames(str(path), det)
+    return ts.copy(), frames.copy()
+
+
+@functools.cache
+def _psana_frames(path: str, det: str):
     run, raw = psana_run(path, det)
     ts, frames = [], []
     for evt in run.events():

@@ -163,7 +163,7 @@ def test_the_cupy_code_path_equals_numpy(tmp_path, monkeypatch):
     install_fake_cupyx(monkeypatch)
     write_user_code(tmp_path)
     run(tmp_path, config(tmp_path, out="np.h5"))
-    run(tmp_path, config(tmp_path, out="gpu.h5"), backend=FakeGpuStrict("emulated"))
+    run(tmp_path, config(tmp_path, out="gpu.h5"), backend=FakeGpuStrict())
     a, b = datasets(tmp_path / "np.h5"), datasets(tmp_path / "gpu.h5")
     for k in a:
         if k.startswith("cam/"):
@@ -279,7 +279,7 @@ def test_an_event_function_combines_two_detectors(tmp_path):
 
 def test_an_event_function_on_the_cupy_code_path(tmp_path, monkeypatch):
     install_fake_cupyx(monkeypatch)
-    run(tmp_path, event_config(tmp_path, out="gpu.h5"), backend=FakeGpuStrict("emulated"))
+    run(tmp_path, event_config(tmp_path, out="gpu.h5"), backend=FakeGpuStrict())
     check_event_outputs(tmp_path / "gpu.h5")
 
 

@@ -87,6 +87,7 @@ cudacpu_switch:
 
 struct Fiber {
     dim3 tid;
+    BlockState* block = nullptr;   // the block it runs in (block_state, without a thread_local look-up)
     bool done = false;
     int waiting = 0;               // 0 running / not started, 1 at __syncthreads, 2 at __syncwarp
     unsigned long long block_arrivals = 0, warp_arrivals = 0;
@@ -114,13 +115,12 @@ struct BlockState {
 #endif
 };
 
-inline void to_scheduler()
+inline void to_scheduler(Fiber* f)
 {
-    Fiber* f = current;
 #ifdef CUDACPU_USE_UCONTEXT
-    swapcontext(&f->ctx, &block_state->scheduler);
+    swapcontext(&f->ctx, &f->block->scheduler);
 #else
-    cudacpu_switch(&f->sp, block_state->scheduler_sp);
+    cudacpu_switch(&f->sp, f->block->scheduler_sp);
 #endif
 }
 
@@ -133,9 +133,10 @@ inline void count(std::vector<unsigned>& v, unsigned long long i)
 inline void fiber_main()
 {
     block_state->launch->body();
-    current->done = true;
-    count(block_state->done_at, current->block_arrivals);
-    to_scheduler();
+    Fiber* f = current;
+    f->done = true;
+    count(f->block->done_at, f->block_arrivals);
+    to_scheduler(f);
     __builtin_trap();  // a finished fiber is never resumed
 }
 
@@ -165,15 +166,16 @@ inline void start_fiber(Fiber& f)
 #endif
 }
 
-inline void resume(Fiber& f)
+// `cur` is this OS thread's `current` (looked up once by the caller)
+inline void resume(Fiber& f, Fiber*& cur)
 {
-    current = &f;
+    cur = &f;
 #ifdef CUDACPU_USE_UCONTEXT
-    swapcontext(&block_state->scheduler, &f.ctx);
+    swapcontext(&f.block->scheduler, &f.ctx);
 #else
-    cudacpu_switch(&block_state->scheduler_sp, f.sp);
+    cudacpu_switch(&f.block->scheduler_sp, f.sp);
 #endif
-    current = nullptr;
+    cur = nullptr;
 }
 
 // Puts v in the launch's order: 0 as it is (ascending), 1 reversed, 2 shuffled.
@@ -184,20 +186,27 @@ inline void arrange(std::vector<unsigned>& v, int order, std::mt19937& rng)
     if (order == 2) std::shuffle(v.begin(), v.end(), rng);
 }
 
-// Whether fiber t may go past the barrier it waits at (see the model at the top).
-inline bool may_pass(const std::vector<Fiber>& fibers, unsigned t)
+// Whether fiber t may go past the barrier it waits at (see the model at the top). warp_low[w] is a lower
+// bound of the __syncwarp() count of the live threads of warp w (counts only grow, exited threads leave):
+// a thread at its n-th __syncwarp with n <= warp_low[w] may pass without a look at its warp.
+inline bool may_pass(const BlockState& b, const std::vector<Fiber>& fibers, std::vector<unsigned long long>& warp_low,
+                     unsigned t)
 {
     const Fiber& f = fibers[t];
     if (f.waiting == 1) {
-        const BlockState& b = *block_state;
         const unsigned long long n = f.block_arrivals;
         unsigned there = n < b.reached.size() ? b.reached[n] : 0;
         for (unsigned long long a = 0; a < n && a < b.done_at.size(); ++a) there += b.done_at[a];
         return there == b.n_threads;
     } else if (f.waiting == 2) {
+        unsigned long long& low = warp_low[t / 32];
+        if (f.warp_arrivals <= low) return true;
         const unsigned w0 = t / 32 * 32, w1 = std::min<unsigned>(w0 + 32, (unsigned)fibers.size());
+        unsigned long long least = ~0ULL;
         for (unsigned k = w0; k < w1; ++k)
-            if (!fibers[k].done && fibers[k].warp_arrivals < f.warp_arrivals) return false;
+            if (!fibers[k].done) least = std::min(least, fibers[k].warp_arrivals);
+        low = least;
+        return f.warp_arrivals <= low;
     }
     return true;
 }
@@ -213,6 +222,7 @@ inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n
     bs.shared.resize(L.shared_bytes + GUARD);
     bs.lanes.assign(nt, 0);
     std::mt19937 rng(L.seed);
+    Fiber*& cur = current;
     bool ok = true, deadlock = false;
     for (long long b = next++; b < n_blocks && !deadlock; b = next++) {
         bs.bid.x = unsigned(b % L.grid.x);
@@ -238,6 +248,7 @@ inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n
                 f.tid.x = t % L.block.x;
                 f.tid.y = (t / L.block.x) % L.block.y;
                 f.tid.z = t / (L.block.x * L.block.y);
+                f.block = &bs;
                 start_fiber(f);
             }
             // One round: warp after warp (in the chosen order), each as far as its threads can go, i.e.
@@ -245,6 +256,7 @@ inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n
             // far as the barriers let them, so a __syncwarp standing in for a __syncthreads shows.
             const unsigned n_warps = (nt + 31) / 32;
             std::vector<unsigned> warps(n_warps), lanes;
+            std::vector<unsigned long long> warp_low(n_warps, 0);
             for (unsigned w = 0; w < n_warps; ++w) warps[w] = w;
             for (bool live = true; live;) {
                 arrange(warps, L.order, rng);
@@ -258,8 +270,8 @@ inline int run_blocks(const Launch& L, std::atomic<long long>& next, long long n
                         again = false;
                         for (unsigned t : lanes) {
                             Fiber& f = fibers[t];
-                            if (!f.done && may_pass(fibers, t)) {
-                                resume(f);
+                            if (!f.done && may_pass(bs, fibers, warp_low, t)) {
+                                resume(f, cur);
                                 moved = again = true;
                             }
                         }
@@ -332,17 +344,24 @@ inline T atomic_cas(T* p, T compare, T val)  // the old value, as CUDA's atomicC
 
 inline void __syncthreads()
 {
-    cudacpu::current->waiting = 1;
-    cudacpu::count(cudacpu::block_state->reached, ++cudacpu::current->block_arrivals);
-    cudacpu::to_scheduler();
-    cudacpu::current->waiting = 0;
+    cudacpu::Fiber* f = cudacpu::current;
+    f->waiting = 1;
+    cudacpu::count(f->block->reached, ++f->block_arrivals);
+    cudacpu::to_scheduler(f);
+    f->waiting = 0;
 }
+namespace cudacpu {
+inline void syncwarp(Fiber* f)
+{
+    f->waiting = 2;
+    ++f->warp_arrivals;
+    to_scheduler(f);
+    f->waiting = 0;
+}
+}  // namespace cudacpu
 inline void __syncwarp(unsigned int = 0xffffffffu)  // the full warp only (no partial masks here)
 {
-    cudacpu::current->waiting = 2;
-    ++cudacpu::current->warp_arrivals;
-    cudacpu::to_scheduler();
-    cudacpu::current->waiting = 0;
+    cudacpu::syncwarp(cudacpu::current);
 }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
@@ -356,10 +375,10 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 // slot, the warp meets (a __syncwarp), each lane reads its source lane's slot, and the warp meets again
 // before a slot is reused. A lane outside the warp reads its own value, as CUDA does.
 namespace cudacpu {
-inline unsigned linear_tid()
+inline unsigned linear_tid(const Fiber* f)
 {
-    const dim3& t = current->tid;
-    const dim3& b = block_state->launch->block;
+    const dim3& t = f->tid;
+    const dim3& b = f->block->launch->block;
     return t.x + b.x * (t.y + b.y * t.z);
 }
 
@@ -367,16 +386,18 @@ template <class T>
 inline T shuffle_from(T v, int (*source)(int lane, int arg), int arg)
 {
     static_assert(sizeof(T) <= 8, "shuffle of a type wider than 64 bits");
-    const unsigned me = linear_tid(), base = me / 32 * 32, lane = me % 32;
+    Fiber* f = current;
+    BlockState* bs = f->block;
+    const unsigned me = linear_tid(f), base = me / 32 * 32, lane = me % 32;
     unsigned long long bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    block_state->lanes[me] = bits;
-    __syncwarp();
+    bs->lanes[me] = bits;
+    syncwarp(f);
     const int src = source(int(lane), arg);
     T r = v;
-    if (src >= 0 && src < 32 && base + src < block_state->n_threads)
-        std::memcpy(&r, &block_state->lanes[base + src], sizeof(T));
-    __syncwarp();
+    if (src >= 0 && src < 32 && base + src < bs->n_threads)
+        std::memcpy(&r, &bs->lanes[base + src], sizeof(T));
+    syncwarp(f);
     return r;
 }
 inline int lane_xor(int lane, int m) { return lane ^ m; }
@@ -389,13 +410,15 @@ template <class T>
 inline T __shfl_sync(unsigned, T v, int src_lane) { return cudacpu::shuffle_from(v, cudacpu::lane_is, src_lane & 31); }
 inline unsigned __ballot_sync(unsigned, int predicate)
 {
-    const unsigned me = cudacpu::linear_tid(), base = me / 32 * 32;
-    cudacpu::block_state->lanes[me] = predicate != 0;
-    __syncwarp();
+    cudacpu::Fiber* f = cudacpu::current;
+    cudacpu::BlockState* bs = f->block;
+    const unsigned me = cudacpu::linear_tid(f), base = me / 32 * 32;
+    bs->lanes[me] = predicate != 0;
+    cudacpu::syncwarp(f);
     unsigned bits = 0;
-    for (unsigned k = 0; k < 32 && base + k < cudacpu::block_state->n_threads; ++k)
-        if (cudacpu::block_state->lanes[base + k]) bits |= 1u << k;
-    __syncwarp();
+    for (unsigned k = 0; k < 32 && base + k < bs->n_threads; ++k)
+        if (bs->lanes[base + k]) bits |= 1u << k;
+    cudacpu::syncwarp(f);
     return bits;
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
