@@ -33,7 +33,7 @@ OUT = HERE / "CONFIG.md"
 #: descriptions of fields that have no description, docstring or comment in the source: "Model.field" -> text
 DESCRIPTIONS: dict[str, str] = {
     # SimScanConfig
-    "SimScanConfig.variable": "name of the scanned variable: the run writes `scan/<variable>` (float64) and `scan/step` (int64).",
+    "SimScanConfig.variable": "name of the scanned variable: the run writes `scan/<variable>` (float64) and `scan/varStep` (int64).",
     "SimScanConfig.start": "value of the variable in the first step.",
     "SimScanConfig.step": "change of the variable from one step to the next.",
     "SimScanConfig.events_per_step": "events per scan step.",
@@ -116,7 +116,7 @@ DESCRIPTIONS: dict[str, str] = {
     "CubeDetectorConfig.frame": "sum the calibrated frame per bin (`/<det>/frame_sum`).",
     "CubeDetectorConfig.square": "also sum its square (`/<det>/frame_square_sum`).",
     # CubeConfig
-    "CubeConfig.by": "the context value to bin by (`scan/step`, `scan/delay`, `ipm/sum`...).",
+    "CubeConfig.by": "the context value to bin by (`scan/varStep`, `scan/delay`, `ipm/sum`...).",
     "CubeConfig.bins": "how `by` is binned.",
     "CubeConfig.selection": "only the events of this selection (null: all that are not damaged).",
     "CubeConfig.split": "each bin split by each of these selections (a leading split axis).",

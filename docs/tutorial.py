@@ -86,7 +86,7 @@ production["detectors"] = {"epix": {**config["detectors"]["epix"],
                                     "functions": [{"type": "roi", "name": "roi0", "bounds": roi_bounds},
                                                   {"type": "azav", "bins": 100, **azav_params}],
                                     "sums": ["calib", "calib_dropped"]}}
-production["cube"] = {"by": "scan/step", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
+production["cube"] = {"by": "scan/varStep", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
                       "detectors": {"epix": {"outputs": ["azav_azav"]}}}
 path = gpusmall.open_run(production).run()
 res = gpusmall.open_result(path)

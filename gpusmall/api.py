@@ -12,7 +12,7 @@ Everything the command line does at a beamtime, from a notebook (docs/API.md is 
     res = gpusmall.open_result(path)
     df = res.to_dataframe()                        # pandas: events x per-event scalars, a `time` column
     ds = res.to_xarray()                           # xarray: every per-event array
-    cube = res.cube("scan/step", steps=True, split=["laser_on", "laser_off"])   # xarray Dataset
+    cube = res.cube("scan/varStep", steps=True, split=["laser_on", "laser_off"])   # xarray Dataset
     cube = gpusmall.open_cube("run.cube.h5")       # the cube a run wrote (or `gpusmall cube`'s)
 
 Nothing heavy is imported with ``gpusmall`` (no h5py, matplotlib, pandas, xarray, pydantic): each is
@@ -383,7 +383,7 @@ class Result:
         Args:
             keys: per-event scalar keys (``cam/roi0_sum``, ``ipm/sum``...); None: every per-event dataset of
                 shape (events,) holding numbers (the detectors' scalars and ``damaged``, the context such as
-                ``lightStatus/laser``, ``lightStatus/xray``, ``scan/step``, ``scan/<variable>``, ``ipm/sum``,
+                ``lightStatus/laser``, ``lightStatus/xray``, ``scan/varStep``, ``scan/<variable>``, ``ipm/sum``,
                 ``epics/<pv>``), but not ``timestamp``, ``event_index``, ``event_time``, ``fiducials``.
 
         Returns:
@@ -479,7 +479,7 @@ class Result:
         """Bin the events by a per-event scalar (``gpusmall cube``; :func:`gpusmall.analysis.cube.make_cube`).
 
         Args:
-            by: the binning key, a per-event scalar (``scan/step``, ``cam/roi0_sum``, ``scan/delay``).
+            by: the binning key, a per-event scalar (``scan/varStep``, ``cam/roi0_sum``, ``scan/delay``).
             bins: N equal-width bins over ``range`` (or the key's finite range); or exactly one of
             edges: explicit increasing bin edges (bin k: ``edges[k] <= v < edges[k+1]``, the last also ``v ==
                 edges[-1]``), width: bins of this width (over ``range`` if given), steps: one bin per distinct

@@ -350,14 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("cube", help="bin events by a per-event scalar: count, sum and mean per bin")
     c.add_argument("file", help="result HDF5 file")
-    c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum or scan/step")
+    c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum or scan/varStep")
     how = c.add_mutually_exclusive_group(required=True)
     how.add_argument("--bins", type=_positive, help="number of equal-width bins (over --range or the key's finite range)")
     how.add_argument("--edges", nargs="+", type=float, metavar="E", help="explicit, strictly increasing bin edges")
     how.add_argument("--width", type=_positive_float, metavar="W",
                      help="bins of width W over --range, or from floor(min/W)*W over the key's finite range")
     how.add_argument("--steps", action="store_true",
-                     help="one bin per distinct value of --by (scan steps: --by scan/step)")
+                     help="one bin per distinct value of --by (scan steps: --by scan/varStep)")
     c.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
                    help="bin range for --bins or --width (default: the key's finite range)")
     c.add_argument("--keys", nargs="+", help="per-event datasets to bin (default: all of --by's detector group, "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .sources.context import current_name
+
 BUILTIN: dict[str, dict] = {
     "dropped": {"lightStatus/xray": 0},
     "laser_on": {"lightStatus/xray": 1, "lightStatus/laser": 1},
@@ -45,6 +47,7 @@ class SelectionError(ValueError):
 
 def _condition(name: str, key: str, value, names: set[str]) -> Condition:
     where = f"selections.{name}.{key}"
+    key = key if key in names else current_name(key)
     if key == "any":
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             raise SelectionError(f"{where}: a list of selection names, not {value!r}")

@@ -26,7 +26,7 @@ xr = pytest.importorskip("xarray")
 EVENTS = 20
 SCALARS = ["cam/damaged", "cam/roi0_max", "cam/roi0_mean", "cam/roi0_nsat", "cam/roi0_sum", "cam2/damaged",
            "cam2/r_max", "cam2/r_mean", "cam2/r_nsat", "cam2/r_sum", "damage/cam", "damage/cam2", "ipm/sum", "lightStatus/laser",
-           "lightStatus/xray", "scan/delay", "scan/step"]
+           "lightStatus/xray", "scan/delay", "scan/varStep"]
 
 
 def config(out="run.h5", cube=True) -> dict:
@@ -45,7 +45,7 @@ def config(out="run.h5", cube=True) -> dict:
         },
     }
     if cube:
-        data["cube"] = {"by": "scan/step", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
+        data["cube"] = {"by": "scan/varStep", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
                         "detectors": {"cam": {"outputs": ["roi0_sum"]}}}
     return data
 
@@ -143,7 +143,7 @@ def test_dataframe_equals_the_datasets(made):
             v = f[k][()]
             assert df[k].dtype == v.dtype, k
             np.testing.assert_array_equal(df[k].to_numpy(), v, err_msg=k)
-    np.testing.assert_array_equal(df["scan/step"], np.arange(EVENTS) // 5)
+    np.testing.assert_array_equal(df["scan/varStep"], np.arange(EVENTS) // 5)
     np.testing.assert_array_equal(df["lightStatus/laser"], (np.arange(EVENTS) % 2 != 0).astype(np.uint8))
     # chosen keys, in the order asked
     two = res.to_dataframe(["ipm/sum", "/cam/roi0_sum"])
@@ -259,12 +259,12 @@ def test_cube_equals_make_cube(made, tmp_path):
     _, path, _ = made
     res = gpusmall.open_result(path)
     split = ["laser_on", "laser_off"]
-    ds = res.cube("scan/step", steps=True, split=split, out=tmp_path / "c.h5")
-    ref = make_cube(path, "scan/step", steps=True, split=split)
+    ds = res.cube("scan/varStep", steps=True, split=split, out=tmp_path / "c.h5")
+    ref = make_cube(path, "scan/varStep", steps=True, split=split)
     assert_cube_equal(ds, ref, split)
     assert ds.sizes["split"] == 2 and ds.sizes["bin"] == 4
     np.testing.assert_array_equal(ds["count"].values, [[2, 3, 2, 3], [3, 2, 3, 2]])  # laser on: odd events
-    assert ds.attrs["by"] == "scan/step" and ds.attrs["events_used"] == EVENTS
+    assert ds.attrs["by"] == "scan/varStep" and ds.attrs["events_used"] == EVENTS
     # the file written equals it
     back = gpusmall.open_cube(tmp_path / "c.h5")
     assert_cube_equal(back, ref, split)
@@ -274,7 +274,7 @@ def test_cube_equals_make_cube(made, tmp_path):
     assert_cube_equal(ds2, ref2, [])
     assert ds2["cam/roi0_pj_ax_0_data_sum"].shape == (3, 22)
     with pytest.raises(InputError, match="--selection 'nope'"):
-        res.cube("scan/step", steps=True, selection="nope")
+        res.cube("scan/varStep", steps=True, selection="nope")
 
 
 def test_open_cube_of_the_run(made):
@@ -292,7 +292,7 @@ def test_open_cube_of_the_run(made):
     assert ds["cam/frame_sum"].dims == ("split", "bin", "cam/frame_dim1", "cam/frame_dim2")
     assert ds["cam/frame_sum"].shape == (2, 4, 32, 48)
     # the per-bin sum of the run's ROI sums equals a grouping of the result file's values
-    step, laser = read(path, "scan/step"), read(path, "lightStatus/laser")
+    step, laser = read(path, "scan/varStep"), read(path, "lightStatus/laser")
     roi = read(path, "cam/roi0_sum")
     for s, on in enumerate((1, 0)):
         want = [roi[(step == b) & (laser == on)].sum() for b in range(4)]

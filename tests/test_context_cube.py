@@ -51,13 +51,13 @@ def read(path):
 
 
 def test_sim_context_per_event(tmp_path):
-    """scan/step, scan/delay, the laser and X-ray patterns and I0 as the config describes them; a dropped shot
+    """scan/varStep, scan/delay, the laser and X-ray patterns and I0 as the config describes them; a dropped shot
     has no photons and I0 0."""
     run_inproc(scan_config(tmp_path), tmp_path)
     r = read(tmp_path / "scan.h5")
     i = np.arange(45)
-    np.testing.assert_array_equal(r["scan/step"], i // 9)
-    assert r["scan/step"].dtype == np.int64 and r["scan/delay"].dtype == np.float64
+    np.testing.assert_array_equal(r["scan/varStep"], i // 9)
+    assert r["scan/varStep"].dtype == np.int64 and r["scan/delay"].dtype == np.float64
     np.testing.assert_array_equal(r["scan/delay"], -1.0 + 0.5 * (i // 9))
     np.testing.assert_array_equal(r["lightStatus/laser"], (i % 2 != 0).astype(np.uint8))
     np.testing.assert_array_equal(r["lightStatus/xray"], (i % 5 != 4).astype(np.uint8))
@@ -66,7 +66,7 @@ def test_sim_context_per_event(tmp_path):
     assert (r["ipm/sum"][dropped] == 0).all() and (r["ipm/sum"][~dropped] > 0).all()
     photons = r["cam/full_sum"]
     assert abs(photons[dropped].mean()) < 0.1 * photons[~dropped].mean()  # dark frames: noise only
-    assert json.loads(r["attrs"]["context"]) == sorted(["scan/delay", "scan/step", "lightStatus/laser",
+    assert json.loads(r["attrs"]["context"]) == sorted(["scan/delay", "scan/varStep", "lightStatus/laser",
                                                          "lightStatus/xray", "ipm/sum"])
     assert json.loads(r["attrs"]["context_missing"]) == {k: 0 for k in json.loads(r["attrs"]["context"])}
 
@@ -81,7 +81,7 @@ def test_i0_scales_the_signal(tmp_path):
 
 
 def test_context_and_cube_without_simulate_are_errors(tmp_path):
-    data = scan_config(tmp_path, cube={"by": "scan/step"})
+    data = scan_config(tmp_path, cube={"by": "scan/varStep"})
     data["source"].pop("simulate")
     with pytest.raises(InputError, match=r"selections\.on_good\.laser_on: no selection 'laser_on'.*lightStatus.*"
                                          r"source\.simulate"):
@@ -94,7 +94,7 @@ def test_context_and_cube_without_simulate_are_errors(tmp_path):
     with pytest.raises(InputError, match=r"detectors\.cam\.sums\[0\].*no selection 'dropped'.*lightStatus"):
         run_inproc(data, tmp_path)
     data["detectors"]["cam"]["sums"] = []
-    with pytest.raises(InputError, match=r"cube\.by: 'scan/step' is not a per-event value"):
+    with pytest.raises(InputError, match=r"cube\.by: 'scan/varStep' is not a per-event value"):
         run_inproc(data, tmp_path)
     assert not (tmp_path / "scan.h5").exists()
 
@@ -111,7 +111,7 @@ def test_context_and_cube_without_simulate_are_errors(tmp_path):
     ({"selections": {"a": {"a": True}}}, "refers to itself"),
     ({"selections": {"a": {"x": [2, 1]}}}, r"lo <= hi"),
     ({"selections": {"a": {"any": ["nope"]}}}, "no selection 'nope'"),
-    ({"cube": {"by": "scan/step", "split": ["nope"]}}, r"cube\.split\[0\]: no selection 'nope'"),
+    ({"cube": {"by": "scan/varStep", "split": ["nope"]}}, r"cube\.split\[0\]: no selection 'nope'"),
     ({"cube": {"by": "x", "bins": {"n": 5}}}, r"cube\.bins: .*range"),
     ({"cube": {"by": "x", "bins": {"edges": [0, 2, 1]}}}, "must increase"),
     ({"cube": {"by": "x", "bins": {"n": 5, "edges": [0, 1]}}}, "give one of"),
@@ -228,13 +228,13 @@ def grouped(r, ids, n_bins):
     return out
 
 
-STEP_CUBE = {"by": "scan/step", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
+STEP_CUBE = {"by": "scan/varStep", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
              "detectors": {"cam": {"square": True, "outputs": ["azav_azav"]}}}
 
 
 def test_cube_by_step_split_by_laser(tmp_path):
     """Per step and laser state: counts, frame sums, squares, azav sums and I0 sums equal the NumPy grouping of
-    the run's own per-event frames by scan/step and lightStatus/laser; normalised means are sum(frame)/sum(I0)."""
+    the run's own per-event frames by scan/varStep and lightStatus/laser; normalised means are sum(frame)/sum(I0)."""
     run_inproc(scan_config(tmp_path, cube=STEP_CUBE), tmp_path)
     r, c = read(tmp_path / "scan.h5"), read(tmp_path / "scan.cube.h5")
     assert c["attrs"]["gpusmall_kind"] == "cube" and bool(c["attrs"]["complete"])
@@ -243,7 +243,7 @@ def test_cube_by_step_split_by_laser(tmp_path):
     np.testing.assert_array_equal(c["bins/centers"], np.arange(5))
     xray, laser = r["lightStatus/xray"] == 1, r["lightStatus/laser"]
     for s, state in enumerate((1, 0)):
-        ids = np.where(xray & (laser == state), r["scan/step"], -1)
+        ids = np.where(xray & (laser == state), r["scan/varStep"], -1)
         want = grouped(r, ids, 5)
         np.testing.assert_array_equal(c["bins/count"][s], want["count"])
         np.testing.assert_allclose(c["cam/frame_sum"][s], want["frame"], rtol=1e-10)
@@ -320,18 +320,18 @@ def test_cube_under_mpiexec(tmp_path):
     np.testing.assert_allclose(a["cam/frame_sum"], b["cam/frame_sum"], rtol=1e-12)
     assert not list(tmp_path.glob("two.cube.part*"))
     with h5py.File(tmp_path / "two.h5") as f:  # the master has the context too
-        np.testing.assert_array_equal(f["scan/step"][()], np.arange(45) // 9)
+        np.testing.assert_array_equal(f["scan/varStep"][()], np.arange(45) // 9)
 
 
 def test_cube_steps_beyond_the_device_rows(tmp_path):
     """Many steps, few device rows: sums move to the host as the scan moves on, and a batch over more steps than
     rows still adds up."""
     sim = {**SIMULATE, "scan": {**SIMULATE["scan"], "events_per_step": 2}}
-    data = scan_config(tmp_path, batch=13, cube={"by": "scan/step", "detectors": {"cam": {}}})
+    data = scan_config(tmp_path, batch=13, cube={"by": "scan/varStep", "detectors": {"cam": {}}})
     data["source"]["simulate"] = sim
     run_inproc(data, tmp_path)
     r, c = read(tmp_path / "scan.h5"), read(tmp_path / "scan.cube.h5")
-    want = grouped(r, r["scan/step"], 23)
+    want = grouped(r, r["scan/varStep"], 23)
     np.testing.assert_array_equal(c["bins/count"], want["count"])
     np.testing.assert_allclose(c["cam/frame_sum"], want["frame"], rtol=1e-10)
 
@@ -342,11 +342,11 @@ def test_cube_errors_before_any_event(tmp_path):
     data["detectors"]["cam"]["shape"] = [512, 512]
     with pytest.raises(InputError, match=r"cube\.bins: the cube's sums .* need .* GiB"):
         run_inproc(data, tmp_path)
-    data = scan_config(tmp_path, cube={"by": "scan/step", "detectors": {"cam": {"outputs": ["nope"]}}})
+    data = scan_config(tmp_path, cube={"by": "scan/varStep", "detectors": {"cam": {"outputs": ["nope"]}}})
     with pytest.raises(InputError, match=r"cube\.detectors\.cam\.outputs\[0\]: detector cam has no per-event output"):
         run_inproc(data, tmp_path)
     data = scan_config(tmp_path, cube={"by": "scan/nope"})
-    with pytest.raises(InputError, match=r"cube\.by: 'scan/nope' is not a per-event value.*scan/step"):
+    with pytest.raises(InputError, match=r"cube\.by: 'scan/nope' is not a per-event value.*scan/varStep"):
         run_inproc(data, tmp_path)
     assert not (tmp_path / "scan.h5").exists() and not (tmp_path / "scan.cube.h5").exists()
 
@@ -407,3 +407,27 @@ def test_cube_and_selection_sums_on_the_cupy_code_paths(tmp_path, monkeypatch):
         np.testing.assert_allclose(cg[k], cn[k], rtol=1e-5, atol=1e-3, err_msg=k)
     for k in ("Sums/cam_calib_dropped", "Sums/cam_calib_square_laser_on"):
         np.testing.assert_allclose(rg[k], rn[k], rtol=1e-5, atol=1e-2, err_msg=k)
+
+
+def smalldata_scan_names(f) -> list[str]:
+    """SmallDataAna's rule for a file's scan variables (its getScanName, transcribed): every ``scan/<name>``
+    whose name does not contain ``var`` (its step counter is ``scan/varStep``)."""
+    return sorted(k for k in f.get("scan", {}) if "var" not in k)
+
+
+def test_scan_names_as_smalldata_ana_finds_them_and_the_old_step_name(tmp_path):
+    """The step counter is smalldata_tools' scan/varStep, so SmallDataAna finds exactly the scan variable (a
+    scan/step made it see two scans, and its scan plot failed); configs of the earlier release that name
+    scan/step (cube.by, selection keys) get scan/varStep."""
+    old = {**STEP_CUBE, "by": "scan/step"}
+    run_inproc(scan_config(tmp_path, cube=old, selections={"early": {"scan/step": [0, 1]}},
+                           sums=["calib:early"]), tmp_path)
+    r = read(tmp_path / "scan.h5")
+    with h5py.File(tmp_path / "scan.h5", "r") as f:
+        assert smalldata_scan_names(f) == ["delay"] and "scan/step" not in f
+    c = read(tmp_path / "scan.cube.h5")
+    assert c["attrs"]["by"] == "scan/varStep"
+    np.testing.assert_array_equal(c["bins/centers"], np.unique(r["scan/varStep"]))
+    early = r["scan/varStep"] <= 1  # the selection the config wrote with the old name
+    assert 0 < early.sum() < early.size
+    np.testing.assert_allclose(r["Sums/cam_calib_early"], r["cam/full_area"][early].sum(0), rtol=1e-9)

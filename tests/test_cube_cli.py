@@ -21,7 +21,7 @@ RUN_SELECTIONS = {"good": {"ipm/sum": [0.5, 3.0]}}
 # a run's selections read its event context; a cube's may read any per-event scalar of the file: "bright" is
 # written into the file's config afterwards (as a config edited by hand)
 SELECTIONS = {**RUN_SELECTIONS, "bright": {"cam/r_sum": [0.0, 1e30]}}
-CONTEXT = ("lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/delay", "scan/step")
+CONTEXT = ("lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/delay", "scan/varStep")
 
 
 def _add_context(path):
@@ -32,7 +32,7 @@ def _add_context(path):
         f.create_dataset("lightStatus/xray", data=(idx % 7 != 0).astype(np.uint8))
         f.create_dataset("lightStatus/laser", data=(idx % 2 != 0).astype(np.uint8))
         f.create_dataset("ipm/sum", data=rng.gamma(4.0, 0.3, idx.size))
-        f.create_dataset("scan/step", data=(idx // 10).astype(np.int64))
+        f.create_dataset("scan/varStep", data=(idx // 10).astype(np.int64))
         f.create_dataset("scan/delay", data=-1 + 0.5 * (idx // 10))
 
 
@@ -62,7 +62,7 @@ def run_file(tmp_path_factory):
         f.attrs["config"] = json.dumps({**conf, "selections": SELECTIONS})
     with h5py.File(path, "r") as f:  # the file is what the tests need
         assert (f["cam/damaged"][()] != 0).sum() > 0
-        assert set(np.unique(f["scan/step"][()])) == {0, 1, 2, 3}
+        assert set(np.unique(f["scan/varStep"][()])) == {0, 1, 2, 3}
         assert 0 < f["lightStatus/xray"][()].sum() < EVENTS and 0 < f["lightStatus/laser"][()].sum() < EVENTS
     return path
 
@@ -188,9 +188,9 @@ def test_steps_one_bin_per_value_and_nan_left_out(run_file, tmp_path):
         assert "edges" not in c["bins"] and c.attrs["binning"] == "steps"
         assert c.attrs["events_nonfinite"] == 1 and c.attrs["events_used"] == count.sum() == (~dam).sum() - 1
     # an integer step key
-    assert cube(run_file, out, "--by", "scan/step", "--steps", "--keys", *KEYS) == 0
-    s = read(run_file, "scan/step")["scan/step"]
-    count, sums = oracle(run_file, "scan/step", KEYS, [s == u for u in range(4)])
+    assert cube(run_file, out, "--by", "scan/varStep", "--steps", "--keys", *KEYS) == 0
+    s = read(run_file, "scan/varStep")["scan/varStep"]
+    count, sums = oracle(run_file, "scan/varStep", KEYS, [s == u for u in range(4)])
     check(out, count, sums)
     with h5py.File(out, "r") as c:
         np.testing.assert_array_equal(c["bins/centers"][()], [0, 1, 2, 3])
@@ -199,13 +199,13 @@ def test_steps_one_bin_per_value_and_nan_left_out(run_file, tmp_path):
 @pytest.mark.parametrize("name", ["laser_on", "good", "dropped"])
 def test_selection(run_file, tmp_path, name, capsys):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/step", "--steps", "--selection", name, "--keys", *KEYS) == 0
-    d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/step")
+    assert cube(run_file, out, "--by", "scan/varStep", "--steps", "--selection", name, "--keys", *KEYS) == 0
+    d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/varStep")
     sel = {"laser_on": (d["lightStatus/xray"] == 1) & (d["lightStatus/laser"] == 1),
            "good": (d["ipm/sum"] >= 0.5) & (d["ipm/sum"] <= 3.0),
            "dropped": d["lightStatus/xray"] == 0}[name]
-    values = np.unique(d["scan/step"][sel & (read(run_file, "cam/damaged")["cam/damaged"] == 0)])
-    count, sums = oracle(run_file, "scan/step", KEYS, [d["scan/step"] == u for u in values], extra=sel)
+    values = np.unique(d["scan/varStep"][sel & (read(run_file, "cam/damaged")["cam/damaged"] == 0)])
+    count, sums = oracle(run_file, "scan/varStep", KEYS, [d["scan/varStep"] == u for u in values], extra=sel)
     assert 0 < count.sum() < EVENTS
     check(out, count, sums)
     with h5py.File(out, "r") as c:
@@ -242,26 +242,26 @@ def test_split_partition_adds_up_to_the_unsplit_cube(run_file, tmp_path, monkeyp
 
 def test_split_overlapping_with_a_selection(run_file, tmp_path):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/step", "--steps", "--selection", "good",
+    assert cube(run_file, out, "--by", "scan/varStep", "--steps", "--selection", "good",
                 "--split", "laser_on", "bright", "--keys", *KEYS) == 0
-    d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/step", "cam/r_sum", "cam/damaged")
+    d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/varStep", "cam/r_sum", "cam/damaged")
     good = (d["ipm/sum"] >= 0.5) & (d["ipm/sum"] <= 3.0)
     sel = [(d["lightStatus/xray"] == 1) & (d["lightStatus/laser"] == 1), d["cam/r_sum"] >= 0]
-    values = np.unique(d["scan/step"][good & (d["cam/damaged"] == 0)])
-    per = [oracle(run_file, "scan/step", KEYS, [d["scan/step"] == u for u in values], extra=good & s) for s in sel]
+    values = np.unique(d["scan/varStep"][good & (d["cam/damaged"] == 0)])
+    per = [oracle(run_file, "scan/varStep", KEYS, [d["scan/varStep"] == u for u in values], extra=good & s) for s in sel]
     check(out, np.stack([p[0] for p in per]), {k: np.stack([p[1][k] for p in per]) for k in KEYS},
           split=["laser_on", "bright"])
 
 
 def test_ad_hoc_select(run_file, tmp_path):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/step", "--bins", "2", "--select", "lightStatus/laser=1",
+    assert cube(run_file, out, "--by", "scan/varStep", "--bins", "2", "--select", "lightStatus/laser=1",
                 "--select", "ipm/sum=0.8:", "--select", "scan/delay=-1:0.25", "--keys", *KEYS) == 0
-    d = read(run_file, "lightStatus/laser", "ipm/sum", "scan/delay", "scan/step", "cam/damaged")
+    d = read(run_file, "lightStatus/laser", "ipm/sum", "scan/delay", "scan/varStep", "cam/damaged")
     sel = (d["lightStatus/laser"] == 1) & (d["ipm/sum"] >= 0.8) & (d["scan/delay"] >= -1) & (d["scan/delay"] <= 0.25)
-    s = d["scan/step"][sel & (d["cam/damaged"] == 0)]
+    s = d["scan/varStep"][sel & (d["cam/damaged"] == 0)]
     edges = np.linspace(s.min(), s.max(), 3)
-    count, sums = oracle(run_file, "scan/step", KEYS, edge_masks(d["scan/step"], edges), extra=sel)
+    count, sums = oracle(run_file, "scan/varStep", KEYS, edge_masks(d["scan/varStep"], edges), extra=sel)
     assert 0 < count.sum() < (d["cam/damaged"] == 0).sum()
     check(out, count, sums)
     with h5py.File(out, "r") as c:
@@ -271,17 +271,17 @@ def test_ad_hoc_select(run_file, tmp_path):
 
 def test_default_keys_include_every_per_event_scalar(run_file, tmp_path):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/step", "--steps") == 0
+    assert cube(run_file, out, "--by", "scan/varStep", "--steps") == 0
     with h5py.File(run_file, "r") as f:
-        scalars = [k for k in ("ipm/sum", "lightStatus/laser", "lightStatus/xray", "scan/delay", "scan/step",
+        scalars = [k for k in ("ipm/sum", "lightStatus/laser", "lightStatus/xray", "scan/delay", "scan/varStep",
                                "cam/r_sum", "cam/r_max", "cam/r_mean", "cam/r_nsat")]
         assert all(k in f for k in scalars)
     with h5py.File(out, "r") as c:
         keys = set(json.loads(c.attrs["keys"]))
     # by a key outside the detector groups: the >= 2-D datasets as before, and now every scalar
     assert keys == {*scalars, "cam/r_area", "cam/r_com"}
-    s = read(run_file, "scan/step")["scan/step"]
-    count, sums = oracle(run_file, "scan/step", sorted(keys), [s == u for u in range(4)])
+    s = read(run_file, "scan/varStep")["scan/varStep"]
+    count, sums = oracle(run_file, "scan/varStep", sorted(keys), [s == u for u in range(4)])
     check(out, count, sums)
     # by a detector key: that detector's datasets and the context scalars
     assert cube(run_file, out, "--by", "cam/r_sum", "--bins", "2") == 0
@@ -302,7 +302,7 @@ def test_default_keys_include_every_per_event_scalar(run_file, tmp_path):
 ])
 def test_unknown_selection_or_key_exits_2_naming_it(run_file, tmp_path, capsys, args, words):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/step", "--steps", *args) == 2
+    assert cube(run_file, out, "--by", "scan/varStep", "--steps", *args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
     assert not out.exists()
@@ -314,21 +314,21 @@ def test_selection_reading_a_missing_key_and_bad_binning_exit_2(run_file, tmp_pa
     with h5py.File(path, "r+") as f:
         conf = json.loads(f.attrs["config"])
         f.attrs["config"] = json.dumps({**conf, "selections": {**SELECTIONS, "weird": {"epics/foo": 1}}})
-    assert main(["cube", str(path), "--by", "scan/step", "--steps", "--split", "good", "weird"]) == 2
+    assert main(["cube", str(path), "--by", "scan/varStep", "--steps", "--split", "good", "weird"]) == 2
     err = capsys.readouterr().err
     assert "--split 'weird'" in err and "'epics/foo'" in err and "ipm/sum" in err
     # unused, the broken selection is no error
-    assert main(["cube", str(path), "--by", "scan/step", "--steps", "--split", "good",
+    assert main(["cube", str(path), "--by", "scan/varStep", "--steps", "--split", "good",
                  "--out", str(tmp_path / "ok.h5")]) == 0
     capsys.readouterr()
     for args, word in [(["--edges", "0", "2", "1"], "--edges"), (["--edges", "1"], "--edges"),
                        (["--steps", "--range", "0", "1"], "--range"), (["--edges", "0", "1", "--range", "0", "1"], "--range"),
                        (["--width", "1e-9"], "--width"), (["--bins", "2", "--range", "2", "1"], "LO < HI")]:
-        assert cube(run_file, tmp_path / "c.h5", "--by", "scan/step", *args) == 2, args
+        assert cube(run_file, tmp_path / "c.h5", "--by", "scan/varStep", *args) == 2, args
         assert word in capsys.readouterr().err
     # exactly one of --bins/--edges/--width/--steps (argparse: exit 2)
     for args in (["--bins", "3", "--steps"], ["--width", "1", "--edges", "0", "1"], []):
         with pytest.raises(SystemExit) as e:
-            cube(run_file, tmp_path / "c.h5", "--by", "scan/step", *args)
+            cube(run_file, tmp_path / "c.h5", "--by", "scan/varStep", *args)
         assert e.value.code == 2
         assert "--bins" in capsys.readouterr().err

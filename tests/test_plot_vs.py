@@ -49,7 +49,7 @@ def test_plot_vs_and_cube_from_the_command_line(tmp_path, capsys):
         assert f["ipm/sum"].shape == (45,)
 
 
-@pytest.mark.parametrize("key", ["scan/step"])
+@pytest.mark.parametrize("key", ["scan/varStep"])
 def test_plot_vs_a_scan_variable_bins_per_step(tmp_path, capsys, key):
     run_inproc(scan_config(tmp_path), tmp_path)
     assert main(["plot", str(tmp_path / "scan.h5"), "cam/full_sum", "--vs", key, "--png", str(tmp_path / "s.png")]) == 0

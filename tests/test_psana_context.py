@@ -200,13 +200,13 @@ def test_light_status_decoding():
 def test_scan_steps_equal_psana_step_loop(run_file, batch_size):
     ref = psana_reference(run_file)
     names, ctx, ts, _ = read_context(run_file, batch_size=batch_size)
-    assert {"scan/step": np.int64, "scan/motor1": np.float64, "scan/motor2": np.float64}.items() <= names.items()
+    assert {"scan/varStep": np.int64, "scan/motor1": np.float64, "scan/motor2": np.float64}.items() <= names.items()
     assert len(ts) == N_EVENTS and np.all(np.diff(ts.astype(np.int64)) > 0)
-    np.testing.assert_array_equal(ctx["scan/step"], [r[0] for r in ref])
+    np.testing.assert_array_equal(ctx["scan/varStep"], [r[0] for r in ref])
     np.testing.assert_array_equal(ctx["scan/motor1"], [r[1] for r in ref])
     np.testing.assert_array_equal(ctx["scan/motor2"], [r[2] for r in ref])
     step = np.repeat(np.arange(N_STEPS), PER_STEP)  # what the builder wrote
-    np.testing.assert_array_equal(ctx["scan/step"], step)
+    np.testing.assert_array_equal(ctx["scan/varStep"], step)
     np.testing.assert_array_equal(ctx["scan/motor1"], 10.0 + step)
     np.testing.assert_array_equal(ctx["scan/motor2"], -2.5 * step)
 
@@ -214,7 +214,7 @@ def test_scan_steps_equal_psana_step_loop(run_file, batch_size):
 def test_events_limit_keeps_step_values(run_file):
     _, ctx, ts, _ = read_context(run_file, batch_size=4, events=6)
     assert len(ts) == 6
-    np.testing.assert_array_equal(ctx["scan/step"], [0, 0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(ctx["scan/varStep"], [0, 0, 0, 0, 1, 1])
     np.testing.assert_array_equal(ctx["scan/motor1"], [10, 10, 10, 10, 11, 11])
 
 
@@ -342,7 +342,7 @@ cfg = validate_config({"source": {"type": "psana", "exp": "xpptut15", "run": 14,
                        "detectors": {"xppcspad": {"type": "camera", "shape": [2, 3, 6]}}})
 dets = {"xppcspad": {"type": "camera", "shape": (2, 3, 6), "shape_given": True, "constants": None}}
 src = PsanaSource(cfg.source, dets, context=cfg.context)
-rows = [[int(b.timestamp[i]), int(b.context["scan/step"][i]), float(b.context["scan/motor1"][i])]
+rows = [[int(b.timestamp[i]), int(b.context["scan/varStep"][i]), float(b.context["scan/motor1"][i])]
         for b in src.batches(2) for i in range(len(b))]
 rows = MPI.COMM_WORLD.gather(rows, root=0)
 if MPI.COMM_WORLD.Get_rank() == 0:
@@ -376,5 +376,5 @@ def test_steps_under_psana_mpi_distribution(run_file, tmp_path):
     got = sorted(row for rows in per_rank for row in rows)
     _, ctx, ts, _ = read_context(run_file)
     assert [r[0] for r in got] == ts.tolist()
-    assert [r[1] for r in got] == ctx["scan/step"].tolist()
+    assert [r[1] for r in got] == ctx["scan/varStep"].tolist()
     assert [r[2] for r in got] == ctx["scan/motor1"].tolist()

@@ -10,7 +10,7 @@ Events are binned by a per-event scalar ``by`` (a ROI sum, a delay, a scan step.
   the values up to its edge); with no range, the bins ``[k W, (k + 1) W)`` that
   hold the finite values of ``by``: edges from ``floor(min / W) * W`` to ``(floor(max / W) + 1) * W``;
 - ``steps=True``: one bin per distinct finite value of ``by`` among the events used (scan steps,
-  ``by="scan/step"``), ordered by value; ``centers`` are those values and there are no edges.
+  ``by="scan/varStep"``), ordered by value; ``centers`` are those values and there are no edges.
 
 With edges, bin k holds ``edges[k] <= v < edges[k+1]``, the last bin also ``v == edges[-1]``. Left out:
 events damaged in any detector the cube reads (``/<det>/damaged != 0``: the detectors of ``by``, of the

@@ -19,6 +19,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -221,7 +222,7 @@ class ContextConfig(Strict):
     has it: for an hdf5 source a per-event dataset of the raw file (``/evr/laser``); for psana
     ``<detector>.<attribute>...`` called with the event (``gmd.raw.milliJoulesPerPulse``). ``epics``: psana PVs
     written per event as ``epics/<pv>`` (run-constant ones in ``/epicsOnce/<pv>``). ``scan``: psana step scans
-    (``scan/<variable>``, ``scan/step``; None: when the run has scan variables). ``light_status``: psana's
+    (``scan/<variable>``, ``scan/varStep``; None: when the run has scan variables). ``light_status``: psana's
     ``lightStatus`` (None: when the run has the timing detector; false: never)."""
 
     values: dict[str, str] = Field(default_factory=dict)
@@ -269,7 +270,7 @@ class CubeDetectorConfig(Strict):
 
 
 class CubeConfig(Strict):
-    """Binned data during the run (SPEC 10): events binned by ``by`` (a context name, e.g. ``scan/step``), only
+    """Binned data during the run (SPEC 10): events binned by ``by`` (a context name, e.g. ``scan/varStep``), only
     those of ``selection`` (None: all that are not damaged), split by each selection of ``split``."""
 
     by: str
@@ -279,6 +280,13 @@ class CubeConfig(Strict):
     norm: str | None = None
     detectors: dict[str, CubeDetectorConfig] | None = None  # None: every detector's frame
     output: str | None = None  # None: <output stem>_cube.h5 beside the result
+
+    @field_validator("by", "norm")
+    @classmethod
+    def _current_name(cls, v):  # a context name of an earlier release (scan/step) -> today's (scan/varStep)
+        from ..sources.context import current_name
+
+        return v if v is None else current_name(v)
 
 
 class RunConfig(Strict):

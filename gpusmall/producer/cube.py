@@ -1,6 +1,6 @@
 """The cube during the run (SPEC 10, config ``cube:``): per bin of a context value, sums of full frames.
 
-Events are binned by ``by`` (a per-event context value such as ``scan/step`` or ``ipm/sum``): one bin per distinct
+Events are binned by ``by`` (a per-event context value such as ``scan/varStep`` or ``ipm/sum``): one bin per distinct
 value (``steps``), explicit ``edges``, ``n`` bins over a ``range`` or bins of a ``width`` over it (edges as
 ``gpusmall cube``: ``edges[k] <= v < edges[k+1]``, the last bin also holds ``v == edges[-1]``). Only events of
 ``selection`` enter, each bin is split by every selection of ``split`` (an event may be in several), and an event

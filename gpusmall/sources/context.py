@@ -1,8 +1,8 @@
 """Per-event context (SPEC 10): what each name holds, and the value of a missing one.
 
-Names are smalldata_tools': ``lightStatus/xray``, ``lightStatus/laser`` (uint8 0/1), ``scan/step`` (int64),
+Names are smalldata_tools': ``lightStatus/xray``, ``lightStatus/laser`` (uint8 0/1), ``scan/varStep`` (int64),
 ``scan/<variable>``, ``epics/<pv>`` and any configured value such as ``ipm/sum`` (float64). A value the source
-lacks in an event is :func:`missing_value`: NaN for floats, -1 for ``scan/step``, 255 for the light status
+lacks in an event is :func:`missing_value`: NaN for floats, -1 for ``scan/varStep``, 255 for the light status
 (neither on nor off, so no selection on it takes the event); the run counts them per name.
 """
 from __future__ import annotations
@@ -11,13 +11,22 @@ import numpy as np
 
 LIGHT_STATUS = ("lightStatus/xray", "lightStatus/laser")
 MISSING_STATUS = 255
+RENAMED = {"scan/step": "scan/varStep"}
+"""Context names of earlier releases -> today's, still accepted in configs (``cube.by``, ``cube.norm``,
+selection keys). ``scan/step`` became smalldata_tools' ``scan/varStep``: SmallDataAna takes every
+``scan/<name>`` without ``var`` in it for a scan variable."""
+
+
+def current_name(name: str) -> str:
+    """Today's name of context ``name`` (:data:`RENAMED`)."""
+    return RENAMED.get(name, name)
 
 
 def context_dtype(name: str) -> np.dtype:
-    """The dtype of context ``name``: uint8 for the light status, int64 for ``scan/step``, float64 otherwise."""
+    """The dtype of context ``name``: uint8 for the light status, int64 for ``scan/varStep``, float64 otherwise."""
     if name.startswith("lightStatus/"):
         return np.dtype(np.uint8)
-    if name == "scan/step":
+    if name == "scan/varStep":
         return np.dtype(np.int64)
     return np.dtype(np.float64)
 

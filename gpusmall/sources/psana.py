@@ -33,7 +33,7 @@ With ``files`` psana has no MPI distribution (every rank would read every event)
 them all. psana's ``max_events`` (our ``events``) counts over all ranks.
 
 Event context (SPEC 10, the ``context`` block; :mod:`.psana_context`): ``lightStatus/*`` from the timing
-detector, ``scan/step`` and ``scan/<variable>`` of step scans, ``epics/<pv>`` and configured values, in every
+detector, ``scan/varStep`` and ``scan/<variable>`` of step scans, ``epics/<pv>`` and configured values, in every
 batch's ``context``. With the scan context on, the run is walked step by step (``run.steps()``, then each
 step's ``events()``; the same under psana's MPI distribution, where every rank sees every step).
 """

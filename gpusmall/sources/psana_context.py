@@ -10,7 +10,7 @@ What :class:`PsanaContext` reads, under smalldata_tools' names:
   code 0..287): a positive code present marks the laser off (a dropped shot), negative codes ``-c`` mean the
   laser is on only when one of those codes ``c`` is present; both kinds together: on = no drop code present
   and a requested code present. No code configured: laser on.
-- ``scan/step`` (int64, the step index 0, 1, ... in the run) and ``scan/<variable>`` (float64) for each numeric
+- ``scan/varStep`` (int64, the step index 0, 1, ... in the run) and ``scan/<variable>`` (float64) for each numeric
   scan variable of the run (``run.scannames`` less ``step_docstring``), read once per step with the step object;
   the run is then walked ``for step in run.steps(): for evt in step.events()``.
 - ``epics/<pv>`` (float64) for each PV of ``context.epics`` (an alias or PV name of ``run.epicsinfo``), read per
@@ -111,7 +111,7 @@ class PsanaContext:
         self.steps = cfg.scan is not False and bool(getattr(run, "scannames", None))
         self.scan = self._resolve_scan(cfg.scan)
         self.epics = self._resolve_epics(cfg.epics)
-        names = ([*LIGHT_STATUS] if self.timing is not None else []) + (["scan/step", *self.scan] if self.steps else [])
+        names = ([*LIGHT_STATUS] if self.timing is not None else []) + (["scan/varStep", *self.scan] if self.steps else [])
         names += list(self.epics) + list(self.values)
         self.names = {n: context_dtype(n) for n in dict.fromkeys(names)}
         self._once: dict[str, object] = {}  # epics name -> its first value; _NOT_SET once it changed
@@ -234,8 +234,8 @@ class PsanaContext:
                 x, las = light_status(codes, dest, getattr(info, "ebeamPresent", None),
                                       self.light.xray_destination, self.light.laser_codes)
                 arrays[LIGHT_STATUS[0]][i], arrays[LIGHT_STATUS[1]][i] = x, las
-        if step is not None and "scan/step" in arrays:
-            arrays["scan/step"][i] = step[0]
+        if step is not None and "scan/varStep" in arrays:
+            arrays["scan/varStep"][i] = step[0]
             for n, v in step[1].items():
                 arrays[n][i] = v
         for n, det in self.epics.items():

@@ -254,7 +254,7 @@ class SimSource(Source):
         if simulate.i0:
             names.append(I0_NAME)
         if simulate.scan is not None:
-            names += [f"scan/{simulate.scan.variable}", "scan/step"]
+            names += [f"scan/{simulate.scan.variable}", "scan/varStep"]
         return names
 
     def shots(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -276,7 +276,7 @@ class SimSource(Source):
         if sim.scan is not None:
             step = (idx // sim.scan.events_per_step).astype(np.int64)
             value = sim.scan.start + sim.scan.step * step
-            ctx[f"scan/{sim.scan.variable}"], ctx["scan/step"] = value.astype(np.float64), step
+            ctx[f"scan/{sim.scan.variable}"], ctx["scan/varStep"] = value.astype(np.float64), step
             pumped &= value > 0
         return ctx, pulse * np.where(pumped, 1.0 + sim.pump, 1.0)
 
