@@ -12,22 +12,12 @@ import pytest
 
 psana = pytest.importorskip("psana")
 
+from test_psana import FILES, xtc  # noqa: E402  (the real files and their detector types)
+
 from gpusmall.analysis.avimage import assemble, pixel_grid  # noqa: E402
 from gpusmall.detectors import get_model  # noqa: E402
 from gpusmall.producer.config import validate_config  # noqa: E402
 from gpusmall.sources import open_source  # noqa: E402
-
-FILES = {
-    "epixquad": ("test_epix_calib.xtc2", "epix10ka"),
-    "jungfrau": ("test_jungfrau05M_calib.xtc2", "jungfrau"),
-}
-
-
-def xtc(data_dir, det):
-    path = data_dir / FILES[det][0]
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def source_geometry(path, det):
