@@ -125,7 +125,8 @@ class MedianCommonMode:
         self.ranges = tuple(range(model.n_gains)) if gain_ranges == "all" else tuple(model.high_gain_ranges)
         self.range_mask = sum(1 << r for r in self.ranges) if gain_ranges == "high" else 0xFFFFFFFF
         self.panel_shape = tuple(int(v) for v in panel_shape)
-        self.bank = tuple(int(v) for v in model.banks(self.panel_shape))
+        br, bc = model.banks(self.panel_shape)
+        self.bank = (int(br), int(bc))
         r, c = self.panel_shape
         if r % self.bank[0] or c % self.bank[1]:
             raise InputError(f"detector {det}: panel {self.panel_shape} is not a whole number of "
@@ -149,13 +150,17 @@ class MedianCommonMode:
         s = xp.array(s, dtype=xp.float32, order="C", copy=True)
         use = self.use_mask(xp, good, g)
         for axis in self.axes:
-            sg = _to_groups(s, axis, self.bank)  # a view of s for rows and cols, a copy for banks
-            ug = _to_groups(use, axis, self.bank)
-            med, ok = group_median(xp, sg, ug, self.min_pixels, self.max_correction)
-            _subtract_where(xp, sg, xp.where(ok, med, xp.float32(0))[..., None], ug)
-            if axis == "banks":
-                s = _from_groups(xp, sg, axis, s.shape, self.bank)
+            s = self._reference_step(xp, axis, s, use)
         return s
+
+    def _reference_step(self, xp, axis: str, s, use):
+        """One step of :meth:`reference` on contiguous float32 ``s``: in place for rows and cols (a view of s),
+        a new contiguous array for banks (its groups are a copy); returns the corrected s."""
+        sg = _to_groups(s, axis, self.bank)
+        ug = _to_groups(use, axis, self.bank)
+        med, ok = group_median(xp, sg, ug, self.min_pixels, self.max_correction)
+        _subtract_where(xp, sg, xp.where(ok, med, xp.float32(0))[..., None], ug)
+        return _from_groups(xp, sg, axis, s.shape, self.bank) if axis == "banks" else s
 
     def __call__(self, s, good, g):
         if self.backend is None or not self.backend.is_gpu:
@@ -172,11 +177,7 @@ class MedianCommonMode:
         threads = getattr(self.backend, "threads", 1) if self.backend is not None else 1
         for axis in self.axes:
             if axis == "banks":
-                use = self.use_mask(np, good, g)
-                sg, ug = _to_groups(s, axis, self.bank), _to_groups(use, axis, self.bank)
-                med, ok = group_median(np, sg, ug, self.min_pixels, self.max_correction)
-                _subtract_where(np, sg, np.where(ok, med, np.float32(0))[..., None], ug)
-                s = np.ascontiguousarray(_from_groups(np, sg, axis, s.shape, self.bank))
+                s = self._reference_step(np, axis, s, self.use_mask(np, good, g))
             else:
                 cpu_median.median_step(self, axis, s, good, g, threads)
         return s
