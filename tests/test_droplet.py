@@ -262,3 +262,33 @@ def test_photons_are_placed_by_largest_remainders(backend, rng):
                                           backend.to_device(s), adu))
     np.testing.assert_array_equal(k, photons_reference(value, droplet, adu))
     np.testing.assert_array_equal(np.bincount(droplet, weights=k), np.floor(s / adu + 0.5))
+
+
+@pytest.mark.parametrize("use_rms,low", [(True, 3.0), (False, None), (False, 10.0)])
+def test_numba_find_bit_identical_to_the_array_path(rng, use_rms, low):
+    """gpusmall/funcs/cpu_droplet.py (numba) against Droplet.find_arrays (scipy.ndimage.label + bincount), every
+    field bit for bit: dense exponential frames (droplets that merge through U and spiral shapes), a frame
+    full of signal, an empty one, bad pixels, droplets on every panel edge."""
+    from gpusmall.backend import get_backend
+    from gpusmall.funcs import cpu_droplet
+
+    if not cpu_droplet.supports(np.zeros((1, 1, 1, 1), np.float32)):
+        pytest.skip("numba not available")
+    backend = get_backend("numpy")
+    shape = (3, 37, 41)
+    data = rng.exponential(12, (4,) + shape).astype(np.float32)
+    data[1, 0] = 500.0  # one droplet the size of the panel
+    data[2, 1] = 0.0  # nothing
+    data[3, 2, ::3, :] = 200.0  # combs joined at the last column: one droplet found only through unions
+    data[3, 2, :, -1] = 200.0
+    good = rng.random(data.shape) > 0.03
+    noise = rng.uniform(2, 4, shape).astype(np.float32)
+    ctx = make_ctx(backend, shape, noise=noise)
+    f = setup(Droplet, backend, ctx, threshold=20 if not use_rms else 6, threshold_low=low, use_rms=use_rms,
+              max_droplets=5000)
+    frames = make_frames(backend, data, good)
+    got, ref = f.find(frames), f.find_arrays(frames)
+    assert got["n"] == ref["n"] > 100
+    for k in ("idx", "lab", "val", "total", "npix", "row", "col", "event", "tile", "ep"):
+        assert got[k].dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

@@ -44,6 +44,7 @@ from pydantic import Field, model_validator
 
 from ..errors import InputError
 from ..kernel_specs import KernelSpec, blocks_1d
+from . import cpu_droplet
 from .base import FrameContext, Frames, FunctionParams, ReductionFunction
 
 
@@ -316,7 +317,16 @@ class Droplet(ReductionFunction):
         return out
 
     def find(self, frames: Frames):
-        """Labelled pixels and per-droplet statistics of a batch (all droplets, before the veto)."""
+        """Labelled pixels and per-droplet statistics of a batch (all droplets, before the veto); on NumPy
+        arrays with numba by :mod:`gpusmall.funcs.cpu_droplet` (bit-identical to :meth:`find_arrays`)."""
+        data, good = frames.data, frames.good
+        if not self.ctx.backend.is_gpu and cpu_droplet.supports(data):
+            return cpu_droplet.find(data, good, self.thr, self.thr_low, self.grow,
+                                    getattr(self.ctx.backend, "threads", 1))
+        return self.find_arrays(frames)
+
+    def find_arrays(self, frames: Frames):
+        """:meth:`find` with array operations (NumPy or CuPy): the reference of the numba path."""
         xp = self.ctx.xp
         data, good = frames.data, frames.good
         e, np_, nr, nc = data.shape

@@ -1,0 +1,175 @@
+"""Droplet finding on the CPU for the NumPy backend (numba): mask, labels and per-droplet sums in three passes.
+
+:meth:`gpusmall.funcs.droplet.Droplet.find` on NumPy arrays builds the mask with array operations
+(:func:`~gpusmall.funcs.droplet.droplet_mask`: seeds, four shifted copies), labels the whole batch with
+``scipy.ndimage.label`` and sums per droplet with ``bincount``: a dozen full-frame passes. Here:
+
+1. ``_mask_count`` (frames in parallel): the labelled pixels (seeds ``good & data >= thr``; with ``grow``
+   also ``good & data >= thr_low`` pixels next to a seed, 4-neighbours in the same panel) and their count per
+   frame (a frame is one panel of one event);
+2. ``_label_frames``: per frame, a raster scan with union-find over the labelled pixels only (left and up
+   neighbours; the smaller position becomes the root, so each droplet's root is its first pixel in
+   row-major order); writes the flat pixel indices and the frame's droplet numbers;
+3. ``_droplet_sums``: global droplet numbers (frames in order, then first pixel) and the per-droplet sums
+   in float64, adding the pixels in index order.
+
+The numbering is SciPy's (labels in order of each droplet's first pixel in row-major order of the batch) and
+the sums add the same values in the same order as ``bincount``, so every output is bit-identical to the
+NumPy path (``tests/test_droplet.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..calib import cpu_kernels
+
+if cpu_kernels.numba is not None:
+    from numba import njit, prange
+
+    _jit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+
+    @njit(inline="always")
+    def _seed(d, gd, t):
+        return gd and d >= t
+
+    @_jit
+    def _mask_count(data, good, thr, thr_low, grow, mask, counts):
+        """data (F, R, C) float32, good (F, R, C) bool; thr, thr_low (P, R, C) float32 (P divides F: frame f
+        is panel f % P); mask (F, R, C) bool out; counts (F,) int64 out."""
+        nf, nr, nc = data.shape
+        npan = thr.shape[0]
+        for f in prange(nf):
+            d, gd, m = data[f], good[f], mask[f]
+            t, tl = thr[f % npan], thr_low[f % npan]
+            cnt = 0
+            for r in range(nr):
+                for c in range(nc):
+                    x = d[r, c]
+                    ok = gd[r, c]
+                    on = ok and x >= t[r, c]
+                    if grow and not on and ok and x >= tl[r, c]:
+                        on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
+                              or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
+                              or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
+                              or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
+                    m[r, c] = on
+                    cnt += on
+            counts[f] = cnt
+
+    @njit(inline="always")
+    def _root(parent, k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    @njit(inline="always")
+    def _union(parent, a, b):
+        ra, rb = _root(parent, a), _root(parent, b)
+        if ra < rb:
+            parent[rb] = ra
+        elif rb < ra:
+            parent[ra] = rb
+
+    @_jit
+    def _label_frames(mask, start, idx, lab, n_frame):
+        """mask (F, R, C) bool; start (F + 1,) int64 (each frame's first labelled pixel); idx (M,) int64 out,
+        the flat indices into (F, R, C); lab (M,) int64 out, droplet numbers 0.. within the frame;
+        n_frame (F,) int64 out, droplets per frame."""
+        nf, nr, nc = mask.shape
+        for f in prange(nf):
+            o = start[f]
+            parent = lab[o:start[f + 1]]  # union-find forest over the frame's labelled pixels, in place
+            above = np.full(nc, -1, np.int64)  # position of the labelled pixel in the row above, or -1
+            m = mask[f]
+            k = 0
+            for r in range(nr):
+                left = -1
+                for c in range(nc):
+                    if not m[r, c]:
+                        above[c] = -1
+                        left = -1
+                        continue
+                    idx[o + k] = (f * nr + r) * nc + c
+                    parent[k] = k
+                    if left >= 0:
+                        _union(parent, k, left)
+                    if above[c] >= 0:
+                        _union(parent, k, above[c])
+                    above[c] = k
+                    left = k
+                    k += 1
+            n = 0
+            for j in range(k):  # parent[j] <= j: roots first, each the first pixel of its droplet
+                p = parent[j]
+                if p == j:
+                    parent[j] = n
+                    n += 1
+                else:  # p < j holds its droplet's number already
+                    parent[j] = parent[p]
+            n_frame[f] = n
+
+    @_jit
+    def _droplet_sums(data, idx, lab, start, first, total, npix, wrow, wcol, ep):
+        """Global droplet numbers (lab += the frame's first droplet) and float64 sums per droplet: total
+        ``sum(v)``, npix, ``sum(v * row)``, ``sum(v * col)``, and each droplet's frame ep."""
+        nf = start.shape[0] - 1
+        nrc = data.shape[1] * data.shape[2]
+        nc = data.shape[2]
+        flat = data.reshape(-1)
+        for f in prange(nf):
+            d0 = first[f]
+            for k in range(start[f], start[f + 1]):
+                i = lab[k] + d0
+                lab[k] = i
+                p = idx[k]
+                v = np.float64(flat[p])
+                rc = p % nrc
+                total[i] += v
+                npix[i] += 1
+                wrow[i] += v * np.float64(rc // nc)
+                wcol[i] += v * np.float64(rc % nc)
+                ep[i] = f
+
+
+def supports(data) -> bool:
+    """Whether :func:`find` can run on ``data``: numba there and on, NumPy arrays (events, panels, rows, cols)."""
+    return cpu_kernels.available() and isinstance(data, np.ndarray) and data.ndim == 4
+
+
+def _per_panel(t, panel_shape):
+    """A threshold (scalar or (1, panels, rows, cols)) as a (panels, rows, cols) float32 array (a view)."""
+    t = np.asarray(t, np.float32)
+    return np.broadcast_to(t.reshape(t.shape[1:]) if t.ndim == 4 else t, panel_shape)
+
+
+def find(data, good, thr, thr_low, grow: bool, threads: int = 1) -> dict:
+    """Labelled pixels and per-droplet sums of a batch, the dict of
+    :meth:`gpusmall.funcs.droplet.Droplet.find`: data (events, panels, rows, cols) float32, good bool;
+    thr, thr_low float32 scalars or (1, panels, rows, cols)."""
+    e, p, r, c = data.shape
+    frames = (e * p, r, c)
+    d = np.ascontiguousarray(data, dtype=np.float32).reshape(frames)
+    gd = np.ascontiguousarray(good, dtype=np.bool_).reshape(frames)
+    t, tl = _per_panel(thr, (p, r, c)), _per_panel(thr_low, (p, r, c))
+    mask = np.empty(frames, np.bool_)
+    counts = np.empty(e * p, np.int64)
+    with cpu_kernels._threads(threads):
+        _mask_count(d, gd, t, tl, bool(grow), mask, counts)
+        start = np.zeros(e * p + 1, np.int64)
+        np.cumsum(counts, out=start[1:])
+        m = int(start[-1])
+        idx = np.empty(m, np.int64)
+        lab = np.empty(m, np.int64)
+        n_frame = np.empty(e * p, np.int64)
+        _label_frames(mask, start, idx, lab, n_frame)
+        first = np.zeros(e * p + 1, np.int64)
+        np.cumsum(n_frame, out=first[1:])
+        n = int(first[-1])
+        total, wrow, wcol = np.zeros(n), np.zeros(n), np.zeros(n)
+        npix = np.zeros(n, np.int64)
+        d_ep = np.zeros(n, np.int64)
+        _droplet_sums(d, idx, lab, start, first, total, npix, wrow, wcol, d_ep)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d_row, d_col = wrow / total, wcol / total
+    return dict(n=n, idx=idx, lab=lab, val=d.reshape(-1)[idx].astype(np.float64), total=total, npix=npix,
+                row=d_row, col=d_col, event=d_ep // p, tile=d_ep % p, n_events=e, ep=idx // (r * c))
