@@ -241,3 +241,27 @@ def test_azav_fully_masked_without_range_is_an_input_error(backend):
     out = f.compute(make_frames(backend, np.ones((2,) + shape, np.float32)))[0]
     assert np.isnan(backend.to_host(out["azav"])).all()
     np.testing.assert_array_equal(backend.to_host(out["count"]), 0)
+
+
+def test_numba_numerators_equal_the_sparse_product(rng, monkeypatch):
+    """gpusmall/funcs/cpu_azav.py (float64, one pass) against the csr engine's sparse product (float32) on the
+    same batch: equal within float32 rounding, NaN in the same bins."""
+    from gpusmall.backend import get_backend
+    from gpusmall.calib import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip("numba not available")
+    backend = get_backend("numpy")
+    shape = (2, 30, 40)
+    data = rng.exponential(20, (5,) + shape).astype(np.float32)
+    good = rng.random(data.shape) > 0.05
+    ctx = make_ctx(backend, shape)
+    f = setup(Azav, backend, ctx, center_um=[1500, 2000], distance_mm=50, energy_kev=9.5, bins=37)
+    frames = make_frames(backend, data, good)
+    got = f.compute(frames)[0]
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+    ref = f.compute(frames)[0]
+    np.testing.assert_array_equal(got["count"], ref["count"])
+    np.testing.assert_array_equal(np.isnan(got["azav"]), np.isnan(ref["azav"]))
+    np.testing.assert_allclose(got["azav"], ref["azav"], rtol=2e-6, equal_nan=True)
+    assert not np.array_equal(got["azav"], ref["azav"])  # the float64 sums are not the float32 product's
