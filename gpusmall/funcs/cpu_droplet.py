@@ -23,6 +23,9 @@ import numpy as np
 
 from ..calib import cpu_kernels
 
+ROW_BLOCK = 32
+"""Rows per work item of the mask pass: the block's two thresholds (per pixel) stay in L2 over the events."""
+
 if cpu_kernels.numba is not None:
     from numba import njit, prange
 
@@ -35,26 +38,36 @@ if cpu_kernels.numba is not None:
     @_jit
     def _mask_count(data, good, thr, thr_low, grow, mask, counts):
         """data (F, R, C) float32, good (F, R, C) bool; thr, thr_low (P, R, C) float32 (P divides F: frame f
-        is panel f % P); mask (F, R, C) bool out; counts (F,) int64 out."""
+        is panel f % P); mask (F, R, C) bool out; counts (F, blocks) int64 out, per block of ROW_BLOCK rows.
+        Work items are (panel, row block), every event inside: the block's thresholds stay in cache."""
         nf, nr, nc = data.shape
         npan = thr.shape[0]
-        for f in prange(nf):
-            d, gd, m = data[f], good[f], mask[f]
-            t, tl = thr[f % npan], thr_low[f % npan]
-            cnt = 0
-            for r in range(nr):
-                for c in range(nc):
-                    x = d[r, c]
-                    ok = gd[r, c]
-                    on = ok and x >= t[r, c]
-                    if grow and not on and ok and x >= tl[r, c]:
-                        on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
-                              or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
-                              or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
-                              or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
-                    m[r, c] = on
-                    cnt += on
-            counts[f] = cnt
+        nblk = counts.shape[1]
+        for task in prange(npan * nblk):
+            pan, blk = task // nblk, task % nblk
+            t, tl = thr[pan], thr_low[pan]
+            pre = tl if grow else t  # with grow thr_low < thr: below it a pixel is neither seed nor grown
+            for f in range(pan, nf, npan):
+                d, gd, m = data[f], good[f], mask[f]
+                cnt = 0
+                for r in range(blk * ROW_BLOCK, min(nr, blk * ROW_BLOCK + ROW_BLOCK)):
+                    mr = m[r]
+                    for c in range(nc):  # SIMD; the few pixels at or above pre are looked at below
+                        mr[c] = d[r, c] >= pre[r, c]
+                    for c in range(nc):
+                        if not mr[c]:
+                            continue
+                        x = d[r, c]
+                        ok = gd[r, c]
+                        on = ok and x >= t[r, c]
+                        if grow and not on and ok:
+                            on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
+                                  or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
+                                  or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
+                                  or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
+                        mr[c] = on
+                        cnt += on
+                counts[f, blk] = cnt
 
     @njit(inline="always")
     def _root(parent, k):
@@ -152,11 +165,11 @@ def find(data, good, thr, thr_low, grow: bool, threads: int = 1) -> dict:
     gd = np.ascontiguousarray(good, dtype=np.bool_).reshape(frames)
     t, tl = _per_panel(thr, (p, r, c)), _per_panel(thr_low, (p, r, c))
     mask = np.empty(frames, np.bool_)
-    counts = np.empty(e * p, np.int64)
+    counts = np.empty((e * p, -(-r // ROW_BLOCK)), np.int64)
     with cpu_kernels._threads(threads):
         _mask_count(d, gd, t, tl, bool(grow), mask, counts)
         start = np.zeros(e * p + 1, np.int64)
-        np.cumsum(counts, out=start[1:])
+        np.cumsum(counts.sum(axis=1), out=start[1:])
         m = int(start[-1])
         idx = np.empty(m, np.int64)
         lab = np.empty(m, np.int64)
