@@ -235,12 +235,17 @@ class Calibrator:
         pedestal -> common mode -> scale, as the reference."""
         if not callable(self.common_mode):
             return self.cpu.calibrate(raw)
+        from . import cpu_median
+
         out = np.empty(raw.shape, np.float32)
         good = np.empty(raw.shape, np.bool_)
         for e0 in range(0, raw.shape[0], CHUNK_EVENTS):
             events = slice(e0, e0 + CHUNK_EVENTS)
             s, g, good[events] = self.cpu.pedestal_subtract(raw[events])
-            s = np.ascontiguousarray(self.common_mode(s, good[events], g), dtype=np.float32)
+            if getattr(self.common_mode, "cpu", None) is not None and cpu_median.supports(s):
+                s = self.common_mode.cpu(s, good[events], g, inplace=True)  # s is this call's own
+            else:
+                s = np.ascontiguousarray(self.common_mode(s, good[events], g), dtype=np.float32)
             self.cpu.scale_apply(raw[events], s, good[events], out[events])
         return out, good
 

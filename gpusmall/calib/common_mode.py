@@ -168,10 +168,11 @@ class MedianCommonMode:
         return self.gpu(s, good, g)
 
     # -- CPU (numba) ------------------------------------------------------------------------
-    def cpu(self, s, good, g):
+    def cpu(self, s, good, g, inplace: bool = False):
         """NumPy backend with numba: rows and cols steps by :mod:`gpusmall.calib.cpu_median` (bit-identical
-        to :meth:`reference`, a fraction of its passes), banks as the reference does it."""
-        s = np.array(s, dtype=np.float32, order="C", copy=True)
+        to :meth:`reference`, a fraction of its passes), banks as the reference does it. ``inplace``: correct
+        ``s`` itself when it is C-contiguous float32 (the calibration's own pedestal-subtracted batch)."""
+        s = np.array(s, dtype=np.float32, order="C", copy=not inplace)
         good = np.ascontiguousarray(good, dtype=np.bool_)
         g = np.ascontiguousarray(g, dtype=np.int8)
         threads = getattr(self.backend, "threads", 1) if self.backend is not None else 1
