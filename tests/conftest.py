@@ -6,6 +6,8 @@ The CuPy case is skipped with a reason when no GPU is usable, except when the su
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,33 @@ def pytest_configure(config):
         except ImportError:
             return
         cupy.cuda.set_allocator(None)
+
+
+_prebuild: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session):
+    """When the collected tests use the CPU runtime of the CUDA kernels (they import tests/cuda_cpu), compile
+    the kernels in a background process (``python -m cuda_cpu``) while the first tests run: on a machine
+    without the compiled kernels in the cache (a fresh CI runner) that takes 20-30 s of g++ on one core.
+    A test that needs a kernel before it is ready waits for that compile instead of starting another."""
+    global _prebuild
+    if "cuda_cpu" not in sys.modules or session.config.option.collectonly:
+        return
+    from cuda_cpu import compiler
+
+    if compiler() is None:
+        return
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    _prebuild = subprocess.Popen([sys.executable, "-m", "cuda_cpu"], cwd=here, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pytest_sessionfinish(session):
+    if _prebuild is not None and _prebuild.poll() is None:
+        _prebuild.terminate()
+        _prebuild.wait()
 
 
 def _data_dir() -> Path:

@@ -22,6 +22,7 @@ unless written with ``__f*_rn`` intrinsics, which these kernels do where bits ma
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import re
@@ -144,15 +145,23 @@ class CompiledSource:
         cache.mkdir(exist_ok=True)
         lib = cache / f"{key}.so"
         if not lib.exists():
-            cpp = cache / f"{key}.cpp"
-            cpp.write_text(code)
-            tmp = cache / f"{key}.{os.getpid()}.so"
-            r = subprocess.run([cxx, *flags, "-o", str(tmp), str(cpp)], check=False, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"{label}: g++ failed:\n{r.stderr[-4000:]}")
-            self.warnings = r.stderr
-            os.replace(tmp, lib)
+            # one compile per source, whichever process asks first (the tests' background prebuild,
+            # tests/cuda_cpu/__main__.py, or a test); the others wait for it here
+            with open(cache / f"{key}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not lib.exists():
+                    self._compile(cxx, flags, code, cache, key, lib)
         self.lib = ctypes.CDLL(str(lib))
+
+    def _compile(self, cxx, flags, code, cache, key, lib) -> None:
+        cpp = cache / f"{key}.cpp"
+        cpp.write_text(code)
+        tmp = cache / f"{key}.{os.getpid()}.so"
+        r = subprocess.run([cxx, *flags, "-o", str(tmp), str(cpp)], check=False, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{self.label}: g++ failed:\n{r.stderr[-4000:]}")
+        self.warnings = r.stderr
+        os.replace(tmp, lib)
 
     def kernel(self, name: str) -> CpuKernel:
         if name not in self.signatures:
