@@ -134,38 +134,57 @@ if numba is not None:
                     o_[p] = o if ok else zero
                     g_[p] = ok
 
+    @njit(inline="always")
+    def _by_key(k, a0, a1, a2, a3):
+        """The value of key k (0-3) among four computed ones: a select, not a load that depends on k."""
+        a01 = a1 if k == 1 else a0
+        a23 = a3 if k == 3 else a2
+        return a23 if k >= 2 else a01
+
     @_jit
     def _pedestal(raw, dmask, kbits, n_opt, opt_of_key, tab, okb, gk, s, g, good):
         """First half around a common mode (any table): s = float32(w & dmask) - P[option], g = the model's
-        gain index (-1 invalid), good = its okb bit."""
+        gain index (-1 invalid), good = its okb bit. Every key's value is computed and the key's selected
+        (keys absent from ``kbits`` read key 0's rows), so the loop stays SIMD."""
         n_events, npix = raw.shape
         nblocks = (npix + BLOCK - 1) // BLOCK
+        kb = np.uint32(kbits)
+        p0r, p1r = tab[opt_of_key[0]], tab[opt_of_key[1 if kbits & 1 else 0]]
+        p2r, p3r = tab[opt_of_key[2 if kbits & 2 else 0]], tab[opt_of_key[3 if kbits == 3 else 0]]
+        g0, g1 = gk[0], gk[1 if kbits & 1 else 0]
+        g2, g3 = gk[2 if kbits & 2 else 0], gk[3 if kbits == 3 else 0]
         for b in prange(nblocks):
-            p0 = uint64(b * BLOCK)
-            p1 = uint64(min(b * BLOCK + BLOCK, npix))
+            q0 = uint64(b * BLOCK)
+            q1 = uint64(min(b * BLOCK + BLOCK, npix))
             for e in range(n_events):
                 r, s_, gi_, g_ = raw[e], s[e], g[e], good[e]
-                for p in range(p0, p1):
+                for p in range(q0, q1):
                     w = r[p]
-                    k = (np.uint32(w) >> np.uint32(KEY_SHIFT)) & np.uint32(kbits)
-                    s_[p] = np.float32(w & dmask) - tab[opt_of_key[k], p]
-                    gi_[p] = gk[k, p]
+                    k = (np.uint32(w) >> np.uint32(KEY_SHIFT)) & kb
+                    v = np.float32(w & dmask)
+                    s_[p] = _by_key(k, v - p0r[p], v - p1r[p], v - p2r[p], v - p3r[p])
+                    gi_[p] = _by_key(k, g0[p], g1[p], g2[p], g3[p])
                     g_[p] = ((np.uint32(okb[p]) >> k) & np.uint32(1)) != 0
 
     @_jit
     def _scale_apply(raw, kbits, n_opt, opt_of_key, s, good, tab, out):
-        """Second half: out = good ? s * S[option] : 0, the option from the raw word again."""
+        """Second half: out = good ? s * S[option] : 0, the option from the raw word again (selected, as
+        in :func:`_pedestal`)."""
         n_events, npix = raw.shape
         nblocks = (npix + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
+        kb = np.uint32(kbits)
+        s0r, s1r = tab[n_opt + opt_of_key[0]], tab[n_opt + opt_of_key[1 if kbits & 1 else 0]]
+        s2r, s3r = tab[n_opt + opt_of_key[2 if kbits & 2 else 0]], tab[n_opt + opt_of_key[3 if kbits == 3 else 0]]
         for b in prange(nblocks):
-            p0 = uint64(b * BLOCK)
-            p1 = uint64(min(b * BLOCK + BLOCK, npix))
+            q0 = uint64(b * BLOCK)
+            q1 = uint64(min(b * BLOCK + BLOCK, npix))
             for e in range(n_events):
                 r, s_, g_, o_ = raw[e], s[e], good[e], out[e]
-                for p in range(p0, p1):
-                    k = (np.uint32(r[p]) >> np.uint32(KEY_SHIFT)) & np.uint32(kbits)
-                    o = s_[p] * tab[n_opt + opt_of_key[k], p]
+                for p in range(q0, q1):
+                    k = (np.uint32(r[p]) >> np.uint32(KEY_SHIFT)) & kb
+                    x = s_[p]
+                    o = _by_key(k, x * s0r[p], x * s1r[p], x * s2r[p], x * s3r[p])
                     o_[p] = o if g_[p] else zero
 
     @_jit
