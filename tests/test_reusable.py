@@ -48,20 +48,24 @@ def test_at_most_keep_arrays_are_kept():
     assert len(pool._arrays) == 2 and len(held) == 5
 
 
-def test_calibrated_frames_kept_by_a_caller_are_not_overwritten(rng):
-    """The NumPy backend's fused kernels write into reused arrays: frames from an earlier batch that a
-    caller (a user's function, a queue) still holds keep their values."""
+@pytest.mark.parametrize("common_mode", [None, "median rows+cols"])
+def test_calibrated_frames_kept_by_a_caller_are_not_overwritten(rng, common_mode):
+    """The NumPy backend's fused kernels write into reused arrays, with a median common mode too: frames
+    from an earlier batch that a caller (a user's function, a queue) still holds keep their values."""
     pytest.importorskip("numba")
     from test_calibration import make_case
 
     from gpusmall.backend import Backend
     from gpusmall.calib import Calibrator
+    from gpusmall.calib.common_mode import MedianCommonMode
     from gpusmall.detectors import get_model
     from gpusmall.detectors.constants import Constants
 
     model = get_model("jungfrau")
-    ped, gain, raw, mask, cfg = make_case(rng, model, (3, 1, 16, 32), False)
-    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"))
+    ped, gain, raw, mask, cfg = make_case(rng, model, (3, 1, 256, 64), False)
+    cm = MedianCommonMode(model, (256, 64), ("rows", "cols"), gain_ranges="all") if common_mode else None
+    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"),
+                     common_mode=cm)
     assert cal.cpu is not None
     first = cal(raw)
     want = first.data.copy(), first.good.copy()

@@ -237,8 +237,11 @@ class Calibrator:
             return self.cpu.calibrate(raw)
         from . import cpu_median
 
-        out = np.empty(raw.shape, np.float32)
-        good = np.empty(raw.shape, np.bool_)
+        out, good = self.cpu.outputs(raw.shape[0])  # reused once nobody holds them: no page faults per batch
+        cm = self.common_mode
+        if getattr(cm, "cpu", None) is not None and cpu_median.blocked(cm) and raw.ndim == 4:
+            cpu_median.calibrate_blocked(self.cpu, cm, raw, out, good, self.cpu.threads)
+            return out, good
         for e0 in range(0, raw.shape[0], CHUNK_EVENTS):
             events = slice(e0, e0 + CHUNK_EVENTS)
             s, g, good[events] = self.cpu.pedestal_subtract(raw[events])

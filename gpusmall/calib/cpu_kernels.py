@@ -142,13 +142,15 @@ if numba is not None:
         return a23 if k >= 2 else a01
 
     @_jit
-    def _pedestal(raw, dmask, kbits, n_opt, opt_of_key, tab, okb, gk, s, g, good):
-        """First half around a common mode (any table): s = float32(w & dmask) - P[option], g = the model's
-        gain index (-1 invalid), good = its okb bit. Every key's value is computed and the key's selected
-        (keys absent from ``kbits`` read key 0's rows), so the loop stays SIMD."""
-        n_events, npix = raw.shape
+    def _pedestal(raw, lo, dmask, kbits, n_opt, opt_of_key, tab, okb, gk, s, g, good):
+        """First half around a common mode (any table), on the pixels lo .. lo + L of raw (events, npix) into
+        s, g, good (events, L): s = float32(w & dmask) - P[option], g = the model's gain index (-1 invalid),
+        good = its okb bit. Every key's value is computed and the key's selected (keys absent from ``kbits``
+        read key 0's rows), so the loop stays SIMD."""
+        n_events, npix = s.shape
         nblocks = (npix + BLOCK - 1) // BLOCK
         kb = np.uint32(kbits)
+        o = uint64(lo)
         p0r, p1r = tab[opt_of_key[0]], tab[opt_of_key[1 if kbits & 1 else 0]]
         p2r, p3r = tab[opt_of_key[2 if kbits & 2 else 0]], tab[opt_of_key[3 if kbits == 3 else 0]]
         g0, g1 = gk[0], gk[1 if kbits & 1 else 0]
@@ -159,21 +161,23 @@ if numba is not None:
             for e in range(n_events):
                 r, s_, gi_, g_ = raw[e], s[e], g[e], good[e]
                 for p in range(q0, q1):
-                    w = r[p]
+                    x = p + o
+                    w = r[x]
                     k = (np.uint32(w) >> np.uint32(KEY_SHIFT)) & kb
                     v = np.float32(w & dmask)
-                    s_[p] = _by_key(k, v - p0r[p], v - p1r[p], v - p2r[p], v - p3r[p])
-                    gi_[p] = _by_key(k, g0[p], g1[p], g2[p], g3[p])
-                    g_[p] = ((np.uint32(okb[p]) >> k) & np.uint32(1)) != 0
+                    s_[p] = _by_key(k, v - p0r[x], v - p1r[x], v - p2r[x], v - p3r[x])
+                    gi_[p] = _by_key(k, g0[x], g1[x], g2[x], g3[x])
+                    g_[p] = ((np.uint32(okb[x]) >> k) & np.uint32(1)) != 0
 
     @_jit
-    def _scale_apply(raw, kbits, n_opt, opt_of_key, s, good, tab, out):
-        """Second half: out = good ? s * S[option] : 0, the option from the raw word again (selected, as
-        in :func:`_pedestal`)."""
-        n_events, npix = raw.shape
+    def _scale_apply(raw, lo, kbits, n_opt, opt_of_key, s, good, tab, out):
+        """Second half on the pixels lo .. lo + L (s, good, out (events, L)): out = good ? s * S[option] : 0,
+        the option from the raw word again (selected, as in :func:`_pedestal`)."""
+        n_events, npix = s.shape
         nblocks = (npix + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
         kb = np.uint32(kbits)
+        o = uint64(lo)
         s0r, s1r = tab[n_opt + opt_of_key[0]], tab[n_opt + opt_of_key[1 if kbits & 1 else 0]]
         s2r, s3r = tab[n_opt + opt_of_key[2 if kbits & 2 else 0]], tab[n_opt + opt_of_key[3 if kbits == 3 else 0]]
         for b in prange(nblocks):
@@ -182,10 +186,11 @@ if numba is not None:
             for e in range(n_events):
                 r, s_, g_, o_ = raw[e], s[e], good[e], out[e]
                 for p in range(q0, q1):
-                    k = (np.uint32(r[p]) >> np.uint32(KEY_SHIFT)) & kb
-                    x = s_[p]
-                    o = _by_key(k, x * s0r[p], x * s1r[p], x * s2r[p], x * s3r[p])
-                    o_[p] = o if g_[p] else zero
+                    x = p + o
+                    k = (np.uint32(r[x]) >> np.uint32(KEY_SHIFT)) & kb
+                    y = s_[p]
+                    v = _by_key(k, y * s0r[x], y * s1r[x], y * s2r[x], y * s3r[x])
+                    o_[p] = v if g_[p] else zero
 
     @_jit
     def _run_sums(data, kinds, thres, has_thres, acc):
@@ -395,18 +400,27 @@ class CpuCalibration:
         n = raw.shape[0]
         s, g, good = (self._reuse[k].empty(n) for k in ("s", "g", "sgood"))
         with _threads(self.threads):
-            _pedestal(self._flat(raw), self._dmask(raw.dtype), self.kbits, self.n_opt, self.opt_of_key, self.tab,
-                      self.okb, self.gk, s.reshape(n, self.npix), g.reshape(n, self.npix), good.reshape(n, self.npix))
+            self.pedestal_pixels(self._flat(raw), 0, s.reshape(n, self.npix), g.reshape(n, self.npix),
+                                 good.reshape(n, self.npix))
         return s, g, good
+
+    def pedestal_pixels(self, raw2, lo, s, g, good):
+        """:meth:`pedestal_subtract` of the pixels lo .. lo + L of ``raw2`` (events, npix) into C-contiguous
+        s float32, g int8, good bool (events, L); the caller sets the threads."""
+        _pedestal(raw2, lo, self._dmask(raw2.dtype), self.kbits, self.n_opt, self.opt_of_key, self.tab, self.okb,
+                  self.gk, s, g, good)
 
     def scale_apply(self, raw, s, good, out):
         """out = good ? s * scale[clip(g)] : 0 in place (g from ``raw`` again); returns out."""
         n = raw.shape[0]
         with _threads(self.threads):
-            _scale_apply(self._flat(raw), self.kbits, self.n_opt, self.opt_of_key,
-                         np.ascontiguousarray(s, np.float32).reshape(n, self.npix),
-                         np.ascontiguousarray(good).reshape(n, self.npix), self.tab, out.reshape(n, self.npix))
+            self.scale_pixels(self._flat(raw), 0, np.ascontiguousarray(s, np.float32).reshape(n, self.npix),
+                              np.ascontiguousarray(good).reshape(n, self.npix), out.reshape(n, self.npix))
         return out
+
+    def scale_pixels(self, raw2, lo, s, good, out):
+        """:meth:`scale_apply` of the pixels lo .. lo + L (s, good, out (events, L), C-contiguous)."""
+        _scale_apply(raw2, lo, self.kbits, self.n_opt, self.opt_of_key, s, good, self.tab, out)
 
 
 class _threads:

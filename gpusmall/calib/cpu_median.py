@@ -103,6 +103,23 @@ if cpu_kernels.numba is not None:
                 for j in range(uint64(0), uint64(c)):
                     sr[j] -= d[j] if _used(gdr[j], gr[j], all_ranges, range_mask) else zero
 
+    @_jit
+    def _where_cols(s, good, g, all_ranges, range_mask, w, n):
+        """s, good, g, w (M, BR, C): w = s or +inf where a pixel does not enter; n (M, C) used per column.
+        Row-major (SIMD); the caller transposes w into the contiguous groups."""
+        groups, br, c = s.shape
+        inf = np.float32(np.inf)
+        for q in prange(groups):
+            nq = n[q]
+            for j in range(c):
+                nq[j] = 0
+            for r in range(br):
+                sr, gdr, gr, wr = s[q, r], good[q, r], g[q, r], w[q, r]
+                for j in range(uint64(0), uint64(c)):
+                    u = _used(gdr[j], gr[j], all_ranges, range_mask)
+                    wr[j] = sr[j] if u else inf
+                    nq[j] += np.int64(u)
+
 
 def supports(s) -> bool:
     """Whether the kernels can run a median's rows/cols steps on ``s``: numba there and on, NumPy arrays."""
@@ -133,3 +150,55 @@ def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
             _gather_cols(s3, good3, g3, *sel, v, n)
             v.sort(axis=-1)
             _apply_cols(s3, good3, g3, *sel, v, n, *lim)
+
+
+def blocked(cm) -> bool:
+    """Whether :func:`calibrate_blocked` takes this common mode: rows and/or cols steps only (banks need
+    a whole panel)."""
+    return cpu_kernels.available() and bool(cm.axes) and set(cm.axes) <= {"rows", "cols"}
+
+
+def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1) -> None:
+    """pedestal -> ``cm``'s rows/cols steps -> scale, bit-identical to the steps one after the other on the
+    whole batch, one block at a time: a panel's ``bank rows`` rows (contiguous pixels, every row and
+    column group whole), so the block's s, its groups and counts stay in the core's cache between steps.
+
+    cpu: the run's :class:`~gpusmall.calib.cpu_kernels.CpuCalibration`; raw (events, panels, rows, cols)
+    integer; out float32 and good bool of the same shape, C-contiguous, written.
+    """
+    e, p, r, c = raw.shape
+    br, bc = cm.bank
+    npix = p * r * c
+    size = br * c
+    raw2 = cpu._flat(raw)
+    out2, good2 = out.reshape(e, npix), good.reshape(e, npix)
+    sel = (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF))
+    lim = (np.int64(cm.min_pixels), np.float32(cm.max_correction))
+    s = np.empty((1, size), np.float32)
+    g = np.empty((1, size), np.int8)
+    rows = "rows" in cm.axes
+    cols = "cols" in cm.axes
+    s_r, g_r = s.reshape(br, c), g.reshape(br, c)  # rows step: groups of bc along each row
+    v_r = np.empty((br, c), np.float32)
+    n_r = np.empty((br, c // bc), np.int64)
+    s_c, g_c = s.reshape(1, br, c), g.reshape(1, br, c)  # cols step: each column of the block
+    w_c = np.empty((1, br, c), np.float32)
+    v_c = np.empty((1, c, br), np.float32)
+    n_c = np.empty((1, c), np.int64)
+    with cpu_kernels._threads(threads):
+        for ev in range(e):
+            for lo in range(0, npix, size):
+                gd = good2[ev:ev + 1, lo:lo + size]
+                cpu.pedestal_pixels(raw2[ev:ev + 1], lo, s, g, gd)
+                gd_r = gd.reshape(br, c)
+                if rows:
+                    _gather_rows(s_r, gd_r, g_r, *sel, v_r, n_r)
+                    v_r.reshape(-1, bc).sort(axis=-1)
+                    _apply_rows(s_r, gd_r, g_r, *sel, v_r, n_r, *lim)
+                if cols:
+                    gd_c = gd.reshape(1, br, c)
+                    _where_cols(s_c, gd_c, g_c, *sel, w_c, n_c)
+                    np.copyto(v_c, w_c.transpose(0, 2, 1))
+                    v_c.sort(axis=-1)
+                    _apply_cols(s_c, gd_c, g_c, *sel, v_c, n_c, *lim)
+                cpu.scale_pixels(raw2[ev:ev + 1], lo, s, gd, out2[ev:ev + 1, lo:lo + size])
