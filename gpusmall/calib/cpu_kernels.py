@@ -171,8 +171,8 @@ if numba is not None:
 
     @_jit
     def _scale_apply(raw, lo, kbits, n_opt, opt_of_key, s, good, tab, out):
-        """Second half on the pixels lo .. lo + L (s, good, out (events, L)): out = good ? s * S[option] : 0,
-        the option from the raw word again (selected, as in :func:`_pedestal`)."""
+        """Second half on the pixels lo .. lo + L of s and good (events, L) into out (events, npix) at lo:
+        out = good ? s * S[option] : 0, the option from the raw word again (selected, as in :func:`_pedestal`)."""
         n_events, npix = s.shape
         nblocks = (npix + BLOCK - 1) // BLOCK
         zero = np.float32(0.0)
@@ -190,7 +190,7 @@ if numba is not None:
                     k = (np.uint32(r[x]) >> np.uint32(KEY_SHIFT)) & kb
                     y = s_[p]
                     v = _by_key(k, y * s0r[x], y * s1r[x], y * s2r[x], y * s3r[x])
-                    o_[p] = v if g_[p] else zero
+                    o_[x] = v if g_[p] else zero
 
     @_jit
     def _run_sums(data, kinds, thres, has_thres, acc):
@@ -419,7 +419,8 @@ class CpuCalibration:
         return out
 
     def scale_pixels(self, raw2, lo, s, good, out):
-        """:meth:`scale_apply` of the pixels lo .. lo + L (s, good, out (events, L), C-contiguous)."""
+        """:meth:`scale_apply` of the pixels lo .. lo + L of s and good (events, L) into out (events, npix)
+        at lo; all C-contiguous."""
         _scale_apply(raw2, lo, self.kbits, self.n_opt, self.opt_of_key, s, good, self.tab, out)
 
 

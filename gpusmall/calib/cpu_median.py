@@ -158,47 +158,48 @@ def blocked(cm) -> bool:
     return cpu_kernels.available() and bool(cm.axes) and set(cm.axes) <= {"rows", "cols"}
 
 
-def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1) -> None:
+def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2) -> None:
     """pedestal -> ``cm``'s rows/cols steps -> scale, bit-identical to the steps one after the other on the
-    whole batch, one block at a time: a panel's ``bank rows`` rows (contiguous pixels, every row and
-    column group whole), so the block's s, its groups and counts stay in the core's cache between steps.
+    whole batch, one block of pixels for ``events`` events at a time: a panel's ``bank rows`` rows
+    (contiguous pixels, every row and column group whole). The block's constants are read once per
+    ``events`` events, and its s, groups and counts stay in cache between the steps.
 
     cpu: the run's :class:`~gpusmall.calib.cpu_kernels.CpuCalibration`; raw (events, panels, rows, cols)
     integer; out float32 and good bool of the same shape, C-contiguous, written.
     """
-    e, p, r, c = raw.shape
+    n, p, r, c = raw.shape
     br, bc = cm.bank
     npix = p * r * c
     size = br * c
     raw2 = cpu._flat(raw)
-    out2, good2 = out.reshape(e, npix), good.reshape(e, npix)
+    out2, good2 = out.reshape(n, npix), good.reshape(n, npix)
     sel = (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF))
     lim = (np.int64(cm.min_pixels), np.float32(cm.max_correction))
-    s = np.empty((1, size), np.float32)
-    g = np.empty((1, size), np.int8)
-    rows = "rows" in cm.axes
-    cols = "cols" in cm.axes
-    s_r, g_r = s.reshape(br, c), g.reshape(br, c)  # rows step: groups of bc along each row
-    v_r = np.empty((br, c), np.float32)
-    n_r = np.empty((br, c // bc), np.int64)
-    s_c, g_c = s.reshape(1, br, c), g.reshape(1, br, c)  # cols step: each column of the block
-    w_c = np.empty((1, br, c), np.float32)
-    v_c = np.empty((1, c, br), np.float32)
-    n_c = np.empty((1, c), np.int64)
+    e = max(1, min(int(events), n))
+    s = np.empty((e, size), np.float32)  # the block of e events
+    g = np.empty((e, size), np.int8)
+    gd = np.empty((e, size), np.bool_)
+    v = np.empty((e, size), np.float32)  # rows: the sorted groups; cols: the row-major values
+    vt = np.empty((e, c, br), np.float32)  # cols: each column contiguous
+    n_r = np.empty((e * br, c // bc), np.int64)
+    n_c = np.empty((e, c), np.int64)
     with cpu_kernels._threads(threads):
-        for ev in range(e):
+        for e0 in range(0, n, e):
+            k = min(e, n - e0)
+            bs, bg, bgd, bv, bvt = s[:k], g[:k], gd[:k], v[:k], vt[:k]
+            as_rows = (bs.reshape(k * br, c), bgd.reshape(k * br, c), bg.reshape(k * br, c))
+            as_cols = (bs.reshape(k, br, c), bgd.reshape(k, br, c), bg.reshape(k, br, c))
+            r2, o2 = raw2[e0:e0 + k], out2[e0:e0 + k]
             for lo in range(0, npix, size):
-                gd = good2[ev:ev + 1, lo:lo + size]
-                cpu.pedestal_pixels(raw2[ev:ev + 1], lo, s, g, gd)
-                gd_r = gd.reshape(br, c)
-                if rows:
-                    _gather_rows(s_r, gd_r, g_r, *sel, v_r, n_r)
-                    v_r.reshape(-1, bc).sort(axis=-1)
-                    _apply_rows(s_r, gd_r, g_r, *sel, v_r, n_r, *lim)
-                if cols:
-                    gd_c = gd.reshape(1, br, c)
-                    _where_cols(s_c, gd_c, g_c, *sel, w_c, n_c)
-                    np.copyto(v_c, w_c.transpose(0, 2, 1))
-                    v_c.sort(axis=-1)
-                    _apply_cols(s_c, gd_c, g_c, *sel, v_c, n_c, *lim)
-                cpu.scale_pixels(raw2[ev:ev + 1], lo, s, gd, out2[ev:ev + 1, lo:lo + size])
+                cpu.pedestal_pixels(r2, lo, bs, bg, bgd)
+                if "rows" in cm.axes:
+                    _gather_rows(*as_rows, *sel, bv.reshape(k * br, c), n_r[:k * br])
+                    bv.reshape(-1, bc).sort(axis=-1)
+                    _apply_rows(*as_rows, *sel, bv.reshape(k * br, c), n_r[:k * br], *lim)
+                if "cols" in cm.axes:
+                    _where_cols(*as_cols, *sel, bv.reshape(k, br, c), n_c[:k])
+                    np.copyto(bvt, bv.reshape(k, br, c).transpose(0, 2, 1))
+                    bvt.sort(axis=-1)
+                    _apply_cols(*as_cols, *sel, bvt, n_c[:k], *lim)
+                cpu.scale_pixels(r2, lo, bs, bgd, o2)
+                good2[e0:e0 + k, lo:lo + size] = bgd
