@@ -264,23 +264,26 @@ def test_photons_are_placed_by_largest_remainders(backend, rng):
     np.testing.assert_array_equal(np.bincount(droplet, weights=k), np.floor(s / adu + 0.5))
 
 
-@pytest.mark.parametrize("use_rms,low", [(True, 3.0), (False, None), (False, 10.0)])
-def test_numba_find_bit_identical_to_the_array_path(rng, use_rms, low):
+@pytest.mark.parametrize("use_rms,low,shape", [(True, 3.0, (3, 37, 41)), (False, None, (3, 37, 41)),
+                                               (False, 10.0, (3, 37, 41)), (True, 3.0, (3, 24, 64)),
+                                               (False, 10.0, (3, 33, 72))])
+def test_numba_find_bit_identical_to_the_array_path(rng, use_rms, low, shape):
     """gpusmall/funcs/cpu_droplet.py (numba) against Droplet.find_arrays (scipy.ndimage.label + bincount), every
     field bit for bit: dense exponential frames (droplets that merge through U and spiral shapes), a frame
-    full of signal, an empty one, bad pixels, droplets on every panel edge."""
+    full of signal, an empty one, bad pixels, droplets on every panel edge; rows of whole 8-pixel words
+    (64, 72 columns: the kernels skip empty words) and not (41)."""
     from gpusmall.backend import get_backend
     from gpusmall.funcs import cpu_droplet
 
     if not cpu_droplet.supports(np.zeros((1, 1, 1, 1), np.float32)):
         pytest.skip("numba not available")
     backend = get_backend("numpy")
-    shape = (3, 37, 41)
     data = rng.exponential(12, (4,) + shape).astype(np.float32)
     data[1, 0] = 500.0  # one droplet the size of the panel
     data[2, 1] = 0.0  # nothing
     data[3, 2, ::3, :] = 200.0  # combs joined at the last column: one droplet found only through unions
     data[3, 2, :, -1] = 200.0
+    data[0] *= rng.random(shape) < 0.08  # sparse: most 8-pixel words empty
     good = rng.random(data.shape) > 0.03
     noise = rng.uniform(2, 4, shape).astype(np.float32)
     ctx = make_ctx(backend, shape, noise=noise)

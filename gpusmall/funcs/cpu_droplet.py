@@ -36,10 +36,11 @@ if cpu_kernels.numba is not None:
         return gd and d >= t
 
     @_jit
-    def _mask_count(data, good, thr, thr_low, grow, mask, counts):
+    def _mask_count(data, good, thr, thr_low, grow, mask, mask64, counts):
         """data (F, R, C) float32, good (F, R, C) bool; thr, thr_low (P, R, C) float32 (P divides F: frame f
-        is panel f % P); mask (F, R, C) bool out; counts (F, blocks) int64 out, per block of ROW_BLOCK rows.
-        Work items are (panel, row block), every event inside: the block's thresholds stay in cache."""
+        is panel f % P); mask (F, R, C) bool out, mask64 the same memory as (F, R, C // 8) uint64 words;
+        counts (F, blocks) int64 out, per block of ROW_BLOCK rows. Work items are (panel, row block), every
+        event inside: the block's thresholds stay in cache."""
         nf, nr, nc = data.shape
         npan = thr.shape[0]
         nblk = counts.shape[1]
@@ -48,25 +49,29 @@ if cpu_kernels.numba is not None:
             t, tl = thr[pan], thr_low[pan]
             pre = tl if grow else t  # with grow thr_low < thr: below it a pixel is neither seed nor grown
             for f in range(pan, nf, npan):
-                d, gd, m = data[f], good[f], mask[f]
+                d, gd, m, m64 = data[f], good[f], mask[f], mask64[f]
                 cnt = 0
                 for r in range(blk * ROW_BLOCK, min(nr, blk * ROW_BLOCK + ROW_BLOCK)):
                     mr = m[r]
                     for c in range(nc):  # SIMD; the few pixels at or above pre are looked at below
                         mr[c] = d[r, c] >= pre[r, c]
-                    for c in range(nc):
-                        if not mr[c]:
+                    c = 0
+                    while c < nc:
+                        if c & 7 == 0 and c + 8 <= nc and m64[r, c >> 3] == 0:  # 8 pixels below pre
+                            c += 8
                             continue
-                        x = d[r, c]
-                        ok = gd[r, c]
-                        on = ok and x >= t[r, c]
-                        if grow and not on and ok:
-                            on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
-                                  or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
-                                  or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
-                                  or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
-                        mr[c] = on
-                        cnt += on
+                        if mr[c]:
+                            x = d[r, c]
+                            ok = gd[r, c]
+                            on = ok and x >= t[r, c]
+                            if grow and not on and ok:
+                                on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
+                                      or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
+                                      or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
+                                      or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
+                            mr[c] = on
+                            cnt += on
+                        c += 1
                 counts[f, blk] = cnt
 
     @njit(inline="always")
@@ -84,33 +89,37 @@ if cpu_kernels.numba is not None:
             parent[ra] = rb
 
     @_jit
-    def _label_frames(mask, start, idx, lab, n_frame):
-        """mask (F, R, C) bool; start (F + 1,) int64 (each frame's first labelled pixel); idx (M,) int64 out,
-        the flat indices into (F, R, C); lab (M,) int64 out, droplet numbers 0.. within the frame;
-        n_frame (F,) int64 out, droplets per frame."""
+    def _label_frames(mask, mask64, start, idx, lab, n_frame):
+        """mask (F, R, C) bool, mask64 the same memory as (F, R, C // 8) uint64 words; start (F + 1,) int64
+        (each frame's first labelled pixel); idx (M,) int64 out, the flat indices into (F, R, C); lab (M,)
+        int64 out, droplet numbers 0.. within the frame; n_frame (F,) int64 out, droplets per frame."""
         nf, nr, nc = mask.shape
         for f in prange(nf):
             o = start[f]
             parent = lab[o:start[f + 1]]  # union-find forest over the frame's labelled pixels, in place
-            above = np.full(nc, -1, np.int64)  # position of the labelled pixel in the row above, or -1
-            m = mask[f]
+            above = np.empty(nc, np.int64)  # the labelled pixel last seen in each column, and its row
+            above_row = np.full(nc, -2, np.int64)
+            m, m64 = mask[f], mask64[f]
             k = 0
             for r in range(nr):
-                left = -1
-                for c in range(nc):
-                    if not m[r, c]:
-                        above[c] = -1
-                        left = -1
+                left_col = -2
+                c = 0
+                while c < nc:
+                    if c & 7 == 0 and c + 8 <= nc and m64[r, c >> 3] == 0:  # 8 unlabelled pixels
+                        c += 8
                         continue
-                    idx[o + k] = (f * nr + r) * nc + c
-                    parent[k] = k
-                    if left >= 0:
-                        _union(parent, k, left)
-                    if above[c] >= 0:
-                        _union(parent, k, above[c])
-                    above[c] = k
-                    left = k
-                    k += 1
+                    if m[r, c]:
+                        idx[o + k] = (f * nr + r) * nc + c
+                        parent[k] = k
+                        if left_col == c - 1:
+                            _union(parent, k, k - 1)
+                        if above_row[c] == r - 1:
+                            _union(parent, k, above[c])
+                        above[c] = k
+                        above_row[c] = r
+                        left_col = c
+                        k += 1
+                    c += 1
             n = 0
             for j in range(k):  # parent[j] <= j: roots first, each the first pixel of its droplet
                 p = parent[j]
@@ -164,17 +173,21 @@ def find(data, good, thr, thr_low, grow: bool, threads: int = 1) -> dict:
     d = np.ascontiguousarray(data, dtype=np.float32).reshape(frames)
     gd = np.ascontiguousarray(good, dtype=np.bool_).reshape(frames)
     t, tl = _per_panel(thr, (p, r, c)), _per_panel(thr_low, (p, r, c))
-    mask = np.empty(frames, np.bool_)
+    wide = -(-c // 8) * 8  # rows padded to whole uint64 words (the padding stays False)
+    mask_rows = np.empty((e * p, r, wide), np.bool_)
+    mask_rows[:, :, c:] = False
+    mask = mask_rows[:, :, :c]
+    mask64 = mask_rows.view(np.uint64)
     counts = np.empty((e * p, -(-r // ROW_BLOCK)), np.int64)
     with cpu_kernels._threads(threads):
-        _mask_count(d, gd, t, tl, bool(grow), mask, counts)
+        _mask_count(d, gd, t, tl, bool(grow), mask, mask64, counts)
         start = np.zeros(e * p + 1, np.int64)
         np.cumsum(counts.sum(axis=1), out=start[1:])
         m = int(start[-1])
         idx = np.empty(m, np.int64)
         lab = np.empty(m, np.int64)
         n_frame = np.empty(e * p, np.int64)
-        _label_frames(mask, start, idx, lab, n_frame)
+        _label_frames(mask, mask64, start, idx, lab, n_frame)
         first = np.zeros(e * p + 1, np.int64)
         np.cumsum(n_frame, out=first[1:])
         n = int(first[-1])
