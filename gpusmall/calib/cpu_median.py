@@ -3,9 +3,11 @@
 :meth:`gpusmall.calib.common_mode.MedianCommonMode.reference` builds the groups with array operations
 (the use mask, ``where`` with +inf, a contiguous copy of the transposed cols, a count, gathers, a
 masked subtraction): several full-frame passes and temporaries around the sort. Here one numba pass
-writes each group's values (+inf where a pixel does not enter the median) contiguously and counts
-them, NumPy sorts the groups in place (its SIMD sort: faster than a selection per group in numba,
-BENCHMARKS.md), and a second numba pass takes each median and subtracts it in place.
+writes each group's values (+inf where a pixel does not enter the median) and counts them (rows: the
+groups are contiguous already; cols: written row-major, then transposed by NumPy), NumPy sorts the
+groups in place (its SIMD sort: faster than a selection or a sorting network in numba, BENCHMARKS.md),
+and a second numba pass takes each median and subtracts it in place. :func:`calibrate_blocked` runs
+the whole calibration around these steps one block of pixels at a time (the NumPy backend's path).
 
 The values sorted and the arithmetic are the reference's, so the result is bit-identical
 (``tests/test_cpu_kernels.py``): the median of ``n`` used values is ``(v[(n - 1) // 2] + v[n // 2]) * 0.5``
@@ -73,20 +75,6 @@ if cpu_kernels.numba is not None:
                     si[k] -= med if _used(gdi[k], gi[k], all_ranges, range_mask) else zero
 
     @_jit
-    def _gather_cols(s, good, g, all_ranges, range_mask, v, n):
-        """s, good, g (M, BR, C); v (M, C, BR): each column's values or +inf, contiguous; n (M, C)."""
-        groups, br, c = s.shape
-        inf = np.float32(np.inf)
-        for q in prange(groups):
-            nq, vq = n[q], v[q]
-            for r in range(br):
-                sr, gdr, gr = s[q, r], good[q, r], g[q, r]
-                for j in range(uint64(0), uint64(c)):
-                    u = _used(gdr[j], gr[j], all_ranges, range_mask)
-                    vq[j, r] = sr[j] if u else inf
-                    nq[j] += np.int64(u)
-
-    @_jit
     def _apply_cols(s, good, g, all_ranges, range_mask, v, n, min_pixels, max_correction):
         """s -= median of each column group (sorted in v) on its used pixels, where corrected."""
         groups, br, c = s.shape
@@ -145,9 +133,11 @@ def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
         else:
             shape = (e * p * (r // br), br, c)
             s3, good3, g3 = s.reshape(shape), good.reshape(shape), g.reshape(shape)
+            w = np.empty(shape, np.float32)
             v = np.empty((shape[0], c, br), np.float32)
-            n = np.zeros((shape[0], c), np.int64)
-            _gather_cols(s3, good3, g3, *sel, v, n)
+            n = np.empty((shape[0], c), np.int64)
+            _where_cols(s3, good3, g3, *sel, w, n)
+            np.copyto(v, w.transpose(0, 2, 1))
             v.sort(axis=-1)
             _apply_cols(s3, good3, g3, *sel, v, n, *lim)
 
