@@ -181,6 +181,27 @@ def test_threads_and_batch_sizes(rng):
             assert_same((got.data, got.good), reference(cal, sub))
 
 
+@pytest.mark.parametrize("det", ["epix10ka", "jungfrau", "epix100"])
+def test_block_sizes_give_the_same_bits(rng, monkeypatch, det):
+    """The one-pass calibration in work items of 4096 pixels up to a whole frame, the frame not a multiple of
+    the block: the same bits as the NumPy path."""
+    model = get_model(det)
+    shape = (3, 1, 520, 1024) if det == "jungfrau" else (3, 2, 352, 384) if det == "epix10ka" else (3, 1, 704, 768)
+    ped, gain, raw, mask, cfg = make_case(rng, model, shape, det == "epix10ka")
+    if model.n_gains == 1:
+        raw = rng.integers(0, 0xFFFF, shape, endpoint=True).astype(np.uint16)
+    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"))
+    want = reference(cal, raw)
+    calib_block = cpu_kernels.calib_block
+    for block in (4096, 3 * 4096, 65536, cpu_kernels.CALIB_BLOCK_MAX):
+        monkeypatch.setattr(cpu_kernels, "calib_block", lambda npix, threads, b=block: b)
+        got = cal(raw)
+        assert_same((got.data, got.good), want)
+    assert calib_block(540672, 1) == cpu_kernels.CALIB_BLOCK_MAX
+    assert calib_block(540672, 2) == 65536  # four work items per thread, whole 4096s
+    assert calib_block(1000, 64) == 4096
+
+
 def test_threads_for_call():
     import threading
 

@@ -38,8 +38,11 @@ except Exception:  # ImportError, or a numba that does not match the installed N
 ENV_VAR = "GPUSMALL_NUMBA"
 """``GPUSMALL_NUMBA=0`` turns the kernels off (the pure NumPy path, e.g. to compare)."""
 BLOCK = 4096
-"""Pixels per work item of the calibration kernels: the block's constants (pedestal, scale, mask,
-config bits: ~20 kB for one gain range) stay in L1/L2 while every event of the batch streams through."""
+"""Pixels per work item of the pedestal and scale kernels around a common mode."""
+CALIB_BLOCK_MAX = 262144
+"""At most this many pixels per work item of the one-pass calibration (:func:`calib_block`): the block's
+constants (up to 28 bytes a pixel: 7 MB) come from L2/L3 while each event's raw and output stream through
+in runs long enough for the prefetchers (4096-pixel blocks: ePix10ka quad 25-30% slower, BENCHMARKS.md)."""
 TAB_PAD = 16
 """Floats of padding after each row of the per-pixel tables (64 bytes)."""
 SUM_BLOCK = 512
@@ -52,6 +55,13 @@ to the NumPy path)."""
 def available() -> bool:
     """Whether the numba kernels can be used (numba importable, not turned off by ``GPUSMALL_NUMBA=0``)."""
     return numba is not None and os.environ.get(ENV_VAR, "1") != "0"
+
+
+def calib_block(npix: int, threads: int) -> int:
+    """Pixels per work item of the one-pass calibration: :data:`CALIB_BLOCK_MAX`, smaller (whole multiples of
+    4096, at least 4096) so that ``threads`` threads get four work items each."""
+    per_item = npix // (4 * threads) if threads > 1 else CALIB_BLOCK_MAX
+    return max(4096, min(CALIB_BLOCK_MAX, per_item) // 4096 * 4096)
 
 
 def threads_for_call(backend_threads: int) -> int:
@@ -69,14 +79,14 @@ if numba is not None:
     # exact.
 
     @_jit
-    def _calib1(raw, dmask, tab, okb, out, good):
+    def _calib1(raw, dmask, tab, okb, out, good, block):
         """One gain range, any integer raw (events, npix): out = ok ? (float32(w & dmask) - P) * S : 0."""
         n_events, npix = raw.shape
-        nblocks = (npix + BLOCK - 1) // BLOCK
+        nblocks = (npix + block - 1) // block
         zero = np.float32(0.0)
         for b in prange(nblocks):
-            p0 = uint64(b * BLOCK)
-            p1 = uint64(min(b * BLOCK + BLOCK, npix))
+            p0 = uint64(b * block)
+            p1 = uint64(min(b * block + block, npix))
             for e in range(n_events):
                 r, o_, g_ = raw[e], out[e], good[e]
                 for p in range(p0, p1):
@@ -86,15 +96,15 @@ if numba is not None:
                     g_[p] = ok
 
     @_jit
-    def _calib2(raw, dmask, tab, okb, out, good):
+    def _calib2(raw, dmask, tab, okb, out, good, block):
         """ePix10ka, uint16 raw: option k = bit 14 (the pixel's config bits are in the tables)."""
         n_events, npix = raw.shape
-        nblocks = (npix + BLOCK - 1) // BLOCK
+        nblocks = (npix + block - 1) // block
         zero = np.float32(0.0)
         dm = np.uint32(dmask)
         for b in prange(nblocks):
-            p0 = uint64(b * BLOCK)
-            p1 = uint64(min(b * BLOCK + BLOCK, npix))
+            p0 = uint64(b * block)
+            p1 = uint64(min(b * block + block, npix))
             for e in range(n_events):
                 r, o_, g_ = raw[e], out[e], good[e]
                 for p in range(p0, p1):
@@ -109,16 +119,16 @@ if numba is not None:
                     g_[p] = ok
 
     @_jit
-    def _calib3(raw, dmask, tab, okb, out, good):
+    def _calib3(raw, dmask, tab, okb, out, good, block):
         """JUNGFRAU, uint16 raw: key k = bits 14-15, options 0, 1 and 2 (k = 2 and 3; k = 2 is invalid,
         its okb bit 0, so its value does not matter)."""
         n_events, npix = raw.shape
-        nblocks = (npix + BLOCK - 1) // BLOCK
+        nblocks = (npix + block - 1) // block
         zero = np.float32(0.0)
         dm = np.uint32(dmask)
         for b in prange(nblocks):
-            p0 = uint64(b * BLOCK)
-            p1 = uint64(min(b * BLOCK + BLOCK, npix))
+            p0 = uint64(b * block)
+            p1 = uint64(min(b * block + block, npix))
             for e in range(n_events):
                 r, o_, g_ = raw[e], out[e], good[e]
                 for p in range(p0, p1):
@@ -389,10 +399,11 @@ class CpuCalibration:
         """(out, good) of a raw batch (events, *pixel shape)."""
         n = raw.shape[0]
         out, good = self.outputs(n)
-        args = (self._flat(raw), self._dmask(raw.dtype), self.tab, self.okb, out.reshape(n, self.npix),
-                good.reshape(n, self.npix))
-        with _threads(self.threads):
-            {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](*args)
+        with _threads(self.threads) as threads:
+            block = calib_block(self.npix, threads)
+            {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](
+                self._flat(raw), self._dmask(raw.dtype), self.tab, self.okb, out.reshape(n, self.npix),
+                good.reshape(n, self.npix), block)
         return out, good
 
     def pedestal_subtract(self, raw):
@@ -430,10 +441,11 @@ class _threads:
     def __init__(self, backend_threads):
         self.n = threads_for_call(backend_threads)
 
-    def __enter__(self):
+    def __enter__(self) -> int:
         self.before = numba.get_num_threads()
         if self.n != self.before:
             numba.set_num_threads(self.n)
+        return self.n
 
     def __exit__(self, *exc):
         if self.n != self.before:
