@@ -5,6 +5,9 @@ Run (one core; the script pins itself to --core and sets NUMBA_NUM_THREADS=1 unl
 
     taskset -c 0 python benchmarks/bench_cpu_vs_psana.py [--batch 64] [--rounds 7] [--compile-time]
 
+Four cases, each in a process of its own (psana keeps the first call's kwargs per detector): JUNGFRAU 0.5M and
+ePix10ka quad without common mode, and with the median rows + cols (psana ``cmpars`` (7, 3, 100) for ePix10ka;
+(7, 3, 100, 10) with ``cversion=0`` for JUNGFRAU, whose default C++ calibration ignores ``cmpars``).
 psana gets our constants through ``det.raw._calibconst`` (as tests/test_psana.py does: random pedestals and
 gains per range, keV out) and calibrates each event of the file in turn, ``--batch`` events per round; gpusmall
 calibrates the same events as one batch of ``--batch`` (the file's events repeated), with glibc keeping freed
@@ -75,16 +78,17 @@ def one_case(det, cm, batch, rounds, data_dir):
     peds = rng.uniform(0, 3000, (n, *shape)).astype(np.float32)
     gain = rng.uniform(0.1, 40, (n, *shape)).astype(np.float32)
     praw, events, frames, cfg = psana_setup(path, det, peds, gain)
-    kw = {}
     if mtype == "epix10ka":
         kw = {"cmpars": (7, 3, 100) if cm else (7, 0, 100)}  # psana: mode 3 = rows + cols, 0 = none
-    elif cm:
-        raise ValueError("common mode: ePix10ka only here")
+    else:  # psana's JUNGFRAU: mode bits 1 rows of a bank (64), 2 columns of a half (256), gain range 0 only;
+        # its default (C++, cversion 3) ignores cmpars: the common mode is in its Python path, cversion 0
+        kw = {"cmpars": (7, 3, 100, 10), "cversion": 0} if cm else {}
     praw.calib(events[0], **kw)  # psana loads and prepares its constants on the first call
 
     consts = Constants(pedestal=peds, gain=gain, config_bits=None if cfg is None else cfg.astype(np.uint8))
     mask = np.ones(shape, bool)
-    cmode = MedianCommonMode(model, shape[-2:], ["rows", "cols"]) if cm else None
+    cmode = (MedianCommonMode(model, shape[-2:], ["rows", "cols"], max_correction=100, min_pixels=10,
+                              gain_ranges="high") if cm else None)
     cal = Calibrator(model, consts, mask, Backend("numpy"), units="kev", common_mode=cmode)
     ref = Calibrator(model, consts, mask, Backend("numpy"), units="kev", common_mode=cmode)
     ref.cpu = None  # the pure NumPy path
@@ -100,7 +104,7 @@ def one_case(det, cm, batch, rounds, data_dir):
     src = np.random.default_rng(1).integers(0, 255, nbytes // 2, dtype=np.uint8)
     dst = np.empty_like(src)
     times = {"psana": [], "numba": [], "numpy": [], "copy": []}
-    for r in range(rounds + 1):  # round 0 warms up (first touch of the output pages): not counted
+    for _ in range(rounds + 1):  # round 0 warms up (first touch of the output pages): not counted
         t = time.perf_counter()
         for i in range(batch):
             praw.calib(events[i % len(events)], **kw)
@@ -182,9 +186,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--core", type=int, default=None, help="pin to this core (default: as started, e.g. taskset)")
-    ap.add_argument("--no-cm", action="store_true", help="skip the ePix10ka common-mode case")
+    ap.add_argument("--no-cm", action="store_true", help="skip the common-mode cases")
     ap.add_argument("--compile-time", action="store_true")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("GPUSMALL_TEST_DATA", DATA)))
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # det:cm, one case in this process (see below)
     a = ap.parse_args(argv)
     if a.core is not None:
         os.sched_setaffinity(0, {a.core})
@@ -193,10 +198,19 @@ def main(argv=None):
     keep_freed_memory()  # as `gpusmall run` does: a batch's output reuses the previous one's pages
     print(f"cores: {sorted(os.sched_getaffinity(0))}, NUMBA_NUM_THREADS={os.environ['NUMBA_NUM_THREADS']}, "
           f"batch {a.batch}, {a.rounds} rounds")
+    if a.case:
+        det, cm = a.case.split(":")
+        print(fmt(one_case(det, cm == "1", a.batch, a.rounds, a.data)), flush=True)
+        return
+    # each case in a process of its own: psana keeps the first call's calib kwargs (cmpars) per detector
+    # for the whole process, so a second case with other cmpars would silently run the first one's
     rows = []
-    cases = [("jungfrau", False), ("epixquad", False)] + ([] if a.no_cm else [("epixquad", True)])
+    cases = [("jungfrau", False), ("epixquad", False)] + ([] if a.no_cm else [("jungfrau", True), ("epixquad", True)])
     for det, cm in cases:
-        rows.append(fmt(one_case(det, cm, a.batch, a.rounds, a.data)))
+        r = subprocess.run([sys.executable, __file__, "--case", f"{det}:{int(cm)}", "--batch", str(a.batch),
+                            "--rounds", str(a.rounds), "--data", str(a.data)], capture_output=True, text=True,
+                           check=True)
+        rows.append([line for line in r.stdout.splitlines() if line.startswith("| ")][-1])
         print(rows[-1], flush=True)
     print()
     print(HEADER)
