@@ -114,32 +114,44 @@ def supports(s) -> bool:
     return cpu_kernels.available() and isinstance(s, np.ndarray) and s.ndim == 4
 
 
+def _limits(cm) -> tuple[tuple[bool, np.uint32], tuple[np.int64, np.float32]]:
+    """(selection, limits) arguments of the kernels for ``cm``: (all ranges?, range mask), (min_pixels, max_correction)."""
+    return ((cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF)),
+            (np.int64(cm.min_pixels), np.float32(cm.max_correction)))
+
+
+def _rows(cm, s2, good2, g2, v, n) -> None:
+    """The rows step in place on s2 (N, C) (good2, g2 alike): v (N, C) float32 and n (N, C // bc) int64 scratch."""
+    (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
+    _gather_rows(s2, good2, g2, all_ranges, range_mask, v, n)
+    v.reshape(-1, cm.bank[1]).sort(axis=-1)
+    _apply_rows(s2, good2, g2, all_ranges, range_mask, v, n, min_pixels, max_correction)
+
+
+def _cols(cm, s3, good3, g3, w, v, n) -> None:
+    """The cols step in place on s3 (M, BR, C) (good3, g3 alike): w (M, BR, C), v (M, C, BR) float32 and
+    n (M, C) int64 scratch."""
+    (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
+    _where_cols(s3, good3, g3, all_ranges, range_mask, w, n)
+    np.copyto(v, w.transpose(0, 2, 1))
+    v.sort(axis=-1)
+    _apply_cols(s3, good3, g3, all_ranges, range_mask, v, n, min_pixels, max_correction)
+
+
 def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
     """One ``rows`` or ``cols`` step of :class:`~gpusmall.calib.common_mode.MedianCommonMode` ``cm`` in place
     on C-contiguous float32 ``s`` (events, panels, rows, cols); good bool and g int8, same shape, C-contiguous."""
     e, p, r, c = s.shape
     br, bc = cm.bank
-    sel = (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF))
-    lim = (np.int64(cm.min_pixels), np.float32(cm.max_correction))
     with cpu_kernels._threads(threads):
         if axis == "rows":
             flat = (e * p * r, c)
-            s2, good2, g2 = s.reshape(flat), good.reshape(flat), g.reshape(flat)
-            v = np.empty(flat, np.float32)
-            n = np.empty((flat[0], c // bc), np.int64)
-            _gather_rows(s2, good2, g2, *sel, v, n)
-            v.reshape(-1, bc).sort(axis=-1)
-            _apply_rows(s2, good2, g2, *sel, v, n, *lim)
+            _rows(cm, s.reshape(flat), good.reshape(flat), g.reshape(flat), np.empty(flat, np.float32),
+                  np.empty((flat[0], c // bc), np.int64))
         else:
             shape = (e * p * (r // br), br, c)
-            s3, good3, g3 = s.reshape(shape), good.reshape(shape), g.reshape(shape)
-            w = np.empty(shape, np.float32)
-            v = np.empty((shape[0], c, br), np.float32)
-            n = np.empty((shape[0], c), np.int64)
-            _where_cols(s3, good3, g3, *sel, w, n)
-            np.copyto(v, w.transpose(0, 2, 1))
-            v.sort(axis=-1)
-            _apply_cols(s3, good3, g3, *sel, v, n, *lim)
+            _cols(cm, s.reshape(shape), good.reshape(shape), g.reshape(shape), np.empty(shape, np.float32),
+                  np.empty((shape[0], c, br), np.float32), np.empty((shape[0], c), np.int64))
 
 
 def blocked(cm) -> bool:
@@ -163,8 +175,6 @@ def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2
     size = br * c
     raw2 = cpu._flat(raw)
     out2, good2 = out.reshape(n, npix), good.reshape(n, npix)
-    sel = (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF))
-    lim = (np.int64(cm.min_pixels), np.float32(cm.max_correction))
     e = max(1, min(int(events), n))
     s = np.empty((e, size), np.float32)  # the block of e events
     g = np.empty((e, size), np.int8)
@@ -183,13 +193,8 @@ def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2
             for lo in range(0, npix, size):
                 cpu.pedestal_pixels(r2, lo, bs, bg, bgd)
                 if "rows" in cm.axes:
-                    _gather_rows(*as_rows, *sel, bv.reshape(k * br, c), n_r[:k * br])
-                    bv.reshape(-1, bc).sort(axis=-1)
-                    _apply_rows(*as_rows, *sel, bv.reshape(k * br, c), n_r[:k * br], *lim)
+                    _rows(cm, *as_rows, bv.reshape(k * br, c), n_r[:k * br])
                 if "cols" in cm.axes:
-                    _where_cols(*as_cols, *sel, bv.reshape(k, br, c), n_c[:k])
-                    np.copyto(bvt, bv.reshape(k, br, c).transpose(0, 2, 1))
-                    bvt.sort(axis=-1)
-                    _apply_cols(*as_cols, *sel, bvt, n_c[:k], *lim)
+                    _cols(cm, *as_cols, bv.reshape(k, br, c), bvt, n_c[:k])
                 cpu.scale_pixels(r2, lo, bs, bgd, o2)
                 good2[e0:e0 + k, lo:lo + size] = bgd
