@@ -1,24 +1,26 @@
-"""The median common mode's rows and cols steps on the CPU, for the NumPy backend (numba + NumPy's sort).
+"""The median common mode's rows and cols steps on the CPU, for the NumPy backend (numba + compiled group medians).
 
 :meth:`gpusmall.calib.common_mode.MedianCommonMode.reference` builds the groups with array operations
 (the use mask, ``where`` with +inf, a contiguous copy of the transposed cols, a count, gathers, a
 masked subtraction): several full-frame passes and temporaries around the sort. Here one numba pass
 writes each group's values (+inf where a pixel does not enter the median) and counts them (rows: the
-groups are contiguous already; cols: written row-major, then transposed by NumPy), NumPy sorts the
-groups in place (its SIMD sort: faster than a selection or a sorting network in numba, BENCHMARKS.md),
-and a second numba pass takes each median and subtracts it in place. :func:`calibrate_blocked` runs
-the whole calibration around these steps one block of pixels at a time (the NumPy backend's path).
+groups are contiguous already; cols: written row-major), :mod:`~gpusmall.calib.simd_median` takes each
+group's median (a sorting network over SIMD lanes, compiled for the machine; without it, NumPy sorts
+the groups, the cols transposed first), and a second numba pass subtracts each median in place.
+:func:`calibrate_blocked` runs the whole calibration around these steps one block of pixels at a time
+(the NumPy backend's path).
 
 The values sorted and the arithmetic are the reference's, so the result is bit-identical
-(``tests/test_cpu_kernels.py``): the median of ``n`` used values is ``(v[(n - 1) // 2] + v[n // 2]) * 0.5``
+(``tests/test_cpu_kernels.py``, ``tests/test_simd_median.py``): the median of ``n`` used values is ``(v[(n - 1) // 2] + v[n // 2]) * 0.5``
 in float32, a group is corrected where ``n > min_pixels`` and ``|median| < max_correction``, and
-``x -= median`` in float32 on the used pixels. ``banks`` steps stay on the reference.
+``x -= median`` in float32 on the used pixels (the sign of a zero aside where the middle values are a
+-0/+0 tie: NumPy's sort orders such ties by its algorithm). ``banks`` steps stay on the reference.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import cpu_kernels
+from . import cpu_kernels, simd_median
 
 if cpu_kernels.numba is not None:
     from numba import njit, prange, uint64
@@ -55,37 +57,38 @@ if cpu_kernels.numba is not None:
                 n[i, j] = cnt
 
     @_jit
-    def _apply_rows(s, good, g, all_ranges, range_mask, v, n, min_pixels, max_correction):
-        """s -= median of each group of bc (sorted in v) on its used pixels, where the group is corrected."""
+    def _medians_sorted(v, n, med):
+        """med (G,) the median of each sorted group of v (G, L) with n (G,) used values."""
+        half = np.float32(0.5)
+        for i in prange(v.shape[0]):
+            med[i] = _median(v[i], n[i], half)
+
+    @_jit
+    def _apply_rows(s, good, g, all_ranges, range_mask, med, n, min_pixels, max_correction):
+        """s -= med of each group of bc (med, n (N, C // bc)) on its used pixels, where the group is corrected."""
         rows, c = s.shape
         nb = n.shape[1]
         bc = c // nb
-        half = np.float32(0.5)
         zero = np.float32(0.0)
         for i in prange(rows):
             for j in range(nb):
-                cnt = n[i, j]
-                if cnt <= min_pixels:
-                    continue
-                med = _median(v[i, j * bc: j * bc + bc], cnt, half)
-                if not abs(med) < max_correction:
+                m = med[i, j]
+                if n[i, j] <= min_pixels or not abs(m) < max_correction:
                     continue
                 si, gdi, gi = s[i], good[i], g[i]
                 for k in range(uint64(j * bc), uint64(j * bc + bc)):  # x - 0 == x exactly: branch-free
-                    si[k] -= med if _used(gdi[k], gi[k], all_ranges, range_mask) else zero
+                    si[k] -= m if _used(gdi[k], gi[k], all_ranges, range_mask) else zero
 
     @_jit
-    def _apply_cols(s, good, g, all_ranges, range_mask, v, n, min_pixels, max_correction):
-        """s -= median of each column group (sorted in v) on its used pixels, where corrected."""
+    def _apply_cols(s, good, g, all_ranges, range_mask, med, n, min_pixels, max_correction):
+        """s -= med of each column group (med, n (M, C)) on its used pixels, where corrected."""
         groups, br, c = s.shape
-        half = np.float32(0.5)
         zero = np.float32(0.0)
         for q in prange(groups):
             d = np.empty(c, np.float32)  # each column's median, 0 where not corrected (x - 0 == x exactly)
             for j in range(c):
-                cnt = n[q, j]
-                med = _median(v[q, j], cnt, half)
-                d[j] = med if cnt > min_pixels and abs(med) < max_correction else zero
+                m = med[q, j]
+                d[j] = m if n[q, j] > min_pixels and abs(m) < max_correction else zero
             for r in range(br):
                 sr, gdr, gr = s[q, r], good[q, r], g[q, r]
                 for j in range(uint64(0), uint64(c)):
@@ -120,22 +123,33 @@ def _limits(cm) -> tuple[tuple[bool, np.uint32], tuple[np.int64, np.float32]]:
             (np.int64(cm.min_pixels), np.float32(cm.max_correction)))
 
 
-def _rows(cm, s2, good2, g2, v, n) -> None:
-    """The rows step in place on s2 (N, C) (good2, g2 alike): v (N, C) float32 and n (N, C // bc) int64 scratch."""
+def _rows(cm, s2, good2, g2, v, n, med) -> None:
+    """The rows step in place on s2 (N, C) (good2, g2 alike): v (N, C) float32, n (N, C // bc) int64 and
+    med (N, C // bc) float32 scratch."""
     (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
+    bc = cm.bank[1]
     _gather_rows(s2, good2, g2, all_ranges, range_mask, v, n)
-    v.reshape(-1, cm.bank[1]).sort(axis=-1)
-    _apply_rows(s2, good2, g2, all_ranges, range_mask, v, n, min_pixels, max_correction)
+    groups = v.reshape(-1, bc)
+    if simd_median.available("rows", bc):
+        simd_median.medians_rows(groups, n.reshape(-1), med.reshape(-1))
+    else:
+        groups.sort(axis=-1)
+        _medians_sorted(groups, n.reshape(-1), med.reshape(-1))
+    _apply_rows(s2, good2, g2, all_ranges, range_mask, med, n, min_pixels, max_correction)
 
 
-def _cols(cm, s3, good3, g3, w, v, n) -> None:
-    """The cols step in place on s3 (M, BR, C) (good3, g3 alike): w (M, BR, C), v (M, C, BR) float32 and
-    n (M, C) int64 scratch."""
+def _cols(cm, s3, good3, g3, w, v, n, med) -> None:
+    """The cols step in place on s3 (M, BR, C) (good3, g3 alike): w (M, BR, C), v (M, C, BR) float32,
+    n (M, C) int64 and med (M, C) float32 scratch (v: only without the compiled medians)."""
     (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
     _where_cols(s3, good3, g3, all_ranges, range_mask, w, n)
-    np.copyto(v, w.transpose(0, 2, 1))
-    v.sort(axis=-1)
-    _apply_cols(s3, good3, g3, all_ranges, range_mask, v, n, min_pixels, max_correction)
+    if simd_median.available("cols", w.shape[1]):
+        simd_median.medians_cols(w, n, med)
+    else:
+        np.copyto(v, w.transpose(0, 2, 1))
+        v.sort(axis=-1)
+        _medians_sorted(v.reshape(-1, v.shape[-1]), n.reshape(-1), med.reshape(-1))
+    _apply_cols(s3, good3, g3, all_ranges, range_mask, med, n, min_pixels, max_correction)
 
 
 def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
@@ -147,11 +161,12 @@ def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
         if axis == "rows":
             flat = (e * p * r, c)
             _rows(cm, s.reshape(flat), good.reshape(flat), g.reshape(flat), np.empty(flat, np.float32),
-                  np.empty((flat[0], c // bc), np.int64))
+                  np.empty((flat[0], c // bc), np.int64), np.empty((flat[0], c // bc), np.float32))
         else:
             shape = (e * p * (r // br), br, c)
             _cols(cm, s.reshape(shape), good.reshape(shape), g.reshape(shape), np.empty(shape, np.float32),
-                  np.empty((shape[0], c, br), np.float32), np.empty((shape[0], c), np.int64))
+                  np.empty((shape[0], c, br), np.float32), np.empty((shape[0], c), np.int64),
+                  np.empty((shape[0], c), np.float32))
 
 
 def blocked(cm) -> bool:
@@ -183,6 +198,8 @@ def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2
     vt = np.empty((e, c, br), np.float32)  # cols: each column contiguous
     n_r = np.empty((e * br, c // bc), np.int64)
     n_c = np.empty((e, c), np.int64)
+    m_r = np.empty((e * br, c // bc), np.float32)  # the groups' medians
+    m_c = np.empty((e, c), np.float32)
     with cpu_kernels._threads(threads):
         for e0 in range(0, n, e):
             k = min(e, n - e0)
@@ -193,8 +210,8 @@ def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2
             for lo in range(0, npix, size):
                 cpu.pedestal_pixels(r2, lo, bs, bg, bgd)
                 if "rows" in cm.axes:
-                    _rows(cm, *as_rows, bv.reshape(k * br, c), n_r[:k * br])
+                    _rows(cm, *as_rows, bv.reshape(k * br, c), n_r[:k * br], m_r[:k * br])
                 if "cols" in cm.axes:
-                    _cols(cm, *as_cols, bv.reshape(k, br, c), bvt, n_c[:k])
+                    _cols(cm, *as_cols, bv.reshape(k, br, c), bvt, n_c[:k], m_c[:k])
                 cpu.scale_pixels(r2, lo, bs, bgd, o2)
                 good2[e0:e0 + k, lo:lo + size] = bgd
