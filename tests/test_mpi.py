@@ -481,12 +481,14 @@ def flushed_events(part) -> int:
 def test_mpiexec_sigterm_master_over_parts(tmp_path):
     data = cam_config(tmp_path, events=100000, batch=16, shape=(256, 256), out="mp.h5")
     cfg = write_cfg(tmp_path, data)
-    part1 = tmp_path / "mp.part1.h5"
+    parts = [tmp_path / "mp.part0.h5", tmp_path / "mp.part1.h5"]
     proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t_end = time.time() + 120
-        while time.time() < t_end and flushed_events(part1) < 16:  # rank 1 has flushed a batch
+        # both ranks have flushed a batch (waiting for rank 1 alone failed once on a loaded machine: rank 0
+        # had none yet)
+        while time.time() < t_end and min(flushed_events(p) for p in parts) < 16:
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks
         _, err = proc.communicate(timeout=60)

@@ -20,8 +20,8 @@ def sorted_median(v, n):
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 13, 16, 17, 48, 64, 96, 176, 256])
-def test_merge_exchange_sorts(n):
-    """Knuth's merge exchange sorts every 0/1 input (so, by the 0-1 principle, every input) for small n,
+def test_network_sorts(n):
+    """The odd-even merge sort sorts every 0/1 input (so, by the 0-1 principle, every input) for small n,
     and random 0/1 and integer inputs for large n; the cut network orders ranks 0 .. n // 2."""
     rng = np.random.default_rng(n)
     if n <= 16:
@@ -29,14 +29,14 @@ def test_merge_exchange_sorts(n):
     else:
         x = np.concatenate([rng.integers(0, 2, (4000, n)), rng.integers(0, 5, (2000, n)),
                             rng.permutation(np.tile(np.arange(n), (500, 1)).T).T]).astype(np.int16)
-    for net, ranks in ((simd_median.merge_exchange(n), n), (simd_median.median_network(n).tolist(), n // 2 + 1)):
+    for net, ranks in ((simd_median.odd_even_merge_sort(n), n), (simd_median.median_network(n).tolist(), n // 2 + 1)):
         y = x.copy()
         for i, j in net:
             assert i < j
             lo, hi = np.minimum(y[:, i], y[:, j]), np.maximum(y[:, i], y[:, j])
             y[:, i], y[:, j] = lo, hi
         np.testing.assert_array_equal(y[:, :ranks], np.sort(x, axis=1)[:, :ranks])
-    assert len(simd_median.median_network(n)) <= len(simd_median.merge_exchange(n)) - (n >= 8)
+    assert len(simd_median.median_network(n)) <= len(simd_median.odd_even_merge_sort(n)) - (n >= 8)
 
 
 def special_values(rng, shape, axis):

@@ -4,8 +4,8 @@ The median common mode's groups on the CPU (:mod:`gpusmall.calib.cpu_median`): `
 contiguous runs of ``len`` values, ``cols`` groups the columns of a row-major block. Each takes its
 values with +inf where a pixel does not enter and the count of used values; the median is the one
 NumPy's sort of the group gives, ``(v[(n - 1) // 2] + v[n // 2]) * 0.5`` in float32. The C++ code sorts
-W groups at once (one per vector lane: 16 with AVX-512, 8 otherwise) through Batcher's merge-exchange
-network cut to the comparators that reach ranks 0 .. len // 2, on int32 keys of the floats.
+8 or 16 groups at once (one per vector lane) through Batcher's odd-even merge sort cut to the comparators
+that reach ranks 0 .. len // 2, on int32 keys of the floats.
 
 :func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``); the callers then sort
 with NumPy.
@@ -32,7 +32,7 @@ def source(kind: str, length: int) -> str:
     the network written out comparator by comparator."""
     body = " ".join(f"CX({i}, {j})" for i, j in median_network(length))
     return (f'#include "simd_median.cpp"\n'
-            f"struct Net {{ static constexpr int64_t len = {length}; static inline void apply(vkey* b) {{ {body} }} }};\n"
+            f"struct Net {{ static constexpr int64_t len = {length}; template <class V> static inline void apply(V* b) {{ {body} }} }};\n"
             f'extern "C" void gs_medians({_SIG[kind]}) {{ {_CALL[kind]}; }}\n')
 
 
@@ -57,32 +57,39 @@ MAX_LENGTH = 256
 (176: 2.5 s, 256: 6.6 s, 352: 22 s here)."""
 
 
-def merge_exchange(n: int) -> list[tuple[int, int]]:
-    """Batcher's merge-exchange sorting network for ``n`` inputs (Knuth, TAOCP 5.2.2, algorithm M):
-    comparators (i, j), i < j, each leaving the smaller value at i."""
+def odd_even_merge_sort(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for ``n`` inputs: comparators (i, j), i < j, each leaving the smaller
+    value at i, in depth-first order (each half sorted, then merged), so that consecutive comparators work
+    on few values and the compiler keeps them in registers. Built for the next power of two with the
+    comparators that reach an index >= n left out (those positions would hold +inf throughout)."""
     pairs: list[tuple[int, int]] = []
-    if n < 2:
-        return pairs
-    t = (n - 1).bit_length()
-    p = 1 << (t - 1)
-    while p > 0:
-        q, r, d = 1 << (t - 1), 0, p
-        while True:
-            pairs += [(i, i + d) for i in range(n - d) if i & p == r]
-            if q == p:
-                break
-            d, q, r = q - p, q >> 1, p
-        p >>= 1
-    return pairs
+
+    def merge(lo: int, size: int, r: int) -> None:
+        m = 2 * r
+        if m < size:
+            merge(lo, size, m)
+            merge(lo + r, size, m)
+            pairs.extend((i, i + r) for i in range(lo + r, lo + size - r, m))
+        else:
+            pairs.append((lo, lo + r))
+
+    def sort(lo: int, size: int) -> None:
+        if size > 1:
+            sort(lo, size // 2)
+            sort(lo + size // 2, size // 2)
+            merge(lo, size, 1)
+
+    sort(0, 1 << max(n - 1, 0).bit_length())
+    return [(i, j) for i, j in pairs if j < n]
 
 
 @functools.cache
 def median_network(n: int) -> np.ndarray:
-    """(comparators, 2) int32: the merge-exchange network of ``n`` inputs without the comparators that no
-    output of rank 0 .. n // 2 depends on (those ranks sorted, the others not)."""
+    """(comparators, 2) int32: :func:`odd_even_merge_sort` without the comparators that no output of rank
+    0 .. n // 2 depends on (those ranks sorted, the others not)."""
     need = set(range(n // 2 + 1))
     kept = []
-    for i, j in reversed(merge_exchange(n)):
+    for i, j in reversed(odd_even_merge_sort(n)):
         if i in need or j in need:
             kept.append((i, j))
             need |= {i, j}
