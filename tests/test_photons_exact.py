@@ -17,7 +17,7 @@ from helpers_funcs import make_ctx, make_frames, setup
 
 from gpusmall.backend import Backend
 from gpusmall.funcs.droplet import Droplet, bincount
-from gpusmall.funcs.photons import Photons, photons_per_pixel
+from gpusmall.funcs.photons import Photons, good_per_event, photons_per_pixel
 
 # Two pixels of one droplet whose remainders differ by 2.8e-10 photon (1.2 units of 2**-32), the later one
 # larger: 72.749924 / ADU = 0.46269714946..., 42839.34 / ADU = 272.46269714974...; n = floor(272.925 + 0.5)
@@ -328,3 +328,16 @@ def test_prob_without_any_droplet(any_backend):
               use_rms=False)
     out = {k: any_backend.to_host(v) for k, v in f(make_frames(any_backend, np.zeros((2,) + shape))).items()}
     np.testing.assert_array_equal(out["droplet_photons_prob"], [[1] + [0] * 11] * 2)
+
+
+def test_good_per_event_counts_each_event():
+    """good_per_event (one count_nonzero per event on NumPy) == the bool sum over each event's pixels,
+    for a strided view too."""
+    rng = np.random.default_rng(3)
+    good = rng.random((5, 2, 30, 40)) > 0.3
+    good[2] = False
+    for g in (good, good[:, :, ::2]):
+        got = good_per_event(np, g)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, g.reshape(g.shape[0], -1).sum(axis=1))
+    assert good_per_event(np, good)[2] == 0

@@ -330,6 +330,9 @@ class Azav(ReductionFunction):
             self.den0 = b.to_device(np.bincount(bin_index[inside_], weights=c[inside_], minlength=self.nbins))
             self.count0 = b.to_device(np.bincount(bin_index[inside_], minlength=self.nbins).astype(np.int64))
             self.in_bin = b.to_device(inside_)  # (pixels,) bool: the pixels the totals hold
+        # the numba numerators read the bin of every pixel for every event: the narrowest integer that holds
+        # the bins (int16 for up to 32767: 2 bytes a pixel instead of 8)
+        self.bin_index_narrow = bin_index.astype(np.int16 if self.nbins <= np.iinfo(np.int16).max else np.int32)
         return None
 
     def _build_csr(self, ctx, bin_index, c):
@@ -374,7 +377,7 @@ class Azav(ReductionFunction):
             # layout Fortran-ordered: a C-ordered copy here would cost two extra passes over the batch)
             num = (self.M @ data.T).T.astype(xp.float64)  # (events, bins)
         elif cpu_azav.supports(data):  # numba: one pass over the pixels in memory order, float64 sums
-            num = cpu_azav.numerators(data, self.bin_index, self.nbins, getattr(self.ctx.backend, "threads", 1))
+            num = cpu_azav.numerators(data, self.bin_index_narrow, self.nbins, getattr(self.ctx.backend, "threads", 1))
         else:  # on the CPU the transposed copy stays in cache in groups of 16 events (2.5x faster at 64)
             num = np.concatenate([(self.M @ np.ascontiguousarray(data[i:i + CPU_CHUNK].T)).T
                                   for i in range(0, data.shape[0], CPU_CHUNK)]).astype(np.float64)

@@ -21,7 +21,7 @@ if cpu_kernels.numba is not None:
 
     @njit(parallel=True, cache=True, fastmath=False, nogil=True)
     def _numerators(data, bin_index, num):
-        """data (E, N) float32 (0 at bad pixels); bin_index (N,) int64, -1 = in no bin; num (E, bins)
+        """data (E, N) float32 (0 at bad pixels); bin_index (N,) int16/32/64, -1 = in no bin; num (E, bins)
         float64 out: the sum of each bin's pixels."""
         ne, npix = data.shape
         nb = num.shape[1]
@@ -52,9 +52,11 @@ def supports(data) -> bool:
 
 def numerators(data, bin_index, nbins: int, threads: int = 1):
     """(events, nbins) float64: per event the sum of ``data`` (events, pixels) float32 over each bin's
-    pixels, ``bin_index`` (pixels,) int64 (-1: in no bin)."""
+    pixels, ``bin_index`` (pixels,) int16, int32 or int64 (-1: in no bin; narrower: fewer bytes read)."""
     num = np.empty((data.shape[0], nbins), np.float64)
     with cpu_kernels._threads(threads):
-        _numerators(np.ascontiguousarray(data, dtype=np.float32), np.ascontiguousarray(bin_index, np.int64),
-                    num)
+        bins = np.ascontiguousarray(bin_index)
+        if bins.dtype not in (np.int16, np.int32, np.int64):
+            bins = bins.astype(np.int64)
+        _numerators(np.ascontiguousarray(data, dtype=np.float32), bins, num)
     return num

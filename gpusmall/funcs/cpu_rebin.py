@@ -1,9 +1,9 @@
 """rebin's block sums on the CPU for the NumPy backend (numba): one pass over each frame, float64 sums.
 
 NumPy's ``reshape(...).sum(axis=(3, 5))`` reduces over two strided axes of a six-dimensional view (several
-passes over the batch). Here each frame (one panel of one event) is read once in memory order; each row's
-blocks are summed and added into the frame's (rows / fr, cols / fc) float64 sums, divided by the block size
-and rounded to float32 once: equal to the NumPy path within float32 rounding (``tests/test_funcs_basic.py``).
+passes over the batch). Here each frame (one panel of one event) is read once in memory order: per row of blocks,
+each column's values are summed in float64 (the columns side by side, SIMD), then each block's column sums;
+divided by the block size and rounded to float32 once: equal to the NumPy path within float32 rounding (``tests/test_funcs_basic.py``).
 """
 from __future__ import annotations
 
@@ -16,23 +16,25 @@ if cpu_kernels.numba is not None:
 
     @njit(parallel=True, cache=True, fastmath=False, nogil=True)
     def _block_means(data, fr, fc, out):
-        """data (F, R, C) float32; out (F, R // fr, C // fc) float32: block means."""
+        """data (F, R, C) float32; out (F, R // fr, C // fc) float32: block means. Per block row, each column's
+        fr values are summed first (float64, the columns side by side: SIMD), then each block's fc column sums."""
         nf, nr, nc = data.shape
         orow, ocol = out.shape[1], out.shape[2]
         scale = 1.0 / (fr * fc)
         for f in prange(nf):
-            acc = np.zeros((orow, ocol), np.float64)
+            col = np.empty(nc, np.float64)
             d = data[f]
-            for r in range(nr):
-                a = acc[r // fr]
-                for ob in range(ocol):
-                    s = 0.0
-                    for k in range(ob * fc, ob * fc + fc):
-                        s += np.float64(d[r, k])
-                    a[ob] += s
             for i in range(orow):
+                col[:] = 0.0
+                for r in range(i * fr, i * fr + fr):
+                    dr = d[r]
+                    for c in range(nc):
+                        col[c] += np.float64(dr[c])
                 for j in range(ocol):
-                    out[f, i, j] = np.float32(acc[i, j] * scale)
+                    s = 0.0
+                    for k in range(j * fc, j * fc + fc):
+                        s += col[k]
+                    out[f, i, j] = np.float32(s * scale)
 
 
 def supports(data) -> bool:

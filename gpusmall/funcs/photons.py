@@ -79,6 +79,16 @@ class PhotonsParams(FunctionParams):
     layout: Literal["ragged", "padded"] = "ragged"
 
 
+def good_per_event(xp, good):
+    """(events,) int64: the True pixels of each event of ``good`` (events, ...) bool. On NumPy one
+    ``count_nonzero`` per event (its SIMD count: a bool ``sum(axis=1)`` converts every pixel to an integer
+    first, ~7x slower on an ePix10k2M frame)."""
+    flat = good.reshape(good.shape[0], -1)
+    if xp is np:
+        return np.fromiter((np.count_nonzero(row) for row in flat), np.int64, count=flat.shape[0])
+    return flat.sum(axis=1)
+
+
 def segment_sums(xp, values, counts):
     """Exact sums of consecutive segments of the int64 ``values``, ``counts[j]`` items in segment ``j``
     (int64 prefix sums: no float rounding, no dependence on the order of additions)."""
@@ -137,7 +147,7 @@ class Photons(ReductionFunction):
         e = frames.data.shape[0]
         p, r, c = self.shape
         m = self.p.max_photons
-        n_good = frames.good.reshape(e, -1).sum(axis=1)  # good pixels of each event's frame
+        n_good = good_per_event(xp, frames.good)
         ragged = self.p.layout == "ragged"
         if frames.pix_value.size == 0:
             zeros = xp.zeros(0 if ragged else (e, m), xp.int32)
