@@ -1,4 +1,4 @@
-"""The compiled group medians (gpusmall/calib/simd_median.py) against NumPy's sort, and the network itself."""
+"""The compiled median steps (gpusmall/calib/simd_median.py) against NumPy's sort, and the network itself."""
 import itertools
 
 import numpy as np
@@ -40,17 +40,35 @@ def test_network_sorts(n):
 
 
 def special_values(rng, shape, axis):
-    """float32 values with the kinds of input the medians meet: +inf padding, NaN, -inf, ties, zeros of both
-    signs, counts from 0 to the group length. axis: the groups' axis."""
-    v = rng.normal(0, 20, shape).astype(np.float32)
-    used = rng.random(shape) > rng.choice([0.0, 0.3, 0.9], shape[:axis] + (1,) + shape[axis + 1:])
-    flat = v.reshape(-1)
+    """(s, good, g): float32 values with the kinds of input the steps meet: NaN, +-inf, ties, zeros of both
+    signs, groups with every, few or no pixels used; good and the gain index (-1 invalid, 0-2) alike.
+    axis: the groups' axis."""
+    s = rng.normal(0, 20, shape).astype(np.float32)
+    flat = s.reshape(-1)
     for value in (np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3.4e38):
         flat[rng.integers(0, flat.size, max(1, flat.size // 200))] = value
-    v[::7] = np.round(v[::7] / 40)  # ties (and -0.0 from rounding)
-    used[(-1,) * axis + (slice(None),) + (-1,) * (len(shape) - axis - 1)] = False  # a group of none (the last)
-    v[~used] = np.inf
-    return v, used.sum(axis=axis).astype(np.int64)
+    s[::7] = np.round(s[::7] / 40)  # ties (and -0.0 from rounding)
+    good = rng.random(shape) > rng.choice([0.0, 0.3, 0.9], shape[:axis] + (1,) + shape[axis + 1:])
+    good[(-1,) * axis + (slice(None),) + (-1,) * (len(shape) - axis - 1)] = False  # a group of none (the last)
+    g = rng.integers(-1, 3, shape).astype(np.int8)
+    g[rng.random(shape) < 0.7] = 0
+    return s, good, g
+
+
+def reference_step(s, good, g, limits, axis):
+    """The step by NumPy: used = good & (all ranges | range selected); the median of the used values (+inf
+    elsewhere) by np.sort; subtracted from the used pixels where n > min_pixels and |median| < max_correction."""
+    all_ranges, range_mask, min_pixels, max_correction = limits
+    gi = g.astype(np.int64)
+    selected = (gi >= 0) & (gi < 32) & (((range_mask >> np.clip(gi, 0, 31)) & 1) != 0)
+    used = good & (all_ranges | selected)
+    v = np.moveaxis(np.where(used, s, np.float32(np.inf)), axis, -1)
+    n = np.moveaxis(used, axis, -1).sum(axis=-1)
+    med = np.expand_dims(sorted_median(v, n), axis)
+    n = np.expand_dims(n, axis)
+    with np.errstate(invalid="ignore"):
+        corrected = (n > min_pixels) & (np.abs(med) < max_correction)
+        return np.where(used & corrected, s - med, s), n
 
 
 def same(got, want):
@@ -60,49 +78,60 @@ def same(got, want):
     np.testing.assert_array_equal(got.view(np.uint32)[keep], want.view(np.uint32)[keep])
 
 
+LIMITS = [(False, 0b1, 10, 100.0), (True, 0, 0, 1e30), (False, 0b101, 3, 15.0)]
+
+
 @needs_compiler
-@pytest.mark.parametrize("length,groups", [(48, 45), (48, 1), (64, 33), (96, 16), (7, 100), (2, 17), (176, 40)])
-def test_rows_medians_match_numpy(length, groups):
+@pytest.mark.parametrize("limits", LIMITS)
+@pytest.mark.parametrize("length,groups", [(48, 45), (48, 8), (64, 33), (96, 16), (7, 100), (2, 17), (176, 40)])
+def test_rows_step_matches_numpy(length, groups, limits):
+    """In place on (groups, length): the vector path (8-group tiles) and the scalar one (the last groups;
+    lengths not a multiple of 8)."""
     assert simd_median.available("rows", length)
     rng = np.random.default_rng(length * 1000 + groups)
-    v, n = special_values(rng, (groups, length), 1)
-    med = np.full(groups, -1, np.float32)
-    simd_median.medians_rows(v, n, med)
-    same(med, sorted_median(v, n))
-    assert n[-1] == 0  # and its median is +inf
+    s, good, g = special_values(rng, (groups, length), 1)
+    want, n = reference_step(s, good, g, limits, 1)
+    assert n[-1, 0] == 0
+    simd_median.rows_step(s, good, g, limits)
+    same(s, want)
 
 
 @needs_compiler
+@pytest.mark.parametrize("limits", LIMITS)
 @pytest.mark.parametrize("length,m,cols", [(176, 3, 384), (176, 2, 20), (256, 2, 64), (9, 3, 5), (48, 1, 17)])
-def test_cols_medians_match_numpy(length, m, cols):
+def test_cols_step_matches_numpy(length, m, cols, limits):
     """Columns as lanes, including the last vector's partial columns (cols not a multiple of the lanes)."""
     assert simd_median.available("cols", length)
     rng = np.random.default_rng(length * 1000 + cols)
-    w, n = special_values(rng, (m, length, cols), 1)
-    med = np.full((m, cols), -1, np.float32)
-    simd_median.medians_cols(w, n, med)
-    same(med, sorted_median(w.transpose(0, 2, 1), n))
+    s, good, g = special_values(rng, (m, length, cols), 1)
+    want, _ = reference_step(s, good, g, limits, 1)
+    simd_median.cols_step(s, good, g, limits)
+    same(s, want)
 
 
 def test_without_a_compiler_numpy_sorts(monkeypatch):
-    """GPUSMALL_NATIVE=0 (or no compiler): not available, and the median steps keep NumPy's sort with the
-    same result as the compiled medians."""
-    monkeypatch.setenv("GPUSMALL_NATIVE", "0")
-    native_build.load.cache_clear()
-    simd_median._entry.cache_clear()
-    try:
-        assert not simd_median.available("rows", 48)
-        rng = np.random.default_rng(5)
-        v, n = special_values(rng, (40, 48), 1)
-        v2 = v.copy()
-        med = np.empty((40, 1), np.float32)
-        if cpu_median.cpu_kernels.available():
-            cpu_median._medians_sorted(np.sort(v2, axis=-1), n, med.reshape(-1))
-            same(med[:, 0], sorted_median(v, n))
-    finally:
-        monkeypatch.delenv("GPUSMALL_NATIVE")
+    """GPUSMALL_NATIVE=0 (or no compiler): not available, and the median steps keep NumPy's sort (the numba
+    passes around it) with the compiled steps' result."""
+    if not cpu_median.cpu_kernels.available():
+        pytest.skip("numba off")
+    from gpusmall.backend import Backend
+    from gpusmall.calib.common_mode import MedianCommonMode
+    from gpusmall.detectors import get_model
+
+    rng = np.random.default_rng(5)
+    s, good, g = special_values(rng, (2, 2, 352, 384), 3)
+    cm = MedianCommonMode(get_model("epix10ka"), (352, 384), axes=("rows", "cols"), backend=Backend("numpy"))
+    results = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("GPUSMALL_NATIVE", native)
         native_build.load.cache_clear()
         simd_median._entry.cache_clear()
+        assert simd_median.available("rows", 48) == (native == "1" and native_build.compiler() is not None)
+        results.append(cm(s.copy(), good, g))
+    native_build.load.cache_clear()
+    simd_median._entry.cache_clear()
+    same(results[0], results[1])
+    assert not np.array_equal(results[1], s, equal_nan=True)  # corrected
 
 
 def test_a_failed_build_is_remembered(monkeypatch, tmp_path):

@@ -2,11 +2,11 @@
 
 :meth:`gpusmall.calib.common_mode.MedianCommonMode.reference` builds the groups with array operations
 (the use mask, ``where`` with +inf, a contiguous copy of the transposed cols, a count, gathers, a
-masked subtraction): several full-frame passes and temporaries around the sort. Here one numba pass
-writes each group's values (+inf where a pixel does not enter the median) and counts them (rows: the
-groups are contiguous already; cols: written row-major), :mod:`~gpusmall.calib.simd_median` takes each
-group's median (a sorting network over SIMD lanes, compiled for the machine; without it, NumPy sorts
-the groups, the cols transposed first), and a second numba pass subtracts each median in place.
+masked subtraction): several full-frame passes and temporaries around the sort. Here each step is one
+pass of :mod:`~gpusmall.calib.simd_median` (a sorting network over SIMD lanes, compiled for the machine:
+the groups' used values in, each median subtracted in place). Without a compiler one numba pass writes
+each group's values (+inf where a pixel does not enter the median) and counts them, NumPy sorts the
+groups (the cols transposed first), and a second numba pass subtracts each median.
 :func:`calibrate_blocked` runs the whole calibration around these steps one block of pixels at a time
 (the NumPy backend's path).
 
@@ -125,30 +125,32 @@ def _limits(cm) -> tuple[tuple[bool, np.uint32], tuple[np.int64, np.float32]]:
 
 def _rows(cm, s2, good2, g2, v, n, med) -> None:
     """The rows step in place on s2 (N, C) (good2, g2 alike): v (N, C) float32, n (N, C // bc) int64 and
-    med (N, C // bc) float32 scratch."""
+    med (N, C // bc) float32 scratch (used without the compiled step)."""
     (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
     bc = cm.bank[1]
+    if simd_median.available("rows", bc):
+        groups = (s2.size // bc, bc)
+        simd_median.rows_step(s2.reshape(groups), good2.reshape(groups), g2.reshape(groups),
+                              (all_ranges, range_mask, min_pixels, max_correction))
+        return
     _gather_rows(s2, good2, g2, all_ranges, range_mask, v, n)
     groups = v.reshape(-1, bc)
-    if simd_median.available("rows", bc):
-        simd_median.medians_rows(groups, n.reshape(-1), med.reshape(-1))
-    else:
-        groups.sort(axis=-1)
-        _medians_sorted(groups, n.reshape(-1), med.reshape(-1))
+    groups.sort(axis=-1)
+    _medians_sorted(groups, n.reshape(-1), med.reshape(-1))
     _apply_rows(s2, good2, g2, all_ranges, range_mask, med, n, min_pixels, max_correction)
 
 
 def _cols(cm, s3, good3, g3, w, v, n, med) -> None:
     """The cols step in place on s3 (M, BR, C) (good3, g3 alike): w (M, BR, C), v (M, C, BR) float32,
-    n (M, C) int64 and med (M, C) float32 scratch (v: only without the compiled medians)."""
+    n (M, C) int64 and med (M, C) float32 scratch (used without the compiled step)."""
     (all_ranges, range_mask), (min_pixels, max_correction) = _limits(cm)
+    if simd_median.available("cols", s3.shape[1]):
+        simd_median.cols_step(s3, good3, g3, (all_ranges, range_mask, min_pixels, max_correction))
+        return
     _where_cols(s3, good3, g3, all_ranges, range_mask, w, n)
-    if simd_median.available("cols", w.shape[1]):
-        simd_median.medians_cols(w, n, med)
-    else:
-        np.copyto(v, w.transpose(0, 2, 1))
-        v.sort(axis=-1)
-        _medians_sorted(v.reshape(-1, v.shape[-1]), n.reshape(-1), med.reshape(-1))
+    np.copyto(v, w.transpose(0, 2, 1))
+    v.sort(axis=-1)
+    _medians_sorted(v.reshape(-1, v.shape[-1]), n.reshape(-1), med.reshape(-1))
     _apply_cols(s3, good3, g3, all_ranges, range_mask, med, n, min_pixels, max_correction)
 
 

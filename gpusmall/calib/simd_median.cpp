@@ -1,21 +1,34 @@
 // Medians of many small groups with a sorting network over SIMD lanes: one group per lane, W groups at once.
 //
-// simd_median.py writes a network of a given length as a struct and a C entry point around medians_rows or
-// medians_cols, compiles them with this file (native_build.py: -O3 -march=native, cached per machine) and
+// simd_median.py writes a network of a given length as a struct and a C entry point around rows_step or
+// cols_step (the median common mode's steps, in place), compiles them with this file (native_build.py: -O3 -march=native, cached per machine) and
 // calls them through ctypes.
-// Values are float32 with +inf where a pixel does not enter the median; a group's median of n used
-// values is (v[max((n - 1) / 2, 0)] + v[min(n / 2, len - 1)]) * 0.5f in float32 over the group sorted in
+// A group's median of its n used values (Use: good, and the gain range selected) is (v[max((n - 1) / 2, 0)] + v[min(n / 2, len - 1)]) * 0.5f in float32 over the group sorted in
 // NumPy's order (-inf < ... < +inf < NaN). The network sorts int32 keys of the floats (a total order:
 // every NaN becomes the largest key), so min/max are exact and the result is the reference's; -0.0 and
 // +0.0 are ordered (-0 first) where np.sort leaves them as its algorithm does: equal as floats.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-typedef int32_t vkey8 __attribute__((vector_size(32)));
-typedef int32_t vkey16 __attribute__((vector_size(64)));
+// Vectors of W lanes: int32 keys, float32 values, and the uint8 / int8 inputs (good, gain index).
 template <int W> struct Vec;
-template <> struct Vec<8> { using type = vkey8; };
-template <> struct Vec<16> { using type = vkey16; };
+template <> struct Vec<8> {
+    typedef int32_t type __attribute__((vector_size(32)));
+    typedef float f __attribute__((vector_size(32)));
+    typedef uint8_t u8 __attribute__((vector_size(8)));
+    typedef int8_t i8 __attribute__((vector_size(8)));
+};
+template <> struct Vec<16> {
+    typedef int32_t type __attribute__((vector_size(64)));
+    typedef float f __attribute__((vector_size(64)));
+    typedef uint8_t u8 __attribute__((vector_size(16)));
+    typedef int8_t i8 __attribute__((vector_size(16)));
+};
 
 // Lanes per vector. Rows: 8 (the 48-64 vectors of a group stay in the 32 registers of AVX-512 or spill
 // less; faster than 16 on Zen 4). Cols: 16 with AVX-512 (the network runs from L1 either way).
@@ -40,11 +53,11 @@ static inline V keys_of(V b) {
     return mag > 0x7F800000 ? V{} + 0x7FFFFFFF : k;
 }
 
-template <class V>
-static inline V load_keys(const float* p) {
-    V b;
-    std::memcpy(&b, p, sizeof b);
-    return keys_of(b);
+template <class V, class T>
+static inline V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
 }
 
 static inline float float_of(int32_t k) {
@@ -97,54 +110,174 @@ static inline void transpose(V*) {}
 constexpr bool HAVE_SHUFFLE = false;
 #endif
 
-// groups contiguous groups of Net::len floats (v, row-major); n (groups) used values each; med (groups) out.
+// W bytes as W int32 lanes (sign- or zero-extended): one vpmov[sz]xbd where the CPU has it (GCC's
+// __builtin_convertvector of a byte vector goes lane by lane).
+template <int W, bool SIGNED, class V, class T>
+static inline V widen(const T* p) {
+#if defined(__AVX512F__)
+    if constexpr (W == 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        return reinterpret_cast<V>(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (W == 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        return reinterpret_cast<V>(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+    }
+#endif
+    using B = std::conditional_t<SIGNED, typename Vec<W>::i8, typename Vec<W>::u8>;
+    return __builtin_convertvector(load<B>(p), V);
+}
+
+// Which pixels enter a group's median: good, and (unless every range enters) a gain range selected.
+struct Use {
+    int32_t all_ranges;
+    uint32_t range_mask;
+    int64_t min_pixels;
+    float max_correction;
+
+    inline bool operator()(uint8_t good, int8_t g) const {
+        const int32_t gi = g;
+        const bool in_range = gi >= 0 && gi < 32 && ((range_mask >> (gi & 31)) & 1u);
+        return good && (all_ranges || in_range);
+    }
+    template <class V, int W>
+    inline V lanes(const uint8_t* good, const int8_t* g) const {  // -1 where used, 0 elsewhere
+        const V gd = widen<W, false, V>(good);
+        if (all_ranges) return gd != 0;
+        const V gi = widen<W, true, V>(g);
+        const V bit = ((V{} + int32_t(range_mask)) >> (gi & 31)) & 1;
+        return (gd != 0) & (gi >= 0) & (gi < 32) & (bit != 0);
+    }
+    // the median of n used values, or NaN where the group is not corrected (too few, or too large)
+    inline float correction(float med, int64_t n) const {
+        return n > min_pixels && std::fabs(med) < max_correction ? med : __builtin_nanf("");
+    }
+};
+
+template <class V>
+static inline V used_keys(V bits, V used) {
+    return used ? keys_of(bits) : V{} + 0x7F800000;  // +inf's key where a pixel does not enter
+}
+
+// The rows step in place: s (groups, Net::len) float32, good uint8 and g int8 alike; each group's used
+// values' median is subtracted from its used pixels where the group is corrected.
 template <class Net>
-static void medians_rows(const float* v, int64_t groups, const int64_t* n, float* med) {
+static void rows_step(float* s, const uint8_t* good, const int8_t* g, int64_t groups, const Use& use) {
     constexpr int W = ROWS_W;
     using V = typename Vec<W>::type;
+    using VF = typename Vec<W>::f;
     constexpr int64_t len = Net::len;
     for (int64_t g0 = 0; g0 < groups; g0 += W) {
         V buf[len];
+        int64_t n[W] = {};
         const int lanes = groups - g0 < W ? int(groups - g0) : W;
         if (HAVE_SHUFFLE && lanes == W && len % W == 0) {  // W x W tiles, transposed in registers
+            V cnt{};
             for (int64_t t = 0; t < len; t += W) {
-                V r[W];
-                for (int g = 0; g < W; ++g) r[g] = load_keys<V>(v + (g0 + g) * len + t);
+                V r[W], u[W];
+                for (int q = 0; q < W; ++q) {
+                    const int64_t o = (g0 + q) * len + t;
+                    u[q] = use.lanes<V, W>(good + o, g + o);
+                    r[q] = used_keys(load<V>(reinterpret_cast<const int32_t*>(s + o)), u[q]);
+                }
                 transpose<W>(r);
-                for (int i = 0; i < W; ++i) buf[t + i] = r[i];
+                transpose<W>(u);
+                for (int i = 0; i < W; ++i) {
+                    buf[t + i] = r[i];
+                    cnt -= u[i];
+                }
             }
+            for (int q = 0; q < W; ++q) n[q] = cnt[q];
         } else {
             for (int lane = 0; lane < W; ++lane) {
-                const float* src = v + (g0 + (lane < lanes ? lane : 0)) * len;
-                for (int64_t i = 0; i < len; ++i) buf[i][lane] = key_of(src[i]);
+                const int64_t o = (g0 + (lane < lanes ? lane : 0)) * len;
+                for (int64_t i = 0; i < len; ++i) {
+                    const bool u = use(good[o + i], g[o + i]);
+                    buf[i][lane] = u ? key_of(s[o + i]) : 0x7F800000;
+                    n[lane] += u;
+                }
             }
         }
         Net::apply(buf);
-        for (int lane = 0; lane < lanes; ++lane) med[g0 + lane] = median_of<len>(buf, lane, n[g0 + lane]);
+        for (int q = 0; q < lanes; ++q) {
+            const float d = use.correction(median_of<len>(buf, q, n[q]), n[q]);
+            if (d != d) continue;
+            const int64_t o = (g0 + q) * len;
+            int64_t i = 0;
+            for (; i + W <= len; i += W) {
+                const V u = use.lanes<V, W>(good + o + i, g + o + i);
+                VF x = load<VF>(s + o + i);
+                x = u ? x - d : x;
+                std::memcpy(s + o + i, &x, sizeof x);
+            }
+            for (; i < len; ++i)
+                if (use(good[o + i], g[o + i])) s[o + i] -= d;
+        }
     }
 }
 
-// w (m, Net::len, cols) row-major: the groups are its columns (m * cols of them); n, med (m, cols).
+// The cols step in place: s (m, Net::len, cols) float32 row-major, good and g alike; the groups are the
+// columns of each of the m blocks.
 template <class Net>
-static void medians_cols(const float* w, int64_t m, int64_t cols, const int64_t* n, float* med) {
+static void cols_step(float* s, const uint8_t* good, const int8_t* g, int64_t m, int64_t cols, const Use& use) {
     constexpr int W = COLS_W;
     using V = typename Vec<W>::type;
+    using VF = typename Vec<W>::f;
     constexpr int64_t rows = Net::len;
     for (int64_t q = 0; q < m; ++q) {
-        const float* wq = w + q * rows * cols;
+        float* sq = s + q * rows * cols;
+        const uint8_t* gdq = good + q * rows * cols;
+        const int8_t* gq = g + q * rows * cols;
         for (int64_t j0 = 0; j0 < cols; j0 += W) {
             V buf[rows];
+            V cnt{};
             const int lanes = cols - j0 < W ? int(cols - j0) : W;
             if (lanes == W) {
-                for (int64_t r = 0; r < rows; ++r) buf[r] = load_keys<V>(wq + r * cols + j0);
+                for (int64_t r = 0; r < rows; ++r) {
+                    const int64_t o = r * cols + j0;
+                    const V u = use.lanes<V, W>(gdq + o, gq + o);
+                    buf[r] = used_keys(load<V>(reinterpret_cast<const int32_t*>(sq + o)), u);
+                    cnt -= u;
+                }
             } else {
                 for (int64_t r = 0; r < rows; ++r)
-                    for (int lane = 0; lane < W; ++lane)
-                        buf[r][lane] = key_of(wq[r * cols + j0 + (lane < lanes ? lane : 0)]);
+                    for (int lane = 0; lane < W; ++lane) {
+                        const int64_t o = r * cols + j0 + (lane < lanes ? lane : 0);
+                        const bool u = use(gdq[o], gq[o]);
+                        buf[r][lane] = u ? key_of(sq[o]) : 0x7F800000;
+                        cnt[lane] += u;
+                    }
             }
             Net::apply(buf);
-            for (int lane = 0; lane < lanes; ++lane)
-                med[q * cols + j0 + lane] = median_of<rows>(buf, lane, n[q * cols + j0 + lane]);
+            VF d;  // each column's correction, NaN where not corrected
+            bool any = false;
+            for (int lane = 0; lane < W; ++lane) {
+                d[lane] = lane < lanes ? use.correction(median_of<rows>(buf, lane, cnt[lane]), cnt[lane])
+                                       : __builtin_nanf("");
+                any |= d[lane] == d[lane];
+            }
+            if (!any) continue;
+            const V corrected = d == d;  // -1 per lane
+            const VF zero{};
+            const VF dz = corrected ? d : zero;
+            if (lanes == W) {
+                for (int64_t r = 0; r < rows; ++r) {
+                    const int64_t o = r * cols + j0;
+                    const V u = use.lanes<V, W>(gdq + o, gq + o) & corrected;
+                    VF x;
+                    std::memcpy(&x, sq + o, sizeof x);
+                    x = u ? x - dz : x;
+                    std::memcpy(sq + o, &x, sizeof x);
+                }
+            } else {
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int lane = 0; lane < lanes; ++lane) {
+                        const int64_t o = r * cols + j0 + lane;
+                        if (d[lane] == d[lane] && use(gdq[o], gq[o])) sq[o] -= d[lane];
+                    }
+            }
         }
     }
 }
