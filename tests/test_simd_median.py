@@ -4,7 +4,10 @@ import itertools
 import numpy as np
 import pytest
 
+from gpusmall.backend import Backend
 from gpusmall.calib import cpu_median, native_build, simd_median
+from gpusmall.calib.common_mode import MedianCommonMode
+from gpusmall.detectors import get_model
 
 needs_compiler = pytest.mark.skipif(native_build.compiler() is None, reason="no C++ compiler")
 
@@ -114,10 +117,6 @@ def test_without_a_compiler_numpy_sorts(monkeypatch):
     passes around it) with the compiled steps' result."""
     if not cpu_median.cpu_kernels.available():
         pytest.skip("numba off")
-    from gpusmall.backend import Backend
-    from gpusmall.calib.common_mode import MedianCommonMode
-    from gpusmall.detectors import get_model
-
     rng = np.random.default_rng(5)
     s, good, g = special_values(rng, (2, 2, 352, 384), 3)
     cm = MedianCommonMode(get_model("epix10ka"), (352, 384), axes=("rows", "cols"), backend=Backend("numpy"))

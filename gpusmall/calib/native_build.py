@@ -90,35 +90,47 @@ def load(name: str, code: str) -> ctypes.CDLL | None:
 
 
 def _build(cxx: str, name: str, code: str, arch: list[str], key: str) -> Path | None:
-    import fcntl
-
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"{name}-{key}.so"
-    failed = cache / f"{name}-{key}.failed"  # the compiler's message, so that no later process tries again
-    if lib.exists():
-        return lib
+    lib = cache_dir() / f"{name}-{key}.so"
+    failed = lib.with_suffix(".failed")  # the compiler's message, so that no later process tries again
     if failed.exists():
         return None
-    with open(cache / f"{name}-{key}.lock", "w") as lock:
+    try:
+        compile_once(cxx, [*FLAGS, *arch, f"-I{HERE}"], code, lib)
+    except CompileError as e:
+        failed.write_text(str(e))
+        return None
+    return lib
+
+
+class CompileError(RuntimeError):
+    """A compile that failed; the message is the compiler's (its last 4000 characters)."""
+
+
+def compile_once(cxx: str, flags: list[str], code: str, lib: Path) -> str:
+    """Compile C++ ``code`` with ``flags`` into the shared library ``lib`` unless it is there already; returns
+    the compiler's warnings ("" when it was there). One process compiles while the others wait on a file
+    lock beside ``lib``; the library is written under a temporary name and renamed into place, so a reader
+    never sees half of one. Raises :class:`CompileError` when the compiler fails."""
+    import fcntl
+
+    if lib.exists():
+        return ""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with open(lib.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if lib.exists():
-            return lib
-        if failed.exists():
-            return None
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            return ""
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         src = Path(tmp).with_suffix(".cpp")
         try:
             src.write_text(code)
-            r = subprocess.run([cxx, *FLAGS, *arch, f"-I{HERE}", "-o", tmp, str(src)], check=False,
-                               capture_output=True, text=True)
+            r = subprocess.run([cxx, *flags, "-o", tmp, str(src)], check=False, capture_output=True, text=True)
             if r.returncode != 0:
-                failed.write_text(r.stderr[-4000:])
-                return None
+                raise CompileError(r.stderr[-4000:])
             os.replace(tmp, lib)
+            return r.stderr
         finally:
             for path in (tmp, src):
                 if os.path.exists(path):
                     os.unlink(path)
-    return lib

@@ -1,12 +1,14 @@
-// Medians of many small groups with a sorting network over SIMD lanes: one group per lane, W groups at once.
+// The median common mode's rows and cols steps, in place, with a sorting network over SIMD lanes: one group
+// per lane, 8 or 16 groups at once.
 //
 // simd_median.py writes a network of a given length as a struct and a C entry point around rows_step or
-// cols_step (the median common mode's steps, in place), compiles them with this file (native_build.py: -O3 -march=native, cached per machine) and
-// calls them through ctypes.
-// A group's median of its n used values (Use: good, and the gain range selected) is (v[max((n - 1) / 2, 0)] + v[min(n / 2, len - 1)]) * 0.5f in float32 over the group sorted in
-// NumPy's order (-inf < ... < +inf < NaN). The network sorts int32 keys of the floats (a total order:
-// every NaN becomes the largest key), so min/max are exact and the result is the reference's; -0.0 and
-// +0.0 are ordered (-0 first) where np.sort leaves them as its algorithm does: equal as floats.
+// cols_step, compiles them with this file (native_build.py: -O3 -march=native, cached per machine) and
+// calls them through ctypes. A group's median of its n used values (Use: good, and the gain range
+// selected) is (v[max((n - 1) / 2, 0)] + v[min(n / 2, len - 1)]) * 0.5f in float32 over the group sorted
+// in NumPy's order (-inf < ... < +inf < NaN), the pixels that do not enter as +inf. The network sorts
+// int32 keys of the floats (a total order: every NaN becomes the largest key), so min/max are exact and
+// the result is the reference's; -0.0 and +0.0 are ordered (-0 first) where np.sort leaves them as its
+// algorithm does: equal as floats.
 #include <cmath>
 #include <cstdint>
 #include <cstring>

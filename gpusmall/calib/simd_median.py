@@ -1,4 +1,4 @@
-"""Group medians by a sorting network over SIMD lanes (``simd_median.cpp``, compiled on first use).
+"""The median common mode's steps by a sorting network over SIMD lanes (``simd_median.cpp``, compiled on first use).
 
 The median common mode's rows and cols steps on the CPU (:mod:`gpusmall.calib.cpu_median`), in place:
 ``rows`` groups are contiguous runs of ``len`` values, ``cols`` groups the columns of a row-major block.
@@ -9,8 +9,8 @@ pixels where ``n > min_pixels`` and ``|median| < max_correction``. The C++ code 
 8 or 16 groups at once (one per vector lane) through Batcher's odd-even merge sort cut to the comparators
 that reach ranks 0 .. len // 2, on int32 keys of the floats.
 
-:func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``); the callers then sort
-with NumPy.
+:func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``); the callers then run
+numba passes around NumPy's sort.
 """
 from __future__ import annotations
 

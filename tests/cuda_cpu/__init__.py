@@ -22,18 +22,17 @@ unless written with ``__f*_rn`` intrinsics, which these kernels do where bits ma
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from gpusmall.calib import native_build
 from gpusmall.kernel_specs import POINTER_DTYPES, SCALAR_TYPES, parse_signatures
 
 HERE = Path(__file__).resolve().parent
@@ -141,27 +140,14 @@ class CompiledSource:
         if cxx is None:
             raise RuntimeError("no C++ compiler (g++) to build CUDA kernels for the CPU")
         key = hashlib.sha256((code + RUNTIME.read_text() + " ".join(flags) + cxx).encode()).hexdigest()[:20]
-        cache = Path(tempfile.gettempdir()) / f"gpusmall-cuda-cpu-{os.getuid()}"
-        cache.mkdir(exist_ok=True)
-        lib = cache / f"{key}.so"
-        if not lib.exists():
-            # one compile per source, whichever process asks first (the tests' background prebuild,
-            # tests/cuda_cpu/__main__.py, or a test); the others wait for it here
-            with open(cache / f"{key}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not lib.exists():
-                    self._compile(cxx, flags, code, cache, key, lib)
+        lib = Path(tempfile.gettempdir()) / f"gpusmall-cuda-cpu-{os.getuid()}" / f"{key}.so"
+        # one compile per source, whichever process asks first (the tests' background prebuild,
+        # tests/cuda_cpu/__main__.py, or a test); the others wait for it (the package's compile cache)
+        try:
+            self.warnings = native_build.compile_once(cxx, flags, code, lib)
+        except native_build.CompileError as e:
+            raise RuntimeError(f"{self.label}: g++ failed:\n{e}") from None
         self.lib = ctypes.CDLL(str(lib))
-
-    def _compile(self, cxx, flags, code, cache, key, lib) -> None:
-        cpp = cache / f"{key}.cpp"
-        cpp.write_text(code)
-        tmp = cache / f"{key}.{os.getpid()}.so"
-        r = subprocess.run([cxx, *flags, "-o", str(tmp), str(cpp)], check=False, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{self.label}: g++ failed:\n{r.stderr[-4000:]}")
-        self.warnings = r.stderr
-        os.replace(tmp, lib)
 
     def kernel(self, name: str) -> CpuKernel:
         if name not in self.signatures:
