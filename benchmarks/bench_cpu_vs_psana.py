@@ -1,4 +1,4 @@
-"""gpusmall's CPU calibration (numba kernels and the pure NumPy path) against psana's own ``det.raw.calib``,
+"""gpusmall's CPU calibration (its CPU kernels and the pure NumPy path) against psana's own ``det.raw.calib``,
 on one core, on the real XTC2 files (../shared/data: JUNGFRAU 0.5M, ePix10ka quad) with the same constants.
 
 Run (one core; the script pins itself to --core and sets NUMBA_NUM_THREADS=1 unless already set):
@@ -12,11 +12,12 @@ psana gets our constants through ``det.raw._calibconst`` (as tests/test_psana.py
 gains per range, keV out) and calibrates each event of the file in turn, ``--batch`` events per round; gpusmall
 calibrates the same events as one batch of ``--batch`` (the file's events repeated), with glibc keeping freed
 memory as ``gpusmall run`` does (``producer/allocator.py``: each output reuses the previous batch's pages).
-Each round times psana,
-the numba path, the NumPy path (``cpu = None``) and ``np.copyto`` of the same bytes (raw uint16 in + float32 out:
-(raw + out) / 2 bytes copied, i.e. that much read and written), one after the other in this one process; the
-table gives the median over rounds and the range. GB/s counts raw in + float32 out. ``--compile-time`` also
-times the first calibration in two fresh processes with an empty numba cache (compile, then load the cache).
+Each round times psana, the CPU kernels (``calib/simd_calib.py`` where a C++ compiler built it, numba's
+otherwise; with the common mode numba's halves around ``calib/simd_median.py``'s steps), the NumPy path
+(``cpu = None``) and ``np.copyto`` of the same bytes (raw uint16 in + float32 out: (raw + out) / 2 bytes copied,
+i.e. that much read and written), one after the other in this one process; the table gives the median over
+rounds and the range. GB/s counts raw in + float32 out. ``--compile-time`` also times the first calibration
+in two fresh processes with empty numba and C++ caches (compile, then load the caches).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def one_case(det, cm, batch, rounds, data_dir):
     cal = Calibrator(model, consts, mask, Backend("numpy"), units="kev", common_mode=cmode)
     ref = Calibrator(model, consts, mask, Backend("numpy"), units="kev", common_mode=cmode)
     ref.cpu = None  # the pure NumPy path
-    assert cal.cpu is not None, "numba kernels not in use"
+    assert cal.cpu is not None, "CPU kernels not in use"
     raw_b = np.ascontiguousarray(frames[np.arange(batch) % len(frames)])
     got, want = cal(raw_b), ref(raw_b)  # also the first call (compile or cache load)
     identical = (np.array_equal(got.data.view(np.uint32), want.data.view(np.uint32))
@@ -103,7 +104,7 @@ def one_case(det, cm, batch, rounds, data_dir):
     nbytes = raw_b.nbytes + raw_b.size * 4
     src = np.random.default_rng(1).integers(0, 255, nbytes // 2, dtype=np.uint8)
     dst = np.empty_like(src)
-    times = {"psana": [], "numba": [], "numpy": [], "copy": []}
+    times = {"psana": [], "cpu": [], "numpy": [], "copy": []}
     for _ in range(rounds + 1):  # round 0 warms up (first touch of the output pages): not counted
         t = time.perf_counter()
         for i in range(batch):
@@ -111,7 +112,7 @@ def one_case(det, cm, batch, rounds, data_dir):
         times["psana"].append(time.perf_counter() - t)
         t = time.perf_counter()
         cal(raw_b)
-        times["numba"].append(time.perf_counter() - t)
+        times["cpu"].append(time.perf_counter() - t)
         t = time.perf_counter()
         ref(raw_b)
         times["numpy"].append(time.perf_counter() - t)
@@ -126,23 +127,23 @@ def fmt(res):
     b, nb, t = res["batch"], res["nbytes"], res["times"]
     eps = {k: b / v for k, v in t.items()}
     gbs = {k: nb / v / 1e9 for k, v in t.items()}
-    ratio = t["psana"] / t["numba"]  # per round, same round
+    ratio = t["psana"] / t["cpu"]  # per round, same round
     ratio_np = t["psana"] / t["numpy"]
-    frac = t["copy"] / t["numba"]
+    frac = t["copy"] / t["cpu"]
 
     def rng(a, f="{:.0f}"):
         return f"{f.format(np.median(a))} ({f.format(a.min())}-{f.format(a.max())})"
 
     name = {"jungfrau": "JUNGFRAU 0.5M", "epixquad": "ePix10ka quad"}[res["det"]]
     name += ", median rows+cols" if res["cm"] else ", no common mode"
-    return (f"| {name} | {rng(eps['psana'])} | {rng(eps['numpy'])} | {rng(eps['numba'])} | "
-            f"{rng(ratio, '{:.2f}')}x (NumPy {np.median(ratio_np):.2f}x) | {rng(gbs['numba'], '{:.2f}')} | "
+    return (f"| {name} | {rng(eps['psana'])} | {rng(eps['numpy'])} | {rng(eps['cpu'])} | "
+            f"{rng(ratio, '{:.2f}')}x (NumPy {np.median(ratio_np):.2f}x) | {rng(gbs['cpu'], '{:.2f}')} | "
             f"{rng(gbs['copy'], '{:.1f}')} | {100 * np.median(frac):.0f}% | "
             f"{'yes' if res['identical'] else 'NO'} |")
 
 
-HEADER = ("| case | psana events/s | gpusmall NumPy events/s | gpusmall numba events/s | numba / psana | "
-          "numba GB/s | np.copyto GB/s | numba / copy | numba == NumPy bits |\n"
+HEADER = ("| case | psana events/s | gpusmall NumPy events/s | gpusmall CPU kernels events/s | CPU / psana | "
+          "CPU GB/s | np.copyto GB/s | CPU / copy | CPU == NumPy bits |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 COMPILE_SNIPPET = """
@@ -172,7 +173,7 @@ print(" ".join(f"{v:.3f}" for v in out))
 def compile_times():
     """(first-call seconds with an empty cache, with the cache) per kernel group, in fresh processes."""
     with tempfile.TemporaryDirectory() as d:
-        env = dict(os.environ, NUMBA_CACHE_DIR=d)
+        env = dict(os.environ, NUMBA_CACHE_DIR=d, GPUSMALL_CACHE_DIR=d)  # numba's and the C++ kernels' caches
         runs = []
         for _ in range(2):
             r = subprocess.run([sys.executable, "-c", COMPILE_SNIPPET], env=env, capture_output=True, text=True,
@@ -217,7 +218,7 @@ def main(argv=None):
     print("\n".join(rows))
     if a.compile_time:
         (c_jf, w_jf, c_ep, w_ep, c_sum), (l_jf, _, l_ep, _, l_sum) = compile_times()
-        print(f"\nfirst call, empty numba cache (compile): JUNGFRAU {c_jf:.2f} s, ePix10ka {c_ep:.2f} s, "
+        print(f"\nfirst call, empty caches (compile): JUNGFRAU {c_jf:.2f} s, ePix10ka {c_ep:.2f} s, "
               f"run sums {c_sum:.2f} s; from the cache (next process): {l_jf:.2f} s, {l_ep:.2f} s, {l_sum:.2f} s; "
               f"second call {w_jf * 1e3:.1f} ms, {w_ep * 1e3:.1f} ms")
 

@@ -203,12 +203,22 @@ def test_block_sizes_give_the_same_bits(rng, monkeypatch, det):
     want = reference(cal, raw)
     calib_block = cpu_kernels.calib_block
     for block in (4096, 3 * 4096, 65536, cpu_kernels.CALIB_BLOCK_MAX):
-        monkeypatch.setattr(cpu_kernels, "calib_block", lambda npix, threads, b=block: b)
+        monkeypatch.setattr(cpu_kernels, "calib_block", lambda npix, threads, nbytes, b=block: b)
         got = cal(raw)
         assert_same((got.data, got.good), want)
-    assert calib_block(540672, 1) == cpu_kernels.CALIB_BLOCK_MAX
-    assert calib_block(540672, 2) == 65536  # four work items per thread, whole 4096s
-    assert calib_block(1000, 64) == 4096
+    monkeypatch.setattr(cpu_kernels, "l3_bytes", lambda: 32 << 20)
+    assert calib_block(540672, 1, 25) == cpu_kernels.CALIB_BLOCK_MAX
+    assert calib_block(540672, 2, 25) == 65536  # four work items per thread, whole 4096s
+    assert calib_block(1000, 64, 25) == 4096
+    monkeypatch.setattr(cpu_kernels, "l3_bytes", lambda: 8 << 20)  # the constants within a quarter of the L3
+    assert calib_block(540672, 1, 25) == 81920 and calib_block(540672, 1, 17) == 122880
+    assert calib_block(540672, 1, 1 << 20) == 4096
+
+
+def test_l3_size_read_or_assumed(monkeypatch, tmp_path):
+    assert cpu_kernels.l3_bytes() >= 1 << 20
+    monkeypatch.setattr(cpu_kernels, "Path", lambda *_: tmp_path / "none")
+    assert cpu_kernels.l3_bytes() == 8 << 20
 
 
 def test_threads_for_call():

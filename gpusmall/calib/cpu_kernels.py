@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 
+from . import simd_calib
 from .reusable import ReusableArrays
 
 try:  # optional: without numba the NumPy path stays
@@ -41,8 +43,11 @@ BLOCK = 4096
 """Pixels per work item of the pedestal and scale kernels around a common mode."""
 CALIB_BLOCK_MAX = 262144
 """At most this many pixels per work item of the one-pass calibration (:func:`calib_block`): the block's
-constants (up to 28 bytes a pixel: 7 MB) come from L2/L3 while each event's raw and output stream through
-in runs long enough for the prefetchers (4096-pixel blocks: ePix10ka quad 25-30% slower, BENCHMARKS.md)."""
+constants come from the L3 cache while each event's raw and output stream through in runs long enough for
+the prefetchers (4096-pixel blocks: ePix10ka quad 25-30% slower, BENCHMARKS.md)."""
+L3_SHARE = 4
+"""A block's constants take at most 1 / L3_SHARE of the L3 cache (:func:`l3_bytes`): larger ones came from
+memory for every event (JUNGFRAU's 6.3 MB at 262144 pixels on an 8 MB L3: 1.7x slower, BENCHMARKS.md)."""
 TAB_PAD = 16
 """Floats of padding after each row of the per-pixel tables (64 bytes)."""
 SUM_BLOCK = 512
@@ -57,11 +62,23 @@ def available() -> bool:
     return numba is not None and os.environ.get(ENV_VAR, "1") != "0"
 
 
-def calib_block(npix: int, threads: int) -> int:
-    """Pixels per work item of the one-pass calibration: :data:`CALIB_BLOCK_MAX`, smaller (whole multiples of
-    4096, at least 4096) so that ``threads`` threads get four work items each."""
+def l3_bytes() -> int:
+    """The L3 cache of CPU 0 in bytes (Linux sysfs), 8 MiB where unknown."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        return int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return 8 << 20
+
+
+def calib_block(npix: int, threads: int, bytes_per_pixel: int = 25) -> int:
+    """Pixels per work item of the one-pass calibration (whole multiples of 4096, at least 4096): at most
+    :data:`CALIB_BLOCK_MAX` and as many as keep the block's ``bytes_per_pixel`` of constants within
+    1 / :data:`L3_SHARE` of the L3 cache, fewer so that ``threads`` threads get four work items each."""
+    fit = l3_bytes() // L3_SHARE // max(1, bytes_per_pixel)
     per_item = npix // (4 * threads) if threads > 1 else CALIB_BLOCK_MAX
-    return max(4096, min(CALIB_BLOCK_MAX, per_item) // 4096 * 4096)
+    return max(4096, min(CALIB_BLOCK_MAX, fit, per_item) // 4096 * 4096)
 
 
 def threads_for_call(backend_threads: int) -> int:
@@ -399,11 +416,14 @@ class CpuCalibration:
         """(out, good) of a raw batch (events, *pixel shape)."""
         n = raw.shape[0]
         out, good = self.outputs(n)
+        raw2, out2, good2 = self._flat(raw), out.reshape(n, self.npix), good.reshape(n, self.npix)
         with _threads(self.threads) as threads:
-            block = calib_block(self.npix, threads)
-            {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](
-                self._flat(raw), self._dmask(raw.dtype), self.tab, self.okb, out.reshape(n, self.npix),
-                good.reshape(n, self.npix), block)
+            block = calib_block(self.npix, threads, self.tab.shape[0] * 4 + 1)
+            if threads == 1 and raw2.dtype == np.uint16 and simd_calib.available():
+                simd_calib.calibrate(self.kind, raw2, self._dmask(raw2.dtype), self.tab, self.okb, out2, good2, block)
+            else:  # numba's threads over the blocks, or a raw dtype the compiled kernel does not take
+                {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](
+                    raw2, self._dmask(raw2.dtype), self.tab, self.okb, out2, good2, block)
         return out, good
 
     def pedestal_subtract(self, raw):

@@ -1,0 +1,142 @@
+// The one-pass calibration of uint16 raw frames over SIMD lanes: gain key from the raw word, the key's
+// pedestal and scale selected among the pixel's options, out = ok ? (float32(w & dmask) - P) * S : 0,
+// good = ok, ok the key's bit of the pixel's okb byte.
+//
+// simd_calib.py compiles this file (native_build.py: -O3 -march=native, no fast-math, no FMA contraction)
+// and calls calib_u16 through ctypes; cpu_kernels.py builds the tables and keeps numba's _calib1/2/3 as
+// the fallback. The tables are cpu_kernels' (options then scales, rows of `stride` floats): the option of
+// key k is k for one-bit gains (ePix10ka: bit 14), min(k, 2) for two bits (JUNGFRAU: bits 14-15), 0 for
+// a single range. Selecting the option's loaded pedestal and scale before the arithmetic gives the same
+// float32 result as computing every option and selecting the result (numba's form): one subtraction and
+// one multiplication of the same operands.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#if defined(__SSE4_1__) || defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int CW = 16;
+#else
+constexpr int CW = 8;
+#endif
+
+typedef int32_t ci32 __attribute__((vector_size(CW * 4)));
+typedef float cf32 __attribute__((vector_size(CW * 4)));
+typedef uint16_t cu16 __attribute__((vector_size(CW * 2)));
+typedef uint8_t cu8 __attribute__((vector_size(CW)));
+
+// Unaligned, aliasing views of memory as vectors (plain vector loads and stores, no copies through the stack).
+typedef float cf32u __attribute__((vector_size(CW * 4), aligned(4), may_alias));
+
+template <class V, class T>
+static inline V cload(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+template <>
+inline cf32 cload<cf32, float>(const float* p) {
+    return *reinterpret_cast<const cf32u*>(p);
+}
+
+static inline void cstore(float* p, cf32 v) { *reinterpret_cast<cf32u*>(p) = v; }
+
+// CW raw words as int32 lanes (zero-extended), CW okb bytes as int32 lanes, and 0/1 int32 lanes back to
+// bytes: one vpmovzx / vpmovdb (or packs) where the CPU has them (GCC's __builtin_convertvector of byte
+// vectors goes lane by lane).
+static inline ci32 widen_u16(const uint16_t* p) {
+#if CW == 16
+    return reinterpret_cast<ci32>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__AVX2__)
+    return reinterpret_cast<ci32>(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    return __builtin_convertvector(cload<cu16>(p), ci32);
+#endif
+}
+
+static inline ci32 widen_u8(const uint8_t* p) {
+#if CW == 16
+    return reinterpret_cast<ci32>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+    return reinterpret_cast<ci32>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+    return __builtin_convertvector(cload<cu8>(p), ci32);
+#endif
+}
+
+static inline void store_bytes(uint8_t* p, ci32 v) {  // v's lanes are 0 or 1
+#if CW == 16
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(v)));
+#elif defined(__AVX2__)
+    const __m256i x = reinterpret_cast<__m256i>(v);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
+#else
+    const cu8 b = __builtin_convertvector(v, cu8);
+    std::memcpy(p, &b, sizeof b);
+#endif
+}
+
+// KIND: 1 single range (ok = okb != 0), 2 one key bit, 3 two key bits.
+template <int KIND>
+static inline void calib_pixel(const uint16_t* r, const float* tab, int64_t ts, const uint8_t* okb, uint32_t dm,
+                               float* o, uint8_t* g, int64_t p) {
+    const uint32_t w = r[p];
+    const uint32_t k = KIND == 1 ? 0u : (w >> 14) & (KIND == 2 ? 1u : 3u);
+    const uint32_t opt = k >= 2 ? 2u : k;
+    const int64_t n_opt = KIND;
+    const float v = float(int32_t(w & dm));
+    const float x = (v - tab[opt * ts + p]) * tab[(n_opt + opt) * ts + p];
+    const bool ok = KIND == 1 ? okb[p] != 0 : ((uint32_t(okb[p]) >> k) & 1u) != 0;
+    o[p] = ok ? x : 0.0f;
+    g[p] = ok;
+}
+
+template <int KIND>
+static void calib_u16(const uint16_t* raw, int64_t n_events, int64_t npix, uint32_t dm, const float* tab, int64_t ts,
+                      const uint8_t* okb, float* out, uint8_t* good, int64_t block) {
+    constexpr int64_t n_opt = KIND;
+    // each option's rows (options a kind does not have read option 0's: never selected)
+    const float* __restrict p0 = tab;
+    const float* __restrict p1 = tab + (KIND >= 2 ? 1 : 0) * ts;
+    const float* __restrict p2 = tab + (KIND >= 3 ? 2 : 0) * ts;
+    const float* __restrict s0 = tab + n_opt * ts;
+    const float* __restrict s1 = s0 + (KIND >= 2 ? 1 : 0) * ts;
+    const float* __restrict s2 = s0 + (KIND >= 3 ? 2 : 0) * ts;
+    const ci32 dmv = ci32{} + int32_t(dm);
+    for (int64_t b0 = 0; b0 < npix; b0 += block) {
+        const int64_t b1 = b0 + block < npix ? b0 + block : npix;
+        for (int64_t e = 0; e < n_events; ++e) {
+            const uint16_t* __restrict r = raw + e * npix;
+            float* __restrict o = out + e * npix;
+            uint8_t* __restrict g = good + e * npix;
+            int64_t p = b0;
+            for (; p + CW <= b1; p += CW) {
+                const ci32 w = widen_u16(r + p);
+                const cf32 v = __builtin_convertvector(w & dmv, cf32);
+                cf32 ped = cload<cf32>(p0 + p), sc = cload<cf32>(s0 + p);
+                ci32 k = ci32{};
+                if constexpr (KIND >= 2) {
+                    k = (w >> 14) & (KIND == 2 ? 1 : 3);
+                    const ci32 is1 = k == 1;
+                    ped = is1 ? cload<cf32>(p1 + p) : ped;
+                    sc = is1 ? cload<cf32>(s1 + p) : sc;
+                }
+                if constexpr (KIND == 3) {
+                    const ci32 is2 = k >= 2;
+                    ped = is2 ? cload<cf32>(p2 + p) : ped;
+                    sc = is2 ? cload<cf32>(s2 + p) : sc;
+                }
+                const ci32 okw = widen_u8(okb + p);
+                const ci32 ok = KIND == 1 ? (okw != 0) & 1 : (okw >> k) & 1;
+                const cf32 x = (v - ped) * sc;
+                cstore(o + p, ok != 0 ? x : cf32{});
+                store_bytes(g + p, ok);
+            }
+            for (; p < b1; ++p) calib_pixel<KIND>(r, tab, ts, okb, dm, o, g, p);
+        }
+    }
+}

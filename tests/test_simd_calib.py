@@ -1,0 +1,109 @@
+"""The compiled one-pass calibration (gpusmall/calib/simd_calib.py) against a NumPy transcription of its
+formula and against the numba kernels it stands in for: bit for bit, every key, okb byte, special constant,
+tail and block size."""
+import numpy as np
+import pytest
+
+from gpusmall.backend import Backend
+from gpusmall.calib import Calibrator, cpu_kernels, native_build, simd_calib
+from gpusmall.detectors import get_model
+from gpusmall.detectors.constants import Constants
+
+needs_compiler = pytest.mark.skipif(native_build.compiler() is None or not native_build.enabled(),
+                                    reason="no C++ compiler")
+N_OPT = {"single": 1, "one_bit": 2, "two_bits": 3}
+
+
+def formula(kind, raw2, dmask, tab, okb):
+    """out = ok ? (float32(raw & dmask) - P[opt]) * S[opt] : 0, good = ok: the key k = (raw >> 14) & bits,
+    opt = min(k, options - 1), ok = bit k of okb (single range: okb != 0)."""
+    n_opt = N_OPT[kind]
+    npix = raw2.shape[1]
+    w = raw2.astype(np.int64)
+    k = np.zeros_like(w) if kind == "single" else (w >> 14) & (1 if kind == "one_bit" else 3)
+    opt = np.minimum(k, n_opt - 1)
+    cols = np.arange(npix)[None]
+    v = (w & dmask).astype(np.float32)
+    with np.errstate(all="ignore"):
+        x = (v - tab[opt, cols]) * tab[n_opt + opt, cols]
+    ok = okb[None] != 0 if kind == "single" else ((okb[None].astype(np.int64) >> k) & 1) != 0
+    return np.where(ok, x, np.float32(0)), np.broadcast_to(ok, raw2.shape)
+
+
+def tables(rng, kind, npix):
+    n_opt = N_OPT[kind]
+    tab = rng.uniform(-50, 3000, (2 * n_opt, npix + 16)).astype(np.float32)
+    flat = tab[:, :npix].reshape(-1)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-42, -3e38], np.float32)
+    m = min(40, flat.size // 12)
+    flat[rng.choice(flat.size, 6 * m, replace=False)] = np.repeat(specials, m)
+    tab[:, :npix] = flat.reshape(2 * n_opt, npix)
+    return tab
+
+
+def same(got, want):
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint32), np.asarray(want[0]).view(np.uint32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["single", "one_bit", "two_bits"])
+@pytest.mark.parametrize("npix,block", [(1013, 4096), (1013, 7), (4096 + 24, 64), (16, 16), (5, 4096)])
+def test_matches_formula_and_numba(rng, kind, npix, block):
+    raw2 = rng.integers(0, 1 << 16, (5, npix), dtype=np.uint16)
+    okb = rng.integers(0, 16, npix).astype(np.uint8)
+    okb[::5] = 0
+    tab = tables(rng, kind, npix)
+    dmask = 0xFFFF if kind == "single" else 0x3FFF
+    out = np.full((5, npix), 7.0, np.float32)
+    good = np.zeros((5, npix), bool)
+    simd_calib.calibrate(kind, raw2, dmask, tab, okb, out, good, block)
+    want = formula(kind, raw2, dmask, tab, okb)
+    same((out, good), want)
+    assert good.any() and not good.all()
+    if cpu_kernels.available():
+        kernel = {"single": cpu_kernels._calib1, "one_bit": cpu_kernels._calib2, "two_bits": cpu_kernels._calib3}[kind]
+        o2, g2 = np.empty_like(out), np.empty_like(good)
+        kernel(raw2, np.uint16(dmask), tab, okb, o2, g2, block)
+        same((o2, g2), want)
+
+
+@needs_compiler
+def test_bad_arrays_are_refused(rng):
+    raw2 = rng.integers(0, 1 << 16, (2, 64), dtype=np.uint16)
+    tab, okb = tables(rng, "two_bits", 64), np.ones(64, np.uint8)
+    out, good = np.empty((2, 64), np.float32), np.empty((2, 64), bool)
+    with pytest.raises(ValueError, match="uint16"):
+        simd_calib.calibrate("two_bits", raw2.astype(np.int32), 0x3FFF, tab, okb, out, good, 64)
+    with pytest.raises(ValueError, match="float32"):
+        simd_calib.calibrate("two_bits", raw2, 0x3FFF, tab[:4], okb, out, good, 64)  # one_bit's tables
+    with pytest.raises(ValueError):
+        simd_calib.calibrate("two_bits", raw2, 0x3FFF, tab, okb, np.empty((2, 128), np.float32)[:, ::2], good, 64)
+
+
+@pytest.mark.parametrize("det", ["jungfrau", "epix10ka"])
+def test_calibrator_same_bits_with_and_without_the_compiled_kernel(rng, monkeypatch, det):
+    """The Calibrator takes the compiled kernel where it is built and numba's otherwise: the same bits."""
+    if not cpu_kernels.available():
+        pytest.skip("numba off")
+    model = get_model(det)
+    shape = (1, 64, 96) if det == "jungfrau" else (2, 32, 48)
+    ped = rng.uniform(0, 3000, (model.n_gains, *shape)).astype(np.float32)
+    gain = rng.uniform(0.1, 40, (model.n_gains, *shape)).astype(np.float32)
+    cfg = rng.integers(0, 32, shape).astype(np.uint8) if det == "epix10ka" else None
+    raw = rng.integers(0, 1 << 16, (3, *shape), dtype=np.uint16)
+    mask = rng.random(shape) > 0.1
+    results, used = [], []
+    spy = simd_calib.calibrate
+    monkeypatch.setattr(simd_calib, "calibrate", lambda *a: used.append(a[0]) or spy(*a))
+    for native in ("1", "0"):
+        monkeypatch.setenv(native_build.ENV_VAR, native)
+        native_build.load.cache_clear()
+        simd_calib._entry.cache_clear()
+        cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"))
+        got = cal(raw)
+        results.append((got.data.copy(), got.good.copy()))
+    native_build.load.cache_clear()
+    simd_calib._entry.cache_clear()
+    same(results[0], results[1])
+    assert used == ([] if native_build.compiler() is None else [{"jungfrau": "two_bits", "epix10ka": "one_bit"}[det]])
