@@ -1,6 +1,10 @@
-"""The compiled one-pass calibration (gpusmall/calib/simd_calib.py) against a NumPy transcription of its
-formula and against the numba kernels it stands in for: bit for bit, every key, okb byte, special constant,
-tail and block size."""
+"""The compiled one-pass calibration (gpusmall/calib/simd_calib.py) against the NumPy transcription of its
+formula (simd_calib.reference) and against the numba kernels it stands in for: bit for bit, every key, okb
+byte, special constant, tail and block size; its builds for older x86 CPUs; its check on load."""
+import ctypes
+import platform
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,22 +16,6 @@ from gpusmall.detectors.constants import Constants
 needs_compiler = pytest.mark.skipif(native_build.compiler() is None or not native_build.enabled(),
                                     reason="no C++ compiler")
 N_OPT = {"single": 1, "one_bit": 2, "two_bits": 3}
-
-
-def formula(kind, raw2, dmask, tab, okb):
-    """out = ok ? (float32(raw & dmask) - P[opt]) * S[opt] : 0, good = ok: the key k = (raw >> 14) & bits,
-    opt = min(k, options - 1), ok = bit k of okb (single range: okb != 0)."""
-    n_opt = N_OPT[kind]
-    npix = raw2.shape[1]
-    w = raw2.astype(np.int64)
-    k = np.zeros_like(w) if kind == "single" else (w >> 14) & (1 if kind == "one_bit" else 3)
-    opt = np.minimum(k, n_opt - 1)
-    cols = np.arange(npix)[None]
-    v = (w & dmask).astype(np.float32)
-    with np.errstate(all="ignore"):
-        x = (v - tab[opt, cols]) * tab[n_opt + opt, cols]
-    ok = okb[None] != 0 if kind == "single" else ((okb[None].astype(np.int64) >> k) & 1) != 0
-    return np.where(ok, x, np.float32(0)), np.broadcast_to(ok, raw2.shape)
 
 
 def tables(rng, kind, npix):
@@ -58,7 +46,7 @@ def test_matches_formula_and_numba(rng, kind, npix, block):
     out = np.full((5, npix), 7.0, np.float32)
     good = np.zeros((5, npix), bool)
     simd_calib.calibrate(kind, raw2, dmask, tab, okb, out, good, block)
-    want = formula(kind, raw2, dmask, tab, okb)
+    want = simd_calib.reference(kind, raw2, dmask, tab, okb)
     same((out, good), want)
     assert good.any() and not good.all()
     if cpu_kernels.available():
@@ -94,6 +82,7 @@ def test_calibrator_same_bits_with_and_without_the_compiled_kernel(rng, monkeypa
     raw = rng.integers(0, 1 << 16, (3, *shape), dtype=np.uint16)
     mask = rng.random(shape) > 0.1
     results, used = [], []
+    native = simd_calib.available()  # built here (and it passed its check on load)
     spy = simd_calib.calibrate
     monkeypatch.setattr(simd_calib, "calibrate", lambda *a: used.append(a[0]) or spy(*a))
     for native in ("1", "0"):
@@ -106,4 +95,60 @@ def test_calibrator_same_bits_with_and_without_the_compiled_kernel(rng, monkeypa
     native_build.load.cache_clear()
     simd_calib._entry.cache_clear()
     same(results[0], results[1])
-    assert used == ([] if native_build.compiler() is None else [{"jungfrau": "two_bits", "epix10ka": "one_bit"}[det]])
+    assert used == ([{"jungfrau": "two_bits", "epix10ka": "one_bit"}[det]] if native else [])
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=x86-64-v2", "-march=haswell"])
+def test_builds_for_other_vector_widths(rng, monkeypatch, tmp_path, arch):
+    """SSE2 (generic vector code), SSE4 and AVX2 builds, where this CPU runs them, give the formula's bits."""
+    if arch == "-march=haswell" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("no AVX2 here")
+    monkeypatch.setenv("GPUSMALL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native_build, "ARCH_FLAGS", [[arch]])
+    native_build.load.cache_clear()
+    simd_calib._entry.cache_clear()
+    try:
+        assert simd_calib.available()  # built, and it passed its own check
+        npix = 2 * 4096 + 29
+        for kind in ("single", "one_bit", "two_bits"):
+            raw2 = rng.integers(0, 1 << 16, (3, npix), dtype=np.uint16)
+            okb = rng.integers(0, 16, npix).astype(np.uint8)
+            tab = tables(rng, kind, npix)
+            out, good = np.empty((3, npix), np.float32), np.empty((3, npix), bool)
+            simd_calib.calibrate(kind, raw2, 0x3FFF, tab, okb, out, good, 4096)
+            same((out, good), simd_calib.reference(kind, raw2, 0x3FFF, tab, okb))
+    finally:
+        native_build.load.cache_clear()
+        simd_calib._entry.cache_clear()
+
+
+@needs_compiler
+def test_a_build_that_disagrees_is_not_used(rng, monkeypatch):
+    """The check on load: a kernel whose results differ from the reference is refused with a warning, and the
+    Calibrator calibrates with numba (the same bits as before)."""
+    calls = []
+
+    def wrong(kind, raw, n, npix, dmask, tab, stride, okb, out, good, block):
+        calls.append(kind)
+        np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_float)), (n * npix,))[:] = 0
+
+    assert not simd_calib._agrees(wrong) and calls == [1]
+    assert simd_calib._agrees(simd_calib._entry())
+    monkeypatch.setattr(simd_calib, "_agrees", lambda fn: False)
+    simd_calib._entry.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="disagrees"):
+            assert not simd_calib.available()
+        if cpu_kernels.available():
+            model = get_model("jungfrau")
+            ped = rng.uniform(0, 3000, (3, 1, 16, 32)).astype(np.float32)
+            gain = rng.uniform(0.1, 40, (3, 1, 16, 32)).astype(np.float32)
+            raw = rng.integers(0, 1 << 16, (2, 1, 16, 32), dtype=np.uint16)
+            cal = Calibrator(model, Constants(pedestal=ped, gain=gain), np.ones((1, 16, 32), bool), Backend("numpy"))
+            got = cal(raw)
+            want = simd_calib.reference("two_bits", raw.reshape(2, -1), 0x3FFF, cal.cpu.tab, cal.cpu.okb)
+            same((got.data.reshape(2, -1), got.good.reshape(2, -1)), want)
+    finally:
+        simd_calib._entry.cache_clear()

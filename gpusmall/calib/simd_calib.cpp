@@ -16,11 +16,12 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-constexpr int CW = 16;
+#if defined(__AVX512F__)
+#define GS_CALIB_W 16
 #else
-constexpr int CW = 8;
+#define GS_CALIB_W 8
 #endif
+constexpr int CW = GS_CALIB_W;  // pixels per vector (a macro too: the preprocessor picks the widening code)
 
 typedef int32_t ci32 __attribute__((vector_size(CW * 4)));
 typedef float cf32 __attribute__((vector_size(CW * 4)));
@@ -48,7 +49,7 @@ static inline void cstore(float* p, cf32 v) { *reinterpret_cast<cf32u*>(p) = v; 
 // bytes: one vpmovzx / vpmovdb (or packs) where the CPU has them (GCC's __builtin_convertvector of byte
 // vectors goes lane by lane).
 static inline ci32 widen_u16(const uint16_t* p) {
-#if CW == 16
+#if GS_CALIB_W == 16
     return reinterpret_cast<ci32>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__AVX2__)
     return reinterpret_cast<ci32>(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -58,7 +59,7 @@ static inline ci32 widen_u16(const uint16_t* p) {
 }
 
 static inline ci32 widen_u8(const uint8_t* p) {
-#if CW == 16
+#if GS_CALIB_W == 16
     return reinterpret_cast<ci32>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
     return reinterpret_cast<ci32>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -68,7 +69,7 @@ static inline ci32 widen_u8(const uint8_t* p) {
 }
 
 static inline void store_bytes(uint8_t* p, ci32 v) {  // v's lanes are 0 or 1
-#if CW == 16
+#if GS_CALIB_W == 16
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(v)));
 #elif defined(__AVX2__)
     const __m256i x = reinterpret_cast<__m256i>(v);

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 
 import numpy as np
 
@@ -38,13 +39,51 @@ _ARGS = [ctypes.c_int32, _P, _I, _I, ctypes.c_uint32, _P, _I, _P, _P, _P, _I]
 
 @functools.cache
 def _entry():
-    """The compiled ``gs_calib``, or None; compiled on the first call (about a second)."""
+    """The compiled ``gs_calib``, or None; compiled on the first call (about a second), then checked against
+    :func:`reference` on a small batch (every kind, key and okb byte, a tail): a build that disagrees (a
+    compiler or CPU the code was never run on) is not used, with a warning."""
     lib = native_build.load("simd_calib", SOURCE)
     if lib is None:
         return None
     fn = lib.gs_calib
     fn.argtypes, fn.restype = _ARGS, None
+    if not _agrees(fn):
+        warnings.warn("gpusmall: the compiled calibration (simd_calib.cpp) disagrees with its reference on this "
+                      "machine; the numba kernels calibrate instead", RuntimeWarning, stacklevel=2)
+        return None
     return fn
+
+
+def reference(kind: str, raw2, dmask: int, tab, okb):
+    """(out, good) of :func:`calibrate` in NumPy: key k = (raw >> 14) & bits (0 for one range), option
+    min(k, options - 1), ``out = ok ? (float32(raw & dmask) - P) * S : 0``, ok = bit k of okb (one range:
+    okb != 0)."""
+    n_opt = KINDS[kind]
+    w = raw2.astype(np.int64)
+    k = np.zeros_like(w) if kind == "single" else (w >> 14) & (1 if kind == "one_bit" else 3)
+    opt = np.minimum(k, n_opt - 1)
+    cols = np.arange(raw2.shape[1])[None]
+    with np.errstate(all="ignore"):
+        x = ((w & dmask).astype(np.float32) - tab[opt, cols]) * tab[n_opt + opt, cols]
+    ok = okb[None] != 0 if kind == "single" else ((okb[None].astype(np.int64) >> k) & 1) != 0
+    return np.where(ok, x, np.float32(0)), np.broadcast_to(ok, raw2.shape)
+
+
+def _agrees(fn) -> bool:
+    rng = np.random.default_rng(18)
+    n, npix = 3, 256 + 37  # vectors and a scalar tail
+    raw2 = rng.integers(0, 1 << 16, (n, npix), dtype=np.uint16)
+    okb = rng.integers(0, 16, npix).astype(np.uint8)
+    for kind, n_opt in KINDS.items():
+        tab = rng.uniform(-100, 3000, (2 * n_opt, npix + 16)).astype(np.float32)
+        out, good = np.empty((n, npix), np.float32), np.empty((n, npix), np.bool_)
+        dmask = 0xFFFF if kind == "single" else 0x3FFF
+        fn(n_opt, raw2.ctypes.data, n, npix, dmask, tab.ctypes.data, tab.shape[1], okb.ctypes.data, out.ctypes.data,
+           good.ctypes.data, 100)
+        want, want_good = reference(kind, raw2, dmask, tab, okb)
+        if not (np.array_equal(out.view(np.uint32), want.view(np.uint32)) and np.array_equal(good, want_good)):
+            return False
+    return True
 
 
 def available() -> bool:
