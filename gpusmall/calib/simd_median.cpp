@@ -176,21 +176,21 @@ static void rows_step(float* s, const uint8_t* good, const int8_t* g, int64_t gr
         int64_t n[W] = {};
         const int lanes = groups - g0 < W ? int(groups - g0) : W;
         if (HAVE_SHUFFLE && lanes == W && len % W == 0) {  // W x W tiles, transposed in registers
-            V cnt{};
+            V per_group[W] = {};  // row q: group q's used pixels counted lane by lane (-1 each)
             for (int64_t t = 0; t < len; t += W) {
-                V r[W], u[W];
+                V r[W];
                 for (int q = 0; q < W; ++q) {
                     const int64_t o = (g0 + q) * len + t;
-                    u[q] = use.lanes<V, W>(good + o, g + o);
-                    r[q] = used_keys(load<V>(reinterpret_cast<const int32_t*>(s + o)), u[q]);
+                    const V u = use.lanes<V, W>(good + o, g + o);
+                    r[q] = used_keys(load<V>(reinterpret_cast<const int32_t*>(s + o)), u);
+                    per_group[q] += u;
                 }
                 transpose<W>(r);
-                transpose<W>(u);
-                for (int i = 0; i < W; ++i) {
-                    buf[t + i] = r[i];
-                    cnt -= u[i];
-                }
+                for (int i = 0; i < W; ++i) buf[t + i] = r[i];
             }
+            transpose<W>(per_group);  // lane q of row i: group q's count in lane i; one transpose, not one a tile
+            V cnt{};
+            for (int i = 0; i < W; ++i) cnt -= per_group[i];
             for (int q = 0; q < W; ++q) n[q] = cnt[q];
         } else {
             for (int lane = 0; lane < W; ++lane) {
