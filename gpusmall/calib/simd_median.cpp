@@ -173,9 +173,11 @@ static void rows_step(float* s, const uint8_t* good, const int8_t* g, int64_t gr
     constexpr int64_t len = Net::len;
     for (int64_t g0 = 0; g0 < groups; g0 += W) {
         V buf[len];
+        V used[len];  // tiles: group q's masks of its values t .. t + W at used[q * len / W + t / W]
         int64_t n[W] = {};
         const int lanes = groups - g0 < W ? int(groups - g0) : W;
-        if (HAVE_SHUFFLE && lanes == W && len % W == 0) {  // W x W tiles, transposed in registers
+        const bool tiles = HAVE_SHUFFLE && lanes == W && len % W == 0;
+        if (tiles) {  // W x W tiles, transposed in registers
             V per_group[W] = {};  // row q: group q's used pixels counted lane by lane (-1 each)
             for (int64_t t = 0; t < len; t += W) {
                 V r[W];
@@ -184,6 +186,7 @@ static void rows_step(float* s, const uint8_t* good, const int8_t* g, int64_t gr
                     const V u = use.lanes<V, W>(good + o, g + o);
                     r[q] = used_keys(load<V>(reinterpret_cast<const int32_t*>(s + o)), u);
                     per_group[q] += u;
+                    used[q * (len / W) + t / W] = u;
                 }
                 transpose<W>(r);
                 for (int i = 0; i < W; ++i) buf[t + i] = r[i];
@@ -209,7 +212,7 @@ static void rows_step(float* s, const uint8_t* good, const int8_t* g, int64_t gr
             const int64_t o = (g0 + q) * len;
             int64_t i = 0;
             for (; i + W <= len; i += W) {
-                const V u = use.lanes<V, W>(good + o + i, g + o + i);
+                const V u = tiles ? used[q * (len / W) + i / W] : use.lanes<V, W>(good + o + i, g + o + i);
                 VF x = load<VF>(s + o + i);
                 x = u ? x - d : x;
                 std::memcpy(s + o + i, &x, sizeof x);
