@@ -22,6 +22,7 @@ per thread; numba's own threads inside those would oversubscribe the cores).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from pathlib import Path
@@ -62,8 +63,9 @@ def available() -> bool:
     return numba is not None and os.environ.get(ENV_VAR, "1") != "0"
 
 
+@functools.cache
 def l3_bytes() -> int:
-    """The L3 cache of CPU 0 in bytes (Linux sysfs), 8 MiB where unknown."""
+    """The L3 cache of CPU 0 in bytes (Linux sysfs, read once a process), 8 MiB where unknown."""
     try:
         text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)

@@ -74,7 +74,7 @@ def load(name: str, code: str) -> ctypes.CDLL | None:
     if cxx is None:
         return None
     try:
-        sources = b"".join(p.read_bytes() for p in sorted(HERE.glob("*.cpp")))
+        sources = b"".join(p.read_bytes() for p in sorted([*HERE.glob("*.cpp"), *HERE.glob("*.hpp")]))
         ident = code.encode() + sources + _version(cxx).encode() + _cpu_id().encode() + " ".join(FLAGS).encode()
         for arch in ARCH_FLAGS:
             key = hashlib.sha256(ident + " ".join(arch).encode()).hexdigest()[:20]

@@ -9,12 +9,7 @@
 // a single range. Selecting the option's loaded pedestal and scale before the arithmetic gives the same
 // float32 result as computing every option and selecting the result (numba's form): one subtraction and
 // one multiplication of the same operands.
-#include <cstddef>
-#include <cstdint>
-#include <cstring>
-#if defined(__SSE4_1__) || defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd_common.hpp"
 
 #if defined(__AVX512F__)
 #define GS_CALIB_W 16
@@ -23,48 +18,26 @@
 #endif
 constexpr int CW = GS_CALIB_W;  // pixels per vector (a macro too: the preprocessor picks the widening code)
 
-typedef int32_t ci32 __attribute__((vector_size(CW * 4)));
-typedef float cf32 __attribute__((vector_size(CW * 4)));
-typedef uint16_t cu16 __attribute__((vector_size(CW * 2)));
-typedef uint8_t cu8 __attribute__((vector_size(CW)));
+using ci32 = Vec<CW>::type;
+using cf32 = Vec<CW>::f;
 
-// Unaligned, aliasing views of memory as vectors (plain vector loads and stores, no copies through the stack).
+// Float vectors loaded and stored through an unaligned, aliasing view (plain vector moves; a memcpy into a
+// local went through the stack here).
 typedef float cf32u __attribute__((vector_size(CW * 4), aligned(4), may_alias));
 
-template <class V, class T>
-static inline V cload(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
+static inline cf32 loadf(const float* p) { return *reinterpret_cast<const cf32u*>(p); }
 
-template <>
-inline cf32 cload<cf32, float>(const float* p) {
-    return *reinterpret_cast<const cf32u*>(p);
-}
+static inline void storef(float* p, cf32 v) { *reinterpret_cast<cf32u*>(p) = v; }
 
-static inline void cstore(float* p, cf32 v) { *reinterpret_cast<cf32u*>(p) = v; }
-
-// CW raw words as int32 lanes (zero-extended), CW okb bytes as int32 lanes, and 0/1 int32 lanes back to
-// bytes: one vpmovzx / vpmovdb (or packs) where the CPU has them (GCC's __builtin_convertvector of byte
-// vectors goes lane by lane).
+// CW raw words as int32 lanes (zero-extended) and 0/1 int32 lanes back to bytes: one vpmovzxwd / vpmovdb
+// (or packs) where the CPU has them; the okb bytes widen with simd_common's widen.
 static inline ci32 widen_u16(const uint16_t* p) {
 #if GS_CALIB_W == 16
     return reinterpret_cast<ci32>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #elif defined(__AVX2__)
     return reinterpret_cast<ci32>(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #else
-    return __builtin_convertvector(cload<cu16>(p), ci32);
-#endif
-}
-
-static inline ci32 widen_u8(const uint8_t* p) {
-#if GS_CALIB_W == 16
-    return reinterpret_cast<ci32>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif defined(__AVX2__)
-    return reinterpret_cast<ci32>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-#else
-    return __builtin_convertvector(cload<cu8>(p), ci32);
+    return __builtin_convertvector(load<Vec<CW>::u16>(p), ci32);
 #endif
 }
 
@@ -76,7 +49,7 @@ static inline void store_bytes(uint8_t* p, ci32 v) {  // v's lanes are 0 or 1
     const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(w, w));
 #else
-    const cu8 b = __builtin_convertvector(v, cu8);
+    const Vec<CW>::u8 b = __builtin_convertvector(v, Vec<CW>::u8);
     std::memcpy(p, &b, sizeof b);
 #endif
 }
@@ -118,23 +91,23 @@ static void calib_u16(const uint16_t* raw, int64_t n_events, int64_t npix, uint3
             for (; p + CW <= b1; p += CW) {
                 const ci32 w = widen_u16(r + p);
                 const cf32 v = __builtin_convertvector(w & dmv, cf32);
-                cf32 ped = cload<cf32>(p0 + p), sc = cload<cf32>(s0 + p);
+                cf32 ped = loadf(p0 + p), sc = loadf(s0 + p);
                 ci32 k = ci32{};
                 if constexpr (KIND >= 2) {
                     k = (w >> 14) & (KIND == 2 ? 1 : 3);
                     const ci32 is1 = k == 1;
-                    ped = is1 ? cload<cf32>(p1 + p) : ped;
-                    sc = is1 ? cload<cf32>(s1 + p) : sc;
+                    ped = is1 ? loadf(p1 + p) : ped;
+                    sc = is1 ? loadf(s1 + p) : sc;
                 }
                 if constexpr (KIND == 3) {
                     const ci32 is2 = k >= 2;
-                    ped = is2 ? cload<cf32>(p2 + p) : ped;
-                    sc = is2 ? cload<cf32>(s2 + p) : sc;
+                    ped = is2 ? loadf(p2 + p) : ped;
+                    sc = is2 ? loadf(s2 + p) : sc;
                 }
-                const ci32 okw = widen_u8(okb + p);
+                const ci32 okw = widen<CW, false, ci32>(okb + p);
                 const ci32 ok = KIND == 1 ? (okw != 0) & 1 : (okw >> k) & 1;
                 const cf32 x = (v - ped) * sc;
-                cstore(o + p, ok != 0 ? x : cf32{});
+                storef(o + p, ok != 0 ? x : cf32{});
                 store_bytes(g + p, ok);
             }
             for (; p < b1; ++p) calib_pixel<KIND>(r, tab, ts, okb, dm, o, g, p);

@@ -10,27 +10,8 @@
 // the result is the reference's; -0.0 and +0.0 are ordered (-0 first) where np.sort leaves them as its
 // algorithm does: equal as floats.
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
-// Vectors of W lanes: int32 keys, float32 values, and the uint8 / int8 inputs (good, gain index).
-template <int W> struct Vec;
-template <> struct Vec<8> {
-    typedef int32_t type __attribute__((vector_size(32)));
-    typedef float f __attribute__((vector_size(32)));
-    typedef uint8_t u8 __attribute__((vector_size(8)));
-    typedef int8_t i8 __attribute__((vector_size(8)));
-};
-template <> struct Vec<16> {
-    typedef int32_t type __attribute__((vector_size(64)));
-    typedef float f __attribute__((vector_size(64)));
-    typedef uint8_t u8 __attribute__((vector_size(16)));
-    typedef int8_t i8 __attribute__((vector_size(16)));
-};
+#include "simd_common.hpp"
 
 // Lanes per vector. Rows: 8 (the 48-64 vectors of a group stay in the 32 registers of AVX-512 or spill
 // less; faster than 16 on Zen 4). Cols: 16 with AVX-512 (the network runs from L1 either way).
@@ -53,13 +34,6 @@ static inline V keys_of(V b) {
     const V mag = b & 0x7FFFFFFF;
     const V k = b ^ ((b >> 31) & 0x7FFFFFFF);
     return mag > 0x7F800000 ? V{} + 0x7FFFFFFF : k;
-}
-
-template <class V, class T>
-static inline V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
 }
 
 static inline float float_of(int32_t k) {
@@ -111,26 +85,6 @@ template <int W, class V>
 static inline void transpose(V*) {}
 constexpr bool HAVE_SHUFFLE = false;
 #endif
-
-// W bytes as W int32 lanes (sign- or zero-extended): one vpmov[sz]xbd where the CPU has it (GCC's
-// __builtin_convertvector of a byte vector goes lane by lane).
-template <int W, bool SIGNED, class V, class T>
-static inline V widen(const T* p) {
-#if defined(__AVX512F__)
-    if constexpr (W == 16) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return reinterpret_cast<V>(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
-    }
-#endif
-#if defined(__AVX2__)
-    if constexpr (W == 8) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-        return reinterpret_cast<V>(SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-    }
-#endif
-    using B = std::conditional_t<SIGNED, typename Vec<W>::i8, typename Vec<W>::u8>;
-    return __builtin_convertvector(load<B>(p), V);
-}
 
 // Which pixels enter a group's median: good, and (unless every range enters) a gain range selected.
 struct Use {
