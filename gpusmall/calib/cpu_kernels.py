@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import simd_calib
+from . import simd_calib, simd_sums
 from .reusable import ReusableArrays
 
 try:  # optional: without numba the NumPy path stays
@@ -300,11 +300,15 @@ def run_sums(data, specs, acc, threads: int = 1) -> bool:
         return False
     if not acc.flags.c_contiguous or not specs:
         return False
-    kinds = np.array([s.kernel_kind for s in specs], np.int64)
-    thres = np.array([s.kernel_thres for s in specs], np.float32)
-    has = np.array([s.thres is not None for s in specs], np.bool_)
-    with _threads(threads):
-        _run_sums(np.ascontiguousarray(data, np.float32), kinds, thres, has, acc)
+    data = np.ascontiguousarray(data, np.float32)
+    with _threads(threads) as n:
+        if n == 1 and simd_sums.available():  # compiled: one thread, every sum in registers
+            simd_sums.run_sums(data, *simd_sums.codes(specs), acc)
+            return True
+        kinds = np.array([s.kernel_kind for s in specs], np.int64)
+        thres = np.array([s.kernel_thres for s in specs], np.float32)
+        has = np.array([s.thres is not None for s in specs], np.bool_)
+        _run_sums(data, kinds, thres, has, acc)
     return True
 
 
