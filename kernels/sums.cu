@@ -4,7 +4,8 @@
 //   keep   (events,) bool, the events that enter the sums (damaged ones do not)
 //   kinds  (n_sums,) int32: 0 calib (sum of v), 1 square (sum of v*v in double), 2 max,
 //          3 nhits (count of v >= thres), 4 nhits without a threshold (count of v > thres, thres = 0)
-//   thres  (n_sums,) float32: calib/square/max take v where v >= thres (else 0; -inf: every v)
+//   thres  (n_sums,) float32: calib/square/max take v where v >= thres (else 0); -inf: no threshold, every
+//          v, NaN as well (a NaN makes the sum NaN, and the max: NumPy's maximum over events and batches)
 //   acc    (n_sums, npix) float64, updated in place: added to, or for max the maximum taken
 // n_sums <= MAX_SUMS (the caller launches once per group of MAX_SUMS sums).
 #define MAX_SUMS 8
@@ -21,6 +22,7 @@ extern "C" __global__ void run_sums(const float* __restrict__ data, const bool* 
         kind[k] = k < n_sums ? kinds[k] : -1;
         t[k] = k < n_sums ? thres[k] : 0.0f;
     }
+    const float no_thres = -__int_as_float(0x7f800000);  // -inf: the sum has no threshold
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < npix; p += stride) {
         double a[MAX_SUMS];
@@ -32,17 +34,17 @@ extern "C" __global__ void run_sums(const float* __restrict__ data, const bool* 
             const double d = (double)v;
 #pragma unroll
             for (int k = 0; k < MAX_SUMS; ++k) {
-                const double x = v >= t[k] ? d : 0.0;
+                const double x = (v >= t[k] || t[k] == no_thres) ? d : 0.0;  // no threshold: NaN stays
                 if (kind[k] == 0) a[k] += x;
                 else if (kind[k] == 1) a[k] += x * x;
-                else if (kind[k] == 2) a[k] = a[k] > x ? a[k] : x;
+                else if (kind[k] == 2) a[k] = (x > a[k] || x != x) ? x : a[k];  // np.maximum: NaN wins
                 else if (kind[k] == 3) a[k] += v >= t[k] ? 1.0 : 0.0;
                 else if (kind[k] == 4) a[k] += v > t[k] ? 1.0 : 0.0;
             }
         }
         for (int k = 0; k < n_sums && k < MAX_SUMS; ++k) {
             double* out = acc + (long long)k * npix + p;
-            *out = kind[k] == 2 ? (*out > a[k] ? *out : a[k]) : *out + a[k];
+            *out = kind[k] == 2 ? ((a[k] > *out || a[k] != a[k]) ? a[k] : *out) : *out + a[k];
         }
     }
 }

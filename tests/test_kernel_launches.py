@@ -457,6 +457,35 @@ def test_run_sums_kernel_equals_numpy(rng, damaged):
             np.testing.assert_allclose(got[b][name], want, rtol=1e-12, err_msg=f"{name} {b.description}")
 
 
+def test_run_sums_kernel_keeps_nan_as_numpy():
+    """A NaN among a pixel's values (a NaN constant) makes its max NaN, as np.maximum over the events
+    does, whichever batch or event it comes in; sums are NaN too, counts and thresholded sums skip it."""
+    from gpusmall.funcs.sums import RunSums
+
+    shape = (1, 2, 4)
+    b0 = np.arange(3 * 8, dtype=np.float32).reshape(3, *shape)
+    b1 = b0[::-1].copy() + 100
+    b0[1, 0, 0, 1] = np.nan  # middle event of the first batch
+    b1[0, 0, 1, 2] = np.nan  # first event of the second batch: the earlier batch's max is a number
+    b1[2, 0, 0, 3] = np.nan  # last event
+    names = ["calib", "calib_max", "calib_max_thresADU5", "nhits_thresADU5"]
+    gpu, cpu = FakeGpu(), Backend("numpy")
+    got = {}
+    for b in (gpu, cpu):
+        sums = RunSums(names, shape, b)
+        for data in (b0, b1):
+            sums.update(b.to_device(data))
+        got[b] = sums.results()
+    d = np.concatenate([b0, b1]).astype(np.float64)
+    nan_px = np.isnan(d).any(0)
+    for b in (gpu, cpu):
+        np.testing.assert_array_equal(np.isnan(got[b]["calib_max"]), nan_px, err_msg=b.description)
+        np.testing.assert_array_equal(got[b]["calib_max"], np.maximum.reduce(d).astype(np.float32))
+        np.testing.assert_array_equal(got[b]["calib"], d.sum(0))
+        np.testing.assert_array_equal(got[b]["calib_max_thresADU5"], np.where(d >= 5, d, 0).max(0))
+        np.testing.assert_array_equal(got[b]["nhits_thresADU5"], (d >= 5).sum(0))
+
+
 @pytest.mark.parametrize("use_rms,low", [(True, 2.0), (False, 12.0), (False, None)])
 def test_droplet_mask_kernel_equals_numpy(rng, use_rms, low):
     """The droplet pixels (seeds, growth by 4-neighbours within a panel) from the CUDA kernel through
