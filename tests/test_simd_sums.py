@@ -58,6 +58,22 @@ def test_matches_formula_and_numba(rng, events, npix, names):
         np.testing.assert_array_equal(bits(got), bits(numba_acc))
 
 
+@needs_compiler
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_take_ranges_of_pixels(rng, threads):
+    """Several threads, a range of whole vectors each (the last with the tail): the bits of one thread."""
+    if not simd_sums.available():
+        pytest.skip("no AVX build here")
+    specs = parse_sums(SUMS)
+    data = batch(rng, 4, 3 * 8192 + 13)
+    code, thres = simd_sums.codes(specs)
+    got = start(rng, specs, data.shape[1])
+    want = got.copy()
+    simd_sums.run_sums(data, code, thres, got, threads)
+    simd_sums.reference(data, code, thres, want)
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
 def test_reference_is_the_numpy_path(rng, monkeypatch):
     """The transcription against run_sums_numpy's own NumPy arithmetic (sum, einsum, maximum, counts)."""
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
@@ -147,7 +163,8 @@ def test_builds_without_and_with_avx(rng, monkeypatch, tmp_path, arch):
         data = batch(rng, 6, 4 * 8 + 5)
         got = start(rng, specs, data.shape[1])
         want = got.copy()
-        fn(data.ctypes.data, 6, data.shape[1], len(code), code.ctypes.data, thres.ctypes.data, got.ctypes.data)
+        npix = data.shape[1]
+        fn(data.ctypes.data, 6, npix, npix, len(code), code.ctypes.data, thres.ctypes.data, got.ctypes.data, npix)
         simd_sums.reference(data, code, thres, want)
         np.testing.assert_array_equal(bits(got), bits(want))
     finally:
@@ -161,7 +178,7 @@ def test_a_build_that_disagrees_is_not_used(rng, monkeypatch):
     run sums go through numba's kernel (the same bits)."""
     calls = []
 
-    def wrong(data, n, npix, n_sums, code, thres, acc):
+    def wrong(data, n, npix, stride, n_sums, code, thres, acc, acc_stride):
         calls.append(n_sums)
         np.ctypeslib.as_array(ctypes.cast(acc, ctypes.POINTER(ctypes.c_double)), (n_sums * npix,))[:] = 0
 

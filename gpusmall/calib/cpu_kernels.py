@@ -301,10 +301,10 @@ def run_sums(data, specs, acc, threads: int = 1) -> bool:
     if not acc.flags.c_contiguous or not specs:
         return False
     data = np.ascontiguousarray(data, np.float32)
-    with _threads(threads) as n:
-        if n == 1 and simd_sums.available():  # compiled: one thread, every sum in registers
-            simd_sums.run_sums(data, *simd_sums.codes(specs), acc)
-            return True
+    if simd_sums.available():  # compiled: up to four sums in registers, a range of pixels a thread
+        simd_sums.run_sums(data, *simd_sums.codes(specs), acc, threads_for_call(threads))
+        return True
+    with _threads(threads):
         kinds = np.array([s.kernel_kind for s in specs], np.int64)
         thres = np.array([s.kernel_thres for s in specs], np.float32)
         has = np.array([s.thres is not None for s in specs], np.bool_)

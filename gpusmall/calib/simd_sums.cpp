@@ -96,21 +96,22 @@ static void sums_n(const float* x, int64_t n_events, int64_t stride, const int* 
 }
 typedef void (*SumsN)(const float*, int64_t, int64_t, const int*, const double*, double*, int64_t);
 static const SumsN SUMS_N[GROUP + 1] = {nullptr, sums_n<1>, sums_n<2>, sums_n<3>, sums_n<4>};
-// data (n_events, npix) float32 C-contiguous; code, thres (n_sums,); acc (n_sums, npix) float64, updated.
-static void run_sums(const float* data, int64_t n_events, int64_t npix, int64_t n_sums, const int* code,
-                     const double* thres, double* acc) {
+// data (n_events, npix) float32, rows `stride` floats apart; code, thres (n_sums,); acc (n_sums, npix)
+// float64, rows acc_stride apart, updated (a thread may take a range of pixels of the same arrays).
+static void run_sums(const float* data, int64_t n_events, int64_t npix, int64_t stride, int64_t n_sums,
+                     const int* code, const double* thres, double* acc, int64_t acc_stride) {
     int64_t p = 0;
     for (; p + PX <= npix; p += PX)
         for (int64_t k0 = 0; k0 < n_sums; k0 += GROUP) {
             const int64_t g = n_sums - k0 < GROUP ? n_sums - k0 : GROUP;
-            SUMS_N[g](data + p, n_events, npix, code + k0, thres + k0, acc + k0 * npix + p, npix);
+            SUMS_N[g](data + p, n_events, stride, code + k0, thres + k0, acc + k0 * acc_stride + p, acc_stride);
         }
     for (; p < npix; ++p) {  // the last npix % PX pixels
         for (int64_t k = 0; k < n_sums; ++k) {
             const int c = code[k];
             double a = is_max(c) ? -__builtin_inf() : 0.0;
-            for (int64_t e = 0; e < n_events; ++e) a = step1(c, a, double(data[e * npix + p]), thres[k]);
-            double* out = acc + k * npix + p;
+            for (int64_t e = 0; e < n_events; ++e) a = step1(c, a, double(data[e * stride + p]), thres[k]);
+            double* out = acc + k * acc_stride + p;
             *out = is_max(c) ? ((a > *out || a != a) ? a : *out) : *out + a;
         }
     }

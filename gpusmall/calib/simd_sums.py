@@ -7,29 +7,30 @@ loop keeps them in memory and does not vectorize the maximum.
 
 :func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``) and where the build has no
 AVX (without it the 4-double vectors are emulated and slower than numba's loop); the caller then runs numba's
-kernel. One call runs on the calling thread (ctypes releases the GIL).
+kernel. A call runs on the calling thread, or on a few threads that take a range of pixels each.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import native_build
 
 SOURCE = ('#include "simd_sums.cpp"\n'
-          'extern "C" void gs_run_sums(const float* data, int64_t n_events, int64_t npix, int64_t n_sums, '
-          "const int* code, const double* thres, double* acc) {\n"
-          "    run_sums(data, n_events, npix, n_sums, code, thres, acc);\n"
+          'extern "C" void gs_run_sums(const float* data, int64_t n_events, int64_t npix, int64_t stride, '
+          "int64_t n_sums, const int* code, const double* thres, double* acc, int64_t acc_stride) {\n"
+          "    run_sums(data, n_events, npix, stride, n_sums, code, thres, acc, acc_stride);\n"
           "}\n"
           'extern "C" int gs_sums_vectors() {\n'
           "#if defined(__AVX__)\n    return 1;\n#else\n    return 0;\n#endif\n}\n")
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-_ARGS = [_P, _I, _I, _I, _P, _P, _P]
+_ARGS = [_P, _I, _I, _I, _I, _P, _P, _P, _I]
 
 
 def codes(specs) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +91,9 @@ def _agrees(fn) -> bool:
     acc[-1, 1] = np.nan
     want = acc.copy()
     reference(data, code, thres, want)
-    fn(data.ctypes.data, data.shape[0], data.shape[1], len(code), code.ctypes.data, thres.ctypes.data, acc.ctypes.data)
+    npix = data.shape[1]
+    fn(data.ctypes.data, data.shape[0], npix, npix, len(code), code.ctypes.data, thres.ctypes.data, acc.ctypes.data,
+       npix)
     return bool(np.array_equal(acc.view(np.uint64), want.view(np.uint64)))
 
 
@@ -99,9 +102,10 @@ def available() -> bool:
     return _entry() is not None
 
 
-def run_sums(data, code, thres, acc) -> None:
+def run_sums(data, code, thres, acc, threads: int = 1) -> None:
     """Update ``acc`` (n_sums, npix) float64 with the events of ``data`` (events, npix) float32, both
-    C-contiguous; ``code`` (n_sums,) int32 and ``thres`` (n_sums,) float64 from :func:`codes`."""
+    C-contiguous; ``code`` (n_sums,) int32 and ``thres`` (n_sums,) float64 from :func:`codes`. With
+    ``threads`` > 1 that many threads take a range of pixels each (ctypes releases the GIL)."""
     fn = _entry()
     if fn is None:
         raise RuntimeError("the compiled run sums are not available")
@@ -112,4 +116,15 @@ def run_sums(data, code, thres, acc) -> None:
             raise ValueError(f"simd_sums: expected C-contiguous {np.dtype(dt)} {shape}, got {a.dtype} {a.shape}")
     if code.size and (code.min() < 0 or code.max() > 9):
         raise ValueError(f"simd_sums: sum codes must be 0..9, got {code.tolist()}")
-    fn(data.ctypes.data, n, npix, len(code), code.ctypes.data, thres.ctypes.data, acc.ctypes.data)
+
+    def part(p0: int, p1: int) -> None:
+        fn(data.ctypes.data + 4 * p0, n, p1 - p0, npix, len(code), code.ctypes.data, thres.ctypes.data,
+           acc.ctypes.data + 8 * p0, npix)
+
+    threads = max(1, min(int(threads), npix // 8192))
+    if threads == 1:
+        part(0, npix)
+        return
+    edges = [npix * i // threads // 8 * 8 for i in range(threads)] + [npix]  # whole vectors a thread
+    with ThreadPoolExecutor(threads, thread_name_prefix="gpusmall-sums") as pool:
+        list(pool.map(part, edges[:-1], edges[1:]))

@@ -131,16 +131,17 @@ def parse_sums(names) -> list[SumSpec]:
     return specs
 
 
-def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray) -> None:
+def run_sums_numpy(data: np.ndarray, keep, specs: list[SumSpec], acc: np.ndarray, threads: int = 1) -> None:
     """NumPy twin of the ``run_sums`` kernel: update ``acc`` (sums, pixels) float64 in place with the
-    events of ``data`` (events, pixels) float32 ADU where ``keep`` (events,) bool (None: all)."""
+    events of ``data`` (events, pixels) float32 ADU where ``keep`` (events,) bool (None: all); the CPU
+    kernels on up to ``threads`` threads."""
     if keep is not None:
         data = data[keep]
     if data.shape[0] == 0:
         return
     from ..calib import cpu_kernels  # numba (optional): one pass over the batch for all sums
 
-    if cpu_kernels.available() and cpu_kernels.run_sums(data, specs, acc):
+    if cpu_kernels.available() and cpu_kernels.run_sums(data, specs, acc, threads):
         return
     for k, s in enumerate(specs):
         t = np.float32(s.kernel_thres)
@@ -231,7 +232,7 @@ class RunSums:
         """The sums of accumulator rows ``r0`` .. ``r1`` (one selection's) over the events ``keep``."""
         n = flat.shape[0]
         if not self.backend.is_gpu:
-            run_sums_numpy(flat, keep, self._row_specs[r0:r1], self.acc[r0:r1])
+            run_sums_numpy(flat, keep, self._row_specs[r0:r1], self.acc[r0:r1], self.backend.threads)
             return
         if keep is not None and not np.any(keep):
             return
