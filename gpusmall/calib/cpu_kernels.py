@@ -90,8 +90,36 @@ def threads_for_call(backend_threads: int) -> int:
     return min(n, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
+class Kernel:
+    """A numba kernel compiled as it is called: for one thread (``parallel=False``: ``prange`` is ``range``)
+    when the calling thread has one numba thread (:class:`_threads`; the pipeline's worker threads), with
+    numba's parallel loops otherwise. The serial build compiles 2-3x faster, and most calls take one
+    thread; each build is cached on disk under a name of its own."""
+
+    def __init__(self, py_func):
+        self.py_func = py_func
+        functools.update_wrapper(self, py_func)
+        self._builds: dict[bool, object] = {}
+        self._lock = threading.Lock()
+
+    def build(self, parallel: bool):
+        """The numba dispatcher of one build (created on first use)."""
+        with self._lock:
+            if parallel not in self._builds:
+                f = self.py_func
+                if not parallel:  # a copy under another name: numba's cache files are named after it
+                    f = type(f)(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+                    f.__qualname__ = self.py_func.__qualname__ + "_one_thread"
+                    f.__module__ = self.py_func.__module__
+                self._builds[parallel] = njit(parallel=parallel, cache=True, fastmath=False, nogil=True)(f)
+            return self._builds[parallel]
+
+    def __call__(self, *args):
+        return self.build(numba.get_num_threads() > 1)(*args)
+
+
 if numba is not None:
-    _jit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    _jit = Kernel
     # Loop indices are unsigned (no negative-index wrap-around check, which stops LLVM vectorizing) and
     # the gain-switching kernels compute every option's value and select the result (a select of loads
     # would become a gather): both keep the inner loop SIMD. Selecting among exactly computed values is

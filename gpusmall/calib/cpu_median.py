@@ -25,7 +25,7 @@ from . import cpu_kernels, simd_median
 if cpu_kernels.numba is not None:
     from numba import njit, prange, uint64
 
-    _jit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    _jit = cpu_kernels.Kernel
 
     @njit(inline="always")
     def _used(good, g, all_ranges, range_mask):

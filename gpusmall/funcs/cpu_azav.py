@@ -17,9 +17,9 @@ COPIES = 4
 """Interleaved histograms per event (float64: 4 x bins x 8 bytes stays in L1 for a few hundred bins)."""
 
 if cpu_kernels.numba is not None:
-    from numba import njit, prange
+    from numba import prange
 
-    @njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    @cpu_kernels.Kernel
     def _numerators(data, bin_index, num):
         """data (E, N) float32 (0 at bad pixels); bin_index (N,) int16/32/64, -1 = in no bin; num (E, bins)
         float64 out: the sum of each bin's pixels."""

@@ -29,7 +29,7 @@ ROW_BLOCK = 32
 if cpu_kernels.numba is not None:
     from numba import njit, prange
 
-    _jit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    _jit = cpu_kernels.Kernel
 
     @njit(inline="always")
     def _seed(d, gd, t):

@@ -12,9 +12,9 @@ import numpy as np
 from ..calib import cpu_kernels
 
 if cpu_kernels.numba is not None:
-    from numba import njit, prange
+    from numba import prange
 
-    @njit(parallel=True, cache=True, fastmath=False, nogil=True)
+    @cpu_kernels.Kernel
     def _block_means(data, fr, fc, out):
         """data (F, R, C) float32; out (F, R // fr, C // fc) float32: block means. Per block row, each column's
         fr values are summed first (float64, the columns side by side: SIMD), then each block's fc column sums."""
