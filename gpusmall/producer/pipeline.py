@@ -127,11 +127,12 @@ class DetectorPipeline:
         ``cube_ids``: (splits, events) host int64 cube bin of each event (:meth:`~gpusmall.producer.cube.RunCube.rows`).
 
         On NumPy with ``backend.threads`` > 1 the batch is cut into that many blocks of consecutive
-        events, each calibrated and reduced in its own thread (NumPy, SciPy's labelling and sparse
-        products release the GIL); the run sums take the blocks in order. Every function works event by
+        events (fewer for a short batch), each calibrated and reduced in a thread of the pool (NumPy, SciPy's
+        labelling and sparse products release the GIL; the CPU kernels take one thread there, so they run
+        their one-thread builds); the run sums take the blocks in order. Every function works event by
         event, so the outputs are those of one thread (test)."""
         n = raw.shape[0]
-        if self.pool is None or n < 2:
+        if self.pool is None or n == 0:
             frames = self.calibrator(raw)
             frames.events = events
             self._accumulate(frames.data, keep, events, cube_ids)
@@ -174,9 +175,13 @@ class DetectorPipeline:
         set-up (event index -1: :data:`~gpusmall.funcs.base.SETUP_EVENT`): what sizes the run's memory and
         fixes what user functions return, before the output file exists."""
         if self._setup_event is None:
-            frames = self.calibrator(self.backend.xp.zeros((1, *self.shape), self.raw_dtype))
-            frames.events = SETUP_EVENT
-            self._setup_event = frames, {p: f(frames) for p, f in zip(self.function_paths, self.functions)}
+            def one_event():
+                frames = self.calibrator(self.backend.xp.zeros((1, *self.shape), self.raw_dtype))
+                frames.events = SETUP_EVENT
+                return frames, {p: f(frames) for p, f in zip(self.function_paths, self.functions)}
+
+            # in the pool where there is one, as every batch: the same (one-thread) builds of the CPU kernels
+            self._setup_event = one_event() if self.pool is None else self.pool.submit(one_event).result()
         return self._setup_event
 
     def _reduce(self, frames) -> dict[str, Any]:
