@@ -303,17 +303,21 @@ def test_azav_gpu_branches(rng, monkeypatch, engine):
     np.testing.assert_allclose(out["gpu"]["azav"], out["numpy"]["azav"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("bank,panel", [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)),
-                                        ((4, 64), (8, 128)), ((3, 33), (6, 66)), ((2, 32), (4, 96)),
-                                        pytest.param((256, 2), (512, 70), marks=pytest.mark.slow),
-                                        ((300, 70), (600, 140))])
-@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+_ODD_BANKS = [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)), ((4, 64), (8, 128)),
+              ((3, 33), (6, 66)), ((2, 32), (4, 96)), ((256, 2), (512, 70)), ((300, 70), (600, 140))]
+_ODD_SLOW = {(((256, 2), (512, 70)), "shuffle"), (((256, 2), (512, 70)), "reverse")} | {
+    (case, "reverse") for case in _ODD_BANKS if case[1][0] * case[1][1] >= 66 * 260}  # the largest panels
+
+
+@pytest.mark.parametrize("bank,panel,order", [
+    pytest.param(bank, panel, order, marks=[pytest.mark.slow] if ((bank, panel), order) in _ODD_SLOW else [])
+    for order in ("reverse", "shuffle") for bank, panel in _ODD_BANKS])
 def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
     """The CUDA median kernels themselves: rows of up to 64 pixels in the rows warp kernel (1, 2, 3, 7, 32,
     33, 64: lanes half or fully used), columns of up to 256 in the columns warp kernel (1 to 256 values;
     66 and 70 columns: partly used tiles), longer groups in the shared-memory sort (rows of 70 and 130,
-    columns of 300; p2 up to 512, partly filled last blocks); threads in two orders; against the array
-    reference."""
+    columns of 300; p2 up to 512, partly filled last blocks); threads in two orders (the largest panels
+    shuffled only, both in the slow run); against the array reference."""
     from test_common_mode import random_case
 
     model = DetectorModel(type="odd", panel_shape=panel, default_panels=3, data_mask=0x3FFF,
