@@ -54,7 +54,8 @@ def test_matches_formula_and_numba(rng, events, npix, names):
     if cpu_kernels.available():
         kinds = np.array([s.kernel_kind for s in specs], np.int64)
         has = np.array([s.thres is not None for s in specs], np.bool_)
-        cpu_kernels._run_sums(data, kinds, thres.astype(np.float32), has, numba_acc)
+        with cpu_kernels._threads(1):  # the one-thread build, as the pipeline's calls
+            cpu_kernels._run_sums(data, kinds, thres.astype(np.float32), has, numba_acc)
         np.testing.assert_array_equal(bits(got), bits(numba_acc))
 
 
