@@ -18,7 +18,10 @@ machine compiles (seconds), later processes load it.
 
 Threads: a kernel runs on :func:`threads_for_call` numba threads: the backend's ``threads`` when
 called from the main thread, 1 from any other thread (the pipeline already runs one block of events
-per thread; numba's own threads inside those would oversubscribe the cores).
+per thread; numba's own threads inside those would oversubscribe the cores). A one-thread call runs the
+kernel's serial build, which compiles faster (:class:`Kernel`). The one-pass calibration of uint16 raw
+and the run sums have compiled C++ kernels (:mod:`~gpusmall.calib.simd_calib`,
+:mod:`~gpusmall.calib.simd_sums`) that these functions call where they are built.
 """
 from __future__ import annotations
 
