@@ -39,7 +39,7 @@ def bits(a):
 
 @needs_compiler
 @pytest.mark.parametrize("events,npix", [(1, 8), (5, 13), (16, 1000 + 3), (70, 40), (3, 5)])
-@pytest.mark.parametrize("names", [SUMS, SUMS[:1], SUMS[2:5], ["calib_max", "calib_max_thresADU5"] * 1])
+@pytest.mark.parametrize("names", [SUMS, SUMS[:1], SUMS[2:5], ["calib_max", "calib_max_thresADU5"]])
 def test_matches_formula_and_numba(rng, events, npix, names):
     if not simd_sums.available():
         pytest.skip("no AVX build here")

@@ -94,8 +94,10 @@ static void sums_n(const float* x, int64_t n_events, int64_t stride, const int* 
         }
     }
 }
+
 typedef void (*SumsN)(const float*, int64_t, int64_t, const int*, const double*, double*, int64_t);
 static const SumsN SUMS_N[GROUP + 1] = {nullptr, sums_n<1>, sums_n<2>, sums_n<3>, sums_n<4>};
+
 // data (n_events, npix) float32, rows `stride` floats apart; code, thres (n_sums,); acc (n_sums, npix)
 // float64, rows acc_stride apart, updated (a thread may take a range of pixels of the same arrays).
 static void run_sums(const float* data, int64_t n_events, int64_t npix, int64_t stride, int64_t n_sums,
