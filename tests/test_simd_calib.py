@@ -57,6 +57,46 @@ def test_matches_formula_and_numba(rng, kind, npix, block):
         same((o2, g2), want)
 
 
+def runs_of_one_key(rng, raw2, kind):
+    """raw2 with its key bits held over runs of 1-40 pixels: vectors of one key (every key, the compiled
+    kernel's fast path) and vectors that mix them."""
+    if kind == "single":
+        return raw2
+    top = 1 if kind == "one_bit" else 3
+    out = raw2.copy()
+    for row in out:
+        p = 0
+        while p < row.size:
+            n = int(rng.integers(1, 41))
+            row[p:p + n] = (row[p:p + n] & 0x3FFF) | (np.uint16(rng.integers(0, top + 1)) << 14)
+            p += n
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["single", "one_bit", "two_bits"])
+@pytest.mark.parametrize("npix,block", [(1013, 4096), (4096 + 24, 100)])
+def test_vectors_of_one_key_match_formula_and_numba(rng, kind, npix, block):
+    raw2 = runs_of_one_key(rng, rng.integers(0, 1 << 16, (4, npix), dtype=np.uint16), kind)
+    okb = rng.integers(0, 16, npix).astype(np.uint8)
+    tab = tables(rng, kind, npix)
+    dmask = 0xFFFF if kind == "single" else 0x3FFF
+    out, good = np.empty((4, npix), np.float32), np.empty((4, npix), bool)
+    simd_calib.calibrate(kind, raw2, dmask, tab, okb, out, good, block)
+    want = simd_calib.reference(kind, raw2, dmask, tab, okb)
+    same((out, good), want)
+    if kind != "single":  # the runs made vectors of each single key
+        keys = (raw2[:, : npix // 8 * 8].reshape(4, -1, 8) >> 14).astype(int)
+        one = keys.min(-1) == keys.max(-1)
+        assert set(np.unique(keys[..., 0][one])) == set(range(2 if kind == "one_bit" else 4))
+    if cpu_kernels.available():
+        kernel = {"single": cpu_kernels._calib1, "one_bit": cpu_kernels._calib2, "two_bits": cpu_kernels._calib3}[kind]
+        o2, g2 = np.empty_like(out), np.empty_like(good)
+        with cpu_kernels._threads(1):
+            kernel(raw2, np.uint16(dmask), tab, okb, o2, g2, block)
+        same((o2, g2), want)
+
+
 @needs_compiler
 def test_bad_arrays_are_refused(rng):
     raw2 = rng.integers(0, 1 << 16, (2, 64), dtype=np.uint16)

@@ -73,6 +73,8 @@ def _agrees(fn) -> bool:
     rng = np.random.default_rng(18)
     n, npix = 3, 256 + 37  # vectors and a scalar tail
     raw2 = rng.integers(0, 1 << 16, (n, npix), dtype=np.uint16)
+    raw2[:, 64:192] &= 0x3FFF  # vectors of one key: key 0, then the top key (1 or 3 for two bits: 0xC000)
+    raw2[:, 128:192] |= 0xC000
     okb = rng.integers(0, 16, npix).astype(np.uint8)
     for kind, n_opt in KINDS.items():
         tab = rng.uniform(-100, 3000, (2 * n_opt, npix + 16)).astype(np.float32)
