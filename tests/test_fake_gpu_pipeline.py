@@ -201,7 +201,8 @@ def case_on(backend, case, events=5, batch=3):
     return cols, {k: np.asarray(v) for k, v in pl.sum_results().items()}, uploads
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c == "jungfrau-median" else [])
+                                  for c in sorted(CASES)])  # JUNGFRAU's 0.5M median: 25 s, the slow run
 def test_detectors_and_common_modes_under_cupys_rules(monkeypatch, case):
     """Other detectors, common modes, units and functions than the demo's (JUNGFRAU median, epix100,
     zero_peak in keV, zero_peak psana, none, raw; 2-D azav, histogram engine, photon_count, acf, rebin, droplet growth):

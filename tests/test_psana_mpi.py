@@ -114,9 +114,10 @@ def gpusmall_run(cfg_path, ranks=1, extra_env=None):
 
 @pytest.mark.skipif(have_mpi() is not None, reason=f"MPI: {have_mpi()}")
 # 3 ranks (the fewest: one of each role) and 4 with interleaved events, on both detectors between them;
-# JUNGFRAU on 3 ranks as well in the slow run
+# (JUNGFRAU, 20 s or more each on 2 cores, in the slow run)
 @pytest.mark.parametrize("det,ranks,psana_batch", [pytest.param("jungfrau", 3, None, marks=pytest.mark.slow),
-                                                   ("jungfrau", 4, 1), ("epixquad", 3, None)])
+                                                   pytest.param("jungfrau", 4, 1, marks=pytest.mark.slow),
+                                                   ("epixquad", 3, None)])
 def test_psana_mpi_distribution_equals_one_rank(data_dir, exp_dirs, tmp_path, det, ranks, psana_batch):
     """mpiexec -n 3 / -n 4 (psana's distribution; with one event per psana batch the two reducing ranks
     get interleaved events) == 1 rank, dataset for dataset; the master's per-event datasets are virtual."""

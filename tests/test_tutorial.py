@@ -10,10 +10,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 20-40 s on 2 cores: the slow run (.ci/run runs it)
 def test_tutorial_runs_and_finds_the_simulated_geometry(tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, str(ROOT / "docs" / "tutorial.py")], cwd=tmp_path, env=env,
