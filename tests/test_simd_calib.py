@@ -49,12 +49,17 @@ def test_matches_formula_and_numba(rng, kind, npix, block):
     want = simd_calib.reference(kind, raw2, dmask, tab, okb)
     same((out, good), want)
     assert good.any() and not good.all()
+    numba_gives(want, kind, raw2, dmask, tab, okb, block)
+
+
+def numba_gives(want, kind, raw2, dmask, tab, okb, block):
+    """numba's kernel for ``kind`` (one-thread build, as the pipeline's calls) gives ``want`` too."""
     if cpu_kernels.available():
         kernel = {"single": cpu_kernels._calib1, "one_bit": cpu_kernels._calib2, "two_bits": cpu_kernels._calib3}[kind]
-        o2, g2 = np.empty_like(out), np.empty_like(good)
-        with cpu_kernels._threads(1):  # the one-thread build, as the pipeline's calls
-            kernel(raw2, np.uint16(dmask), tab, okb, o2, g2, block)
-        same((o2, g2), want)
+        out, good = np.empty(raw2.shape, np.float32), np.empty(raw2.shape, bool)
+        with cpu_kernels._threads(1):
+            kernel(raw2, np.uint16(dmask), tab, okb, out, good, block)
+        same((out, good), want)
 
 
 def runs_of_one_key(rng, raw2, kind):
@@ -89,12 +94,7 @@ def test_vectors_of_one_key_match_formula_and_numba(rng, kind, npix, block):
         keys = (raw2[:, : npix // 8 * 8].reshape(4, -1, 8) >> 14).astype(int)
         one = keys.min(-1) == keys.max(-1)
         assert set(np.unique(keys[..., 0][one])) == set(range(2 if kind == "one_bit" else 4))
-    if cpu_kernels.available():
-        kernel = {"single": cpu_kernels._calib1, "one_bit": cpu_kernels._calib2, "two_bits": cpu_kernels._calib3}[kind]
-        o2, g2 = np.empty_like(out), np.empty_like(good)
-        with cpu_kernels._threads(1):
-            kernel(raw2, np.uint16(dmask), tab, okb, o2, g2, block)
-        same((o2, g2), want)
+    numba_gives(want, kind, raw2, dmask, tab, okb, block)
 
 
 @needs_compiler
