@@ -17,10 +17,18 @@ __version__ = "0.1.0"
 
 from .api import Result, Run, open_cube, open_result, open_run  # noqa: E402  (light: imports on use)
 
-_TOOLS = {"find_geometry": "centre", "fit_center": "centre", "write_poni": "centre",
-          "make_mask": "maskmaker", "save_user_mask": "maskmaker", "show_mask": "maskmaker",
-          "RoiPicker": "roi_picker", "PanelView": "roi_picker", "roi_png": "roi_picker",
-          "bounds_from_rectangle": "roi_picker"}
+_TOOLS = {
+    "find_geometry": "centre",
+    "fit_center": "centre",
+    "write_poni": "centre",
+    "make_mask": "maskmaker",
+    "save_user_mask": "maskmaker",
+    "show_mask": "maskmaker",
+    "RoiPicker": "roi_picker",
+    "PanelView": "roi_picker",
+    "roi_png": "roi_picker",
+    "bounds_from_rectangle": "roi_picker",
+}
 
 
 def __getattr__(name):

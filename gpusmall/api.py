@@ -20,6 +20,7 @@ imported by the function that needs it. Every error about the user's input is a
 :class:`~gpusmall.errors.InputError` (a :class:`~gpusmall.errors.ConfigError` for a config) whose message
 names the key, detector or file, as on the command line.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -91,7 +92,9 @@ class Run:
         elif isinstance(config, dict):
             self.config = validate_config(config, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
         else:
-            raise InputError(f"open_run: config must be a file path, a mapping or a RunConfig, not {type(config).__name__}")
+            raise InputError(
+                f"open_run: config must be a file path, a mapping or a RunConfig, not {type(config).__name__}"
+            )
         self.last_summary: Any = None  # a RunSummary after run()
 
     # -- the config ---------------------------------------------------------------------------------------
@@ -118,8 +121,10 @@ class Run:
 
     def __repr__(self) -> str:
         s = self.config.source
-        dets = ", ".join(f"{n} ({d.type}{' ' + 'x'.join(map(str, d.shape)) if d.shape else ''})"
-                         for n, d in self.config.detectors.items())
+        dets = ", ".join(
+            f"{n} ({d.type}{' ' + 'x'.join(map(str, d.shape)) if d.shape else ''})"
+            for n, d in self.config.detectors.items()
+        )
         where = f"{self.path}" if self.path else "a config mapping"
         events = f", {s.events} events" if s.events else ""
         return f"<gpusmall.Run {where}: {s.type} source{events}; detectors {dets}; output {self.config.output}>"
@@ -137,8 +142,10 @@ class Run:
         if len(names) == 1:
             return names[0]
         if not interactive():
-            raise InputError(f"{what}: the config has {len(names)} detectors ({', '.join(names)}): "
-                             f"name one with det=, e.g. det={names[0]!r}")
+            raise InputError(
+                f"{what}: the config has {len(names)} detectors ({', '.join(names)}): "
+                f"name one with det=, e.g. det={names[0]!r}"
+            )
         menu = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
         while True:
             answer = input(f"{what}: which detector? ({menu}) ").strip()
@@ -179,8 +186,15 @@ class Run:
         det = self.choose_detector(det, "avimage")
         return average_image(self.config, det, self._backend(backend), events=events)
 
-    def plot_avimage(self, events: int | None = 100, det: str | None = None, backend: str | None = None, *,
-                     av=None, title: str | None = None):
+    def plot_avimage(
+        self,
+        events: int | None = 100,
+        det: str | None = None,
+        backend: str | None = None,
+        *,
+        av=None,
+        title: str | None = None,
+    ):
         """The average image drawn as ``gpusmall avimage --png`` draws it, as a matplotlib Figure.
 
         Assembled with the geometry as psana's ``det.raw.image()`` (rows along x, columns along y; axes
@@ -202,8 +216,9 @@ class Run:
 
     # -- the reduction ------------------------------------------------------------------------------------
 
-    def run(self, events: int | None = None, out: str | Path | None = None, backend: str | None = None,
-            quiet: bool = True) -> Path:
+    def run(
+        self, events: int | None = None, out: str | Path | None = None, backend: str | None = None, quiet: bool = True
+    ) -> Path:
         """Reduce the run (``gpusmall run``) and return the path of the result file.
 
         Args:
@@ -360,8 +375,10 @@ class Result:
                 if d.dtype.kind not in "biuf":
                     raise InputError(f"{what}: {k!r} holds {d.dtype} values, not numbers")
                 if scalar and d.ndim != 1:
-                    raise InputError(f"{what}: {k!r} has {d.shape[1:]} values per event, not one: "
-                                     f"to_xarray() takes per-event arrays of any shape")
+                    raise InputError(
+                        f"{what}: {k!r} has {d.shape[1:]} values per event, not one: "
+                        f"to_xarray() takes per-event arrays of any shape"
+                    )
         require_sources(f, keys, what)
         return keys
 
@@ -461,21 +478,37 @@ class Result:
         names = self.detectors
         if det is None:
             if len(names) != 1:
-                raise InputError(f"user_data_cfg: the file has {len(names)} detectors ({', '.join(names)}): "
-                                 f"name one, e.g. user_data_cfg({names[0]!r})" if names else
-                                 f"user_data_cfg: {self.path} has no /UserDataCfg")
+                raise InputError(
+                    f"user_data_cfg: the file has {len(names)} detectors ({', '.join(names)}): "
+                    f"name one, e.g. user_data_cfg({names[0]!r})"
+                    if names
+                    else f"user_data_cfg: {self.path} has no /UserDataCfg"
+                )
             det = names[0]
         if det not in names:
             raise InputError(f"user_data_cfg: no detector {det!r} in {self.path} (detectors: {', '.join(names)})")
         with self._open() as f:
             out: dict = {}
             f[f"UserDataCfg/{det}"].visititems(
-                lambda n, o: out.__setitem__(n, _text(o[()])) if hasattr(o, "shape") else None)
+                lambda n, o: out.__setitem__(n, _text(o[()])) if hasattr(o, "shape") else None
+            )
             return out
 
-    def cube(self, by: str, bins: int | None = None, keys: list[str] | None = None, range=None, *,
-             edges=None, width: float | None = None, steps: bool = False, selection: str | None = None,
-             split: list[str] | None = None, select: list[str] | None = None, out: str | Path | None = None):
+    def cube(
+        self,
+        by: str,
+        bins: int | None = None,
+        keys: list[str] | None = None,
+        range=None,
+        *,
+        edges=None,
+        width: float | None = None,
+        steps: bool = False,
+        selection: str | None = None,
+        split: list[str] | None = None,
+        select: list[str] | None = None,
+        out: str | Path | None = None,
+    ):
         """Bin the events by a per-event scalar (``gpusmall cube``; :func:`gpusmall.analysis.cube.make_cube`).
 
         Args:
@@ -506,14 +539,30 @@ class Result:
             from .producer.paths import check_output
 
             check_output(out, "cube: out", {"the input file": self.path}, results_only=True, kind="cube")
-        cube = make_cube(self.path, by, bins, keys=keys, value_range=range, edges=edges, width=width, steps=steps,
-                         selection=selection, split=split, select=select)
+        cube = make_cube(
+            self.path,
+            by,
+            bins,
+            keys=keys,
+            value_range=range,
+            edges=edges,
+            width=width,
+            steps=steps,
+            selection=selection,
+            split=split,
+            select=select,
+        )
         if out is not None:
             write_cube(cube, out, source=str(self.path.resolve()))
         split = list(cube.split)
-        attrs = {"by": cube.by, "binning": "steps" if cube.edges is None else "edges", "option": f"--{cube.binning}",
-                 "selection": cube.selection or "", "select": json.dumps(list(cube.select)),
-                 "source": str(self.path.resolve())}
+        attrs = {
+            "by": cube.by,
+            "binning": "steps" if cube.edges is None else "edges",
+            "option": f"--{cube.binning}",
+            "selection": cube.selection or "",
+            "select": json.dumps(list(cube.select)),
+            "source": str(self.path.resolve()),
+        }
         attrs.update({("events" if k == "events" else f"events_{k}"): int(v) for k, v in cube.info.items()})  # type: ignore[misc]
         variables = {}
         for k in cube.sums:

@@ -9,6 +9,7 @@ environment variable ``GPUSMALL_BACKEND``, the config key ``backend:``, then ``a
 ``auto`` takes CuPy only when a GPU is usable and says which one it took; asking for
 ``cupy`` without a usable GPU is an error, never a silent fallback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -191,8 +192,9 @@ def cpu_threads(ranks_on_node: int = 1) -> int:
     return max(1, cores // max(1, int(ranks_on_node)))
 
 
-def get_backend(argument: str | None = None, config: str | None = None, device_id: int | None = None,
-                threads: int = 1) -> Backend:
+def get_backend(
+    argument: str | None = None, config: str | None = None, device_id: int | None = None, threads: int = 1
+) -> Backend:
     """Choose the backend once for a run (see module docstring) and say what was chosen; ``threads``:
     CPU threads of the NumPy path (:attr:`Backend.threads`)."""
     choice, why = resolve_choice(argument, config), None

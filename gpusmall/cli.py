@@ -5,6 +5,7 @@
 Exit status 0 on success, 2 for a bad config or input, 1 for anything else, with one line on stderr
 naming the problem.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,25 +68,40 @@ def _run_config(cfg, args) -> int:
         print("gpusmall: damaged events: " + ", ".join(f"{k} {v}" for k, v in bad.items()), file=sys.stderr)
     if summary.truncated_events:  # also in the file: root attributes truncated_events, truncated (JSON)
         by = ", ".join(f"{k} {v}" for k, v in summary.truncated.items() if v)
-        print(f"gpusmall: {summary.truncated_events} of {summary.events} events truncated by a bounded output ({by}): "
-              f"raise max_droplets / max_photons to keep every item", file=sys.stderr)
+        print(
+            f"gpusmall: {summary.truncated_events} of {summary.events} events truncated by a bounded output ({by}): "
+            f"raise max_droplets / max_photons to keep every item",
+            file=sys.stderr,
+        )
     if summary.interrupted:
-        print(f"gpusmall: interrupted ({summary.reason or 'stopped'}): {summary.events} events written to "
-              f"{summary.output}", file=sys.stderr)
+        print(
+            f"gpusmall: interrupted ({summary.reason or 'stopped'}): {summary.events} events written to "
+            f"{summary.output}",
+            file=sys.stderr,
+        )
         return 1
     ranks = f" on {summary.ranks} ranks" if summary.ranks > 1 else ""
-    print(f"gpusmall: {summary.events} events -> {summary.output}{ranks} in {summary.seconds:.1f} s "
-          f"({summary.events_per_s:.1f} events/s)", file=sys.stderr)
+    print(
+        f"gpusmall: {summary.events} events -> {summary.output}{ranks} in {summary.seconds:.1f} s "
+        f"({summary.events_per_s:.1f} events/s)",
+        file=sys.stderr,
+    )
     if summary.cube is not None:
         i = summary.cube_info
-        mine = f" (rank 0: {i.get('used', 0)} of its {i.get('events', 0)} events)" if summary.ranks > 1 else (
-            f" ({i.get('used', 0)} of {i.get('events', 0)} events in its bins)")
+        mine = (
+            f" (rank 0: {i.get('used', 0)} of its {i.get('events', 0)} events)"
+            if summary.ranks > 1
+            else (f" ({i.get('used', 0)} of {i.get('events', 0)} events in its bins)")
+        )
         print(f"gpusmall: cube -> {summary.cube}{mine}", file=sys.stderr)
     t = summary.device_times
     if backend.is_gpu and t.batches:
-        print(f"gpusmall: rank 0 GPU time: reduce {t.compute_s:.2f} s, host->device {t.h2d_s:.2f} s "
-              f"({t.h2d_gb_per_s:.1f} GB/s), results device->host {t.d2h_s:.2f} s ({t.d2h_bytes / 1e9:.2f} GB); "
-              f"the copies overlap the reductions", file=sys.stderr)
+        print(
+            f"gpusmall: rank 0 GPU time: reduce {t.compute_s:.2f} s, host->device {t.h2d_s:.2f} s "
+            f"({t.h2d_gb_per_s:.1f} GB/s), results device->host {t.d2h_s:.2f} s ({t.d2h_bytes / 1e9:.2f} GB); "
+            f"the copies overlap the reductions",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -174,9 +190,19 @@ def cmd_darks(args) -> int:
             from .sources.sim import SimSource
 
             d = cfg.detectors[det]
-            source = SimSource(cfg.source.events, {det: {"type": d.type, "shape": d.panel_shape(),  # type: ignore[arg-type]
-                                                         "pixel_um": d.pixel_um}}, seed=cfg.source.seed,
-                               photons=False, threads=cfg.source.threads)
+            source = SimSource(
+                cfg.source.events,  # type: ignore[arg-type]
+                {
+                    det: {
+                        "type": d.type,
+                        "shape": d.panel_shape(),
+                        "pixel_um": d.pixel_um,
+                    }
+                },
+                seed=cfg.source.seed,
+                photons=False,
+                threads=cfg.source.threads,
+            )
         else:
             if cfg.source.type == "psana" and not cfg.detectors[det].constants:
                 # a dark run needs no constants: without this, a psana source asks psana for them (and
@@ -186,14 +212,18 @@ def cmd_darks(args) -> int:
         with source:
             got = tuple(source.detectors[det].shape)
             if shape is not None and got != shape:
-                raise InputError(f"darks: detector {det} has shape {list(got)} in {path}, {list(shape)} in "
-                                 f"{args.config[0]}")
+                raise InputError(
+                    f"darks: detector {det} has shape {list(got)} in {path}, {list(shape)} in {args.config[0]}"
+                )
             shape = got
             run = measure_dark(source, det, model, backend, events=args.events, batch_size=cfg.batch_size)
         if len(configs) > 1:
             seen = [model.gain_names[r] for r in np.flatnonzero(measured_ranges(run.count))]
-            print(f"gpusmall: darks of {det}: run {k + 1} ({path}): {run.events} events, gain ranges "
-                  f"{', '.join(seen) or 'none'}", file=sys.stderr)
+            print(
+                f"gpusmall: darks of {det}: run {k + 1} ({path}): {run.events} events, gain ranges "
+                f"{', '.join(seen) or 'none'}",
+                file=sys.stderr,
+            )
         acc = run if acc is None else combine_dark_runs([acc, run], det)
     res = dark_constants(acc, model, args.n_sigma)  # type: ignore[arg-type]
     res.constants.save(args.out)
@@ -203,8 +233,10 @@ def cmd_darks(args) -> int:
         held = [model.gain_names[r] + (" (derived)" if m[r] == 2 else "") for r in range(model.n_gains) if m[r]]  # type: ignore[index]
         ranges = f", gain ranges {', '.join(held) or 'none'}"
     runs = f" from {len(configs)} runs" if len(configs) > 1 else ""
-    print(f"gpusmall: darks of {det}: {res.events} events{runs}{ranges}, {res.bad_pixels} bad pixels -> {args.out}",
-          file=sys.stderr)
+    print(
+        f"gpusmall: darks of {det}: {res.events} events{runs}{ranges}, {res.bad_pixels} bad pixels -> {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -250,8 +282,10 @@ def cmd_avimage(args) -> int:
         write_average(av, args.out, attrs={"config": str(Path(args.config).resolve()), "backend": backend.description})
         done.append(str(args.out))
     extra = f", {av.damaged} damaged left out" if av.damaged else ""
-    print(f"gpusmall: {det}: mean of {av.events} events{extra}, {int(av.bad.sum())} bad pixels -> "
-          f"{', '.join(done)}", file=sys.stderr)
+    print(
+        f"gpusmall: {det}: mean of {av.events} events{extra}, {int(av.bad.sum())} bad pixels -> {', '.join(done)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -278,51 +312,88 @@ def cmd_cube(args) -> int:
 
     out = Path(args.out) if args.out else Path(args.file).with_name(Path(args.file).stem + "_cube.h5")
     check_output(out, "cube: --out", {"the input file": Path(args.file)}, results_only=True, kind="cube")
-    cube = make_cube(args.file, args.by, args.bins, keys=args.keys, value_range=args.range, edges=args.edges,
-                     width=args.width, steps=args.steps, selection=args.selection, split=args.split,
-                     select=args.select)
+    cube = make_cube(
+        args.file,
+        args.by,
+        args.bins,
+        keys=args.keys,
+        value_range=args.range,
+        edges=args.edges,
+        width=args.width,
+        steps=args.steps,
+        selection=args.selection,
+        split=args.split,
+        select=args.select,
+    )
     write_cube(cube, out, source=str(Path(args.file).resolve()))
     i = cube.info
     left = ", ".join(f"{i[k]} {k}" for k in ("damaged", "nonfinite", "unselected", "outside", "unsplit") if i.get(k))
-    where = (f"{cube.nbins} steps of {cube.by}" if cube.edges is None else
-             f"{cube.nbins} bins of {cube.by} [{cube.edges[0]:g}, {cube.edges[-1]:g}]")
-    print(f"gpusmall: {i['used']} of {i['events']} events in {where}"
-          + (f" (left out: {left})" if left else "")
-          + (f", split by {' '.join(cube.split)}" if cube.split else "")
-          + f", {len(cube.sums)} datasets -> {out}", file=sys.stderr)
+    where = (
+        f"{cube.nbins} steps of {cube.by}"
+        if cube.edges is None
+        else f"{cube.nbins} bins of {cube.by} [{cube.edges[0]:g}, {cube.edges[-1]:g}]"
+    )
+    print(
+        f"gpusmall: {i['used']} of {i['events']} events in {where}"
+        + (f" (left out: {left})" if left else "")
+        + (f", split by {' '.join(cube.split)}" if cube.split else "")
+        + f", {len(cube.sums)} datasets -> {out}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpusmall", description="GPU-batched small-data reduction for X-ray area detectors")
+    p = argparse.ArgumentParser(
+        prog="gpusmall", description="GPU-batched small-data reduction for X-ray area detectors"
+    )
     p.add_argument("--version", action="version", version=f"gpusmall {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = p.add_subparsers(dest="command", required=True)
 
     def run_options(sp, default_events=None):
-        sp.add_argument("--events", type=_positive, default=default_events, help="a simulated run: make N events; other sources: reduce at most N")
+        sp.add_argument(
+            "--events",
+            type=_positive,
+            default=default_events,
+            help="a simulated run: make N events; other sources: reduce at most N",
+        )
         sp.add_argument("--out", help="output HDF5 file (default: the config's output)")
-        sp.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend (default: $GPUSMALL_BACKEND, then the config's, then auto)")
+        sp.add_argument(
+            "--backend",
+            choices=("auto", "numpy", "cupy"),
+            help="array backend (default: $GPUSMALL_BACKEND, then the config's, then auto)",
+        )
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
-        sp.add_argument("--threads", type=_positive, help="NumPy backend: CPU threads per rank (default: the "
-                                                          "cores shared by the ranks on the node)")
+        sp.add_argument(
+            "--threads",
+            type=_positive,
+            help="NumPy backend: CPU threads per rank (default: the cores shared by the ranks on the node)",
+        )
 
     d = sub.add_parser("demo", help="simulated ePix10k2M run with the default function set (no input needed)")
     run_options(d)
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="reduce the run a config file describes")
     r.add_argument("config", help="YAML or TOML config")
-    r.add_argument("--follow", action="store_true",
-                   help="reduce a run that is still being written (hdf5: until it stops growing for "
-                        "source.follow_timeout_s; psana: live mode)")
+    r.add_argument(
+        "--follow",
+        action="store_true",
+        help="reduce a run that is still being written (hdf5: until it stops growing for "
+        "source.follow_timeout_s; psana: live mode)",
+    )
     run_options(r)
     r.set_defaults(func=cmd_run)
     m = sub.add_parser("merge", help="master file from the <stem>.part*.h5 of an interrupted MPI run")
     m.add_argument("file", help="the master file to write (its parts are <stem>.part<rank>.h5 beside it)")
     m.set_defaults(func=cmd_merge)
     k = sub.add_parser("darks", help="pedestal, noise and status from dark runs (one per gain mode) -> constants file")
-    k.add_argument("config", nargs="+", help="YAML or TOML config naming a dark run; several: one per gain mode "
-                                             "(per gain range and pixel, the run with most events in it)")
+    k.add_argument(
+        "config",
+        nargs="+",
+        help="YAML or TOML config naming a dark run; several: one per gain mode "
+        "(per gain range and pixel, the run with most events in it)",
+    )
     k.add_argument("--out", required=True, help="constants HDF5 file to write")
     k.add_argument("--events", type=_positive, help="use at most N events of each run")
     k.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
@@ -336,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("config", help="YAML or TOML config naming the run")
     a.add_argument("--events", type=_positive, default=100, help="average the first N events (default 100)")
     a.add_argument("--png", required=True, help="PNG file to write")
-    a.add_argument("--out", help="also write the average (panels, rows, cols) and the assembled image to this HDF5 file")
+    a.add_argument(
+        "--out", help="also write the average (panels, rows, cols) and the assembled image to this HDF5 file"
+    )
     a.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="array backend")
     a.add_argument("--det", help="detector (needed when the config has several)")
     a.set_defaults(func=cmd_avimage)
@@ -344,30 +417,61 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("file", help="result HDF5 file")
     pl.add_argument("key", help="dataset path, e.g. epix/roi0_sum or Sums/epix_calib")
     pl.add_argument("--png", required=True, help="PNG file to write")
-    pl.add_argument("--vs", metavar="KEY2", help="per-event scalar for the x axis (e.g. ipm/sum, scan/delay): every "
-                    "event's KEY against it, with the mean of KEY per bin")
+    pl.add_argument(
+        "--vs",
+        metavar="KEY2",
+        help="per-event scalar for the x axis (e.g. ipm/sum, scan/delay): every "
+        "event's KEY against it, with the mean of KEY per bin",
+    )
     pl.add_argument("--bins", type=int, default=20, help="--vs: bins of KEY2 (one per value when it takes <= 50)")
     pl.set_defaults(func=cmd_plot)
     c = sub.add_parser("cube", help="bin events by a per-event scalar: count, sum and mean per bin")
     c.add_argument("file", help="result HDF5 file")
     c.add_argument("--by", required=True, help="per-event scalar to bin by, e.g. epix/roi0_sum or scan/varStep")
     how = c.add_mutually_exclusive_group(required=True)
-    how.add_argument("--bins", type=_positive, help="number of equal-width bins (over --range or the key's finite range)")
+    how.add_argument(
+        "--bins", type=_positive, help="number of equal-width bins (over --range or the key's finite range)"
+    )
     how.add_argument("--edges", nargs="+", type=float, metavar="E", help="explicit, strictly increasing bin edges")
-    how.add_argument("--width", type=_positive_float, metavar="W",
-                     help="bins of width W over --range, or from floor(min/W)*W over the key's finite range")
-    how.add_argument("--steps", action="store_true",
-                     help="one bin per distinct value of --by (scan steps: --by scan/varStep)")
-    c.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
-                   help="bin range for --bins or --width (default: the key's finite range)")
-    c.add_argument("--keys", nargs="+", help="per-event datasets to bin (default: all of --by's detector group, "
-                                             "or all non-scalar per-event datasets, and every per-event scalar)")
-    c.add_argument("--selection", metavar="NAME", help="only the events of this selection of the run's config "
-                                                       "(or built-in: dropped, laser_on, laser_off)")
-    c.add_argument("--split", nargs="+", metavar="NAME",
-                   help="split each bin by each of these selections (a leading split axis on every count and sum)")
-    c.add_argument("--select", action="append", metavar="KEY=V|KEY=LO:HI",
-                   help="only events with KEY == V or LO <= KEY <= HI (repeatable: all must hold)")
+    how.add_argument(
+        "--width",
+        type=_positive_float,
+        metavar="W",
+        help="bins of width W over --range, or from floor(min/W)*W over the key's finite range",
+    )
+    how.add_argument(
+        "--steps", action="store_true", help="one bin per distinct value of --by (scan steps: --by scan/varStep)"
+    )
+    c.add_argument(
+        "--range",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        help="bin range for --bins or --width (default: the key's finite range)",
+    )
+    c.add_argument(
+        "--keys",
+        nargs="+",
+        help="per-event datasets to bin (default: all of --by's detector group, "
+        "or all non-scalar per-event datasets, and every per-event scalar)",
+    )
+    c.add_argument(
+        "--selection",
+        metavar="NAME",
+        help="only the events of this selection of the run's config (or built-in: dropped, laser_on, laser_off)",
+    )
+    c.add_argument(
+        "--split",
+        nargs="+",
+        metavar="NAME",
+        help="split each bin by each of these selections (a leading split axis on every count and sum)",
+    )
+    c.add_argument(
+        "--select",
+        action="append",
+        metavar="KEY=V|KEY=LO:HI",
+        help="only events with KEY == V or LO <= KEY <= HI (repeatable: all must hold)",
+    )
     c.add_argument("--out", help="output HDF5 file (default: <file stem>_cube.h5 beside FILE)")
     c.set_defaults(func=cmd_cube)
     return p

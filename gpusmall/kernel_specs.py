@@ -17,6 +17,7 @@ naming the kernel and the parameter. It then asks ``backend.kernel(file, name)``
 :func:`registry` gives every kernel the package launches (tests check it against the sources and the
 launch sites).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,19 +32,31 @@ import numpy as np
 from .backend import find_kernel_source
 
 POINTER_DTYPES: dict[str, type] = {
-    "float": np.float32, "double": np.float64, "bool": np.bool_, "unsigned short": np.uint16,
-    "unsigned char": np.uint8, "signed char": np.int8, "int": np.int32, "unsigned int": np.uint32,
-    "long long": np.int64}
+    "float": np.float32,
+    "double": np.float64,
+    "bool": np.bool_,
+    "unsigned short": np.uint16,
+    "unsigned char": np.uint8,
+    "signed char": np.int8,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "long long": np.int64,
+}
 """C type of a kernel's pointer parameter -> the dtype of the array it takes."""
 
-SCALAR_TYPES: dict[str, type] = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32,
-                                 "float": np.float32}
+SCALAR_TYPES: dict[str, type] = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32, "float": np.float32}
 """C type of a kernel's scalar parameter -> the NumPy scalar type it is passed as."""
 
 RESERVED = ("backend", "grid", "block", "shared_mem")  # launch()'s own keywords: no kernel parameter may be one
 
-LAUNCHING_MODULES = ("gpusmall.calib.calibrate", "gpusmall.calib.common_mode", "gpusmall.funcs.azav",
-                     "gpusmall.funcs.sums", "gpusmall.funcs.droplet", "gpusmall.producer.cube")
+LAUNCHING_MODULES = (
+    "gpusmall.calib.calibrate",
+    "gpusmall.calib.common_mode",
+    "gpusmall.funcs.azav",
+    "gpusmall.funcs.sums",
+    "gpusmall.funcs.droplet",
+    "gpusmall.producer.cube",
+)
 """The modules that declare (and launch) kernels; :func:`registry` imports them."""
 
 
@@ -54,6 +67,7 @@ class KernelArgumentError(TypeError):
 @dataclass(frozen=True)
 class Param:
     """One kernel parameter: its name, C type (qualifiers dropped) and whether it is a pointer."""
+
     name: str
     ctype: str
     pointer: bool
@@ -108,6 +122,7 @@ class KernelSpec:
             (the host-side check of the kernel's index arithmetic; arrays' sizes are known on the host).
         options: extra NVRTC options.
     """
+
     file: str
     name: str
     grid: GridPolicy = field(repr=False)

@@ -14,6 +14,7 @@ of the file) or another selection. A NaN value meets no condition. When the even
 config defines the same names: ``dropped`` (no X-rays, smalldata_tools' ``calib_dropped`` sums over it),
 ``laser_on`` and ``laser_off`` (X-rays on).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -60,20 +61,25 @@ def _condition(name: str, key: str, value, names: set[str]) -> Condition:
             raise SelectionError(f"{where}: {key} is a selection: true (in it) or false (not in it), not {value!r}")
         return Condition(key, "in", value)
     if isinstance(value, bool):
-        raise SelectionError(f"{where}: no selection {key!r} to be {str(value).lower()} about; a value is a "
-                             f"number or [lo, hi]")
+        raise SelectionError(
+            f"{where}: no selection {key!r} to be {str(value).lower()} about; a value is a number or [lo, hi]"
+        )
     if isinstance(value, (int, float)):
         if not np.isfinite(value):
             raise SelectionError(f"{where}: {value!r} is not a finite number")
         return Condition(key, "equal", float(value))
-    if (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                          for v in value)):
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         lo, hi = float(value[0]), float(value[1])
         if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
             raise SelectionError(f"{where}: [lo, hi] with finite lo <= hi, not {value!r}")
         return Condition(key, "range", (lo, hi))
-    raise SelectionError(f"{where}: a number (equal to it), [lo, hi] (a range) or, for a selection, true/false; "
-                         f"not {value!r}")
+    raise SelectionError(
+        f"{where}: a number (equal to it), [lo, hi] (a range) or, for a selection, true/false; not {value!r}"
+    )
 
 
 class Selections:
@@ -106,7 +112,7 @@ class Selections:
         if name in path:
             raise SelectionError(f"selections.{path[0]}: refers to itself ({' -> '.join(path + (name,))})")
         for c in self.conditions[name]:
-            for ref in (c.value if c.kind == "any" else (c.key,) if c.kind == "in" else ()):  # type: ignore[attr-defined]
+            for ref in c.value if c.kind == "any" else (c.key,) if c.kind == "in" else ():  # type: ignore[attr-defined]
                 self._check_cycle(ref, path + (name,))
 
     def __contains__(self, name) -> bool:
@@ -122,7 +128,7 @@ class Selections:
             if c.kind in ("equal", "range"):
                 out.add(c.key)
             else:
-                for ref in (c.value if c.kind == "any" else (c.key,)):  # type: ignore[attr-defined]
+                for ref in c.value if c.kind == "any" else (c.key,):  # type: ignore[attr-defined]
                     out |= self.keys_of(ref)
         return out
 
@@ -132,8 +138,10 @@ class Selections:
         for name, conds in self.conditions.items():
             for c in conds:
                 if c.kind in ("equal", "range") and c.key not in available:
-                    raise SelectionError(f"selections.{name}.{c.key}: no such per-event value in {what} "
-                                         f"(there are: {', '.join(sorted(available)) or 'none'})")
+                    raise SelectionError(
+                        f"selections.{name}.{c.key}: no such per-event value in {what} "
+                        f"(there are: {', '.join(sorted(available)) or 'none'})"
+                    )
 
     def require(self, name: str, where: str) -> None:
         """SelectionError naming ``where`` when there is no selection ``name``."""

@@ -3,6 +3,7 @@
 The CuPy case is skipped with a reason when no GPU is usable, except when the suite runs with
 ``GPUSMALL_BACKEND=cupy``: then a missing GPU is a failure, so a GPU run can never pass by skipping.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def pytest_collection_finish(session):
         return
     here = Path(__file__).resolve().parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
-    _prebuild = subprocess.Popen([sys.executable, "-m", "cuda_cpu"], cwd=here, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _prebuild = subprocess.Popen(
+        [sys.executable, "-m", "cuda_cpu"], cwd=here, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def pytest_sessionfinish(session):

@@ -10,6 +10,7 @@ can do better (inputs read twice in one kernel) and sorts, atomics and label pro
 are counted as one pass). ``benchmarks/device_traffic.py`` prints the table; ``tests/test_device_traffic.py``
 checks the accounting and keeps the figures from growing by accident.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -34,16 +35,48 @@ def _calib_consts(grid, npix, *per_pixel_bytes):
     return grid[1] * npix * sum(per_pixel_bytes)
 
 
-def _calibrate_u16(grid, raw, pedestal, scale, mask, config_bits, out, good, n_events, npix, n_gains, gain_table,
-                   gain_shift, gain_bits, has_config, data_mask):
+def _calibrate_u16(
+    grid,
+    raw,
+    pedestal,
+    scale,
+    mask,
+    config_bits,
+    out,
+    good,
+    n_events,
+    npix,
+    n_gains,
+    gain_table,
+    gain_shift,
+    gain_bits,
+    has_config,
+    data_mask,
+):
     # per pixel and chunk: mask, config bits, pedestal and scale of (mostly) one gain range
     # (the gain table once: a few kB that the read-only cache serves to every block)
     consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4, 4) + gain_table.nbytes
     return raw.nbytes + consts, out.nbytes + good.nbytes
 
 
-def _pedestal_u16(grid, raw, pedestal, mask, config_bits, s, gain_index, good, n_events, npix, n_gains, gain_table,
-                  gain_shift, gain_bits, has_config, data_mask):
+def _pedestal_u16(
+    grid,
+    raw,
+    pedestal,
+    mask,
+    config_bits,
+    s,
+    gain_index,
+    good,
+    n_events,
+    npix,
+    n_gains,
+    gain_table,
+    gain_shift,
+    gain_bits,
+    has_config,
+    data_mask,
+):
     consts = _calib_consts(grid, int(npix), 1, 1 if has_config else 0, 4) + gain_table.nbytes
     return raw.nbytes + consts, s.nbytes + gain_index.nbytes + good.nbytes
 
@@ -61,8 +94,22 @@ def _cm_median_rows_warp(grid, s, good, g, n_groups, n, **rest):
     return _cm_median_step(grid, s, good, g, n_groups, n)
 
 
-def _cm_median_cols_warp(grid, s, good, g, n_outer, n, n_inner, outer_stride, range_mask, min_pixels,
-                         max_correction, scale, npix, apply_scale):
+def _cm_median_cols_warp(
+    grid,
+    s,
+    good,
+    g,
+    n_outer,
+    n,
+    n_inner,
+    outer_stride,
+    range_mask,
+    min_pixels,
+    max_correction,
+    scale,
+    npix,
+    apply_scale,
+):
     touched = int(n_outer) * int(n_inner) * int(n)
     read, written = _cm_median_step(grid, s, good, g, int(n_outer) * int(n_inner), n)
     if apply_scale:  # scale_apply's write-back too: every pixel written, its range's scale read per event
@@ -94,11 +141,19 @@ def _label_flatten(grid, parent, m):
     return parent.nbytes, parent.nbytes
 
 
-KERNEL_TRAFFIC = {"calibrate_u16": _calibrate_u16, "pedestal_u16": _pedestal_u16, "scale_apply": _scale_apply,
-                  "cm_median_step": _cm_median_step, "cm_median_rows_warp": _cm_median_rows_warp,
-                  "cm_median_cols_warp": _cm_median_cols_warp, "azav_histogram": _azav_histogram,
-                  "run_sums": _run_sums, "droplet_mask": _droplet_mask, "label_union": _label_union,
-                  "label_flatten": _label_flatten}
+KERNEL_TRAFFIC = {
+    "calibrate_u16": _calibrate_u16,
+    "pedestal_u16": _pedestal_u16,
+    "scale_apply": _scale_apply,
+    "cm_median_step": _cm_median_step,
+    "cm_median_rows_warp": _cm_median_rows_warp,
+    "cm_median_cols_warp": _cm_median_cols_warp,
+    "azav_histogram": _azav_histogram,
+    "run_sums": _run_sums,
+    "droplet_mask": _droplet_mask,
+    "label_union": _label_union,
+    "label_flatten": _label_flatten,
+}
 
 
 class TrafficGpu(FakeGpuStrict):
@@ -118,12 +173,14 @@ class TrafficGpu(FakeGpuStrict):
             read, written = KERNEL_TRAFFIC[name](tuple(grid) + (1,) * (3 - len(grid)), **host)
             ops.append(("kernel", name, read, written))
             return launch(grid, block, args, shared_mem=shared_mem)
+
         return logged
 
 
 @dataclass
 class Traffic:
     """What one batch of ``events`` moves: ``ops`` as logged, and their sums."""
+
     events: int
     ops: list
 
@@ -159,8 +216,9 @@ def demo_traffic(monkeypatch, events: int = 8, shape=(16, 352, 384), seed: int =
     cfg = validate_config(data)
     gpu = TrafficGpu()
     install_fake_cupyx(monkeypatch, transfers=gpu.transfers)
-    src = SimSource(2 * events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=seed,
-                    simulate=cfg.source.simulate)
+    src = SimSource(
+        2 * events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=seed, simulate=cfg.source.simulate
+    )
     pl = make_pipelines(cfg, src, gpu)["epix10k2m"]
     proc = BatchProcessor({"epix10k2m": pl}, gpu, events)
     with np.errstate(all="ignore"):

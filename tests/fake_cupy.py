@@ -12,6 +12,7 @@
   transfer to the host logged; with a :class:`TrafficLog` as the log, every device operation too (the
   bytes it reads and writes in device memory: ``tests/device_traffic.py``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,6 +40,7 @@ class OutOfMemoryError(MemoryError):
 def fake_cuda(log, oom_slots=False):
     """(xp with cuda/empty/asnumpy/asarray/concatenate, stream factory handing out the "copy", "compute"
     and "results" streams)."""
+
     class Event:
         def __init__(self):
             self.stream = None
@@ -77,9 +79,16 @@ def fake_cuda(log, oom_slots=False):
         return out
 
     cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.0)
-    xp = types.SimpleNamespace(cuda=cuda, empty=empty, asnumpy=asnumpy, asarray=np.asarray, uint8=np.uint8,
-                               ascontiguousarray=np.ascontiguousarray, concatenate=np.concatenate,
-                               get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None))
+    xp = types.SimpleNamespace(
+        cuda=cuda,
+        empty=empty,
+        asnumpy=asnumpy,
+        asarray=np.asarray,
+        uint8=np.uint8,
+        ascontiguousarray=np.ascontiguousarray,
+        concatenate=np.concatenate,
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=lambda: None),
+    )
     streams = iter([Stream("copy"), Stream("compute"), Stream("results")])
     return xp, lambda non_blocking=True: next(streams)
 
@@ -104,7 +113,7 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
         if transfers is not None:
             transfers.append(("sync", 1))  # cupyx.scipy.ndimage.label reads the number of labels
             if getattr(transfers, "ops", None) is not None:  # its kernels (cupyx _label): init, connect,
-                px = lab.size                                # count, labels, finalize over int32 labels
+                px = lab.size  # count, labels, finalize over int32 labels
                 transfers.ops.append(("op", "cupyx label", px * (1 + 4 * 5), px * 4 * 2))
         perm = np.concatenate([[0], 1 + np.random.default_rng(seed).permutation(n)]).astype(np.int32)
         return dev(perm[lab]), int(n)
@@ -127,8 +136,9 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
             r = self.m @ unwrap(x)
             if getattr(transfers, "ops", None) is not None:  # the matrix (values, columns, row pointers) + x
                 m = self.m
-                transfers.ops.append(("op", "csr matmul", m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
-                                      + x.nbytes, r.nbytes))
+                transfers.ops.append(
+                    ("op", "csr matmul", m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + x.nbytes, r.nbytes)
+                )
             return dev(r)
 
     ndi = types.ModuleType("cupyx.scipy.ndimage")
@@ -140,8 +150,13 @@ def install_fake_cupyx(monkeypatch, seed=1, transfers=None):
     sci.ndimage, sci.sparse, sci.fft = ndi, sparse, fft
     cupyx = types.ModuleType("cupyx")
     cupyx.scipy, cupyx.scatter_min = sci, scatter_min
-    for name, mod in (("cupyx", cupyx), ("cupyx.scipy", sci), ("cupyx.scipy.ndimage", ndi),
-                      ("cupyx.scipy.sparse", sparse), ("cupyx.scipy.fft", fft)):
+    for name, mod in (
+        ("cupyx", cupyx),
+        ("cupyx.scipy", sci),
+        ("cupyx.scipy.ndimage", ndi),
+        ("cupyx.scipy.sparse", sparse),
+        ("cupyx.scipy.fft", fft),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
 
 
@@ -159,8 +174,24 @@ class TrafficLog(list):
 
 
 ALLOCATIONS = {"empty", "empty_like"}  # memory handed out, not written: free
-VIEWS = {"reshape", "ravel", "view", "transpose", "swapaxes", "moveaxis", "squeeze", "expand_dims",
-         "broadcast_to", "T", "real", "imag", "atleast_1d", "atleast_2d", "atleast_3d", "asarray"}
+VIEWS = {
+    "reshape",
+    "ravel",
+    "view",
+    "transpose",
+    "swapaxes",
+    "moveaxis",
+    "squeeze",
+    "expand_dims",
+    "broadcast_to",
+    "T",
+    "real",
+    "imag",
+    "atleast_1d",
+    "atleast_2d",
+    "atleast_3d",
+    "asarray",
+}
 
 
 def _nbytes(x) -> int:
@@ -200,8 +231,10 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
 
     # -- CuPy's conversions
     def __array__(self, dtype=None, copy=None):
-        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
-                        "a NumPy array explicitly.")
+        raise TypeError(
+            "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+            "a NumPy array explicitly."
+        )
 
     def get(self, stream=None):
         self.transfers.append(("d2h", self.a.nbytes))
@@ -310,11 +343,13 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
             raise AttributeError(name)
         attr = getattr(self.a, name)
         if callable(attr):
+
             def method(*args, **kwargs):
                 _no_host_arrays(name, args, kwargs)
                 r = attr(*unwrap(args), **unwrap(kwargs))
                 _record(self.transfers, name, (self, args, kwargs), self.a if r is None else r)  # None: in place
                 return self.wrap(r)
+
             return method
         r = self.wrap(attr)
         if isinstance(r, DeviceArray):
@@ -325,12 +360,16 @@ class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
         _no_host_arrays(ufunc.__name__, inputs, kwargs)
         r = getattr(ufunc, method)(*unwrap(inputs), **unwrap(kwargs))
         if method == "at":  # a scatter: reads its values and index, writes as many elements as it has indices
-            _record(self.transfers, f"{ufunc.__name__}.at", inputs[1:], None,
-                    written=np.asarray(unwrap(inputs[1])[0] if isinstance(inputs[1], tuple) else
-                                       unwrap(inputs[1])).size * unwrap(inputs[0]).itemsize)
+            _record(
+                self.transfers,
+                f"{ufunc.__name__}.at",
+                inputs[1:],
+                None,
+                written=np.asarray(unwrap(inputs[1])[0] if isinstance(inputs[1], tuple) else unwrap(inputs[1])).size
+                * unwrap(inputs[0]).itemsize,
+            )
             return None
-        _record(self.transfers, ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}",
-                inputs, r)
+        _record(self.transfers, ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}", inputs, r)
         return self.wrap(r)
 
     def __array_function__(self, func, types, args, kwargs):
@@ -349,8 +388,10 @@ SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "e
 def _no_host_arrays(what, args, kwargs):
     for v in list(_leaves(args)) + list(_leaves(kwargs)):
         if isinstance(v, np.ndarray) and v.ndim >= 1:
-            raise TypeError(f"{what}: Unsupported type <class 'numpy.ndarray'> (a host array mixed with device "
-                            f"arrays; CuPy does not convert it implicitly)")
+            raise TypeError(
+                f"{what}: Unsupported type <class 'numpy.ndarray'> (a host array mixed with device "
+                f"arrays; CuPy does not convert it implicitly)"
+            )
 
 
 def _leaves(x):
@@ -439,11 +480,15 @@ def strict_cupy(transfers, extra=None, module=np, name="cupy"):
 
     ns.asarray, ns.asnumpy = asarray, asnumpy
     ns.array = lambda a, dtype=None, copy=True, order="K": (
-        on_device("array", a, np.array(a.a, dtype=dtype, copy=copy, order=order)) if isinstance(a, DeviceArray)
-        else asarray(np.array(a, dtype=dtype, copy=True, order=order)))
+        on_device("array", a, np.array(a.a, dtype=dtype, copy=copy, order=order))
+        if isinstance(a, DeviceArray)
+        else asarray(np.array(a, dtype=dtype, copy=True, order=order))
+    )
     ns.ascontiguousarray = lambda a, dtype=None: (
-        on_device("ascontiguousarray", a, np.ascontiguousarray(a.a, dtype=dtype)) if isinstance(a, DeviceArray)
-        else asarray(np.ascontiguousarray(a, dtype=dtype)))
+        on_device("ascontiguousarray", a, np.ascontiguousarray(a.a, dtype=dtype))
+        if isinstance(a, DeviceArray)
+        else asarray(np.ascontiguousarray(a, dtype=dtype))
+    )
     if extra is not None:
         for k, v in vars(extra).items():
             setattr(ns, k, v)
@@ -459,5 +504,6 @@ def _strict_function(f, transfers):
         if any(isinstance(v, DeviceArray) for v in _leaves((args, kwargs))) or isinstance(r, np.ndarray):
             _record(transfers, getattr(f, "__name__", "function"), (args, kwargs), r)
         return wrap(r, transfers)
+
     call.__name__ = getattr(f, "__name__", "function")
     return call

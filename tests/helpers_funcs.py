@@ -1,4 +1,5 @@
 """Small FrameContexts and Frames for the reduction-function tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +14,18 @@ def make_ctx(backend, shape, pixel_um=100.0, mask=None, noise=None, geometry=Non
     mask = np.ones(shape, bool) if mask is None else mask
     noise = np.full(shape, 3.0, np.float32) if noise is None else noise
     d = backend.to_device
-    return FrameContext(det="det", model=get_model(det_type), backend=backend, shape=tuple(shape),
-                        mask=d(mask), noise=d(np.asarray(noise, np.float32)), x=d(x), y=d(y), z=d(z),
-                        pixel_um=pixel_um)
+    return FrameContext(
+        det="det",
+        model=get_model(det_type),
+        backend=backend,
+        shape=tuple(shape),
+        mask=d(mask),
+        noise=d(np.asarray(noise, np.float32)),
+        x=d(x),
+        y=d(y),
+        z=d(z),
+        pixel_um=pixel_um,
+    )
 
 
 def make_frames(backend, data, good=None):

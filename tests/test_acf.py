@@ -1,4 +1,5 @@
 """acf against scipy.signal.fftconvolve; photon_count against its formula."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ def test_acf_vs_fftconvolve(backend, rng, window):
         x = np.where(g, img - img[g].mean(), 0)
         full = fftconvolve(x, x[::-1, ::-1])
         r0, c0 = shape[1] - 1 - h, shape[2] - 1 - h
-        ref = full[r0:r0 + window, c0:c0 + window]
+        ref = full[r0 : r0 + window, c0 : c0 + window]
         np.testing.assert_allclose(out["acf"][e], ref, rtol=1e-4, atol=1e-3 * abs(ref).max())
         lags = np.arange(window) - h
         b = (np.hypot(lags[:, None], lags[None, :]) // 2).astype(int)

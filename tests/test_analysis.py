@@ -2,6 +2,7 @@
 
 Numbers are checked against direct NumPy computations on the same simulated events.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,6 +24,7 @@ from gpusmall.producer.run import reduce_run
 from gpusmall.sources.sim import SimSource, panel_layout
 
 # ---- assemble ----------------------------------------------------------------------------------------
+
 
 def test_assemble_places_known_pixels_at_known_positions():
     pix = 100.0
@@ -59,7 +61,7 @@ def test_assemble_rounds_like_psana_and_keeps_the_largest_of_overlaps():
     # centres 40 % of a pixel off the grid still land in the nearest cell; of two pixels in one cell the
     # larger value is kept (psana's det.raw.image() default, mapmode=2)
     y = np.array([[[50.0, 190.0, 260.0]]])  # -> (y - 50)/100 + 0.5 = 0.5, 1.9, 2.6 -> cols 0, 1, 2
-    x = np.array([[[50.0, 50.0, 140.0]]])   # rows 0, 0, 1 (0.9 + 0.5 -> 1)
+    x = np.array([[[50.0, 50.0, 140.0]]])  # rows 0, 0, 1 (0.9 + 0.5 -> 1)
     out = assemble(np.array([[[1.0, 2.0, 3.0]]]), x, y, 100.0, fill=0.0)
     np.testing.assert_array_equal(out, [[1, 2, 0], [0, 0, 3]])
     y2 = np.array([[[50.0, 60.0, 250.0, 350.0, 360.0]]])  # the first two share cell (0, 0), the last two (0, 3)
@@ -86,16 +88,23 @@ def test_assemble_default_geometry_is_the_identity_and_errors():
 
 # ---- avimage -----------------------------------------------------------------------------------------
 
+
 def camera_config(tmp_path, events=10, mask_value="nan", damage_every=4):
     return {
         "source": {"type": "sim", "events": events, "seed": 5, "damage_every": damage_every},
         "batch_size": 3,
         "backend": "numpy",
         "output": str(tmp_path / "cam.h5"),
-        "detectors": {"cam": {"type": "camera", "shape": [48, 64], "pixel_um": 13.5, "mask": {"edges": 2},
-                              "mask_value": mask_value, "functions": [
-                                  {"type": "roi", "name": "r", "bounds": [[0, 1], [0, 48], [0, 64]],
-                                   "write_area": True}]}},
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": [48, 64],
+                "pixel_um": 13.5,
+                "mask": {"edges": 2},
+                "mask_value": mask_value,
+                "functions": [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 48], [0, 64]], "write_area": True}],
+            }
+        },
     }
 
 
@@ -146,8 +155,15 @@ def epix_config(tmp_path, events=5, common_mode=None, shape=(2, 352, 384), sums=
         "batch_size": 2,
         "backend": "numpy",
         "output": str(tmp_path / "epix.h5"),
-        "detectors": {"epix": {"type": "epix10ka", "shape": list(shape), "mask": {"edges": 1, "central": 1},
-                               "common_mode": common_mode or {"type": "none"}, "sums": list(sums)}},
+        "detectors": {
+            "epix": {
+                "type": "epix10ka",
+                "shape": list(shape),
+                "mask": {"edges": 1, "central": 1},
+                "common_mode": common_mode or {"type": "none"},
+                "sums": list(sums),
+            }
+        },
     }
 
 
@@ -188,12 +204,14 @@ def test_avimage_calibrates_as_the_run_does_with_common_mode(tmp_path):
         mask = f["UserDataCfg/epix/mask"][()].astype(bool)
     np.testing.assert_allclose(av.mean[mask], run_mean[mask], rtol=1e-5, atol=1e-3)
     # and the common mode did something: without it the average differs
-    plain = average_image(validate_config(epix_config(tmp_path, events=4, shape=(1, 352, 384))), "epix",
-                          Backend("numpy"), events=4)
+    plain = average_image(
+        validate_config(epix_config(tmp_path, events=4, shape=(1, 352, 384))), "epix", Backend("numpy"), events=4
+    )
     assert np.abs(plain.mean[mask] - av.mean[mask]).max() > 1.0
 
 
 # ---- mask_value --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mask_value", ["zero", "nan"])
 def test_roi_area_mask_value(backend, rng, mask_value):
@@ -237,6 +255,7 @@ def test_mask_value_nan_in_a_run(tmp_path):
 
 # ---- a small result file for plot and cube ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def result_file(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("helpers")
@@ -245,15 +264,27 @@ def result_file(tmp_path_factory):
         "batch_size": 4,
         "backend": "numpy",
         "output": str(tmp / "run.h5"),
-        "detectors": {"epix": {
-            "type": "epix10ka", "shape": [2, 352, 384], "mask": {"edges": 1, "central": 1},
-            "mask_value": "nan", "common_mode": {"type": "none"},
-            "functions": [
-                {"type": "roi", "name": "roi0", "bounds": [[1, 2], [40, 80], [30, 90]], "thres_adu": 20,
-                 "write_area": True, "children": [{"type": "projection", "axis": 1}]},
-                {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 30},
-            ],
-            "sums": ["calib"]}},
+        "detectors": {
+            "epix": {
+                "type": "epix10ka",
+                "shape": [2, 352, 384],
+                "mask": {"edges": 1, "central": 1},
+                "mask_value": "nan",
+                "common_mode": {"type": "none"},
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[1, 2], [40, 80], [30, 90]],
+                        "thres_adu": 20,
+                        "write_area": True,
+                        "children": [{"type": "projection", "axis": 1}],
+                    },
+                    {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 30},
+                ],
+                "sums": ["calib"],
+            }
+        },
     }
     return reduce_run(validate_config(cfg), Backend("numpy"), quiet=True).output
 
@@ -337,8 +368,17 @@ def test_cube_range_nan_keys_and_top_level_key(result_file, tmp_path):
     # binned by the timestamp (outside the detector groups): every non-scalar per-event dataset and every
     # per-event scalar but the bookkeeping ones (timestamp, event_index, event_time, fiducials, damaged)
     cube = make_cube(result_file, "timestamp", 2)
-    assert set(cube.sums) == {"epix/roi0_com", "epix/roi0_area", "epix/roi0_pj_ax_1_data", "epix/azav_azav",
-                              "epix/azav_count", "epix/roi0_sum", "epix/roi0_max", "epix/roi0_mean", "epix/roi0_nsat"}
+    assert set(cube.sums) == {
+        "epix/roi0_com",
+        "epix/roi0_area",
+        "epix/roi0_pj_ax_1_data",
+        "epix/azav_azav",
+        "epix/azav_count",
+        "epix/roi0_sum",
+        "epix/roi0_max",
+        "epix/roi0_mean",
+        "epix/roi0_nsat",
+    }
     assert cube.count.sum() == 12
 
 
@@ -354,9 +394,21 @@ def test_cube_bad_inputs_exit_2(result_file, tmp_path, capsys):
 
 # ---- plot --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["epix/roi0_sum", "/epix/roi0_com", "epix/roi0_pj_ax_1_data", "epix/azav_azav",
-                                 "epix/roi0_area", "Sums/epix_calib", "UserDataCfg/epix/ped",
-                                 "UserDataCfg/epix/azav__q", "timestamp"])
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "epix/roi0_sum",
+        "/epix/roi0_com",
+        "epix/roi0_pj_ax_1_data",
+        "epix/azav_azav",
+        "epix/roi0_area",
+        "Sums/epix_calib",
+        "UserDataCfg/epix/ped",
+        "UserDataCfg/epix/azav__q",
+        "timestamp",
+    ],
+)
 def test_plot_writes_a_png(result_file, tmp_path, key, capsys):
     png = tmp_path / "p.png"
     assert main(["plot", str(result_file), key, "--png", str(png)]) == 0

@@ -5,6 +5,7 @@ events, a cube by scan step split laser on / off) is reduced once through ``Run.
 the xarray Dataset, the sums, the cube and the average image are compared with what h5py reads from the
 file and with ``make_cube`` / ``average_image`` called directly.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -24,29 +25,65 @@ pd = pytest.importorskip("pandas")
 xr = pytest.importorskip("xarray")
 
 EVENTS = 20
-SCALARS = ["cam/damaged", "cam/roi0_max", "cam/roi0_mean", "cam/roi0_nsat", "cam/roi0_sum", "cam2/damaged",
-           "cam2/r_max", "cam2/r_mean", "cam2/r_nsat", "cam2/r_sum", "damage/cam", "damage/cam2", "ipm/sum", "lightStatus/laser",
-           "lightStatus/xray", "scan/delay", "scan/varStep"]
+SCALARS = [
+    "cam/damaged",
+    "cam/roi0_max",
+    "cam/roi0_mean",
+    "cam/roi0_nsat",
+    "cam/roi0_sum",
+    "cam2/damaged",
+    "cam2/r_max",
+    "cam2/r_mean",
+    "cam2/r_nsat",
+    "cam2/r_sum",
+    "damage/cam",
+    "damage/cam2",
+    "ipm/sum",
+    "lightStatus/laser",
+    "lightStatus/xray",
+    "scan/delay",
+    "scan/varStep",
+]
 
 
 def config(out="run.h5", cube=True) -> dict:
     data = {
-        "source": {"type": "sim", "events": EVENTS, "seed": 3,
-                   "simulate": {"scan": {"events_per_step": 5}, "laser_off_every": 2}},
-        "batch_size": 8, "backend": "numpy", "output": out,
+        "source": {
+            "type": "sim",
+            "events": EVENTS,
+            "seed": 3,
+            "simulate": {"scan": {"events_per_step": 5}, "laser_off_every": 2},
+        },
+        "batch_size": 8,
+        "backend": "numpy",
+        "output": out,
         "detectors": {
-            "cam": {"type": "camera", "shape": [32, 48], "pixel_um": 50.0,
-                    "functions": [{"type": "roi", "name": "roi0", "bounds": [[4, 20], [8, 30]], "write_area": True,
-                                   "children": [{"type": "projection", "axis": 0}]},
-                                  {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5,
-                                   "bins": 8}],
-                    "sums": ["calib", "calib_max", "calib:laser_on"]},
+            "cam": {
+                "type": "camera",
+                "shape": [32, 48],
+                "pixel_um": 50.0,
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[4, 20], [8, 30]],
+                        "write_area": True,
+                        "children": [{"type": "projection", "axis": 0}],
+                    },
+                    {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 8},
+                ],
+                "sums": ["calib", "calib_max", "calib:laser_on"],
+            },
             "cam2": {"type": "camera", "shape": [16, 24], "functions": [{"type": "roi", "name": "r"}]},
         },
     }
     if cube:
-        data["cube"] = {"by": "scan/varStep", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
-                        "detectors": {"cam": {"outputs": ["roi0_sum"]}}}
+        data["cube"] = {
+            "by": "scan/varStep",
+            "split": ["laser_on", "laser_off"],
+            "norm": "ipm/sum",
+            "detectors": {"cam": {"outputs": ["roi0_sum"]}},
+        }
     return data
 
 
@@ -70,13 +107,22 @@ def read(path, key):
 
 
 def test_import_is_light_and_names_the_api():
-    code = ("import sys, gpusmall; heavy = [m for m in ('h5py', 'matplotlib', 'pandas', 'xarray', 'pydantic', "
-            "'numpy') if m in sys.modules]; print(heavy, sorted(set(gpusmall.__all__)))")
+    code = (
+        "import sys, gpusmall; heavy = [m for m in ('h5py', 'matplotlib', 'pandas', 'xarray', 'pydantic', "
+        "'numpy') if m in sys.modules]; print(heavy, sorted(set(gpusmall.__all__)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy, names = out.strip().split(" ", 1)
     assert heavy == "[]"
-    assert set(eval(names)) == {"Result", "Run", "__version__", "open_cube", "open_result", "open_run",
-                                *gpusmall._TOOLS}
+    assert set(eval(names)) == {
+        "Result",
+        "Run",
+        "__version__",
+        "open_cube",
+        "open_result",
+        "open_run",
+        *gpusmall._TOOLS,
+    }
     assert gpusmall.__version__ and callable(gpusmall.open_run)
 
 
@@ -245,11 +291,13 @@ def assert_cube_equal(ds, cube, split):
         np.testing.assert_array_equal(ds["bin_hi"].values, cube.edges[1:])
     if split:
         assert list(ds["split"].values) == list(cube.split)
-    assert sorted(ds.data_vars) == sorted(["count", *(f"{k}_sum" for k in cube.sums), *(f"{k}_mean" for k in cube.means)])
+    assert sorted(ds.data_vars) == sorted(
+        ["count", *(f"{k}_sum" for k in cube.sums), *(f"{k}_mean" for k in cube.means)]
+    )
     for k in cube.sums:
         for name, ref in ((f"{k}_sum", cube.sums[k]), (f"{k}_mean", cube.means[k])):
             assert ds[name].dims[: len(lead)] == lead, name
-            assert ds[name].dims[len(lead):] == tuple(f"{k}_dim{i}" for i in range(1, ref.ndim - len(lead) + 1))
+            assert ds[name].dims[len(lead) :] == tuple(f"{k}_dim{i}" for i in range(1, ref.ndim - len(lead) + 1))
             np.testing.assert_array_equal(ds[name].values, ref, err_msg=name)
 
 

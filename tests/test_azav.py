@@ -1,4 +1,5 @@
 """azav against a float64 transcription of the SPEC formula and against pyFAI integrate1d."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,13 @@ def spec_reference(data, good, x, y, z, center, dist_mm, e_kev, bins, rng_q, f=0
         for ip in range(nphi):
             for b in range(bins):
                 hi_ok = q <= edges[b + 1] if b == bins - 1 else q < edges[b + 1]
-                sel = good[e] & (q >= edges[b]) & hi_ok & (phi >= pedges[ip]) & (phi < pedges[ip + 1] if ip < nphi - 1 else True)
+                sel = (
+                    good[e]
+                    & (q >= edges[b])
+                    & hi_ok
+                    & (phi >= pedges[ip])
+                    & (phi < pedges[ip + 1] if ip < nphi - 1 else True)
+                )
                 if sel.any():
                     out[e, ip, b] = data[e][sel].sum() / c[sel].sum()
     return out
@@ -43,11 +50,23 @@ def test_azav_matches_spec_formula(backend, rng, engine, nphi):
     data = rng.normal(100, 20, (5,) + SHAPE).astype(np.float32)
     good = rng.random(data.shape) > 0.1
     center, rng_q = (3000.0, 4000.0), (0.05, 2.5)
-    f = setup(Azav, backend, ctx, center_um=list(center), distance_mm=50, energy_kev=9.5, bins=40,
-              range=list(rng_q), phi_bins=nphi, engine=engine)
+    f = setup(
+        Azav,
+        backend,
+        ctx,
+        center_um=list(center),
+        distance_mm=50,
+        energy_kev=9.5,
+        bins=40,
+        range=list(rng_q),
+        phi_bins=nphi,
+        engine=engine,
+    )
     out = f.compute(make_frames(backend, data, good))[0]
     got = backend.to_host(out["azav"])
-    ref = spec_reference(np.where(good, data, 0).astype(np.float64), good, x, y, z, center, 50, 9.5, 40, rng_q, nphi=nphi)
+    ref = spec_reference(
+        np.where(good, data, 0).astype(np.float64), good, x, y, z, center, 50, 9.5, 40, rng_q, nphi=nphi
+    )
     assert got.shape == (5, nphi, 40)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got, ref, rtol=2e-5, equal_nan=True)
@@ -69,8 +88,17 @@ def test_azav_static_mask_and_bad_pixels_per_event(backend, rng, engine):
     good = mask[None] & (rng.random(data.shape) > 0.05)
     good[2] = mask  # an event with only the static mask
     center, rng_q = (3000.0, 4000.0), (0.05, 2.5)
-    f = setup(Azav, backend, ctx, center_um=list(center), distance_mm=50, energy_kev=9.5, bins=30,
-              range=list(rng_q), engine=engine)
+    f = setup(
+        Azav,
+        backend,
+        ctx,
+        center_um=list(center),
+        distance_mm=50,
+        energy_kev=9.5,
+        bins=30,
+        range=list(rng_q),
+        engine=engine,
+    )
     out = f.compute(make_frames(backend, data, good))[0]
     ref = spec_reference(np.where(good, data, 0).astype(np.float64), good, x, y, z, center, 50, 9.5, 30, rng_q)
     got = backend.to_host(out["azav"])
@@ -82,12 +110,32 @@ def test_azav_static_mask_and_bad_pixels_per_event(backend, rng, engine):
 def test_azav_thresholds_and_options(numpy_backend, rng):
     ctx = make_ctx(numpy_backend, SHAPE, PIX)
     data = rng.normal(100, 50, (3,) + SHAPE).astype(np.float32)
-    f = setup(Azav, numpy_backend, ctx, center_um=[0, 0], distance_mm=80, energy_kev=9.5, bins=10,
-              thres_adu=80, thres_adu_high=150, polarization=None, solid_angle=False)
+    f = setup(
+        Azav,
+        numpy_backend,
+        ctx,
+        center_um=[0, 0],
+        distance_mm=80,
+        energy_kev=9.5,
+        bins=10,
+        thres_adu=80,
+        thres_adu_high=150,
+        polarization=None,
+        solid_angle=False,
+    )
     got = f.compute(make_frames(numpy_backend, data))[0]["azav"]
     clipped = np.where((data >= 80) & (data <= 150), data, 0)
-    g = setup(Azav, numpy_backend, ctx, center_um=[0, 0], distance_mm=80, energy_kev=9.5, bins=10,
-              polarization=None, solid_angle=False)
+    g = setup(
+        Azav,
+        numpy_backend,
+        ctx,
+        center_um=[0, 0],
+        distance_mm=80,
+        energy_kev=9.5,
+        bins=10,
+        polarization=None,
+        solid_angle=False,
+    )
     ref = g.compute(make_frames(numpy_backend, clipped))[0]["azav"]
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # no corrections: plain mean per bin
@@ -98,8 +146,16 @@ def test_azav_thresholds_and_options(numpy_backend, rng):
 
 
 def _pyfai_compare(ai, f, img, bins, rng_q):
-    res = ai.integrate1d(img, bins, unit="q_A^-1", method=("no", "histogram", "cython"), correctSolidAngle=True,
-                         polarization_factor=0.99, radial_range=rng_q, dummy=None)
+    res = ai.integrate1d(
+        img,
+        bins,
+        unit="q_A^-1",
+        method=("no", "histogram", "cython"),
+        correctSolidAngle=True,
+        polarization_factor=0.99,
+        radial_range=rng_q,
+        dummy=None,
+    )
     return np.asarray(res.intensity), np.asarray(res.count) if res.count is not None else None
 
 
@@ -118,8 +174,16 @@ def test_azav_vs_pyfai(numpy_backend, rng, tmp_path, rotations):
 
     px = PIX * 1e-6
     det = Detector(pixel1=px, pixel2=px, max_shape=SHAPE[1:])
-    ai = AzimuthalIntegrator(dist=0.05, poni1=0.004, poni2=0.003, rot1=rotations[0], rot2=rotations[1],
-                             rot3=rotations[2], detector=det, wavelength=HC_KEV_A / 9.5 * 1e-10)
+    ai = AzimuthalIntegrator(
+        dist=0.05,
+        poni1=0.004,
+        poni2=0.003,
+        rot1=rotations[0],
+        rot2=rotations[1],
+        rot3=rotations[2],
+        detector=det,
+        wavelength=HC_KEV_A / 9.5 * 1e-10,
+    )
     poni = tmp_path / "geo.poni"
     ai.save(str(poni))
     img = rng.normal(100, 20, SHAPE[1:]).astype(np.float32) + 50 * np.sin(np.arange(SHAPE[2]) / 7.0)
@@ -132,8 +196,16 @@ def test_azav_vs_pyfai(numpy_backend, rng, tmp_path, rotations):
     ours = f.compute(make_frames(numpy_backend, img[None, None]))[0]["azav"][0, 0]
     _check_agreement(ours, theirs)
     if rotations == (0, 0, 0):  # the centre/distance geometry is the same thing
-        g = setup(Azav, numpy_backend, ctx, center_um=[3000, 4000], distance_mm=50, energy_kev=9.5, bins=bins,
-                  range=list(rng_q))
+        g = setup(
+            Azav,
+            numpy_backend,
+            ctx,
+            center_um=[3000, 4000],
+            distance_mm=50,
+            energy_kev=9.5,
+            bins=bins,
+            range=list(rng_q),
+        )
         ours2 = g.compute(make_frames(numpy_backend, img[None, None]))[0]["azav"][0, 0]
         _check_agreement(ours2, theirs)
 
@@ -153,15 +225,22 @@ def test_r_mm_matches_pyfai_for_a_rotated_poni(numpy_backend, rng, tmp_path):
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     det = Detector(pixel1=PIX * 1e-6, pixel2=PIX * 1e-6, max_shape=SHAPE[1:])
-    ai = AzimuthalIntegrator(dist=0.05, poni1=0.004, poni2=0.003, rot1=0.3, rot2=-0.2, rot3=0.1, detector=det,
-                             wavelength=HC_KEV_A / 9.5 * 1e-10)
+    ai = AzimuthalIntegrator(
+        dist=0.05,
+        poni1=0.004,
+        poni2=0.003,
+        rot1=0.3,
+        rot2=-0.2,
+        rot3=0.1,
+        detector=det,
+        wavelength=HC_KEV_A / 9.5 * 1e-10,
+    )
     poni = tmp_path / "geo.poni"
     ai.save(str(poni))
     r_pyfai = np.asarray(ai.array_from_unit(shape=SHAPE[1:], typ="center", unit="r_mm"), np.float64)
     ctx = make_ctx(numpy_backend, SHAPE, PIX)
     bins = 25
-    f = setup(Azav, numpy_backend, ctx, poni=str(poni), bins=bins, unit="r_mm", polarization=None,
-              solid_angle=False)
+    f = setup(Azav, numpy_backend, ctx, poni=str(poni), bins=bins, unit="r_mm", polarization=None, solid_angle=False)
     # no range: it spans pyFAI's r_mm of the pixels
     lo, hi = r_pyfai.min(), r_pyfai.max()
     width = (hi - lo) / bins
@@ -184,15 +263,26 @@ def test_r_mm_is_the_transverse_radius_with_a_panel_displaced_in_z(backend, rng)
     z[1] = 5000.0  # panel 1 is 5 mm further from the sample: its r_mm is still hypot(x - cx, y - cy)
     ctx = make_ctx(backend, shape, PIX, geometry=(x, y, z))
     center, rng_r, bins = (600.0, 900.0), (0.0, 4.0), 16
-    f = setup(Azav, backend, ctx, center_um=list(center), distance_mm=80, bins=bins, range=list(rng_r),
-              unit="r_mm", polarization=None, solid_angle=False)
+    f = setup(
+        Azav,
+        backend,
+        ctx,
+        center_um=list(center),
+        distance_mm=80,
+        bins=bins,
+        range=list(rng_r),
+        unit="r_mm",
+        polarization=None,
+        solid_angle=False,
+    )
     r = np.hypot(x - center[0], y - center[1]) / 1000.0
     rb = _bins_by_formula(r, *rng_r, bins)
     np.testing.assert_array_equal(f.bin_index_host, rb.ravel())
     data = rng.normal(50, 10, (3,) + shape).astype(np.float32)
     got = backend.to_host(f.compute(make_frames(backend, data))[0]["azav"])[:, 0]
-    ref = np.array([[d[rb == b].astype(np.float64).mean() if (rb == b).any() else np.nan for b in range(bins)]
-                    for d in data])
+    ref = np.array(
+        [[d[rb == b].astype(np.float64).mean() if (rb == b).any() else np.nan for b in range(bins)] for d in data]
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-5, equal_nan=True)
 
 
@@ -223,8 +313,12 @@ def test_azav_under_a_roi_bins_each_pixel_as_the_top_level_one(backend, rng, uni
     got = backend.to_host(out["roi_azav_azav"])[:, 0]
     c = top.c_host.reshape(shape)[idx]
     sub = data[(slice(None),) + idx].astype(np.float64)
-    ref = np.array([[s[top_bins == b].sum() / c[top_bins == b].sum() if (top_bins == b).any() else np.nan
-                     for b in range(10)] for s in sub])
+    ref = np.array(
+        [
+            [s[top_bins == b].sum() / c[top_bins == b].sum() if (top_bins == b).any() else np.nan for b in range(10)]
+            for s in sub
+        ]
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-5, equal_nan=True)
 
 
@@ -233,8 +327,11 @@ def test_azav_fully_masked_without_range_is_an_input_error(backend):
 
     shape = (1, 10, 10)
     ctx = make_ctx(backend, shape, mask=np.zeros(shape, bool))
-    with pytest.raises(InputError, match=r"detector det: function ring: .*no unmasked pixel to set the radial "
-                                         r"range; give range"):
+    with pytest.raises(
+        InputError,
+        match=r"detector det: function ring: .*no unmasked pixel to set the radial "
+        r"range; give range",
+    ):
         setup(Azav, backend, ctx, name="ring", center_um=[0, 0], distance_mm=100, energy_kev=9.5, bins=5)
     # with a range it sets up, and every bin is empty
     f = setup(Azav, backend, ctx, center_um=[0, 0], distance_mm=100, energy_kev=9.5, bins=5, range=[0, 1])

@@ -2,6 +2,7 @@
 
 References are direct transcriptions of the formulas (smalldata_tools' azimuthalBinning, in our words) and
 psana's own frame conversion."""
+
 import numpy as np
 import pytest
 
@@ -43,7 +44,7 @@ def smalldata_tilted(x, y, xcen, ycen, dist_um, tx, ty):
     tx, ty = np.radians(tx), np.radians(ty)
     A, B, C = -np.sin(ty) * np.cos(tx), -np.sin(tx), -np.cos(ty) * np.cos(tx)
     a, b, c = xcen + dist_um * np.tan(ty), ycen - dist_um * np.tan(tx), dist_um
-    r = np.sqrt((x - a) ** 2 + (y - b) ** 2 + c ** 2)
+    r = np.sqrt((x - a) ** 2 + (y - b) ** 2 + c**2)
     return np.arccos((A * (x - a) + B * (y - b) - C * c) / r)
 
 
@@ -99,7 +100,7 @@ def test_pplane_maps_to_polarization(pplane):
     with np.errstate(invalid="ignore"):
         sin_sd, cos_sd = np.where(rho > 0, x / rho, 0.0), np.where(rho > 0, y / rho, 1.0)
     s2 = np.sin(tth) ** 2
-    theirs = (1 - pplane) * (1 - sin_sd ** 2 * s2) + pplane * (1 - cos_sd ** 2 * s2)
+    theirs = (1 - pplane) * (1 - sin_sd**2 * s2) + pplane * (1 - cos_sd**2 * s2)
     ours = correction(tth, phi, cosi, polarization=1 - 2 * pplane, solid_angle=False)
     np.testing.assert_allclose(ours, theirs, atol=1e-12)
 
@@ -111,8 +112,11 @@ def test_tilts_are_config_keys_of_the_centre_geometry_only(tmp_path):
     azav = {"type": "azav", "center_um": [0.0, 0.0], "distance_mm": 100.0, "energy_kev": 9.5, "bins": 10}
 
     def cfg(**extra):
-        return {"source": {"type": "sim", "events": 2}, "output": str(tmp_path / "o.h5"),
-                "detectors": {"cam": {"type": "camera", "shape": [16, 16], "functions": [dict(azav, **extra)]}}}
+        return {
+            "source": {"type": "sim", "events": 2},
+            "output": str(tmp_path / "o.h5"),
+            "detectors": {"cam": {"type": "camera", "shape": [16, 16], "functions": [dict(azav, **extra)]}},
+        }
 
     validate_config(cfg(tx=2.5, ty=-1.0))
     with pytest.raises(ConfigError, match=r"functions\[0\]\.tx"):

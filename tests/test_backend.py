@@ -1,4 +1,5 @@
 """Backend choice, transfers and kernel discovery."""
+
 import numpy as np
 import pytest
 
@@ -95,10 +96,10 @@ def test_gpu_probe_runs_on_the_ranks_device_only(monkeypatch):
         assert used, "a kernel ran before a device was chosen"
         return np.arange(n, dtype=dtype)
 
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 4,
-                                    getDeviceProperties=lambda i: {"name": b"Fake H100"})
-    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime, Device=Device), arange=arange,
-                                 float32=np.float32)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 4, getDeviceProperties=lambda i: {"name": b"Fake H100"})
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=runtime, Device=Device), arange=arange, float32=np.float32
+    )
     monkeypatch.setitem(sys.modules, "cupy", fake)
     gpu_status.cache_clear()
     try:

@@ -1,4 +1,5 @@
 """Beamtime set-up helpers: beam centre / distance fit, mask maker, ROI picker (gpusmall.analysis)."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -44,7 +45,7 @@ def ring_image(x, y, center=CENTER, dist=DIST, seed=0):
     i = 20 * np.exp(-q) + 5
     for qk, a in zip(RING_Q, [100, 60, 40]):
         i = i + a * np.exp(-0.5 * ((q - qk) / 0.015) ** 2)
-    i = i * 0.5 * (1 + np.cos(tth) ** 2 - 0.99 * np.cos(2 * phi) * np.sin(tth) ** 2) * cosi ** 3
+    i = i * 0.5 * (1 + np.cos(tth) ** 2 - 0.99 * np.cos(2 * phi) * np.sin(tth) ** 2) * cosi**3
     return np.random.default_rng(seed).poisson(i).astype(np.float64)
 
 
@@ -193,8 +194,10 @@ def test_drawn_regions():
 @pytest.mark.parametrize("name", ["user.npy", "user.h5", "user.h5:/masks/epix"])
 def test_saved_mask_reads_back_through_gpusmall(tmp_path, dark, name):
     mean, std, mx, _ = dark
-    bad = maskmaker.combine(maskmaker.make_mask(mean, std, mx, hot_k=6, noisy_k=4),
-                            maskmaker.rectangle_mask(mean.shape, [[2, 3], [0, 5], [10, 20]]))
+    bad = maskmaker.combine(
+        maskmaker.make_mask(mean, std, mx, hot_k=6, noisy_k=4),
+        maskmaker.rectangle_mask(mean.shape, [[2, 3], [0, 5], [10, 20]]),
+    )
     source = maskmaker.save_user_mask(tmp_path / name if ":" not in name else f"{tmp_path}/{name}", bad)
     good = read_user_mask(source, "epix", mean.shape)  # the loader mask.user goes through: 1 = keep
     np.testing.assert_array_equal(good, ~bad)
@@ -260,7 +263,9 @@ def test_assembled_view_follows_avimage():
     got = view.rectangle_to_bounds(ys.min() - 0.02, xs.min() - 0.02, ys.max() + 0.02, xs.max() + 0.02)
     assert got == [[[1, 2], [10, 20], [30, 45]]]
     outline = view.roi_outline(got[0])  # the outline is the pixels' outer edge, in (y, x) data coordinates
-    assert outline[:, 0].min() == pytest.approx(ys.min() - 0.05) and outline[:, 1].max() == pytest.approx(xs.max() + 0.05)
+    assert outline[:, 0].min() == pytest.approx(ys.min() - 0.05) and outline[:, 1].max() == pytest.approx(
+        xs.max() + 0.05
+    )
 
 
 class _Event:
@@ -281,8 +286,11 @@ def test_picker_collects_rectangles(capsys):
     assert picker.rois == [[[3, 4], [1, 4], [2, 5]], [[0, 1], [1, 4], [1, 3]]]  # centres inside, edges included
     assert "roi1: bounds: [[0, 1], [1, 4], [1, 3]]" in capsys.readouterr().out
     funcs = yaml.safe_load(picker.config())
-    assert [f["bounds"] for f in funcs] == picker.rois and funcs[0] == {"type": "roi", "name": "roi0",
-                                                                      "bounds": [[3, 4], [1, 4], [2, 5]]}
+    assert [f["bounds"] for f in funcs] == picker.rois and funcs[0] == {
+        "type": "roi",
+        "name": "roi0",
+        "bounds": [[3, 4], [1, 4], [2, 5]],
+    }
 
 
 def test_roi_png_labels_and_outlines(tmp_path):
@@ -305,7 +313,8 @@ def test_helpers_at_the_package_top_level():
     from gpusmall.analysis import centre, maskmaker, roi_picker
 
     for name, module in gpusmall._TOOLS.items():
-        assert getattr(gpusmall, name) is getattr({"centre": centre, "maskmaker": maskmaker,
-                                                   "roi_picker": roi_picker}[module], name)
+        assert getattr(gpusmall, name) is getattr(
+            {"centre": centre, "maskmaker": maskmaker, "roi_picker": roi_picker}[module], name
+        )
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         gpusmall.nope  # noqa: B018

@@ -1,4 +1,5 @@
 """Calibration (SPEC sections 1 and 3) against direct transcriptions, with and without common mode."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,14 +16,25 @@ JF = get_model("jungfrau")
 
 # (range index, config bits c (5 bits, bit 4 = trbit), data bit d) built by hand from the SPEC table
 EPIX_CASES = [
-    (0, 0b11100, 0), (0, 0b11100, 1), (0, 0b11101, 0),  # FH: b & 28 == 28
-    (1, 0b01100, 0), (1, 0b01100, 1), (1, 0b01111, 0),  # FM: b & 28 == 12
-    (2, 0b01000, 0), (2, 0b11000, 1), (2, 0b01011, 1),  # FL: b & 12 == 8
-    (3, 0b10000, 0), (3, 0b10011, 0),                    # AHL-H: b & 60 == 16
-    (4, 0b00000, 0), (4, 0b00011, 0),                    # AML-M: b & 60 == 0
-    (5, 0b10000, 1), (5, 0b10010, 1),                    # AHL-L: b & 60 == 48
-    (6, 0b00000, 1), (6, 0b00001, 1),                    # AML-L: b & 60 == 32
-    (-1, 0b00100, 0), (-1, 0b10100, 1),                  # none holds: bad
+    (0, 0b11100, 0),
+    (0, 0b11100, 1),
+    (0, 0b11101, 0),  # FH: b & 28 == 28
+    (1, 0b01100, 0),
+    (1, 0b01100, 1),
+    (1, 0b01111, 0),  # FM: b & 28 == 12
+    (2, 0b01000, 0),
+    (2, 0b11000, 1),
+    (2, 0b01011, 1),  # FL: b & 12 == 8
+    (3, 0b10000, 0),
+    (3, 0b10011, 0),  # AHL-H: b & 60 == 16
+    (4, 0b00000, 0),
+    (4, 0b00011, 0),  # AML-M: b & 60 == 0
+    (5, 0b10000, 1),
+    (5, 0b10010, 1),  # AHL-L: b & 60 == 48
+    (6, 0b00000, 1),
+    (6, 0b00001, 1),  # AML-L: b & 60 == 32
+    (-1, 0b00100, 0),
+    (-1, 0b10100, 1),  # none holds: bad
 ]
 
 
@@ -174,9 +186,14 @@ def test_run_with_default_common_mode(tmp_path):
 
     from gpusmall.cli import main
 
-    base = {"source": {"type": "sim", "events": 4, "seed": 2}, "batch_size": 2, "backend": "numpy",
-            "detectors": {"e": {"type": "epix10ka", "shape": [1, 352, 384], "mask": {"edges": 1},
-                                "sums": ["calib", "square"]}}}
+    base = {
+        "source": {"type": "sim", "events": 4, "seed": 2},
+        "batch_size": 2,
+        "backend": "numpy",
+        "detectors": {
+            "e": {"type": "epix10ka", "shape": [1, 352, 384], "mask": {"edges": 1}, "sums": ["calib", "square"]}
+        },
+    }
     results = {}
     for name, cm in (("default", None), ("none", {"type": "none"})):
         cfg = yaml.safe_load(yaml.safe_dump(base))
@@ -195,6 +212,7 @@ def test_run_with_default_common_mode(tmp_path):
 
 # -- the fast NumPy path: per-range lookups, chunks of events, raw dtypes --------------------------------
 
+
 @pytest.mark.parametrize("dist", ["one range", "mostly one", "uniform", "invalid", "no events"])
 def test_range_lookup_equals_full_gather(backend, rng, dist):
     """RangeLookup.apply gives op(x, table[clip(g)]) bit for bit whatever the ranges present."""
@@ -204,11 +222,13 @@ def test_range_lookup_equals_full_gather(backend, rng, dist):
     n_gains, shape = 7, (3, 2, 5, 6)
     if dist == "no events":
         shape = (0,) + shape[1:]
-    g = {"one range": np.full(shape, 4),
-         "mostly one": np.where(rng.random(shape) < 0.9, 3, rng.integers(0, 7, shape)),
-         "uniform": rng.integers(0, 7, shape),
-         "invalid": rng.integers(-1, 7, shape),
-         "no events": np.zeros(shape)}[dist].astype(np.int8)
+    g = {
+        "one range": np.full(shape, 4),
+        "mostly one": np.where(rng.random(shape) < 0.9, 3, rng.integers(0, 7, shape)),
+        "uniform": rng.integers(0, 7, shape),
+        "invalid": rng.integers(-1, 7, shape),
+        "no events": np.zeros(shape),
+    }[dist].astype(np.int8)
     x = rng.integers(0, 0x3FFF, shape).astype(np.uint16)
     table = rng.normal(100, 30, (n_gains,) + shape[1:]).astype(np.float32)
     full = np.take_along_axis(table[None], np.clip(g, 0, n_gains - 1)[:, None].astype(np.intp), 1)[:, 0]
@@ -228,8 +248,9 @@ def test_chunked_calibration_is_independent_of_chunk_size(monkeypatch, rng, chun
     n = EPIX.n_gains
     ped = rng.uniform(2000, 3000, (n,) + shape[1:]).round().astype(np.float32)
     gain = rng.uniform(0.2, 20, (n,) + shape[1:]).astype(np.float32)
-    raw = (np.clip(np.rint(ped[3][None] + rng.normal(0, 20, shape[:3] + (1,)) + rng.normal(0, 3, shape)), 0, 0x3FFF)
-           .astype(np.uint16) | ((rng.random(shape) < 0.05).astype(np.uint16) << 14))
+    raw = np.clip(
+        np.rint(ped[3][None] + rng.normal(0, 20, shape[:3] + (1,)) + rng.normal(0, 3, shape)), 0, 0x3FFF
+    ).astype(np.uint16) | ((rng.random(shape) < 0.05).astype(np.uint16) << 14)
     mask = rng.random(shape[1:]) > 0.05
     cfg = np.where(rng.random(shape[1:]) < 0.8, 0b10000, rng.integers(0, 32, shape[1:])).astype(np.uint8)
     scale = unit_scale(gain, "adu")
@@ -253,8 +274,9 @@ def test_chunked_calibration_is_independent_of_chunk_size(monkeypatch, rng, chun
     np.testing.assert_array_equal(whole[0][0].view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("dtype,high", [(np.uint8, 255), (np.int16, 30000), (np.int32, 2**26), (np.uint32, 2**31),
-                                        (np.int64, 2**40)])
+@pytest.mark.parametrize(
+    "dtype,high", [(np.uint8, 255), (np.int16, 30000), (np.int32, 2**26), (np.uint32, 2**31), (np.int64, 2**40)]
+)
 def test_camera_raw_dtypes_calibrate_in_float32(backend, rng, dtype, high):
     """Any integer raw dtype (SPEC 1; floats are refused, tests/test_constants_validation.py) is converted
     to float32 before the pedestal (large integers round as astype does)."""
@@ -281,8 +303,9 @@ def test_config_bits_beyond_5_bits_are_masked_on_every_path(rng, kernels, with_c
     byte = rng.integers(0, 256, shape[1:]).astype(np.uint8)
     backend = Backend("numpy") if kernels == "numpy" else FakeGpu(kernels)
     cm = MedianCommonMode(EPIX, (176, 48), ["banks"], 1e6, gain_ranges="all", backend=backend) if with_cm else None
-    cal = Calibrator(EPIX, Constants(pedestal=ped, gain=gain, config_bits=byte), mask, backend, units="kev",
-                     common_mode=cm)
+    cal = Calibrator(
+        EPIX, Constants(pedestal=ped, gain=gain, config_bits=byte), mask, backend, units="kev", common_mode=cm
+    )
     got = cal(backend.to_device(raw))
     if kernels != "numpy":
         assert backend.launches[0][0] == ("pedestal_u16" if with_cm else "calibrate_u16")

@@ -1,4 +1,5 @@
 """Common mode (SPEC section 4) against slow, direct transcriptions of the SPEC, on both backends."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,17 @@ from gpusmall.errors import InputError
 EPIX = get_model("epix10ka")
 JF = get_model("jungfrau")
 # a small gain-switching detector: panels of 8 x 12, banks of 4 x 6, ePix10ka gain ranges
-SMALL = DetectorModel(type="small", panel_shape=(8, 12), default_panels=2, data_mask=0x3FFF,
-                      gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=(4, 6),
-                      high_gain_ranges=EPIX.high_gain_ranges)
+SMALL = DetectorModel(
+    type="small",
+    panel_shape=(8, 12),
+    default_panels=2,
+    data_mask=0x3FFF,
+    gain_names=EPIX.gain_names,
+    pixel_um=100.0,
+    saturation=None,
+    bank_shape=(4, 6),
+    high_gain_ranges=EPIX.high_gain_ranges,
+)
 
 
 def slow_median(s, good, g, bank, axes, max_correction=100.0, min_pixels=10, ranges=None):
@@ -72,13 +81,15 @@ def run(backend, cm, s, good, g):
     return backend.to_host(out)
 
 
-@pytest.mark.parametrize("axes", [["rows"], ["cols"], ["banks"], ["rows", "cols"], ["cols", "rows"],
-                                  ["banks", "rows", "cols"]])
+@pytest.mark.parametrize(
+    "axes", [["rows"], ["cols"], ["banks"], ["rows", "cols"], ["cols", "rows"], ["banks", "rows", "cols"]]
+)
 @pytest.mark.parametrize("gain_ranges", ["all", "high"])
 def test_median_matches_slow_transcription(backend, rng, axes, gain_ranges):
     s, good, g = random_case(rng)
-    cm = MedianCommonMode(SMALL, (8, 12), axes, max_correction=100, min_pixels=2, gain_ranges=gain_ranges,
-                          backend=backend)
+    cm = MedianCommonMode(
+        SMALL, (8, 12), axes, max_correction=100, min_pixels=2, gain_ranges=gain_ranges, backend=backend
+    )
     ranges = None if gain_ranges == "all" else SMALL.high_gain_ranges
     want = slow_median(s, good, g, (4, 6), axes, 100, 2, ranges)
     got = run(backend, cm, s, good, g)
@@ -114,8 +125,9 @@ def test_max_correction(backend):
     s[0, 0, 2, :6] = -150.0
     good = np.ones(s.shape, bool)
     g = np.zeros(s.shape, np.int8)
-    cm = MedianCommonMode(SMALL, (8, 12), ["rows"], max_correction=100, min_pixels=2, gain_ranges="all",
-                          backend=backend)
+    cm = MedianCommonMode(
+        SMALL, (8, 12), ["rows"], max_correction=100, min_pixels=2, gain_ranges="all", backend=backend
+    )
     out = run(backend, cm, s, good, g)
     assert (out[0, 0, 0, :6] == 0).all()
     assert (out[0, 0, 1, :6] == 100).all()
@@ -181,8 +193,14 @@ def test_real_detector_layouts(backend, rng):
         if model is JF:
             g = rng.choice([0, 1, 2, -1], size=shape, p=[0.9, 0.04, 0.03, 0.03]).astype(np.int8)
             good &= g >= 0
-        cm = make_common_mode("d", SimpleNamespace(model_dump=lambda: {"type": "median", "axes": ["rows", "cols"]}),
-                              model, None, backend, panel_shape=model.panel_shape)
+        cm = make_common_mode(
+            "d",
+            SimpleNamespace(model_dump=lambda: {"type": "median", "axes": ["rows", "cols"]}),
+            model,
+            None,
+            backend,
+            panel_shape=model.panel_shape,
+        )
         assert cm.gain_ranges == "high" and cm.max_correction == 100 and cm.min_pixels == 10
         want = slow_median(s, good, g, model.bank_shape, ["rows", "cols"], 100, 10, ranges)
         np.testing.assert_allclose(run(backend, cm, s, good, g), want, rtol=1e-5, atol=1e-4)
@@ -216,7 +234,7 @@ def slow_zero_peak(s, use, bank, maxc):
         for p in range(s.shape[1]):
             for r0 in range(0, s.shape[2], br):
                 for c0 in range(0, s.shape[3], bc):
-                    blk, u = s[e, p, r0:r0 + br, c0:c0 + bc], use[e, p, r0:r0 + br, c0:c0 + bc]
+                    blk, u = s[e, p, r0 : r0 + br, c0 : c0 + bc], use[e, p, r0 : r0 + br, c0 : c0 + bc]
                     h, _ = np.histogram(blk[u], bins=edges)
                     if h.sum():
                         k = np.argmax(h)
@@ -251,15 +269,17 @@ def test_zero_peak_histogram_range_is_max_correction(backend, rng, maxc):
     np.testing.assert_array_equal(got[3, 1, :4, :6], s[3, 1, :4, :6])
     edges = np.append(-maxc + np.arange(int(np.ceil(2 * maxc))), maxc)
     u = good[2, 0, :4, :6]
-    np.testing.assert_allclose(got[2, 0, :4, :6][u], s[2, 0, :4, :6][u] - np.float32((edges[-2] + edges[-1]) / 2),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        got[2, 0, :4, :6][u], s[2, 0, :4, :6][u] - np.float32((edges[-2] + edges[-1]) / 2), rtol=1e-6
+    )
 
 
 def test_zero_peak_values_outside_range_only(numpy_backend):
     s = np.full((1, 1, 6, 8), 10.7, np.float32)
     cam = get_model("camera")
-    out = ZeroPeakCommonMode(cam, (6, 8), max_correction=10.5, gain_ranges="all")(s, np.ones(s.shape, bool),
-                                                                                 np.zeros(s.shape, np.int8))
+    out = ZeroPeakCommonMode(cam, (6, 8), max_correction=10.5, gain_ranges="all")(
+        s, np.ones(s.shape, bool), np.zeros(s.shape, np.int8)
+    )
     np.testing.assert_array_equal(out, s)
 
 
@@ -287,18 +307,18 @@ def slow_epix100(s, good, noise, maxc=30.0, histo=30.0, frac=0.25, norm_all=Fals
         half = f.shape[0] // 2
         for h in (0, half):
             for c in range(f.shape[1]):
-                col, i = f[h:h + half, c], inc[h:h + half, c]
+                col, i = f[h : h + half, c], inc[h : h + half, c]
                 if i.sum() >= frac * half and i.any():
                     m = np.float32(np.median(col[i]))
                     if abs(m) <= maxc:
-                        f[h:h + half, c] = col - m
+                        f[h : h + half, c] = col - m
         for r in range(f.shape[0]):
             for c0 in range(0, f.shape[1], 96):
-                seg, i = f[r, c0:c0 + 96], inc[r, c0:c0 + 96]
+                seg, i = f[r, c0 : c0 + 96], inc[r, c0 : c0 + 96]
                 if i.sum() >= frac * 96 and i.any():
                     m = np.float32(np.median(seg[i]))
                     if abs(m) <= maxc:
-                        f[r, c0:c0 + 96] = seg - m
+                        f[r, c0 : c0 + 96] = seg - m
     return s
 
 
@@ -336,8 +356,7 @@ def test_kernel_index_arithmetic(rng, model):
     s, good, g = random_case(rng, shape)
     cm = MedianCommonMode(model, model.panel_shape, ["rows", "cols"], min_pixels=2, gain_ranges="high")
     gpu = FakeGpu()
-    on_gpu = MedianCommonMode(model, model.panel_shape, ["rows", "cols"], min_pixels=2, gain_ranges="high",
-                              backend=gpu)
+    on_gpu = MedianCommonMode(model, model.panel_shape, ["rows", "cols"], min_pixels=2, gain_ranges="high", backend=gpu)
     x = on_gpu.gpu(s, good, g)
     assert [name for name, *_ in gpu.launches] == ["cm_median_rows_warp", "cm_median_cols_warp"]
     np.testing.assert_array_equal(x.reshape(shape), cm(s, good, g))

@@ -1,4 +1,5 @@
 """Config validation (SPEC section 7) and the command line's exit codes for bad configs (section 9)."""
+
 import textwrap
 from pathlib import Path
 
@@ -13,9 +14,13 @@ BASE = {
     "source": {"type": "sim", "events": 4},
     "batch_size": 2,
     "output": "out.h5",
-    "detectors": {"cam": {"type": "camera", "shape": [32, 48],
-                          "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]},
-                                        {"type": "rebin", "shape": [8, 8]}]}},
+    "detectors": {
+        "cam": {
+            "type": "camera",
+            "shape": [32, 48],
+            "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]}, {"type": "rebin", "shape": [8, 8]}],
+        }
+    },
 }
 
 
@@ -36,20 +41,28 @@ def test_demo_config_validates():
     assert cfg.detectors["epix10k2m"].panel_shape() == (16, 352, 384)
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (("detectors", "cam", "colour"), 3, "detectors.cam.colour: unknown key"),
-    (("batch_size",), -4, "batch_size"),
-    (("batch_size",), "many", "batch_size"),
-    (("source", "type"), "xtc9", "source.type"),
-    (("detectors", "cam", "functions"), [{"type": "roi", "bounds": [[0, 8], [0, 8]]}, {"type": "rebin", "shape": [8, 8], "bins": 4}],
-     "detectors.cam.functions[1].bins: unknown key"),
-    (("detectors", "cam", "functions"), [{"type": "roi", "bounds": [[0, 8], [0, 8]],
-                                          "children": [{"type": "projection", "axis": "x"}]}],
-     "detectors.cam.functions[0].children[0].axis"),
-    (("detectors", "cam", "functions"), [{"type": "fft9"}], "detectors.cam.functions[0].type: unknown function"),
-    (("detectors", "cam", "sums"), ["calib", "mean"], "detectors.cam"),
-    (("detectors", "cam", "units"), "photons", "photon_energy_kev"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("detectors", "cam", "colour"), 3, "detectors.cam.colour: unknown key"),
+        (("batch_size",), -4, "batch_size"),
+        (("batch_size",), "many", "batch_size"),
+        (("source", "type"), "xtc9", "source.type"),
+        (
+            ("detectors", "cam", "functions"),
+            [{"type": "roi", "bounds": [[0, 8], [0, 8]]}, {"type": "rebin", "shape": [8, 8], "bins": 4}],
+            "detectors.cam.functions[1].bins: unknown key",
+        ),
+        (
+            ("detectors", "cam", "functions"),
+            [{"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [{"type": "projection", "axis": "x"}]}],
+            "detectors.cam.functions[0].children[0].axis",
+        ),
+        (("detectors", "cam", "functions"), [{"type": "fft9"}], "detectors.cam.functions[0].type: unknown function"),
+        (("detectors", "cam", "sums"), ["calib", "mean"], "detectors.cam"),
+        (("detectors", "cam", "units"), "photons", "photon_energy_kev"),
+    ],
+)
 def test_errors_name_the_key_path(path, value, message):
     with pytest.raises(ConfigError) as e:
         validate_config(with_(path, value))
@@ -71,7 +84,8 @@ def test_relative_paths_follow_the_config_file(tmp_path):
 
 
 def test_toml_config(tmp_path):
-    (tmp_path / "c.toml").write_text(textwrap.dedent("""
+    (tmp_path / "c.toml").write_text(
+        textwrap.dedent("""
         batch_size = 2
         output = "o.h5"
         [source]
@@ -81,18 +95,22 @@ def test_toml_config(tmp_path):
         type = "camera"
         shape = [16, 16]
         sums = ["calib"]
-    """))
+    """)
+    )
     cfg = load_config(tmp_path / "c.toml")
     assert cfg.batch_size == 2 and cfg.detectors["cam"].sums == ["calib"]
 
 
-@pytest.mark.parametrize("path,value,needle", [
-    (("detectors", "cam", "colour"), 3, "detectors.cam.colour"),
-    (("batch_size",), -1, "batch_size"),
-    (("batch_size",), "x", "batch_size"),
-    (("detectors", "cam", "constants"), "missing_constants.h5", "missing_constants.h5"),
-    (("detectors", "cam", "functions"), [{"type": "roi", "bounds": [[0, 800], [0, 8]]}], "bounds"),
-])
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        (("detectors", "cam", "colour"), 3, "detectors.cam.colour"),
+        (("batch_size",), -1, "batch_size"),
+        (("batch_size",), "x", "batch_size"),
+        (("detectors", "cam", "constants"), "missing_constants.h5", "missing_constants.h5"),
+        (("detectors", "cam", "functions"), [{"type": "roi", "bounds": [[0, 800], [0, 8]]}], "bounds"),
+    ],
+)
 def test_run_bad_config_exits_2_and_writes_nothing(tmp_path, capsys, path, value, needle):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(with_(path, value)))
@@ -114,17 +132,22 @@ def test_invalid_yaml_exits_2(tmp_path, capsys):
 
 
 def test_function_file_parameters_follow_the_config_file(tmp_path):
-    d = with_(("detectors", "cam", "functions"),
-              [{"type": "roi", "bounds": [[0, 8], [0, 8]], "user_mask": "m.npy"},
-               {"type": "azav", "poni": "geo.poni", "bins": 10}])
+    d = with_(
+        ("detectors", "cam", "functions"),
+        [
+            {"type": "roi", "bounds": [[0, 8], [0, 8]], "user_mask": "m.npy"},
+            {"type": "azav", "poni": "geo.poni", "bins": 10},
+        ],
+    )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     specs = load_config(tmp_path / "c.yaml").function_specs("cam")
     assert specs[0].params.user_mask == str(tmp_path / "m.npy")
     assert specs[1].params.poni == str(tmp_path / "geo.poni")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "producers").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "producers").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_example_configs_validate(path):
     """Every example config in producers/ passes validation (paths resolved beside it)."""
     from gpusmall.producer.config import load_config

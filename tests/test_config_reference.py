@@ -1,5 +1,6 @@
 """docs/CONFIG.md is current and complete: regenerated from the config models, it equals the file, and every key of
 every config block and every function parameter has a row with a type, a default and a description."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -84,9 +85,14 @@ def test_every_config_key_and_function_parameter_is_documented():
         for name, (typ, default, desc) in r.items():
             assert typ and default and desc.strip(), f"{ftype}.{name}: type, default or description missing"
     # full key paths of nested blocks, and a few values
-    for path in ("source.simulate.scan.events_per_step", "detectors.<name>.common_mode.max_correction",
-                 "cube.bins.steps", "cube.detectors.<name>.outputs", "event_functions[].detectors",
-                 "context.light_status.laser_codes"):
+    for path in (
+        "source.simulate.scan.events_per_step",
+        "detectors.<name>.common_mode.max_correction",
+        "cube.bins.steps",
+        "cube.detectors.<name>.outputs",
+        "event_functions[].detectors",
+        "context.light_status.laser_codes",
+    ):
         assert f"| `{path}` |" in text, path
     assert "| `batch_size` | int > 0 | `64` |" in text
-    assert '| `max_droplets` | int >= 1 <= 4194304 | `1000` |' in text
+    assert "| `max_droplets` | int >= 1 <= 4194304 | `1000` |" in text

@@ -1,5 +1,6 @@
 """Constants and inputs checked before any event (SPEC sections 1, 2 and 5): config bits, noise
 shape, user masks, raw dtypes; and which pixel configuration a run uses."""
+
 from __future__ import annotations
 
 import logging
@@ -32,6 +33,7 @@ def epix_constants(shape, **kw):
 
 # -- config_bits: 5 bits, integer (SPEC sections 1 and 2) ---------------------------------------------------
 
+
 def test_config_bits_in_range_are_accepted_as_uint8():
     shape = (2, 2, 8)
     bits = np.arange(32, dtype=np.int64).reshape(shape)
@@ -40,13 +42,16 @@ def test_config_bits_in_range_are_accepted_as_uint8():
     np.testing.assert_array_equal(c.config_bits, bits)
 
 
-@pytest.mark.parametrize("value,dtype,what", [
-    (200, np.uint8, "is 200 at (panel, row, col) (0, 1, 2)"),
-    (32, np.uint16, "is 32 at (panel, row, col) (0, 1, 2)"),
-    (-1, np.int16, "is -1 at (panel, row, col) (0, 1, 2)"),
-    (3.7, np.float32, "dtype float32"),
-    (16.0, np.float64, "dtype float64"),  # integral values in a float dataset: still not an integer dtype
-])
+@pytest.mark.parametrize(
+    "value,dtype,what",
+    [
+        (200, np.uint8, "is 200 at (panel, row, col) (0, 1, 2)"),
+        (32, np.uint16, "is 32 at (panel, row, col) (0, 1, 2)"),
+        (-1, np.int16, "is -1 at (panel, row, col) (0, 1, 2)"),
+        (3.7, np.float32, "dtype float32"),
+        (16.0, np.float64, "dtype float64"),  # integral values in a float dataset: still not an integer dtype
+    ],
+)
 def test_bad_config_bits_name_the_dataset_and_first_bad_pixel(value, dtype, what):
     shape = (1, 3, 4)
     bits = np.full(shape, 16, dtype)
@@ -78,13 +83,15 @@ def test_decoder_uses_the_5_control_bits_only():
 
 # -- the run's own configuration decides (SPEC section 1) ------------------------------------------------
 
+
 def make_pipeline(tmp_path, shape, file_bits, source_bits, dtype=np.uint16):
     ped = (1000 + 100 * np.arange(7, dtype=np.float32))[:, None, None, None] * np.ones((7, *shape), np.float32)
     gain = (1 + np.arange(7, dtype=np.float32))[:, None, None, None] * np.ones((7, *shape), np.float32)
     Constants(pedestal=ped, gain=gain, config_bits=file_bits).save(tmp_path / "c.h5")
     src = DetectorSource("e", "epix10ka", shape, np.dtype(dtype), config_bits=source_bits)
-    cfg = DetectorConfig(type="epix10ka", shape=list(shape), constants=str(tmp_path / "c.h5"),
-                         common_mode={"type": "none"})
+    cfg = DetectorConfig(
+        type="epix10ka", shape=list(shape), constants=str(tmp_path / "c.h5"), common_mode={"type": "none"}
+    )
     return DetectorPipeline("e", cfg, src, [], Backend("numpy")), ped, gain
 
 
@@ -135,19 +142,27 @@ def test_select_config_bits():
 
 # -- noise shape message -------------------------------------------------------------------------------------
 
+
 def test_noise_shape_error_names_both_shapes():
     shape = (1, 2, 2)
-    c = Constants(pedestal=np.zeros((3, *shape), np.float32), gain=np.ones(shape, np.float32),
-                  noise=np.zeros((2, *shape), np.float32))
+    c = Constants(
+        pedestal=np.zeros((3, *shape), np.float32),
+        gain=np.ones(shape, np.float32),
+        noise=np.zeros((2, *shape), np.float32),
+    )
     with pytest.raises(ConstantsError, match=r"expected \(1, 2, 2\) or \(3, 1, 2, 2\)"):
         validate_constants("jf", JF, shape, c)
     for noise_shape in (shape, (3, *shape)):  # both accepted
-        c = Constants(pedestal=np.zeros((3, *shape), np.float32), gain=np.ones(shape, np.float32),
-                      noise=np.ones(noise_shape, np.float32))
+        c = Constants(
+            pedestal=np.zeros((3, *shape), np.float32),
+            gain=np.ones(shape, np.float32),
+            noise=np.ones(noise_shape, np.float32),
+        )
         assert validate_constants("jf", JF, shape, c).noise.shape == noise_shape
 
 
 # -- user masks (SPEC section 5) ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model,shape", [(CAM, (1, 6, 8)), (E100, (1, 704, 768))])
 @pytest.mark.parametrize("kind", ["npy", "h5"])
@@ -188,12 +203,14 @@ def test_user_mask_path_to_a_group(tmp_path):
 
 # -- raw dtypes (SPEC section 1) ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model", [JF, EPIX, CAM, E100])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_float_raw_is_rejected_by_the_calibrator(model, dtype):
     shape = (1, 4, 4)
-    c = Constants(pedestal=np.zeros((model.n_gains, *shape), np.float32),
-                  gain=np.ones((model.n_gains, *shape), np.float32))
+    c = Constants(
+        pedestal=np.zeros((model.n_gains, *shape), np.float32), gain=np.ones((model.n_gains, *shape), np.float32)
+    )
     cal = Calibrator(model, c, np.ones(shape, bool), Backend("numpy"), det="d0")
     with pytest.raises(InputError, match=f"detector d0: raw data of dtype {np.dtype(dtype)}"):
         cal(np.full((1, *shape), 1000, dtype))
@@ -213,7 +230,10 @@ def test_integer_raw_is_accepted(dtype):
 def test_float_raw_is_rejected_before_any_event(tmp_path, dtype):
     with pytest.raises(InputError, match=f"detector e: raw data of dtype {np.dtype(dtype)}"):
         make_pipeline(tmp_path, PANEL, None, None, dtype=dtype)
-    src = SimpleNamespace(detectors={"e": DetectorSource("e", "jungfrau", (1, 4, 6), np.dtype(dtype))}, n_events=2,
-                          batches=lambda *a: pytest.fail("darks read events of a float detector"))
+    src = SimpleNamespace(
+        detectors={"e": DetectorSource("e", "jungfrau", (1, 4, 6), np.dtype(dtype))},
+        n_events=2,
+        batches=lambda *a: pytest.fail("darks read events of a float detector"),
+    )
     with pytest.raises(InputError, match=f"detector e: raw data of dtype {np.dtype(dtype)}"):
         compute_darks(src, "e", JF, Backend("numpy"))

@@ -3,6 +3,7 @@
 The cube's per-bin sums are checked against a NumPy grouping of the per-event calibrated frames the same run wrote
 (a full-frame ROI with ``write_area``), so the reference is the result file, not the cube code.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,32 @@ from gpusmall.producer.cube import Binning, cube_add_numpy
 from gpusmall.selections import SelectionError, Selections
 
 SHAPE = (48, 64)
-SIMULATE = {"scan": {"variable": "delay", "events_per_step": 9, "start": -1.0, "step": 0.5},
-            "laser_off_every": 2, "xray_off_every": 5}
+SIMULATE = {
+    "scan": {"variable": "delay", "events_per_step": 9, "start": -1.0, "step": 0.5},
+    "laser_off_every": 2,
+    "xray_off_every": 5,
+}
 
 
 def scan_config(tmp_path, out="scan.h5", batch=7, events=45, cube=None, sums=None, **extra):
     data = {
         "source": {"type": "sim", "events": events, "seed": 4, "simulate": SIMULATE},
-        "batch_size": batch, "backend": "numpy", "output": str(tmp_path / out),
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(tmp_path / out),
         "selections": {"good_i0": {"ipm/sum": [0.6, 5.0]}, "on_good": {"laser_on": True, "good_i0": True}},
-        "detectors": {"cam": {
-            "type": "camera", "shape": list(SHAPE), "pixel_um": 50.0,
-            "functions": [{"type": "roi", "name": "full", "bounds": [[0, SHAPE[0]], [0, SHAPE[1]]], "write_area": True},
-                          {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 8}],
-            "sums": sums if sums is not None else ["calib", "calib_dropped", "calib_square:laser_on"]}},
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": list(SHAPE),
+                "pixel_um": 50.0,
+                "functions": [
+                    {"type": "roi", "name": "full", "bounds": [[0, SHAPE[0]], [0, SHAPE[1]]], "write_area": True},
+                    {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 8},
+                ],
+                "sums": sums if sums is not None else ["calib", "calib_dropped", "calib_square:laser_on"],
+            }
+        },
     }
     if cube is not None:
         data["cube"] = cube
@@ -66,8 +79,9 @@ def test_sim_context_per_event(tmp_path):
     assert (r["ipm/sum"][dropped] == 0).all() and (r["ipm/sum"][~dropped] > 0).all()
     photons = r["cam/full_sum"]
     assert abs(photons[dropped].mean()) < 0.1 * photons[~dropped].mean()  # dark frames: noise only
-    assert json.loads(r["attrs"]["context"]) == sorted(["scan/delay", "scan/varStep", "lightStatus/laser",
-                                                         "lightStatus/xray", "ipm/sum"])
+    assert json.loads(r["attrs"]["context"]) == sorted(
+        ["scan/delay", "scan/varStep", "lightStatus/laser", "lightStatus/xray", "ipm/sum"]
+    )
     assert json.loads(r["attrs"]["context_missing"]) == {k: 0 for k in json.loads(r["attrs"]["context"])}
 
 
@@ -83,8 +97,11 @@ def test_i0_scales_the_signal(tmp_path):
 def test_context_and_cube_without_simulate_are_errors(tmp_path):
     data = scan_config(tmp_path, cube={"by": "scan/varStep"})
     data["source"].pop("simulate")
-    with pytest.raises(InputError, match=r"selections\.on_good\.laser_on: no selection 'laser_on'.*lightStatus.*"
-                                         r"source\.simulate"):
+    with pytest.raises(
+        InputError,
+        match=r"selections\.on_good\.laser_on: no selection 'laser_on'.*lightStatus.*"
+        r"source\.simulate",
+    ):
         run_inproc(data, tmp_path)
     data["selections"].pop("on_good")
     with pytest.raises(InputError, match=r"selections\.good_i0\.ipm/sum: no such per-event value.*source\.simulate"):
@@ -99,24 +116,29 @@ def test_context_and_cube_without_simulate_are_errors(tmp_path):
     assert not (tmp_path / "scan.h5").exists()
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"context": {"values": {"ipm/sum": "/x"}}}, r"context\.values\.ipm/sum: a sim source makes its own context"),
-    ({"context": {"epics": ["a"]}}, r"context\.epics: read from psana runs only"),
-    ({"context": {"values": {"cam/x": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "the detector"),
-    ({"context": {"values": {"lightStatus/foo": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}},
-     "only lightStatus/xray and lightStatus/laser"),
-    ({"context": {"values": {"a b": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "identifiers"),
-    ({"context": {"values": {"ipm/sum": "x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "a dataset of the raw"),
-    ({"selections": {"a": {"b": True}}}, r"selections\.a\.b: no selection 'b'"),
-    ({"selections": {"a": {"a": True}}}, "refers to itself"),
-    ({"selections": {"a": {"x": [2, 1]}}}, r"lo <= hi"),
-    ({"selections": {"a": {"any": ["nope"]}}}, "no selection 'nope'"),
-    ({"cube": {"by": "scan/varStep", "split": ["nope"]}}, r"cube\.split\[0\]: no selection 'nope'"),
-    ({"cube": {"by": "x", "bins": {"n": 5}}}, r"cube\.bins: .*range"),
-    ({"cube": {"by": "x", "bins": {"edges": [0, 2, 1]}}}, "must increase"),
-    ({"cube": {"by": "x", "bins": {"n": 5, "edges": [0, 1]}}}, "give one of"),
-    ({"cube": {"by": "x", "detectors": {"other": {}}}}, r"cube\.detectors\.other: no detector"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"context": {"values": {"ipm/sum": "/x"}}}, r"context\.values\.ipm/sum: a sim source makes its own context"),
+        ({"context": {"epics": ["a"]}}, r"context\.epics: read from psana runs only"),
+        ({"context": {"values": {"cam/x": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "the detector"),
+        (
+            {"context": {"values": {"lightStatus/foo": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}},
+            "only lightStatus/xray and lightStatus/laser",
+        ),
+        ({"context": {"values": {"a b": "/x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "identifiers"),
+        ({"context": {"values": {"ipm/sum": "x"}}, "source": {"type": "hdf5", "path": "r.h5"}}, "a dataset of the raw"),
+        ({"selections": {"a": {"b": True}}}, r"selections\.a\.b: no selection 'b'"),
+        ({"selections": {"a": {"a": True}}}, "refers to itself"),
+        ({"selections": {"a": {"x": [2, 1]}}}, r"lo <= hi"),
+        ({"selections": {"a": {"any": ["nope"]}}}, "no selection 'nope'"),
+        ({"cube": {"by": "scan/varStep", "split": ["nope"]}}, r"cube\.split\[0\]: no selection 'nope'"),
+        ({"cube": {"by": "x", "bins": {"n": 5}}}, r"cube\.bins: .*range"),
+        ({"cube": {"by": "x", "bins": {"edges": [0, 2, 1]}}}, "must increase"),
+        ({"cube": {"by": "x", "bins": {"n": 5, "edges": [0, 1]}}}, "give one of"),
+        ({"cube": {"by": "x", "detectors": {"other": {}}}}, r"cube\.detectors\.other: no detector"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, change, match):
     data = scan_config(tmp_path)
     for k, v in change.items():
@@ -142,13 +164,18 @@ def test_hdf5_context_mapping(tmp_path):
         f["evr/laser"] = (np.arange(n) % 3 == 0).astype(np.int32)
         f["mon/i0"] = i0
         f["motor"] = np.repeat(np.arange(3), 4).astype(np.float32)
-    data = {"source": {"type": "hdf5", "path": str(raw), "timestamp": None}, "backend": "numpy", "batch_size": 5,
-            "output": str(tmp_path / "o.h5"),
-            "context": {"values": {"lightStatus/laser": "/evr/laser", "ipm/sum": "/mon/i0", "scan/motor": "/motor"}},
-            "selections": {"on": {"lightStatus/laser": 1}},
-            "detectors": {"cam": {"type": "camera", "shape": list(SHAPE), "dataset": "/raw",
-                                  "sums": ["calib", "calib:on"]}},
-            "cube": {"by": "scan/motor", "norm": "ipm/sum"}}
+    data = {
+        "source": {"type": "hdf5", "path": str(raw), "timestamp": None},
+        "backend": "numpy",
+        "batch_size": 5,
+        "output": str(tmp_path / "o.h5"),
+        "context": {"values": {"lightStatus/laser": "/evr/laser", "ipm/sum": "/mon/i0", "scan/motor": "/motor"}},
+        "selections": {"on": {"lightStatus/laser": 1}},
+        "detectors": {
+            "cam": {"type": "camera", "shape": list(SHAPE), "dataset": "/raw", "sums": ["calib", "calib:on"]}
+        },
+        "cube": {"by": "scan/motor", "norm": "ipm/sum"},
+    }
     run_inproc(data, tmp_path)
     r = read(tmp_path / "o.h5")
     np.testing.assert_array_equal(r["lightStatus/laser"], (np.arange(n) % 3 == 0).astype(np.uint8))
@@ -179,8 +206,15 @@ def test_hdf5_context_mapping(tmp_path):
 
 def test_selections_evaluate():
     values = {"x": np.array([0.0, 1, 2, 3, np.nan]), "s": np.array([1, 0, 1, 0, 1], np.uint8)}
-    sel = Selections({"lo": {"x": [0, 1.5]}, "on": {"s": 1}, "both": {"lo": True, "on": True},
-                      "neither": {"lo": False, "on": False}, "either": {"any": ["lo", "on"]}})
+    sel = Selections(
+        {
+            "lo": {"x": [0, 1.5]},
+            "on": {"s": 1},
+            "both": {"lo": True, "on": True},
+            "neither": {"lo": False, "on": False},
+            "either": {"any": ["lo", "on"]},
+        }
+    )
     np.testing.assert_array_equal(sel.mask("lo", values), [1, 1, 0, 0, 0])
     np.testing.assert_array_equal(sel.mask("on", values), [1, 0, 1, 0, 1])
     np.testing.assert_array_equal(sel.mask("both", values), [1, 0, 0, 0, 0])
@@ -205,8 +239,10 @@ def test_selection_sums_equal_the_grouped_frames(tmp_path):
     on = (xray == 1) & (laser == 1)
     np.testing.assert_allclose(r["Sums/cam_calib_square_laser_on"], (frames[on] ** 2).sum(0), rtol=1e-9)
     with h5py.File(tmp_path / "scan.h5") as f:
-        assert json.loads(f["cam"].attrs["sums_selected_events"]) == {"dropped": int((xray == 0).sum()),
-                                                                     "laser_on": int(on.sum())}
+        assert json.loads(f["cam"].attrs["sums_selected_events"]) == {
+            "dropped": int((xray == 0).sum()),
+            "laser_on": int(on.sum()),
+        }
 
 
 # ---- the cube during the run ------------------------------------------------------------------------------
@@ -215,9 +251,13 @@ def test_selection_sums_equal_the_grouped_frames(tmp_path):
 def grouped(r, ids, n_bins):
     """(bins, ...) sums of the per-event frames, azav and I0 of run ``r`` grouped by ``ids`` (-1: left out)."""
     frames = r["cam/full_area"].astype(np.float64)
-    out = {"count": np.zeros(n_bins, np.int64), "frame": np.zeros((n_bins, *SHAPE)),
-           "square": np.zeros((n_bins, *SHAPE)), "azav": np.zeros((n_bins, *r["cam/azav_azav"].shape[1:])),
-           "i0": np.zeros(n_bins)}
+    out = {
+        "count": np.zeros(n_bins, np.int64),
+        "frame": np.zeros((n_bins, *SHAPE)),
+        "square": np.zeros((n_bins, *SHAPE)),
+        "azav": np.zeros((n_bins, *r["cam/azav_azav"].shape[1:])),
+        "i0": np.zeros(n_bins),
+    }
     for b in range(n_bins):
         m = ids == b
         out["count"][b] = m.sum()
@@ -228,8 +268,12 @@ def grouped(r, ids, n_bins):
     return out
 
 
-STEP_CUBE = {"by": "scan/varStep", "split": ["laser_on", "laser_off"], "norm": "ipm/sum",
-             "detectors": {"cam": {"square": True, "outputs": ["azav_azav"]}}}
+STEP_CUBE = {
+    "by": "scan/varStep",
+    "split": ["laser_on", "laser_off"],
+    "norm": "ipm/sum",
+    "detectors": {"cam": {"square": True, "outputs": ["azav_azav"]}},
+}
 
 
 def test_cube_by_step_split_by_laser(tmp_path):
@@ -259,8 +303,9 @@ def test_cube_by_step_split_by_laser(tmp_path):
     assert on > 1.15 * off
 
 
-@pytest.mark.parametrize("bins", [{"n": 6, "range": [0.2, 2.0]}, {"edges": [0.0, 0.7, 1.0, 1.6, 9.0]},
-                                  {"width": 0.5, "range": [0.0, 2.0]}])
+@pytest.mark.parametrize(
+    "bins", [{"n": 6, "range": [0.2, 2.0]}, {"edges": [0.0, 0.7, 1.0, 1.6, 9.0]}, {"width": 0.5, "range": [0.0, 2.0]}]
+)
 def test_cube_by_a_scalar_with_a_selection(tmp_path, bins):
     """Binned by I0 with edges as ``gpusmall cube`` makes them, only the events of a selection."""
     cube = {"by": "ipm/sum", "bins": bins, "selection": "on_good", "detectors": {"cam": {}}}
@@ -311,8 +356,10 @@ def test_cube_under_mpiexec(tmp_path):
 
     one = write_cfg(tmp_path, scan_config(tmp_path, out="one.h5", cube=STEP_CUBE), "one.yaml")
     two = write_cfg(tmp_path, scan_config(tmp_path, out="two.h5", batch=5, cube=STEP_CUBE), "two.yaml")
-    for argv in ([sys.executable, "-m", "gpusmall", "run", str(one), "--quiet"],
-                 ["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(two), "--quiet"]):
+    for argv in (
+        [sys.executable, "-m", "gpusmall", "run", str(one), "--quiet"],
+        ["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(two), "--quiet"],
+    ):
         p = subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
     a, b = read(tmp_path / "one.cube.h5"), read(tmp_path / "two.cube.h5")
@@ -420,8 +467,9 @@ def test_scan_names_as_smalldata_ana_finds_them_and_the_old_step_name(tmp_path):
     scan/step made it see two scans, and its scan plot failed); configs of the earlier release that name
     scan/step (cube.by, selection keys) get scan/varStep."""
     old = {**STEP_CUBE, "by": "scan/step"}
-    run_inproc(scan_config(tmp_path, cube=old, selections={"early": {"scan/step": [0, 1]}},
-                           sums=["calib:early"]), tmp_path)
+    run_inproc(
+        scan_config(tmp_path, cube=old, selections={"early": {"scan/step": [0, 1]}}, sums=["calib:early"]), tmp_path
+    )
     r = read(tmp_path / "scan.h5")
     with h5py.File(tmp_path / "scan.h5", "r") as f:
         assert smalldata_scan_names(f) == ["delay"] and "scan/step" not in f

@@ -1,6 +1,7 @@
 """The numba kernels of the NumPy backend (gpusmall/calib/cpu_kernels.py) against the pure NumPy path:
 bit for bit (float32 bits compared, so -0.0 and NaN count), for every detector type, gain range, mask,
 unit and common mode. Skipped without numba (the NumPy path is then the only one)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,13 @@ from gpusmall.detectors.base import DetectorModel  # noqa: E402
 from gpusmall.detectors.constants import Constants  # noqa: E402
 from gpusmall.funcs.sums import RunSums, parse_sums, run_sums_numpy  # noqa: E402
 
-SHAPES = {"epix10ka": (3, 2, 40, 56), "jungfrau": (3, 1, 64, 80), "epix100": (3, 1, 704, 768),
-          "camera": (3, 1, 37, 53), "cspad": (3, 2, 185, 388)}
+SHAPES = {
+    "epix10ka": (3, 2, 40, 56),
+    "jungfrau": (3, 1, 64, 80),
+    "epix100": (3, 1, 704, 768),
+    "camera": (3, 1, 37, 53),
+    "cspad": (3, 2, 185, 388),
+}
 DTYPES = {"epix10ka": np.uint16, "jungfrau": np.uint16, "epix100": np.uint16, "camera": np.uint16, "cspad": np.int16}
 
 
@@ -59,12 +65,27 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("units", ["adu", "kev", "photons"])
-@pytest.mark.parametrize("det,with_config", [("epix10ka", True), ("epix10ka", False), ("jungfrau", False),
-                                             ("epix100", False), ("camera", False), ("cspad", False)])
+@pytest.mark.parametrize(
+    "det,with_config",
+    [
+        ("epix10ka", True),
+        ("epix10ka", False),
+        ("jungfrau", False),
+        ("epix100", False),
+        ("camera", False),
+        ("cspad", False),
+    ],
+)
 def test_calibration_bit_identical(rng, det, with_config, units):
     model, ped, gain, raw, mask, cfg = case(rng, det, with_config)
-    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"),
-                     units=units, photon_energy_kev=9.5)
+    cal = Calibrator(
+        model,
+        Constants(pedestal=ped, gain=gain, config_bits=cfg),
+        mask,
+        Backend("numpy"),
+        units=units,
+        photon_energy_kev=9.5,
+    )
     assert cal.cpu is not None and cal.cpu.supports(raw)
     got = cal(raw)
     assert_same((got.data, got.good), reference(cal, raw))
@@ -114,8 +135,18 @@ def test_special_values(rng):
         assert np.isnan(got.data).any() and np.isinf(got.data).any()
 
 
-@pytest.mark.parametrize("dtype,high", [(np.uint8, 255), (np.int8, 127), (np.int16, 30000), (np.int32, 2**26),
-                                        (np.uint32, 2**32 - 1), (np.int64, 2**40), (np.uint64, 2**63 + 2**62)])
+@pytest.mark.parametrize(
+    "dtype,high",
+    [
+        (np.uint8, 255),
+        (np.int8, 127),
+        (np.int16, 30000),
+        (np.int32, 2**26),
+        (np.uint32, 2**32 - 1),
+        (np.int64, 2**40),
+        (np.uint64, 2**63 + 2**62),
+    ],
+)
 def test_camera_raw_dtypes(rng, dtype, high):
     """Any integer raw dtype; large integers round to float32 as astype does."""
     model = get_model("camera")
@@ -143,8 +174,9 @@ def test_with_default_common_mode(rng, det):
     if DTYPES[det] == np.int16:
         raw = (base - 2000).astype(np.int16)
     else:
-        raw = base.astype(np.uint16) | (((rng.random(shape) < 0.05) * rng.integers(1, 4, shape)).astype(np.uint16) << 14
-                                        if n > 1 else np.uint16(0))
+        raw = base.astype(np.uint16) | (
+            ((rng.random(shape) < 0.05) * rng.integers(1, 4, shape)).astype(np.uint16) << 14 if n > 1 else np.uint16(0)
+        )
     mask = rng.random(shape[1:]) > 0.05
     consts = Constants(pedestal=ped, gain=gain, noise=noise)
     if det == "jungfrau":  # no default common mode: take the median one
@@ -183,8 +215,9 @@ def test_threads_and_batch_sizes(rng):
     """More numba threads, odd batch sizes, one event, no events: the same bits."""
     model, ped, gain, raw, mask, cfg = case(rng, "epix10ka", True)
     for threads in (1, 2):
-        cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask,
-                         Backend("numpy", threads=threads))
+        cal = Calibrator(
+            model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy", threads=threads)
+        )
         for sub in (raw, raw[:1], raw[:0], np.concatenate([raw] * 3)[:7]):
             got = cal(sub)
             assert_same((got.data, got.good), reference(cal, sub))
@@ -239,8 +272,17 @@ def test_threads_for_call():
 
 # -- run sums ----------------------------------------------------------------------------------------------
 
-SUMS = ["calib", "square", "max", "nhits", "calib_thresADU5", "square_thresADU5", "max_thresADU5",
-        "nhits_thresADU10", "nhits_thresADU-3"]
+SUMS = [
+    "calib",
+    "square",
+    "max",
+    "nhits",
+    "calib_thresADU5",
+    "square_thresADU5",
+    "max_thresADU5",
+    "nhits_thresADU10",
+    "nhits_thresADU-3",
+]
 
 
 @pytest.mark.parametrize("keep", ["all", "some", "none"])
@@ -297,8 +339,17 @@ def test_a_new_detectors_gain_bits_need_nothing_in_the_kernels(rng, with_config)
     kernels, bit-identical to the NumPy path; bits the kernels cannot read fall back to NumPy."""
     import dataclasses
 
-    model = _TwoStage(type="twostage", panel_shape=(16, 24), default_panels=2, data_mask=0x3FFF,
-                      gain_names=("H", "M", "L"), pixel_um=100.0, saturation=None, bank_shape=None, gain_bits=1)
+    model = _TwoStage(
+        type="twostage",
+        panel_shape=(16, 24),
+        default_panels=2,
+        data_mask=0x3FFF,
+        gain_names=("H", "M", "L"),
+        pixel_um=100.0,
+        saturation=None,
+        bank_shape=None,
+        gain_bits=1,
+    )
     shape = (4, 2, 16, 24)
     ped = rng.normal(1000, 30, (3, *shape[1:])).astype(np.float32)
     gain = rng.uniform(0.5, 2.0, (3, *shape[1:])).astype(np.float32)
@@ -336,8 +387,9 @@ def test_median_common_mode_kernels_bit_identical(rng, det, panel, gain_ranges, 
     g[rng.random(shape) < 0.8] = 0
     bank = model.banks(panel)
     for min_pixels in (0, 10, bank[1] - 1):
-        cm = MedianCommonMode(model, panel, axes=axes, gain_ranges=gain_ranges, min_pixels=min_pixels,
-                              backend=Backend("numpy"))
+        cm = MedianCommonMode(
+            model, panel, axes=axes, gain_ranges=gain_ranges, min_pixels=min_pixels, backend=Backend("numpy")
+        )
         want = cm.reference(s, good, g)
         assert cpu_median.supports(s)  # so cm(...) below runs the numba steps, not the reference
         got = cm(s, good, g)

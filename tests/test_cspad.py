@@ -1,5 +1,6 @@
 """CsPad and cs140k (SPEC section 1) and their common modes: smalldata_tools' mode 1 (``zero_peak``,
 ``method: psana``) and mode 5 (``unbonded``), against direct NumPy transcriptions of psana's algorithms."""
+
 from __future__ import annotations
 
 import math
@@ -27,6 +28,7 @@ def ns(**kw):
 
 
 # ---- psana's algorithms, transcribed one section at a time -------------------------------------------
+
 
 def psana_mode1(vals, mean_max=25.0, sigma_max=40.0, thresh=100, low=-1000, high=2000):
     """psana's ``findCommonMode`` (ImgAlgos CommonMode.h) on the good pixels' values of one section:
@@ -113,8 +115,9 @@ def mode1_frames(rng, events=3):
     s[1, 1] = rng.normal(0, 60, SECTION).astype(np.float32)  # sigma > 40: not corrected
     if events > 2:
         # two peaks: the first (lower) one is the zero-photon peak, though the second is higher
-        s[2, 0] = np.where(rng.random(SECTION) < 0.4, rng.normal(-8, 1.5, SECTION),
-                           rng.normal(15, 1.5, SECTION)).astype(np.float32)
+        s[2, 0] = np.where(
+            rng.random(SECTION) < 0.4, rng.normal(-8, 1.5, SECTION), rng.normal(15, 1.5, SECTION)
+        ).astype(np.float32)
         good[2, 1] = False
         good[2, 1, :1, :90] = True  # 90 good pixels: no bin holds more than 100
     return s, good, offsets
@@ -140,8 +143,9 @@ def test_mode1_equals_psana_transcription(backend, rng):
 def test_mode1_parameters(backend, rng):
     """min_count, max_correction, max_sigma and the histogram range are psana's parameters."""
     s, good, _ = mode1_frames(rng, events=2)
-    cm = ZeroPeakCommonMode(CS140K, SECTION, 35.0, "all", backend, method="psana", histo_range=[-50, 60],
-                            min_count=300, max_sigma=70.0)
+    cm = ZeroPeakCommonMode(
+        CS140K, SECTION, 35.0, "all", backend, method="psana", histo_range=[-50, 60], min_count=300, max_sigma=70.0
+    )
     want, _ = slow_mode1(s, good, mean_max=35.0, sigma_max=70.0, thresh=300, low=-50, high=60)
     np.testing.assert_allclose(run(backend, cm, s, good)[good], want[good], rtol=1e-6, atol=1e-4)
 
@@ -161,8 +165,7 @@ def test_unbonded_mode5_equals_psana_transcription(backend, rng):
     np.testing.assert_array_equal(got[1, 1], s[1, 1])
     np.testing.assert_array_equal(got[2, 0], s[2, 0])
     assert abs(np.median(got[0, 0])) < 1.0 and abs(np.median(got[3, 1])) < 1.0
-    cm = make_common_mode("cs", ns(type="unbonded", max_correction=200.0), CS140K, None, backend,
-                          panel_shape=SECTION)
+    cm = make_common_mode("cs", ns(type="unbonded", max_correction=200.0), CS140K, None, backend, panel_shape=SECTION)
     np.testing.assert_allclose(run(backend, cm, s, good), slow_mode5(s, 200.0), rtol=1e-6, atol=1e-4)
 
 
@@ -187,12 +190,21 @@ def test_unbonded_pixels_and_mask():
 def test_common_mode_choices(numpy_backend):
     cm = make_common_mode("cs", None, CSPAD, None, numpy_backend, panel_shape=SECTION)
     assert cm.method == "psana" and cm.bank == SECTION  # a bank is the 2x1 section
-    cfg = validate_config({"source": {"type": "sim"}, "detectors": {"cs": {
-        "type": "cspad", "shape": [32, 185, 388], "common_mode": {"type": "zero_peak", "max_correction": 30}}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "sim"},
+            "detectors": {
+                "cs": {
+                    "type": "cspad",
+                    "shape": [32, 185, 388],
+                    "common_mode": {"type": "zero_peak", "max_correction": 30},
+                }
+            },
+        }
+    )
     cm = make_common_mode("cs", cfg.detectors["cs"].common_mode, CSPAD, None, numpy_backend, panel_shape=SECTION)
     assert cm.method == "psana" and cm.max_correction == 30 and cm.max_sigma == 40  # the CsPad's defaults fill in
-    cm = make_common_mode("cs", ns(type="zero_peak", method="fullest"), CSPAD, None, numpy_backend,
-                          panel_shape=SECTION)
+    cm = make_common_mode("cs", ns(type="zero_peak", method="fullest"), CSPAD, None, numpy_backend, panel_shape=SECTION)
     assert cm.method == "fullest" and (cm.lo, cm.hi) == (-100, 100)
     cm = make_common_mode("e", ns(type="zero_peak"), get_model("epix10ka"), None, numpy_backend)
     assert cm.method == "fullest" and cm.max_correction == 100  # other detectors: as before
@@ -204,26 +216,40 @@ def test_common_mode_choices(numpy_backend):
         make_common_mode("cs", ns(type="zero_peak", method="fullest", max_sigma=3.0), CSPAD, None, numpy_backend)
 
 
-@pytest.mark.parametrize("cm, key", [({"type": "median", "method": "psana"}, "only for type zero_peak"),
-                                     ({"type": "epix100", "histo_range": [-3, 3]}, "epix100 takes one number"),
-                                     ({"type": "zero_peak", "histo_range": [5, 2]}, "low < high"),
-                                     ({"type": "zero_peak", "method": "mode1"}, "method"),
-                                     ({"type": "unbonded", "min_count": 3}, "only for type zero_peak")])
+@pytest.mark.parametrize(
+    "cm, key",
+    [
+        ({"type": "median", "method": "psana"}, "only for type zero_peak"),
+        ({"type": "epix100", "histo_range": [-3, 3]}, "epix100 takes one number"),
+        ({"type": "zero_peak", "histo_range": [5, 2]}, "low < high"),
+        ({"type": "zero_peak", "method": "mode1"}, "method"),
+        ({"type": "unbonded", "min_count": 3}, "only for type zero_peak"),
+    ],
+)
 def test_common_mode_config_is_validated(cm, key):
     with pytest.raises(ConfigError, match=key):
-        validate_config({"source": {"type": "sim"}, "detectors": {"cs": {"type": "cspad", "shape": [32, 185, 388],
-                                                                          "common_mode": cm}}})
+        validate_config(
+            {
+                "source": {"type": "sim"},
+                "detectors": {"cs": {"type": "cspad", "shape": [32, 185, 388], "common_mode": cm}},
+            }
+        )
 
 
 def test_shapes_and_config():
     assert (CSPAD.default_panels, CSPAD.panel_shape, CSPAD.pixel_um, CSPAD.n_gains) == (32, SECTION, 109.92, 1)
     assert (CS140K.default_panels, CS140K.panel_shape, CS140K.pixel_um) == (2, SECTION, 109.92)
-    cfg = validate_config({"source": {"type": "hdf5", "path": "x.h5"},
-                           "detectors": {"cs": {"type": "cs140k", "dataset": "/cs"}}})
+    cfg = validate_config(
+        {"source": {"type": "hdf5", "path": "x.h5"}, "detectors": {"cs": {"type": "cs140k", "dataset": "/cs"}}}
+    )
     assert cfg.detectors["cs"].panel_shape() == (2, 185, 388)
     with pytest.raises(ConfigError, match="185 x 388"):
-        validate_config({"source": {"type": "hdf5", "path": "x.h5"},
-                         "detectors": {"cs": {"type": "cs140k", "dataset": "/cs", "shape": [2, 185, 384]}}})
+        validate_config(
+            {
+                "source": {"type": "hdf5", "path": "x.h5"},
+                "detectors": {"cs": {"type": "cs140k", "dataset": "/cs", "shape": [2, 185, 384]}},
+            }
+        )
     CS140K.check_raw_dtype("cs", np.int16)
     with pytest.raises(InputError):
         CS140K.check_raw_dtype("cs", np.float32)
@@ -249,10 +275,20 @@ def test_cs140k_hdf5_run_end_to_end(tmp_path):
         assert f["pedestal"].shape == (1, *shape) and f["gain_ranges_measured"][()].tolist() == [1]
         np.testing.assert_allclose(f["pedestal"][0], dark.mean(axis=0), atol=1e-3)
     for cm in ({"type": "zero_peak"}, {"type": "unbonded"}):
-        det = {"type": "cs140k", "dataset": "/cs", "constants": "c.h5", "common_mode": cm, "sums": ["calib"],
-               "functions": [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 185], [0, 388]]}]}
-        cfg = {"source": {"type": "hdf5", "path": "run.h5", "timestamp": None}, "batch_size": 5,
-               "output": f"out_{cm['type']}.h5", "detectors": {"cs": det}}
+        det = {
+            "type": "cs140k",
+            "dataset": "/cs",
+            "constants": "c.h5",
+            "common_mode": cm,
+            "sums": ["calib"],
+            "functions": [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 185], [0, 388]]}],
+        }
+        cfg = {
+            "source": {"type": "hdf5", "path": "run.h5", "timestamp": None},
+            "batch_size": 5,
+            "output": f"out_{cm['type']}.h5",
+            "detectors": {"cs": det},
+        }
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
         assert main(["run", str(tmp_path / "run.yaml"), "--backend", "numpy", "--quiet"]) == 0
         with h5py.File(tmp_path / f"out_{cm['type']}.h5") as f:
@@ -283,16 +319,29 @@ def test_fake_gpu_runs_the_cspad_common_modes(monkeypatch):
     raw[:, :, 20:30, 200:220] += 500
 
     def outputs(backend, cm):
-        cfg = validate_config({"source": {"type": "sim"}, "batch_size": 3, "detectors": {"cs": {
-            "type": "cs140k", "shape": list(shape), "common_mode": cm, "sums": ["calib"],
-            "functions": [{"type": "roi", "name": "r", "bounds": [[0, 2], [0, 185], [0, 388]]}]}}})
-        src = DetectorSource("cs", "cs140k", shape, np.dtype(np.int16),
-                             constants=Constants(pedestal=ped, gain=np.ones_like(ped)))
+        cfg = validate_config(
+            {
+                "source": {"type": "sim"},
+                "batch_size": 3,
+                "detectors": {
+                    "cs": {
+                        "type": "cs140k",
+                        "shape": list(shape),
+                        "common_mode": cm,
+                        "sums": ["calib"],
+                        "functions": [{"type": "roi", "name": "r", "bounds": [[0, 2], [0, 185], [0, 388]]}],
+                    }
+                },
+            }
+        )
+        src = DetectorSource(
+            "cs", "cs140k", shape, np.dtype(np.int16), constants=Constants(pedestal=ped, gain=np.ones_like(ped))
+        )
         pl = DetectorPipeline("cs", cfg.detectors["cs"], src, cfg.function_specs("cs"), backend)
         proc = BatchProcessor({"cs": pl}, backend, 3)
         got = []
         for b in (0, 3):
-            batch = RawBatch(np.arange(b, b + 3, dtype=np.uint64), np.arange(b, b + 3), {"cs": raw[b:b + 3].copy()})
+            batch = RawBatch(np.arange(b, b + 3, dtype=np.uint64), np.arange(b, b + 3), {"cs": raw[b : b + 3].copy()})
             got.append(proc.process(proc.stage(batch)))
         cols = {k: np.concatenate([np.asarray(o[k]) for o in got]) for k in got[0]}
         return cols, {k: np.asarray(v) for k, v in pl.sum_results().items()}
@@ -312,12 +361,21 @@ def test_mode1_edge_cases_against_transcription(numpy_backend, seed):
     rng = np.random.default_rng(seed)
     cam = get_model("camera")
     shape = (40, 2, 6, 40)
-    s = (rng.normal(0, rng.uniform(0.3, 4, (40, 2, 1, 1)), shape) + rng.uniform(-7, 7, (40, 2, 1, 1)))
+    s = rng.normal(0, rng.uniform(0.3, 4, (40, 2, 1, 1)), shape) + rng.uniform(-7, 7, (40, 2, 1, 1))
     s = np.where(rng.random(shape) < 0.3, np.round(s * 2) / 2, s).astype(np.float32)  # halves
     good = rng.random(shape) > rng.uniform(0, 0.9, (40, 2, 1, 1))
     kw = dict(mean_max=4.0, sigma_max=2.5, thresh=int(rng.integers(0, 8)), low=-5, high=6)
-    cm = ZeroPeakCommonMode(cam, (6, 40), kw["mean_max"], "all", numpy_backend, method="psana",
-                            histo_range=[kw["low"], kw["high"]], min_count=kw["thresh"], max_sigma=kw["sigma_max"])
+    cm = ZeroPeakCommonMode(
+        cam,
+        (6, 40),
+        kw["mean_max"],
+        "all",
+        numpy_backend,
+        method="psana",
+        histo_range=[kw["low"], kw["high"]],
+        min_count=kw["thresh"],
+        max_sigma=kw["sigma_max"],
+    )
     want, cms = slow_mode1(s, good, **kw)
     got = run(numpy_backend, cm, s, good)
     np.testing.assert_allclose(got[good], want[good], rtol=1e-6, atol=1e-5)

@@ -1,5 +1,6 @@
 """``gpusmall cube`` binning (--edges, --width, --steps), selections (--selection, --split, --select) and default
 keys (SPEC sections 9, 10), checked against a grouping by plain NumPy masks over the file's datasets."""
+
 from __future__ import annotations
 
 import itertools
@@ -41,15 +42,29 @@ def run_file(tmp_path_factory):
     """A 40-event camera run with a scan of 4 steps, laser off every 2nd event, X-rays off every 7th, damage."""
     tmp = tmp_path_factory.mktemp("cube_cli")
     cfg = {
-        "source": {"type": "sim", "events": EVENTS, "seed": 3, "damage_every": 9,
-                   "simulate": {"scan": {"events_per_step": 10, "start": -1, "step": 0.5},
-                                "laser_off_every": 2, "xray_off_every": 7}},
+        "source": {
+            "type": "sim",
+            "events": EVENTS,
+            "seed": 3,
+            "damage_every": 9,
+            "simulate": {
+                "scan": {"events_per_step": 10, "start": -1, "step": 0.5},
+                "laser_off_every": 2,
+                "xray_off_every": 7,
+            },
+        },
         "batch_size": 8,
         "backend": "numpy",
         "output": str(tmp / "run.h5"),
         "selections": RUN_SELECTIONS,
-        "detectors": {"cam": {"type": "camera", "shape": [16, 20], "mask": {"edges": 1}, "functions": [
-            {"type": "roi", "name": "r", "bounds": [[0, 1], [2, 10], [3, 12]], "write_area": True}]}},
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": [16, 20],
+                "mask": {"edges": 1},
+                "functions": [{"type": "roi", "name": "r", "bounds": [[0, 1], [2, 10], [3, 12]], "write_area": True}],
+            }
+        },
     }
     path = reduce_run(validate_config(cfg), Backend("numpy"), quiet=True).output
     with h5py.File(path, "r") as f:
@@ -201,9 +216,11 @@ def test_selection(run_file, tmp_path, name, capsys):
     out = tmp_path / "c.h5"
     assert cube(run_file, out, "--by", "scan/varStep", "--steps", "--selection", name, "--keys", *KEYS) == 0
     d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/varStep")
-    sel = {"laser_on": (d["lightStatus/xray"] == 1) & (d["lightStatus/laser"] == 1),
-           "good": (d["ipm/sum"] >= 0.5) & (d["ipm/sum"] <= 3.0),
-           "dropped": d["lightStatus/xray"] == 0}[name]
+    sel = {
+        "laser_on": (d["lightStatus/xray"] == 1) & (d["lightStatus/laser"] == 1),
+        "good": (d["ipm/sum"] >= 0.5) & (d["ipm/sum"] <= 3.0),
+        "dropped": d["lightStatus/xray"] == 0,
+    }[name]
     values = np.unique(d["scan/varStep"][sel & (read(run_file, "cam/damaged")["cam/damaged"] == 0)])
     count, sums = oracle(run_file, "scan/varStep", KEYS, [d["scan/varStep"] == u for u in values], extra=sel)
     assert 0 < count.sum() < EVENTS
@@ -242,21 +259,59 @@ def test_split_partition_adds_up_to_the_unsplit_cube(run_file, tmp_path, monkeyp
 
 def test_split_overlapping_with_a_selection(run_file, tmp_path):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/varStep", "--steps", "--selection", "good",
-                "--split", "laser_on", "bright", "--keys", *KEYS) == 0
+    assert (
+        cube(
+            run_file,
+            out,
+            "--by",
+            "scan/varStep",
+            "--steps",
+            "--selection",
+            "good",
+            "--split",
+            "laser_on",
+            "bright",
+            "--keys",
+            *KEYS,
+        )
+        == 0
+    )
     d = read(run_file, "lightStatus/xray", "lightStatus/laser", "ipm/sum", "scan/varStep", "cam/r_sum", "cam/damaged")
     good = (d["ipm/sum"] >= 0.5) & (d["ipm/sum"] <= 3.0)
     sel = [(d["lightStatus/xray"] == 1) & (d["lightStatus/laser"] == 1), d["cam/r_sum"] >= 0]
     values = np.unique(d["scan/varStep"][good & (d["cam/damaged"] == 0)])
-    per = [oracle(run_file, "scan/varStep", KEYS, [d["scan/varStep"] == u for u in values], extra=good & s) for s in sel]
-    check(out, np.stack([p[0] for p in per]), {k: np.stack([p[1][k] for p in per]) for k in KEYS},
-          split=["laser_on", "bright"])
+    per = [
+        oracle(run_file, "scan/varStep", KEYS, [d["scan/varStep"] == u for u in values], extra=good & s) for s in sel
+    ]
+    check(
+        out,
+        np.stack([p[0] for p in per]),
+        {k: np.stack([p[1][k] for p in per]) for k in KEYS},
+        split=["laser_on", "bright"],
+    )
 
 
 def test_ad_hoc_select(run_file, tmp_path):
     out = tmp_path / "c.h5"
-    assert cube(run_file, out, "--by", "scan/varStep", "--bins", "2", "--select", "lightStatus/laser=1",
-                "--select", "ipm/sum=0.8:", "--select", "scan/delay=-1:0.25", "--keys", *KEYS) == 0
+    assert (
+        cube(
+            run_file,
+            out,
+            "--by",
+            "scan/varStep",
+            "--bins",
+            "2",
+            "--select",
+            "lightStatus/laser=1",
+            "--select",
+            "ipm/sum=0.8:",
+            "--select",
+            "scan/delay=-1:0.25",
+            "--keys",
+            *KEYS,
+        )
+        == 0
+    )
     d = read(run_file, "lightStatus/laser", "ipm/sum", "scan/delay", "scan/varStep", "cam/damaged")
     sel = (d["lightStatus/laser"] == 1) & (d["ipm/sum"] >= 0.8) & (d["scan/delay"] >= -1) & (d["scan/delay"] <= 0.25)
     s = d["scan/varStep"][sel & (d["cam/damaged"] == 0)]
@@ -273,8 +328,20 @@ def test_default_keys_include_every_per_event_scalar(run_file, tmp_path):
     out = tmp_path / "c.h5"
     assert cube(run_file, out, "--by", "scan/varStep", "--steps") == 0
     with h5py.File(run_file, "r") as f:
-        scalars = [k for k in ("ipm/sum", "lightStatus/laser", "lightStatus/xray", "scan/delay", "scan/varStep",
-                               "cam/r_sum", "cam/r_max", "cam/r_mean", "cam/r_nsat")]
+        scalars = [
+            k
+            for k in (
+                "ipm/sum",
+                "lightStatus/laser",
+                "lightStatus/xray",
+                "scan/delay",
+                "scan/varStep",
+                "cam/r_sum",
+                "cam/r_max",
+                "cam/r_mean",
+                "cam/r_nsat",
+            )
+        ]
         assert all(k in f for k in scalars)
     with h5py.File(out, "r") as c:
         keys = set(json.loads(c.attrs["keys"]))
@@ -291,15 +358,18 @@ def test_default_keys_include_every_per_event_scalar(run_file, tmp_path):
             assert f"{gone}_sum" not in c
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--selection", "nope"], ["--selection", "'nope'", "laser_on", "good"]),
-    (["--split", "laser_on", "nope"], ["--split", "'nope'", "laser_off", "dropped"]),
-    (["--select", "ipm/summ=1"], ["--select", "'ipm/summ'", "ipm/sum", "scan/delay"]),
-    (["--select", "cam/r_area=1"], ["--select", "'cam/r_area'", "ipm/sum"]),
-    (["--select", "ipm/sum>1"], ["--select", "KEY=LO:HI"]),
-    (["--select", "ipm/sum=3:1"], ["--select", "ipm/sum=3:1"]),
-    (["--keys", "ipm/sun"], ["'ipm/sun'", "ipm/sum"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--selection", "nope"], ["--selection", "'nope'", "laser_on", "good"]),
+        (["--split", "laser_on", "nope"], ["--split", "'nope'", "laser_off", "dropped"]),
+        (["--select", "ipm/summ=1"], ["--select", "'ipm/summ'", "ipm/sum", "scan/delay"]),
+        (["--select", "cam/r_area=1"], ["--select", "'cam/r_area'", "ipm/sum"]),
+        (["--select", "ipm/sum>1"], ["--select", "KEY=LO:HI"]),
+        (["--select", "ipm/sum=3:1"], ["--select", "ipm/sum=3:1"]),
+        (["--keys", "ipm/sun"], ["'ipm/sun'", "ipm/sum"]),
+    ],
+)
 def test_unknown_selection_or_key_exits_2_naming_it(run_file, tmp_path, capsys, args, words):
     out = tmp_path / "c.h5"
     assert cube(run_file, out, "--by", "scan/varStep", "--steps", *args) == 2
@@ -318,12 +388,21 @@ def test_selection_reading_a_missing_key_and_bad_binning_exit_2(run_file, tmp_pa
     err = capsys.readouterr().err
     assert "--split 'weird'" in err and "'epics/foo'" in err and "ipm/sum" in err
     # unused, the broken selection is no error
-    assert main(["cube", str(path), "--by", "scan/varStep", "--steps", "--split", "good",
-                 "--out", str(tmp_path / "ok.h5")]) == 0
+    assert (
+        main(
+            ["cube", str(path), "--by", "scan/varStep", "--steps", "--split", "good", "--out", str(tmp_path / "ok.h5")]
+        )
+        == 0
+    )
     capsys.readouterr()
-    for args, word in [(["--edges", "0", "2", "1"], "--edges"), (["--edges", "1"], "--edges"),
-                       (["--steps", "--range", "0", "1"], "--range"), (["--edges", "0", "1", "--range", "0", "1"], "--range"),
-                       (["--width", "1e-9"], "--width"), (["--bins", "2", "--range", "2", "1"], "LO < HI")]:
+    for args, word in [
+        (["--edges", "0", "2", "1"], "--edges"),
+        (["--edges", "1"], "--edges"),
+        (["--steps", "--range", "0", "1"], "--range"),
+        (["--edges", "0", "1", "--range", "0", "1"], "--range"),
+        (["--width", "1e-9"], "--width"),
+        (["--bins", "2", "--range", "2", "1"], "LO < HI"),
+    ]:
         assert cube(run_file, tmp_path / "c.h5", "--by", "scan/varStep", *args) == 2, args
         assert word in capsys.readouterr().err
     # exactly one of --bins/--edges/--width/--steps (argparse: exit 2)

@@ -3,6 +3,7 @@
 Barriers, block shared memory, atomics across blocks running in parallel, thread orders that expose a
 missing barrier, guard bytes behind dynamic shared memory, and the portable (ucontext) fiber switch.
 """
+
 from __future__ import annotations
 
 import cuda_cpu
@@ -145,8 +146,7 @@ def test_warp_shuffles_and_votes(src, order):
     for m, srcl in ((1, 0), (16, 31), (5, 7)):
         xo, fo = np.zeros_like(x), np.zeros_like(x)
         votes, pops = np.zeros(x.size, np.int32), np.zeros(x.size, np.int32)
-        src.kernel("shuffles")((3,), (128,), (x, xo, fo, votes, pops, np.int32(m), np.int32(srcl)), order=order,
-                               seed=m)
+        src.kernel("shuffles")((3,), (128,), (x, xo, fo, votes, pops, np.int32(m), np.int32(srcl)), order=order, seed=m)
         np.testing.assert_array_equal(xo, x[warp0 + (lane ^ m)])
         np.testing.assert_array_equal(fo, x[warp0 + srcl])
         want = np.array([sum(1 << k for k in range(32) if x[w + k] > 0) for w in warp0], np.uint32)
@@ -156,8 +156,9 @@ def test_warp_shuffles_and_votes(src, order):
 
 def test_divergent_barriers_are_a_deadlock(src):
     with pytest.raises(cuda_cpu.BarrierDeadlock, match="warp_sums"):
-        src.kernel("warp_sums")((1,), (64,), (np.zeros(64, np.float32), np.zeros(2, np.float32), np.int32(2)),
-                                shared_mem=64 * 4)
+        src.kernel("warp_sums")(
+            (1,), (64,), (np.zeros(64, np.float32), np.zeros(2, np.float32), np.int32(2)), shared_mem=64 * 4
+        )
 
 
 def test_atomics_across_parallel_blocks(src):

@@ -7,6 +7,7 @@ and the CuPy stream/event/pinned-memory API that ``tests/fake_cupy.py`` stands i
 in the real CuPy. Skipped where CuPy is not installed (CI installs ``cupy-cuda13x``: it imports without
 a GPU or driver).
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def _after_xp(chain: list[str]) -> str | None:
     GPU-only code calls CuPy that); None otherwise."""
     for alias in ("xp", "cp"):
         if alias in chain[:-1]:
-            return ".".join(chain[chain.index(alias) + 1:])
+            return ".".join(chain[chain.index(alias) + 1 :])
     return None
 
 

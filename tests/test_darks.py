@@ -1,4 +1,5 @@
 """Darks (SPEC section 2): pedestal, noise and status from a simulated dark run."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -80,8 +81,11 @@ def test_darks_config_bits_are_5_bits_and_loadable(numpy_backend, rng, tmp_path)
     v = rng.integers(100, 200, (e, *shape))
     raw = v.astype(np.uint16)  # data bit 14 = 0: ranges 3, 0, 1, 4, 3, 0
     batch = RawBatch(np.arange(e, dtype=np.uint64), np.arange(e, dtype=np.int64), {"e": raw})
-    src = SimpleNamespace(detectors={"e": DetectorSource("e", "epix10ka", shape, np.dtype(np.uint16), config_bits=c)},
-                          n_events=e, batches=lambda *a: iter([batch]))
+    src = SimpleNamespace(
+        detectors={"e": DetectorSource("e", "epix10ka", shape, np.dtype(np.uint16), config_bits=c)},
+        n_events=e,
+        batches=lambda *a: iter([batch]),
+    )
     res = compute_darks(src, "e", model, numpy_backend)
     np.testing.assert_array_equal(res.constants.config_bits, c & 0x1F)
     want_range = np.array([[[3, 0, 1], [4, 3, 0]]])
@@ -107,8 +111,12 @@ def test_dark_status_flags(rng):
 
 
 def test_cli_darks(tmp_path):
-    cfg = {"source": {"type": "sim", "events": 40, "seed": 1}, "batch_size": 16, "output": "x.h5",
-           "detectors": {"cam": {"type": "jungfrau", "shape": [1, 512, 1024]}}}
+    cfg = {
+        "source": {"type": "sim", "events": 40, "seed": 1},
+        "batch_size": 16,
+        "output": "x.h5",
+        "detectors": {"cam": {"type": "jungfrau", "shape": [1, 512, 1024]}},
+    }
     p = tmp_path / "dark.yaml"
     p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "c.h5"
@@ -137,8 +145,11 @@ def test_pixel_in_no_valid_range_is_flagged(numpy_backend, rng):
 
 def test_n_sigma_must_be_positive(tmp_path, capsys):
     p = tmp_path / "d.yaml"
-    p.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4},
-                                 "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {"source": {"type": "sim", "events": 4}, "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}}
+        )
+    )
     with pytest.raises(SystemExit) as e:
         main(["darks", str(p), "--out", str(tmp_path / "k.h5"), "--n-sigma", "0"])
     assert e.value.code == 2 and "--n-sigma" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Darks from several dark runs, one per gain mode (SPEC section 2), and runs that need every gain range
 they can meet: refused when the constants lack one, or its pixels bad when the run's mode is not known."""
+
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,12 @@ def write_run(path, name, raw):
 
 def config(tmp_path, name, path, det_type, **det):
     shape = list(JF_SHAPE if det_type == "jungfrau" else EPIX_SHAPE)
-    cfg = {"source": {"type": "hdf5", "path": str(path), "timestamp": None}, "batch_size": 8,
-           "output": str(tmp_path / "out.h5"),
-           "detectors": {name: {"type": det_type, "dataset": f"/{name}", "shape": shape, **det}}}
+    cfg = {
+        "source": {"type": "hdf5", "path": str(path), "timestamp": None},
+        "batch_size": 8,
+        "output": str(tmp_path / "out.h5"),
+        "detectors": {name: {"type": det_type, "dataset": f"/{name}", "shape": shape, **det}},
+    }
     p = tmp_path / f"{path.stem}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -114,8 +118,10 @@ def test_epix10ka_fixed_gain_runs_and_derived_low_ranges(numpy_backend, rng, cap
     shape = (1, 6, 8)
     fh = rng.integers(2700, 2720, (15, *shape)).astype(np.uint16)
     fl = (rng.integers(3000, 3004, (12, *shape)) | (1 << 14)).astype(np.uint16)  # data bit 14 set, as in FL
-    runs = [measure_dark(fake_source("e", shape, raw, np.full(shape, bits, np.uint8)), "e", EPIX, numpy_backend)
-            for raw, bits in ((fh, 28), (fl, 8))]
+    runs = [
+        measure_dark(fake_source("e", shape, raw, np.full(shape, bits, np.uint8)), "e", EPIX, numpy_backend)
+        for raw, bits in ((fh, 28), (fl, 8))
+    ]
     with caplog.at_level(logging.WARNING):
         res = dark_constants(combine_dark_runs(runs, "e"), EPIX)
     c = res.constants
@@ -124,7 +130,9 @@ def test_epix10ka_fixed_gain_runs_and_derived_low_ranges(numpy_backend, rng, cap
     np.testing.assert_allclose(c.pedestal[2], (fl & 0x3FFF).mean(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(c.pedestal[5], c.pedestal[2])
     np.testing.assert_array_equal(c.noise[6], c.noise[2])
-    assert (c.pedestal[[1, 3, 4]] == 0).all() and c.config_bits is None and "different pixel configurations" in caplog.text
+    assert (
+        (c.pedestal[[1, 3, 4]] == 0).all() and c.config_bits is None and "different pixel configurations" in caplog.text
+    )
     # one FL run: its configuration is kept; without FL nothing is derived
     one = compute_darks(fake_source("e", shape, fl, np.full(shape, 8, np.uint8)), "e", EPIX, numpy_backend)
     assert one.measured.tolist() == [0, 0, 1, 0, 0, 2, 2] and (one.constants.config_bits == 8).all()
@@ -143,8 +151,12 @@ def test_pixel_missing_in_a_measured_range_is_flagged(numpy_backend, rng):
 
 
 def epix_constants(measured, config_bits=None, shape=EPIX_SHAPE):
-    return Constants(pedestal=np.full((7, *shape), 1000, np.float32), gain=np.ones((7, *shape), np.float32),
-                     config_bits=config_bits, gain_ranges_measured=np.asarray(measured, np.uint8))
+    return Constants(
+        pedestal=np.full((7, *shape), 1000, np.float32),
+        gain=np.ones((7, *shape), np.float32),
+        config_bits=config_bits,
+        gain_ranges_measured=np.asarray(measured, np.uint8),
+    )
 
 
 def test_refused_when_the_configuration_can_meet_a_missing_range():
@@ -179,8 +191,19 @@ def test_gpusmall_run_refuses_constants_lacking_a_range(tmp_path, rng, capsys, c
     dark = rng.integers(2790, 2810, (8, *EPIX_SHAPE)).astype(np.uint16)  # bit 14 = 0: AHL-H without config bits
     write_run(tmp_path / "ahl.h5", "epix", dark)
     out = tmp_path / "c.h5"
-    assert main(["darks", str(config(tmp_path, "epix", tmp_path / "ahl.h5", "epix10ka")), "--out", str(out),
-                 "--backend", "numpy"]) == 0
+    assert (
+        main(
+            [
+                "darks",
+                str(config(tmp_path, "epix", tmp_path / "ahl.h5", "epix10ka")),
+                "--out",
+                str(out),
+                "--backend",
+                "numpy",
+            ]
+        )
+        == 0
+    )
     assert "gain ranges AHL-H," in capsys.readouterr().err
     light = (rng.integers(2790, 2810, (6, *EPIX_SHAPE))).astype(np.uint16)
     light[:, 0, 100, 100] |= np.uint16(1 << 14)  # a pixel switched to low
@@ -210,8 +233,19 @@ def test_unknown_gain_mode_warns_and_marks_unmeasured_ranges_bad(tmp_path, numpy
     assert res.measured.tolist() == [1, 0, 0]
     res.constants.gain = np.ones((3, *JF_SHAPE), np.float32)
     res.constants.save(tmp_path / "c.h5")
-    cfg = validate_config({"source": {"type": "sim", "events": 3}, "detectors": {"jf": {
-        "type": "jungfrau", "shape": list(JF_SHAPE), "constants": str(tmp_path / "c.h5"), "mask": {"status": False}}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "sim", "events": 3},
+            "detectors": {
+                "jf": {
+                    "type": "jungfrau",
+                    "shape": list(JF_SHAPE),
+                    "constants": str(tmp_path / "c.h5"),
+                    "mask": {"status": False},
+                }
+            },
+        }
+    )
     with caplog.at_level(logging.WARNING):
         pl = DetectorPipeline("jf", cfg.detectors["jf"], sim.detectors["jf"], [], numpy_backend)
     assert "no pedestals for gain ranges G1 (1), G2 (2)" in caplog.text and str(tmp_path / "c.h5") in caplog.text
@@ -232,12 +266,18 @@ def test_unknown_gain_mode_warns_and_marks_unmeasured_ranges_bad(tmp_path, numpy
     assert pl.calibrator(raw).good[stage > 0].all()
 
 
-@pytest.mark.parametrize("value, match", [(np.array([1, 0], np.uint8), "shape"),
-                                          (np.array([1, 0, 3], np.uint8), "expected integers 0"),
-                                          (np.array([1.0, 0.0, 1.0]), "expected integers 0")])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (np.array([1, 0], np.uint8), "shape"),
+        (np.array([1, 0, 3], np.uint8), "expected integers 0"),
+        (np.array([1.0, 0.0, 1.0]), "expected integers 0"),
+    ],
+)
 def test_measured_record_is_validated(tmp_path, value, match):
-    c = Constants(pedestal=np.zeros((3, 1, 2, 2), np.float32), gain=np.ones((3, 1, 2, 2), np.float32),
-                  gain_ranges_measured=value)
+    c = Constants(
+        pedestal=np.zeros((3, 1, 2, 2), np.float32), gain=np.ones((3, 1, 2, 2), np.float32), gain_ranges_measured=value
+    )
     c.save(tmp_path / "c.h5")
     with pytest.raises(ConstantsError, match=match):
         load_constants(tmp_path / "c.h5", "j", JF, (1, 2, 2))
@@ -245,15 +285,24 @@ def test_measured_record_is_validated(tmp_path, value, match):
 
 def test_darks_cli_checks_the_runs_agree(tmp_path, capsys):
     a = tmp_path / "a.yaml"
-    a.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4},
-                                 "detectors": {"d": {"type": "jungfrau", "shape": [1, 512, 1024]}}}))
+    a.write_text(
+        yaml.safe_dump(
+            {"source": {"type": "sim", "events": 4}, "detectors": {"d": {"type": "jungfrau", "shape": [1, 512, 1024]}}}
+        )
+    )
     b = tmp_path / "b.yaml"
-    b.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4},
-                                 "detectors": {"d": {"type": "epix10ka", "shape": [1, 352, 384]}}}))
+    b.write_text(
+        yaml.safe_dump(
+            {"source": {"type": "sim", "events": 4}, "detectors": {"d": {"type": "epix10ka", "shape": [1, 352, 384]}}}
+        )
+    )
     assert main(["darks", str(a), str(b), "--out", str(tmp_path / "c.h5"), "--backend", "numpy"]) == 2
     assert "a epix10ka in" in capsys.readouterr().err and not (tmp_path / "c.h5").exists()
-    b.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4},
-                                 "detectors": {"d": {"type": "jungfrau", "shape": [2, 512, 1024]}}}))
+    b.write_text(
+        yaml.safe_dump(
+            {"source": {"type": "sim", "events": 4}, "detectors": {"d": {"type": "jungfrau", "shape": [2, 512, 1024]}}}
+        )
+    )
     assert main(["darks", str(a), str(b), "--out", str(tmp_path / "c.h5"), "--backend", "numpy"]) == 2
     assert "shape" in capsys.readouterr().err
 
@@ -275,8 +324,15 @@ def test_real_epix10ka_dark_and_refusal_by_its_configuration(tmp_path, data_dir,
         assert f["gain_ranges_measured"][()].tolist() == [0, 0, 1, 0, 0, 2, 2] and (f["config_bits"][()] == 8).all()
         f["gain_ranges_measured"][...] = [1, 0, 0, 0, 0, 0, 0]  # as if only FH had been measured
     run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump({"source": src, "output": str(tmp_path / "o.h5"),
-                                   "detectors": {"epixquad": {"type": "epix10ka", "constants": str(out)}}}))
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "source": src,
+                "output": str(tmp_path / "o.h5"),
+                "detectors": {"epixquad": {"type": "epix10ka", "constants": str(out)}},
+            }
+        )
+    )
     assert main(["run", str(run), "--backend", "numpy", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "FL (2)" in err and "pixel configuration" in err and "epixquad" in err

@@ -2,6 +2,7 @@
 
 Both layouts: ``ragged`` (the default: flat arrays and a per-event ``len``) is read back into rows with
 :func:`to_padded`, and must equal ``padded`` row by row (``tests/test_ragged.py`` checks that file-wide)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +59,7 @@ def to_padded(out, m, prefix="", keys=DROPLET_FIELDS):
         assert flat.shape == (n.sum(),), (k, flat.shape, n.sum())
         a = np.zeros((len(n), m), flat.dtype)
         for e in range(len(n)):
-            a[e, :n[e]] = flat[start[e]:start[e] + n[e]]
+            a[e, : n[e]] = flat[start[e] : start[e] + n[e]]
         res[prefix + k] = a
     return res
 
@@ -117,8 +118,17 @@ def test_droplet_dense_truncation_veto(backend, rng, layout):
     shape = (2, 30, 30)
     data = rng.exponential(20, (3,) + shape).astype(np.float32)
     ctx = make_ctx(backend, shape)
-    f = setup(Droplet, backend, ctx, threshold=30, threshold_low=10, use_rms=False, thres_adu=60, max_droplets=15,
-              layout=layout)
+    f = setup(
+        Droplet,
+        backend,
+        ctx,
+        threshold=30,
+        threshold_low=10,
+        use_rms=False,
+        thres_adu=60,
+        max_droplets=15,
+        layout=layout,
+    )
     out = to_host(backend, f.compute(make_frames(backend, data))[0])
     ref = reference(data, np.ones(data.shape, bool), np.full(2, 30.0), np.full(2, 10.0), thres_adu=60)
     check(out, ref, 15)
@@ -159,9 +169,9 @@ def test_droplet_masked_pixels(backend):
 def test_photons(backend, layout):
     shape = (1, 6, 8)
     data = np.zeros((2,) + shape, np.float32)
-    data[0, 0, 1, 1:4] = [100, 250, 70]   # 420 ADU -> floor(420/160+0.5) = 3 photons: 0+1+0 base, 2 left
-    data[0, 0, 4, 6] = 330                 # 2 photons (floor 2.06+0.5 = 2), base 2
-    data[1, 0, 2, 2] = 60                  # 0 photons
+    data[0, 0, 1, 1:4] = [100, 250, 70]  # 420 ADU -> floor(420/160+0.5) = 3 photons: 0+1+0 base, 2 left
+    data[0, 0, 4, 6] = 330  # 2 photons (floor 2.06+0.5 = 2), base 2
+    data[1, 0, 2, 2] = 60  # 0 photons
     ctx = make_ctx(backend, shape)
     ph = Photons(Photons.Params(adu_per_photon=160, max_photons=4, layout=layout))
     f = setup(Droplet, backend, ctx, [ph], threshold=50, use_rms=False, layout=layout)
@@ -214,18 +224,22 @@ def test_labels_at_the_labelled_pixels_are_scipys():
 
     mask = np.random.default_rng(0).random((3, 2, 20, 24)) > 0.7
     got, n = label_stack(Backend("numpy"), mask)
-    full, n_full = ndimage.label(mask.reshape(6, 20, 24),
-                                 structure=[[[0] * 3] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0] * 3] * 3])
+    full, n_full = ndimage.label(
+        mask.reshape(6, 20, 24), structure=[[[0] * 3] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0] * 3] * 3]
+    )
     assert n == n_full > 10
     np.testing.assert_array_equal(got, full.ravel()[np.flatnonzero(mask)])
 
 
 # ---- parameters that would let negative pixels into droplets; photons with negative pixels -------------
-@pytest.mark.parametrize("params, loc", [
-    (dict(threshold=100, threshold_low=-200), "threshold_low"),
-    (dict(threshold=0), "threshold"),
-    (dict(threshold=-5, threshold_low=-10), "threshold"),
-])
+@pytest.mark.parametrize(
+    "params, loc",
+    [
+        (dict(threshold=100, threshold_low=-200), "threshold_low"),
+        (dict(threshold=0), "threshold"),
+        (dict(threshold=-5, threshold_low=-10), "threshold"),
+    ],
+)
 def test_droplet_rejects_negative_thresholds(params, loc):
     from pydantic import ValidationError
 
@@ -245,7 +259,7 @@ def photons_reference(value, droplet, adu):
         n = int(np.floor(value[pix].sum() / adu + 0.5))
         k = np.floor(r).astype(np.int64)
         order = sorted(range(pix.size), key=lambda j: (-(r[j] - np.floor(r[j])), j))
-        for j in order[:n - k.sum()]:
+        for j in order[: n - k.sum()]:
             k[j] += 1
         out[pix] = k
     return out
@@ -258,15 +272,23 @@ def test_photons_are_placed_by_largest_remainders(backend, rng):
     droplet = np.unique(np.sort(rng.integers(0, 60, 400)), return_inverse=True)[1]
     value = np.abs(rng.normal(1.0, 3.0, droplet.size)) * adu  # droplet pixels are never negative
     s = np.bincount(droplet, weights=value)
-    k = backend.to_host(photons_per_pixel(backend.xp, backend.to_device(value), backend.to_device(droplet),
-                                          backend.to_device(s), adu))
+    k = backend.to_host(
+        photons_per_pixel(backend.xp, backend.to_device(value), backend.to_device(droplet), backend.to_device(s), adu)
+    )
     np.testing.assert_array_equal(k, photons_reference(value, droplet, adu))
     np.testing.assert_array_equal(np.bincount(droplet, weights=k), np.floor(s / adu + 0.5))
 
 
-@pytest.mark.parametrize("use_rms,low,shape", [(True, 3.0, (3, 37, 41)), (False, None, (3, 37, 41)),
-                                               (False, 10.0, (3, 37, 41)), (True, 3.0, (3, 24, 64)),
-                                               (False, 10.0, (3, 33, 72))])
+@pytest.mark.parametrize(
+    "use_rms,low,shape",
+    [
+        (True, 3.0, (3, 37, 41)),
+        (False, None, (3, 37, 41)),
+        (False, 10.0, (3, 37, 41)),
+        (True, 3.0, (3, 24, 64)),
+        (False, 10.0, (3, 33, 72)),
+    ],
+)
 def test_numba_find_bit_identical_to_the_array_path(rng, use_rms, low, shape):
     """gpusmall/funcs/cpu_droplet.py (numba) against Droplet.find_arrays (scipy.ndimage.label + bincount), every
     field bit for bit: dense exponential frames (droplets that merge through U and spiral shapes), a frame
@@ -287,8 +309,9 @@ def test_numba_find_bit_identical_to_the_array_path(rng, use_rms, low, shape):
     good = rng.random(data.shape) > 0.03
     noise = rng.uniform(2, 4, shape).astype(np.float32)
     ctx = make_ctx(backend, shape, noise=noise)
-    f = setup(Droplet, backend, ctx, threshold=20 if not use_rms else 6, threshold_low=low, use_rms=use_rms,
-              max_droplets=5000)
+    f = setup(
+        Droplet, backend, ctx, threshold=20 if not use_rms else 6, threshold_low=low, use_rms=use_rms, max_droplets=5000
+    )
     frames = make_frames(backend, data, good)
     got, ref = f.find(frames), f.find_arrays(frames)
     assert got["n"] == ref["n"] > 100

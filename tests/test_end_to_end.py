@@ -1,4 +1,5 @@
 """A whole run, simulated source -> HDF5 file, checked against the SPEC formulas in NumPy."""
+
 import h5py
 import numpy as np
 import pytest
@@ -16,17 +17,31 @@ def config(tmp_path, events=12, batch=5):
         "source": {"type": "sim", "events": events, "seed": 3},
         "batch_size": batch,
         "output": str(tmp_path / "run.h5"),
-        "detectors": {"epix": {
-            "type": "epix10ka", "shape": SHAPE, "mask": {"edges": 1, "central": 1},
-            "common_mode": {"type": "none"},
-            "functions": [
-                {"type": "roi", "name": "roi0", "bounds": [[1, 2], [40, 140], [30, 230]], "thres_adu": 20,
-                 "write_area": True, "children": [{"type": "projection", "axis": 1}]},
-                {"type": "roi", "name": "all", "bounds": [[0, 2], [0, 352], [0, 384]],
-                 "children": [{"type": "projection"}]},  # smalldata_tools' default axis -1: the total
-            ],
-            "sums": ["calib", "max", "nhits_thresADU80"],  # max: written calib_max
-        }},
+        "detectors": {
+            "epix": {
+                "type": "epix10ka",
+                "shape": SHAPE,
+                "mask": {"edges": 1, "central": 1},
+                "common_mode": {"type": "none"},
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[1, 2], [40, 140], [30, 230]],
+                        "thres_adu": 20,
+                        "write_area": True,
+                        "children": [{"type": "projection", "axis": 1}],
+                    },
+                    {
+                        "type": "roi",
+                        "name": "all",
+                        "bounds": [[0, 2], [0, 352], [0, 384]],
+                        "children": [{"type": "projection"}],
+                    },  # smalldata_tools' default axis -1: the total
+                ],
+                "sums": ["calib", "max", "nhits_thresADU80"],  # max: written calib_max
+            }
+        },
     }
 
 
@@ -64,10 +79,27 @@ def test_layout(result):
         assert f["epix/roi0_area"].shape == (12, 100, 200)
         assert f["epix/roi0_pj_ax_1_data"].shape == (12, 100)
         assert f["epix/all_pj_ax_1_data"].shape == (12,)
-        for key in ("ped", "gain", "noise", "x", "y", "z", "mask", "cmask", "roi0__bounds", "roi0_pj_ax_1__axis",
-                    # smalldata_tools' names
-                    "rms", "ix", "iy", "roi0__roi0_bound", "roi0__roi0_thresADU", "roi0__pj_ax_1_axis",
-                    "all__all_bound", "all__pj_ax_1_axis"):
+        for key in (
+            "ped",
+            "gain",
+            "noise",
+            "x",
+            "y",
+            "z",
+            "mask",
+            "cmask",
+            "roi0__bounds",
+            "roi0_pj_ax_1__axis",
+            # smalldata_tools' names
+            "rms",
+            "ix",
+            "iy",
+            "roi0__roi0_bound",
+            "roi0__roi0_thresADU",
+            "roi0__pj_ax_1_axis",
+            "all__all_bound",
+            "all__pj_ax_1_axis",
+        ):
             assert key in f["UserDataCfg/epix"], key
         assert sorted(f["Sums"]) == ["epix_calib", "epix_calib_max", "epix_nhits_thresADU80"]
         assert f["Sums/epix_calib"].shape == tuple(SHAPE)
@@ -142,8 +174,9 @@ def test_gpusmall_demo(tmp_path, monkeypatch, capsys):
         assert f["timestamp"].shape == (6,)
         det = f["epix10k2m"]
         per_item = [k for k in det if isinstance(det[k], h5py.Dataset) and "items_count" in det[k].attrs]
-        assert per_item and all(det[k].shape[0] == 6 for k in det if isinstance(det[k], h5py.Dataset)
-                                and k not in per_item)
+        assert per_item and all(
+            det[k].shape[0] == 6 for k in det if isinstance(det[k], h5py.Dataset) and k not in per_item
+        )
         for k in per_item:  # ragged droplets and photons: the items of every event, one after the other
             n = det[det[k].attrs["items_count"]][()]
             assert det[k].shape == (n.sum(),), k

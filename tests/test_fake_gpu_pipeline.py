@@ -9,6 +9,7 @@ in another order), and streams/events are the stand-ins of ``test_process``. The
 the GPU itself (compilation is checked by ``test_kernels_compile``, numbers on a GPU by
 ``test_pipeline_backends`` with ``GPUSMALL_BACKEND=cupy``).
 """
+
 from __future__ import annotations
 
 import types
@@ -45,8 +46,12 @@ class FakeGpuStrict(FakeGpu):
         super().__init__(kernels)
         self.transfers = [] if transfers is None else transfers
         cuda_parts, self.stream = fake_cuda([])
-        self.xp = strict_cupy(self.transfers, extra=types.SimpleNamespace(
-            cuda=cuda_parts.cuda, get_default_memory_pool=cuda_parts.get_default_memory_pool))
+        self.xp = strict_cupy(
+            self.transfers,
+            extra=types.SimpleNamespace(
+                cuda=cuda_parts.cuda, get_default_memory_pool=cuda_parts.get_default_memory_pool
+            ),
+        )
 
     to_host = Backend.to_host
 
@@ -63,8 +68,9 @@ def demo_on(backend, shape=(2, 352, 384), events=6, batch=4, per_batch=None):
     det["functions"].append({"type": "photon_count", "adu_per_photon": 156})
     data["source"]["events"] = events
     cfg = validate_config(data)
-    src = SimSource(events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=2,
-                    simulate=cfg.source.simulate)
+    src = SimSource(
+        events, {"epix10k2m": {"type": "epix10ka", "shape": tuple(shape)}}, seed=2, simulate=cfg.source.simulate
+    )
     pl = make_pipelines(cfg, src, backend)["epix10k2m"]
     proc = BatchProcessor({"epix10k2m": pl}, backend, batch)
     if hasattr(backend, "transfers"):
@@ -147,26 +153,69 @@ def _quiet_numpy():
 
 AZAV = {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 100}
 CASES = {
-    "jungfrau-median": ("jungfrau", [1, 512, 1024], {"type": "median", "axes": ["rows", "cols"]},
-                        [{"type": "roi", "name": "r", "bounds": [[0, 1], [10, 200], [100, 400]],
-                          "children": [{"type": "projection", "axis": 0}]},
-                         dict(AZAV, phi_bins=4, engine="histogram"),
-                         {"type": "droplet", "threshold": 10, "use_rms": False, "max_droplets": 500,
-                          "children": [{"type": "photons", "adu_per_photon": 40, "max_photons": 800}]}],
-                        "photons"),
-    "epix100": ("epix100", [1, 704, 768], {"type": "epix100", "norm_all": True},
-                [dict(AZAV), {"type": "photon_count", "adu_per_photon": 4.4},
-                 {"type": "rebin", "shape": [88, 96]}], "adu"),
-    "epix10ka-zero_peak-kev": ("epix10ka", [2, 352, 384], {"type": "zero_peak"},
-                               [{"type": "roi", "name": "r", "bounds": [[1, 2], [0, 352], [0, 384]],
-                                 "thres_adu": 5}, {"type": "acf", "window": 9}], "kev"),
-    "epix10ka-zero_peak-psana": ("epix10ka", [1, 352, 384], {"type": "zero_peak", "method": "psana", "min_count": 20},
-                                 [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 352], [0, 384]]}], "adu"),
-    "camera-none": ("camera", [1, 300, 400], {"type": "none"},
-                    [dict(AZAV, engine="histogram"), {"type": "droplet", "threshold": 30, "threshold_low": 10,
-                                                      "use_rms": False, "thres_adu": 50}], "adu"),
-    "epix10ka-raw": ("epix10ka", [1, 352, 384], {"type": "raw"},
-                     [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 100], [0, 100]]}], "adu"),
+    "jungfrau-median": (
+        "jungfrau",
+        [1, 512, 1024],
+        {"type": "median", "axes": ["rows", "cols"]},
+        [
+            {
+                "type": "roi",
+                "name": "r",
+                "bounds": [[0, 1], [10, 200], [100, 400]],
+                "children": [{"type": "projection", "axis": 0}],
+            },
+            dict(AZAV, phi_bins=4, engine="histogram"),
+            {
+                "type": "droplet",
+                "threshold": 10,
+                "use_rms": False,
+                "max_droplets": 500,
+                "children": [{"type": "photons", "adu_per_photon": 40, "max_photons": 800}],
+            },
+        ],
+        "photons",
+    ),
+    "epix100": (
+        "epix100",
+        [1, 704, 768],
+        {"type": "epix100", "norm_all": True},
+        [dict(AZAV), {"type": "photon_count", "adu_per_photon": 4.4}, {"type": "rebin", "shape": [88, 96]}],
+        "adu",
+    ),
+    "epix10ka-zero_peak-kev": (
+        "epix10ka",
+        [2, 352, 384],
+        {"type": "zero_peak"},
+        [
+            {"type": "roi", "name": "r", "bounds": [[1, 2], [0, 352], [0, 384]], "thres_adu": 5},
+            {"type": "acf", "window": 9},
+        ],
+        "kev",
+    ),
+    "epix10ka-zero_peak-psana": (
+        "epix10ka",
+        [1, 352, 384],
+        {"type": "zero_peak", "method": "psana", "min_count": 20},
+        [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 352], [0, 384]]}],
+        "adu",
+    ),
+    "camera-none": (
+        "camera",
+        [1, 300, 400],
+        {"type": "none"},
+        [
+            dict(AZAV, engine="histogram"),
+            {"type": "droplet", "threshold": 30, "threshold_low": 10, "use_rms": False, "thres_adu": 50},
+        ],
+        "adu",
+    ),
+    "epix10ka-raw": (
+        "epix10ka",
+        [1, 352, 384],
+        {"type": "raw"},
+        [{"type": "roi", "name": "r", "bounds": [[0, 1], [0, 100], [0, 100]]}],
+        "adu",
+    ),
 }
 
 
@@ -175,11 +224,23 @@ DAMAGED = {"jungfrau-median": [1], "camera-none": [3, 4]}
 
 def case_on(backend, case, events=5, batch=3):
     det_type, shape, cm, functions, units = CASES[case]
-    data = {"source": {"type": "sim", "events": events, "seed": 4}, "batch_size": batch, "output": "x.h5",
-            "detectors": {"det": {"type": det_type, "shape": shape, "units": units,
-                                  "photon_energy_kev": 9.5 if units != "adu" else None,
-                                  "mask": {"status": True, "edges": 1}, "common_mode": cm,
-                                  "functions": functions, "sums": ["calib", "max", "nhits_thresADU20"]}}}
+    data = {
+        "source": {"type": "sim", "events": events, "seed": 4},
+        "batch_size": batch,
+        "output": "x.h5",
+        "detectors": {
+            "det": {
+                "type": det_type,
+                "shape": shape,
+                "units": units,
+                "photon_energy_kev": 9.5 if units != "adu" else None,
+                "mask": {"status": True, "edges": 1},
+                "common_mode": cm,
+                "functions": functions,
+                "sums": ["calib", "max", "nhits_thresADU20"],
+            }
+        },
+    }
     cfg = validate_config(data)
     src = SimSource(events, {"det": {"type": det_type, "shape": tuple(shape)}}, seed=4)
     pl = DetectorPipeline("det", cfg.detectors["det"], src.detectors["det"], cfg.function_specs("det"), backend)
@@ -201,8 +262,9 @@ def case_on(backend, case, events=5, batch=3):
     return cols, {k: np.asarray(v) for k, v in pl.sum_results().items()}, uploads
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c == "jungfrau-median" else [])
-                                  for c in sorted(CASES)])  # JUNGFRAU's 0.5M median: 25 s, the slow run
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=[pytest.mark.slow] if c == "jungfrau-median" else []) for c in sorted(CASES)]
+)  # JUNGFRAU's 0.5M median: 25 s, the slow run
 def test_detectors_and_common_modes_under_cupys_rules(monkeypatch, case):
     """Other detectors, common modes, units and functions than the demo's (JUNGFRAU median, epix100,
     zero_peak in keV, zero_peak psana, none, raw; 2-D azav, histogram engine, photon_count, acf, rebin, droplet growth):

@@ -6,6 +6,7 @@ A full disk is made with ``RLIMIT_FSIZE`` in a subprocess (SIGXFSZ ignored): wri
 with EFBIG as they fail with ENOSPC on a full disk. The predictive free-space check is tested with a
 fake ``os.statvfs``.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,15 @@ def make_part(path, rank: int, ranks: int, events: int = 8, t0: int = 0) -> Path
     with ResultWriter(path, chunk_events=4) as w:
         w.set_attrs("/", {"gpusmall_version": "test", "rank": rank, "ranks": ranks, "complete": True})
         ev = t0 + np.arange(events)
-        w.append({"timestamp": (1000 + ev).astype(np.uint64), "event_index": ev, "cam/v": ev * 1.5,
-                  "cam/img": np.ones((events, 3, 3), np.float32) * ev[:, None, None],
-                  "cam/damaged": np.zeros(events, np.uint8)})
+        w.append(
+            {
+                "timestamp": (1000 + ev).astype(np.uint64),
+                "event_index": ev,
+                "cam/v": ev * 1.5,
+                "cam/img": np.ones((events, 3, 3), np.float32) * ev[:, None, None],
+                "cam/damaged": np.zeros(events, np.uint8),
+            }
+        )
     return Path(path)
 
 
@@ -179,6 +186,7 @@ def _limited(limit):
     def pre():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return pre
 
 
@@ -190,8 +198,17 @@ def reference(tmp_path_factory):
     run_inproc(data, d)
     ref = d / "ref.h5"
     with h5py.File(ref) as f:
-        per_event = {k: f[k][()] for k in ("timestamp", "event_index", "cam/roi0_sum", "cam/roi0_pj_ax_1_data",
-                                           "cam/rebin_data", "cam/damaged")}
+        per_event = {
+            k: f[k][()]
+            for k in (
+                "timestamp",
+                "event_index",
+                "cam/roi0_sum",
+                "cam/roi0_pj_ax_1_data",
+                "cam/rebin_data",
+                "cam/damaged",
+            )
+        }
     return data, ref.stat().st_size, per_event
 
 
@@ -214,8 +231,14 @@ def test_full_disk_one_line_exit_1_and_every_completed_batch(tmp_path, reference
     data = dict(data, output=str(tmp_path / "full.h5"))
     cfg = write_cfg(tmp_path, data)
     out = tmp_path / "full.h5"
-    p = subprocess.run([sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"], env=env(),
-                       preexec_fn=_limited(int(size * fraction)), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+        env=env(),
+        preexec_fn=_limited(int(size * fraction)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [ln for ln in p.stderr.strip().splitlines() if "backend" not in ln]
     assert p.returncode == 1, p.stderr
     assert len(lines) == 1, p.stderr
@@ -233,8 +256,14 @@ def test_full_disk_before_the_first_batch(tmp_path, reference):
     cfg = write_cfg(tmp_path, data)
     out = tmp_path / "full.h5"
     for limit in (size // 50, size // 5):  # in the set-up writes, in the first batch
-        p = subprocess.run([sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"], env=env(),
-                           preexec_fn=_limited(limit), capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+            env=env(),
+            preexec_fn=_limited(limit),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         lines = [ln for ln in p.stderr.strip().splitlines() if "backend" not in ln]
         assert p.returncode == 1 and len(lines) == 1 and "(disk full?)" in lines[0], p.stderr
         assert "no events" in lines[0] or "cannot create" in lines[0], lines
@@ -249,12 +278,19 @@ def test_full_disk_under_mpi_master_over_the_completed_batches(tmp_path, referen
     data = dict(data, output=str(tmp_path / "m.h5"))
     cfg = write_cfg(tmp_path, data)
     wrapper = tmp_path / "limited_rank.py"  # MPI's shared memory is set up before the limit
-    wrapper.write_text("import resource, signal, sys\nfrom mpi4py import MPI  # noqa: F401\n"
-                       "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-                       f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 3}, {size // 3}))\n"
-                       "from gpusmall.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, str(wrapper), "run", str(cfg), "--quiet"], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    wrapper.write_text(
+        "import resource, signal, sys\nfrom mpi4py import MPI  # noqa: F401\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 3}, {size // 3}))\n"
+        "from gpusmall.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    p = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, str(wrapper), "run", str(cfg), "--quiet"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [ln for ln in p.stderr.strip().splitlines() if "backend" not in ln]
     assert p.returncode != 0 and len(lines) == 2 and all("(disk full?)" in ln for ln in lines), p.stderr
     with h5py.File(tmp_path / "m.h5", "r") as f:
@@ -338,9 +374,11 @@ def test_plot_and_cube_refuse_a_master_whose_part_is_missing(master, tmp_path, c
     capsys.readouterr()
     png.unlink()
     part_path(master, 1).unlink()
-    for argv in (["plot", str(master), "cam/roi0_sum", "--png", str(png)],
-                 ["plot", str(master), "cam/rebin_data", "--png", str(png)],
-                 ["cube", str(master), "--by", "cam/roi0_sum", "--bins", "3", "--out", str(tmp_path / "c.h5")]):
+    for argv in (
+        ["plot", str(master), "cam/roi0_sum", "--png", str(png)],
+        ["plot", str(master), "cam/rebin_data", "--png", str(png)],
+        ["cube", str(master), "--by", "cam/roi0_sum", "--bins", "3", "--out", str(tmp_path / "c.h5")],
+    ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and str(tmp_path / "w.part1.h5") in err and "w.part0.h5" not in err, err

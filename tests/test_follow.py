@@ -3,6 +3,7 @@
 A writer subprocess appends simulated camera events in bursts; the follower's result must equal a
 normal run over the finished file, event for event.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -45,24 +46,42 @@ WRITER = textwrap.dedent("""
 
 
 def config(tmp_path, raw_path, out, **source):
-    return validate_config({
-        "source": {"type": "hdf5", "path": str(raw_path), **source},
-        "batch_size": 8, "backend": "numpy", "output": str(tmp_path / out),
-        "detectors": {"cam": {"type": "camera", "shape": [32, 48], "dataset": "cam/raw",
-                              "functions": [{"type": "roi", "name": "roi0", "bounds": [[0, 1], [2, 20], [3, 40]]},
-                                            {"type": "rebin", "shape": [8, 12]}],
-                              "sums": ["calib", "max"]}}})
+    return validate_config(
+        {
+            "source": {"type": "hdf5", "path": str(raw_path), **source},
+            "batch_size": 8,
+            "backend": "numpy",
+            "output": str(tmp_path / out),
+            "detectors": {
+                "cam": {
+                    "type": "camera",
+                    "shape": [32, 48],
+                    "dataset": "cam/raw",
+                    "functions": [
+                        {"type": "roi", "name": "roi0", "bounds": [[0, 1], [2, 20], [3, 40]]},
+                        {"type": "rebin", "shape": [8, 12]},
+                    ],
+                    "sums": ["calib", "max"],
+                }
+            },
+        }
+    )
 
 
 def test_follow_reduces_a_run_being_written(tmp_path):
     raw_path = tmp_path / "live.h5"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(raw_path), "61", "5", "0.15"],
-                              stdout=subprocess.PIPE, text=True, env=env())
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(raw_path), "61", "5", "0.15"], stdout=subprocess.PIPE, text=True, env=env()
+    )
     try:
         assert writer.stdout.readline().strip() == "ready"
         t0 = time.monotonic()
-        s = reduce_run(config(tmp_path, raw_path, "follow.h5", follow=True, follow_timeout_s=1.5),
-                       Backend("numpy"), quiet=True, comm=Comm())
+        s = reduce_run(
+            config(tmp_path, raw_path, "follow.h5", follow=True, follow_timeout_s=1.5),
+            Backend("numpy"),
+            quiet=True,
+            comm=Comm(),
+        )
         waited = time.monotonic() - t0
     finally:
         writer.wait(timeout=60)
@@ -95,8 +114,12 @@ def test_follow_respects_events_limit_and_stop(tmp_path):
 
 def test_follow_is_refused_for_a_simulated_run():
     with pytest.raises(ConfigError, match="follow"):
-        validate_config({"source": {"type": "sim", "events": 4, "follow": True},
-                         "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}})
+        validate_config(
+            {
+                "source": {"type": "sim", "events": 4, "follow": True},
+                "detectors": {"cam": {"type": "camera", "shape": [8, 8]}},
+            }
+        )
 
 
 def test_cli_follow_on_sim_is_exit_2(tmp_path, capsys):
@@ -105,8 +128,15 @@ def test_cli_follow_on_sim_is_exit_2(tmp_path, capsys):
     from gpusmall.cli import main
 
     p = tmp_path / "sim.yaml"
-    p.write_text(yaml.safe_dump({"source": {"type": "sim", "events": 4}, "output": str(tmp_path / "o.h5"),
-                                 "detectors": {"cam": {"type": "camera", "shape": [8, 8]}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "source": {"type": "sim", "events": 4},
+                "output": str(tmp_path / "o.h5"),
+                "detectors": {"cam": {"type": "camera", "shape": [8, 8]}},
+            }
+        )
+    )
     assert main(["run", str(p), "--follow", "--quiet"]) == 2
     assert "--follow" in capsys.readouterr().err and not (tmp_path / "o.h5").exists()
 
@@ -120,14 +150,27 @@ def test_result_file_can_be_read_while_the_run_writes_it(tmp_path):
 
     from gpusmall.io.writer import open_result
 
-    cfg = {"source": {"type": "sim", "events": 100000, "seed": 1}, "batch_size": 8, "backend": "numpy",
-           "output": str(tmp_path / "live_out.h5"),
-           "detectors": {"cam": {"type": "camera", "shape": [64, 64],
-                                 "functions": [{"type": "roi", "name": "roi0", "bounds": [[0, 1], [0, 32], [0, 32]]}],
-                                 "sums": ["calib"]}}}
+    cfg = {
+        "source": {"type": "sim", "events": 100000, "seed": 1},
+        "batch_size": 8,
+        "backend": "numpy",
+        "output": str(tmp_path / "live_out.h5"),
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": [64, 64],
+                "functions": [{"type": "roi", "name": "roi0", "bounds": [[0, 1], [0, 32], [0, 32]]}],
+                "sums": ["calib"],
+            }
+        },
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "gpusmall", "run", str(tmp_path / "c.yaml"), "--quiet"],
-                            env=env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusmall", "run", str(tmp_path / "c.yaml"), "--quiet"],
+        env=env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         t_end = time.monotonic() + 120

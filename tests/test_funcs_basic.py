@@ -3,6 +3,7 @@
 The conventions are smalldata_tools' (issue 14); each is checked against a small, independent transcription of
 the rule (the ``ref_*`` functions below, loops over pixels or blocks where that is clearest).
 """
+
 import warnings
 
 import numpy as np
@@ -25,9 +26,15 @@ def make(backend, rng, events=5, bad_fraction=0.1):
     data = np.where(good, data, 0).astype(np.float32)
     raw = rng.integers(0, 0x4000, (events, *SHAPE)).astype(np.uint16)
     raw[0, 1, 5, 7] = 0x3FFF
-    ctx = FrameContext(det="d", model=get_model("epix10ka"), backend=backend, shape=SHAPE,
-                       mask=backend.to_device(np.ones(SHAPE, bool)), noise=backend.to_device(np.full(SHAPE, 2.0, np.float32)),
-                       saturation=0x3FFF)
+    ctx = FrameContext(
+        det="d",
+        model=get_model("epix10ka"),
+        backend=backend,
+        shape=SHAPE,
+        mask=backend.to_device(np.ones(SHAPE, bool)),
+        noise=backend.to_device(np.full(SHAPE, 2.0, np.float32)),
+        saturation=0x3FFF,
+    )
     frames = Frames(backend.to_device(data), backend.to_device(good), backend.to_device(raw))
     return ctx, frames, data, good, raw
 
@@ -39,8 +46,10 @@ def run(fn, ctx, frames, backend):
 
 def test_roi(backend, rng):
     ctx, frames, data, good, raw = make(backend, rng)
-    fn = Roi(RoiParams(name="r", bounds=[[1, 2], [3, 15], [4, 20]], thres_adu=5.0, write_area=True),
-             [Projection(ProjectionParams(axis=0)), Projection(ProjectionParams(axis=1, mean=True))])
+    fn = Roi(
+        RoiParams(name="r", bounds=[[1, 2], [3, 15], [4, 20]], thres_adu=5.0, write_area=True),
+        [Projection(ProjectionParams(axis=0)), Projection(ProjectionParams(axis=1, mean=True))],
+    )
     out = run(fn, ctx, frames, backend)
     a = data[:, 1:2, 3:15, 4:20]
     t = np.where(a >= 5, a, 0)
@@ -96,8 +105,10 @@ def test_projection_axis_convention(backend, rng, axis, mean, panels):
     good[2, panels] = False  # an event with no good pixel: nanmean gives NaN
     data = np.where(good, data, 0).astype(np.float32)
     frames = Frames(backend.to_device(data), backend.to_device(good))
-    fn = Roi(RoiParams(name="r", bounds=[[panels.start, panels.stop], [0, 24], [0, 32]]),
-             [Projection(ProjectionParams(axis=axis, mean=mean))])
+    fn = Roi(
+        RoiParams(name="r", bounds=[[panels.start, panels.stop], [0, 24], [0, 32]]),
+        [Projection(ProjectionParams(axis=axis, mean=mean))],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of no good pixel
         want = ref_projection(data[:, panels], good[:, panels], axis, mean)
@@ -141,8 +152,12 @@ def test_roi_thresholds_and_saturated_good_pixels(backend, rng, thres):
     raw[:, 0, 2:6, 3:9] = 0x3FFF  # saturated pixels, some of them bad
     frames = Frames(frames.data, frames.good, backend.to_device(raw))
     index = (slice(0, 1), slice(1, 10), slice(2, 12))
-    out = run(Roi(RoiParams(name="r", bounds=[[0, 1], [1, 10], [2, 12]], thres_adu=thres, write_area=True)),
-              ctx, frames, backend)
+    out = run(
+        Roi(RoiParams(name="r", bounds=[[0, 1], [1, 10], [2, 12]], thres_adu=thres, write_area=True)),
+        ctx,
+        frames,
+        backend,
+    )
     want = ref_roi(data, good, raw, index, thres)
     assert want["nsat"].min() > 0 and ((raw[:, 0, 2:6, 3:9] == 0x3FFF) & ~good[:, 0, 2:6, 3:9]).any()
     for k in ("sum", "mean", "max"):
@@ -185,7 +200,9 @@ def ref_rebin(data, shape):
     out = np.zeros((e, p, *shape))
     for i in range(shape[0]):
         for j in range(shape[1]):
-            out[:, :, i, j] = data[:, :, i * fr:(i + 1) * fr, j * fc:(j + 1) * fc].astype(np.float64).mean(axis=(2, 3))
+            out[:, :, i, j] = (
+                data[:, :, i * fr : (i + 1) * fr, j * fc : (j + 1) * fc].astype(np.float64).mean(axis=(2, 3))
+            )
     return out
 
 
@@ -195,8 +212,9 @@ def test_rebin(backend, rng):
     out = run(Rebin(RebinParams(shape=[6, 8])), ctx, frames, backend)
     assert out["rebin_data"].dtype == np.float32
     np.testing.assert_allclose(out["rebin_data"], ref_rebin(data, (6, 8)), rtol=1e-5, atol=1e-5)
-    one = run(Roi(RoiParams(name="r", bounds=[[0, 24], [0, 32]]), [Rebin(RebinParams(shape=[8, 4]))]),
-              ctx, frames, backend)
+    one = run(
+        Roi(RoiParams(name="r", bounds=[[0, 24], [0, 32]]), [Rebin(RebinParams(shape=[8, 4]))]), ctx, frames, backend
+    )
     np.testing.assert_allclose(one["r_rebin_data"], ref_rebin(data[:, :1], (8, 4))[:, 0], rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="must divide"):
         Rebin(RebinParams(shape=[5, 8])).setup(ctx)
@@ -227,11 +245,21 @@ def ref_sum(name, frames):
 
 
 # config name -> the name written (smalldata_tools')
-SUM_WRITTEN = {"calib": "calib", "calib_square": "calib_square", "square": "calib_square", "calib_max": "calib_max",
-               "max": "calib_max", "nhits": "nhits", "calib_thresADU10": "calib_thresADU10",
-               "calib_max_thresADU10": "calib_max_thresADU10", "max_thresADU10": "calib_max_thresADU10",
-               "square_thresADU10": "calib_square_thresADU10", "nhits_thresADU10": "nhits_thresADU10",
-               "nhits_thresADU15.5": "nhits_thresADU15.5", "calib_thresADU-3.5": "calib_thresADU-3.5"}
+SUM_WRITTEN = {
+    "calib": "calib",
+    "calib_square": "calib_square",
+    "square": "calib_square",
+    "calib_max": "calib_max",
+    "max": "calib_max",
+    "nhits": "nhits",
+    "calib_thresADU10": "calib_thresADU10",
+    "calib_max_thresADU10": "calib_max_thresADU10",
+    "max_thresADU10": "calib_max_thresADU10",
+    "square_thresADU10": "calib_square_thresADU10",
+    "nhits_thresADU10": "nhits_thresADU10",
+    "nhits_thresADU15.5": "nhits_thresADU15.5",
+    "calib_thresADU-3.5": "calib_thresADU-3.5",
+}
 
 
 @pytest.mark.parametrize("name", list(SUM_WRITTEN))
@@ -246,8 +274,9 @@ def test_run_sums(backend, rng, name):
     res = s.results()
     assert list(res) == [written] and [x.name for x in s] == [written]
     np.testing.assert_allclose(res[written], ref_sum(written, np.concatenate([data, data])), rtol=1e-5)
-    assert res[written].dtype == {"calib_max": np.float32, "nhits": np.int64}.get(written.split("_thres")[0],
-                                                                                np.float64)
+    assert res[written].dtype == {"calib_max": np.float32, "nhits": np.int64}.get(
+        written.split("_thres")[0], np.float64
+    )
 
 
 def test_camera_sums_have_the_camera_shape(backend, rng):
@@ -261,8 +290,16 @@ def test_camera_sums_have_the_camera_shape(backend, rng):
             np.testing.assert_allclose(v, ref_sum(k, data).reshape(shape), rtol=1e-5)
 
 
-@pytest.mark.parametrize("names", [["square", "calib_square"], ["max", "calib_max"], ["calib", "calib"],
-                                   ["calib_thresADU5", "calib_thresADU5.0"], ["max_thresADU2", "calib_max_thresADU2"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["square", "calib_square"],
+        ["max", "calib_max"],
+        ["calib", "calib"],
+        ["calib_thresADU5", "calib_thresADU5.0"],
+        ["max_thresADU2", "calib_max_thresADU2"],
+    ],
+)
 def test_two_names_of_one_sum_are_an_error(names):
     with pytest.raises(ValueError, match="the same sum"):
         parse_sums(names)
@@ -270,7 +307,11 @@ def test_two_names_of_one_sum_are_an_error(names):
 
 def test_sum_names():
     assert [s.name for s in parse_sums(["square", "max_thresADU5", "calib_thresADU5", "nhits_thresADU5"])] == [
-        "calib_square", "calib_max_thresADU5", "calib_thresADU5", "nhits_thresADU5"]
+        "calib_square",
+        "calib_max_thresADU5",
+        "calib_thresADU5",
+        "nhits_thresADU5",
+    ]
     assert SumSpec.parse("calib_dropped") == SumSpec("calib_dropped", "calib", None, "dropped")
     assert SumSpec.parse("calib_dropped_square") == SumSpec("calib_dropped_square", "square", None, "dropped")
     assert SumSpec.parse("max_thresADU5:laser_on") == SumSpec("calib_max_thresADU5_laser_on", "max", 5.0, "laser_on")
@@ -285,14 +326,30 @@ def test_sum_names_in_the_config():
     from gpusmall.producer.config import validate_config
 
     def cfg(sums):
-        return {"source": {"type": "sim", "events": 2}, "output": "o.h5",
-                "detectors": {"cam": {"type": "camera", "shape": [8, 8], "sums": sums}}}
+        return {
+            "source": {"type": "sim", "events": 2},
+            "output": "o.h5",
+            "detectors": {"cam": {"type": "camera", "shape": [8, 8], "sums": sums}},
+        }
 
-    ok = ["calib", "calib_square", "calib_max", "calib_thresADU5", "calib_max_thresADU5", "nhits", "nhits_thresADU5",
-          "square_thresADU3", "max_thresADU3"]
+    ok = [
+        "calib",
+        "calib_square",
+        "calib_max",
+        "calib_thresADU5",
+        "calib_max_thresADU5",
+        "nhits",
+        "nhits_thresADU5",
+        "square_thresADU3",
+        "max_thresADU3",
+    ]
     assert validate_config(cfg(ok)).detectors["cam"].sums == ok
-    for sums, match in ((["calib:nosuch"], "no selection 'nosuch'"), (["square", "calib_square"], "the same sum"),
-                        (["calib_mean"], "unknown sum"), (["calib:1x"], "must name a selection")):
+    for sums, match in (
+        (["calib:nosuch"], "no selection 'nosuch'"),
+        (["square", "calib_square"], "the same sum"),
+        (["calib_mean"], "unknown sum"),
+        (["calib:1x"], "must name a selection"),
+    ):
         with pytest.raises(ConfigError, match=f"detectors.cam.*{match}"):
             validate_config(cfg(sums))
 
@@ -303,8 +360,7 @@ def test_run_sums_mask_value(backend, rng, mask_value):
     ctx, frames, data, good, raw = make(backend, rng)
     mask = rng.random(SHAPE) > 0.2
     d = np.where(mask[None], data, 0).astype(np.float32)  # the calibrated data is 0 at masked pixels
-    s = RunSums(["calib", "square", "max", "nhits", "max_thresADU10"], SHAPE, backend, mask=mask,
-                mask_value=mask_value)
+    s = RunSums(["calib", "square", "max", "nhits", "max_thresADU10"], SHAPE, backend, mask=mask, mask_value=mask_value)
     s.update(backend.to_device(d))
     names = ["calib", "calib_square", "calib_max", "nhits", "calib_max_thresADU10"]  # as written
     expected = {name: ref_sum(name, d) for name in names}

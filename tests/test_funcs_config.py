@@ -1,4 +1,5 @@
 """The new functions are registered, validate their parameters, and the demo config names them."""
+
 from __future__ import annotations
 
 from importlib import resources
@@ -26,14 +27,17 @@ def test_demo_config_functions():
     assert d.children[0].type == "photons"
 
 
-@pytest.mark.parametrize("entry, key", [
-    ({"type": "azav", "bins": 10, "energy_kev": 9.5}, "functions[0]"),
-    ({"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5}, "functions[0]"),
-    ({"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 0}, "functions[0].bins"),
-    ({"type": "droplet", "threshold": 3, "threshold_low": 5}, "functions[0]"),
-    ({"type": "photon_count"}, "functions[0].adu_per_photon"),
-    ({"type": "acf", "window": 0}, "functions[0].window"),
-])
+@pytest.mark.parametrize(
+    "entry, key",
+    [
+        ({"type": "azav", "bins": 10, "energy_kev": 9.5}, "functions[0]"),
+        ({"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5}, "functions[0]"),
+        ({"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 0}, "functions[0].bins"),
+        ({"type": "droplet", "threshold": 3, "threshold_low": 5}, "functions[0]"),
+        ({"type": "photon_count"}, "functions[0].adu_per_photon"),
+        ({"type": "acf", "window": 0}, "functions[0].window"),
+    ],
+)
 def test_bad_parameters(entry, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         parse_functions([entry], ("detectors", "d", "functions"))
@@ -51,11 +55,21 @@ def test_parameters_under_smalldata_tools_names(numpy_backend):
     import numpy as np
     from helpers_funcs import make_ctx
 
-    roi, azav = _tree([
-        {"type": "roi", "name": "roi0", "bounds": [[0, 8], [0, 10]], "thres_adu": [1.0, 50.0],
-         "children": [{"type": "projection", "axis": 1},
-                      {"type": "droplet", "threshold": 3, "children": [{"type": "photons", "adu_per_photon": 9}]}]},
-        {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 7}])
+    roi, azav = _tree(
+        [
+            {
+                "type": "roi",
+                "name": "roi0",
+                "bounds": [[0, 8], [0, 10]],
+                "thres_adu": [1.0, 50.0],
+                "children": [
+                    {"type": "projection", "axis": 1},
+                    {"type": "droplet", "threshold": 3, "children": [{"type": "photons", "adu_per_photon": 9}]},
+                ],
+            },
+            {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 7},
+        ]
+    )
     ctx = make_ctx(numpy_backend, (1, 16, 16))
     for f in (roi, azav):
         f.setup(ctx)
@@ -77,9 +91,29 @@ def test_parameters_under_smalldata_tools_names(numpy_backend):
 def test_smalldata_names_of_two_functions_of_one_name_are_left_out():
     """Two functions of the same name under one top function would write the same smalldata_tools key: it is
     left out (ours, which name the whole path, are there)."""
-    (top,) = _tree([{"type": "roi", "name": "r", "bounds": [[0, 8], [0, 8]], "children": [
-        {"type": "roi", "name": "a", "bounds": [[0, 4], [0, 4]], "children": [{"type": "projection", "axis": 0}]},
-        {"type": "roi", "name": "b", "bounds": [[0, 4], [0, 4]], "children": [{"type": "projection", "axis": 0}]}]}])
+    (top,) = _tree(
+        [
+            {
+                "type": "roi",
+                "name": "r",
+                "bounds": [[0, 8], [0, 8]],
+                "children": [
+                    {
+                        "type": "roi",
+                        "name": "a",
+                        "bounds": [[0, 4], [0, 4]],
+                        "children": [{"type": "projection", "axis": 0}],
+                    },
+                    {
+                        "type": "roi",
+                        "name": "b",
+                        "bounds": [[0, 4], [0, 4]],
+                        "children": [{"type": "projection", "axis": 0}],
+                    },
+                ],
+            }
+        ]
+    )
     sd = top.smalldata_params()
     assert "r__a_bound" in sd and "r__b_bound" in sd and not any(k.startswith("r__pj_ax_0_") for k in sd)
     assert top.params()["r_a_pj_ax_0__axis"] == 0 == top.params()["r_b_pj_ax_0__axis"]
@@ -87,8 +121,19 @@ def test_smalldata_names_of_two_functions_of_one_name_are_left_out():
 
 def test_smalldata_names_never_replace_ours():
     """Children named ``b_`` and ``_b``: smalldata_tools' ``a__b__axis`` (b_'s axis) is our name of _b's axis."""
-    (top,) = _tree([{"type": "roi", "name": "a", "bounds": [[0, 8], [0, 8]], "children": [
-        {"type": "projection", "name": "b_", "axis": 0}, {"type": "projection", "name": "_b", "axis": 1}]}])
+    (top,) = _tree(
+        [
+            {
+                "type": "roi",
+                "name": "a",
+                "bounds": [[0, 8], [0, 8]],
+                "children": [
+                    {"type": "projection", "name": "b_", "axis": 0},
+                    {"type": "projection", "name": "_b", "axis": 1},
+                ],
+            }
+        ]
+    )
     assert top.params()["a__b__axis"] == 1
     sd = top.smalldata_params()
     assert "a__b__axis" not in sd and sd["a___b_axis"] == 1

@@ -1,5 +1,6 @@
 """Function-tree checks at config validation (children only under functions that pass frames on, droplet
 thresholds) and what a run writes for function parameters and run sums (None parameters, mask_value: nan)."""
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,15 @@ BASE = {
     "source": {"type": "sim", "events": 6, "seed": 1},
     "batch_size": 4,
     "output": "out.h5",
-    "detectors": {"cam": {"type": "camera", "shape": [32, 48], "mask": {"edges": 2},
-                          "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]}],
-                          "sums": ["calib", "square", "max", "nhits", "max_thresADU5"]}},
+    "detectors": {
+        "cam": {
+            "type": "camera",
+            "shape": [32, 48],
+            "mask": {"edges": 2},
+            "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]}],
+            "sums": ["calib", "square", "max", "nhits", "max_thresADU5"],
+        }
+    },
 }
 
 
@@ -31,18 +38,37 @@ def test_only_roi_and_droplet_take_children():
     assert {t: f.passes for t, f in FUNCTIONS.items() if f.passes} == {"roi": "image", "droplet": ("droplets", "image")}
 
 
-@pytest.mark.parametrize("entry, where", [
-    ({"type": "rebin", "shape": [8, 8], "children": [{"type": "roi", "bounds": [[0, 2], [0, 2]]}]},
-     "detectors.cam.functions[0].children: rebin takes no children"),
-    (dict(AZAV, children=[{"type": "projection", "axis": 0}]),
-     "detectors.cam.functions[0].children: azav takes no children"),
-    ({"type": "roi", "bounds": [[0, 8], [0, 8]],
-      "children": [{"type": "projection", "axis": 0, "children": [{"type": "rebin", "shape": [2, 2]}]}]},
-     "detectors.cam.functions[0].children[0].children: projection takes no children"),
-    ({"type": "droplet", "threshold": 10,
-      "children": [{"type": "photons", "adu_per_photon": 100, "children": [{"type": "rebin", "shape": [2, 2]}]}]},
-     "detectors.cam.functions[0].children[0].children: photons takes no children"),
-])
+@pytest.mark.parametrize(
+    "entry, where",
+    [
+        (
+            {"type": "rebin", "shape": [8, 8], "children": [{"type": "roi", "bounds": [[0, 2], [0, 2]]}]},
+            "detectors.cam.functions[0].children: rebin takes no children",
+        ),
+        (
+            dict(AZAV, children=[{"type": "projection", "axis": 0}]),
+            "detectors.cam.functions[0].children: azav takes no children",
+        ),
+        (
+            {
+                "type": "roi",
+                "bounds": [[0, 8], [0, 8]],
+                "children": [{"type": "projection", "axis": 0, "children": [{"type": "rebin", "shape": [2, 2]}]}],
+            },
+            "detectors.cam.functions[0].children[0].children: projection takes no children",
+        ),
+        (
+            {
+                "type": "droplet",
+                "threshold": 10,
+                "children": [
+                    {"type": "photons", "adu_per_photon": 100, "children": [{"type": "rebin", "shape": [2, 2]}]}
+                ],
+            },
+            "detectors.cam.functions[0].children[0].children: photons takes no children",
+        ),
+    ],
+)
 def test_children_under_a_function_that_passes_nothing_on(entry, where):
     with pytest.raises(ConfigError) as e:
         parse_functions([entry], PREFIX)
@@ -50,18 +76,24 @@ def test_children_under_a_function_that_passes_nothing_on(entry, where):
 
 
 def test_children_where_they_are_taken_and_empty_children():
-    specs = parse_functions([
-        {"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [dict(AZAV)]},
-        {"type": "droplet", "threshold": 10, "children": [{"type": "photons", "adu_per_photon": 100}]},
-        {"type": "rebin", "shape": [8, 8], "children": []},
-    ], PREFIX)
+    specs = parse_functions(
+        [
+            {"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [dict(AZAV)]},
+            {"type": "droplet", "threshold": 10, "children": [{"type": "photons", "adu_per_photon": 100}]},
+            {"type": "rebin", "shape": [8, 8], "children": []},
+        ],
+        PREFIX,
+    )
     assert [len(s.children) for s in specs] == [1, 1, 0]
 
 
-@pytest.mark.parametrize("params, key", [
-    ({"threshold": 100, "threshold_low": -200}, "threshold_low"),
-    ({"threshold": 0}, "threshold"),
-])
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"threshold": 100, "threshold_low": -200}, "threshold_low"),
+        ({"threshold": 0}, "threshold"),
+    ],
+)
 def test_droplet_thresholds_at_validation(params, key):
     with pytest.raises(ConfigError, match=rf"detectors\.cam\.functions\[0\]\.{key}: .*greater than"):
         parse_functions([dict(type="droplet", **params)], PREFIX)
@@ -78,8 +110,14 @@ def cfg_with(tmp_path, functions=None, **det):
 
 def test_run_with_children_under_rebin_exits_2(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump(cfg_with(tmp_path, [{"type": "rebin", "shape": [8, 8],
-                                                       "children": [{"type": "roi", "bounds": [[0, 2], [0, 2]]}]}])))
+    cfg.write_text(
+        yaml.safe_dump(
+            cfg_with(
+                tmp_path,
+                [{"type": "rebin", "shape": [8, 8], "children": [{"type": "roi", "bounds": [[0, 2], [0, 2]]}]}],
+            )
+        )
+    )
     assert main(["run", str(cfg), "--backend", "numpy"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "detectors.cam.functions[0].children: rebin takes no children" in err[0], err

@@ -13,6 +13,7 @@ the main h5py reads. Optional, each skipped with a reason where missing: PyTable
 (``$GPUSMALL_TABLES``, default ``/tmp/gpusmall-tables``; also read as smalldata_tools' SmallDataAna lists
 and shapes its keys) and ``h5dump`` of HDF5 1.x on the PATH (Debian's ``hdf5-tools``: 1.10).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ H5PY114 = Path(os.environ.get("GPUSMALL_H5PY114", "/tmp/gpusmall-h5py114"))
 TABLES = Path(os.environ.get("GPUSMALL_TABLES", "/tmp/gpusmall-tables"))
 
 # run by each interpreter: a digest of every attribute and dataset of each file (JSON on stdout)
-READER = r'''
+READER = r"""
 import hashlib, json, sys
 import h5py, numpy as np
 
@@ -63,11 +64,11 @@ for path in sys.argv[1:]:
         f.visititems(visit)
     out["files"][path] = items
 print(json.dumps(out))
-'''
+"""
 
 # PyTables: every node readable (no UnImplemented leaf, no attribute it cannot type), and SmallDataAna's
 # walk: keys down to /a/b/c with their shape, shape[0] of every /a/b leaf, its time axis from /event_time
-TABLES_READER = r'''
+TABLES_READER = r"""
 import sys, warnings
 import numpy as np
 import tables
@@ -100,7 +101,7 @@ for path in sys.argv[1:]:
         assert (t > np.datetime64("2000-01-01")).all() and (t < np.datetime64("2100-01-01")).all(), path
         assert f.get_node("/fiducials").shape == et.shape
 print("ok")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +116,9 @@ def written(tmp_path_factory) -> list[Path]:
     c = SimDetector("epix", "epix10ka", (1, 352, 384), seed=3).constants()
     c.mask = np.ones((1, 352, 384), bool)  # a boolean array: stored as uint8
     c.save(tmp / "constants.h5")
-    av = average_image(validate_config(smalldata_config(tmp / "unused.h5"), base_dir=tmp), "epix",
-                       Backend("numpy"), events=4)
+    av = average_image(
+        validate_config(smalldata_config(tmp / "unused.h5"), base_dir=tmp), "epix", Backend("numpy"), events=4
+    )
     write_average(av, tmp / "avimage.h5", attrs={"source_ok": True})
     write_cube(make_cube(files["single"], "epix/roi0_sum", 4), tmp / "cube.h5", source=str(files["single"]))
     return [*files.values(), tmp / "constants.h5", tmp / "avimage.h5", tmp / "cube.h5"]
@@ -127,8 +129,9 @@ def read_with(paths, pythonpath: Path | None, script: str = READER, cwd=None) ->
     env.pop("HDF5_VDS_PREFIX", None)
     if pythonpath is not None:  # first on the path: its h5py (and numpy, if it has one) shadows the main ones
         env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run([sys.executable, "-c", script, *map(str, paths)], env=env, capture_output=True,
-                          text=True, timeout=240, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, paths)], env=env, capture_output=True, text=True, timeout=240, cwd=cwd
+    )
 
 
 def test_libver_is_hdf5_1_10_and_allows_swmr(tmp_path):
@@ -141,8 +144,11 @@ def test_libver_is_hdf5_1_10_and_allows_swmr(tmp_path):
         assert f.swmr_mode
 
 
-@pytest.mark.skipif(not H5PY114.is_dir(), reason=f"no h5py on HDF5 1.14 in {H5PY114} ($GPUSMALL_H5PY114; .ci/run "
-                    f"installs it: pip install --no-deps --target {H5PY114} 'h5py==3.14.*')")
+@pytest.mark.skipif(
+    not H5PY114.is_dir(),
+    reason=f"no h5py on HDF5 1.14 in {H5PY114} ($GPUSMALL_H5PY114; .ci/run "
+    f"installs it: pip install --no-deps --target {H5PY114} 'h5py==3.14.*')",
+)
 def test_h5py_on_hdf5_1_14_reads_every_dataset_and_attribute(written):
     old = read_with(written, H5PY114, cwd=Path(sys.prefix))
     assert old.returncode == 0, old.stderr[-3000:]
@@ -155,8 +161,10 @@ def test_h5py_on_hdf5_1_14_reads_every_dataset_and_attribute(written):
         assert old["files"][path] == new["files"][path], path  # the same values: virtual datasets found their parts
 
 
-@pytest.mark.skipif(not (TABLES / "tables").is_dir(), reason=f"no PyTables in {TABLES} ($GPUSMALL_TABLES; "
-                    f"optional: pip install --target {TABLES} tables)")
+@pytest.mark.skipif(
+    not (TABLES / "tables").is_dir(),
+    reason=f"no PyTables in {TABLES} ($GPUSMALL_TABLES; optional: pip install --target {TABLES} tables)",
+)
 def test_pytables_reads_every_node_as_smalldata_ana_does(written):
     r = read_with(written, TABLES, TABLES_READER, cwd=Path(sys.prefix))
     assert r.returncode == 0, f"rc {r.returncode}: {r.stdout[-1000:]} {r.stderr[-3000:]}"
@@ -175,16 +183,20 @@ def _h5dump_version() -> str | None:
 H5DUMP = _h5dump_version()
 
 
-@pytest.mark.skipif(H5DUMP is None or not H5DUMP.startswith("1."),
-                    reason=f"no h5dump of HDF5 1.x on the PATH (found: {H5DUMP}; optional: apt-get install hdf5-tools)")
+@pytest.mark.skipif(
+    H5DUMP is None or not H5DUMP.startswith("1."),
+    reason=f"no h5dump of HDF5 1.x on the PATH (found: {H5DUMP}; optional: apt-get install hdf5-tools)",
+)
 def test_h5dump_of_hdf5_1_x_reads_every_file(written):
     """Each file twice, one h5dump per file (with several files h5dump exits 0 when one fails): ``-A`` prints
     every object's header and every attribute's value; ``-b`` reads every dataset's data and writes it raw to
     /dev/null (``-b`` alone skips attribute values; text output of the data took 15 s and checks no more)."""
     for path in written:
         for how in (["-A"], ["-b", "LE", "-o", os.devnull]):
-            r = subprocess.run(["h5dump", *how, str(path)], capture_output=True, text=True, timeout=240,
-                               cwd=path.parent)
-            assert r.returncode == 0 and "error" not in r.stderr.lower(), \
+            r = subprocess.run(
+                ["h5dump", *how, str(path)], capture_output=True, text=True, timeout=240, cwd=path.parent
+            )
+            assert r.returncode == 0 and "error" not in r.stderr.lower(), (
                 f"h5dump {H5DUMP} {' '.join(how)} {path.name}: {r.stderr[-2000:]}"
+            )
             assert f'HDF5 "{path}"' in r.stdout and "DATASET" in r.stdout, r.stdout[-2000:]

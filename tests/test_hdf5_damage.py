@@ -5,6 +5,7 @@ read as written, and the run goes on (exit 0).
 HDF5 reads bytes beyond the end of a file as zeros without an error, and refuses to open a file that
 is shorter than its superblock says: so the files here are truncated after the source has opened them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,12 @@ def write_raw(path, layout="chunked", compression=None, ts_chunks=None, two_dets
     """The raw file: /timestamp first (so that it lies before the event data), then /cam/raw."""
     data = events()
     with h5py.File(path, "w") as f:
-        f.create_dataset("timestamp", data=1000 + 10 * np.arange(N, dtype=np.uint64), chunks=ts_chunks,
-                         compression="gzip" if ts_chunks else None)
+        f.create_dataset(
+            "timestamp",
+            data=1000 + 10 * np.arange(N, dtype=np.uint64),
+            chunks=ts_chunks,
+            compression="gzip" if ts_chunks else None,
+        )
         f.create_dataset("cam/raw", data=data, chunks=CHUNKS[layout], compression=compression)
         if two_dets:
             f.create_dataset("cam2/raw", data=data)
@@ -46,8 +51,9 @@ def event_ends(path, dataset="/cam/raw") -> np.ndarray:
         ds = f[dataset]
         if ds.chunks is None:
             return ds.id.get_offset() + (np.arange(ds.shape[0]) + 1) * 512
-        return np.array([(c := ds.id.get_chunk_info_by_coord((i, 0, 0, 0))).byte_offset + c.size
-                         for i in range(ds.shape[0])])
+        return np.array(
+            [(c := ds.id.get_chunk_info_by_coord((i, 0, 0, 0))).byte_offset + c.size for i in range(ds.shape[0])]
+        )
 
 
 def cut_point(path) -> tuple[int, np.ndarray]:
@@ -78,6 +84,7 @@ def warnings_of(caplog, text):
 
 
 # ---- truncated while read -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["contiguous", "chunked"])
 def test_events_beyond_the_end_of_a_truncated_file_are_damaged(tmp_path, caplog, layout):
@@ -113,9 +120,20 @@ def test_a_growing_file_that_shrinks_is_checked_again(tmp_path):
 
 
 def write_config(tmp_path, raw, **det) -> str:
-    cfg = {"source": {"type": "hdf5", "path": str(raw)}, "batch_size": 8, "output": str(tmp_path / "out.h5"),
-           "detectors": {"cam": {"type": "camera", "shape": [16, 16], "dataset": "/cam/raw", **det,
-                                 "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]}]}}}
+    cfg = {
+        "source": {"type": "hdf5", "path": str(raw)},
+        "batch_size": 8,
+        "output": str(tmp_path / "out.h5"),
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": [16, 16],
+                "dataset": "/cam/raw",
+                **det,
+                "functions": [{"type": "roi", "bounds": [[0, 8], [0, 8]]}],
+            }
+        },
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -127,8 +145,9 @@ def check_result(out, data, damaged):
         assert f.attrs["complete"] and f.attrs["events"] == N
         np.testing.assert_array_equal(f["cam/damaged"][:].astype(bool), damaged)
         np.testing.assert_array_equal(f["damage/cam"][:], (~damaged).astype(np.uint8))  # smalldata_tools' cut
-        np.testing.assert_allclose(f["cam/roi_sum"][:][~damaged],
-                                   data[~damaged, 0, :8, :8].sum(axis=(1, 2), dtype=np.float64))
+        np.testing.assert_allclose(
+            f["cam/roi_sum"][:][~damaged], data[~damaged, 0, :8, :8].sum(axis=(1, 2), dtype=np.float64)
+        )
 
 
 def test_a_run_over_a_file_truncated_while_it_runs_flags_the_lost_events(tmp_path, monkeypatch, caplog):
@@ -150,6 +169,7 @@ def test_a_run_over_a_file_truncated_while_it_runs_flags_the_lost_events(tmp_pat
 
 
 # ---- corrupt chunks -----------------------------------------------------------------------------
+
 
 def test_a_corrupt_chunk_damages_its_event_only_and_the_run_goes_on(tmp_path, caplog):
     raw = tmp_path / "raw.h5"

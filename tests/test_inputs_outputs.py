@@ -1,5 +1,6 @@
 """Bad inputs and outputs stop a run before any event is read, with exit 2 and a line naming them;
 no input file is ever overwritten (the audit of 2026-12-01)."""
+
 import logging
 
 import h5py
@@ -24,8 +25,12 @@ def write_raw(path, n=6, ts=None, raw_dtype=np.uint16):
 
 
 def write_config(tmp_path, **top):
-    cfg = {"source": {"type": "sim", "events": 4}, "batch_size": 2, "output": str(tmp_path / "out.h5"),
-           "detectors": {"cam": dict(CAM)}}
+    cfg = {
+        "source": {"type": "sim", "events": 4},
+        "batch_size": 2,
+        "output": str(tmp_path / "out.h5"),
+        "detectors": {"cam": dict(CAM)},
+    }
     cfg.update(top)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -39,13 +44,17 @@ def run_cli(capsys, *argv):
 
 # ---- config -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source, key", [
-    ({"type": "sim", "path": "run.h5"}, "path"),
-    ({"type": "sim", "files": ["a.xtc2"]}, "files"),
-    ({"type": "hdf5", "path": "run.h5", "seed": 3}, "seed"),
-    ({"type": "hdf5", "path": "run.h5", "damage_every": 2}, "damage_every"),
-    ({"type": "psana", "files": ["a.xtc2"], "path": "run.h5"}, "path"),
-])
+
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"type": "sim", "path": "run.h5"}, "path"),
+        ({"type": "sim", "files": ["a.xtc2"]}, "files"),
+        ({"type": "hdf5", "path": "run.h5", "seed": 3}, "seed"),
+        ({"type": "hdf5", "path": "run.h5", "damage_every": 2}, "damage_every"),
+        ({"type": "psana", "files": ["a.xtc2"], "path": "run.h5"}, "path"),
+    ],
+)
 def test_source_keys_of_another_type_are_errors(source, key):
     det = dict(CAM, dataset="/cam/raw")
     with pytest.raises(ConfigError, match=rf"source.*{key}: not used by a {source['type']} source"):
@@ -56,24 +65,32 @@ def test_duplicate_function_names_are_errors():
     two = [{"type": "roi", "bounds": [[0, 8], [0, 8]]}, {"type": "roi", "bounds": [[8, 16], [0, 8]]}]
     with pytest.raises(ConfigError, match=r"detectors\.cam\.functions\[1\]\.name: duplicate name 'roi'"):
         validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=two)}})
-    kids = [{"type": "roi", "name": "r", "bounds": [[0, 8], [0, 8]],
-             "children": [{"type": "projection", "axis": 0}, {"type": "projection", "axis": 0, "mean": True}]}]
+    kids = [
+        {
+            "type": "roi",
+            "name": "r",
+            "bounds": [[0, 8], [0, 8]],
+            "children": [{"type": "projection", "axis": 0}, {"type": "projection", "axis": 0, "mean": True}],
+        }
+    ]
     with pytest.raises(ConfigError, match=r"functions\[0\]\.children\[1\]\.name: duplicate name 'pj_ax_0'"):
         validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=kids)}})
     named = [dict(two[0], name="a"), dict(two[1], name="b")]
     validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=named)}})
     with pytest.raises(ConfigError, match=r"functions\[0\]\.name: function name 'a/b' is not an identifier"):
-        validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=[dict(two[0], name="a/b")])}})
+        validate_config(
+            {"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=[dict(two[0], name="a/b")])}}
+        )
 
 
 # ---- outputs ----------------------------------------------------------------------------------
+
 
 def test_output_that_is_the_constants_file_is_refused(tmp_path, capsys):
     consts = tmp_path / "k.h5"
     with h5py.File(consts, "w") as f:
         f["pedestal"] = np.full((1, 1, 16, 16), 5, np.float32)
-    path = write_config(tmp_path, output=str(consts),
-                        detectors={"cam": dict(CAM, constants=str(consts))})
+    path = write_config(tmp_path, output=str(consts), detectors={"cam": dict(CAM, constants=str(consts))})
     rc, err = run_cli(capsys, "run", str(path), "--backend", "numpy", "--quiet")
     assert rc == 2 and "output" in err and "detectors.cam.constants" in err
     with h5py.File(consts) as f:  # untouched
@@ -82,8 +99,9 @@ def test_output_that_is_the_constants_file_is_refused(tmp_path, capsys):
 
 def test_darks_out_that_is_the_raw_file_is_refused(tmp_path, capsys):
     raw = write_raw(tmp_path / "raw.h5")
-    path = write_config(tmp_path, source={"type": "hdf5", "path": str(raw)},
-                        detectors={"cam": dict(CAM, dataset="/cam/raw")})
+    path = write_config(
+        tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": dict(CAM, dataset="/cam/raw")}
+    )
     rc, err = run_cli(capsys, "darks", str(path), "--out", str(raw), "--backend", "numpy")
     assert rc == 2 and "--out" in err and "source.path" in err
     with h5py.File(raw) as f:
@@ -107,8 +125,9 @@ def test_missing_output_folders_are_created(tmp_path, capsys):
 
 def test_a_source_without_events_is_an_error_and_leaves_no_file(tmp_path, capsys):
     raw = write_raw(tmp_path / "raw.h5", n=0)
-    path = write_config(tmp_path, source={"type": "hdf5", "path": str(raw)},
-                        detectors={"cam": dict(CAM, dataset="/cam/raw")})
+    path = write_config(
+        tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": dict(CAM, dataset="/cam/raw")}
+    )
     rc, err = run_cli(capsys, "run", str(path), "--backend", "numpy", "--quiet")
     assert rc == 2 and "no events" in err
     assert not (tmp_path / "out.h5").exists()
@@ -163,10 +182,16 @@ def test_hdf5_datasets_of_different_lengths_warn(tmp_path, caplog):
     assert "different lengths" in caplog.text and "source.timestamp '/timestamp': 4" in caplog.text
 
 
-@pytest.mark.parametrize("where, value", [
-    (("batch_size",), True), (("batch_size",), "4"), (("detectors", "cam", "mask", "edges"), True),
-    (("detectors", "cam", "mask", "status"), "no"), (("detectors", "cam", "mask", "central"), 1.0),
-])
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        (("batch_size",), True),
+        (("batch_size",), "4"),
+        (("detectors", "cam", "mask", "edges"), True),
+        (("detectors", "cam", "mask", "status"), "no"),
+        (("detectors", "cam", "mask", "central"), 1.0),
+    ],
+)
 def test_wrong_types_are_errors_not_coerced(where, value):
     cfg = {"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, mask={})}}
     node = cfg
@@ -176,32 +201,56 @@ def test_wrong_types_are_errors_not_coerced(where, value):
     with pytest.raises(ConfigError, match=r"config: " + r"\.".join(where)):
         validate_config(cfg)
     # function parameters too
-    for bad in ({"type": "roi", "bounds": [[0, 8], [0, 8]], "write_area": "yes"},
-                {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": "10"}):
+    for bad in (
+        {"type": "roi", "bounds": [[0, 8], [0, 8]], "write_area": "yes"},
+        {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": "10"},
+    ):
         key = "write_area" if bad["type"] == "roi" else "bins"
         with pytest.raises(ConfigError, match=rf"functions\[0\]\.{key}"):
             validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(CAM, functions=[bad])}})
     # an integer where a float is asked is no error
-    validate_config({"source": {"type": "sim"}, "detectors": {"cam": dict(
-        CAM, common_mode={"type": "median", "max_correction": 50})}})
+    validate_config(
+        {
+            "source": {"type": "sim"},
+            "detectors": {"cam": dict(CAM, common_mode={"type": "median", "max_correction": 50})},
+        }
+    )
 
 
 def test_events_option_sets_the_length_of_a_simulated_run(tmp_path, capsys):
     out = tmp_path / "o.h5"
-    rc, _ = run_cli(capsys, "run", str(write_config(tmp_path)), "--events", "7", "--out", str(out),
-                    "--backend", "numpy", "--quiet")
+    rc, _ = run_cli(
+        capsys, "run", str(write_config(tmp_path)), "--events", "7", "--out", str(out), "--backend", "numpy", "--quiet"
+    )
     assert rc == 0
     with h5py.File(out) as f:  # the config says 4 events; --events 7 makes 7
         assert f["timestamp"].shape == (7,)
 
 
-@pytest.mark.parametrize("det, where", [
-    (dict(type="jungfrau", shape=[1, 500, 1024]), "a jungfrau panel is 512 x 1024 pixels, not 500 x 1024"),
-    (dict(type="epix10ka", shape=[4, 384, 352]), "a epix10ka panel is 352 x 384"),
-    (dict(CAM, common_mode={"type": "median", "axes": []}), "common_mode.axes"),
-    (dict(CAM, functions=[{"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5,
-                           "bins": 10, "polarization": 2}]), r"functions\[0\].polarization"),
-])
+@pytest.mark.parametrize(
+    "det, where",
+    [
+        (dict(type="jungfrau", shape=[1, 500, 1024]), "a jungfrau panel is 512 x 1024 pixels, not 500 x 1024"),
+        (dict(type="epix10ka", shape=[4, 384, 352]), "a epix10ka panel is 352 x 384"),
+        (dict(CAM, common_mode={"type": "median", "axes": []}), "common_mode.axes"),
+        (
+            dict(
+                CAM,
+                functions=[
+                    {
+                        "type": "azav",
+                        "center_um": [0, 0],
+                        "distance_mm": 100,
+                        "energy_kev": 9.5,
+                        "bins": 10,
+                        "polarization": 2,
+                    }
+                ],
+            ),
+            r"functions\[0\].polarization",
+        ),
+    ],
+)
 def test_values_out_of_their_domain_are_config_errors(det, where):
     with pytest.raises(ConfigError, match=where):
         validate_config({"source": {"type": "sim"}, "detectors": {"d": det}})

@@ -17,6 +17,7 @@ What this cannot see: CUDA compilation (``test_kernels_compile.py``), warp-level
 memory model, timing, and reads outside an array (they read the guard zone's 0xFF bytes, NaN or -1,
 which shows only through the results).
 """
+
 from __future__ import annotations
 
 import re
@@ -44,9 +45,17 @@ from gpusmall.kernel_specs import POINTER_DTYPES, SCALAR_TYPES, KernelArgumentEr
 EPIX = get_model("epix10ka")
 JF = get_model("jungfrau")
 CAMERA = get_model("camera")
-SMALL = DetectorModel(type="small", panel_shape=(8, 12), default_panels=2, data_mask=0x3FFF,
-                      gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=(4, 6),
-                      high_gain_ranges=EPIX.high_gain_ranges)
+SMALL = DetectorModel(
+    type="small",
+    panel_shape=(8, 12),
+    default_panels=2,
+    data_mask=0x3FFF,
+    gain_names=EPIX.gain_names,
+    pixel_um=100.0,
+    saturation=None,
+    bank_shape=(4, 6),
+    high_gain_ranges=EPIX.high_gain_ranges,
+)
 
 SHARED_LIMIT = 48 * 1024  # default dynamic shared memory per block without cudaFuncSetAttribute
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +103,9 @@ class FakeKernel:
                 assert a.dtype == p.dtype, f"{where}: array of {a.dtype}"
                 assert a.flags.c_contiguous, f"{where}: array is not C-contiguous"
             else:
-                assert isinstance(a, np.generic), f"{where}: got {type(a).__name__}; wrap it as np.{p.dtype.type.__name__}"
+                assert isinstance(a, np.generic), (
+                    f"{where}: got {type(a).__name__}; wrap it as np.{p.dtype.type.__name__}"
+                )
                 assert a.dtype == p.dtype, f"{where}: scalar of {a.dtype}"
         self.launches.append((self.name, grid, block, shared_mem))
         self.cpu_kernel(grid, block, args, shared_mem=shared_mem, order=self.order)
@@ -149,7 +160,9 @@ def test_the_registry_is_every_kernel_the_package_declares_and_launches():
         assert spec.sizes is not None, f"{spec.label}: no sizes (the elements it indexes in each array)"
         pointers = {p.name for p in spec.params if p.pointer}
         args = {p.name: 3 for p in spec.params if not p.pointer}
-        assert set(spec.sizes(args)) == pointers, f"{spec.label}: sizes of {sorted(spec.sizes(args))}, pointers {pointers}"
+        assert set(spec.sizes(args)) == pointers, (
+            f"{spec.label}: sizes of {sorted(spec.sizes(args))}, pointers {pointers}"
+        )
     for py in (ROOT / "gpusmall").rglob("*.py"):
         if py.name not in ("kernel_specs.py", "backend.py"):
             assert not re.search(r"\.kernel\(", py.read_text()), f"{py}: a kernel launched around its KernelSpec"
@@ -229,12 +242,15 @@ def test_fused_calibration_kernel(rng, model, with_config, units):
     np.testing.assert_array_equal(got.data, want.data)
 
 
-@pytest.mark.parametrize("model,panel,axes,gain_ranges", [
-    (EPIX, (352, 384), ["rows", "cols"], "high"),
-    (EPIX, (352, 384), ["banks", "rows", "cols"], "all"),
-    (JF, (512, 1024), ["rows", "cols"], "high"),
-    (CAMERA, (8, 2048), ["rows", "cols"], "all"),  # rows of 2048 > KERNEL_MAX_GROUP: the array path
-])
+@pytest.mark.parametrize(
+    "model,panel,axes,gain_ranges",
+    [
+        (EPIX, (352, 384), ["rows", "cols"], "high"),
+        (EPIX, (352, 384), ["banks", "rows", "cols"], "all"),
+        (JF, (512, 1024), ["rows", "cols"], "high"),
+        (CAMERA, (8, 2048), ["rows", "cols"], "all"),  # rows of 2048 > KERNEL_MAX_GROUP: the array path
+    ],
+)
 @pytest.mark.parametrize("order", ["reverse"])
 def test_calibration_with_median_kernel(rng, model, panel, axes, gain_ranges, order):
     shape = (1, 2) + panel if model is not JF else (1, 1) + panel
@@ -303,15 +319,30 @@ def test_azav_gpu_branches(rng, monkeypatch, engine):
     np.testing.assert_allclose(out["gpu"]["azav"], out["numpy"]["azav"], rtol=1e-6, equal_nan=True)
 
 
-_ODD_BANKS = [((5, 7), (10, 21)), ((2, 1), (4, 3)), ((1, 3), (2, 9)), ((33, 130), (66, 260)), ((4, 64), (8, 128)),
-              ((3, 33), (6, 66)), ((2, 32), (4, 96)), ((256, 2), (512, 70)), ((300, 70), (600, 140))]
+_ODD_BANKS = [
+    ((5, 7), (10, 21)),
+    ((2, 1), (4, 3)),
+    ((1, 3), (2, 9)),
+    ((33, 130), (66, 260)),
+    ((4, 64), (8, 128)),
+    ((3, 33), (6, 66)),
+    ((2, 32), (4, 96)),
+    ((256, 2), (512, 70)),
+    ((300, 70), (600, 140)),
+]
 _ODD_SLOW = {(((256, 2), (512, 70)), "shuffle"), (((256, 2), (512, 70)), "reverse")} | {
-    (case, "reverse") for case in _ODD_BANKS if case[1][0] * case[1][1] >= 66 * 260}  # the largest panels
+    (case, "reverse") for case in _ODD_BANKS if case[1][0] * case[1][1] >= 66 * 260
+}  # the largest panels
 
 
-@pytest.mark.parametrize("bank,panel,order", [
-    pytest.param(bank, panel, order, marks=[pytest.mark.slow] if ((bank, panel), order) in _ODD_SLOW else [])
-    for order in ("reverse", "shuffle") for bank, panel in _ODD_BANKS])
+@pytest.mark.parametrize(
+    "bank,panel,order",
+    [
+        pytest.param(bank, panel, order, marks=[pytest.mark.slow] if ((bank, panel), order) in _ODD_SLOW else [])
+        for order in ("reverse", "shuffle")
+        for bank, panel in _ODD_BANKS
+    ],
+)
 def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
     """The CUDA median kernels themselves: rows of up to 64 pixels in the rows warp kernel (1, 2, 3, 7, 32,
     33, 64: lanes half or fully used), columns of up to 256 in the columns warp kernel (1 to 256 values;
@@ -320,16 +351,26 @@ def test_compiled_median_kernel_odd_group_sizes(rng, bank, panel, order):
     shuffled only, both in the slow run); against the array reference."""
     from test_common_mode import random_case
 
-    model = DetectorModel(type="odd", panel_shape=panel, default_panels=3, data_mask=0x3FFF,
-                          gain_names=EPIX.gain_names, pixel_um=100.0, saturation=None, bank_shape=bank,
-                          high_gain_ranges=EPIX.high_gain_ranges)
+    model = DetectorModel(
+        type="odd",
+        panel_shape=panel,
+        default_panels=3,
+        data_mask=0x3FFF,
+        gain_names=EPIX.gain_names,
+        pixel_um=100.0,
+        saturation=None,
+        bank_shape=bank,
+        high_gain_ranges=EPIX.high_gain_ranges,
+    )
     s, good, g = random_case(rng, (2, 3) + panel)
     for min_pixels in (0, 1):
         gpu = FakeGpu("compiled", order)
-        got = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
-                               max_correction=60.0, backend=gpu)(s, good, g)
-        want = MedianCommonMode(model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels,
-                                max_correction=60.0)(s, good, g)
+        got = MedianCommonMode(
+            model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels, max_correction=60.0, backend=gpu
+        )(s, good, g)
+        want = MedianCommonMode(
+            model, panel, ["rows", "cols"], gain_ranges="all", min_pixels=min_pixels, max_correction=60.0
+        )(s, good, g)
         rows_kernel = "cm_median_rows_warp" if bank[1] <= 64 else "cm_median_step"
         cols_kernel = "cm_median_cols_warp" if bank[0] <= 256 else "cm_median_step"
         assert [name for name, *_ in gpu.launches] == [rows_kernel, cols_kernel]
@@ -398,8 +439,11 @@ def test_cube_add_kernel_equals_numpy(rng, square):
 
     shape = (2, 5, 7)
     batches = [rng.normal(5, 20, (6,) + shape).astype(np.float32) for _ in range(3)]
-    ids = [np.array([[0, 0, 1, -1, 1, 2], [-1, 2, 2, 2, 0, -1]]), np.array([[3, 3, 3, 3, 4, 4], [3, -1, 3, -1, 4, 4]]),
-           np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])]
+    ids = [
+        np.array([[0, 0, 1, -1, 1, 2], [-1, 2, 2, 2, 0, -1]]),
+        np.array([[3, 3, 3, 3, 4, 4], [3, -1, 3, -1, 4, 4]]),
+        np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]),
+    ]
     gpu, cpu = FakeGpu(), Backend("numpy")
     got = {}
     for b in (gpu, cpu):
@@ -420,8 +464,18 @@ def test_cube_add_kernel_equals_numpy(rng, square):
                     assert got[b][k][1] is None
 
 
-SUM_NAMES = ["calib", "square", "max", "nhits", "calib_thresADU10", "square_thresADU-5", "calib_max_thresADU30",
-             "nhits_thresADU15.5", "max_thresADU1000", "calib_thresADU-3.5"]  # 10: two launches of <= 8
+SUM_NAMES = [
+    "calib",
+    "square",
+    "max",
+    "nhits",
+    "calib_thresADU10",
+    "square_thresADU-5",
+    "calib_max_thresADU30",
+    "nhits_thresADU15.5",
+    "max_thresADU1000",
+    "calib_thresADU-3.5",
+]  # 10: two launches of <= 8
 
 
 @pytest.mark.parametrize("damaged", [[], [1], [0, 1, 2]])
@@ -446,15 +500,29 @@ def test_run_sums_kernel_equals_numpy(rng, damaged):
     assert [name for name, *_ in gpu.launches] == ["run_sums"] * (4 if len(damaged) < 3 else 2)
     kept = np.concatenate([batches[0], batches[1][keeps[1]] if keeps[1] is not None else batches[1]])
     d = kept.astype(np.float64)
-    written = ["calib", "calib_square", "calib_max", "nhits", "calib_thresADU10", "calib_square_thresADU-5",
-               "calib_max_thresADU30", "nhits_thresADU15.5", "calib_max_thresADU1000", "calib_thresADU-3.5"]
+    written = [
+        "calib",
+        "calib_square",
+        "calib_max",
+        "nhits",
+        "calib_thresADU10",
+        "calib_square_thresADU-5",
+        "calib_max_thresADU30",
+        "nhits_thresADU15.5",
+        "calib_max_thresADU1000",
+        "calib_thresADU-3.5",
+    ]
     assert list(got[cpu]) == list(got[gpu]) == written  # smalldata_tools' names
     for name in written:
         kind, _, t = name.partition("_thresADU")
         t = float(t) if t else None
         v = d if t is None else np.where(d >= t, d, 0)
-        want = {"calib": v.sum(0), "calib_square": (v * v).sum(0), "calib_max": v.max(0),
-                "nhits": (d >= t if t is not None else d > 0).sum(0)}[kind]
+        want = {
+            "calib": v.sum(0),
+            "calib_square": (v * v).sum(0),
+            "calib_max": v.max(0),
+            "nhits": (d >= t if t is not None else d > 0).sum(0),
+        }[kind]
         assert got[cpu][name].dtype == {"calib_max": np.float32, "nhits": np.int64}.get(kind, np.float64)
         for b in (gpu, cpu):
             assert got[b][name].dtype == got[cpu][name].dtype and got[b][name].shape == shape
@@ -519,8 +587,9 @@ def test_droplet_mask_kernel_equals_numpy(rng, use_rms, low):
 
 
 @pytest.mark.parametrize("order", ["forward", "shuffle"])
-@pytest.mark.parametrize("density,shape", [(0.7, (3, 2, 20, 24)), (0.45, (2, 3, 33, 17)), (0.95, (1, 1, 40, 50)),
-                                           (0.02, (4, 2, 16, 16))])
+@pytest.mark.parametrize(
+    "density,shape", [(0.7, (3, 2, 20, 24)), (0.45, (2, 3, 33, 17)), (0.95, (1, 1, 40, 50)), (0.02, (4, 2, 16, 16))]
+)
 def test_union_find_labels_equal_scipy(rng, order, density, shape):
     """The CuPy labelling (union-find over the labelled pixels, kernels/label.cu) gives SciPy's labels at
     every labelled pixel, numbered the same way, with no droplet across a panel or event edge: dense

@@ -5,6 +5,7 @@ CuPy compiles these sources with NVRTC at run time, without the CUDA headers: th
 (nvcc's implicit cuda_runtime.h would hide that; the NVRTC test compiles them as CuPy does). Launch arguments are checked in test_kernel_launches.py,
 and each kernel's NumPy twin in the tests of its module.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,9 @@ def test_no_includes(filename):
 def test_kernel_compiles(tmp_path, filename):
     src = find_kernel_source(filename)
     ptx = tmp_path / (src.stem + ".ptx")
-    r = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-o", str(ptx), str(src)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-o", str(ptx), str(src)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx.read_text()))
     for f, name in kernels_used():
@@ -89,8 +91,11 @@ def nvrtc_compile(source: str, name: str, options: list[str]) -> tuple[int, str,
 @pytest.mark.parametrize("filename", SOURCES)
 def test_nvrtc_compiles_without_headers_or_warnings(filename):
     """NVRTC, the compiler CuPy uses at run time, with no include path (as ``Backend.kernel`` calls it)."""
-    rc, log, ptx = nvrtc_compile(find_kernel_source(filename).read_text(), filename,
-                                 ["--std=c++17", "--gpu-architecture=compute_90", "--Wreorder"])
+    rc, log, ptx = nvrtc_compile(
+        find_kernel_source(filename).read_text(),
+        filename,
+        ["--std=c++17", "--gpu-architecture=compute_90", "--Wreorder"],
+    )
     assert rc == 0, log
     assert "warning" not in log.lower(), log
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx))
@@ -101,6 +106,7 @@ def test_nvrtc_compiles_without_headers_or_warnings(filename):
 
 @pytest.mark.skipif(_nvrtc() is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc; CI does)")
 def test_nvrtc_reports_errors():
-    rc, log, _ = nvrtc_compile('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }', "bad.cu",
-                               ["--std=c++17"])
+    rc, log, _ = nvrtc_compile(
+        'extern "C" __global__ void k(float* x) { x[0] = undefined_name; }', "bad.cu", ["--std=c++17"]
+    )
     assert rc != 0 and "undefined_name" in log

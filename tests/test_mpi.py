@@ -4,6 +4,7 @@ MPI runs use ``mpiexec -n 2 python -m gpusmall run`` in a subprocess; they are s
 when mpiexec or mpi4py is missing. The part/master logic itself is also tested in one process with
 a fake two-rank communicator.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,14 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def cam_config(tmp_path, events=40, batch=8, damage_every=0, shape=(64, 64), out="cam.h5"):
     return {
         "source": {"type": "sim", "events": events, "seed": 3, "damage_every": damage_every},
-        "batch_size": batch, "backend": "numpy", "output": str(tmp_path / out),
-        "detectors": {"cam": {
-            "type": "camera", "shape": list(shape),
-            "functions": [
-                {"type": "roi", "name": "roi0", "bounds": [[0, 1], [10, 40], [10, 50]], "thres_adu": 5,
-                 "children": [{"type": "projection", "axis": -1}]},
-                {"type": "rebin", "shape": [16, 16]}],
-            "sums": ["calib", "square", "max", "nhits_thresADU10"]}},
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(tmp_path / out),
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": list(shape),
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[0, 1], [10, 40], [10, 50]],
+                        "thres_adu": 5,
+                        "children": [{"type": "projection", "axis": -1}],
+                    },
+                    {"type": "rebin", "shape": [16, 16]},
+                ],
+                "sums": ["calib", "square", "max", "nhits_thresADU10"],
+            }
+        },
     }
 
 
@@ -152,8 +165,13 @@ def test_merge_rebuilds_master(tmp_path):
     ref = tmp_path / "ref.h5"
     run_inproc(cam_config(tmp_path, batch=8, out="ref.h5"), tmp_path)
     (tmp_path / "m.h5").unlink()
-    p = subprocess.run([sys.executable, "-m", "gpusmall", "merge", str(tmp_path / "m.h5")], env=env(),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpusmall", "merge", str(tmp_path / "m.h5")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "40 events from 2 parts" in p.stderr
     assert_same(ref, tmp_path / "m.h5")
@@ -216,8 +234,13 @@ def test_merge_with_a_part_left_open_by_a_killed_rank(tmp_path):
 
 
 def test_missing_parts_error(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "gpusmall", "merge", str(tmp_path / "none.h5")], env=env(),
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpusmall", "merge", str(tmp_path / "none.h5")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "no part files" in p.stderr
 
 
@@ -225,11 +248,21 @@ def test_missing_parts_error(tmp_path):
 def test_mpiexec_two_ranks_identical_to_one(tmp_path):
     cfg1 = write_cfg(tmp_path, cam_config(tmp_path, batch=8, out="one.h5"), "one.yaml")
     cfg2 = write_cfg(tmp_path, cam_config(tmp_path, batch=5, out="two.h5"), "two.yaml")
-    p = subprocess.run([sys.executable, "-m", "gpusmall", "run", str(cfg1), "--quiet"], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpusmall", "run", str(cfg1), "--quiet"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
-    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg2), "--quiet"],
-                       env=env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg2), "--quiet"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "on 2 ranks" in p.stderr
     assert (tmp_path / "two.part0.h5").exists() and (tmp_path / "two.part1.h5").exists()
@@ -246,8 +279,13 @@ def test_sigterm_leaves_valid_file(tmp_path):
     data = cam_config(tmp_path, events=200000, batch=16, shape=(256, 256), out="big.h5")
     cfg = write_cfg(tmp_path, data)
     out = tmp_path / "big.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         t_end = time.time() + 120
         while time.time() < t_end and (not out.exists() or out.stat().st_size < 200_000):
@@ -322,8 +360,9 @@ def test_write_failure_keeps_the_batches_written_before_it(tmp_path, monkeypatch
         assert not bool(f.attrs["complete"]) and "Sums/cam_calib_max" in f
 
 
-@pytest.mark.parametrize("batch,sizes", [(8, [8, 8, 3, 8, 5]), (12, [12, 5, 12, 12, 1]), (64, [64, 64, 30]),
-                                         (61, [61, 61, 7])])
+@pytest.mark.parametrize(
+    "batch,sizes", [(8, [8, 8, 3, 8, 5]), (12, [12, 5, 12, 12, 1]), (64, [64, 64, 30]), (61, [61, 61, 7])]
+)
 def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, sizes):
     """Full batches go to the file as whole chunks (write_direct_chunk), the rest through h5py; batches that
     start off a chunk boundary (after a short one) too; every dtype and shape reads back as written (booleans
@@ -331,9 +370,16 @@ def test_writer_whole_chunks_written_directly_equal_the_data(tmp_path, batch, si
     from gpusmall.io.writer import ResultWriter
 
     rng = np.random.default_rng(batch)
-    cols = [{"a": rng.random((n, 7000)).astype(np.float32), "flag": rng.random(n) > 0.5,
-             "c": rng.integers(-9, 9, (n, 3, 5)).astype(np.int8), "d": rng.random((n, 100)) > 0.5,
-             "big": rng.random((n, 40000))} for n in sizes]
+    cols = [
+        {
+            "a": rng.random((n, 7000)).astype(np.float32),
+            "flag": rng.random(n) > 0.5,
+            "c": rng.integers(-9, 9, (n, 3, 5)).astype(np.int8),
+            "d": rng.random((n, 100)) > 0.5,
+            "big": rng.random((n, 40000)),
+        }
+        for n in sizes
+    ]
     with ResultWriter(tmp_path / "t.h5", chunk_events=batch) as w:
         for c in cols:
             w.append(c)
@@ -432,8 +478,13 @@ def test_damaged_events_marked_and_filled(tmp_path):
 
 def test_damage_printed_by_cli(tmp_path):
     cfg = write_cfg(tmp_path, cam_config(tmp_path, events=20, batch=8, damage_every=4))
-    p = subprocess.run([sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"], env=env(),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "damaged events: cam 5" in p.stderr
 
@@ -482,8 +533,13 @@ def test_mpiexec_sigterm_master_over_parts(tmp_path):
     data = cam_config(tmp_path, events=100000, batch=16, shape=(256, 256), out="mp.h5")
     cfg = write_cfg(tmp_path, data)
     parts = [tmp_path / "mp.part0.h5", tmp_path / "mp.part1.h5"]
-    proc = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         t_end = time.time() + 120
         # both ranks have flushed a batch (waiting for rank 1 alone failed once on a loaded machine: rank 0
@@ -514,7 +570,7 @@ def test_master_segments_follow_timestamps():
     assert runs == [(0, 0, 2, 0), (1, 0, 4, 2), (0, 2, 3, 6), (1, 4, 1, 9)]
     out = np.empty(10, np.uint64)
     for i, s, c, o in runs:
-        out[o:o + c] = (a, b)[i][s:s + c]
+        out[o : o + c] = (a, b)[i][s : s + c]
     np.testing.assert_array_equal(out, np.arange(1, 11))
     assert segments([a]) == [(0, 0, 5, 0)] and segments([]) == []
 

@@ -6,6 +6,7 @@
 * ``n`` is summed exactly from the pixels, so it does not depend on the order of a float sum (GPU atomics).
 * A saturated frame is counted, not materialised: ``max_photons`` entries per event, ``nPhotons_truncated``.
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -65,8 +66,15 @@ def any_backend(request) -> Backend:
 
 def per_pixel(backend, value, droplet, droplet_sum, adu=ADU, f=photons_per_pixel):
     d = backend.to_device
-    return backend.to_host(f(backend.xp, d(np.asarray(value, np.float64)), d(np.asarray(droplet, np.int64)),
-                             d(np.asarray(droplet_sum, np.float64)), adu))
+    return backend.to_host(
+        f(
+            backend.xp,
+            d(np.asarray(value, np.float64)),
+            d(np.asarray(droplet, np.int64)),
+            d(np.asarray(droplet_sum, np.float64)),
+            adu,
+        )
+    )
 
 
 # ---- 13: the same photons whatever the droplet id -------------------------------------------------------
@@ -87,15 +95,15 @@ def test_photon_positions_do_not_depend_on_the_droplet_id(any_backend, first_id)
     sums_big = np.bincount(ids_big, weights=v_big, minlength=first_id + 3)
     in_batch = per_pixel(any_backend, v_big, ids_big, sums_big)
     np.testing.assert_array_equal(alone, want)
-    np.testing.assert_array_equal(in_batch[before.size:], want)
-    np.testing.assert_array_equal(in_batch[:before.size], 1)
+    np.testing.assert_array_equal(in_batch[before.size :], want)
+    np.testing.assert_array_equal(in_batch[: before.size], 1)
 
     # the old key: right alone, the near tie to the earlier pixel with the big ids (its key rounds to a tie)
     f = (v[:2] / ADU) % 1
     assert f[1] - f[0] > 0 and first_id + (1 - f[0]) * 0.999 == first_id + (1 - f[1]) * 0.999
     host = Backend("numpy")
     np.testing.assert_array_equal(per_pixel(host, v, ids, sums, f=old_photons_per_pixel), want)
-    assert per_pixel(host, v_big, ids_big, sums_big, f=old_photons_per_pixel)[before.size:][:2].tolist() == [1, 272]
+    assert per_pixel(host, v_big, ids_big, sums_big, f=old_photons_per_pixel)[before.size :][:2].tolist() == [1, 272]
 
 
 def test_photon_positions_of_an_event_alone_and_last_in_a_big_batch(backend):
@@ -209,7 +217,7 @@ def test_bounded_entries_are_the_first_of_the_unbounded_ones(any_backend, rng):
     for e in range(3):  # event 3 has no droplet
         for _ in range(12):
             p, r, c = rng.integers(0, 2), rng.integers(0, 19), rng.integers(0, 23)
-            data[e, p, r:r + 2, c:c + 2] += rng.uniform(20, 900, (2, 2)).astype(np.float32)
+            data[e, p, r : r + 2, c : c + 2] += rng.uniform(20, 900, (2, 2)).astype(np.float32)
     ctx = make_ctx(any_backend, shape)
 
     def run(m):
@@ -227,9 +235,9 @@ def test_bounded_entries_are_the_first_of_the_unbounded_ones(any_backend, rng):
         np.testing.assert_array_equal(small[f"droplet_photons_{k}"], big[f"droplet_photons_{k}"][:, :7], err_msg=k)
     # the unbounded entries: each labelled pixel k times, row-major (tile, row, col never decrease together)
     for e in range(3):
-        t, r, c = (big[f"droplet_photons_{k}"][e, :n[e]] for k in ("tile", "row", "col"))
+        t, r, c = (big[f"droplet_photons_{k}"][e, : n[e]] for k in ("tile", "row", "col"))
         flat = (t * shape[1] + r) * shape[2] + c
-        assert (np.diff(flat) >= 0).all() and (big["droplet_photons_row"][e, n[e]:] == 0).all()
+        assert (np.diff(flat) >= 0).all() and (big["droplet_photons_row"][e, n[e] :] == 0).all()
     np.testing.assert_array_equal(n, np.floor(big["droplet_data"] / 150.0 + 0.5).sum(axis=1).astype(int))
 
 
@@ -245,8 +253,14 @@ def test_photons_wait_for_nothing_on_the_gpu():
     outs = []
     for b in (Backend("numpy"), gpu):
         ctx = make_ctx(b, shape)
-        d = setup(Droplet, b, ctx, [Photons(Photons.Params(adu_per_photon=ADU, max_photons=30, layout="padded"))],
-                  threshold=40, use_rms=False)
+        d = setup(
+            Droplet,
+            b,
+            ctx,
+            [Photons(Photons.Params(adu_per_photon=ADU, max_photons=30, layout="padded"))],
+            threshold=40,
+            use_rms=False,
+        )
         _, child = d.compute(make_frames(b, data))
         before = len(getattr(b, "transfers", []))
         out, _ = d.children[0].compute(child)
@@ -277,9 +291,9 @@ def photon_images(out, key, shape):
     start = np.cumsum(n) - n  # ragged layout: the stored photons event after event
     for e in range(len(n)):
         if out[f"{key}_row"].ndim == 2:  # padded layout: (events, max_photons)
-            t, r, c = (out[f"{key}_{k}"][e, :n[e]] for k in ("tile", "row", "col"))
+            t, r, c = (out[f"{key}_{k}"][e, : n[e]] for k in ("tile", "row", "col"))
         else:
-            t, r, c = (out[f"{key}_{k}"][start[e]:start[e] + n[e]] for k in ("tile", "row", "col"))
+            t, r, c = (out[f"{key}_{k}"][start[e] : start[e] + n[e]] for k in ("tile", "row", "col"))
         np.add.at(img[e], (t, r, c), 1)
     return img
 
@@ -296,7 +310,7 @@ def test_prob_is_the_fraction_of_good_pixels_holding_k_photons(any_backend, rng,
     for e in range(3):  # events 3 (no droplet) and 4 (no good pixel) have none
         for _ in range(10):
             p, r, c = rng.integers(0, 2), rng.integers(0, 11), rng.integers(0, 15)
-            data[e, p, r:r + 2, c] += rng.uniform(20, 700, 2).astype(np.float32)
+            data[e, p, r : r + 2, c] += rng.uniform(20, 700, 2).astype(np.float32)
     data[0, 1, 5, 5] = 2600.0  # 17 photons on one pixel: more than 10
     good = rng.random(data.shape) > 0.15
     good[0, 1, 5, 5] = True
@@ -324,8 +338,7 @@ def test_prob_is_the_fraction_of_good_pixels_holding_k_photons(any_backend, rng,
 def test_prob_without_any_droplet(any_backend):
     shape = (1, 6, 6)
     ctx = make_ctx(any_backend, shape)
-    f = setup(Droplet, any_backend, ctx, [Photons(Photons.Params(adu_per_photon=100.0))], threshold=50,
-              use_rms=False)
+    f = setup(Droplet, any_backend, ctx, [Photons(Photons.Params(adu_per_photon=100.0))], threshold=50, use_rms=False)
     out = {k: any_backend.to_host(v) for k, v in f(make_frames(any_backend, np.zeros((2,) + shape))).items()}
     np.testing.assert_array_equal(out["droplet_photons_prob"], [[1] + [0] * 11] * 2)
 

@@ -7,6 +7,7 @@ Every plot kind gets one bright cell at array [0, 0] (for an assembled image: th
 zeros; the figure is rendered with Agg and the pixels of the colormap's top colour are located on the canvas,
 inside the drawn image: they must lie in its top-left corner.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def planted(shape=SHAPE):
 
 
 # ---- what the test looks at ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def saved(monkeypatch):
@@ -105,14 +107,18 @@ def assert_labelled_colorbars(fig):
 
 def assert_top_left(fig, frac=0.35):
     fx, fy = bright_spot(fig)
-    assert fx < frac and fy < frac, f"the cell at array [0, 0] is drawn at {fx:.2f} from the left, {fy:.2f} from the top"
+    assert fx < frac and fy < frac, (
+        f"the cell at array [0, 0] is drawn at {fx:.2f} from the left, {fy:.2f} from the top"
+    )
     assert_labelled_colorbars(fig)
 
 
 # ---- result files written directly (the layout of SPEC section 8) ----------------------------------------
 
-def result_file(path, per_event=None, static=None, sums=None, det="cam", shape=SHAPE, geo=True, units="kev",
-                extra=None, events=4):
+
+def result_file(
+    path, per_event=None, static=None, sums=None, det="cam", shape=SHAPE, geo=True, units="kev", extra=None, events=4
+):
     with h5py.File(path, "w") as f:
         f["timestamp"] = np.arange(events, dtype=np.int64)
         f[f"{det}/damaged"] = np.zeros(events, np.uint8)
@@ -141,6 +147,7 @@ def per_event(inner, events=4):
 
 
 # ---- the plot kinds ------------------------------------------------------------------------------------
+
 
 def average():
     x, y = geometry()
@@ -199,8 +206,9 @@ def kind_cube_bins_x_values(tmp_path, saved):
     res = result_file(tmp_path / "r.h5", {"azav_azav": per_event((40,))})
     path = tmp_path / "cube.h5"
     with h5py.File(path, "w") as f:
-        f.attrs.update({"gpusmall_kind": "cube", "by": "scan/delay", "keys": json.dumps(["cam/azav_azav"]),
-                        "source": str(res)})
+        f.attrs.update(
+            {"gpusmall_kind": "cube", "by": "scan/delay", "keys": json.dumps(["cam/azav_azav"]), "source": str(res)}
+        )
         f["bins/centers"] = np.arange(5.0)
         f["bins/count"] = np.ones(5)
         total = np.zeros((5, 40))
@@ -221,8 +229,9 @@ def kind_roi_assembled(tmp_path, saved):
 
 def kind_roi_picker(tmp_path, saved):
     fig = Figure()
-    roi_picker.RoiPicker(roi_picker.PanelView(planted(), label="calib mean", unit="keV"), ax=fig.add_subplot(),
-                         verbose=False)
+    roi_picker.RoiPicker(
+        roi_picker.PanelView(planted(), label="calib mean", unit="keV"), ax=fig.add_subplot(), verbose=False
+    )
     return fig
 
 
@@ -246,12 +255,20 @@ def padded_droplets(tmp_path, rows, cols, events=4, length=5, n=1):
     r, c = np.zeros((events, length), np.float32), np.zeros((events, length), np.float32)
     r[:, :n], c[:, :n] = rows, cols
     count = np.full(events, n, np.int32)
-    return result_file(tmp_path / "pad.h5", {
-        "droplet_row": r, "droplet_col": c, "droplet_tile": np.zeros((events, length), np.int32),
-        "droplet_data": np.where(np.arange(length) < n, 30.0, 0.0)[None].repeat(events, 0).astype(np.float32),
-        "droplet_nDroplets": count, "droplet_nDroplets_truncated": np.zeros(events, np.int32)},
+    return result_file(
+        tmp_path / "pad.h5",
+        {
+            "droplet_row": r,
+            "droplet_col": c,
+            "droplet_tile": np.zeros((events, length), np.int32),
+            "droplet_data": np.where(np.arange(length) < n, 30.0, 0.0)[None].repeat(events, 0).astype(np.float32),
+            "droplet_nDroplets": count,
+            "droplet_nDroplets_truncated": np.zeros(events, np.int32),
+        },
         static={"droplet__layout": np.bytes_("padded"), "droplet__max_droplets": length},
-        shape=(1, 6, 8), geo=False)
+        shape=(1, 6, 8),
+        geo=False,
+    )
 
 
 def kind_droplet_positions(tmp_path, saved):
@@ -285,10 +302,20 @@ def test_the_check_sees_the_other_orientation():
 
 
 def test_colour_bar_units_follow_the_file(tmp_path, saved):
-    path = result_file(tmp_path / "r.h5", {"roi_area": per_event((6, 8))}, static={"ped": planted((6, 8))},
-                       sums={"calib": planted(), "calib_square": planted(), "nhits": planted()}, units="photons")
-    want = {"cam/roi_area": "[photons]", "UserDataCfg/cam/ped": "[ADU]", "Sums/cam_calib": "[photons]",
-            "Sums/cam_calib_square": "[photons^2]", "Sums/cam_nhits": "[events]"}
+    path = result_file(
+        tmp_path / "r.h5",
+        {"roi_area": per_event((6, 8))},
+        static={"ped": planted((6, 8))},
+        sums={"calib": planted(), "calib_square": planted(), "nhits": planted()},
+        units="photons",
+    )
+    want = {
+        "cam/roi_area": "[photons]",
+        "UserDataCfg/cam/ped": "[ADU]",
+        "Sums/cam_calib": "[photons]",
+        "Sums/cam_calib_square": "[photons^2]",
+        "Sums/cam_nhits": "[events]",
+    }
     for key, unit in want.items():
         plot_key(path, key, tmp_path / "p.png")
         (label,) = [a._colorbar.ax.get_ylabel() for a in saved[-1].axes if getattr(a, "_colorbar", None)]
@@ -299,6 +326,7 @@ def test_colour_bar_units_follow_the_file(tmp_path, saved):
 
 
 # ---- per-item lists -------------------------------------------------------------------------------------
+
 
 def lines_drawn(fig):
     return [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) > 1]
@@ -325,12 +353,24 @@ def droplet_runs(tmp_path_factory):
     from gpusmall.api import open_run
 
     tmp = tmp_path_factory.mktemp("items")
-    return {lay: open_run(cam_droplets(tmp, events=12, layout=lay, out=f"{lay}.h5")).run() for lay in ("ragged", "padded")}
+    return {
+        lay: open_run(cam_droplets(tmp, events=12, layout=lay, out=f"{lay}.h5")).run() for lay in ("ragged", "padded")
+    }
 
 
-@pytest.mark.parametrize("key", ["cam/droplet_row", "cam/droplet_col", "cam/droplet_data", "cam/droplet_npix",
-                                 "cam/droplet_photons_row", "cam/droplet_photons_tile", "cam/droplet_sparse_row",
-                                 "cam/var_droplet_sparse/col"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cam/droplet_row",
+        "cam/droplet_col",
+        "cam/droplet_data",
+        "cam/droplet_npix",
+        "cam/droplet_photons_row",
+        "cam/droplet_photons_tile",
+        "cam/droplet_sparse_row",
+        "cam/var_droplet_sparse/col",
+    ],
+)
 def test_item_lists_are_not_drawn_as_curves(droplet_runs, key, tmp_path, saved):
     out = {}
     for lay, path in droplet_runs.items():

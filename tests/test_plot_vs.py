@@ -1,5 +1,6 @@
 """Plots against the scan (gpusmall/analysis/plot_vs.py): the binned means are NumPy's grouping; the command
 line draws a result's value against another and a cube file's keys against its bins."""
+
 from __future__ import annotations
 
 import h5py

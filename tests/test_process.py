@@ -5,6 +5,7 @@ device ring slots, copies on the copy stream, the compute stream waiting for the
 the fall-back when the slots do not fit. A batch reduced from the wrong slot (the next batch's data)
 or a slot reused too early shows up as wrong sums.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,12 @@ def batches(n_batches, size, shape=(1, 4, 5)):
     for k in range(n_batches):
         n = size if k < n_batches - 1 else size - 1  # a short last batch
         raw = rng.integers(0, 1000, (n, *shape)).astype(np.uint16)
-        yield RawBatch(np.arange(n, dtype=np.uint64) + 100 * k, np.arange(n, dtype=np.int64) + size * k,
-                       {"det": raw}, {"det": np.zeros(n, bool)})
+        yield RawBatch(
+            np.arange(n, dtype=np.uint64) + 100 * k,
+            np.arange(n, dtype=np.int64) + size * k,
+            {"det": raw},
+            {"det": np.zeros(n, bool)},
+        )
 
 
 def run_like_reduce_run(proc, source):
@@ -87,7 +92,7 @@ def test_results_collected_a_batch_later_as_the_writer_thread_does():
     buffers = [np.zeros((6, 1, 4, 5), np.uint16) for _ in range(2)]  # the reader's two host buffers
     want, pending, got = [], [], []
     for k, batch in enumerate(batches(5, 6)):
-        buf = buffers[k % 2][:len(batch)]
+        buf = buffers[k % 2][: len(batch)]
         buf[...] = batch.raw["det"]
         b = RawBatch(batch.timestamp.copy(), batch.event_index.copy(), {"det": buf}, batch.damaged)
         want.append((batch.timestamp.copy(), batch.raw["det"].astype(np.float64).sum(axis=(1, 2, 3))))
@@ -139,8 +144,6 @@ def test_stage_refuses_a_batch_larger_than_the_slots():
         proc.stage(next(batches(1, 4)))
 
 
-
-
 def test_results_packed_come_back_in_one_copy_aligned():
     """Results of mixed dtypes and shapes come back in one copy, equal, aligned, in their key order."""
     from fake_cupy import strict_cupy
@@ -152,9 +155,15 @@ def test_results_packed_come_back_in_one_copy_aligned():
         return {} if packed is None else unpack(xp.asnumpy(packed), layout, arrays)
 
     rng = np.random.default_rng(0)
-    host = {"flag": rng.random(5) > 0.5, "n": np.int32(7), "small": np.arange(3, dtype=np.int8),
-            "img": rng.normal(size=(4, 6)).astype(np.float32)[:, ::2], "sum": rng.normal(size=(2, 3)),
-            "none": np.zeros((0, 4), np.int64), "c": np.array([1 + 2j], np.complex128)}
+    host = {
+        "flag": rng.random(5) > 0.5,
+        "n": np.int32(7),
+        "small": np.arange(3, dtype=np.int8),
+        "img": rng.normal(size=(4, 6)).astype(np.float32)[:, ::2],
+        "sum": rng.normal(size=(2, 3)),
+        "none": np.zeros((0, 4), np.int64),
+        "c": np.array([1 + 2j], np.complex128),
+    }
     transfers = []
     xp = strict_cupy(transfers)
     dev = {k: xp.asarray(v) for k, v in host.items()}

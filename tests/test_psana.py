@@ -3,6 +3,7 @@
 psana is the reference: raw frames, gain decoding and calibration (with constants we inject through
 ``det.raw._calibconst``) must equal what psana gives. Skipped without psana or without the files.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -70,8 +71,9 @@ def _psana_frames(path: str, det: str):
 
 def source_cfg(path, det, **det_extra):
     d = {"type": FILES[det][1], "constants": "unused.h5", **det_extra}
-    return validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-                            "detectors": {det: d}})
+    return validate_config(
+        {"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}}, "detectors": {det: d}}
+    )
 
 
 def read_all(path, det, batch_size=1):
@@ -83,6 +85,7 @@ def read_all(path, det, batch_size=1):
 
 def inject(raw, run, det, peds, gain, status=None):
     """Give psana our constants (psana's pixel_gain is ADU/keV, as ours)."""
+
     def meta(ctype):
         return {"experiment": run.expt, "run": run.runnum, "detector": det, "ctype": ctype}
 
@@ -142,9 +145,12 @@ def test_epix10ka_config_bits(data_dir):
 
 def test_events_limit_and_source_name(data_dir):
     path = xtc(data_dir, "jungfrau")
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "events": 1,
-                                      "psana": {"skip_calib_load": "all"}},
-                           "detectors": {"jf": {"type": "jungfrau", "source_name": "jungfrau", "constants": "c.h5"}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "events": 1, "psana": {"skip_calib_load": "all"}},
+            "detectors": {"jf": {"type": "jungfrau", "source_name": "jungfrau", "constants": "c.h5"}},
+        }
+    )
     with open_source(cfg) as src:
         assert src.n_events is None
         batches = list(src.batches(4))
@@ -155,12 +161,20 @@ def test_errors(data_dir):
     path = xtc(data_dir, "jungfrau")
     with pytest.raises(InputError, match="no detector 'nothere'"):
         open_source(source_cfg(path, "jungfrau", source_name="nothere"))
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-                           "detectors": {"jungfrau": {"type": "epix10ka", "constants": "c.h5"}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
+            "detectors": {"jungfrau": {"type": "epix10ka", "constants": "c.h5"}},
+        }
+    )
     with pytest.raises(InputError, match="psana says"):
         open_source(cfg)
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-                           "detectors": {"jungfrau": {"type": "jungfrau"}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
+            "detectors": {"jungfrau": {"type": "jungfrau"}},
+        }
+    )
     with pytest.raises(ConstantsError, match="detector jungfrau.*constants:"):
         open_source(cfg)
 
@@ -252,11 +266,21 @@ def test_gpusmall_run_on_psana(data_dir, tmp_path, det):
     peds, gain = make_constants(det, frames, "mean")
     Constants(pedestal=peds, gain=gain).save(tmp_path / "const.h5")
     bounds = [[0, 1], [10, 60], [20, 120]]
-    cfg = {"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-           "batch_size": 1, "backend": "numpy", "output": "out.h5",
-           "detectors": {det: {"type": FILES[det][1], "constants": "const.h5", "common_mode": {"type": "none"},
-                               "functions": [{"type": "roi", "name": "roi0", "bounds": bounds}],
-                               "sums": ["calib"]}}}
+    cfg = {
+        "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
+        "batch_size": 1,
+        "backend": "numpy",
+        "output": "out.h5",
+        "detectors": {
+            det: {
+                "type": FILES[det][1],
+                "constants": "const.h5",
+                "common_mode": {"type": "none"},
+                "functions": [{"type": "roi", "name": "roi0", "bounds": bounds}],
+                "sums": ["calib"],
+            }
+        },
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "run.yaml"), "--quiet", "--backend", "numpy"]) == 0
     _, raw = psana_run(path, det)
@@ -272,8 +296,10 @@ def test_gpusmall_run_on_psana(data_dir, tmp_path, det):
         np.testing.assert_array_equal(f["fiducials"][()], np.arange(len(ts)))
         run, _ = psana_run(path, det)
         when = [evt.datetime() for evt in run.events()]
-        got = [datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=int(s), microseconds=int(ns) / 1000)
-               for s, ns in zip(et >> np.uint64(32), et & np.uint64(0xFFFFFFFF))]
+        got = [
+            datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=int(s), microseconds=int(ns) / 1000)
+            for s, ns in zip(et >> np.uint64(32), et & np.uint64(0xFFFFFFFF))
+        ]
         assert got == when
         assert f[f"{det}/damaged"].shape == (len(ts),) and not f[f"{det}/damaged"][()].any()
         assert f[f"{det}/roi0_sum"].shape[0] == len(ts)

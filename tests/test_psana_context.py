@@ -7,6 +7,7 @@ psana's ``DgramEdit`` then adds a timing detector (``ts`` ``raw`` 2.1.0, the cla
 rewritten in place so that they change from step to step (xtcwriter writes the same ones everywhere).
 psana's own step loop is the reference; the builder's numbers are checked too. Skipped without psana.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,21 +54,46 @@ def build_run(path: Path) -> None:
     from psana.psexp import TransitionId
 
     src = path.with_suffix(".in.xtc2")
-    subprocess.run([tool("xtcwriter"), "-f", str(src), "-t", "-n", str(PER_STEP), "-s", "0", "-e", str(SLOW_EVERY),
-                    "-m", str(N_STEPS)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            tool("xtcwriter"),
+            "-f",
+            str(src),
+            "-t",
+            "-n",
+            str(PER_STEP),
+            "-s",
+            "0",
+            "-e",
+            str(SLOW_EVERY),
+            "-m",
+            str(N_STEPS),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     bufsize = 1 << 22
     fd = os.open(src, os.O_RDONLY)
     size, config = os.path.getsize(src), Dgram(file_descriptor=fd)
     off = memoryview(config).nbytes
     cbuf = bytearray(bufsize)
-    cbuf[:config._size] = config
+    cbuf[: config._size] = config
     cfg_edit = DgramEdit(dgram.Dgram(view=memoryview(cbuf), offset=0), bufsize=bufsize)
-    timing = cfg_edit.Detector(DetectorDef("timing", "ts", "ts0"), AlgDef("raw", 2, 1, 0),
-                               {"pulseId": (np.uint64, 0), "timeStamp": (np.uint64, 0), "ebeamPresent": (np.uint8, 0),
-                                "ebeamDestn": (np.uint8, 0), "sequenceValues": (np.uint16, 1)})
+    timing = cfg_edit.Detector(
+        DetectorDef("timing", "ts", "ts0"),
+        AlgDef("raw", 2, 1, 0),
+        {
+            "pulseId": (np.uint64, 0),
+            "timeStamp": (np.uint64, 0),
+            "ebeamPresent": (np.uint8, 0),
+            "ebeamDestn": (np.uint8, 0),
+            "sequenceValues": (np.uint16, 1),
+        },
+    )
     out, ebuf = bytearray(bufsize), bytearray(bufsize)
     cfg_edit.save(out)
-    blob = bytes(out[:cfg_edit.size])
+    blob = bytes(out[: cfg_edit.size])
     for pv in (b"HX2:DVD:GCC:01:PMON", b"HX2:DVD:GPI:01:PMON"):  # aliases as gpusmall's config names take them
         blob = blob.replace(pv, pv.replace(b":", b"_"))
 
@@ -93,9 +119,10 @@ def build_run(path: Path) -> None:
                 f.write(patched(d, "<d", 41.0, 100.0 + n_slow))
                 n_slow += 1
             elif svc == TransitionId.L1Accept:
-                ebuf[:d._size] = d
-                ed = DgramEdit(Dgram(config=config, view=memoryview(ebuf), offset=0), config_dgramedit=cfg_edit,
-                               bufsize=bufsize)
+                ebuf[: d._size] = d
+                ed = DgramEdit(
+                    Dgram(config=config, view=memoryview(ebuf), offset=0), config_dgramedit=cfg_edit, bufsize=bufsize
+                )
                 if n_evt != NO_TIMING:
                     code, dest, present, pid = timing_of(n_evt)
                     seq = np.zeros(18, np.uint16)
@@ -105,7 +132,7 @@ def build_run(path: Path) -> None:
                     timing.raw.sequenceValues = seq
                     ed.adddata(timing.raw)
                 ed.save(out)
-                f.write(out[:ed.size])
+                f.write(out[: ed.size])
                 n_evt += 1
             else:
                 f.write(memoryview(d))
@@ -124,11 +151,17 @@ def run_file(tmp_path_factory):
 
 def open_psana(path, context=None, **source):
     """PsanaSource on ``path`` with the config's ``context`` block (the cspad read as a camera)."""
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"},
-                                      **source},
-                           "detectors": {"xppcspad": {"type": "camera"}}, **({"context": context} if context else {})})
-    dets = {n: {"type": d.type, "shape": None, "shape_given": False, "constants": None, "source_name": None}
-            for n, d in cfg.detectors.items()}
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}, **source},
+            "detectors": {"xppcspad": {"type": "camera"}},
+            **({"context": context} if context else {}),
+        }
+    )
+    dets = {
+        n: {"type": d.type, "shape": None, "shape_given": False, "constants": None, "source_name": None}
+        for n, d in cfg.detectors.items()
+    }
     return PsanaSource(cfg.source, dets, context=cfg.context)
 
 
@@ -154,8 +187,16 @@ def psana_reference(path):
         s1, s2 = m1(step), m2(step)
         for evt in step.events():
             info = t.raw._info(evt)
-            timing = None if info is None else (set(np.flatnonzero(t.raw.eventcodes(evt)).tolist()),
-                                                t.raw.destination(evt), info.ebeamPresent, t.raw.pulseId(evt))
+            timing = (
+                None
+                if info is None
+                else (
+                    set(np.flatnonzero(t.raw.eventcodes(evt)).tolist()),
+                    t.raw.destination(evt),
+                    info.ebeamPresent,
+                    t.raw.pulseId(evt),
+                )
+            )
             rows.append((i, s1, s2, pv(evt), timing))
     return rows
 
@@ -228,10 +269,12 @@ def test_light_status_defaults(run_file):
     np.testing.assert_array_equal(ctx["lightStatus/xray"], want_x)
     np.testing.assert_array_equal(ctx["lightStatus/laser"], want_l)
     built = [timing_of(i) for i in range(N_EVENTS)]
-    np.testing.assert_array_equal(ctx["lightStatus/xray"],
-                                  [MISSING_STATUS if i == NO_TIMING else b[2] for i, b in enumerate(built)])
-    np.testing.assert_array_equal(ctx["lightStatus/laser"],
-                                  [MISSING_STATUS if i == NO_TIMING else int(b[0] == 272) for i, b in enumerate(built)])
+    np.testing.assert_array_equal(
+        ctx["lightStatus/xray"], [MISSING_STATUS if i == NO_TIMING else b[2] for i, b in enumerate(built)]
+    )
+    np.testing.assert_array_equal(
+        ctx["lightStatus/laser"], [MISSING_STATUS if i == NO_TIMING else int(b[0] == 272) for i, b in enumerate(built)]
+    )
 
 
 def test_light_status_configured(run_file):
@@ -259,13 +302,15 @@ def test_epics_per_event_and_once(run_file):
 
 
 def test_values_call_psana_with_the_event(run_file):
-    names, ctx, _, _ = read_context(run_file, {"values": {"timing/pulse": "timing.raw.pulseId",
-                                                          "scan/delay": "timing.raw.destination"}})
+    names, ctx, _, _ = read_context(
+        run_file, {"values": {"timing/pulse": "timing.raw.pulseId", "scan/delay": "timing.raw.destination"}}
+    )
     assert names["timing/pulse"] == np.float64
     want = [np.nan if i == NO_TIMING else timing_of(i)[3] for i in range(N_EVENTS)]
     np.testing.assert_array_equal(ctx["timing/pulse"], want)
-    np.testing.assert_array_equal(ctx["scan/delay"], [np.nan if i == NO_TIMING else timing_of(i)[1]
-                                                      for i in range(N_EVENTS)])
+    np.testing.assert_array_equal(
+        ctx["scan/delay"], [np.nan if i == NO_TIMING else timing_of(i)[1] for i in range(N_EVENTS)]
+    )
 
 
 def test_off_and_no_context(run_file, data_dir):
@@ -278,8 +323,12 @@ def test_off_and_no_context(run_file, data_dir):
     path = data_dir / "test_jungfrau05M_calib.xtc2"
     if not path.is_file():
         pytest.skip(f"{path} is missing")
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-                           "detectors": {"jungfrau": {"type": "jungfrau", "constants": "c.h5"}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
+            "detectors": {"jungfrau": {"type": "jungfrau", "constants": "c.h5"}},
+        }
+    )
     dets = {"jungfrau": {"type": "jungfrau", "shape": None, "shape_given": False, "constants": "c.h5"}}
     with PsanaSource(cfg.source, dets, context=cfg.context) as src:
         assert src.context == {} and src.context_once() == {}
@@ -326,8 +375,13 @@ def test_open_source_passes_the_context_block(run_file):
     """The run's ``context`` block reaches PsanaSource through open_source."""
     from gpusmall.sources import open_source
 
-    cfg = validate_config({"source": {"type": "psana", "files": [str(run_file)], "psana": {"skip_calib_load": "all"}},
-                           "detectors": {"xppcspad": {"type": "camera"}}, "context": {"epics": [PV_CHANGING]}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(run_file)], "psana": {"skip_calib_load": "all"}},
+            "detectors": {"xppcspad": {"type": "camera"}},
+            "context": {"epics": [PV_CHANGING]},
+        }
+    )
     with open_source(cfg) as src:
         assert f"epics/{PV_CHANGING}" in src.context
 
@@ -365,11 +419,21 @@ def test_steps_under_psana_mpi_distribution(run_file, tmp_path):
     (xtc / "smalldata").mkdir(parents=True)
     big = xtc / "xpptut15-r0014-s000-c000.xtc2"
     shutil.copyfile(run_file, big)
-    subprocess.run([tool("smdwriter"), "-f", str(big), "-o", str(xtc / "smalldata" / "xpptut15-r0014-s000-c000.smd.xtc2")],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [tool("smdwriter"), "-f", str(big), "-o", str(xtc / "smalldata" / "xpptut15-r0014-s000-c000.smd.xtc2")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     (tmp_path / "check.py").write_text(MPI_SCRIPT)
-    p = subprocess.run(["mpiexec", "-n", "4", sys.executable, str(tmp_path / "check.py"), str(xtc)], check=False, env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        ["mpiexec", "-n", "4", sys.executable, str(tmp_path / "check.py"), str(xtc)],
+        check=False,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     per_rank = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("ROWS ")][-1][5:])
     assert per_rank[0] == [] and per_rank[1] == [] and sum(len(r) > 0 for r in per_rank[2:]) == 2

@@ -5,6 +5,7 @@ gives (:func:`gpusmall.analysis.avimage.assemble`) and psana with ``raw.image(ev
 equal and so must every cell where both have a pixel (psana fills holes inside a panel from their neighbours
 and leaves 0 in the gaps; gpusmall leaves both as gaps). Skipped without psana or without the files.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,12 @@ from gpusmall.sources import open_source  # noqa: E402
 
 def source_geometry(path, det):
     """(x, y, pixel_um) as gpusmall's psana source and detector model give them."""
-    cfg = validate_config({"source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
-                           "detectors": {det: {"type": FILES[det][1], "constants": "unused.h5"}}})
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "files": [str(path)], "psana": {"skip_calib_load": "all"}},
+            "detectors": {det: {"type": FILES[det][1], "constants": "unused.h5"}},
+        }
+    )
     with open_source(cfg) as src:
         info = src.detectors[det]
     return info.x, info.y, float(get_model(FILES[det][1]).pixel_um)

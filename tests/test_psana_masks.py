@@ -3,6 +3,7 @@ given the constants we inject) on the two real XTC2 files: status, edges, centra
 bad-pixel neighbours mean the same pixels; psana's ``pixel_mask`` constants become the ``calib`` mask.
 Where the two differ by convention (ePix10ka status over every gain range) the test pins the difference.
 Skipped without psana or the files."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,12 +50,14 @@ def test_status_edges_central_and_neighbours_equal_psanas(data_dir, rng, det):
         np.testing.assert_array_equal(edge_mask(shape, n), raw._mask_edges(edge_rows=n, edge_cols=n).astype(bool))
     if det == "epixquad":  # psana 4.3's _mask_center fails on JUNGFRAU ("Cannot convert np.dtype into a dtype")
         for n in (1, 2):
-            np.testing.assert_array_equal(central_mask(shape, model, n),
-                                          raw._mask_center(center_rows=n, center_cols=n).astype(bool))
+            np.testing.assert_array_equal(
+                central_mask(shape, model, n), raw._mask_center(center_rows=n, center_cols=n).astype(bool)
+            )
     bad = ~ours
     for ptrn, neighbours in (("r", 4), ("s", 8)):  # psana: rhombus / square of radius 1 around each bad pixel
-        np.testing.assert_array_equal(~grow_bad(bad, neighbours),
-                                      raw._mask_neighbors(ours.astype(np.uint8), rad=1, ptrn=ptrn).astype(bool))
+        np.testing.assert_array_equal(
+            ~grow_bad(bad, neighbours), raw._mask_neighbors(ours.astype(np.uint8), rad=1, ptrn=ptrn).astype(bool)
+        )
 
 
 def test_psanas_pixel_mask_is_the_calib_mask(data_dir, rng):

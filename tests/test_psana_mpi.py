@@ -7,6 +7,7 @@ fixture builds such a folder from a test file with psana's own ``smdwriter``. Th
 with one event per psana batch (two reducing ranks that receive interleaved events) must give the same
 file as one rank. Skipped without psana, smdwriter, mpiexec or the files.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -63,16 +64,24 @@ def exp_dirs(data_dir, tmp_path_factory):
 
 def exp_source(det, xtc_dir, **psana_kw):
     exp, run = EXP_RUN[det]
-    return {"type": "psana", "exp": exp, "run": run, "psana": {"skip_calib_load": "all", "dir": str(xtc_dir),
-                                                               **psana_kw}}
+    return {
+        "type": "psana",
+        "exp": exp,
+        "run": run,
+        "psana": {"skip_calib_load": "all", "dir": str(xtc_dir), **psana_kw},
+    }
 
 
 @pytest.mark.parametrize("det", list(FILES))
 def test_exp_run_reads_what_files_reads(data_dir, exp_dirs, det):
     """exp/run/dir (offline: psana's file database is out of reach) delivers the same events as files."""
     ts, frames = psana_frames(xtc(data_dir, det), det)
-    cfg = validate_config({"source": exp_source(det, exp_dirs[det]),
-                           "detectors": {det: {"type": FILES[det][1], "constants": "unused.h5"}}})
+    cfg = validate_config(
+        {
+            "source": exp_source(det, exp_dirs[det]),
+            "detectors": {det: {"type": FILES[det][1], "constants": "unused.h5"}},
+        }
+    )
     with open_source(cfg) as src:
         assert not src.distributed  # one process: psana reads serially
         batches = list(src.batches(1, 0, None))
@@ -81,8 +90,13 @@ def test_exp_run_reads_what_files_reads(data_dir, exp_dirs, det):
 
 
 def test_relative_dir_follows_the_config(tmp_path):
-    cfg = validate_config({"source": {"type": "psana", "exp": "xpptut15", "run": 1, "psana": {"dir": "exp/xtc"}},
-                           "detectors": {"jf": {"type": "jungfrau"}}}, base_dir=tmp_path)
+    cfg = validate_config(
+        {
+            "source": {"type": "psana", "exp": "xpptut15", "run": 1, "psana": {"dir": "exp/xtc"}},
+            "detectors": {"jf": {"type": "jungfrau"}},
+        },
+        base_dir=tmp_path,
+    )
     assert cfg.source.psana["dir"] == str(tmp_path / "exp" / "xtc")
 
 
@@ -91,13 +105,30 @@ def write_run(tmp_path, det, source, out):
     peds, gain = make_constants(det, frames, "random")
     Constants(pedestal=peds, gain=gain).save(tmp_path / f"{det}_const.h5")
     src = {k: v for k, v in source.items() if k != "_file"}
-    cfg = {"source": src, "batch_size": 1, "backend": "numpy", "output": out,
-           "detectors": {det: {"type": FILES[det][1], "constants": f"{det}_const.h5", "units": "adu",
-                               "common_mode": {"type": "none"},
-                               "functions": [{"type": "roi", "name": "roi0", "bounds": [[0, 1], [10, 60], [20, 120]],
-                                              "children": [{"type": "projection", "axis": -1}]},
-                                             {"type": "rebin", "shape": [16, 32]}],
-                               "sums": ["calib", "max"]}}}
+    cfg = {
+        "source": src,
+        "batch_size": 1,
+        "backend": "numpy",
+        "output": out,
+        "detectors": {
+            det: {
+                "type": FILES[det][1],
+                "constants": f"{det}_const.h5",
+                "units": "adu",
+                "common_mode": {"type": "none"},
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[0, 1], [10, 60], [20, 120]],
+                        "children": [{"type": "projection", "axis": -1}],
+                    },
+                    {"type": "rebin", "shape": [16, 32]},
+                ],
+                "sums": ["calib", "max"],
+            }
+        },
+    }
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -115,9 +146,14 @@ def gpusmall_run(cfg_path, ranks=1, extra_env=None):
 @pytest.mark.skipif(have_mpi() is not None, reason=f"MPI: {have_mpi()}")
 # 3 ranks (the fewest: one of each role) and 4 with interleaved events, on both detectors between them;
 # (JUNGFRAU, 20 s or more each on 2 cores, in the slow run)
-@pytest.mark.parametrize("det,ranks,psana_batch", [pytest.param("jungfrau", 3, None, marks=pytest.mark.slow),
-                                                   pytest.param("jungfrau", 4, 1, marks=pytest.mark.slow),
-                                                   ("epixquad", 3, None)])
+@pytest.mark.parametrize(
+    "det,ranks,psana_batch",
+    [
+        pytest.param("jungfrau", 3, None, marks=pytest.mark.slow),
+        pytest.param("jungfrau", 4, 1, marks=pytest.mark.slow),
+        ("epixquad", 3, None),
+    ],
+)
 def test_psana_mpi_distribution_equals_one_rank(data_dir, exp_dirs, tmp_path, det, ranks, psana_batch):
     """mpiexec -n 3 / -n 4 (psana's distribution; with one event per psana batch the two reducing ranks
     get interleaved events) == 1 rank, dataset for dataset; the master's per-event datasets are virtual."""
@@ -147,8 +183,12 @@ def test_psana_mpi_distribution_equals_one_rank(data_dir, exp_dirs, tmp_path, de
 @pytest.mark.skipif(have_mpi() is not None, reason=f"MPI: {have_mpi()}")
 def test_two_ranks_is_a_clear_error(data_dir, exp_dirs, tmp_path):
     """psana's distribution needs 3 ranks: 2 stop with exit 2 and a message, before any file is written."""
-    cfg = write_run(tmp_path, "jungfrau", {**exp_source("jungfrau", exp_dirs["jungfrau"]),
-                                           "_file": str(xtc(data_dir, "jungfrau"))}, "two.h5")
+    cfg = write_run(
+        tmp_path,
+        "jungfrau",
+        {**exp_source("jungfrau", exp_dirs["jungfrau"]), "_file": str(xtc(data_dir, "jungfrau"))},
+        "two.h5",
+    )
     r = gpusmall_run(cfg, 2)
     assert r.returncode == 2, r.stderr
     assert "at least 3" in r.stderr and "got 2" in r.stderr

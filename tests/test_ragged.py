@@ -8,6 +8,7 @@
 * truncation by a bounded output is counted, stored (root attributes) and printed;
 * children of droplet receive the droplet image: projection and roi equal NumPy references.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,22 @@ def host(backend, out):
 
 def droplet_tree(backend, ctx, layout, max_droplets=12, max_photons=25):
     ph = Photons(Photons.Params(adu_per_photon=80, max_photons=max_photons, layout=layout))
-    return setup(Droplet, backend, ctx, [ph], threshold=15, threshold_low=6, use_rms=False, thres_adu=40,
-                 max_droplets=max_droplets, layout=layout)
+    return setup(
+        Droplet,
+        backend,
+        ctx,
+        [ph],
+        threshold=15,
+        threshold_low=6,
+        use_rms=False,
+        thres_adu=40,
+        max_droplets=max_droplets,
+        layout=layout,
+    )
 
 
 # ---- the functions ---------------------------------------------------------------------------------------
+
 
 def test_ragged_and_padded_give_the_same_droplets_and_photons(any_backend, rng):  # noqa: F811
     """Bounds small enough to truncate some events: ragged keeps exactly the rows padded keeps, in the same
@@ -55,8 +67,9 @@ def test_ragged_and_padded_give_the_same_droplets_and_photons(any_backend, rng):
     assert rag["droplet_data"].ndim == 1 and pad["droplet_data"].shape == (5, 12)
     assert (rag["droplet_nDroplets_truncated"] > 0).any() and (rag["droplet_photons_nPhotons_truncated"] > 0).any()
     np.testing.assert_array_equal(rag["droplet_len"], rag["droplet_nDroplets"] - rag["droplet_nDroplets_truncated"])
-    np.testing.assert_array_equal(rag["droplet_photons_len"],
-                                  rag["droplet_photons_nPhotons"] - rag["droplet_photons_nPhotons_truncated"])
+    np.testing.assert_array_equal(
+        rag["droplet_photons_len"], rag["droplet_photons_nPhotons"] - rag["droplet_photons_nPhotons_truncated"]
+    )
     assert rag["droplet_len"][3] == 0 and rag["droplet_photons_len"][3] == 0
     # smalldata_tools' sparse_data of photons: 1 per stored photon (0 in padding), summing to the stored photons
     assert rag["droplet_photons_data"].dtype == np.uint8 and (rag["droplet_photons_data"] == 1).all()
@@ -79,8 +92,15 @@ def test_ragged_photons_wait_once_on_the_gpu():
     waits = {}
     for layout in ("ragged", "padded"):
         ctx = make_ctx(gpu, shape)
-        d = setup(Droplet, gpu, ctx, [Photons(Photons.Params(adu_per_photon=100, max_photons=30, layout=layout))],
-                  threshold=40, use_rms=False, layout=layout)
+        d = setup(
+            Droplet,
+            gpu,
+            ctx,
+            [Photons(Photons.Params(adu_per_photon=100, max_photons=30, layout=layout))],
+            threshold=40,
+            use_rms=False,
+            layout=layout,
+        )
         _, child = d.compute(make_frames(gpu, data))
         before = len(gpu.transfers)
         out, _ = d.children[0].compute(child)
@@ -103,11 +123,13 @@ def test_sparse_columns_name_smalldata_tools_datasets(numpy_backend):
     assert rag.links["var_droplet_photons_sparse/tile"] == "droplet_photons_tile"
     assert not pad.items and not pad.bounds
     assert {k: v for k, v in pad.links.items() if not k.startswith("droplet_photons")} == {
-        f"droplet_sparse_{k}": f"droplet_{k}" for k in DROPLET_FIELDS}
+        f"droplet_sparse_{k}": f"droplet_{k}" for k in DROPLET_FIELDS
+    }
     assert pad.links["droplet_photons_sparse_row"] == "droplet_photons_row"
 
 
 # ---- the droplet image for children ------------------------------------------------------------------------
+
 
 def droplet_image_reference(data, good, thr, thr_low, thres_adu):
     """The calibrated values at the pixels of the droplets kept, 0 elsewhere (scipy, panel by panel)."""
@@ -136,13 +158,17 @@ def test_children_of_droplet_receive_the_droplet_image(any_backend, rng):  # noq
     ctx = make_ctx(b, shape)
 
     def tree(children):
-        return setup(Droplet, b, ctx, children, threshold=15, threshold_low=6, use_rms=False, thres_adu=60,
-                     max_droplets=3)  # truncation bounds the outputs, not the image
+        return setup(
+            Droplet, b, ctx, children, threshold=15, threshold_low=6, use_rms=False, thres_adu=60, max_droplets=3
+        )  # truncation bounds the outputs, not the image
 
-    kids = [Projection(Projection.Params(axis=-1)), Projection(Projection.Params(axis=0)),
-            Projection(Projection.Params(axis=1, name="pj_mean", mean=True)),
-            Roi(Roi.Params(name="r", bounds=[[1, 2], [4, 20], [5, 25]]), [Projection(Projection.Params(axis=1))]),
-            Photons(Photons.Params(adu_per_photon=80))]
+    kids = [
+        Projection(Projection.Params(axis=-1)),
+        Projection(Projection.Params(axis=0)),
+        Projection(Projection.Params(axis=1, name="pj_mean", mean=True)),
+        Roi(Roi.Params(name="r", bounds=[[1, 2], [4, 20], [5, 25]]), [Projection(Projection.Params(axis=1))]),
+        Photons(Photons.Params(adu_per_photon=80)),
+    ]
     out = host(b, tree(kids)(make_frames(b, data, good)))
     alone = host(b, tree([Photons(Photons.Params(adu_per_photon=80))])(make_frames(b, data, good)))
     img = droplet_image_reference(frames_data, good, 15, 6, 60)
@@ -162,20 +188,38 @@ def test_children_of_droplet_receive_the_droplet_image(any_backend, rng):  # noq
 
 # ---- files -------------------------------------------------------------------------------------------------
 
-def cam_droplets(tmp_path, events=30, batch=8, layout="ragged", out="cam.h5", damage_every=0, max_droplets=200,
-                 max_photons=400):
+
+def cam_droplets(
+    tmp_path, events=30, batch=8, layout="ragged", out="cam.h5", damage_every=0, max_droplets=200, max_photons=400
+):
     return {
         "source": {"type": "sim", "events": events, "seed": 5, "damage_every": damage_every},
-        "batch_size": batch, "backend": "numpy", "output": str(tmp_path / out),
-        "detectors": {"cam": {
-            "type": "camera", "shape": [1, 48, 64],
-            "functions": [
-                {"type": "droplet", "threshold": 30, "threshold_low": 10, "use_rms": False, "thres_adu": 40,
-                 "max_droplets": max_droplets, "layout": layout,
-                 "children": [{"type": "photons", "adu_per_photon": 100.0, "max_photons": max_photons,
-                               "layout": layout}, {"type": "projection", "axis": 0}]},
-                {"type": "roi", "name": "r", "bounds": [[0, 1], [0, 24], [0, 32]]}],
-            "sums": ["calib"]}},
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(tmp_path / out),
+        "detectors": {
+            "cam": {
+                "type": "camera",
+                "shape": [1, 48, 64],
+                "functions": [
+                    {
+                        "type": "droplet",
+                        "threshold": 30,
+                        "threshold_low": 10,
+                        "use_rms": False,
+                        "thres_adu": 40,
+                        "max_droplets": max_droplets,
+                        "layout": layout,
+                        "children": [
+                            {"type": "photons", "adu_per_photon": 100.0, "max_photons": max_photons, "layout": layout},
+                            {"type": "projection", "axis": 0},
+                        ],
+                    },
+                    {"type": "roi", "name": "r", "bounds": [[0, 1], [0, 24], [0, 32]]},
+                ],
+                "sums": ["calib"],
+            }
+        },
     }
 
 
@@ -211,7 +255,7 @@ def per_event_items(f, name):
     off, n = group[ds.attrs["items_offset"]][()], group[ds.attrs["items_count"]][()]
     data = ds[()]
     assert len(off) == len(n) and (off == np.cumsum(n) - n).all() and n.sum() == len(data)
-    return [data[o:o + k] for o, k in zip(off, n)]
+    return [data[o : o + k] for o, k in zip(off, n)]
 
 
 def test_files_ragged_and_padded_hold_the_same_droplets(tmp_path):
@@ -227,8 +271,8 @@ def test_files_ragged_and_padded_hold_the_same_droplets(tmp_path):
                 assert r[f"cam/{prefix}{k}"].attrs["items_count"] == f"{prefix}len"
                 assert r[f"cam/{prefix}{k}"].dtype == pad.dtype
                 for e, row in enumerate(rows):
-                    np.testing.assert_array_equal(row, pad[e, :n[e]], err_msg=f"{k} {e}")
-                    assert (pad[e, n[e]:] == 0).all()
+                    np.testing.assert_array_equal(row, pad[e, : n[e]], err_msg=f"{k} {e}")
+                    assert (pad[e, n[e] :] == 0).all()
             # smalldata_tools' names: the same datasets
             for k in keys:
                 np.testing.assert_array_equal(r[f"cam/var_{prefix[:-1]}_sparse/{k}"][()], r[f"cam/{prefix}{k}"][()])
@@ -281,6 +325,7 @@ def test_two_ranks_master_equals_one_rank(tmp_path, monkeypatch, layout):
 def test_second_names_that_sort_first_do_not_confuse_the_master(tmp_path):
     """A droplet named ``zz``: ``var_zz_sparse/data`` comes before ``zz_data`` in h5py's visit, which sees each
     dataset once; the master still builds every dataset under its own name and the second names over them."""
+
     def named(out):
         data = cam_droplets(tmp_path, out=out, events=20, batch=6)
         data["detectors"]["cam"]["functions"][0]["name"] = "zz"
@@ -302,15 +347,22 @@ def ragged_batch(ts, counts, values_of):
     """A batch of Columns: per event ``counts[e]`` items whose values are ``values_of(ts[e])``."""
     counts = np.asarray(counts, np.int32)
     items = np.concatenate([values_of(t)[:c] for t, c in zip(ts, counts)]) if len(ts) else np.zeros(0)
-    return Columns({"timestamp": np.asarray(ts, np.uint64), "det/f_len": counts, "det/f_data": items.astype(np.float32),
-                    "det/f_n_truncated": (counts == 3).astype(np.int32)},
-                   ragged={"det/f_data": ("det/f_len", "det/f_offset")},
-                   links={"det/var_f_sparse/data": "det/f_data"})
+    return Columns(
+        {
+            "timestamp": np.asarray(ts, np.uint64),
+            "det/f_len": counts,
+            "det/f_data": items.astype(np.float32),
+            "det/f_n_truncated": (counts == 3).astype(np.int32),
+        },
+        ragged={"det/f_data": ("det/f_len", "det/f_offset")},
+        links={"det/var_f_sparse/data": "det/f_data"},
+    )
 
 
 def test_master_of_interleaved_parts_orders_the_items_by_timestamp(tmp_path, monkeypatch):
     """Parts whose events interleave (psana's MPI distribution): one mapping per run of events, the items of
     each run in the master's event order; the same with copies."""
+
     def values(t):
         return t * 10.0 + np.arange(5)
 
@@ -322,7 +374,7 @@ def test_master_of_interleaved_parts_orders_the_items_by_timestamp(tmp_path, mon
         with ResultWriter(tmp_path / f"m.part{r}.h5", chunk_events=4) as w:
             mine = ts[owner == r]
             for a in range(0, len(mine), 4):
-                w.append(ragged_batch(mine[a:a + 4], [counts[int(t)] for t in mine[a:a + 4]], values))
+                w.append(ragged_batch(mine[a : a + 4], [counts[int(t)] for t in mine[a : a + 4]], values))
             w.set_attrs("/", {"rank": r, "ranks": 3, "complete": True})
     with ResultWriter(tmp_path / "ref.h5", chunk_events=40) as w:
         w.append(ragged_batch(ts, [counts[int(t)] for t in ts], values))
@@ -336,7 +388,7 @@ def test_master_of_interleaved_parts_orders_the_items_by_timestamp(tmp_path, mon
             for k in ("timestamp", "det/f_len", "det/f_offset", "det/f_data", "det/var_f_sparse/data"):
                 np.testing.assert_array_equal(f[k][()], ref[k][()], err_msg=k)
             rows = per_event_items(f, "det/f_data")
-            assert all((row == values(t)[:len(row)]).all() for row, t in zip(rows, ts))
+            assert all((row == values(t)[: len(row)]).all() for row, t in zip(rows, ts))
             want = sum(counts[int(t)] == 3 for t in ts)
             assert int(f.attrs["truncated_events"]) == want == info["truncated_events"]
             assert json.loads(f.attrs["truncated"]) == {"det/f_n_truncated": want}
@@ -400,8 +452,10 @@ def test_truncation_is_counted_stored_and_printed(tmp_path, capsys):
         nd, nph = f["cam/droplet_nDroplets_truncated"][()], f["cam/droplet_photons_nPhotons_truncated"][()]
         want = int(((nd > 0) | (nph > 0)).sum())
         assert 0 < want <= 30 and int(f.attrs["truncated_events"]) == want
-        assert json.loads(f.attrs["truncated"]) == {"cam/droplet_nDroplets_truncated": int((nd > 0).sum()),
-                                                    "cam/droplet_photons_nPhotons_truncated": int((nph > 0).sum())}
+        assert json.loads(f.attrs["truncated"]) == {
+            "cam/droplet_nDroplets_truncated": int((nd > 0).sum()),
+            "cam/droplet_photons_nPhotons_truncated": int((nph > 0).sum()),
+        }
         assert (f["cam/droplet_len"][()] <= 3).all()
     assert f"gpusmall: {want} of 30 events truncated by a bounded output" in err, err
     # under fake ranks the master counts them all
@@ -432,8 +486,9 @@ def test_memory_estimate_counts_ragged_outputs_at_their_bound(tmp_path):
     for layout in ("ragged", "padded"):
         cfg = validate_config(cam_droplets(tmp_path, layout=layout))
         src = SimSource(2, {"cam": {"type": "camera", "shape": (1, 48, 64)}}, seed=1)
-        pl = DetectorPipeline("cam", cfg.detectors["cam"], src.detectors["cam"], cfg.function_specs("cam"),
-                              Backend("numpy"))
+        pl = DetectorPipeline(
+            "cam", cfg.detectors["cam"], src.detectors["cam"], cfg.function_specs("cam"), Backend("numpy")
+        )
         sizes[layout] = pl.event_output_nbytes()
     drop = "detectors.cam.functions[0]"
     # ragged: the padded arrays' bytes plus the two per-event len columns
@@ -452,9 +507,17 @@ def test_writer_items_written_as_whole_chunks_and_partial_ends_equal_the_data(tm
             counts = np.array([k // 2, k - k // 2], np.int32)
             items = rng.random(k).astype(np.float32)
             got.append(items)
-            w.append(Columns({"timestamp": np.array([t, t + 1], np.uint64), "d/x_len": counts, "d/x": items,
-                              "d/i": (items * 1000).astype(np.int64)},
-                             ragged={"d/x": ("d/x_len", "d/x_offset"), "d/i": ("d/x_len", "d/x_offset")}))
+            w.append(
+                Columns(
+                    {
+                        "timestamp": np.array([t, t + 1], np.uint64),
+                        "d/x_len": counts,
+                        "d/x": items,
+                        "d/i": (items * 1000).astype(np.int64),
+                    },
+                    ragged={"d/x": ("d/x_len", "d/x_offset"), "d/i": ("d/x_len", "d/x_offset")},
+                )
+            )
             t += 2
     want = np.concatenate(got)
     with h5py.File(tmp_path / "c.h5") as f:

@@ -2,6 +2,7 @@
 
 Each test reproduces one case of the issue's list (the number in its name) and failed before the fix.
 """
+
 import copy
 import math
 import os
@@ -30,8 +31,12 @@ AZAV = {"type": "azav", "center_um": [8.0, 8.0], "distance_mm": 100.0, "energy_k
 
 
 def config(tmp_path, **top) -> dict:
-    cfg = {"source": {"type": "sim", "events": 4}, "batch_size": 2, "output": str(tmp_path / "out.h5"),
-           "detectors": {"cam": dict(CAM)}}
+    cfg = {
+        "source": {"type": "sim", "events": 4},
+        "batch_size": 2,
+        "output": str(tmp_path / "out.h5"),
+        "detectors": {"cam": dict(CAM)},
+    }
     cfg.update(top)
     return copy.deepcopy(cfg)
 
@@ -56,10 +61,24 @@ def env():
 
 def start_long_run(tmp_path, out: Path) -> subprocess.Popen:
     """A simulated run that goes on until stopped, once its output holds reduced batches."""
-    cfg = write(tmp_path, config(tmp_path, source={"type": "sim", "events": 10**7}, batch_size=8,
-                                 output=str(out), detectors={"cam": dict(CAM, shape=[64, 64])}), "long.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet", "--threads", "1"],
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cfg = write(
+        tmp_path,
+        config(
+            tmp_path,
+            source={"type": "sim", "events": 10**7},
+            batch_size=8,
+            output=str(out),
+            detectors={"cam": dict(CAM, shape=[64, 64])},
+        ),
+        "long.yaml",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet", "--threads", "1"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t_end = time.time() + 60
     while time.time() < t_end and proc.poll() is None:
         try:
@@ -85,6 +104,7 @@ def stop(proc, sig) -> str:
 
 # ---- 2: one output, one run ---------------------------------------------------------------------
 
+
 def test_02_a_second_run_on_a_live_output_is_refused(tmp_path, capsys):
     out = tmp_path / "live.h5"
     proc = start_long_run(tmp_path, out)
@@ -105,6 +125,7 @@ def test_02_a_second_run_on_a_live_output_is_refused(tmp_path, capsys):
 
 # ---- 6: SIGHUP stops cleanly, as SIGTERM does -----------------------------------------------------
 
+
 def test_06_sighup_keeps_every_batch_and_closes_the_file(tmp_path):
     out = tmp_path / "hup.h5"
     proc = start_long_run(tmp_path, out)
@@ -122,23 +143,38 @@ def test_06_sighup_keeps_every_batch_and_closes_the_file(tmp_path):
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.mark.parametrize("where, change", [
-    ("detectors.cam.functions[0].thres_adu", lambda c: c["detectors"]["cam"]["functions"][0].update(thres_adu=NAN)),
-    ("detectors.cam.functions[1].center_um[0]", lambda c: c["detectors"]["cam"]["functions"].append(
-        dict(AZAV, center_um=[NAN, 0.0]))),
-    ("detectors.cam.functions[1].range[1]", lambda c: c["detectors"]["cam"]["functions"].append(
-        dict(AZAV, range=[0.0, INF]))),
-    ("detectors.cam.functions[1].distance_mm", lambda c: c["detectors"]["cam"]["functions"].append(
-        dict(AZAV, distance_mm=INF))),
-    ("detectors.cam.functions[1].energy_kev", lambda c: c["detectors"]["cam"]["functions"].append(
-        dict(AZAV, energy_kev=NAN))),
-    ("detectors.cam.photon_energy_kev", lambda c: c["detectors"]["cam"].update(units="photons",
-                                                                                photon_energy_kev=NAN)),
-    ("detectors.cam.saturation", lambda c: c["detectors"]["cam"].update(saturation=NAN)),
-    ("detectors.cam.pixel_um", lambda c: c["detectors"]["cam"].update(pixel_um=INF)),
-    ("detectors.cam.common_mode.max_correction", lambda c: c["detectors"]["cam"].update(
-        common_mode={"type": "median", "max_correction": INF})),
-])
+@pytest.mark.parametrize(
+    "where, change",
+    [
+        ("detectors.cam.functions[0].thres_adu", lambda c: c["detectors"]["cam"]["functions"][0].update(thres_adu=NAN)),
+        (
+            "detectors.cam.functions[1].center_um[0]",
+            lambda c: c["detectors"]["cam"]["functions"].append(dict(AZAV, center_um=[NAN, 0.0])),
+        ),
+        (
+            "detectors.cam.functions[1].range[1]",
+            lambda c: c["detectors"]["cam"]["functions"].append(dict(AZAV, range=[0.0, INF])),
+        ),
+        (
+            "detectors.cam.functions[1].distance_mm",
+            lambda c: c["detectors"]["cam"]["functions"].append(dict(AZAV, distance_mm=INF)),
+        ),
+        (
+            "detectors.cam.functions[1].energy_kev",
+            lambda c: c["detectors"]["cam"]["functions"].append(dict(AZAV, energy_kev=NAN)),
+        ),
+        (
+            "detectors.cam.photon_energy_kev",
+            lambda c: c["detectors"]["cam"].update(units="photons", photon_energy_kev=NAN),
+        ),
+        ("detectors.cam.saturation", lambda c: c["detectors"]["cam"].update(saturation=NAN)),
+        ("detectors.cam.pixel_um", lambda c: c["detectors"]["cam"].update(pixel_um=INF)),
+        (
+            "detectors.cam.common_mode.max_correction",
+            lambda c: c["detectors"]["cam"].update(common_mode={"type": "median", "max_correction": INF}),
+        ),
+    ],
+)
 def test_08_nan_and_inf_parameters_are_refused(tmp_path, capsys, where, change):
     cfg = config(tmp_path)
     change(cfg)
@@ -150,9 +186,11 @@ def test_08_nan_and_inf_parameters_are_refused(tmp_path, capsys, where, change):
 
 def test_08_a_poni_file_with_a_nan_distance_is_refused(tmp_path, capsys):
     poni = tmp_path / "g.poni"
-    poni.write_text("poni_version: 2\nDetector: Detector\nDetector_config: {\"pixel1\": 0.0001, \"pixel2\": 0.0001, "
-                    "\"max_shape\": null}\nDistance: nan\nPoni1: 0.001\nPoni2: 0.001\nRot1: 0\nRot2: 0\nRot3: 0\n"
-                    "Wavelength: 1.3e-10\n")
+    poni.write_text(
+        'poni_version: 2\nDetector: Detector\nDetector_config: {"pixel1": 0.0001, "pixel2": 0.0001, '
+        '"max_shape": null}\nDistance: nan\nPoni1: 0.001\nPoni2: 0.001\nRot1: 0\nRot2: 0\nRot3: 0\n'
+        "Wavelength: 1.3e-10\n"
+    )
     azav = {"type": "azav", "poni": str(poni), "bins": 10}
     cfg = write(tmp_path, config(tmp_path, detectors={"cam": dict(CAM, functions=[azav])}))
     rc, err = run_cli(capsys, "run", cfg, "--backend", "numpy", "--quiet")
@@ -161,6 +199,7 @@ def test_08_a_poni_file_with_a_nan_distance_is_refused(tmp_path, capsys):
 
 
 # ---- 9: constants files are validated like configs ----------------------------------------------
+
 
 def constants_file(path, **datasets):
     with h5py.File(path, "w") as f:
@@ -172,22 +211,36 @@ def constants_file(path, **datasets):
     return path
 
 
-@pytest.mark.parametrize("det_type, datasets, message", [
-    ("camera", {"pedestal": np.zeros((1, 4, 4), np.float32), "gain": -np.ones((1, 4, 4), np.float32)},
-     "'gain' is -1 at"),
-    ("camera", {"pedestal": np.zeros((1, 4, 4), np.float32), "noise": np.full((1, 4, 4), -2, np.float32)},
-     "'noise' is -2 at"),
-    ("camera", {"pedestal": "group"}, "'pedestal' is a group, not a dataset"),
-    ("jungfrau", {"pedestals": np.zeros((3, 1, 4, 4), np.float32)}, "unknown dataset 'pedestals' (did you mean 'pedestal'?)"),
-    ("camera", {"pedestals": np.zeros((1, 4, 4), np.float32)}, "unknown dataset 'pedestals'"),
-    ("camera", {}, "is empty"),
-    ("camera", {"pedestal": np.array([b"a", b"b"])}, "not numbers"),
-    ("camera", {"pedestal": np.zeros((1, 4, 4), np.float32), "status": np.full((1, 4, 4), 0.5)}, "whole numbers"),
-])
+@pytest.mark.parametrize(
+    "det_type, datasets, message",
+    [
+        (
+            "camera",
+            {"pedestal": np.zeros((1, 4, 4), np.float32), "gain": -np.ones((1, 4, 4), np.float32)},
+            "'gain' is -1 at",
+        ),
+        (
+            "camera",
+            {"pedestal": np.zeros((1, 4, 4), np.float32), "noise": np.full((1, 4, 4), -2, np.float32)},
+            "'noise' is -2 at",
+        ),
+        ("camera", {"pedestal": "group"}, "'pedestal' is a group, not a dataset"),
+        (
+            "jungfrau",
+            {"pedestals": np.zeros((3, 1, 4, 4), np.float32)},
+            "unknown dataset 'pedestals' (did you mean 'pedestal'?)",
+        ),
+        ("camera", {"pedestals": np.zeros((1, 4, 4), np.float32)}, "unknown dataset 'pedestals'"),
+        ("camera", {}, "is empty"),
+        ("camera", {"pedestal": np.array([b"a", b"b"])}, "not numbers"),
+        ("camera", {"pedestal": np.zeros((1, 4, 4), np.float32), "status": np.full((1, 4, 4), 0.5)}, "whole numbers"),
+    ],
+)
 def test_09_bad_constants_files_are_refused(tmp_path, det_type, datasets, message):
     path = constants_file(tmp_path / "k.h5", **datasets)
-    with pytest.raises(ConstantsError, match="detector det1: .*" + message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("?", r"\?")):
+    with pytest.raises(
+        ConstantsError, match="detector det1: .*" + message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")
+    ):
         load_constants(path, "det1", get_model(det_type), (1, 4, 4) if det_type == "camera" else (1, 4, 4))
 
 
@@ -199,6 +252,7 @@ def test_09_a_bad_constants_file_stops_the_run_with_exit_2(tmp_path, capsys):
 
 
 # ---- 10: silent defaults are said once ----------------------------------------------------------
+
 
 def raw_file(path, n=4, shape=(16, 16)):
     with h5py.File(path, "w") as f:
@@ -219,8 +273,17 @@ def test_10_no_constants_and_no_pixel_size_are_warned_naming_the_detector(tmp_pa
     caplog.clear()
     cam = dict(cam, pixel_um=50.0)
     with caplog.at_level("WARNING"):
-        main(["run", str(write(tmp_path, config(tmp_path, source={"type": "hdf5", "path": str(raw)},
-                                                    detectors={"cam": cam}))), "--backend", "numpy", "--quiet"])
+        main(
+            [
+                "run",
+                str(
+                    write(tmp_path, config(tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": cam}))
+                ),
+                "--backend",
+                "numpy",
+                "--quiet",
+            ]
+        )
     assert not any("pixel_um" in r.getMessage() for r in caplog.records)
 
 
@@ -229,11 +292,17 @@ def test_10_no_constants_and_no_pixel_size_are_warned_naming_the_detector(tmp_pa
 DROPLET = {"type": "droplet", "threshold": 5.0, "use_rms": False}
 
 
-@pytest.mark.parametrize("functions, where, message", [
-    ([{"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [{"type": "photons", "adu_per_photon": 10.0}]}],
-     "functions[0].children[0].type", "photons cannot work under roi, which passes on image"),
-    ([{"type": "photons", "adu_per_photon": 10.0}], "functions[0].type", "photons cannot work at the top level"),
-])
+@pytest.mark.parametrize(
+    "functions, where, message",
+    [
+        (
+            [{"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [{"type": "photons", "adu_per_photon": 10.0}]}],
+            "functions[0].children[0].type",
+            "photons cannot work under roi, which passes on image",
+        ),
+        ([{"type": "photons", "adu_per_photon": 10.0}], "functions[0].type", "photons cannot work at the top level"),
+    ],
+)
 def test_11_children_must_take_what_their_parent_passes(tmp_path, functions, where, message):
     cfg = config(tmp_path, detectors={"cam": dict(CAM, functions=functions)})
     with pytest.raises(ConfigError, match=rf"detectors\.cam\.{re.escape(where)}: {message}"):
@@ -241,8 +310,10 @@ def test_11_children_must_take_what_their_parent_passes(tmp_path, functions, whe
 
 
 def test_11_what_fits_still_validates(tmp_path):
-    kids = [dict(DROPLET, children=[{"type": "photons", "adu_per_photon": 10.0}]),
-            {"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [dict(DROPLET, name="d2")]}]
+    kids = [
+        dict(DROPLET, children=[{"type": "photons", "adu_per_photon": 10.0}]),
+        {"type": "roi", "bounds": [[0, 8], [0, 8]], "children": [dict(DROPLET, name="d2")]},
+    ]
     validate_config(config(tmp_path, detectors={"cam": dict(CAM, functions=kids)}))
 
 
@@ -253,10 +324,17 @@ def test_11_image_functions_under_droplet_work_on_the_droplet_image(tmp_path, ca
     from scipy import ndimage
 
     raw = raw_file(tmp_path / "raw.h5", n=6)  # camera, no constants: calibrated = raw where the mask keeps it
-    drop = dict(DROPLET, threshold=80.0, thres_adu=150.0, children=[
-        {"type": "projection", "axis": -1}, {"type": "projection", "axis": 0},
-        {"type": "roi", "name": "r", "bounds": [[2, 10], [3, 12]], "children": [{"type": "projection", "axis": 1}]},
-        {"type": "photons", "adu_per_photon": 50.0}])
+    drop = dict(
+        DROPLET,
+        threshold=80.0,
+        thres_adu=150.0,
+        children=[
+            {"type": "projection", "axis": -1},
+            {"type": "projection", "axis": 0},
+            {"type": "roi", "name": "r", "bounds": [[2, 10], [3, 12]], "children": [{"type": "projection", "axis": 1}]},
+            {"type": "photons", "adu_per_photon": 50.0},
+        ],
+    )
     cam = dict(CAM, dataset="/cam/raw", functions=[drop])
     cfg = write(tmp_path, config(tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": cam}))
     validate_config(yaml.safe_load(cfg.read_text()))
@@ -281,10 +359,14 @@ def test_11_image_functions_under_droplet_work_on_the_droplet_image(tmp_path, ca
 
 # ---- 12: names are identifiers -----------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["Sums", "UserDataCfg", "timestamp", "event_index", "a/b", "..", "", "a\nb",
-                                  "1cam", "cam.0", "ca m"])
+
+@pytest.mark.parametrize(
+    "name", ["Sums", "UserDataCfg", "timestamp", "event_index", "a/b", "..", "", "a\nb", "1cam", "cam.0", "ca m"]
+)
 def test_12_detector_names_are_identifiers_and_not_reserved(tmp_path, name):
-    with pytest.raises(ConfigError, match=r"config: detectors\..*: detector name .* (is not an identifier|is reserved)"):
+    with pytest.raises(
+        ConfigError, match=r"config: detectors\..*: detector name .* (is not an identifier|is reserved)"
+    ):
         validate_config(config(tmp_path, detectors={name: dict(CAM)}))
 
 
@@ -302,14 +384,29 @@ def test_12_identifiers_pass(tmp_path):
 
 # ---- 16: what cannot fit is refused at set-up, naming the key ---------------------------------------
 
-@pytest.mark.parametrize("change, key", [
-    (dict(source={"type": "sim", "events": 10**12}, batch_size=10**9,
-          detectors={"cam": dict(CAM, shape=[512, 512])}), "batch_size"),
-    (dict(detectors={"cam": dict(CAM, shape=[10**6, 10**6])}), "detectors.cam.shape"),
-    (dict(source={"type": "sim", "events": 10**9}, batch_size=1 << 16,
-          detectors={"cam": dict(CAM, functions=[dict(DROPLET, max_droplets=1 << 22)])}),
-     "detectors.cam.functions[0]"),
-])
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (
+            dict(
+                source={"type": "sim", "events": 10**12},
+                batch_size=10**9,
+                detectors={"cam": dict(CAM, shape=[512, 512])},
+            ),
+            "batch_size",
+        ),
+        (dict(detectors={"cam": dict(CAM, shape=[10**6, 10**6])}), "detectors.cam.shape"),
+        (
+            dict(
+                source={"type": "sim", "events": 10**9},
+                batch_size=1 << 16,
+                detectors={"cam": dict(CAM, functions=[dict(DROPLET, max_droplets=1 << 22)])},
+            ),
+            "detectors.cam.functions[0]",
+        ),
+    ],
+)
 def test_16_runs_that_cannot_fit_are_refused_before_the_first_event(tmp_path, capsys, change, key):
     cfg = write(tmp_path, config(tmp_path, **change))
     rc, err = run_cli(capsys, "run", cfg, "--backend", "numpy", "--quiet")
@@ -317,11 +414,14 @@ def test_16_runs_that_cannot_fit_are_refused_before_the_first_event(tmp_path, ca
     assert not (tmp_path / "out.h5").exists()
 
 
-@pytest.mark.parametrize("function, key", [
-    (dict(DROPLET, max_droplets=10**9), "max_droplets"),
-    (dict(AZAV, bins=10**9), "bins"),
-    (dict(DROPLET, children=[{"type": "photons", "adu_per_photon": 1.0, "max_photons": 10**9}]), "max_photons"),
-])
+@pytest.mark.parametrize(
+    "function, key",
+    [
+        (dict(DROPLET, max_droplets=10**9), "max_droplets"),
+        (dict(AZAV, bins=10**9), "bins"),
+        (dict(DROPLET, children=[{"type": "photons", "adu_per_photon": 1.0, "max_photons": 10**9}]), "max_photons"),
+    ],
+)
 def test_16_padded_lengths_and_bins_have_a_ceiling(tmp_path, function, key):
     with pytest.raises(ConfigError, match=key):
         validate_config(config(tmp_path, detectors={"cam": dict(CAM, functions=[function])}))
@@ -344,8 +444,10 @@ def test_16_a_batch_larger_than_the_run_is_clamped(tmp_path, capsys):
 
 # ---- 17: a config that is not text ---------------------------------------------------------------
 
-@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "source: {type: sim}\n".encode("utf-16"),
-                                  b"source:\x00 {}"])
+
+@pytest.mark.parametrize(
+    "data", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "source: {type: sim}\n".encode("utf-16"), b"source:\x00 {}"]
+)
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
 def test_17_binary_or_utf16_configs_exit_2(tmp_path, capsys, data, suffix):
     path = tmp_path / f"c{suffix}"
@@ -356,11 +458,16 @@ def test_17_binary_or_utf16_configs_exit_2(tmp_path, capsys, data, suffix):
 
 # ---- 18: no hang, no traceback ---------------------------------------------------------------------
 
+
 def test_18_inspect_into_a_closed_pipe_is_quiet(tmp_path, capsys):
     cfg = write(tmp_path, config(tmp_path, detectors={f"cam{i}": dict(CAM) for i in range(40)}))
     assert run_cli(capsys, "run", cfg, "--backend", "numpy", "--quiet")[0] == 0
-    proc = subprocess.Popen([sys.executable, "-m", "gpusmall", "inspect", str(tmp_path / "out.h5")], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpusmall", "inspect", str(tmp_path / "out.h5")],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # as `| head` does once it has read enough
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
@@ -379,13 +486,20 @@ def have_mpi():
 @pytest.mark.skipif(not have_mpi(), reason="mpiexec or mpi4py missing")
 def test_18_an_input_named_like_a_part_stops_every_rank_at_once(tmp_path):
     raw = raw_file(tmp_path / "out.part1.h5")  # rank 1's part would overwrite the source
-    cfg = write(tmp_path, config(tmp_path, source={"type": "hdf5", "path": str(raw)},
-                                 detectors={"cam": dict(CAM, dataset="/cam/raw")}))
+    cfg = write(
+        tmp_path,
+        config(tmp_path, source={"type": "hdf5", "path": str(raw)}, detectors={"cam": dict(CAM, dataset="/cam/raw")}),
+    )
     e = env()
     e["GPUSMALL_BARRIER_TIMEOUT"] = "120"
     t0 = time.monotonic()
-    p = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
-                       env=e, capture_output=True, text=True, timeout=100)
+    p = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, "-m", "gpusmall", "run", str(cfg), "--quiet"],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     assert time.monotonic() - t0 < 60
     assert p.returncode == 2 and "source.path" in p.stderr and "out.part1.h5" in p.stderr, p.stderr
     with h5py.File(raw) as f:
@@ -394,6 +508,7 @@ def test_18_an_input_named_like_a_part_stops_every_rank_at_once(tmp_path):
 
 
 # ---- the config loader never gives a traceback ----------------------------------------------------
+
 
 def test_a_valid_config_still_loads(tmp_path):
     cfg = load_config(write(tmp_path, config(tmp_path)))
@@ -416,6 +531,7 @@ def test_02_merge_refuses_an_output_a_run_is_writing(tmp_path, capsys):
 
 # ---- every output command overwrites only what gpusmall wrote, of its own kind (a new user's trial) ------
 
+
 def foreign_files(tmp_path):
     """A config, a text file, a foreign HDF5 file and a PNG that gpusmall did not write."""
     cfg_like = tmp_path / "other.yaml"
@@ -437,10 +553,11 @@ def test_darks_avimage_cube_plot_never_overwrite_a_file_gpusmall_did_not_write(t
     files = foreign_files(tmp_path) + [result]  # a run's result is not a constants file, average or cube
     for target in files:
         before = target.read_bytes()
-        for argv in (["darks", cfg, "--out", target, "--events", "2", "--backend", "numpy"],
-                     ["avimage", cfg, "--events", "2", "--png", tmp_path / "a.png", "--out", target,
-                      "--backend", "numpy"],
-                     ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", target]):
+        for argv in (
+            ["darks", cfg, "--out", target, "--events", "2", "--backend", "numpy"],
+            ["avimage", cfg, "--events", "2", "--png", tmp_path / "a.png", "--out", target, "--backend", "numpy"],
+            ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", target],
+        ):
             if target == result and argv[0] == "cube":
                 continue  # cube refuses its own input (tested elsewhere)
             rc, err = run_cli(capsys, *argv)
@@ -450,11 +567,23 @@ def test_darks_avimage_cube_plot_never_overwrite_a_file_gpusmall_did_not_write(t
             rc, err = run_cli(capsys, "plot", result, "cam/roi_sum", "--png", target)
             assert rc == 2 and target.read_bytes() == before, err
     # what they wrote themselves they may write again
-    for argv in (["darks", cfg, "--out", tmp_path / "k.h5", "--events", "2", "--backend", "numpy"],
-                 ["avimage", cfg, "--events", "2", "--png", tmp_path / "a.png", "--out", tmp_path / "av.h5",
-                  "--backend", "numpy"],
-                 ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", tmp_path / "c.h5"],
-                 ["plot", result, "cam/roi_sum", "--png", tmp_path / "p.png"]):
+    for argv in (
+        ["darks", cfg, "--out", tmp_path / "k.h5", "--events", "2", "--backend", "numpy"],
+        [
+            "avimage",
+            cfg,
+            "--events",
+            "2",
+            "--png",
+            tmp_path / "a.png",
+            "--out",
+            tmp_path / "av.h5",
+            "--backend",
+            "numpy",
+        ],
+        ["cube", result, "--by", "cam/roi_sum", "--bins", "2", "--out", tmp_path / "c.h5"],
+        ["plot", result, "cam/roi_sum", "--png", tmp_path / "p.png"],
+    ):
         for _ in range(2):
             rc, err = run_cli(capsys, *argv)
             assert rc == 0, (argv, err)
@@ -487,12 +616,17 @@ def test_inspect_lists_hard_links_too(tmp_path, capsys):
     assert "var_droplet_sparse/" in text and text.count("(3,)") == 2, text
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c["source"].update(evnts=3), "source.evnts: unknown key (did you mean 'events'?)"),
-    (lambda c: c["detectors"]["cam"]["functions"][0].update(thres_adux=3.0),
-     "detectors.cam.functions[0].thres_adux: unknown key (did you mean 'thres_adu'?)"),
-    (lambda c: c["detectors"]["cam"].update(zzz=1), "detectors.cam.zzz: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["source"].update(evnts=3), "source.evnts: unknown key (did you mean 'events'?)"),
+        (
+            lambda c: c["detectors"]["cam"]["functions"][0].update(thres_adux=3.0),
+            "detectors.cam.functions[0].thres_adux: unknown key (did you mean 'thres_adu'?)",
+        ),
+        (lambda c: c["detectors"]["cam"].update(zzz=1), "detectors.cam.zzz: unknown key"),
+    ],
+)
 def test_a_misspelt_key_gets_the_closest_name(tmp_path, change, message):
     cfg = config(tmp_path)
     change(cfg)

@@ -1,5 +1,6 @@
 """Reused output arrays (gpusmall/calib/reusable.py): an array is handed out again only when nobody holds
 it or a view of it, so reusing buffers never changes a result a caller still has."""
+
 from __future__ import annotations
 
 import gc
@@ -64,8 +65,7 @@ def test_calibrated_frames_kept_by_a_caller_are_not_overwritten(rng, common_mode
     model = get_model("jungfrau")
     ped, gain, raw, mask, cfg = make_case(rng, model, (3, 1, 256, 64), False)
     cm = MedianCommonMode(model, (256, 64), ("rows", "cols"), gain_ranges="all") if common_mode else None
-    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"),
-                     common_mode=cm)
+    cal = Calibrator(model, Constants(pedestal=ped, gain=gain, config_bits=cfg), mask, Backend("numpy"), common_mode=cm)
     assert cal.cpu is not None
     first = cal(raw)
     want = first.data.copy(), first.good.copy()

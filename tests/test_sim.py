@@ -1,4 +1,5 @@
 """The simulated source: deterministic per event, consistent with the constants it writes."""
+
 import numpy as np
 import pytest
 

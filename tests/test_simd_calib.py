@@ -1,6 +1,7 @@
 """The compiled one-pass calibration (gpusmall/calib/simd_calib.py) against the NumPy transcription of its
 formula (simd_calib.reference) and against the numba kernels it stands in for: bit for bit, every key, okb
 byte, special constant, tail and block size; its builds for older x86 CPUs; its check on load."""
+
 import ctypes
 import platform
 from pathlib import Path
@@ -13,8 +14,9 @@ from gpusmall.calib import Calibrator, cpu_kernels, native_build, simd_calib
 from gpusmall.detectors import get_model
 from gpusmall.detectors.constants import Constants
 
-needs_compiler = pytest.mark.skipif(native_build.compiler() is None or not native_build.enabled(),
-                                    reason="no C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    native_build.compiler() is None or not native_build.enabled(), reason="no C++ compiler"
+)
 N_OPT = {"single": 1, "one_bit": 2, "two_bits": 3}
 
 
@@ -73,7 +75,7 @@ def runs_of_one_key(rng, raw2, kind):
         p = 0
         while p < row.size:
             n = int(rng.integers(1, 41))
-            row[p:p + n] = (row[p:p + n] & 0x3FFF) | (np.uint16(rng.integers(0, top + 1)) << 14)
+            row[p : p + n] = (row[p : p + n] & 0x3FFF) | (np.uint16(rng.integers(0, top + 1)) << 14)
             p += n
     return out
 

@@ -1,4 +1,5 @@
 """The compiled median steps (gpusmall/calib/simd_median.py) against NumPy's sort, and the network itself."""
+
 import itertools
 
 import numpy as np
@@ -30,8 +31,13 @@ def test_network_sorts(n):
     if n <= 16:
         x = np.array(list(itertools.product((0, 1), repeat=n)), np.int8)
     else:
-        x = np.concatenate([rng.integers(0, 2, (4000, n)), rng.integers(0, 5, (2000, n)),
-                            rng.permutation(np.tile(np.arange(n), (500, 1)).T).T]).astype(np.int16)
+        x = np.concatenate(
+            [
+                rng.integers(0, 2, (4000, n)),
+                rng.integers(0, 5, (2000, n)),
+                rng.permutation(np.tile(np.arange(n), (500, 1)).T).T,
+            ]
+        ).astype(np.int16)
     for net, ranks in ((simd_median.odd_even_merge_sort(n), n), (simd_median.median_network(n).tolist(), n // 2 + 1)):
         y = x.copy()
         for i, j in net:
@@ -51,7 +57,7 @@ def special_values(rng, shape, axis):
     for value in (np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 3.4e38):
         flat[rng.integers(0, flat.size, max(1, flat.size // 200))] = value
     s[::7] = np.round(s[::7] / 40)  # ties (and -0.0 from rounding)
-    good = rng.random(shape) > rng.choice([0.0, 0.3, 0.9], shape[:axis] + (1,) + shape[axis + 1:])
+    good = rng.random(shape) > rng.choice([0.0, 0.3, 0.9], shape[:axis] + (1,) + shape[axis + 1 :])
     good[(-1,) * axis + (slice(None),) + (-1,) * (len(shape) - axis - 1)] = False  # a group of none (the last)
     g = rng.integers(-1, 3, shape).astype(np.int8)
     g[rng.random(shape) < 0.7] = 0

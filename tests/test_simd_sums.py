@@ -1,6 +1,7 @@
 """The compiled run sums (gpusmall/calib/simd_sums.py) against the NumPy transcription of their formula
 (simd_sums.reference), numba's kernel and the NumPy path: bit for bit, every kind with and without a threshold,
 NaN, -0 and values on the thresholds, tails, groups of sums; builds without AVX; the check on load."""
+
 import ctypes
 import platform
 from pathlib import Path
@@ -12,10 +13,21 @@ from gpusmall.backend import Backend
 from gpusmall.calib import cpu_kernels, native_build, simd_sums
 from gpusmall.funcs.sums import RunSums, parse_sums
 
-needs_compiler = pytest.mark.skipif(native_build.compiler() is None or not native_build.enabled(),
-                                    reason="no C++ compiler")
-SUMS = ["calib", "calib_square", "calib_max", "nhits", "calib_thresADU5", "square_thresADU-3.5",
-        "calib_max_thresADU5", "nhits_thresADU10", "max_thresADU1000", "calib_thresADU0"]
+needs_compiler = pytest.mark.skipif(
+    native_build.compiler() is None or not native_build.enabled(), reason="no C++ compiler"
+)
+SUMS = [
+    "calib",
+    "calib_square",
+    "calib_max",
+    "nhits",
+    "calib_thresADU5",
+    "square_thresADU-3.5",
+    "calib_max_thresADU5",
+    "nhits_thresADU10",
+    "max_thresADU1000",
+    "calib_thresADU0",
+]
 
 
 def batch(rng, events, npix):

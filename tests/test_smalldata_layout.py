@@ -10,6 +10,7 @@ droplets), and PyTables cannot read variable-length string datasets (``UnImpleme
 HDF5's boolean enums (attributes read as None). :func:`layout_problems`
 checks these rules on a file; the files are a single-rank run and a two-rank master with its parts.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,20 +34,45 @@ def smalldata_config(out: Path, events: int = 12, batch: int = 4) -> dict:
     run sums; every 5th event damaged."""
     return {
         "source": {"type": "sim", "events": events, "seed": 3, "damage_every": 5},
-        "batch_size": batch, "backend": "numpy", "output": str(out),
-        "detectors": {"epix": {
-            "type": "epix10ka", "shape": [1, 352, 384], "units": "adu",
-            "mask": {"status": True, "edges": 1, "central": 1},
-            "common_mode": {"type": "median", "axes": ["rows", "cols"], "max_correction": 100, "min_pixels": 10,
-                            "gain_ranges": "high"},
-            "functions": [
-                {"type": "roi", "name": "roi0", "bounds": [[0, 1], [40, 140], [30, 230]], "thres_adu": 20,
-                 "write_area": True, "children": [{"type": "projection", "axis": -1}]},
-                {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 50},
-                {"type": "droplet", "threshold": 10, "threshold_low": 3, "use_rms": True, "thres_adu": 40,
-                 "max_droplets": 600, "children": [{"type": "photons", "adu_per_photon": 156, "max_photons": 1200}]},
-            ],
-            "sums": ["calib", "square", "max", "nhits_thresADU80"]}},
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(out),
+        "detectors": {
+            "epix": {
+                "type": "epix10ka",
+                "shape": [1, 352, 384],
+                "units": "adu",
+                "mask": {"status": True, "edges": 1, "central": 1},
+                "common_mode": {
+                    "type": "median",
+                    "axes": ["rows", "cols"],
+                    "max_correction": 100,
+                    "min_pixels": 10,
+                    "gain_ranges": "high",
+                },
+                "functions": [
+                    {
+                        "type": "roi",
+                        "name": "roi0",
+                        "bounds": [[0, 1], [40, 140], [30, 230]],
+                        "thres_adu": 20,
+                        "write_area": True,
+                        "children": [{"type": "projection", "axis": -1}],
+                    },
+                    {"type": "azav", "center_um": [0, 0], "distance_mm": 100, "energy_kev": 9.5, "bins": 50},
+                    {
+                        "type": "droplet",
+                        "threshold": 10,
+                        "threshold_low": 3,
+                        "use_rms": True,
+                        "thres_adu": 40,
+                        "max_droplets": 600,
+                        "children": [{"type": "photons", "adu_per_photon": 156, "max_photons": 1200}],
+                    },
+                ],
+                "sums": ["calib", "square", "max", "nhits_thresADU80"],
+            }
+        },
     }
 
 
@@ -111,8 +137,10 @@ def layout_problems(path) -> list[str]:
             else:  # PyTables forwards .name to the target: SmallDataAna looks up <link's group>/<target's name>
                 seen = f"{name.rsplit('/', 1)[0]}/{lnk.path.rsplit('/', 1)[-1]}" if "/" in name else lnk.path
                 if seen.lstrip("/") not in f:
-                    bad.append(f"/{name}: a soft link to {lnk.path}; SmallDataAna.Keys (PyTables' leaf.name is the "
-                               f"target's) looks up /{seen.lstrip('/')}: NoSuchNodeError")
+                    bad.append(
+                        f"/{name}: a soft link to {lnk.path}; SmallDataAna.Keys (PyTables' leaf.name is the "
+                        f"target's) looks up /{seen.lstrip('/')}: NoSuchNodeError"
+                    )
 
         attrs("", f)
         f.visititems(visit)
@@ -169,12 +197,21 @@ def test_master_renumbers_local_fiducials_in_time_order(tmp_path):
     out = tmp_path / "ps.h5"
     for rank, t in ((0, [10, 30, 50]), (1, [20, 40])):
         with ResultWriter(tmp_path / f"ps.part{rank}.h5", chunk_events=4) as w:
-            w.set_attrs("/", {"gpusmall_version": "test", "rank": rank, "ranks": 2, "event_index_local": True,
-                              "complete": False})
+            w.set_attrs(
+                "/",
+                {"gpusmall_version": "test", "rank": rank, "ranks": 2, "event_index_local": True, "complete": False},
+            )
             ts = np.array(t, np.uint64)
             local = np.arange(len(t), dtype=np.int64)
-            w.append({"timestamp": ts, "event_index": local, "event_time": event_time(ts), "fiducials": local,
-                      "det/x": ts.astype(np.float32)})
+            w.append(
+                {
+                    "timestamp": ts,
+                    "event_index": local,
+                    "event_time": event_time(ts),
+                    "fiducials": local,
+                    "det/x": ts.astype(np.float32),
+                }
+            )
             w.set_attrs("/", {"complete": True})
     info = build_master(out, [tmp_path / "ps.part0.h5", tmp_path / "ps.part1.h5"])
     assert info["events"] == 5 and info["complete"]
@@ -193,8 +230,17 @@ def test_booleans_and_text_are_stored_as_pytables_reads_them(tmp_path):
     with ResultWriter(tmp_path / "b.h5", chunk_events=2) as w:
         w.set_attrs("/", {"flag": True, "text": "adu", "list": ["a", "b"]})
         w.append({"timestamp": np.arange(2, dtype=np.uint64), "det/hit": np.array([True, False])})
-        w.write_static("UserDataCfg/det", {"on": np.bool_(True), "mask": np.ones((2, 3), bool), "units": "adu",
-                                           "axes": ["rows", "cols"], "none": "null", "empty": ""})
+        w.write_static(
+            "UserDataCfg/det",
+            {
+                "on": np.bool_(True),
+                "mask": np.ones((2, 3), bool),
+                "units": "adu",
+                "axes": ["rows", "cols"],
+                "none": "null",
+                "empty": "",
+            },
+        )
     with h5py.File(tmp_path / "b.h5", "r") as f:
         assert f.attrs["flag"] == 1 and f.attrs["flag"].dtype == np.uint8
         assert f.attrs["text"] == "adu" and f.attrs["list"] == '["a", "b"]'
@@ -213,11 +259,14 @@ def test_psana_time_becomes_unix_ns_in_the_same_order():
     epoch = datetime.datetime(1990, 1, 1, tzinfo=datetime.timezone.utc)
     assert int(epoch.timestamp()) == EPICS_EPOCH_UNIX_S
     packed = np.array([0, 5, (982960461 << 32) | 942241006], np.uint64)
-    np.testing.assert_array_equal(unix_ns(packed), [631_152_000 * 10**9, 631_152_000 * 10**9 + 5,
-                                                    (982960461 + 631_152_000) * 10**9 + 942241006])
+    np.testing.assert_array_equal(
+        unix_ns(packed), [631_152_000 * 10**9, 631_152_000 * 10**9 + 5, (982960461 + 631_152_000) * 10**9 + 942241006]
+    )
     assert unix_ns(packed).dtype == np.uint64
     when = datetime.datetime.fromtimestamp(int(unix_ns(packed)[2]) // 10**9, datetime.timezone.utc)
     assert when == datetime.datetime(2021, 2, 23, 20, 34, 21, tzinfo=datetime.timezone.utc)  # psana's evt.datetime()
     rng = np.random.default_rng(0)
-    t = (rng.integers(0, 2**31, 1000).astype(np.uint64) << np.uint64(32)) | rng.integers(0, 10**9, 1000).astype(np.uint64)
+    t = (rng.integers(0, 2**31, 1000).astype(np.uint64) << np.uint64(32)) | rng.integers(0, 10**9, 1000).astype(
+        np.uint64
+    )
     np.testing.assert_array_equal(np.argsort(t, kind="stable"), np.argsort(unix_ns(t), kind="stable"))

@@ -4,6 +4,7 @@ The user's function (written to a file beside the config, as a user would) is co
 computation done by hand on the ROI image of the whole detector written in the same run; batch sizes,
 ranks and backends give the same file; bad returns stop the run with a message naming the function and
 the event, keeping every batch before."""
+
 import sys
 import textwrap
 
@@ -76,16 +77,24 @@ def write_user_code(tmp_path):
 
 
 def config(tmp_path, fn="userf.py:moments", params=None, batch=4, events=18, out="u.h5", under_roi=False):
-    user = {"type": "python", "name": "mom", "function": fn, "params": params if params is not None else
-            ({"threshold": 20.0} if fn.endswith("moments") else {})}
+    user = {
+        "type": "python",
+        "name": "mom",
+        "function": fn,
+        "params": params if params is not None else ({"threshold": 20.0} if fn.endswith("moments") else {}),
+    }
     functions = [{"type": "roi", "name": "full", "write_area": True}]
     if under_roi:
         functions.append({"type": "roi", "name": "part", "bounds": [[4, 20], [8, 40]], "children": [user]})
     else:
         functions.append(user)
-    return {"source": {"type": "sim", "events": events, "seed": 2, "damage_every": 7}, "batch_size": batch,
-            "backend": "numpy", "output": str(tmp_path / out),
-            "detectors": {"cam": {"type": "camera", "shape": [32, 48], "functions": functions}}}
+    return {
+        "source": {"type": "sim", "events": events, "seed": 2, "damage_every": 7},
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(tmp_path / out),
+        "detectors": {"cam": {"type": "camera", "shape": [32, 48], "functions": functions}},
+    }
 
 
 def run(tmp_path, data, backend=None, comm=None):
@@ -189,12 +198,15 @@ def test_two_ranks_give_the_same_file(tmp_path):
     assert_same(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
-@pytest.mark.parametrize("fn, message", [
-    ("scalar", "its first axis must be the batch's 1 events"),
-    ("short", "its first axis must be the batch's 1 events"),
-    ("objects", "has dtype object; numbers or bools only"),
-    ("not_a_dict", "must return a non-empty dict of arrays, not list"),
-])
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        ("scalar", "its first axis must be the batch's 1 events"),
+        ("short", "its first axis must be the batch's 1 events"),
+        ("objects", "has dtype object; numbers or bools only"),
+        ("not_a_dict", "must return a non-empty dict of arrays, not list"),
+    ],
+)
 def test_bad_returns_stop_before_the_run(tmp_path, capsys, fn, message):
     write_user_code(tmp_path)
     rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=f"userf.py:{fn}"))
@@ -202,10 +214,13 @@ def test_bad_returns_stop_before_the_run(tmp_path, capsys, fn, message):
     assert not (tmp_path / "u.h5").exists()
 
 
-@pytest.mark.parametrize("fn, message", [
-    ("fails_later", "raised:\nTraceback"),
-    ("keys_change", "keys, per-event shapes and dtypes must not change"),
-])
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        ("fails_later", "raised:\nTraceback"),
+        ("keys_change", "keys, per-event shapes and dtypes must not change"),
+    ],
+)
 def test_a_later_failure_names_the_function_and_event_and_keeps_the_batches(tmp_path, capsys, fn, message):
     write_user_code(tmp_path)
     rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=f"userf.py:{fn}"), "--threads", "1")
@@ -216,8 +231,14 @@ def test_a_later_failure_names_the_function_and_event_and_keeps_the_batches(tmp_
         assert f["cam/mom_x"].shape == (8,) and f["event_index"][()].tolist() == list(range(8))
 
 
-@pytest.mark.parametrize("fn, where", [("nofile.py:f", "does not exist"), ("userf.py:nothing", "has no 'nothing'"),
-                                       ("no_such_module_xyz:f", "cannot import module")])
+@pytest.mark.parametrize(
+    "fn, where",
+    [
+        ("nofile.py:f", "does not exist"),
+        ("userf.py:nothing", "has no 'nothing'"),
+        ("no_such_module_xyz:f", "cannot import module"),
+    ],
+)
 def test_a_function_that_cannot_be_found_exits_2(tmp_path, capsys, fn, where):
     write_user_code(tmp_path)
     rc, err = run_cli(tmp_path, capsys, config(tmp_path, fn=fn))
@@ -231,7 +252,7 @@ def test_the_function_string_is_validated(tmp_path):
 
 # ---- event-level functions: several detectors' batches of the same events ----------------------------
 
-EVENT_CODE = '''
+EVENT_CODE = """
 def ratio(batches, scale=1.0):
     a, b = batches["a"], batches["b"]
     xp = a.xp
@@ -245,18 +266,31 @@ def fails_later(batches):
     if batches["a"].event_index[0] >= 8:
         raise KeyError("no such shot")
     return {"x": batches["a"].xp.ones(len(batches["a"]))}
-'''
+"""
 
 
 def event_config(tmp_path, fn="corr.py:ratio", batch=4, out="e.h5", detectors=("a", "b")):
     (tmp_path / "corr.py").write_text(textwrap.dedent(EVENT_CODE))
     roi = {"type": "roi", "name": "full"}
-    return {"source": {"type": "sim", "events": 18, "seed": 4, "damage_every": 5}, "batch_size": batch,
-            "backend": "numpy", "output": str(tmp_path / out),
-            "detectors": {"a": {"type": "camera", "shape": [32, 48], "functions": [roi]},
-                          "b": {"type": "camera", "shape": [16, 16], "functions": [roi]}},
-            "event_functions": [{"type": "python", "name": "ab", "function": fn, "detectors": list(detectors),
-                                 "params": {"scale": 2.0} if fn.endswith("ratio") else {}}]}
+    return {
+        "source": {"type": "sim", "events": 18, "seed": 4, "damage_every": 5},
+        "batch_size": batch,
+        "backend": "numpy",
+        "output": str(tmp_path / out),
+        "detectors": {
+            "a": {"type": "camera", "shape": [32, 48], "functions": [roi]},
+            "b": {"type": "camera", "shape": [16, 16], "functions": [roi]},
+        },
+        "event_functions": [
+            {
+                "type": "python",
+                "name": "ab",
+                "function": fn,
+                "detectors": list(detectors),
+                "params": {"scale": 2.0} if fn.endswith("ratio") else {},
+            }
+        ],
+    }
 
 
 def check_event_outputs(path):
@@ -264,8 +298,9 @@ def check_event_outputs(path):
         a, b = f["a/full_sum"][()].astype(np.float64), f["b/full_sum"][()].astype(np.float64)
         bad = f["a/damaged"][()].astype(bool) | f["b/damaged"][()].astype(bool)
         assert bad.any() and (~bad).sum() >= 10
-        np.testing.assert_allclose(f["ab_ratio"][()][~bad], 2.0 * a[~bad] / np.where(b != 0, b, np.nan)[~bad],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            f["ab_ratio"][()][~bad], 2.0 * a[~bad] / np.where(b != 0, b, np.nan)[~bad], rtol=1e-6
+        )
         np.testing.assert_allclose(f["ab_sum_ab"][()][~bad], (a + b)[~bad], rtol=1e-6)
         np.testing.assert_array_equal(f["ab_index"][()][~bad], f["event_index"][()][~bad])
         assert np.isnan(f["ab_ratio"][()][bad]).all()  # damaged in either detector
@@ -304,13 +339,22 @@ def test_an_event_function_failure_names_it_and_keeps_the_batches(tmp_path, caps
         assert f["ab_x"].shape == (8,)
 
 
-@pytest.mark.parametrize("change, where", [
-    (lambda c: c["event_functions"][0].update(detectors=["a", "zz"]), r"event_functions\[0\]\.detectors\[1\]: no detector 'zz'"),
-    (lambda c: c["event_functions"][0].update(name="a"), r"event_functions\[0\]\.name: 'a' is taken"),
-    (lambda c: c["event_functions"][0].update(name="timestamp"), r"event_functions\[0\]\.name: 'timestamp' is taken"),
-    (lambda c: c["event_functions"][0].update(function="nocolon"), r"event_functions\[0\]\.function"),
-    (lambda c: c["event_functions"][0].update(extra=1), r"event_functions\[0\]\.extra: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (
+            lambda c: c["event_functions"][0].update(detectors=["a", "zz"]),
+            r"event_functions\[0\]\.detectors\[1\]: no detector 'zz'",
+        ),
+        (lambda c: c["event_functions"][0].update(name="a"), r"event_functions\[0\]\.name: 'a' is taken"),
+        (
+            lambda c: c["event_functions"][0].update(name="timestamp"),
+            r"event_functions\[0\]\.name: 'timestamp' is taken",
+        ),
+        (lambda c: c["event_functions"][0].update(function="nocolon"), r"event_functions\[0\]\.function"),
+        (lambda c: c["event_functions"][0].update(extra=1), r"event_functions\[0\]\.extra: unknown key"),
+    ],
+)
 def test_event_function_entries_are_validated(tmp_path, change, where):
     data = event_config(tmp_path)
     change(data)

@@ -19,6 +19,7 @@ Three steps, each usable on its own:
    smallest x) at the top and a colour bar labelled with the unit (:mod:`gpusmall.analysis.imshow`); the
    horizontal axis is y, the vertical axis x.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,8 +74,10 @@ def pixel_grid(x_um, y_um, pixel_um: float):
     cols = np.floor((y - y0) / pixel_um + 0.5).astype(np.int64)
     shape = (int(rows.max()) + 1, int(cols.max()) + 1)
     if shape[0] * shape[1] > MAX_CELLS_PER_PIXEL * x.size + 1_000_000:
-        raise ValueError(f"the geometry spans {shape[0]} x {shape[1]} cells of {pixel_um} um for {x.size} pixels: "
-                         "are x, y in micrometres and the pixel size right?")
+        raise ValueError(
+            f"the geometry spans {shape[0]} x {shape[1]} cells of {pixel_um} um for {x.size} pixels: "
+            "are x, y in micrometres and the pixel size right?"
+        )
     return rows, cols, shape, (x0, y0)
 
 
@@ -131,7 +134,7 @@ def tile_panels(stack, gap: int = 4, fill: float = np.nan) -> np.ndarray:
     out = np.full((nrow * r + (nrow - 1) * gap, ncol * c + (ncol - 1) * gap), fill, np.float32)
     for k in range(p):
         i, j = divmod(k, ncol)
-        out[i * (r + gap): i * (r + gap) + r, j * (c + gap): j * (c + gap) + c] = stack[k]
+        out[i * (r + gap) : i * (r + gap) + r, j * (c + gap) : j * (c + gap) + c] = stack[k]
     return out
 
 
@@ -151,8 +154,17 @@ def assembled_labels(unit: str) -> tuple[str, str]:
     return f"y ({unit})", f"x ({unit})"
 
 
-def image_figure(image, title: str, *, covered=None, extent=None, xlabel: str = "column", ylabel: str = "row",
-                 label: str = "value", unit: str = "a.u."):
+def image_figure(
+    image,
+    title: str,
+    *,
+    covered=None,
+    extent=None,
+    xlabel: str = "column",
+    ylabel: str = "row",
+    label: str = "value",
+    unit: str = "a.u.",
+):
     """matplotlib Figure (no pyplot state) of a 2-D image: percentile (1-99) colour scale, NaN grey, row 0
     at the top, colour bar ``"<label> [<unit>]"`` (:func:`~gpusmall.analysis.imshow.show_image`).
 
@@ -179,8 +191,9 @@ def image_figure(image, title: str, *, covered=None, extent=None, xlabel: str = 
 def plot_image(image, png, title: str, **kw) -> Path:
     """Write :func:`image_figure` (same arguments) as a PNG; returns its path."""
     png = Path(png)
-    image_figure(image, title, **kw).savefig(png, dpi=100, bbox_inches="tight", pad_inches=0.15,
-                                             metadata=png_metadata())
+    image_figure(image, title, **kw).savefig(
+        png, dpi=100, bbox_inches="tight", pad_inches=0.15, metadata=png_metadata()
+    )
     return png
 
 
@@ -297,15 +310,28 @@ def average_image(cfg, det: str, backend, events: int | None = 100) -> AverageIm
     with open_source(one) as source:
         pipeline = DetectorPipeline(det, dcfg, source.detectors[det], [], backend)
         total, count, used, damaged = average_frames(
-            pipeline, _source_batches(source, det, cfg.batch_size, events), backend, events)
+            pipeline, _source_batches(source, det, cfg.batch_size, events), backend, events
+        )
     if used == 0:
-        raise InputError(f"avimage: detector {det}: no undamaged events to average "
-                         f"({damaged} damaged of the first {events if events is not None else 'all'})")
+        raise InputError(
+            f"avimage: detector {det}: no undamaged events to average "
+            f"({damaged} damaged of the first {events if events is not None else 'all'})"
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
     x, y, _ = pipeline.geometry
-    return AverageImage(det, mean, count.astype(np.int32), used, damaged, x, y, float(pipeline.pixel_um),
-                        units=dcfg.units, mask_value=dcfg.mask_value)
+    return AverageImage(
+        det,
+        mean,
+        count.astype(np.int32),
+        used,
+        damaged,
+        x,
+        y,
+        float(pipeline.pixel_um),
+        units=dcfg.units,
+        mask_value=dcfg.mask_value,
+    )
 
 
 def average_figure(av: AverageImage, title: str | None = None):
@@ -318,8 +344,16 @@ def average_figure(av: AverageImage, title: str | None = None):
     if av.damaged:
         title += f" ({av.damaged} damaged left out)"
     xlabel, ylabel = assembled_labels(unit)
-    return image_figure(av.image(np.nan), title, covered=covered, extent=extent, xlabel=xlabel,
-                        ylabel=ylabel, label=f"{av.det} calib mean", unit=unit_name(av.units))
+    return image_figure(
+        av.image(np.nan),
+        title,
+        covered=covered,
+        extent=extent,
+        xlabel=xlabel,
+        ylabel=ylabel,
+        label=f"{av.det} calib mean",
+        unit=unit_name(av.units),
+    )
 
 
 def plot_average(av: AverageImage, png, title: str | None = None) -> Path:
@@ -351,7 +385,14 @@ def write_average(av: AverageImage, path, attrs: dict | None = None) -> Path:
         g.create_dataset("count", data=av.count)
         g.create_dataset("x", data=av.x_um)
         g.create_dataset("y", data=av.y_um)
-        for k, v in {"events": av.events, "damaged": av.damaged, "pixel_um": av.pixel_um, "units": av.units,
-                     "mask_value": av.mask_value, "image_origin_um": np.asarray(origin), **(attrs or {})}.items():
+        for k, v in {
+            "events": av.events,
+            "damaged": av.damaged,
+            "pixel_um": av.pixel_um,
+            "units": av.units,
+            "mask_value": av.mask_value,
+            "image_origin_um": np.asarray(origin),
+            **(attrs or {}),
+        }.items():
             g.attrs[k] = attr_value(v)
     return path

@@ -25,6 +25,7 @@ are ``azav``'s ``center_um``, ``distance_mm``, ``energy_kev`` and whose :meth:`~
 writes the same geometry as a pyFAI PONI file (``azav``'s ``poni``). The model is a flat detector normal to
 the beam (``tx = ty = 0``); pixel ``z`` is not used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -98,13 +99,13 @@ def kasa_circle(x, y, weights=None) -> tuple[float, float, float]:
     x0, y0 = x.mean(), y.mean()  # centred for conditioning
     u, v = x - x0, y - y0
     a = np.column_stack([u, v, np.ones_like(u)])
-    b = -(u ** 2 + v ** 2)
+    b = -(u**2 + v**2)
     if weights is not None:
         w = np.sqrt(np.asarray(weights, np.float64).ravel())
         a, b = a * w[:, None], b * w
     (p, q, c), *_ = np.linalg.lstsq(a, b, rcond=None)
     cx, cy = -p / 2, -q / 2
-    return float(cx + x0), float(cy + y0), float(np.sqrt(max(cx ** 2 + cy ** 2 - c, 0.0)))
+    return float(cx + x0), float(cy + y0), float(np.sqrt(max(cx**2 + cy**2 - c, 0.0)))
 
 
 def group_rings(r, *, bin_um: float, min_gap_um: float, min_points: int = 30, max_rings: int = 6) -> np.ndarray:
@@ -154,14 +155,14 @@ def fit_concentric(x, y, labels, guess, weights=None) -> tuple[np.ndarray, np.nd
         return (np.hypot(x - p[0], y - p[1]) - p[2:][lab]) * sw
 
     spread = np.std(resid(np.r_[guess, radii0]))
-    res = least_squares(resid, np.r_[guess, radii0], loss="soft_l1", f_scale=max(spread / 5, 1e-9),
-                        x_scale="jac")
+    res = least_squares(resid, np.r_[guess, radii0], loss="soft_l1", f_scale=max(spread / 5, 1e-9), x_scale="jac")
     rms = float(np.sqrt(np.mean((resid(res.x) / sw) ** 2)))
     return res.x[:2], res.x[2:], rms
 
 
-def profile_peaks(image, x, y, center, mask=None, *, bin_um: float | None = None, prominence: float = 8.0,
-                  max_rings: int = 6) -> np.ndarray:
+def profile_peaks(
+    image, x, y, center, mask=None, *, bin_um: float | None = None, prominence: float = 8.0, max_rings: int = 6
+) -> np.ndarray:
     """Radii (um, increasing) of the ``max_rings`` most prominent peaks of the radial profile about
     ``center`` (bins of one pixel) whose prominence is at least ``prominence`` times the profile's noise
     (robust spread of its bin-to-bin differences)."""
@@ -179,7 +180,7 @@ def profile_peaks(image, x, y, center, mask=None, *, bin_um: float | None = None
     if ok.sum() < 5:
         return np.empty(0)
     mean = tot[ok] / cnt[ok]
-    err = np.sqrt(np.maximum(tot2[ok] / cnt[ok] - mean ** 2, 0) / cnt[ok])  # standard error per bin
+    err = np.sqrt(np.maximum(tot2[ok] / cnt[ok] - mean**2, 0) / cnt[ok])  # standard error per bin
     prof = np.interp(np.arange(cnt.size), np.flatnonzero(ok), mean)
     err = np.interp(np.arange(cnt.size), np.flatnonzero(ok), err)
     peaks, props = find_peaks(prof, prominence=0, distance=3)
@@ -190,8 +191,19 @@ def profile_peaks(image, x, y, center, mask=None, *, bin_um: float | None = None
 
 
 # ---- 5: sub-pixel ring maxima ----------------------------------------------------------------------------
-def ring_maxima(image, x, y, center, radius: float, half_width: float, *, mask=None, sectors: int = 36,
-                bin_um: float | None = None, min_pixels: int = 8):
+def ring_maxima(
+    image,
+    x,
+    y,
+    center,
+    radius: float,
+    half_width: float,
+    *,
+    mask=None,
+    sectors: int = 36,
+    bin_um: float | None = None,
+    min_pixels: int = 8,
+):
     """Points ``(px, py, weight)`` on the maximum of one ring, one per azimuthal sector.
 
     In each of ``sectors`` equal sectors around ``center``, the radial profile of the pixels within
@@ -253,9 +265,22 @@ class CircleFit:
     labels: np.ndarray = field(repr=False)
 
 
-def fit_center(image, x, y, mask=None, *, percentile: float = 99.0, threshold: float | None = None,
-               guess_um=None, min_gap_um: float | None = None, min_points: int = 30, max_rings: int = 6,
-               sectors: int = 36, iterations: int = 3, profile_rings: bool = True) -> CircleFit:
+def fit_center(
+    image,
+    x,
+    y,
+    mask=None,
+    *,
+    percentile: float = 99.0,
+    threshold: float | None = None,
+    guess_um=None,
+    min_gap_um: float | None = None,
+    min_points: int = 30,
+    max_rings: int = 6,
+    sectors: int = 36,
+    iterations: int = 3,
+    profile_rings: bool = True,
+) -> CircleFit:
     """Beam centre from the rings of ``image`` (steps 1-5 of the module docstring).
 
     Args:
@@ -280,8 +305,9 @@ def fit_center(image, x, y, mask=None, *, percentile: float = 99.0, threshold: f
     c = np.asarray(kasa_circle(xs, ys)[:2] if guess_um is None else guess_um, np.float64)
     radii = None
     for _ in range(iterations):
-        lab = group_rings(np.hypot(xs - c[0], ys - c[1]), bin_um=pix, min_gap_um=gap, min_points=min_points,
-                          max_rings=max_rings)
+        lab = group_rings(
+            np.hypot(xs - c[0], ys - c[1]), bin_um=pix, min_gap_um=gap, min_points=min_points, max_rings=max_rings
+        )
         if not (lab >= 0).any():
             raise ValueError("no ring found among the pixels above the threshold")
         c_new, radii, rms = fit_concentric(xs, ys, lab, c)
@@ -335,8 +361,9 @@ def profile_sharpness(v, xs, ys, center, r_lo: float, r_hi: float, bin_um: float
     return float((w_tot[ok] * (prof - mean) ** 2).sum() / w_tot[ok].sum())
 
 
-def refine_center_sharpness(image, x, y, center_um, mask=None, *, r_range_um=None, bin_um: float | None = None,
-                            step_um: float | None = None) -> tuple[float, float]:
+def refine_center_sharpness(
+    image, x, y, center_um, mask=None, *, r_range_um=None, bin_um: float | None = None, step_um: float | None = None
+) -> tuple[float, float]:
     """The centre (x, y, um) near ``center_um`` that maximises :func:`profile_sharpness` (Nelder-Mead).
 
     ``r_range_um``: radii used (default: all the good pixels' range about the start, less 2 pixels
@@ -362,14 +389,27 @@ def refine_center_sharpness(image, x, y, center_um, mask=None, *, r_range_um=Non
         return -profile_sharpness(v, xs, ys, p, lo, hi, bin_um)
 
     simplex = np.array([c0, c0 + [step, 0], c0 + [0, step]])
-    res = minimize(cost, c0, method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "xatol": 0.005 * pix, "fatol": 0, "maxiter": 400})
+    res = minimize(
+        cost,
+        c0,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 0.005 * pix, "fatol": 0, "maxiter": 400},
+    )
     return float(res.x[0]), float(res.x[1])
 
 
 # ---- 7: ring radii and distance --------------------------------------------------------------------------
-def ring_radii(image, x, y, center_um, approx_radii_um, mask=None, *, half_width_um: float | None = None,
-               bin_um: float | None = None) -> np.ndarray:
+def ring_radii(
+    image,
+    x,
+    y,
+    center_um,
+    approx_radii_um,
+    mask=None,
+    *,
+    half_width_um: float | None = None,
+    bin_um: float | None = None,
+) -> np.ndarray:
     """Radius (um) of each ring: a Gaussian + straight-line fit to the radial profile about ``center_um``
     within ``half_width_um`` (default 5 pixels, at most 0.45 of the distance to the next ring) of the
     approximate radius."""
@@ -477,8 +517,18 @@ class BeamGeometry:
         return write_poni(path, self.center_um, self.distance_mm, self.energy_kev)
 
 
-def find_geometry(image, x, y, mask=None, *, energy_kev: float | None = None, ring_q=None, d_spacing=None,
-                  refine: bool = False, **fit_kw) -> BeamGeometry:
+def find_geometry(
+    image,
+    x,
+    y,
+    mask=None,
+    *,
+    energy_kev: float | None = None,
+    ring_q=None,
+    d_spacing=None,
+    refine: bool = False,
+    **fit_kw,
+) -> BeamGeometry:
     """:func:`fit_center`, then (``refine``) :func:`refine_center_sharpness` over the rings found, then the
     rings' radii (:func:`ring_radii`) and, with ``energy_kev`` and ``ring_q`` or ``d_spacing``, the distance
     (:func:`fit_distance`). ``fit_kw`` go to :func:`fit_center`."""
@@ -487,8 +537,9 @@ def find_geometry(image, x, y, mask=None, *, energy_kev: float | None = None, ri
     if refine:
         pix = pixel_size_um(x, y)
         half = 6 * pix
-        c = refine_center_sharpness(image, x, y, c, mask,
-                                    r_range_um=(fit.radii_um.min() - half, fit.radii_um.max() + half))
+        c = refine_center_sharpness(
+            image, x, y, c, mask, r_range_um=(fit.radii_um.min() - half, fit.radii_um.max() + half)
+        )
     radii = ring_radii(image, x, y, c, fit.radii_um, mask)
     geo = BeamGeometry((float(c[0]), float(c[1])), energy_kev=energy_kev, radii_um=radii, rms_um=fit.rms_um)
     if ring_q is not None or d_spacing is not None:

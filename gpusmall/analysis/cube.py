@@ -29,6 +29,7 @@ and ``bins/centers`` (N,), ``bins/edges`` (N + 1,) (not with steps), ``bins/coun
 number of split selections) and summed per bin with a sort and ``numpy.add.reduceat`` (no Python loop over
 events).
 """
+
 from __future__ import annotations
 
 import json
@@ -138,8 +139,9 @@ def check_edges(edges) -> np.ndarray:
     """Explicit edges as float64, InputError unless there are >= 2, all finite and strictly increasing."""
     e = np.asarray(edges, np.float64).ravel()
     if e.size < 2 or not np.isfinite(e).all() or not (np.diff(e) > 0).all():
-        raise InputError(f"cube: --edges {' '.join(f'{x:g}' for x in e)}: need at least two finite, strictly "
-                         f"increasing edges")
+        raise InputError(
+            f"cube: --edges {' '.join(f'{x:g}' for x in e)}: need at least two finite, strictly increasing edges"
+        )
     return e
 
 
@@ -289,8 +291,14 @@ def parse_select(text: str) -> tuple[str, str, object]:
             a, _, b = val.partition(":")
             lo = float(a) if a.strip() else -np.inf
             hi = float(b) if b.strip() else np.inf
-            if np.isnan(lo) or np.isnan(hi) or lo > hi or (a.strip() and not np.isfinite(lo)) \
-                    or (b.strip() and not np.isfinite(hi)) or (not a.strip() and not b.strip()):
+            if (
+                np.isnan(lo)
+                or np.isnan(hi)
+                or lo > hi
+                or (a.strip() and not np.isfinite(lo))
+                or (b.strip() and not np.isfinite(hi))
+                or (not a.strip() and not b.strip())
+            ):
                 raise bad
             return key, "range", (lo, hi)
         v = float(val)
@@ -309,9 +317,20 @@ def _select_mask(kind: str, value, v: np.ndarray) -> np.ndarray:
         return (v >= value[0]) & (v <= value[1])
 
 
-def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = None, value_range=None, *,
-              edges=None, width: float | None = None, steps: bool = False, selection: str | None = None,
-              split: list[str] | None = None, select: list[str] | None = None) -> Cube:
+def make_cube(
+    path,
+    by: str,
+    bins: int | None = None,
+    keys: list[str] | None = None,
+    value_range=None,
+    *,
+    edges=None,
+    width: float | None = None,
+    steps: bool = False,
+    selection: str | None = None,
+    split: list[str] | None = None,
+    select: list[str] | None = None,
+) -> Cube:
     """Bin the events of result file ``path`` by the per-event scalar ``by`` (see the module docstring).
 
     Exactly one of ``bins``, ``edges``, ``width``, ``steps``. ``selection`` and ``split`` name selections of
@@ -324,10 +343,20 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
     per-event scalar of the file (naming the option and the key, listing what there is), bad edges, width or
     range, no event left to bin, or a master file whose part files are missing (naming them).
     """
-    ways = [w for w, given in (("--bins", bins is not None), ("--edges", edges is not None),
-                               ("--width", width is not None), ("--steps", bool(steps))) if given]
+    ways = [
+        w
+        for w, given in (
+            ("--bins", bins is not None),
+            ("--edges", edges is not None),
+            ("--width", width is not None),
+            ("--steps", bool(steps)),
+        )
+        if given
+    ]
     if len(ways) != 1:
-        raise InputError(f"cube: give exactly one of --bins, --edges, --width, --steps (got {', '.join(ways) or 'none'})")
+        raise InputError(
+            f"cube: give exactly one of --bins, --edges, --width, --steps (got {', '.join(ways) or 'none'})"
+        )
     if value_range is not None and ways[0] in ("--edges", "--steps"):
         raise InputError(f"cube: --range goes with --bins or --width, not {ways[0]}")
     if edges is not None:
@@ -343,8 +372,9 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         by = normalize_key(by)
         d_by = require_dataset(f, by, "--by key")
         if not is_per_event(f, by, n) or d_by.ndim != 1 or not _numeric(d_by):
-            raise InputError(f"cube: --by key {by!r} must be a per-event scalar ({n},) of numbers, "
-                             f"not {d_by.shape} {d_by.dtype}")
+            raise InputError(
+                f"cube: --by key {by!r} must be a per-event scalar ({n},) of numbers, not {d_by.shape} {d_by.dtype}"
+            )
         if keys:
             keys = [normalize_key(k) for k in keys]
             for k in keys:
@@ -368,19 +398,25 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
                 raise InputError(f"cube: the selections of {f.filename}'s config: {exc}") from None
             for option, name in used_names:
                 if name not in sels:
-                    raise InputError(f"cube: {option} {name!r}: no selection {name!r} in {f.filename} "
-                                     f"(selections: {_short_list(sels)})")
+                    raise InputError(
+                        f"cube: {option} {name!r}: no selection {name!r} in {f.filename} "
+                        f"(selections: {_short_list(sels)})"
+                    )
                 for k in sorted(sels.keys_of(name)):
                     if k not in scalars:
-                        raise InputError(f"cube: {option} {name!r}: the selection reads {k!r}, which is no "
-                                         f"per-event scalar of {f.filename} (there are: {_short_list(scalars)})")
+                        raise InputError(
+                            f"cube: {option} {name!r}: the selection reads {k!r}, which is no "
+                            f"per-event scalar of {f.filename} (there are: {_short_list(scalars)})"
+                        )
                 sel_keys |= sels.keys_of(name)
         if len(set(split)) != len(split):
             raise InputError(f"cube: --split names a selection twice: {' '.join(split)}")
         for (k, _, _), text in zip(conds, select):
             if k not in scalars:
-                raise InputError(f"cube: --select {text!r}: {k!r} is no per-event scalar of {f.filename} "
-                                 f"(there are: {_short_list(scalars)})")
+                raise InputError(
+                    f"cube: --select {text!r}: {k!r} is no per-event scalar of {f.filename} "
+                    f"(there are: {_short_list(scalars)})"
+                )
             sel_keys.add(k)
 
         dets = {d for d in [detector_of(f, by), *(detector_of(f, k) for k in [*keys, *sel_keys])] if d is not None}
@@ -401,12 +437,16 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         if ways[0] == "--steps":
             steps_v = np.unique(values[candidates])
             if steps_v.size == 0:
-                raise InputError(f"cube: no event left to bin by {by!r} ({int(damaged.sum())} damaged, "
-                                 f"{int((~finite & ~damaged).sum())} non-finite, "
-                                 f"{int((finite & ~damaged & ~selected).sum())} not selected)")
+                raise InputError(
+                    f"cube: no event left to bin by {by!r} ({int(damaged.sum())} damaged, "
+                    f"{int((~finite & ~damaged).sum())} non-finite, "
+                    f"{int((finite & ~damaged & ~selected).sum())} not selected)"
+                )
             if steps_v.size > MAX_BINS:
-                raise InputError(f"cube: --steps: {by!r} has {steps_v.size} distinct values (at most {MAX_BINS}); "
-                                 f"bin it with --bins or --width")
+                raise InputError(
+                    f"cube: --steps: {by!r} has {steps_v.size} distinct values (at most {MAX_BINS}); "
+                    f"bin it with --bins or --width"
+                )
             cube_edges, nb = None, int(steps_v.size)
             index, inside = step_index(values, steps_v)
         else:
@@ -427,23 +467,39 @@ def make_cube(path, by: str, bins: int | None = None, keys: list[str] | None = N
         else:
             used = keep
         if not used.any():
-            where = (f"range {cube_edges[0]:g}..{cube_edges[-1]:g}" if cube_edges is not None else "steps")
-            raise InputError(f"cube: no event left to bin by {by!r} ({int(damaged.sum())} damaged, "
-                             f"{int((~finite & ~damaged).sum())} non-finite, "
-                             f"{int((finite & ~damaged & ~selected).sum())} not selected, {where}"
-                             + (f", in none of --split {' '.join(split)}" if split else "") + ")")
+            where = f"range {cube_edges[0]:g}..{cube_edges[-1]:g}" if cube_edges is not None else "steps"
+            raise InputError(
+                f"cube: no event left to bin by {by!r} ({int(damaged.sum())} damaged, "
+                f"{int((~finite & ~damaged).sum())} non-finite, "
+                f"{int((finite & ~damaged & ~selected).sum())} not selected, {where}"
+                + (f", in none of --split {' '.join(split)}" if split else "")
+                + ")"
+            )
         if masks is None:
             count = np.bincount(index[keep], minlength=nb).astype(np.int64)
         else:
             count = np.stack([np.bincount(index[m], minlength=nb) for m in masks]).astype(np.int64)
-        info = {"events": n, "used": int(used.sum()), "damaged": int(damaged.sum()),
-                "nonfinite": int((~finite & ~damaged).sum()),
-                "unselected": int((finite & ~damaged & ~selected).sum()),
-                "outside": int((finite & ~damaged & selected & ~inside).sum())}
+        info = {
+            "events": n,
+            "used": int(used.sum()),
+            "damaged": int(damaged.sum()),
+            "nonfinite": int((~finite & ~damaged).sum()),
+            "unselected": int((finite & ~damaged & ~selected).sum()),
+            "outside": int((finite & ~damaged & selected & ~inside).sum()),
+        }
         if split:
             info["unsplit"] = int((keep & ~used).sum())
-        cube = Cube(by, cube_edges, count, info=info, steps=steps_v, split=split, selection=selection,
-                    select=select, binning=ways[0][2:])
+        cube = Cube(
+            by,
+            cube_edges,
+            count,
+            info=info,
+            steps=steps_v,
+            split=split,
+            selection=selection,
+            select=select,
+            binning=ways[0][2:],
+        )
         for k in keys:
             s = binned_sum(f[k], index, keep if masks is None else masks, nb)
             c = count.reshape(*count.shape, *([1] * (s.ndim - count.ndim)))
@@ -468,8 +524,9 @@ def write_cube(cube: Cube, out, source: str = "") -> Path:
         g.create_dataset("centers", data=cube.centers)
         g.create_dataset("count", data=cube.count)
         if cube.split:
-            g.create_dataset("split", data=np.array([s.encode("ascii", "backslashreplace") for s in cube.split],
-                                                    dtype=np.bytes_))
+            g.create_dataset(
+                "split", data=np.array([s.encode("ascii", "backslashreplace") for s in cube.split], dtype=np.bytes_)
+            )
         g.attrs["by"] = cube.by
         for k in cube.sums:
             f.create_dataset(f"{k}_sum", data=cube.sums[k])

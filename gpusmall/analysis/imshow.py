@@ -14,6 +14,7 @@ Every image the package draws (``gpusmall avimage``, ``gpusmall plot``, cube plo
 
 matplotlib is imported by the caller (an ``Axes`` is passed in); nothing here imports it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,9 +61,23 @@ def grid_extent(col0: float, row0: float, step: float, shape) -> tuple[float, fl
     return col0 - half, col0 + (w - 1) * step + half, row0 + (h - 1) * step + half, row0 - half
 
 
-def show_image(ax, image, *, label: str, unit: str, extent=None, cmap="viridis", vmin=None, vmax=None,
-               alpha=None, colorbar: bool = True, shrink: float = 0.9, interpolation: str | None = None,
-               aspect=None, bad="0.6"):
+def show_image(
+    ax,
+    image,
+    *,
+    label: str,
+    unit: str,
+    extent=None,
+    cmap="viridis",
+    vmin=None,
+    vmax=None,
+    alpha=None,
+    colorbar: bool = True,
+    shrink: float = 0.9,
+    interpolation: str | None = None,
+    aspect=None,
+    bad="0.6",
+):
     """``ax.imshow`` with gpusmall's orientation and a labelled colour bar; returns the AxesImage.
 
     Args:
@@ -86,8 +101,17 @@ def show_image(ax, image, *, label: str, unit: str, extent=None, cmap="viridis",
         cm = cm.with_extremes(bad=bad)
     if interpolation is None:
         interpolation = "nearest" if max(image.shape[:2], default=0) <= 1200 else "antialiased"
-    im = ax.imshow(image, cmap=cm, vmin=vmin, vmax=vmax, origin=ORIGIN, extent=extent, alpha=alpha,
-                   interpolation=interpolation, aspect=aspect)
+    im = ax.imshow(
+        image,
+        cmap=cm,
+        vmin=vmin,
+        vmax=vmax,
+        origin=ORIGIN,
+        extent=extent,
+        alpha=alpha,
+        interpolation=interpolation,
+        aspect=aspect,
+    )
     if colorbar:
         ax.figure.colorbar(im, ax=ax, label=colorbar_label(label, unit), shrink=shrink)
     return im

@@ -1,4 +1,5 @@
 """``gpusmall inspect FILE``: a one-screen description of what a result file holds."""
+
 from __future__ import annotations
 
 import h5py
@@ -16,8 +17,10 @@ def describe(path) -> str:
                 lines.append(f"  @{k} = {f.attrs[k]}")
         gone = sorted(set().union(*missing_sources(f).values()))
         if gone:
-            lines.append(f"  WARNING: part files missing beside the master (their events read as NaN or zeros; "
-                         f"plot and cube refuse it): {', '.join(gone)}")
+            lines.append(
+                f"  WARNING: part files missing beside the master (their events read as NaN or zeros; "
+                f"plot and cube refuse it): {', '.join(gone)}"
+            )
 
         def visit(name, obj):
             depth = name.count("/")

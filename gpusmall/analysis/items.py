@@ -11,6 +11,7 @@ A function with per-item outputs (``droplet``, ``photons``) stores ``<det>/<full
 smalldata_tools' second names (``<full>_sparse_<field>``, ``var_<full>_sparse/<field>``, root attribute
 ``aliases``) are followed to the dataset they name.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,8 @@ class ItemList:
         assert self.stored is not None
         out = []
         for a in range(0, d.shape[0], chunk):
-            v = d[a:a + chunk]
-            keep = np.arange(v.shape[1])[None, :] < self.stored[a:a + chunk, None]
+            v = d[a : a + chunk]
+            keep = np.arange(v.shape[1])[None, :] < self.stored[a : a + chunk, None]
             out.append(v[keep].astype(np.float64))
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -86,17 +87,17 @@ def item_list(f: h5py.File, key: str) -> ItemList | None:
         count = _text(d.attrs["items_count"])
         full = count.rsplit("_", 1)[0]
         if tail.startswith(full + "_"):
-            return ItemList(key, det, full, tail[len(full) + 1:], "ragged")
+            return ItemList(key, det, full, tail[len(full) + 1 :], "ragged")
         return ItemList(key, det, tail, "", "ragged")
     cfg = f.get(f"UserDataCfg/{det}") if det else None
     if d.ndim != 2 or not isinstance(cfg, h5py.Group):
         return None
-    fulls = [n[:-len("__layout")] for n in cfg if n.endswith("__layout") and _text(cfg[n]) == "padded"]
+    fulls = [n[: -len("__layout")] for n in cfg if n.endswith("__layout") and _text(cfg[n]) == "padded"]
     fulls = sorted((s for s in fulls if tail.startswith(s + "_")), key=len, reverse=True)
     if not fulls:
         return None
     full = fulls[0]
-    field = tail[len(full) + 1:].removeprefix("sparse_")
+    field = tail[len(full) + 1 :].removeprefix("sparse_")
     group = d.parent
     stored = None
     for name in group:
@@ -106,6 +107,8 @@ def item_list(f: h5py.File, key: str) -> ItemList | None:
                 stored = np.clip(n[()].astype(np.int64) - cut[()].astype(np.int64), 0, d.shape[1])
                 break
     if stored is None:
-        raise InputError(f"plot: {key!r} is a padded per-item output of {full!r} but the file has no "
-                         f"{full}_n<items> and {full}_n<items>_truncated to tell items from padding")
+        raise InputError(
+            f"plot: {key!r} is a padded per-item output of {full!r} but the file has no "
+            f"{full}_n<items> and {full}_n<items>_truncated to tell items from padding"
+        )
     return ItemList(key, det, full, field, "padded", stored)

@@ -14,6 +14,7 @@ Every function here returns a **bad** map (bool, True = bad, the pixel is masked
 * :func:`combine` (OR of bad maps), :func:`save_user_mask`, :func:`load_user_mask`, :func:`show_mask`
   (matplotlib Figure, imported inside).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,8 +68,16 @@ def hot_pixels(mean, *, k: float = 5.0, adu: float | None = None, mask=None, per
     return bad.reshape(np.shape(mean))
 
 
-def dead_pixels(*, std=None, mean=None, max=None, std_frac: float = 0.05, mean_abs: float | None = None,
-                max_abs: float | None = None, mask=None) -> np.ndarray:
+def dead_pixels(
+    *,
+    std=None,
+    mean=None,
+    max=None,
+    std_frac: float = 0.05,
+    mean_abs: float | None = None,
+    max_abs: float | None = None,
+    mask=None,
+) -> np.ndarray:
     """Bad map of pixels that do not respond: ``std < std_frac * median(std)`` (``std`` given), and/or
     ``|mean| <= mean_abs`` and ``max <= max_abs`` when those thresholds are given (a pedestal-subtracted
     dark has a mean near 0 everywhere: use the std there). Give at least one image."""
@@ -135,7 +144,7 @@ def polygon_mask(shape, panel: int, vertices) -> np.ndarray:
         raise ValueError("a polygon needs at least 3 (row, col) vertices")
     if not 0 <= panel < shape[0]:
         raise ValueError(f"panel {panel} is not in 0..{shape[0] - 1}")
-    r, c = np.mgrid[0:shape[1], 0:shape[2]].astype(np.float64)
+    r, c = np.mgrid[0 : shape[1], 0 : shape[2]].astype(np.float64)
     inside = np.zeros(shape[1:], bool)
     vr, vc = v[:, 0], v[:, 1]
     for i in range(len(v)):
@@ -178,9 +187,18 @@ def combine(*bad_maps) -> np.ndarray:
     return out
 
 
-def make_mask(mean=None, std=None, max=None, *, hot_k: float | None = 5.0, hot_adu: float | None = None,
-              noisy_k: float | None = 5.0, dead_std_frac: float | None = 0.05, dead_max_abs: float | None = None,
-              mask=None) -> dict[str, np.ndarray]:
+def make_mask(
+    mean=None,
+    std=None,
+    max=None,
+    *,
+    hot_k: float | None = 5.0,
+    hot_adu: float | None = None,
+    noisy_k: float | None = 5.0,
+    dead_std_frac: float | None = 0.05,
+    dead_max_abs: float | None = None,
+    mask=None,
+) -> dict[str, np.ndarray]:
     """The threshold bad maps of whatever images are given, by name (``hot``, ``noisy``, ``dead``,
     ``nonfinite``); a threshold of None leaves its map out. :func:`combine` ORs them."""
     out = {}
@@ -192,8 +210,13 @@ def make_mask(mean=None, std=None, max=None, *, hot_k: float | None = 5.0, hot_a
     if std is not None and noisy_k is not None:
         out["noisy"] = noisy_pixels(std, k=noisy_k, mask=mask)
     if (std is not None and dead_std_frac is not None) or (max is not None and dead_max_abs is not None):
-        out["dead"] = dead_pixels(std=std if dead_std_frac is not None else None, max=max,
-                                  std_frac=dead_std_frac or 0.0, max_abs=dead_max_abs, mask=mask)
+        out["dead"] = dead_pixels(
+            std=std if dead_std_frac is not None else None,
+            max=max,
+            std_frac=dead_std_frac or 0.0,
+            max_abs=dead_max_abs,
+            mask=mask,
+        )
     out["nonfinite"] = nonfinite_pixels(*given)
     return out
 
@@ -230,8 +253,17 @@ def load_user_mask(source, shape) -> np.ndarray:
 
 
 # ---- a look ---------------------------------------------------------------------------------------------
-def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: str = "", png=None,
-              label: str = "value", unit: str = "ADU"):
+def show_mask(
+    image,
+    bad,
+    x=None,
+    y=None,
+    pixel_um: float | None = None,
+    title: str = "",
+    png=None,
+    label: str = "value",
+    unit: str = "ADU",
+):
     """matplotlib Figure of ``image`` with the bad pixels in red (no pyplot state).
 
     With pixel coordinates ``x``, ``y`` (um) the panels are assembled as ``gpusmall avimage`` draws them
@@ -264,8 +296,20 @@ def show_mask(image, bad, x=None, y=None, pixel_um: float | None = None, title: 
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
     ax = fig.add_subplot()
     show_image(ax, shown, label=label, unit=unit, extent=extent, cmap="gray")
-    show_image(ax, np.where(over, 1.0, np.nan), label="masked", unit="", extent=extent, colorbar=False,
-               cmap=ListedColormap(["red"]), vmin=0, vmax=1, alpha=0.8, bad=None, interpolation="nearest")
+    show_image(
+        ax,
+        np.where(over, 1.0, np.nan),
+        label="masked",
+        unit="",
+        extent=extent,
+        colorbar=False,
+        cmap=ListedColormap(["red"]),
+        vmin=0,
+        vmax=1,
+        alpha=0.8,
+        bad=None,
+        interpolation="nearest",
+    )
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     ax.set_title(title or f"{int(badm.sum())} of {badm.size} pixels masked (red)", fontsize=10)

@@ -28,6 +28,7 @@ Per-item outputs (:mod:`gpusmall.analysis.items`) are never drawn as curves: pad
 event's stored items in the ``padded`` layout) is left out. Every image has row 0 at the top and a colour
 bar ``"<key> [<unit>]"`` (:mod:`gpusmall.analysis.imshow`, :func:`dataset_unit`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,20 @@ from .results import detector_of, geometry, is_per_event, normalize_key, require
 MAX_ROWS = 4000  # events shown in an events x bins image (evenly strided beyond)
 CHUNK_BYTES = 64 << 20
 #: units of the constants and geometry in ``/UserDataCfg/<det>`` (colour bars)
-STATIC_UNITS = {"ped": "ADU", "noise": "ADU", "rms": "ADU", "gain": "ADU/keV", "x": "um", "y": "um", "z": "um",
-                "mask": "1 = good", "cmask": "1 = good", "status": "bits", "ix": "column", "iy": "row"}
+STATIC_UNITS = {
+    "ped": "ADU",
+    "noise": "ADU",
+    "rms": "ADU",
+    "gain": "ADU/keV",
+    "x": "um",
+    "y": "um",
+    "z": "um",
+    "mask": "1 = good",
+    "cmask": "1 = good",
+    "status": "bits",
+    "ix": "column",
+    "iy": "row",
+}
 #: units of the per-item fields (droplets, photons); ``data`` is in the detector's unit
 ITEM_UNITS = {"npix": "pixels", "tile": "panel", "row": "pixel", "col": "pixel"}
 
@@ -132,7 +145,7 @@ def _plot_curves(f, key, d, png):
     nb = int(np.prod(d.shape[1:]))
     mean = event_mean(d).reshape(nb)
     axis = _radial_axis(f, key, nb)
-    x, xlabel = (axis if axis is not None else (np.arange(nb), "bin"))
+    x, xlabel = axis if axis is not None else (np.arange(nb), "bin")
     step = max(1, int(np.ceil(d.shape[0] / MAX_ROWS)))
     rows = d[::step].reshape(-1, nb).astype(np.float32)
     fig, (ax, axi) = _figure()
@@ -141,8 +154,15 @@ def _plot_curves(f, key, d, png):
     ax.set_ylabel(f"mean of {key}")
     ax.set_title(f"{key}: mean over {d.shape[0]} events", fontsize=10)
     # event 0 at the top, as every image gpusmall draws (row 0 at the top)
-    show_image(axi, rows, label=key, unit=dataset_unit(f, key), aspect="auto", shrink=1.0,
-               extent=(-0.5, nb - 0.5, (rows.shape[0] - 0.5) * step, -0.5 * step))
+    show_image(
+        axi,
+        rows,
+        label=key,
+        unit=dataset_unit(f, key),
+        aspect="auto",
+        shrink=1.0,
+        extent=(-0.5, nb - 0.5, (rows.shape[0] - 0.5) * step, -0.5 * step),
+    )
     axi.set_xlabel("bin")
     axi.set_ylabel("event index")
     axi.set_title("every event" if step == 1 else f"every {step}th event", fontsize=10)
@@ -186,8 +206,11 @@ def _panel_image(f, key, stack):
         covered = assemble(np.ones(stack.shape, np.float32), x, y, pixel, fill=0.0) > 0
         extent, unit = assembled_extent(x, y, pixel)
         xlabel, ylabel = assembled_labels(unit)
-        return assemble(stack, x, y, pixel), dict(covered=covered, extent=extent, xlabel=xlabel,
-                                                   ylabel=ylabel), "assembled"
+        return (
+            assemble(stack, x, y, pixel),
+            dict(covered=covered, extent=extent, xlabel=xlabel, ylabel=ylabel),
+            "assembled",
+        )
     return tile_panels(stack), {}, "panels tiled"
 
 
@@ -276,6 +299,7 @@ def plot_key(path, key: str, png) -> str:
             img, opts, how = mean, {}, "image"
         else:
             img, opts, how = _panel_image(f, key, mean)
-        plot_image(img, png, f"{title} ({how})" if how != "image" else title, label=label,
-                   unit=dataset_unit(f, key), **opts)
+        plot_image(
+            img, png, f"{title} ({how})" if how != "image" else title, label=label, unit=dataset_unit(f, key), **opts
+        )
         return f"{title}: {how} {img.shape[0]} x {img.shape[1]}"

@@ -8,6 +8,7 @@ draws ``KEY``'s mean per bin (``<KEY>_sum / count``) against the bin centres, on
 bin (azav) as an image bins x values (bin 0 at the top, as every image gpusmall draws: SPEC section 9, "Plots";
 colour bar in the unit of the result file the cube was made from); a full frame as its total per bin.
 """
+
 from __future__ import annotations
 
 import json
@@ -150,9 +151,16 @@ def plot_cube(path, key: str, png) -> str:
         if split:
             ax.legend()
     else:  # a curve per bin (azav): bins x values, the first split; bin 0 at the top (row 0, as every image)
-        show_image(ax, mean[0], label=f"{key}, mean per event" + (f" ({names[0]})" if split else ""),
-                   unit=_cube_unit(path, source, key), aspect="auto", interpolation="nearest", shrink=1.0,
-                   extent=(-0.5, mean.shape[2] - 0.5, len(centers) - 0.5, -0.5))
+        show_image(
+            ax,
+            mean[0],
+            label=f"{key}, mean per event" + (f" ({names[0]})" if split else ""),
+            unit=_cube_unit(path, source, key),
+            aspect="auto",
+            interpolation="nearest",
+            shrink=1.0,
+            extent=(-0.5, mean.shape[2] - 0.5, len(centers) - 0.5, -0.5),
+        )
         ax.set_yticks(range(len(centers)), [f"{c:g}" for c in centers])
         ax.set_xlabel(f"{key} index")
     if per_bin.shape[2] == 1 or frame:

@@ -3,6 +3,7 @@
 Shared by ``gpusmall plot`` and ``gpusmall cube``. A *key* is a dataset path inside the file, with or
 without the leading ``/`` (``epix/roi0_sum``, ``/Sums/epix_calib``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -36,13 +37,18 @@ def require_dataset(f: h5py.File, key: str, what: str = "key") -> h5py.Dataset:
     paths = dataset_paths(f)
     if isinstance(obj, h5py.Group):
         inside = [p for p in paths if p.startswith(name + "/")][:6]
-        raise InputError(f"{what} {key!r} is a group in {f.filename}, not a dataset"
-                         + (f"; it holds e.g. {', '.join(inside)}" if inside else ""))
+        raise InputError(
+            f"{what} {key!r} is a group in {f.filename}, not a dataset"
+            + (f"; it holds e.g. {', '.join(inside)}" if inside else "")
+        )
     # match on the full path and on the last component, so "roi0_sum" finds "epix/roi0_sum"
     close = difflib.get_close_matches(name, paths, n=5, cutoff=0.5)
     tails = {p.rsplit("/", 1)[-1]: p for p in paths}
-    close += [tails[t] for t in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(tails), n=5, cutoff=0.6)
-              if tails[t] not in close]
+    close += [
+        tails[t]
+        for t in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(tails), n=5, cutoff=0.6)
+        if tails[t] not in close
+    ]
     hint = f"; close matches: {', '.join(close[:5])}" if close else "; `gpusmall inspect FILE` lists the keys"
     raise InputError(f"{what} {key!r} is not in {f.filename}{hint}")
 

@@ -24,6 +24,7 @@ ROI bounds: the pixels whose centres lie inside it, per panel their bounding box
 pixels along each panel's edges, and given ROIs. :func:`bounds_from_rectangle` is the rule for one panel in
 its own pixel coordinates. matplotlib is imported inside the functions only.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def bounds_from_rectangle(panel: int, x0: float, y0: float, x1: float, y1: float
     >>> bounds_from_rectangle(2, 9.6, 19.4, 30.2, 5.0)
     [[2, 3], [5, 20], [10, 31]]
     """
+
     def axis(a, b, n):
         lo, hi = min(a, b), max(a, b)
         i0, i1 = math.ceil(lo), math.floor(hi) + 1
@@ -81,8 +83,16 @@ class PanelView:
         label, unit: the colour bar's quantity and unit (``"<label> [<unit>]"``).
     """
 
-    def __init__(self, image, x=None, y=None, pixel_um: float | None = None, gap: int = 4, label: str = "value",
-                 unit: str = "a.u."):
+    def __init__(
+        self,
+        image,
+        x=None,
+        y=None,
+        pixel_um: float | None = None,
+        gap: int = 4,
+        label: str = "value",
+        unit: str = "a.u.",
+    ):
         from .avimage import assemble, pixel_grid
         from .imshow import ORIGIN, color_limits, grid_extent
 
@@ -193,8 +203,19 @@ class PanelView:
         ``"<label> [<unit>]"``), with this view's ``format_coord``; returns the AxesImage."""
         from .imshow import show_image
 
-        im = show_image(ax, self.shown, label=self.label, unit=self.unit, extent=self.extent, cmap=cmap,
-                        vmin=self.vmin, vmax=self.vmax, colorbar=colorbar, shrink=0.85, interpolation="nearest")
+        im = show_image(
+            ax,
+            self.shown,
+            label=self.label,
+            unit=self.unit,
+            extent=self.extent,
+            cmap=cmap,
+            vmin=self.vmin,
+            vmax=self.vmax,
+            colorbar=colorbar,
+            shrink=0.85,
+            interpolation="nearest",
+        )
         ax.format_coord = self.format_coord
         ax.set_xlabel(self.xlabel)
         ax.set_ylabel(self.ylabel)
@@ -247,8 +268,16 @@ class RoiPicker:
         self.view, self.ax, self.verbose = view, ax, verbose
         self.rois: list[list[list[int]]] = []
         view.draw(ax)
-        self.selector = RectangleSelector(ax, self.onselect, useblit=True, button=[1], minspanx=0, minspany=0,  # type: ignore[list-item]
-                                          spancoords="data", interactive=False)
+        self.selector = RectangleSelector(
+            ax,
+            self.onselect,
+            useblit=True,
+            button=[1],  # type: ignore[list-item]
+            minspanx=0,
+            minspany=0,
+            spancoords="data",
+            interactive=False,
+        )
 
     def onselect(self, eclick, erelease):
         """RectangleSelector callback: the press and release events' data coordinates -> bounds."""
@@ -268,8 +297,17 @@ class RoiPicker:
         return roi_config(self.rois, prefix)
 
 
-def roi_figure(image, x=None, y=None, pixel_um: float | None = None, rois=(), grid: int = 32, title: str = "",
-               label: str = "value", unit: str = "a.u."):
+def roi_figure(
+    image,
+    x=None,
+    y=None,
+    pixel_um: float | None = None,
+    rois=(),
+    grid: int = 32,
+    title: str = "",
+    label: str = "value",
+    unit: str = "a.u.",
+):
     """matplotlib Figure (no pyplot state) of the :class:`PanelView` with its grid labels
     (:meth:`PanelView.draw_grid`) and the outlines of ``rois`` (bounds), labelled roi0, roi1...; ``label``,
     ``unit``: the colour bar's (a PanelView given as ``image`` keeps its own)."""
@@ -288,8 +326,18 @@ def roi_figure(image, x=None, y=None, pixel_um: float | None = None, rois=(), gr
     return fig
 
 
-def roi_png(image, png, x=None, y=None, pixel_um: float | None = None, rois=(), grid: int = 32,
-            title: str = "", label: str = "value", unit: str = "a.u.") -> Path:
+def roi_png(
+    image,
+    png,
+    x=None,
+    y=None,
+    pixel_um: float | None = None,
+    rois=(),
+    grid: int = 32,
+    title: str = "",
+    label: str = "value",
+    unit: str = "a.u.",
+) -> Path:
     """Write :func:`roi_figure` as a PNG; returns its path."""
     from ..producer.paths import png_metadata
 

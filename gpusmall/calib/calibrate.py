@@ -7,6 +7,7 @@ units with bad pixels set to 0, plus the per-event good-pixel map.
 The NumPy path (:func:`calibrate_reference`) reads like the formulas and is the test oracle of the
 fused CUDA kernel ``kernels/calib.cu:calibrate_u16``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,17 +38,38 @@ def _decode_sizes(a, *batch):
     """Elements the calib.cu kernels index: (events, pixels) arrays, (gains, pixels) pedestal, the per-pixel
     mask and config bits, the gain table of the model's gain bits."""
     n, e = int(a["npix"]), int(a["n_events"]) * int(a["npix"])
-    return dict({k: e for k in ("raw",) + batch}, pedestal=int(a["n_gains"]) * n, mask=n,
-                config_bits=n if a["has_config"] else 0, gain_table=(int(a["gain_bits"]) + 1) * 256)
+    return dict(
+        {k: e for k in ("raw",) + batch},
+        pedestal=int(a["n_gains"]) * n,
+        mask=n,
+        config_bits=n if a["has_config"] else 0,
+        gain_table=(int(a["gain_bits"]) + 1) * 256,
+    )
 
 
-CALIBRATE_U16 = KernelSpec("calib.cu", "calibrate_u16", _calib_launch, "gpusmall.calib.calibrate:calibrate_reference",
-                           sizes=lambda a: dict(_decode_sizes(a, "out", "good"), scale=int(a["n_gains"]) * int(a["npix"])))
-PEDESTAL_U16 = KernelSpec("calib.cu", "pedestal_u16", _calib_launch, "gpusmall.calib.calibrate:pedestal_subtract",
-                          sizes=lambda a: _decode_sizes(a, "s", "gain_index", "good"))
-SCALE_APPLY = KernelSpec("calib.cu", "scale_apply", _calib_launch, "gpusmall.calib.calibrate:calibrate_reference",
-                         sizes=lambda a: dict({k: int(a["n_events"]) * int(a["npix"]) for k in
-                                               ("s", "gain_index", "good", "out")}, scale=int(a["npix"])))
+CALIBRATE_U16 = KernelSpec(
+    "calib.cu",
+    "calibrate_u16",
+    _calib_launch,
+    "gpusmall.calib.calibrate:calibrate_reference",
+    sizes=lambda a: dict(_decode_sizes(a, "out", "good"), scale=int(a["n_gains"]) * int(a["npix"])),
+)
+PEDESTAL_U16 = KernelSpec(
+    "calib.cu",
+    "pedestal_u16",
+    _calib_launch,
+    "gpusmall.calib.calibrate:pedestal_subtract",
+    sizes=lambda a: _decode_sizes(a, "s", "gain_index", "good"),
+)
+SCALE_APPLY = KernelSpec(
+    "calib.cu",
+    "scale_apply",
+    _calib_launch,
+    "gpusmall.calib.calibrate:calibrate_reference",
+    sizes=lambda a: dict(
+        {k: int(a["n_events"]) * int(a["npix"]) for k in ("s", "gain_index", "good", "out")}, scale=int(a["npix"])
+    ),
+)
 
 
 def unit_scale(gain: np.ndarray, units: str, photon_energy_kev: float | None = None) -> np.ndarray:
@@ -144,8 +166,9 @@ def calibrate_reference(xp, model: DetectorModel, raw, pedestal, scale, mask, co
     step = CHUNK_EVENTS if xp is np else max(raw.shape[0], 1)
     for e0 in range(0, raw.shape[0], step):
         events = slice(e0, e0 + step)
-        _calibrate_events(xp, model, raw[events], pedestal, scale, mask, config_bits, common_mode,
-                          out[events], good[events])
+        _calibrate_events(
+            xp, model, raw[events], pedestal, scale, mask, config_bits, common_mode, out[events], good[events]
+        )
     return out, good
 
 
@@ -159,8 +182,9 @@ def _calibrate_events(xp, model, raw, pedestal, scale, mask, config_bits, common
     out[~good] = 0  # bad pixels are 0
 
 
-def decode_arguments(backend: Backend, model: DetectorModel, raw, pedestal, mask, config_bits=None,
-                     gain_table=None) -> dict:
+def decode_arguments(
+    backend: Backend, model: DetectorModel, raw, pedestal, mask, config_bits=None, gain_table=None
+) -> dict:
     """The arguments calibrate_u16 and pedestal_u16 share, by name: the raw batch (made contiguous), its size,
     the per-pixel constants on the device (mask bool, config bits uint8 or None) and how the model's gain
     range is decoded: ``gain_table`` (:meth:`~gpusmall.detectors.base.DetectorModel.gain_table` on the
@@ -169,11 +193,20 @@ def decode_arguments(backend: Backend, model: DetectorModel, raw, pedestal, mask
     mask = mask.view(xp.uint8)
     if gain_table is None:
         gain_table = backend.to_device(model.gain_table(config_bits is not None))
-    return dict(raw=xp.ascontiguousarray(raw), pedestal=pedestal, mask=mask,
-                config_bits=config_bits if config_bits is not None else mask,
-                n_events=raw.shape[0], npix=raw[0].size, n_gains=model.n_gains, gain_table=gain_table,
-                gain_shift=model.gain_shift, gain_bits=model.gain_bits, has_config=config_bits is not None,
-                data_mask=model.data_mask or 0xFFFF)
+    return dict(
+        raw=xp.ascontiguousarray(raw),
+        pedestal=pedestal,
+        mask=mask,
+        config_bits=config_bits if config_bits is not None else mask,
+        n_events=raw.shape[0],
+        npix=raw[0].size,
+        n_gains=model.n_gains,
+        gain_table=gain_table,
+        gain_shift=model.gain_shift,
+        gain_bits=model.gain_bits,
+        has_config=config_bits is not None,
+        data_mask=model.data_mask or 0xFFFF,
+    )
 
 
 class Calibrator:
@@ -193,24 +226,37 @@ class Calibrator:
     Raw batches must be of an integer dtype (SPEC section 1); another raises InputError.
     """
 
-    def __init__(self, model: DetectorModel, constants: Constants, mask: np.ndarray, backend: Backend,
-                 units: str = "adu", photon_energy_kev: float | None = None, common_mode=None,
-                 det: str | None = None):
+    def __init__(
+        self,
+        model: DetectorModel,
+        constants: Constants,
+        mask: np.ndarray,
+        backend: Backend,
+        units: str = "adu",
+        photon_energy_kev: float | None = None,
+        common_mode=None,
+        det: str | None = None,
+    ):
         self.model, self.backend, self.common_mode, self.det = model, backend, common_mode, det
         xp = backend.xp
         self.pedestal = backend.to_device(constants.pedestal, xp.float32)
         self.scale = backend.to_device(unit_scale(constants.gain, units, photon_energy_kev))
         self.mask = backend.to_device(np.asarray(mask, bool))
-        self.config_bits = None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
+        self.config_bits = (
+            None if constants.config_bits is None else backend.to_device(constants.config_bits.astype(np.uint8))
+        )
         self.use_kernel = backend.is_gpu and common_mode != "raw"
         # the CUDA kernels' gain decoding: the model's own, tabulated once per run (a few kB)
-        self.gain_table = backend.to_device(model.gain_table(constants.config_bits is not None)) if self.use_kernel else None
+        self.gain_table = (
+            backend.to_device(model.gain_table(constants.config_bits is not None)) if self.use_kernel else None
+        )
         self.cpu = None  # NumPy backend: numba's fused kernels when numba is there and handles the model
         if not backend.is_gpu and common_mode != "raw":
             from . import cpu_kernels  # imports numba (optional): only NumPy runs pay for it
 
-            self.cpu = cpu_kernels.for_calibrator(model, self.pedestal, self.scale, self.mask, self.config_bits,
-                                                  backend.threads)
+            self.cpu = cpu_kernels.for_calibrator(
+                model, self.pedestal, self.scale, self.mask, self.config_bits, backend.threads
+            )
 
     def __call__(self, raw) -> Frames:
         """raw: (events, panels, rows, cols) on the backend's device -> Frames."""
@@ -225,8 +271,16 @@ class Calibrator:
         elif self.cpu is not None and self.cpu.supports(raw):  # NumPy backend with numba: fused kernels
             out, good = self._cpu_kernels(raw)
         else:
-            out, good = calibrate_reference(xp, self.model, raw, self.pedestal, self.scale, self.mask,
-                                            self.config_bits, self.common_mode if callable(self.common_mode) else None)
+            out, good = calibrate_reference(
+                xp,
+                self.model,
+                raw,
+                self.pedestal,
+                self.scale,
+                self.mask,
+                self.config_bits,
+                self.common_mode if callable(self.common_mode) else None,
+            )
         return Frames(out, good, raw)
 
     def _cpu_kernels(self, raw):
@@ -253,8 +307,9 @@ class Calibrator:
         return out, good
 
     def _decode_args(self, raw) -> dict:
-        return decode_arguments(self.backend, self.model, raw, self.pedestal, self.mask, self.config_bits,
-                                self.gain_table)
+        return decode_arguments(
+            self.backend, self.model, raw, self.pedestal, self.mask, self.config_bits, self.gain_table
+        )
 
     def _kernel(self, raw):
         xp = self.backend.xp
@@ -278,6 +333,14 @@ class Calibrator:
         else:
             s = xp.ascontiguousarray(self.common_mode(s, good, g), dtype=xp.float32)
         out = xp.empty(raw.shape, xp.float32)
-        SCALE_APPLY.launch(self.backend, s=s, gain_index=g, good=good, scale=self.scale, out=out,
-                           n_events=raw.shape[0], npix=raw[0].size)
+        SCALE_APPLY.launch(
+            self.backend,
+            s=s,
+            gain_index=g,
+            good=good,
+            scale=self.scale,
+            out=out,
+            n_events=raw.shape[0],
+            npix=raw[0].size,
+        )
         return out, good

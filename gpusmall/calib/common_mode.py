@@ -17,6 +17,7 @@ Medians are exact: excluded pixels are set to +inf, each group is sorted, and th
 ``n`` good values is ``(v[(n - 1) // 2] + v[n // 2]) * 0.5`` in float32, which equals
 ``numpy.median`` of the good values (the mean of the two middle values for an even count).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -111,8 +112,17 @@ class MedianCommonMode:
     g int8 gain index; returns the corrected s (float32, a new array, same shape).
     """
 
-    def __init__(self, model, panel_shape, axes=("rows", "cols"), max_correction: float = 100.0,
-                 min_pixels: int = 10, gain_ranges: str = "high", backend=None, det: str = "?"):
+    def __init__(
+        self,
+        model,
+        panel_shape,
+        axes=("rows", "cols"),
+        max_correction: float = 100.0,
+        min_pixels: int = 10,
+        gain_ranges: str = "high",
+        backend=None,
+        det: str = "?",
+    ):
         unknown = [a for a in axes if a not in AXES_ORDER]
         if unknown:
             raise InputError(f"detector {det}: common_mode.axes {unknown} unknown; use {AXES_ORDER}")
@@ -129,8 +139,9 @@ class MedianCommonMode:
         self.bank = (int(br), int(bc))
         r, c = self.panel_shape
         if r % self.bank[0] or c % self.bank[1]:
-            raise InputError(f"detector {det}: panel {self.panel_shape} is not a whole number of "
-                             f"common-mode banks {self.bank}")
+            raise InputError(
+                f"detector {det}: panel {self.panel_shape} is not a whole number of common-mode banks {self.bank}"
+            )
         self.backend = backend
 
     # -- which pixels take part -------------------------------------------------------
@@ -217,9 +228,22 @@ class MedianCommonMode:
                 n_outer, outer_stride, n_inner, inner_stride, elem_stride = e * p * r, c, c // bc, bc, 1
             else:  # cols: group = (e, p, bank row, col): n = br pixels, one per row
                 n_outer, outer_stride, n_inner, inner_stride, elem_stride = e * p * (r // br), br * c, c, 1, c
-            launch_median_step(self.backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride,
-                               elem_stride, self.range_mask, self.min_pixels, self.max_correction,
-                               scale=scale if step == len(self.axes) - 1 else None)
+            launch_median_step(
+                self.backend,
+                s,
+                good,
+                g,
+                n,
+                n_outer,
+                outer_stride,
+                n_inner,
+                inner_stride,
+                elem_stride,
+                self.range_mask,
+                self.min_pixels,
+                self.max_correction,
+                scale=scale if step == len(self.axes) - 1 else None,
+            )
         return s
 
 
@@ -229,8 +253,22 @@ COLS_WARP_MAX = 256  # columns up to this length go to cm_median_cols_warp (8 va
 COLS_PER_BLOCK = 32  # its tile: 32 neighbouring columns (COLS_PER_BLOCK in common_mode.cu)
 
 
-def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, inner_stride, elem_stride,
-                       range_mask, min_pixels, max_correction, scale=None):
+def launch_median_step(
+    backend,
+    s,
+    good,
+    g,
+    n,
+    n_outer,
+    outer_stride,
+    n_inner,
+    inner_stride,
+    elem_stride,
+    range_mask,
+    min_pixels,
+    max_correction,
+    scale=None,
+):
     """Run the median step of ``kernels/common_mode.cu`` in place on contiguous ``s``.
 
     Group ``gid = outer * n_inner + inner`` holds the ``n`` pixels at
@@ -242,13 +280,28 @@ def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, i
     of an event) float32; columns only) the column kernel also applies it (see ``cm_median_cols_warp``).
     """
     n_groups = n_outer * n_inner
-    common = dict(s=s, good=good, g=g, n=n, outer_stride=outer_stride, range_mask=range_mask & 0xFFFFFFFF,
-                  min_pixels=min_pixels, max_correction=max_correction)
+    common = dict(
+        s=s,
+        good=good,
+        g=g,
+        n=n,
+        outer_stride=outer_stride,
+        range_mask=range_mask & 0xFFFFFFFF,
+        min_pixels=min_pixels,
+        max_correction=max_correction,
+    )
     if inner_stride == 1 and elem_stride == n_inner and n <= COLS_WARP_MAX:  # columns of a bank row
         xp = backend.xp
         scale_arg = scale if scale is not None else xp.zeros(1, xp.float32)  # (not read without apply_scale)
-        CM_MEDIAN_COLS_WARP.launch(backend, **common, n_outer=n_outer, n_inner=n_inner, scale=scale_arg,
-                                   npix=s[0].size, apply_scale=scale is not None)
+        CM_MEDIAN_COLS_WARP.launch(
+            backend,
+            **common,
+            n_outer=n_outer,
+            n_inner=n_inner,
+            scale=scale_arg,
+            npix=s[0].size,
+            apply_scale=scale is not None,
+        )
         return
     if scale is not None:
         raise ValueError("the gain scale is applied only by the column kernel (cm_median_cols_warp)")
@@ -256,16 +309,28 @@ def launch_median_step(backend, s, good, g, n, n_outer, outer_stride, n_inner, i
         CM_MEDIAN_ROWS_WARP.launch(backend, **common, n_groups=n_groups, n_inner=n_inner, inner_stride=inner_stride)
         return
     p2 = max(_next_pow2(n), 2)
-    CM_MEDIAN_STEP.launch(backend, **common, n_groups=n_groups, p2=p2, gpb=max(1, 256 // (p2 // 2)), n_inner=n_inner,
-                          inner_stride=inner_stride, elem_stride=elem_stride, contiguous=elem_stride == 1)
+    CM_MEDIAN_STEP.launch(
+        backend,
+        **common,
+        n_groups=n_groups,
+        p2=p2,
+        gpb=max(1, 256 // (p2 // 2)),
+        n_inner=n_inner,
+        inner_stride=inner_stride,
+        elem_stride=elem_stride,
+        contiguous=elem_stride == 1,
+    )
 
 
 def _cols_warp_launch(a):
     """A block of WARP_KERNEL_THREADS per tile of COLS_PER_BLOCK columns; shared: the tile's values (float)
     and flags (byte), padded to COLS_PER_BLOCK + 1 columns, and a float per column."""
     n, tiles = int(a["n"]), (int(a["n_inner"]) + COLS_PER_BLOCK - 1) // COLS_PER_BLOCK
-    return ((int(a["n_outer"]) * tiles,), (WARP_KERNEL_THREADS,),
-            (n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4 + n * (COLS_PER_BLOCK + 1))
+    return (
+        (int(a["n_outer"]) * tiles,),
+        (WARP_KERNEL_THREADS,),
+        (n * (COLS_PER_BLOCK + 1) + COLS_PER_BLOCK) * 4 + n * (COLS_PER_BLOCK + 1),
+    )
 
 
 def _rows_warp_launch(a):
@@ -285,8 +350,12 @@ def _groups_extent(a, elem_stride):
     n_groups, n_inner = int(a["n_groups"]), int(a["n_inner"])
     if n_groups < 1:
         return dict(s=0, good=0, g=0)
-    last = ((n_groups - 1) // n_inner * int(a["outer_stride"]) + min(n_groups - 1, n_inner - 1) * int(a["inner_stride"])
-            + (int(a["n"]) - 1) * elem_stride + 1)
+    last = (
+        (n_groups - 1) // n_inner * int(a["outer_stride"])
+        + min(n_groups - 1, n_inner - 1) * int(a["inner_stride"])
+        + (int(a["n"]) - 1) * elem_stride
+        + 1
+    )
     return dict(s=last, good=last, g=last)
 
 
@@ -297,12 +366,19 @@ def _cols_warp_sizes(a):
 
 
 _CM_REFERENCE = "gpusmall.calib.common_mode:group_median"
-CM_MEDIAN_COLS_WARP = KernelSpec("common_mode.cu", "cm_median_cols_warp", _cols_warp_launch, _CM_REFERENCE,
-                                 sizes=_cols_warp_sizes)
-CM_MEDIAN_ROWS_WARP = KernelSpec("common_mode.cu", "cm_median_rows_warp", _rows_warp_launch, _CM_REFERENCE,
-                                 sizes=lambda a: _groups_extent(a, 1))
-CM_MEDIAN_STEP = KernelSpec("common_mode.cu", "cm_median_step", _median_step_launch, _CM_REFERENCE,
-                            sizes=lambda a: _groups_extent(a, int(a["elem_stride"])))
+CM_MEDIAN_COLS_WARP = KernelSpec(
+    "common_mode.cu", "cm_median_cols_warp", _cols_warp_launch, _CM_REFERENCE, sizes=_cols_warp_sizes
+)
+CM_MEDIAN_ROWS_WARP = KernelSpec(
+    "common_mode.cu", "cm_median_rows_warp", _rows_warp_launch, _CM_REFERENCE, sizes=lambda a: _groups_extent(a, 1)
+)
+CM_MEDIAN_STEP = KernelSpec(
+    "common_mode.cu",
+    "cm_median_step",
+    _median_step_launch,
+    _CM_REFERENCE,
+    sizes=lambda a: _groups_extent(a, int(a["elem_stride"])),
+)
 
 
 class Epix100CommonMode:
@@ -321,13 +397,25 @@ class Epix100CommonMode:
         noise: (panels, rows, cols) ADU rms on the device, or None (no photon cut then).
     """
 
-    def __init__(self, model, panel_shape, noise=None, max_correction: float = 30.0, histo_range: float = 30.0,
-                 min_fraction: float = 0.25, norm_all: bool = False, backend=None, det: str = "?"):
+    def __init__(
+        self,
+        model,
+        panel_shape,
+        noise=None,
+        max_correction: float = 30.0,
+        histo_range: float = 30.0,
+        min_fraction: float = 0.25,
+        norm_all: bool = False,
+        backend=None,
+        det: str = "?",
+    ):
         self.bank = tuple(int(v) for v in model.banks(tuple(panel_shape)))
         r, c = (int(v) for v in panel_shape)
         if r % 2 or c % self.bank[1]:
-            raise InputError(f"detector {det}: panel {(r, c)} does not fit the epix100 common mode: it needs an "
-                             f"even number of rows (two halves) and columns in whole segments of {self.bank[1]}")
+            raise InputError(
+                f"detector {det}: panel {(r, c)} does not fit the epix100 common mode: it needs an "
+                f"even number of rows (two halves) and columns in whole segments of {self.bank[1]}"
+            )
         self.half = (r // 2, self.bank[1])
         self.noise, self.max_correction = noise, float(max_correction)
         self.histo_range, self.min_fraction, self.norm_all = float(histo_range), float(min_fraction), norm_all
@@ -416,22 +504,36 @@ class ZeroPeakCommonMode:
     The same array code runs on NumPy and CuPy.
     """
 
-    def __init__(self, model, panel_shape, max_correction: float | None = None, gain_ranges: str = "high",
-                 backend=None, det: str = "?", *, method: str = "fullest", histo_range=None,
-                 min_count: int | None = None, max_sigma: float | None = None):
+    def __init__(
+        self,
+        model,
+        panel_shape,
+        max_correction: float | None = None,
+        gain_ranges: str = "high",
+        backend=None,
+        det: str = "?",
+        *,
+        method: str = "fullest",
+        histo_range=None,
+        min_count: int | None = None,
+        max_sigma: float | None = None,
+    ):
         if method not in ZERO_PEAK_METHODS:
-            raise InputError(f"detector {det}: common_mode.method must be one of {', '.join(ZERO_PEAK_METHODS)}, "
-                             f"not {method!r}")
+            raise InputError(
+                f"detector {det}: common_mode.method must be one of {', '.join(ZERO_PEAK_METHODS)}, not {method!r}"
+            )
         self.method = method
         psana = method == "psana"
         if max_correction is None:
             max_correction = PSANA_MAX_CORRECTION if psana else 100.0
         self.max_correction = float(max_correction)
         if not self.max_correction > 0:
-            raise InputError(f"detector {det}: common_mode.max_correction must be > 0 for zero_peak, "
-                             f"not {max_correction}")
-        self.median = MedianCommonMode(model, panel_shape, ("banks",), self.max_correction, 0, gain_ranges, backend,
-                                       det)
+            raise InputError(
+                f"detector {det}: common_mode.max_correction must be > 0 for zero_peak, not {max_correction}"
+            )
+        self.median = MedianCommonMode(
+            model, panel_shape, ("banks",), self.max_correction, 0, gain_ranges, backend, det
+        )
         self.bank = self.median.bank
         if histo_range is None:
             lo, hi = PSANA_HISTO_RANGE if psana else (-self.max_correction, self.max_correction)
@@ -440,17 +542,23 @@ class ZeroPeakCommonMode:
         else:
             lo, hi = (float(v) for v in histo_range)
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-            raise InputError(f"detector {det}: common_mode.histo_range must be a range [low, high] with low < high, "
-                             f"not {histo_range}")
+            raise InputError(
+                f"detector {det}: common_mode.histo_range must be a range [low, high] with low < high, "
+                f"not {histo_range}"
+            )
         if psana and (lo != round(lo) or hi != round(hi)):
-            raise InputError(f"detector {det}: common_mode.histo_range for method psana is whole ADU (its bins are "
-                             f"the whole values low .. high - 1), not {histo_range}")
+            raise InputError(
+                f"detector {det}: common_mode.histo_range for method psana is whole ADU (its bins are "
+                f"the whole values low .. high - 1), not {histo_range}"
+            )
         self.lo, self.hi = lo, hi
         self.min_count = int(min_count) if min_count is not None else (PSANA_MIN_COUNT if psana else 0)
         if self.min_count < 0:
             raise InputError(f"detector {det}: common_mode.min_count must be >= 0, not {min_count}")
         if max_sigma is not None and not psana:
-            raise InputError(f"detector {det}: common_mode.max_sigma is for method psana (the fullest bin has no width)")
+            raise InputError(
+                f"detector {det}: common_mode.max_sigma is for method psana (the fullest bin has no width)"
+            )
         self.max_sigma = float(max_sigma) if max_sigma is not None else (PSANA_MAX_SIGMA if psana else np.inf)
         if psana:
             self.nbins = int(round(hi - lo))
@@ -548,13 +656,17 @@ class UnbondedCommonMode:
 
     def __init__(self, model, panel_shape, max_correction: float = 100.0, backend=None, det: str = "?"):
         if not model.unbonded_pixels:
-            raise InputError(f"detector {det}: common_mode.type unbonded needs unbonded reference pixels, which a "
-                             f"{model.type} does not have (cspad, cs140k have them)")
+            raise InputError(
+                f"detector {det}: common_mode.type unbonded needs unbonded reference pixels, which a "
+                f"{model.type} does not have (cspad, cs140k have them)"
+            )
         rows, cols = (np.asarray(a, np.intp) for a in zip(*model.unbonded_pixels))
         r, c = (int(v) for v in panel_shape)
         if rows.max() >= r or cols.max() >= c:
-            raise InputError(f"detector {det}: panel {(r, c)} does not hold the {model.type}'s unbonded pixels "
-                             f"(up to row {rows.max()}, col {cols.max()})")
+            raise InputError(
+                f"detector {det}: panel {(r, c)} does not hold the {model.type}'s unbonded pixels "
+                f"(up to row {rows.max()}, col {cols.max()})"
+            )
         self.max_correction = float(max_correction)
         self.rows, self.cols = rows, cols
         self.backend = backend
@@ -607,13 +719,29 @@ def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None)
     default_ranges = "high" if model.n_gains > 1 else "all"
     maxc = params.get("max_correction")
     if ctype == "median":
-        return MedianCommonMode(model, panel_shape, params.get("axes") or ("rows", "cols"),
-                                100.0 if maxc is None else maxc, params.get("min_pixels", 10),
-                                params.get("gain_ranges") or default_ranges, backend, det)
+        return MedianCommonMode(
+            model,
+            panel_shape,
+            params.get("axes") or ("rows", "cols"),
+            100.0 if maxc is None else maxc,
+            params.get("min_pixels", 10),
+            params.get("gain_ranges") or default_ranges,
+            backend,
+            det,
+        )
     if ctype == "zero_peak":
-        return ZeroPeakCommonMode(model, panel_shape, maxc, params.get("gain_ranges") or default_ranges, backend, det,
-                                  method=params.get("method") or "fullest", histo_range=params.get("histo_range"),
-                                  min_count=params.get("min_count"), max_sigma=params.get("max_sigma"))
+        return ZeroPeakCommonMode(
+            model,
+            panel_shape,
+            maxc,
+            params.get("gain_ranges") or default_ranges,
+            backend,
+            det,
+            method=params.get("method") or "fullest",
+            histo_range=params.get("histo_range"),
+            min_count=params.get("min_count"),
+            max_sigma=params.get("max_sigma"),
+        )
     if ctype == "unbonded":
         return UnbondedCommonMode(model, panel_shape, 100.0 if maxc is None else maxc, backend, det)
     if ctype == "epix100":
@@ -621,7 +749,15 @@ def make_common_mode(det: str, cfg, model, constants, backend, panel_shape=None)
         if noise is not None:
             noise = np.asarray(noise, np.float32)
             noise = backend.to_device(noise if noise.ndim == 3 else noise[0])
-        return Epix100CommonMode(model, panel_shape, noise, 30.0 if maxc is None else maxc,
-                                 params.get("histo_range", 30.0), params.get("min_fraction", 0.25),
-                                 params.get("norm_all", False), backend, det)
+        return Epix100CommonMode(
+            model,
+            panel_shape,
+            noise,
+            30.0 if maxc is None else maxc,
+            params.get("histo_range", 30.0),
+            params.get("min_fraction", 0.25),
+            params.get("norm_all", False),
+            backend,
+            det,
+        )
     raise InputError(f"detector {det}: common_mode.type {ctype!r} is not known")

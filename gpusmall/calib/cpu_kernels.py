@@ -23,6 +23,7 @@ kernel's serial build, which compiles faster (:class:`Kernel`). The one-pass cal
 and the run sums have compiled C++ kernels (:mod:`~gpusmall.calib.simd_calib`,
 :mod:`~gpusmall.calib.simd_sums`) that these functions call where they are built.
 """
+
 from __future__ import annotations
 
 import functools
@@ -267,7 +268,7 @@ if numba is not None:
             for k in range(n_sums):
                 a[k, :] = -np.inf if kinds[k] == 2 else 0.0
             for e in range(n_events):
-                row = data[e, p0:p0 + n]
+                row = data[e, p0 : p0 + n]
                 for k in range(n_sums):
                     kind, t, ak = kinds[k], thres[k], a[k]
                     if has_thres[k]:
@@ -394,8 +395,16 @@ class CpuCalibration:
     def __init__(self, model, pedestal, scale, mask, config_bits, threads: int = 1):
         npix = int(np.prod(mask.shape))
         self.npix, self.threads, self.model, self.shape = npix, threads, model, tuple(mask.shape)
-        self._reuse = {name: ReusableArrays(self.shape, dtype) for name, dtype in
-                       (("out", np.float32), ("good", np.bool_), ("s", np.float32), ("g", np.int8), ("sgood", np.bool_))}
+        self._reuse = {
+            name: ReusableArrays(self.shape, dtype)
+            for name, dtype in (
+                ("out", np.float32),
+                ("good", np.bool_),
+                ("s", np.float32),
+                ("g", np.int8),
+                ("sgood", np.bool_),
+            )
+        }
         self.kbits = model.gain_bits
         self.kind, opt_keys = FAMILIES[self.kbits]
         ped = np.asarray(pedestal, np.float32).reshape(-1, npix)
@@ -410,7 +419,7 @@ class CpuCalibration:
         self.gk[n_keys:] = self.gk[0]
         okb = np.zeros(npix, np.uint8)
         for key in range(n_keys):
-            okb |= ((keep & (self.gk[key] >= 0)).astype(np.uint8) << key)
+            okb |= (keep & (self.gk[key] >= 0)).astype(np.uint8) << key
         self.okb = okb
         idx = np.clip(self.gk, 0, model.n_gains - 1).astype(np.intp)
         cols = np.arange(npix)
@@ -460,7 +469,8 @@ class CpuCalibration:
                 simd_calib.calibrate(self.kind, raw2, self._dmask(raw2.dtype), self.tab, self.okb, out2, good2, block)
             else:  # numba's threads over the blocks, or a raw dtype the compiled kernel does not take
                 {"single": _calib1, "one_bit": _calib2, "two_bits": _calib3}[self.kind](
-                    raw2, self._dmask(raw2.dtype), self.tab, self.okb, out2, good2, block)
+                    raw2, self._dmask(raw2.dtype), self.tab, self.okb, out2, good2, block
+                )
         return out, good
 
     def pedestal_subtract(self, raw):
@@ -468,22 +478,40 @@ class CpuCalibration:
         n = raw.shape[0]
         s, g, good = (self._reuse[k].empty(n) for k in ("s", "g", "sgood"))
         with _threads(self.threads):
-            self.pedestal_pixels(self._flat(raw), 0, s.reshape(n, self.npix), g.reshape(n, self.npix),
-                                 good.reshape(n, self.npix))
+            self.pedestal_pixels(
+                self._flat(raw), 0, s.reshape(n, self.npix), g.reshape(n, self.npix), good.reshape(n, self.npix)
+            )
         return s, g, good
 
     def pedestal_pixels(self, raw2, lo, s, g, good):
         """:meth:`pedestal_subtract` of the pixels lo .. lo + L of ``raw2`` (events, npix) into C-contiguous
         s float32, g int8, good bool (events, L); the caller sets the threads."""
-        _pedestal(raw2, lo, self._dmask(raw2.dtype), self.kbits, self.n_opt, self.opt_of_key, self.tab, self.okb,
-                  self.gk, s, g, good)
+        _pedestal(
+            raw2,
+            lo,
+            self._dmask(raw2.dtype),
+            self.kbits,
+            self.n_opt,
+            self.opt_of_key,
+            self.tab,
+            self.okb,
+            self.gk,
+            s,
+            g,
+            good,
+        )
 
     def scale_apply(self, raw, s, good, out):
         """out = good ? s * scale[clip(g)] : 0 in place (g from ``raw`` again); returns out."""
         n = raw.shape[0]
         with _threads(self.threads):
-            self.scale_pixels(self._flat(raw), 0, np.ascontiguousarray(s, np.float32).reshape(n, self.npix),
-                              np.ascontiguousarray(good).reshape(n, self.npix), out.reshape(n, self.npix))
+            self.scale_pixels(
+                self._flat(raw),
+                0,
+                np.ascontiguousarray(s, np.float32).reshape(n, self.npix),
+                np.ascontiguousarray(good).reshape(n, self.npix),
+                out.reshape(n, self.npix),
+            )
         return out
 
     def scale_pixels(self, raw2, lo, s, good, out):

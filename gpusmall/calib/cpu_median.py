@@ -16,6 +16,7 @@ in float32, a group is corrected where ``n > min_pixels`` and ``|median| < max_c
 ``x -= median`` in float32 on the used pixels (the sign of a zero aside where the middle values are a
 -0/+0 tie: NumPy's sort orders such ties by its algorithm). ``banks`` steps stay on the reference.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -119,8 +120,10 @@ def supports(s) -> bool:
 
 def _limits(cm) -> tuple[tuple[bool, np.uint32], tuple[np.int64, np.float32]]:
     """(selection, limits) arguments of the kernels for ``cm``: (all ranges?, range mask), (min_pixels, max_correction)."""
-    return ((cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF)),
-            (np.int64(cm.min_pixels), np.float32(cm.max_correction)))
+    return (
+        (cm.gain_ranges == "all", np.uint32(cm.range_mask & 0xFFFFFFFF)),
+        (np.int64(cm.min_pixels), np.float32(cm.max_correction)),
+    )
 
 
 def _rows(cm, s2, good2, g2, v, n, med) -> None:
@@ -130,8 +133,12 @@ def _rows(cm, s2, good2, g2, v, n, med) -> None:
     bc = cm.bank[1]
     if simd_median.available("rows", bc):
         groups = (s2.size // bc, bc)
-        simd_median.rows_step(s2.reshape(groups), good2.reshape(groups), g2.reshape(groups),
-                              (all_ranges, range_mask, min_pixels, max_correction))
+        simd_median.rows_step(
+            s2.reshape(groups),
+            good2.reshape(groups),
+            g2.reshape(groups),
+            (all_ranges, range_mask, min_pixels, max_correction),
+        )
         return
     _gather_rows(s2, good2, g2, all_ranges, range_mask, v, n)
     groups = v.reshape(-1, bc)
@@ -162,13 +169,27 @@ def median_step(cm, axis: str, s, good, g, threads: int = 1) -> None:
     with cpu_kernels._threads(threads):
         if axis == "rows":
             flat = (e * p * r, c)
-            _rows(cm, s.reshape(flat), good.reshape(flat), g.reshape(flat), np.empty(flat, np.float32),
-                  np.empty((flat[0], c // bc), np.int64), np.empty((flat[0], c // bc), np.float32))
+            _rows(
+                cm,
+                s.reshape(flat),
+                good.reshape(flat),
+                g.reshape(flat),
+                np.empty(flat, np.float32),
+                np.empty((flat[0], c // bc), np.int64),
+                np.empty((flat[0], c // bc), np.float32),
+            )
         else:
             shape = (e * p * (r // br), br, c)
-            _cols(cm, s.reshape(shape), good.reshape(shape), g.reshape(shape), np.empty(shape, np.float32),
-                  np.empty((shape[0], c, br), np.float32), np.empty((shape[0], c), np.int64),
-                  np.empty((shape[0], c), np.float32))
+            _cols(
+                cm,
+                s.reshape(shape),
+                good.reshape(shape),
+                g.reshape(shape),
+                np.empty(shape, np.float32),
+                np.empty((shape[0], c, br), np.float32),
+                np.empty((shape[0], c), np.int64),
+                np.empty((shape[0], c), np.float32),
+            )
 
 
 def blocked(cm) -> bool:
@@ -208,12 +229,12 @@ def calibrate_blocked(cpu, cm, raw, out, good, threads: int = 1, events: int = 2
             bs, bg, bgd, bv, bvt = s[:k], g[:k], gd[:k], v[:k], vt[:k]
             as_rows = (bs.reshape(k * br, c), bgd.reshape(k * br, c), bg.reshape(k * br, c))
             as_cols = (bs.reshape(k, br, c), bgd.reshape(k, br, c), bg.reshape(k, br, c))
-            r2, o2 = raw2[e0:e0 + k], out2[e0:e0 + k]
+            r2, o2 = raw2[e0 : e0 + k], out2[e0 : e0 + k]
             for lo in range(0, npix, size):
                 cpu.pedestal_pixels(r2, lo, bs, bg, bgd)
                 if "rows" in cm.axes:
-                    _rows(cm, *as_rows, bv.reshape(k * br, c), n_r[:k * br], m_r[:k * br])
+                    _rows(cm, *as_rows, bv.reshape(k * br, c), n_r[: k * br], m_r[: k * br])
                 if "cols" in cm.axes:
                     _cols(cm, *as_cols, bv.reshape(k, br, c), bvt, n_c[:k], m_c[:k])
                 cpu.scale_pixels(r2, lo, bs, bgd, o2)
-                good2[e0:e0 + k, lo:lo + size] = bgd
+                good2[e0 : e0 + k, lo : lo + size] = bgd

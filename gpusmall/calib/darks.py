@@ -34,6 +34,7 @@ run they stay 0 (not measured), and ``gpusmall run`` refuses the file for an aut
 
 A pixel never seen in a range gets pedestal 0 and noise 0 there (not derived).
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,7 +90,7 @@ class DarkAccumulator:
         self.vmax = xp.maximum(self.vmax, v.max(axis=0))
         d = v - self.ref[None]  # type: ignore[index]
         hist = self.backend.to_host(xp.bincount(g.ravel().astype(xp.int64) + 1, minlength=self.model.n_gains + 1))
-        for r in np.flatnonzero(hist[1:self.model.n_gains + 1]):
+        for r in np.flatnonzero(hist[1 : self.model.n_gains + 1]):
             m = g == r
             dm = xp.where(m, d, 0.0)
             self.count[r] += m.sum(axis=0)
@@ -125,8 +126,9 @@ def robust_outliers(values: np.ndarray, valid: np.ndarray, n_sigma: float) -> np
     return out
 
 
-def dark_status(ped: np.ndarray, noise: np.ndarray, count: np.ndarray, constant: np.ndarray,
-                n_sigma: float = 6.0) -> np.ndarray:
+def dark_status(
+    ped: np.ndarray, noise: np.ndarray, count: np.ndarray, constant: np.ndarray, n_sigma: float = 6.0
+) -> np.ndarray:
     """Status (panels, rows, cols) uint8 bit field (module docstring) from per-range results."""
     status = np.zeros(constant.shape, np.uint8)
     for r in range(ped.shape[0]):
@@ -178,8 +180,9 @@ class DarkResult:
     measured: np.ndarray | None = None  # (gains,) uint8, as constants.gain_ranges_measured
 
 
-def measure_dark(source, det: str, model: DetectorModel, backend: Backend, *, events: int | None = None,
-                 batch_size: int = 64) -> DarkRun:
+def measure_dark(
+    source, det: str, model: DetectorModel, backend: Backend, *, events: int | None = None, batch_size: int = 64
+) -> DarkRun:
     """Per-range sums of one dark run of detector ``det`` (see :func:`compute_darks` for the arguments)."""
     info = source.detectors[det]
     model.check_raw_dtype(det, info.dtype)  # InputError before any event for float raw data
@@ -207,14 +210,27 @@ def combine_dark_runs(runs: list[DarkRun], det: str = "?") -> DarkRun:
     if not runs:
         raise ValueError("no dark runs")
     first = runs[0]
-    out = DarkRun(first.pedestal.copy(), first.noise.copy(), first.count.copy(), first.constant.copy(),
-                  first.events, first.config_bits, first.x, first.y, first.z, first.runs, first.mixed_config)
+    out = DarkRun(
+        first.pedestal.copy(),
+        first.noise.copy(),
+        first.count.copy(),
+        first.constant.copy(),
+        first.events,
+        first.config_bits,
+        first.x,
+        first.y,
+        first.z,
+        first.runs,
+        first.mixed_config,
+    )
     for k, r in enumerate(runs[1:], 1):
         if r.count.shape != out.count.shape:
             from ..errors import InputError
 
-            raise InputError(f"detector {det}: dark run {k + 1} has shape {r.count.shape[1:]} (gains "
-                             f"{r.count.shape[0]}), the first {out.count.shape[1:]} (gains {out.count.shape[0]})")
+            raise InputError(
+                f"detector {det}: dark run {k + 1} has shape {r.count.shape[1:]} (gains "
+                f"{r.count.shape[0]}), the first {out.count.shape[1:]} (gains {out.count.shape[0]})"
+            )
         more = r.count > out.count  # strictly more: the earlier run keeps a tie
         out.pedestal = np.where(more, r.pedestal, out.pedestal)
         out.noise = np.where(more, r.noise, out.noise)
@@ -228,8 +244,11 @@ def combine_dark_runs(runs: list[DarkRun], det: str = "?") -> DarkRun:
     if any(r.mixed_config for r in runs):
         out.config_bits, out.mixed_config = None, True
     elif bits and any(not np.array_equal(b, bits[0]) for b in bits[1:]):
-        log.warning("detector %s: the dark runs have different pixel configurations (config_bits): none is "
-                    "written (a run reduced with these constants uses its own)", det)
+        log.warning(
+            "detector %s: the dark runs have different pixel configurations (config_bits): none is "
+            "written (a run reduced with these constants uses its own)",
+            det,
+        )
         out.config_bits, out.mixed_config = None, True
     elif bits:
         out.config_bits = bits[0]
@@ -255,14 +274,31 @@ def dark_constants(run: DarkRun, model: DetectorModel, n_sigma: float = 6.0) -> 
     status = dark_status(run.pedestal, run.noise, count, run.constant, n_sigma)
     missing = ((count == 0) & (measured == RANGE_MEASURED)[:, None, None, None]).any(axis=0)
     status |= np.where(missing, STATUS_RANGE_MISSING, 0).astype(np.uint8)
-    c = Constants(pedestal=ped, gain=None, noise=noise if model.n_gains > 1 else noise[0], status=status,  # type: ignore[arg-type]
-                  config_bits=run.config_bits, x=run.x, y=run.y, z=run.z, gain_ranges_measured=measured)
+    c = Constants(
+        pedestal=ped,
+        gain=None,  # type: ignore[arg-type]
+        noise=noise if model.n_gains > 1 else noise[0],
+        status=status,
+        config_bits=run.config_bits,
+        x=run.x,
+        y=run.y,
+        z=run.z,
+        gain_ranges_measured=measured,
+    )
     per_range = np.median(count.reshape(count.shape[0], -1), axis=1)
     return DarkResult(c, run.events, per_range, int((status != 0).sum()), measured)
 
 
-def compute_darks(source, det: str, model: DetectorModel, backend: Backend, *, events: int | None = None,
-                  batch_size: int = 64, n_sigma: float = 6.0) -> DarkResult:
+def compute_darks(
+    source,
+    det: str,
+    model: DetectorModel,
+    backend: Backend,
+    *,
+    events: int | None = None,
+    batch_size: int = 64,
+    n_sigma: float = 6.0,
+) -> DarkResult:
     """Pedestal, noise and status of detector ``det`` from a dark run, in batches.
 
     Args:

@@ -12,6 +12,7 @@ lock and one of them compiles; the library is written under a temporary name and
 Nothing here is required: without a compiler, when it fails, or with ``GPUSMALL_NATIVE=0``, :func:`load`
 returns None and the callers keep their NumPy/numba path.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,8 @@ def enabled() -> bool:
 
 def cache_dir() -> Path:
     root = os.environ.get("GPUSMALL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gpusmall")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gpusmall"
+    )
     return Path(root) / "native"
 
 

@@ -7,6 +7,7 @@ count shows that only the pool holds it (no caller, no view of it, no frame kept
 function), so reuse never changes a result anyone still has. Thread-safe: the pipeline's threads
 share one calibrator.
 """
+
 from __future__ import annotations
 
 import sys

@@ -10,6 +10,7 @@ express without gathers.
 :func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``); the caller then runs
 the numba kernels. One call runs on the calling thread (ctypes releases the GIL).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,14 +24,16 @@ from . import native_build
 KINDS = {"single": 1, "one_bit": 2, "two_bits": 3}
 """cpu_kernels' table families -> the C++ template's KIND (options per pixel)."""
 
-SOURCE = ('#include "simd_calib.cpp"\n'
-          'extern "C" void gs_calib(int32_t kind, const uint16_t* raw, int64_t n_events, int64_t npix, '
-          "uint32_t dmask, const float* tab, int64_t stride, const uint8_t* okb, float* out, uint8_t* good, "
-          "int64_t block) {\n"
-          "    if (kind == 1) calib_u16<1>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
-          "    else if (kind == 2) calib_u16<2>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
-          "    else calib_u16<3>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
-          "}\n")
+SOURCE = (
+    '#include "simd_calib.cpp"\n'
+    'extern "C" void gs_calib(int32_t kind, const uint16_t* raw, int64_t n_events, int64_t npix, '
+    "uint32_t dmask, const float* tab, int64_t stride, const uint8_t* okb, float* out, uint8_t* good, "
+    "int64_t block) {\n"
+    "    if (kind == 1) calib_u16<1>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
+    "    else if (kind == 2) calib_u16<2>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
+    "    else calib_u16<3>(raw, n_events, npix, dmask, tab, stride, okb, out, good, block);\n"
+    "}\n"
+)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -48,8 +51,12 @@ def _entry():
     fn = lib.gs_calib
     fn.argtypes, fn.restype = _ARGS, None
     if not _agrees(fn):
-        warnings.warn("gpusmall: the compiled calibration (simd_calib.cpp) disagrees with its reference on this "
-                      "machine; the numba kernels calibrate instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "gpusmall: the compiled calibration (simd_calib.cpp) disagrees with its reference on this "
+            "machine; the numba kernels calibrate instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return fn
 
@@ -80,8 +87,19 @@ def _agrees(fn) -> bool:
         tab = rng.uniform(-100, 3000, (2 * n_opt, npix + 16)).astype(np.float32)
         out, good = np.empty((n, npix), np.float32), np.empty((n, npix), np.bool_)
         dmask = 0xFFFF if kind == "single" else 0x3FFF
-        fn(n_opt, raw2.ctypes.data, n, npix, dmask, tab.ctypes.data, tab.shape[1], okb.ctypes.data, out.ctypes.data,
-           good.ctypes.data, 100)
+        fn(
+            n_opt,
+            raw2.ctypes.data,
+            n,
+            npix,
+            dmask,
+            tab.ctypes.data,
+            tab.shape[1],
+            okb.ctypes.data,
+            out.ctypes.data,
+            good.ctypes.data,
+            100,
+        )
         want, want_good = reference(kind, raw2, dmask, tab, okb)
         if not (np.array_equal(out.view(np.uint32), want.view(np.uint32)) and np.array_equal(good, want_good)):
             return False
@@ -101,11 +119,27 @@ def calibrate(kind: str, raw2, dmask: int, tab, okb, out2, good2, block: int) ->
     n, npix = raw2.shape
     if fn is None or kind not in KINDS:
         raise RuntimeError("the compiled calibration is not available")
-    for a, dt, shape in ((raw2, np.uint16, (n, npix)), (out2, np.float32, (n, npix)), (good2, np.bool_, (n, npix)),
-                         (okb, np.uint8, (npix,)), (tab, np.float32, (2 * KINDS[kind], tab.shape[1]))):
+    for a, dt, shape in (
+        (raw2, np.uint16, (n, npix)),
+        (out2, np.float32, (n, npix)),
+        (good2, np.bool_, (n, npix)),
+        (okb, np.uint8, (npix,)),
+        (tab, np.float32, (2 * KINDS[kind], tab.shape[1])),
+    ):
         if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
             raise ValueError(f"simd_calib: expected C-contiguous {np.dtype(dt)} {shape}, got {a.dtype} {a.shape}")
     if tab.shape[1] < npix or block < 1:
         raise ValueError("simd_calib: tables shorter than a frame, or an empty block")
-    fn(KINDS[kind], raw2.ctypes.data, n, npix, int(dmask), tab.ctypes.data, tab.shape[1], okb.ctypes.data,
-       out2.ctypes.data, good2.ctypes.data, int(block))
+    fn(
+        KINDS[kind],
+        raw2.ctypes.data,
+        n,
+        npix,
+        int(dmask),
+        tab.ctypes.data,
+        tab.shape[1],
+        okb.ctypes.data,
+        out2.ctypes.data,
+        good2.ctypes.data,
+        int(block),
+    )

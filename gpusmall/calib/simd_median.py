@@ -12,6 +12,7 @@ that reach ranks 0 .. len // 2, on int32 keys of the floats.
 :func:`available` is False without a C++ compiler (or with ``GPUSMALL_NATIVE=0``); the callers then run
 numba passes around NumPy's sort.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,10 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _LIMITS = [ctypes.c_int32, ctypes.c_uint32, _I, ctypes.c_float]  # all ranges?, range mask, min_pixels, max_correction
 _ARGS: dict[str, list] = {"rows": [_P, _P, _P, _I, *_LIMITS], "cols": [_P, _P, _P, _I, _I, *_LIMITS]}
-_SIG = {"rows": "float* s, const uint8_t* good, const int8_t* g, int64_t groups",
-        "cols": "float* s, const uint8_t* good, const int8_t* g, int64_t m, int64_t cols"}
+_SIG = {
+    "rows": "float* s, const uint8_t* good, const int8_t* g, int64_t groups",
+    "cols": "float* s, const uint8_t* good, const int8_t* g, int64_t m, int64_t cols",
+}
 _CALL = {"rows": "rows_step<Net>(s, good, g, groups, use)", "cols": "cols_step<Net>(s, good, g, m, cols, use)"}
 
 
@@ -34,12 +37,14 @@ def source(kind: str, length: int) -> str:
     """The C++ of one entry point ``gs_step``: the ``kind`` ('rows' or 'cols') step for groups of ``length``
     values, the network written out comparator by comparator."""
     body = " ".join(f"CX({i}, {j})" for i, j in median_network(length))
-    return (f'#include "simd_median.cpp"\n'
-            f"struct Net {{ static constexpr int64_t len = {length}; "
-            f"template <class V> __attribute__((always_inline)) static inline void apply(V* b) {{ {body} }} }};\n"
-            f'extern "C" void gs_step({_SIG[kind]}, int32_t all_ranges, uint32_t range_mask, int64_t min_pixels, '
-            f"float max_correction) {{ const Use use{{all_ranges, range_mask, min_pixels, max_correction}}; "
-            f"{_CALL[kind]}; }}\n")
+    return (
+        f'#include "simd_median.cpp"\n'
+        f"struct Net {{ static constexpr int64_t len = {length}; "
+        f"template <class V> __attribute__((always_inline)) static inline void apply(V* b) {{ {body} }} }};\n"
+        f'extern "C" void gs_step({_SIG[kind]}, int32_t all_ranges, uint32_t range_mask, int64_t min_pixels, '
+        f"float max_correction) {{ const Use use{{all_ranges, range_mask, min_pixels, max_correction}}; "
+        f"{_CALL[kind]}; }}\n"
+    )
 
 
 @functools.cache

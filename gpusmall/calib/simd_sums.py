@@ -9,6 +9,7 @@ loop keeps them in memory and does not vectorize the maximum.
 AVX (without it the 4-double vectors are emulated and slower than numba's loop); the caller then runs numba's
 kernel. A call runs on the calling thread, or on a few threads that take a range of pixels each.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,13 +21,15 @@ import numpy as np
 
 from . import native_build
 
-SOURCE = ('#include "simd_sums.cpp"\n'
-          'extern "C" void gs_run_sums(const float* data, int64_t n_events, int64_t npix, int64_t stride, '
-          "int64_t n_sums, const int* code, const double* thres, double* acc, int64_t acc_stride) {\n"
-          "    run_sums(data, n_events, npix, stride, n_sums, code, thres, acc, acc_stride);\n"
-          "}\n"
-          'extern "C" int gs_sums_vectors() {\n'
-          "#if defined(__AVX__)\n    return 1;\n#else\n    return 0;\n#endif\n}\n")
+SOURCE = (
+    '#include "simd_sums.cpp"\n'
+    'extern "C" void gs_run_sums(const float* data, int64_t n_events, int64_t npix, int64_t stride, '
+    "int64_t n_sums, const int* code, const double* thres, double* acc, int64_t acc_stride) {\n"
+    "    run_sums(data, n_events, npix, stride, n_sums, code, thres, acc, acc_stride);\n"
+    "}\n"
+    'extern "C" int gs_sums_vectors() {\n'
+    "#if defined(__AVX__)\n    return 1;\n#else\n    return 0;\n#endif\n}\n"
+)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -74,8 +77,12 @@ def _entry():
     fn = lib.gs_run_sums
     fn.argtypes, fn.restype = _ARGS, None
     if not _agrees(fn):
-        warnings.warn("gpusmall: the compiled run sums (simd_sums.cpp) disagree with their reference on this "
-                      "machine; numba's kernel sums instead", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "gpusmall: the compiled run sums (simd_sums.cpp) disagree with their reference on this "
+            "machine; numba's kernel sums instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return fn
 
@@ -92,8 +99,17 @@ def _agrees(fn) -> bool:
     want = acc.copy()
     reference(data, code, thres, want)
     npix = data.shape[1]
-    fn(data.ctypes.data, data.shape[0], npix, npix, len(code), code.ctypes.data, thres.ctypes.data, acc.ctypes.data,
-       npix)
+    fn(
+        data.ctypes.data,
+        data.shape[0],
+        npix,
+        npix,
+        len(code),
+        code.ctypes.data,
+        thres.ctypes.data,
+        acc.ctypes.data,
+        npix,
+    )
     return bool(np.array_equal(acc.view(np.uint64), want.view(np.uint64)))
 
 
@@ -110,16 +126,29 @@ def run_sums(data, code, thres, acc, threads: int = 1) -> None:
     if fn is None:
         raise RuntimeError("the compiled run sums are not available")
     n, npix = data.shape
-    for a, dt, shape in ((data, np.float32, (n, npix)), (acc, np.float64, (len(code), npix)),
-                         (code, np.int32, (len(code),)), (thres, np.float64, (len(code),))):
+    for a, dt, shape in (
+        (data, np.float32, (n, npix)),
+        (acc, np.float64, (len(code), npix)),
+        (code, np.int32, (len(code),)),
+        (thres, np.float64, (len(code),)),
+    ):
         if a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
             raise ValueError(f"simd_sums: expected C-contiguous {np.dtype(dt)} {shape}, got {a.dtype} {a.shape}")
     if code.size and (code.min() < 0 or code.max() > 9):
         raise ValueError(f"simd_sums: sum codes must be 0..9, got {code.tolist()}")
 
     def part(p0: int, p1: int) -> None:
-        fn(data.ctypes.data + 4 * p0, n, p1 - p0, npix, len(code), code.ctypes.data, thres.ctypes.data,
-           acc.ctypes.data + 8 * p0, npix)
+        fn(
+            data.ctypes.data + 4 * p0,
+            n,
+            p1 - p0,
+            npix,
+            len(code),
+            code.ctypes.data,
+            thres.ctypes.data,
+            acc.ctypes.data + 8 * p0,
+            npix,
+        )
 
     threads = max(1, min(int(threads), npix // 8192))
     if threads == 1:

@@ -1,4 +1,5 @@
 """Detector models (SPEC section 1), constants (section 2) and static masks (section 5)."""
+
 from __future__ import annotations
 
 from .base import INVALID_GAIN, DetectorModel

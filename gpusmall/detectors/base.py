@@ -4,6 +4,7 @@ A detector model is a small frozen description plus one method, :meth:`DetectorM
 that decodes the per-pixel gain range of a raw batch. Adding a detector means adding one module
 with one model (see ``epix10ka.py``) and registering it in ``detectors/__init__.py``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -97,7 +98,9 @@ class DetectorModel:
         it (``invalid_ranges`` included): ``(gain_bits + 1) * 256`` entries. The CUDA calibration kernels
         read it (kernels/calib.cu), so they decode as this model does."""
         if (self.gain_bits << self.gain_shift) >> 16:
-            raise ValueError(f"{self.type}: gain bits {self.gain_bits:#x} << {self.gain_shift} are not in a 16-bit word")
+            raise ValueError(
+                f"{self.type}: gain bits {self.gain_bits:#x} << {self.gain_shift} are not in a 16-bit word"
+            )
         keys = np.arange((self.gain_bits + 1) * 256)
         words = ((keys >> 8) << self.gain_shift).astype(np.uint16).reshape(1, 1, 1, -1)
         cfg = (keys & 0xFF).astype(np.uint8).reshape(1, 1, -1) if with_config else None
@@ -140,8 +143,10 @@ class DetectorModel:
         integer; the gain bits of a gain-switching detector cannot be read from floats)."""
         dtype = np.dtype(dtype)
         if dtype.kind not in "iu":
-            raise InputError(f"detector {det}: raw data of dtype {dtype} cannot be calibrated: "
-                             f"{self.type} raw data must be of an integer type (SPEC section 1)")
+            raise InputError(
+                f"detector {det}: raw data of dtype {dtype} cannot be calibrated: "
+                f"{self.type} raw data must be of an integer type (SPEC section 1)"
+            )
 
     def data(self, raw, xp=np):
         """ADU value of each pixel, ``raw & data_mask``, as the raw dtype."""

@@ -1,4 +1,5 @@
 """Any 2-D camera (Opal, Alvium, Zyla, ...): one panel of any shape, one gain range (SPEC section 1)."""
+
 from .base import DetectorModel
 
 CAMERA = DetectorModel(

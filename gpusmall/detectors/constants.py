@@ -8,6 +8,7 @@ cols) uint8; ``unbonded`` (panels, rows, cols) 1 = unbonded; ``mask`` (panels, r
 1 = measured by a dark run, 2 = derived from another range (``gpusmall darks`` writes it; a file
 without it, an older or a user's file, is taken as it is).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,9 @@ class Constants:
             f.attrs["gpusmall_version"] = __version__  # gpusmall wrote it: a later darks may overwrite it
             f.attrs["gpusmall_kind"] = "constants"
             for name, arr in self.arrays().items():
-                f.create_dataset(name, data=storable_array(np.asarray(arr)), compression="gzip", compression_opts=1,
-                                 shuffle=True)
+                f.create_dataset(
+                    name, data=storable_array(np.asarray(arr)), compression="gzip", compression_opts=1, shuffle=True
+                )
 
 
 def default_geometry(shape: tuple[int, int, int], pixel_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,7 +74,9 @@ def default_geometry(shape: tuple[int, int, int], pixel_um: float) -> tuple[np.n
 def _check_finite(det: str, name: str, arr: np.ndarray) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = np.unravel_index(np.flatnonzero(~np.isfinite(arr))[0], arr.shape)
-        raise ConstantsError(f"detector {det}: constants dataset {name!r} is not finite at pixel {tuple(map(int, bad))}")
+        raise ConstantsError(
+            f"detector {det}: constants dataset {name!r} is not finite at pixel {tuple(map(int, bad))}"
+        )
 
 
 def _per_gain(det: str, name: str, arr, n_gains: int, shape, optional_gains: bool) -> np.ndarray:
@@ -99,18 +103,24 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
     if (c.gain <= 0).any():
         i = int(np.flatnonzero(c.gain <= 0)[0])
         bad = np.unravel_index(i, c.gain.shape)
-        raise ConstantsError(f"detector {det}: constants dataset 'gain' is {float(c.gain.flat[i]):g} at (gain, "
-                             f"panel, row, col) {tuple(map(int, bad))}; gains are positive (ADU per keV)")
+        raise ConstantsError(
+            f"detector {det}: constants dataset 'gain' is {float(c.gain.flat[i]):g} at (gain, "
+            f"panel, row, col) {tuple(map(int, bad))}; gains are positive (ADU per keV)"
+        )
     if c.noise is not None:
         c.noise = np.asarray(c.noise, np.float32)
         if c.noise.shape not in (shape, (n, *shape)):
-            raise ConstantsError(f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, "
-                                 f"expected {shape} or {(n, *shape)}")
+            raise ConstantsError(
+                f"detector {det}: constants dataset 'noise' has shape {c.noise.shape}, "
+                f"expected {shape} or {(n, *shape)}"
+            )
         _check_finite(det, "noise", c.noise)
         if (c.noise < 0).any():
             i = int(np.flatnonzero(c.noise < 0)[0])
-            raise ConstantsError(f"detector {det}: constants dataset 'noise' is {float(c.noise.flat[i]):g} at "
-                                 f"{tuple(map(int, np.unravel_index(i, c.noise.shape)))}; noise (ADU rms) is not negative")
+            raise ConstantsError(
+                f"detector {det}: constants dataset 'noise' is {float(c.noise.flat[i]):g} at "
+                f"{tuple(map(int, np.unravel_index(i, c.noise.shape)))}; noise (ADU rms) is not negative"
+            )
     for name in PER_PIXEL:
         arr = getattr(c, name)
         if arr is None:
@@ -121,8 +131,10 @@ def validate_constants(det: str, model: DetectorModel, shape, c: Constants) -> C
         _check_finite(det, name, arr)
         if name in ("status", "unbonded", "mask") and arr.dtype.kind == "f" and (arr != np.round(arr)).any():
             i = int(np.flatnonzero(arr != np.round(arr))[0])
-            raise ConstantsError(f"detector {det}: constants dataset {name!r} is {float(arr.flat[i])} at "
-                                 f"{tuple(map(int, np.unravel_index(i, arr.shape)))}; expected whole numbers (flags)")
+            raise ConstantsError(
+                f"detector {det}: constants dataset {name!r} is {float(arr.flat[i])} at "
+                f"{tuple(map(int, np.unravel_index(i, arr.shape)))}; expected whole numbers (flags)"
+            )
         if name == "config_bits":
             arr = check_config_bits(det, arr, "constants dataset 'config_bits'")
         setattr(c, name, arr)
@@ -141,8 +153,9 @@ def _check_measured(det: str, arr, n_gains: int) -> np.ndarray:
     if arr.shape != (n_gains,):
         raise ConstantsError(f"{what} has shape {arr.shape}, expected ({n_gains},): one value per gain range")
     if arr.dtype.kind not in "biu" or not np.isin(arr, (RANGE_NOT_MEASURED, RANGE_MEASURED, RANGE_DERIVED)).all():
-        raise ConstantsError(f"{what} is {arr.tolist()}; expected integers 0 (not measured), 1 (measured) "
-                             f"or 2 (derived) per gain range")
+        raise ConstantsError(
+            f"{what} is {arr.tolist()}; expected integers 0 (not measured), 1 (measured) or 2 (derived) per gain range"
+        )
     return arr.astype(np.uint8)
 
 
@@ -171,9 +184,13 @@ def check_measured_ranges(det: str, model: DetectorModel, where: str, c: Constan
     met = model.ranges_met(c.config_bits, mask)
     if met is None:
         if missing:
-            log.warning("detector %s: constants file %s has no pedestals for gain ranges %s (not measured by its "
-                        "dark runs); pixels in them are marked bad in those events", det, where,
-                        model.range_names(missing))
+            log.warning(
+                "detector %s: constants file %s has no pedestals for gain ranges %s (not measured by its "
+                "dark runs); pixels in them are marked bad in those events",
+                det,
+                where,
+                model.range_names(missing),
+            )
             return model.with_invalid_ranges(missing)
         return model
     lacking = sorted(set(met) & set(missing))
@@ -184,18 +201,29 @@ def check_measured_ranges(det: str, model: DetectorModel, where: str, c: Constan
             how = "by its pixel configuration (config_bits)"
         else:
             how = "without configuration bits (decoded as auto-ranging high->low, SPEC section 1)"
-        hint = (": make the file with `gpusmall darks` from a dark run in each of these modes"
-                + ("; AHL-L and AML-L are derived from FL, so add an FL dark run" if set(lacking) & {5, 6}
-                   and model.type == "epix10ka" else ""))
-        raise ConstantsError(f"detector {det}: constants file {where} lacks gain range(s) {model.range_names(lacking)}, "
-                             f"which this run can meet {how}; it holds {model.range_names(held) or 'none'}{hint}")
+        hint = ": make the file with `gpusmall darks` from a dark run in each of these modes" + (
+            "; AHL-L and AML-L are derived from FL, so add an FL dark run"
+            if set(lacking) & {5, 6} and model.type == "epix10ka"
+            else ""
+        )
+        raise ConstantsError(
+            f"detector {det}: constants file {where} lacks gain range(s) {model.range_names(lacking)}, "
+            f"which this run can meet {how}; it holds {model.range_names(held) or 'none'}{hint}"
+        )
     used = sorted(set(met) & set(derived))
     if used:
         sources = dict(model.derived_ranges)
-        log.warning("detector %s: constants file %s: gain ranges %s were not measured but derived (%s): their "
-                    "pedestals are approximate", det, where, model.range_names(used),
-                    ", ".join(f"{model.gain_names[r]} from {model.gain_names[sources[r]]}" if r in sources
-                              else model.gain_names[r] for r in used))
+        log.warning(
+            "detector %s: constants file %s: gain ranges %s were not measured but derived (%s): their "
+            "pedestals are approximate",
+            det,
+            where,
+            model.range_names(used),
+            ", ".join(
+                f"{model.gain_names[r]} from {model.gain_names[sources[r]]}" if r in sources else model.gain_names[r]
+                for r in used
+            ),
+        )
     return model
 
 
@@ -215,16 +243,19 @@ def check_config_bits(det: str, arr, what: str) -> np.ndarray:
         if arr.dtype.kind == "f":  # name the first value that could not be control bits
             bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)) | (arr < 0) | (arr >= CONFIG_BITS_LIMIT))
             if bad.size:
-                where = (f"; first bad value {float(arr.flat[bad[0]])} at (panel, row, col) "
-                         f"{tuple(map(int, np.unravel_index(bad[0], arr.shape)))}")
-        raise ConstantsError(f"detector {det}: {what} has dtype {arr.dtype}, expected an integer dtype "
-                             f"(uint8){where}")
+                where = (
+                    f"; first bad value {float(arr.flat[bad[0]])} at (panel, row, col) "
+                    f"{tuple(map(int, np.unravel_index(bad[0], arr.shape)))}"
+                )
+        raise ConstantsError(f"detector {det}: {what} has dtype {arr.dtype}, expected an integer dtype (uint8){where}")
     out_of_range = (arr < 0) | (arr >= CONFIG_BITS_LIMIT)
     if out_of_range.any():
         i = int(np.flatnonzero(out_of_range)[0])
         bad = tuple(map(int, np.unravel_index(i, arr.shape)))  # type: ignore[assignment]
-        raise ConstantsError(f"detector {det}: {what} is {int(arr.flat[i])} at (panel, row, col) {bad}, "
-                             f"expected 0 <= config_bits < {CONFIG_BITS_LIMIT} (5 control bits)")
+        raise ConstantsError(
+            f"detector {det}: {what} is {int(arr.flat[i])} at (panel, row, col) {bad}, "
+            f"expected 0 <= config_bits < {CONFIG_BITS_LIMIT} (5 control bits)"
+        )
     return arr.astype(np.uint8, copy=False)
 
 
@@ -249,8 +280,13 @@ def select_config_bits(det: str, shape, from_constants, from_source):
     if from_constants is not None:
         differ = int(np.count_nonzero(np.asarray(from_constants) != bits))
         if differ:
-            log.warning("detector %s: the run's config_bits differ from the constants file's in %d of %d pixels; "
-                        "using the run's", det, differ, bits.size)
+            log.warning(
+                "detector %s: the run's config_bits differ from the constants file's in %d of %d pixels; "
+                "using the run's",
+                det,
+                differ,
+                bits.size,
+            )
     return bits
 
 
@@ -287,8 +323,9 @@ def read_constants_file(path: Path, det: str) -> dict[str, np.ndarray]:
                 if k not in KNOWN:
                     close = difflib.get_close_matches(k, KNOWN, n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ConstantsError(f"{where}: unknown dataset {k!r}{hint}; a constants file holds "
-                                         f"{', '.join(KNOWN)}")
+                    raise ConstantsError(
+                        f"{where}: unknown dataset {k!r}{hint}; a constants file holds {', '.join(KNOWN)}"
+                    )
                 if not isinstance(obj, h5py.Dataset):
                     raise ConstantsError(f"{where}: {k!r} is a group, not a dataset")
                 if obj.dtype.kind not in "biuf":

@@ -12,6 +12,7 @@ CsPad mode 5).
 Default common mode: ``zero_peak`` with ``method: psana`` (smalldata_tools CsPad mode 1), see
 :class:`gpusmall.calib.common_mode.ZeroPeakCommonMode`.
 """
+
 from __future__ import annotations
 
 from .base import DetectorModel

@@ -1,4 +1,5 @@
 """ePix100: one panel of 704 x 768 pixels, one gain range (SPEC section 1)."""
+
 from .base import DetectorModel
 
 EPIX100 = DetectorModel(

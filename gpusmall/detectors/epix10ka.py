@@ -1,4 +1,5 @@
 """ePix10ka (quad: 4 panels, 2M: 16 panels) of 352 x 384 pixels, 7 gain ranges (SPEC section 1)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,9 @@ CONFIG_BITS_MASK = 0x1F
 RANGE_CONDITIONS = (
     (0, 28, 28),  # FH  fixed high
     (1, 28, 12),  # FM  fixed medium
-    (2, 12, 8),   # FL  fixed low
+    (2, 12, 8),  # FL  fixed low
     (3, 60, 16),  # AHL-H auto high->low, in high
-    (4, 60, 0),   # AML-M auto medium->low, in medium
+    (4, 60, 0),  # AML-M auto medium->low, in medium
     (5, 60, 48),  # AHL-L auto high->low, switched to low
     (6, 60, 32),  # AML-L auto medium->low, switched to low
 )

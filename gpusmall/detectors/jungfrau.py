@@ -1,4 +1,5 @@
 """JUNGFRAU (0.5M: 1, 1M: 2, 4M: 8 panels) of 512 x 1024 pixels, 3 gain stages (SPEC section 1)."""
+
 from __future__ import annotations
 
 import numpy as np

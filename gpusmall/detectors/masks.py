@@ -5,6 +5,7 @@ constants file, or from the model (CsPad's unbonded pixels) when the file has no
 includes ``user`` and ``calib``), kept under both names for smalldata_tools notebooks.
 All arrays are (panels, rows, cols) bool.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,9 @@ def central_mask(shape, model: DetectorModel, n: int) -> np.ndarray:
     m = np.ones(shape, bool)
     if n > 0:
         for r in model.asic_rows:
-            m[:, max(r - n, 0): r + n, :] = False
+            m[:, max(r - n, 0) : r + n, :] = False
         for c in model.asic_cols:
-            m[:, :, max(c - n, 0): c + n] = False
+            m[:, :, max(c - n, 0) : c + n] = False
     return m
 
 

@@ -1,4 +1,5 @@
 """Reduction functions (SPEC section 6), one module each, registered by config ``type``."""
+
 from __future__ import annotations
 
 from .acf import Acf
@@ -12,8 +13,9 @@ from .python import PythonFunction
 from .rebin import Rebin
 from .roi import Roi
 
-FUNCTIONS: dict[str, type[ReductionFunction]] = {f.type: f for f in (Roi, Projection, Rebin, Azav, Droplet, Photons,
-                                                                 PhotonCount, Acf, PythonFunction)}
+FUNCTIONS: dict[str, type[ReductionFunction]] = {
+    f.type: f for f in (Roi, Projection, Rebin, Azav, Droplet, Photons, PhotonCount, Acf, PythonFunction)
+}
 
 
 def build_function(spec) -> ReductionFunction:

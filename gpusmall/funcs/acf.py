@@ -12,6 +12,7 @@ Outputs: ``acf`` (events, window, window), the central crop: lags ``-(window // 
 that holds no lag on the pixel grid, as some do with ``resolution < 1``); a multi-panel input
 keeps a panels axis after events. Static output ``profile_r``: bin centres in pixels.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,7 +71,7 @@ class Acf(ReductionFunction):
         x = xp.where(g, d - mean[:, :, None, None].astype(xp.float32), xp.float32(0))
         x = x.astype(xp.float32)
         f = self.fft.rfft2(x, s=self.fshape, **self.workers)
-        full = self.fft.irfft2(f.real ** 2 + f.imag ** 2, s=self.fshape, **self.workers)
+        full = self.fft.irfft2(f.real**2 + f.imag**2, s=self.fshape, **self.workers)
         crop = full[:, :, self.ri][:, :, :, self.ci]
         w = self.p.window
         prof = crop.reshape(e, p, w * w).astype(xp.float64) @ self.weights

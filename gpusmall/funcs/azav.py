@@ -60,6 +60,7 @@ From smalldata_tools' azimuthalBinning (same geometry, different conventions; te
 Outputs: ``azav`` (events, phi_bins, bins) float32, ``count`` (events, phi_bins, bins) int32 (number of good
 pixels per bin); static: ``q`` (radial bin centres in ``unit``) and ``phi`` (azimuthal bin centres, degrees).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -145,7 +146,7 @@ def geometry_center(x, y, z, center_um, distance_mm, z_mean=None, tx=0.0, ty=0.0
     depth = distance_mm * 1000.0
     sample = np.array([center_um[0], center_um[1], 0.0]) - depth / d[2] * d
     v = np.stack([x - sample[0], y - sample[1], (z.mean() if z_mean is None else z_mean) - z - sample[2]])
-    length = np.sqrt((v ** 2).sum(axis=0))
+    length = np.sqrt((v**2).sum(axis=0))
     along = np.tensordot(d, v, axes=1)
     r_um = np.sqrt(((v - np.multiply.outer(d, along)) ** 2).sum(axis=0))  # distance from the beam axis
     tth = np.arctan2(r_um, along)  # better than arccos near the beam
@@ -164,8 +165,14 @@ def load_poni(path):
         ai = pyFAI.load(path)
     except Exception as exc:
         raise InputError(f"azav: cannot read PONI file {path!r}: {exc}") from None
-    values = {"Distance": ai.dist, "Poni1": ai.poni1, "Poni2": ai.poni2, "Rot1": ai.rot1, "Rot2": ai.rot2,
-              "Rot3": ai.rot3}
+    values = {
+        "Distance": ai.dist,
+        "Poni1": ai.poni1,
+        "Poni2": ai.poni2,
+        "Rot1": ai.rot1,
+        "Rot2": ai.rot2,
+        "Rot3": ai.rot3,
+    }
     if ai.wavelength is not None:
         values["Wavelength"] = ai.wavelength
     for key, v in values.items():
@@ -182,8 +189,16 @@ def geometry_poni(x, y, ai):
     from pyFAI.detectors import Detector
     from pyFAI.geometry import Geometry
 
-    geo = Geometry(dist=ai.dist, poni1=ai.poni1, poni2=ai.poni2, rot1=ai.rot1, rot2=ai.rot2, rot3=ai.rot3,
-                   detector=Detector(pixel1=1e-6, pixel2=1e-6), wavelength=ai.wavelength)
+    geo = Geometry(
+        dist=ai.dist,
+        poni1=ai.poni1,
+        poni2=ai.poni2,
+        rot1=ai.rot1,
+        rot2=ai.rot2,
+        rot3=ai.rot3,
+        detector=Detector(pixel1=1e-6, pixel2=1e-6),
+        wavelength=ai.wavelength,
+    )
     d1 = np.asarray(y, np.float64).ravel() - 0.5
     d2 = np.asarray(x, np.float64).ravel() - 0.5
     shape = np.shape(x)
@@ -199,8 +214,16 @@ def radius_poni(x, y, ai):
     from pyFAI.detectors import Detector
     from pyFAI.geometry import Geometry
 
-    geo = Geometry(dist=ai.dist, poni1=ai.poni1, poni2=ai.poni2, rot1=ai.rot1, rot2=ai.rot2, rot3=ai.rot3,
-                   detector=Detector(pixel1=1e-6, pixel2=1e-6), wavelength=ai.wavelength)
+    geo = Geometry(
+        dist=ai.dist,
+        poni1=ai.poni1,
+        poni2=ai.poni2,
+        rot1=ai.rot1,
+        rot2=ai.rot2,
+        rot3=ai.rot3,
+        detector=Detector(pixel1=1e-6, pixel2=1e-6),
+        wavelength=ai.wavelength,
+    )
     d1 = np.asarray(y, np.float64).ravel() - 0.5
     d2 = np.asarray(x, np.float64).ravel() - 0.5
     return np.asarray(geo.rFunction(d1, d2, path="numpy")).reshape(np.shape(x)) * 1000.0
@@ -212,7 +235,7 @@ def correction(tth, phi, cos_inc, polarization, solid_angle):
     if polarization is not None:
         c = c * 0.5 * (1 + np.cos(tth) ** 2 - polarization * np.cos(2 * phi) * np.sin(tth) ** 2)
     if solid_angle:
-        c = c * cos_inc ** 3
+        c = c * cos_inc**3
     return c
 
 
@@ -230,12 +253,21 @@ def radial(tth, unit, wavelength_a, r_mm=None):
 
 
 # ---- engines ----------------------------------------------------------------------------------------
-AZAV_HISTOGRAM = KernelSpec("azav.cu", "azav_histogram",
-                            lambda a: (blocks_1d(int(a["events"]) * int(a["pixels"]), 256), (256,), 0),
-                            "gpusmall.funcs.azav:histogram_numpy",
-                            sizes=lambda a: dict(data=int(a["events"]) * int(a["pixels"]), good=int(a["events"]) * int(a["pixels"]),
-                                                 bin=int(a["pixels"]), c=int(a["pixels"]), num=int(a["events"]) * int(a["nbins"]),
-                                                 den=int(a["events"]) * int(a["nbins"]), cnt=int(a["events"]) * int(a["nbins"])))
+AZAV_HISTOGRAM = KernelSpec(
+    "azav.cu",
+    "azav_histogram",
+    lambda a: (blocks_1d(int(a["events"]) * int(a["pixels"]), 256), (256,), 0),
+    "gpusmall.funcs.azav:histogram_numpy",
+    sizes=lambda a: dict(
+        data=int(a["events"]) * int(a["pixels"]),
+        good=int(a["events"]) * int(a["pixels"]),
+        bin=int(a["pixels"]),
+        c=int(a["pixels"]),
+        num=int(a["events"]) * int(a["nbins"]),
+        den=int(a["events"]) * int(a["nbins"]),
+        cnt=int(a["events"]) * int(a["nbins"]),
+    ),
+)
 
 
 def histogram_numpy(data, good, bin_index, c, nbins):
@@ -280,11 +312,12 @@ class Azav(ReductionFunction):
             if p.energy_kev is not None:
                 wl = HC_KEV_A / p.energy_kev
             if wl is None and p.unit.startswith("q"):
-                raise InputError(f"detector {ctx.det}: function {self.name}: no wavelength in {p.poni} and no energy_kev")
+                raise InputError(
+                    f"detector {ctx.det}: function {self.name}: no wavelength in {p.poni} and no energy_kev"
+                )
         else:
             z_mean = ctx.detector_z_mean() if ctx.z is not None else None
-            tth, phi, cosi, r_um = geometry_center(x, y, z, p.center_um, p.distance_mm, z_mean=z_mean,
-                                                   tx=p.tx, ty=p.ty)
+            tth, phi, cosi, r_um = geometry_center(x, y, z, p.center_um, p.distance_mm, z_mean=z_mean, tx=p.tx, ty=p.ty)
             wl = HC_KEV_A / p.energy_kev if p.energy_kev else None
             if p.unit == "r_mm":
                 r_mm = r_um / 1000.0
@@ -293,8 +326,9 @@ class Azav(ReductionFunction):
         if p.range is not None:
             lo, hi = p.range
         elif not mask.any():
-            raise InputError(f"detector {ctx.det}: function {self.name}: no unmasked pixel to set the radial "
-                             f"range; give range")
+            raise InputError(
+                f"detector {ctx.det}: function {self.name}: no unmasked pixel to set the radial range; give range"
+            )
         else:
             lo, hi = float(rad[mask].min()), float(rad[mask].max())
         if p.bins is not None:
@@ -303,9 +337,11 @@ class Azav(ReductionFunction):
         else:
             width = p.bin_width  # type: ignore[assignment]
             if (hi - lo) / width * p.phi_bins > MAX_BINS:
-                raise InputError(f"detector {ctx.det}: function {self.name}: bin_width {width:g} makes "
-                                 f"{(hi - lo) / width:.3g} bins over [{lo:g}, {hi:g}] ({p.unit}); at most {MAX_BINS} "
-                                 f"bins x phi_bins")
+                raise InputError(
+                    f"detector {ctx.det}: function {self.name}: bin_width {width:g} makes "
+                    f"{(hi - lo) / width:.3g} bins over [{lo:g}, {hi:g}] ({p.unit}); at most {MAX_BINS} "
+                    f"bins x phi_bins"
+                )
             nb = max(int(np.ceil((hi - lo) / width)), 1)
             hi = lo + nb * width
         rb = np.floor((rad - lo) / width).astype(np.int64)
@@ -379,8 +415,12 @@ class Azav(ReductionFunction):
         elif cpu_azav.supports(data):  # numba: one pass over the pixels in memory order, float64 sums
             num = cpu_azav.numerators(data, self.bin_index_narrow, self.nbins, getattr(self.ctx.backend, "threads", 1))
         else:  # on the CPU the transposed copy stays in cache in groups of 16 events (2.5x faster at 64)
-            num = np.concatenate([(self.M @ np.ascontiguousarray(data[i:i + CPU_CHUNK].T)).T
-                                  for i in range(0, data.shape[0], CPU_CHUNK)]).astype(np.float64)
+            num = np.concatenate(
+                [
+                    (self.M @ np.ascontiguousarray(data[i : i + CPU_CHUNK].T)).T
+                    for i in range(0, data.shape[0], CPU_CHUNK)
+                ]
+            ).astype(np.float64)
         e, nb = data.shape[0], self.nbins
         # denominators: the totals over the pixels in a bin (once, in prepare) minus the few (event, pixel)
         # pairs of the batch that are in a bin but bad in that event (invalid gain bits...); pixels the static
@@ -400,9 +440,19 @@ class Azav(ReductionFunction):
         num = xp.zeros((e, nb), xp.float64)
         den = xp.zeros((e, nb), xp.float64)
         cnt = xp.zeros((e, nb), xp.int32)
-        AZAV_HISTOGRAM.launch(self.ctx.backend, data=xp.ascontiguousarray(data, dtype=xp.float32),
-                              good=xp.ascontiguousarray(good, dtype=xp.bool_), bin=self.bin_index, c=self.c,
-                              events=e, pixels=npix, nbins=nb, num=num, den=den, cnt=cnt)
+        AZAV_HISTOGRAM.launch(
+            self.ctx.backend,
+            data=xp.ascontiguousarray(data, dtype=xp.float32),
+            good=xp.ascontiguousarray(good, dtype=xp.bool_),
+            bin=self.bin_index,
+            c=self.c,
+            events=e,
+            pixels=npix,
+            nbins=nb,
+            num=num,
+            den=den,
+            cnt=cnt,
+        )
         return num, den, cnt.astype(xp.int64)
 
     def static_outputs(self):

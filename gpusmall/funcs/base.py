@@ -7,6 +7,7 @@ each with a leading events axis. Output names are ``<name>_<key>``; a child's ar
 
 Geometry-only work happens in :meth:`ReductionFunction.prepare`, once per run, on the device.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -58,8 +59,9 @@ class EventInfo:
     context: dict = field(default_factory=dict)
 
     def __getitem__(self, events: slice) -> EventInfo:
-        return EventInfo(self.timestamp[events], self.event_index[events],
-                         {k: v[events] for k, v in self.context.items()})
+        return EventInfo(
+            self.timestamp[events], self.event_index[events], {k: v[events] for k, v in self.context.items()}
+        )
 
     def describe(self) -> str:
         """``the batch starting at event N``, or ``the set-up call`` for :data:`SETUP_EVENT` (for messages)."""
@@ -143,14 +145,23 @@ class FrameContext:
 
         Pixel arrays are cut; ``z_mean`` keeps the whole detector's mean z (see :meth:`detector_z_mean`).
         """
+
         def cut(a):
             return None if a is None else a[index]
 
         shape = tuple(s.stop - s.start for s in index)
         origin = tuple(o + s.start for o, s in zip(self.origin, index))
-        return replace(self, shape=shape, mask=cut(self.mask), noise=cut(self.noise), x=cut(self.x),
-                       y=cut(self.y), z=cut(self.z), origin=origin,
-                       z_mean=None if self.z is None else self.detector_z_mean())
+        return replace(
+            self,
+            shape=shape,
+            mask=cut(self.mask),
+            noise=cut(self.noise),
+            x=cut(self.x),
+            y=cut(self.y),
+            z=cut(self.z),
+            origin=origin,
+            z_mean=None if self.z is None else self.detector_z_mean(),
+        )
 
 
 class ReductionFunction:

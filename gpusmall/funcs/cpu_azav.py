@@ -7,6 +7,7 @@ into its bins in float64, spread over :data:`COPIES` interleaved histograms (pix
 at the end. The sums are float64, so they equal the float32 product of the ``csr`` engine within float32
 rounding (``tests/test_azav.py`` holds both to the SPEC formula).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,6 +17,7 @@ The numbering is SciPy's (labels in order of each droplet's first pixel in row-m
 the sums add the same values in the same order as ``bincount``, so every output is bit-identical to the
 NumPy path (``tests/test_droplet.py``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,10 +66,12 @@ if cpu_kernels.numba is not None:
                             ok = gd[r, c]
                             on = ok and x >= t[r, c]
                             if grow and not on and ok:
-                                on = ((r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
-                                      or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
-                                      or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
-                                      or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1])))
+                                on = (
+                                    (r > 0 and _seed(d[r - 1, c], gd[r - 1, c], t[r - 1, c]))
+                                    or (r + 1 < nr and _seed(d[r + 1, c], gd[r + 1, c], t[r + 1, c]))
+                                    or (c > 0 and _seed(d[r, c - 1], gd[r, c - 1], t[r, c - 1]))
+                                    or (c + 1 < nc and _seed(d[r, c + 1], gd[r, c + 1], t[r, c + 1]))
+                                )
                             mr[c] = on
                             cnt += on
                         c += 1
@@ -96,7 +99,7 @@ if cpu_kernels.numba is not None:
         nf, nr, nc = mask.shape
         for f in prange(nf):
             o = start[f]
-            parent = lab[o:start[f + 1]]  # union-find forest over the frame's labelled pixels, in place
+            parent = lab[o : start[f + 1]]  # union-find forest over the frame's labelled pixels, in place
             above = np.empty(nc, np.int64)  # the labelled pixel last seen in each column, and its row
             above_row = np.full(nc, -2, np.int64)
             m, m64 = mask[f], mask64[f]
@@ -197,5 +200,17 @@ def find(data, good, thr, thr_low, grow: bool, threads: int = 1) -> dict:
         _droplet_sums(d, idx, lab, start, first, total, npix, wrow, wcol, d_ep)
     with np.errstate(invalid="ignore", divide="ignore"):
         d_row, d_col = wrow / total, wcol / total
-    return dict(n=n, idx=idx, lab=lab, val=d.reshape(-1)[idx].astype(np.float64), total=total, npix=npix,
-                row=d_row, col=d_col, event=d_ep // p, tile=d_ep % p, n_events=e, ep=idx // (r * c))
+    return dict(
+        n=n,
+        idx=idx,
+        lab=lab,
+        val=d.reshape(-1)[idx].astype(np.float64),
+        total=total,
+        npix=npix,
+        row=d_row,
+        col=d_col,
+        event=d_ep // p,
+        tile=d_ep % p,
+        n_events=e,
+        ep=idx // (r * c),
+    )

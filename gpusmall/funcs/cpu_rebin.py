@@ -5,6 +5,7 @@ passes over the batch). Here each frame (one panel of one event) is read once in
 each column's values are summed in float64 (the columns side by side, SIMD), then each block's column sums;
 divided by the block size and rounded to float32 once: equal to the NumPy path within float32 rounding (``tests/test_funcs_basic.py``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,6 +48,5 @@ def block_means(data, fr: int, fc: int, threads: int = 1):
     e, p, r, c = data.shape
     out = np.empty((e * p, r // fr, c // fc), np.float32)
     with cpu_kernels._threads(threads):
-        _block_means(np.ascontiguousarray(data, dtype=np.float32).reshape(e * p, r, c), np.int64(fr),
-                     np.int64(fc), out)
+        _block_means(np.ascontiguousarray(data, dtype=np.float32).reshape(e * p, r, c), np.int64(fr), np.int64(fc), out)
     return out.reshape(e, p, r // fr, c // fc)

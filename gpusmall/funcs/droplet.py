@@ -34,6 +34,7 @@ Children receive :class:`DropletFrames`: the droplet image (the calibrated value
 droplets, 0 elsewhere; the good mask of the frames), as smalldata_tools' ``unsparsify`` gives it, so image
 functions (projection, roi, azav...) work on it; and the lists of those pixels (photons).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -157,14 +158,29 @@ def _label_launch(a):
     return blocks_1d(int(a["m"]), LABEL_THREADS, 1 << 20), (LABEL_THREADS,), 0
 
 
-LABEL_UNION = KernelSpec("label.cu", "label_union", _label_launch, "gpusmall.funcs.droplet:label_stack",
-                         sizes=lambda a: dict(idx=int(a["m"]), parent=int(a["m"])))
-LABEL_FLATTEN = KernelSpec("label.cu", "label_flatten", _label_launch, "gpusmall.funcs.droplet:label_stack",
-                           sizes=lambda a: dict(parent=int(a["m"])))
-DROPLET_MASK = KernelSpec("droplet.cu", "droplet_mask", lambda a: (blocks_1d(int(a["n"]), 256, 1 << 20), (256,), 0),
-                          "gpusmall.funcs.droplet:droplet_mask",
-                          sizes=lambda a: dict(data=int(a["n"]), good=int(a["n"]), mask=int(a["n"]),
-                                               noise=int(a["npix"]) if a["use_rms"] else 0))
+LABEL_UNION = KernelSpec(
+    "label.cu",
+    "label_union",
+    _label_launch,
+    "gpusmall.funcs.droplet:label_stack",
+    sizes=lambda a: dict(idx=int(a["m"]), parent=int(a["m"])),
+)
+LABEL_FLATTEN = KernelSpec(
+    "label.cu",
+    "label_flatten",
+    _label_launch,
+    "gpusmall.funcs.droplet:label_stack",
+    sizes=lambda a: dict(parent=int(a["m"])),
+)
+DROPLET_MASK = KernelSpec(
+    "droplet.cu",
+    "droplet_mask",
+    lambda a: (blocks_1d(int(a["n"]), 256, 1 << 20), (256,), 0),
+    "gpusmall.funcs.droplet:droplet_mask",
+    sizes=lambda a: dict(
+        data=int(a["n"]), good=int(a["n"]), mask=int(a["n"]), noise=int(a["npix"]) if a["use_rms"] else 0
+    ),
+)
 
 
 def label_stack(backend, mask, idx=None):
@@ -200,8 +216,7 @@ def label_pixels(backend, idx, rows: int, cols: int):
     if m >= 2**31:
         raise ValueError(f"{m} labelled pixels in one batch: more than int32 positions; use a smaller batch")
     parent = xp.arange(m, dtype=xp.int32)
-    LABEL_UNION.launch(backend, idx=xp.ascontiguousarray(idx, dtype=xp.int64), parent=parent, m=m, rows=rows,
-                       cols=cols)
+    LABEL_UNION.launch(backend, idx=xp.ascontiguousarray(idx, dtype=xp.int64), parent=parent, m=m, rows=rows, cols=cols)
     LABEL_FLATTEN.launch(backend, parent=parent, m=m)
     number = xp.cumsum(parent == xp.arange(m, dtype=xp.int32), dtype=xp.int32)  # 1..n at the roots
     return number[parent], int(number[-1])
@@ -297,8 +312,9 @@ class Droplet(ReductionFunction):
             self.thr, self.thr_low = xp.float32(p.threshold), xp.float32(low)
         self.grow = low < p.threshold
         if ctx.backend.is_gpu:  # what the kernel reads: noise (per pixel, with use_rms) and the two factors
-            self.kernel_noise = (xp.ascontiguousarray(ctx.noise, dtype=xp.float32) if p.use_rms
-                                 else xp.zeros(1, xp.float32))
+            self.kernel_noise = (
+                xp.ascontiguousarray(ctx.noise, dtype=xp.float32) if p.use_rms else xp.zeros(1, xp.float32)
+            )
             self.kernel_thr = (np.float32(p.threshold), np.float32(low))
         return ctx
 
@@ -310,10 +326,21 @@ class Droplet(ReductionFunction):
         e, np_, nr, nc = data.shape
         out = xp.empty(data.shape, xp.bool_)
         threshold, threshold_low = self.kernel_thr
-        DROPLET_MASK.launch(self.ctx.backend, data=xp.ascontiguousarray(data, dtype=xp.float32),
-                            good=xp.ascontiguousarray(good, dtype=xp.bool_), noise=self.kernel_noise,
-                            threshold=threshold, threshold_low=threshold_low, use_rms=self.p.use_rms, n=data.size,
-                            rows=nr, cols=nc, npix=np_ * nr * nc, grow=self.grow, mask=out)
+        DROPLET_MASK.launch(
+            self.ctx.backend,
+            data=xp.ascontiguousarray(data, dtype=xp.float32),
+            good=xp.ascontiguousarray(good, dtype=xp.bool_),
+            noise=self.kernel_noise,
+            threshold=threshold,
+            threshold_low=threshold_low,
+            use_rms=self.p.use_rms,
+            n=data.size,
+            rows=nr,
+            cols=nc,
+            npix=np_ * nr * nc,
+            grow=self.grow,
+            mask=out,
+        )
         return out
 
     def find(self, frames: Frames):
@@ -321,8 +348,9 @@ class Droplet(ReductionFunction):
         arrays with numba by :mod:`gpusmall.funcs.cpu_droplet` (bit-identical to :meth:`find_arrays`)."""
         data, good = frames.data, frames.good
         if not self.ctx.backend.is_gpu and cpu_droplet.supports(data):
-            return cpu_droplet.find(data, good, self.thr, self.thr_low, self.grow,
-                                    getattr(self.ctx.backend, "threads", 1))
+            return cpu_droplet.find(
+                data, good, self.thr, self.thr_low, self.grow, getattr(self.ctx.backend, "threads", 1)
+            )
         return self.find_arrays(frames)
 
     def find_arrays(self, frames: Frames):
@@ -346,8 +374,20 @@ class Droplet(ReductionFunction):
         # event*panels + panel of each droplet: the same for all its pixels, any one may write it
         d_ep = xp.zeros(n, xp.int64)
         d_ep[lab] = ep
-        return dict(n=n, idx=idx, lab=lab, val=val, total=total, npix=npix, row=d_row, col=d_col,
-                    event=d_ep // np_, tile=d_ep % np_, n_events=e, ep=ep)
+        return dict(
+            n=n,
+            idx=idx,
+            lab=lab,
+            val=val,
+            total=total,
+            npix=npix,
+            row=d_row,
+            col=d_col,
+            event=d_ep // np_,
+            tile=d_ep % np_,
+            n_events=e,
+            ep=ep,
+        )
 
     def compute(self, frames: Frames):
         xp = self.ctx.xp
@@ -382,8 +422,18 @@ class Droplet(ReductionFunction):
                 pix, val, pix_id, d_sum = f["idx"][pk], f["val"][pk], pix_id[pk], f["total"][kept]
             image = any("image" in c.takes for c in self.children)
             data = droplet_image(xp, frames.data, pix) if image else frames.data
-            child = DropletFrames(data, frames.good, frames.raw, frames.events, pix_index=pix, pix_value=val, pix_droplet=pix_id,
-                                  droplet_event=ev, droplet_sum=d_sum, image=image)
+            child = DropletFrames(
+                data,
+                frames.good,
+                frames.raw,
+                frames.events,
+                pix_index=pix,
+                pix_value=val,
+                pix_droplet=pix_id,
+                droplet_event=ev,
+                droplet_sum=d_sum,
+                image=image,
+            )
         return out, child
 
 
@@ -393,4 +443,3 @@ def droplet_image(xp, data, pix):
     img = xp.zeros(data.shape, xp.float32)
     img.reshape(-1)[pix] = data.reshape(-1)[pix]
     return img
-

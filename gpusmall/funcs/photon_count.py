@@ -4,6 +4,7 @@ Per good pixel ``n = floor(s / adu_per_photon + (1 - thr_fraction))``, clipped a
 Outputs: ``nPhot`` (events,) int64, the total per event; with ``hist_max: K`` also ``hist`` (events, K + 1)
 int32, the number of good pixels holding 0, 1, ..., K photons (pixels above K count in the last bin).
 """
+
 from __future__ import annotations
 
 from pydantic import Field

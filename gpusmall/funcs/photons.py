@@ -50,6 +50,7 @@ droplet hold 0; pixels with more than 10 photons are in no entry), and the last 
 photons per good pixel (every photon of the event, ``nPhotons / G``). NaN in an event without a good pixel.
 Found on the device for the whole batch, one ``bincount`` of (event, photons) over the droplet pixels.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -151,11 +152,16 @@ class Photons(ReductionFunction):
         ragged = self.p.layout == "ragged"
         if frames.pix_value.size == 0:
             zeros = xp.zeros(0 if ragged else (e, m), xp.int32)
-            return {"nPhotons": xp.zeros(e, xp.int64), "nPhotons_truncated": xp.zeros(e, xp.int64),
-                    "data": zeros.astype(xp.uint8), "row": zeros, "col": zeros.copy(), "tile": zeros.copy(),
-                    **({"len": xp.zeros(e, xp.int32)} if ragged else {}),
-                    "prob": self.prob(xp.zeros((e, PROB_MAX_PHOTONS + 2), xp.int64), xp.zeros(e, xp.int64),
-                                      n_good)}, None
+            return {
+                "nPhotons": xp.zeros(e, xp.int64),
+                "nPhotons_truncated": xp.zeros(e, xp.int64),
+                "data": zeros.astype(xp.uint8),
+                "row": zeros,
+                "col": zeros.copy(),
+                "tile": zeros.copy(),
+                **({"len": xp.zeros(e, xp.int32)} if ragged else {}),
+                "prob": self.prob(xp.zeros((e, PROB_MAX_PHOTONS + 2), xp.int64), xp.zeros(e, xp.int64), n_good),
+            }, None
         k = photons_per_pixel(xp, frames.pix_value, frames.pix_droplet, frames.droplet_sum, self.p.adu_per_photon)
         # pixels are in row-major order of the batch, hence grouped by event; photon j of the batch sits on
         # the pixel i with before[i] <= j < before[i + 1] (exact int64 prefix sums)
@@ -178,6 +184,7 @@ class Photons(ReductionFunction):
 
             def put(per_pixel):  # per labelled pixel -> per stored photon (int32 gathers)
                 return per_pixel.astype(xp.int32)[pix]
+
             data = xp.ones(n_flat, xp.uint8)
         else:
             slot = xp.arange(m, dtype=xp.int64)
@@ -189,10 +196,17 @@ class Photons(ReductionFunction):
 
             def put(per_pixel):  # per labelled pixel -> per slot (int32 gathers: (events, max_photons) each)
                 return xp.where(held, per_pixel.astype(xp.int32)[pix], xp.int32(0))
+
             data = held.astype(xp.uint8)
 
-        out = {"nPhotons": total, "nPhotons_truncated": xp.maximum(total - m, 0), "data": data,
-               "row": put((idx // c) % r), "col": put(idx % c), "tile": put((idx // (r * c)) % p)}
+        out = {
+            "nPhotons": total,
+            "nPhotons_truncated": xp.maximum(total - m, 0),
+            "data": data,
+            "row": put((idx // c) % r),
+            "col": put(idx % c),
+            "tile": put((idx // (r * c)) % p),
+        }
         if ragged:
             out["len"] = stored.astype(xp.int32)
         # droplet pixels holding k = 0..10 photons (column k) and more than 10 (column 11), per event: one

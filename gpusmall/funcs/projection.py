@@ -8,6 +8,7 @@ panel).
 The default name is ``pj_ax_<|axis|>``. With ``mean`` the sum is divided by the number of good pixels that
 entered it (NumPy's ``nanmean`` with bad pixels as NaN; NaN where there is none).
 """
+
 from __future__ import annotations
 
 import numpy as np

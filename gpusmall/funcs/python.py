@@ -15,6 +15,7 @@ returns other keys, shapes or dtypes, a value without a leading events axis, a n
 exception, stops the run with a :class:`UserFunctionError` naming the detector, the function, the first
 event of the batch and (for an exception) the user's traceback; the batches before it are in the file.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -96,10 +97,21 @@ class UserBatch:
     def of(cls, ctx: FrameContext, frames: Frames, outputs: dict | None = None) -> UserBatch:
         """The batch a user function gets for ``frames`` (with their EventInfo) of the detector ``ctx`` describes."""
         ev = frames.events
-        return cls(frames=frames.data, good=frames.good, xp=ctx.xp, mask=ctx.mask, noise=ctx.noise, x=ctx.x,
-                   y=ctx.y, z=ctx.z, timestamps=None if ev is None else ev.timestamp,
-                   event_index=None if ev is None else ev.event_index,
-                   context={} if ev is None else dict(ev.context), det=ctx.det, outputs=dict(outputs or {}))
+        return cls(
+            frames=frames.data,
+            good=frames.good,
+            xp=ctx.xp,
+            mask=ctx.mask,
+            noise=ctx.noise,
+            x=ctx.x,
+            y=ctx.y,
+            z=ctx.z,
+            timestamps=None if ev is None else ev.timestamp,
+            event_index=None if ev is None else ev.event_index,
+            context={} if ev is None else dict(ev.context),
+            det=ctx.det,
+            outputs=dict(outputs or {}),
+        )
 
 
 def load_callable(spec: str, base_dir: str | Path = "."):
@@ -127,7 +139,9 @@ def load_callable(spec: str, base_dir: str | Path = "."):
         try:
             module = importlib.import_module(where)
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"function {spec!r}: cannot import module {where!r}: {type(exc).__name__}: {exc}") from None
+            raise InputError(
+                f"function {spec!r}: cannot import module {where!r}: {type(exc).__name__}: {exc}"
+            ) from None
     obj = module
     for part in name.split("."):
         obj = getattr(obj, part, None)  # type: ignore[assignment]
@@ -189,13 +203,14 @@ def checked_outputs(out, n: int, xp, layout, where: str):
         if arr.dtype.kind not in "biuf":
             raise error(f"{where}: {key!r} has dtype {arr.dtype}; numbers or bools only")
         if arr.ndim == 0 or arr.shape[0] != n:
-            raise error(f"{where}: {key!r} has shape {tuple(arr.shape)}: its first axis must be the "
-                                    f"batch's {n} events")
+            raise error(f"{where}: {key!r} has shape {tuple(arr.shape)}: its first axis must be the batch's {n} events")
         arrays[key] = arr.astype(xp.uint8) if arr.dtype.kind == "b" else arr
     got = {k: (tuple(a.shape[1:]), np.dtype(a.dtype)) for k, a in arrays.items()}
     if layout is not None and got != layout:
-        raise error(f"{where}: returned {_describe(got)}, at set-up {_describe(layout)}; keys, "
-                                f"per-event shapes and dtypes must not change")
+        raise error(
+            f"{where}: returned {_describe(got)}, at set-up {_describe(layout)}; keys, "
+            f"per-event shapes and dtypes must not change"
+        )
     return arrays, got
 
 

@@ -5,6 +5,7 @@ its block of ``(rows / shape[0]) x (cols / shape[1])`` input pixels, bad pixels 
 rebin and roi's ``mean``): the block sum divided by the block size. A single-panel input gives (events, rows,
 cols), a multi-panel one (events, panels, rows, cols).
 """
+
 from __future__ import annotations
 
 from pydantic import Field

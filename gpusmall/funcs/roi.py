@@ -10,6 +10,7 @@ or above the detector's saturation value; bad and masked pixels never count, SPE
 only with ``write_area``). Children receive the ROI image (thresholded). smalldata_tools' names of the parameters
 (:meth:`~gpusmall.funcs.base.ReductionFunction.smalldata_params`): ``bound``, ``thresADU``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,7 +77,9 @@ class Roi(ReductionFunction):
         sub = ctx.crop(self.index)  # type: ignore[arg-type]
         xp = ctx.xp
         if self.p.user_mask is not None:
-            m = read_user_mask(self.p.user_mask, ctx.det, ctx.shape if not _roi_shaped(self.p.user_mask, sub.shape) else sub.shape)
+            m = read_user_mask(
+                self.p.user_mask, ctx.det, ctx.shape if not _roi_shaped(self.p.user_mask, sub.shape) else sub.shape
+            )
             m = m[self.index] if m.shape == ctx.shape else m
             sub.mask = sub.mask & ctx.backend.to_device(m)
         self.user_mask = None if self.p.user_mask is None else sub.mask

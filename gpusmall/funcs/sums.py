@@ -24,6 +24,7 @@ detector's ``mask_value: nan`` (SPEC section 3); nhits is a count and keeps 0 th
 All sums of a detector are one :class:`RunSums`: on CuPy one ``run_sums`` kernel (``kernels/sums.cu``)
 reads the calibrated batch once and updates every sum; :func:`run_sums_numpy` is its NumPy twin.
 """
+
 from __future__ import annotations
 
 import re
@@ -43,17 +44,26 @@ KINDS = ("calib", "square", "max", "nhits", "nhits_above_zero")
 """The kernel's kind codes 0..4: ``nhits`` with a threshold counts ``v >= t`` (3), without one ``v > 0`` (4)."""
 KERNEL_MAX_SUMS = 8  # sums per kernel launch (MAX_SUMS in kernels/sums.cu)
 KERNEL_THREADS = 256
-RUN_SUMS = KernelSpec("sums.cu", "run_sums",
-                      lambda a: (blocks_1d(int(a["npix"]), KERNEL_THREADS, 65535), (KERNEL_THREADS,), 0),
-                      "gpusmall.funcs.sums:run_sums_numpy",
-                      sizes=lambda a: dict(data=int(a["events"]) * int(a["npix"]), keep=int(a["events"]),
-                                           kinds=int(a["n_sums"]), thres=int(a["n_sums"]),
-                                           acc=int(a["n_sums"]) * int(a["npix"])))
+RUN_SUMS = KernelSpec(
+    "sums.cu",
+    "run_sums",
+    lambda a: (blocks_1d(int(a["npix"]), KERNEL_THREADS, 65535), (KERNEL_THREADS,), 0),
+    "gpusmall.funcs.sums:run_sums_numpy",
+    sizes=lambda a: dict(
+        data=int(a["events"]) * int(a["npix"]),
+        keep=int(a["events"]),
+        kinds=int(a["n_sums"]),
+        thres=int(a["n_sums"]),
+        acc=int(a["n_sums"]) * int(a["npix"]),
+    ),
+)
 SMALLDATA_SELECTED = {"calib_dropped": ("calib", "dropped"), "calib_dropped_square": ("calib_square", "dropped")}
 """smalldata_tools' sums over the dropped X-ray shots: config (and written) name -> (sum, selection)."""
 _SELECTION = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SUM_NAMES_HELP = ("calib, calib_square, calib_max, nhits (or square, max), each optionally with _thresADU<t>, "
-                  "e.g. calib_thresADU5, nhits_thresADU10; over a selection <sum>:<selection> or calib_dropped")
+SUM_NAMES_HELP = (
+    "calib, calib_square, calib_max, nhits (or square, max), each optionally with _thresADU<t>, "
+    "e.g. calib_thresADU5, nhits_thresADU10; over a selection <sum>:<selection> or calib_dropped"
+)
 
 
 @dataclass(frozen=True)
@@ -166,8 +176,9 @@ class RunSums:
     (rows, cols) (one panel, as smalldata_tools writes a camera's); otherwise (panels, rows, cols).
     """
 
-    def __init__(self, names, shape, backend: Backend, mask=None, mask_value: str = "zero", camera: bool = False,
-                 selections=None):
+    def __init__(
+        self, names, shape, backend: Backend, mask=None, mask_value: str = "zero", camera: bool = False, selections=None
+    ):
         """``selections``: the run's :class:`~gpusmall.selections.Selections`, for sums over a selection."""
         specs = parse_sums(names)
         self.selections = selections
@@ -247,8 +258,17 @@ class RunSums:
         flat = xp.ascontiguousarray(flat, dtype=xp.float32)
         for k0 in range(r0, r1, KERNEL_MAX_SUMS):
             k1 = min(r1, k0 + KERNEL_MAX_SUMS)
-            RUN_SUMS.launch(self.backend, data=flat, keep=keep_dev, events=n, npix=npix, n_sums=k1 - k0,
-                            kinds=self.kinds[k0:k1], thres=self.thres[k0:k1], acc=self.acc[k0:k1])
+            RUN_SUMS.launch(
+                self.backend,
+                data=flat,
+                keep=keep_dev,
+                events=n,
+                npix=npix,
+                n_sums=k1 - k0,
+                kinds=self.kinds[k0:k1],
+                thres=self.thres[k0:k1],
+                acc=self.acc[k0:k1],
+            )
 
     def results(self) -> dict[str, np.ndarray]:
         """written name (:class:`SumSpec` ``name``) -> (panels, rows, cols) host array, (rows, cols) for a

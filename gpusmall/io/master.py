@@ -34,6 +34,7 @@ gpusmall's readers refuse such a master (:func:`missing_sources`, :func:`require
 The master is written to a temporary file of a unique name beside it (``tempfile.mkstemp``), renamed
 over ``<stem>.h5`` once complete and removed when writing fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -114,8 +115,9 @@ def is_part_file(path, rank: int) -> bool:
         return False
     try:
         a = f.attrs
-        return ("gpusmall_version" in a and "rank" in a and "ranks" in a
-                and int(a["rank"]) == rank and int(a["ranks"]) > 1)
+        return (
+            "gpusmall_version" in a and "rank" in a and "ranks" in a and int(a["rank"]) == rank and int(a["ranks"]) > 1
+        )
     except (OSError, RuntimeError, KeyError, TypeError, ValueError):
         return False
     finally:
@@ -196,9 +198,11 @@ def require_sources(f: h5py.File, names, what: str) -> None:
     if gone:
         files = sorted(set().union(*gone.values()))
         keys = ", ".join(list(gone)[:3]) + (", ..." if len(gone) > 3 else "")
-        raise InputError(f"{what}: {f.filename} is a master file whose part files are missing: {', '.join(files)} "
-                         f"({keys} would read as NaN or zeros there); a master and its parts move together "
-                         f"(`gpusmall merge` writes a master over the parts there are)")
+        raise InputError(
+            f"{what}: {f.filename} is a master file whose part files are missing: {', '.join(files)} "
+            f"({keys} would read as NaN or zeros there); a master and its parts move together "
+            f"(`gpusmall merge` writes a master over the parts there are)"
+        )
 
 
 def aliases(f: h5py.File) -> dict[str, str]:
@@ -340,9 +344,13 @@ def _write(output: Path, parts: list[_Part], skipped: list[str]) -> dict:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, HDF5_ERRORS):
             reason, full = failure_reason(exc)
-            raise OutputWriteError(f"writing the master {output} failed: {reason}{' (disk full?)' if full else ''}; "
-                                   f"the part files keep the events (`gpusmall merge {output}` writes it again)",
-                                   output, 0, full) from None
+            raise OutputWriteError(
+                f"writing the master {output} failed: {reason}{' (disk full?)' if full else ''}; "
+                f"the part files keep the events (`gpusmall merge {output}` writes it again)",
+                output,
+                0,
+                full,
+            ) from None
         raise
     return info
 
@@ -358,8 +366,18 @@ def _give_mode(tmp: Path, output: Path) -> None:
     os.chmod(tmp, mode)
 
 
-def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[str], with_events, runs,
-                local_index: bool, virtual: bool, names: list[str], total: int) -> dict:
+def _write_into(
+    out: h5py.File,
+    output: Path,
+    parts: list[_Part],
+    skipped: list[str],
+    with_events,
+    runs,
+    local_index: bool,
+    virtual: bool,
+    names: list[str],
+    total: int,
+) -> dict:
     first = parts[0]
     damaged = {}
     for k, v in first.file.attrs.items():
@@ -388,7 +406,7 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
         if name.endswith("_truncated") and d0.ndim == 1 and np.dtype(dtype).kind in "iu":
             h, whole = np.zeros(total, bool), [p.file[name][: p.n] > 0 for p in src]
             for i, a, c, o in runs:
-                h[o: o + c] = whole[i][a: a + c]
+                h[o : o + c] = whole[i][a : a + c]
             truncated[name] = int(h.sum())
             hit |= h
         if name in LOCAL_COUNTS and local_index:
@@ -400,14 +418,14 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
                 rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
                 sources.append(h5py.VirtualSource(rel, name, shape=(p.n, *tail)))
             for i, a, c, o in runs:
-                layout[o: o + c] = sources[i][a: a + c]
+                layout[o : o + c] = sources[i][a : a + c]
             # NaN where a part is missing (moved, deleted): not zeros that look like data
             out.create_virtual_dataset(name, layout, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
         else:  # the same runs, copied
             data = np.empty((total, *tail), dtype)
             whole = [p.file[name][: p.n] for p in src]
             for i, a, c, o in runs:
-                data[o: o + c] = whole[i][a: a + c]
+                data[o : o + c] = whole[i][a : a + c]
             out.create_dataset(name, data=data, chunks=True if data.ndim else None)
         if name.endswith("/damaged"):
             damaged[name.rsplit("/", 1)[0]] = int(sum(np.count_nonzero(p.file[name][: p.n]) for p in src))
@@ -437,12 +455,20 @@ def _write_into(out: h5py.File, output: Path, parts: list[_Part], skipped: list[
         out.attrs["aliases"] = json.dumps(made)
     complete = all(bool(p.file.attrs.get("complete", False)) for p in parts) and not skipped
     out.attrs["complete"] = np.uint8(complete)
-    return {"complete": complete, "events": total, "parts": [str(p.path) for p in parts], "skipped": skipped,
-            "damaged": damaged, "truncated_events": int(hit.sum()), "truncated": truncated}
+    return {
+        "complete": complete,
+        "events": total,
+        "parts": [str(p.path) for p in parts],
+        "skipped": skipped,
+        "damaged": damaged,
+        "truncated_events": int(hit.sum()),
+        "truncated": truncated,
+    }
 
 
-def _write_items(out: h5py.File, output: Path, name: str, spec: tuple[str, str], src: list[_Part], with_events,
-                 runs, virtual: bool) -> None:
+def _write_items(
+    out: h5py.File, output: Path, name: str, spec: tuple[str, str], src: list[_Part], with_events, runs, virtual: bool
+) -> None:
     """A per-item dataset of the master and (once per count) its offset: the items of each run of events
     (:func:`segments`) in the master's event order, as virtual-dataset mappings (or copies); the offsets
     recomputed from the counts over the whole run."""
@@ -459,7 +485,7 @@ def _write_items(out: h5py.File, output: Path, name: str, spec: tuple[str, str],
     total_events = sum(len(c) for c in per_event)
     counts = np.zeros(total_events, np.int64)
     for i, a, c, o in runs:
-        counts[o: o + c] = per_event[i][a: a + c]
+        counts[o : o + c] = per_event[i][a : a + c]
     master_start = np.cumsum(counts) - counts
     n_items = int(counts.sum())
     if offset not in out:
@@ -468,7 +494,7 @@ def _write_items(out: h5py.File, output: Path, name: str, spec: tuple[str, str],
     tail, dtype = d0.shape[1:], d0.dtype
     spans = []  # (part, its first item, items, the master's first item)
     for i, a, c, o in runs:
-        k = int(per_event[i][a: a + c].sum())
+        k = int(per_event[i][a : a + c].sum())
         if k:
             spans.append((i, int(starts[i][a]), k, int(master_start[o])))
     if virtual:
@@ -478,13 +504,13 @@ def _write_items(out: h5py.File, output: Path, name: str, spec: tuple[str, str],
             rel = p.path.name if p.path.parent.resolve() == output.parent.resolve() else str(p.path.resolve())
             sources.append(h5py.VirtualSource(rel, name, shape=(int(c.sum()), *tail)))
         for i, a, k, o in spans:
-            layout[o: o + k] = sources[i][a: a + k]
+            layout[o : o + k] = sources[i][a : a + k]
         ds = out.create_virtual_dataset(name, layout, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
     else:
         data = np.empty((n_items, *tail), dtype)
         whole = [p.file[name][: int(c.sum())] for p, c in zip(src, per_event)]
         for i, a, k, o in spans:
-            data[o: o + k] = whole[i][a: a + k]
+            data[o : o + k] = whole[i][a : a + k]
         ds = out.create_dataset(name, data=data, chunks=True, maxshape=(None, *tail))
     ds.attrs["items_count"] = count.rsplit("/", 1)[-1]
     ds.attrs["items_offset"] = offset.rsplit("/", 1)[-1]

@@ -40,6 +40,7 @@ opens plainly) and raises :class:`OutputWriteError`; later writes are refused. W
 went on writing into the file after the failure (a superblock naming space that was never written:
 "truncated file", unreadable without ``h5clear``) and crashed the process when it closed the file.
 """
+
 from __future__ import annotations
 
 import errno
@@ -201,9 +202,9 @@ def lookup3(data: bytes, initval: int = 0) -> int:
     a = b = c = (0xDEADBEEF + length + initval) & _M32
     i = 0
     while length > 12:  # mix()
-        a = (a + int.from_bytes(data[i:i + 4], "little")) & _M32
-        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & _M32
-        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & _M32
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & _M32
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & _M32
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & _M32
         for x, y, z, k in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)):
             v = [a, b, c]
             v[x] = ((v[x] - v[y]) & _M32) ^ _rot(v[y], k)
@@ -213,7 +214,7 @@ def lookup3(data: bytes, initval: int = 0) -> int:
         i += 12
     if length == 0:
         return c
-    tail = bytes(data[i:i + length]) + bytes(12 - length)
+    tail = bytes(data[i : i + length]) + bytes(12 - length)
     a = (a + int.from_bytes(tail[0:4], "little")) & _M32
     b = (b + int.from_bytes(tail[4:8], "little")) & _M32
     c = (c + int.from_bytes(tail[8:12], "little")) & _M32
@@ -241,10 +242,10 @@ def _clear_open_flags(path) -> bool:
             n = 12 + 4 * o
             if o not in (4, 8) or len(head) < n + 4:
                 return False
-            if int.from_bytes(head[n:n + 4], "little") != lookup3(bytes(head[:n])):
+            if int.from_bytes(head[n : n + 4], "little") != lookup3(bytes(head[:n])):
                 return False
             eof = slice(12 + 2 * o, 12 + 3 * o)
-            base = int.from_bytes(head[12:12 + o], "little")
+            base = int.from_bytes(head[12 : 12 + o], "little")
             stored = int.from_bytes(head[eof], "little")
             if base != 0 or stored > size:  # the file lacks what the superblock names
                 return False
@@ -252,9 +253,9 @@ def _clear_open_flags(path) -> bool:
                 return True
             head[11] = 0
             head[eof] = size.to_bytes(o, "little")
-            head[n:n + 4] = lookup3(bytes(head[:n])).to_bytes(4, "little")
+            head[n : n + 4] = lookup3(bytes(head[:n])).to_bytes(4, "little")
             fh.seek(0)
-            fh.write(bytes(head[:n + 4]))
+            fh.write(bytes(head[: n + 4]))
             fh.flush()
             os.fsync(fh.fileno())
         return True
@@ -423,8 +424,9 @@ class ResultWriter:
             self.file = h5py.File(self.path, "w", libver=LIBVER)
         except HDF5_ERRORS as exc:
             reason, full = failure_reason(exc)
-            raise OutputWriteError(f"cannot create {self.path}: {reason}{' (disk full?)' if full else ''}",
-                                   self.path, 0, full) from None
+            raise OutputWriteError(
+                f"cannot create {self.path}: {reason}{' (disk full?)' if full else ''}", self.path, 0, full
+            ) from None
 
     def __enter__(self):
         return self
@@ -452,25 +454,39 @@ class ResultWriter:
         reason, full = failure_reason(exc)
         state, bad = seal_file(self.file) if self.file is not None else readable(self.path)
         self.sealed, self._datasets, self._layout = True, {}, {}
-        how = {"plain": "", "swmr": " (it opens as a file still being written: h5py.File(path, 'r', swmr=True))",
-               None: " but is not readable"}[state]
+        how = {
+            "plain": "",
+            "swmr": " (it opens as a file still being written: h5py.File(path, 'r', swmr=True))",
+            None: " but is not readable",
+        }[state]
         if state and bad:
             how += f" (attributes not readable: {', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})"
-        kept = (f"the file keeps the {self.n_events} events of the batches completed before" if self.n_events
-                else "the file holds no events")
+        kept = (
+            f"the file keeps the {self.n_events} events of the batches completed before"
+            if self.n_events
+            else "the file holds no events"
+        )
         if state is None and not self.n_events:  # nothing of value, and unreadable: not left in the way
             try:
                 self.path.unlink()
                 kept, how = "the file held no events yet and was removed", ""
             except OSError:
                 pass
-        return OutputWriteError(f"writing {self.path} failed ({doing}): {reason}{' (disk full?)' if full else ''}; "
-                                f"{kept}{how}", self.path, self.n_events, full)
+        return OutputWriteError(
+            f"writing {self.path} failed ({doing}): {reason}{' (disk full?)' if full else ''}; {kept}{how}",
+            self.path,
+            self.n_events,
+            full,
+        )
 
     def _usable(self) -> None:
         if self.sealed:
-            raise OutputWriteError(f"{self.path}: an earlier write failed; nothing more is written into it",
-                                   self.path, self.n_events, False)
+            raise OutputWriteError(
+                f"{self.path}: an earlier write failed; nothing more is written into it",
+                self.path,
+                self.n_events,
+                False,
+            )
 
     def check_space(self, nbytes: int, what: str, margin: int | None = None) -> None:
         """:class:`LowDiskSpace` unless the output's file system has room for ``nbytes`` plus ``margin``
@@ -482,9 +498,14 @@ class ResultWriter:
         free = free_bytes(self.path)
         if free is None or free >= nbytes + margin:
             return
-        raise LowDiskSpace(f"{self.path}: its disk is almost full ({_size(free)} free; {what} needs {_size(nbytes)} "
-                           f"and {_size(margin)} more are kept free): stopped before writing it; the file keeps the "
-                           f"{self.n_events} events written before", self.path, self.n_events, True)
+        raise LowDiskSpace(
+            f"{self.path}: its disk is almost full ({_size(free)} free; {what} needs {_size(nbytes)} "
+            f"and {_size(margin)} more are kept free): stopped before writing it; the file keeps the "
+            f"{self.n_events} events written before",
+            self.path,
+            self.n_events,
+            True,
+        )
 
     def _create(self, name: str, arr: np.ndarray) -> h5py.Dataset:
         """Chunks of whole events, at most ~1 MiB, and (for per-event arrays) a divisor of the batch size,
@@ -500,8 +521,7 @@ class ResultWriter:
             chunks = (chunk0, *tail)
         else:
             chunks = (max(min(self.chunk_events, limit), 1024),)
-        return self.file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=arr.dtype,
-                                        chunks=chunks)
+        return self.file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=arr.dtype, chunks=chunks)
 
     def _create_items(self, name: str, arr: np.ndarray, count: str, offset: str) -> h5py.Dataset:
         """A per-item dataset: (0, ...) growing along its items; chunks of the first batch's items (a power of
@@ -509,8 +529,13 @@ class ResultWriter:
         per_item = max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize)
         most = max(1, ITEM_CHUNK_BYTES // per_item)
         chunk0 = min(most, max(4096, 1 << max(0, int(len(arr) - 1).bit_length())))
-        ds = self.file.create_dataset(name, shape=(0, *arr.shape[1:]), maxshape=(None, *arr.shape[1:]),
-                                      dtype=arr.dtype, chunks=(chunk0, *arr.shape[1:]))
+        ds = self.file.create_dataset(
+            name,
+            shape=(0, *arr.shape[1:]),
+            maxshape=(None, *arr.shape[1:]),
+            dtype=arr.dtype,
+            chunks=(chunk0, *arr.shape[1:]),
+        )
         ds.attrs["items_count"] = count.rsplit("/", 1)[-1]
         ds.attrs["items_offset"] = offset.rsplit("/", 1)[-1]
         return ds
@@ -538,8 +563,12 @@ class ResultWriter:
         made = {}
         for name, target in links.items():
             if name in self.file or self.file.get(name, getlink=True) is not None or target not in self._datasets:
-                log.warning("%s: %s is taken (or %s is not an output); that name of smalldata_tools' is left out",
-                            self.path, name, target)
+                log.warning(
+                    "%s: %s is taken (or %s is not an output); that name of smalldata_tools' is left out",
+                    self.path,
+                    name,
+                    target,
+                )
                 continue
             self.file[name] = self._datasets[target]
             made[name] = target
@@ -562,13 +591,17 @@ class ResultWriter:
             lay.write_rows(start, arr[:first])
         k = first
         while k + c <= n:
-            ds.id.write_direct_chunk((start + k, *lay.zeros), memoryview(arr[k:k + c]).cast("B"))  # type: ignore[arg-type]
+            ds.id.write_direct_chunk((start + k, *lay.zeros), memoryview(arr[k : k + c]).cast("B"))  # type: ignore[arg-type]
             k += c
         if k < n:
             lay.write_rows(start + k, arr[k:])
 
-    def append(self, columns: dict[str, np.ndarray], ragged: dict[str, tuple[str, str]] | None = None,
-               links: dict[str, str] | None = None) -> None:
+    def append(
+        self,
+        columns: dict[str, np.ndarray],
+        ragged: dict[str, tuple[str, str]] | None = None,
+        links: dict[str, str] | None = None,
+    ) -> None:
         """Append one batch: every array has the same leading events axis, except the per-item columns of
         ``ragged`` (default: ``columns.ragged`` of :class:`Columns`), whose items are appended along their own
         axis, with their offsets (module docstring). Flushes the file.
@@ -604,8 +637,9 @@ class ResultWriter:
                 ds = self._datasets.get(name)
                 item = ragged.get(name)
                 if ds is None:
-                    ds = self._datasets[name] = (self._create(name, arr) if item is None
-                                                 else self._create_items(name, arr, *item))
+                    ds = self._datasets[name] = (
+                        self._create(name, arr) if item is None else self._create_items(name, arr, *item)
+                    )
                     self._layout[ds.name] = _Layout(ds)
                 start = self.n_events if item is None else self._items.get(item[1], 0)
                 self._layout[ds.name].grow(start + len(arr))
@@ -668,8 +702,9 @@ class ResultWriter:
             if isinstance(v, np.ndarray) and v.size:
                 same[k] = first.setdefault(id(v), k)
         values = {k: _storable(v) for k, v in values.items() if v is not None}
-        size = sum(v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for k, v in values.items()
-                   if same.get(k, k) == k)
+        size = sum(
+            v.nbytes if isinstance(v, np.ndarray) else len(str(v)) for k, v in values.items() if same.get(k, k) == k
+        )
         self.check_space(size, f"{group}/", margin=STATIC_SLACK_BYTES)
         self._leave_swmr()
         try:
@@ -681,8 +716,9 @@ class ResultWriter:
                     g[key] = g[same[key]]
                     continue
                 if isinstance(v, np.ndarray) and v.size > 4096:
-                    ds = g.create_dataset(key, shape=v.shape, dtype=v.dtype, compression="gzip", compression_opts=1,
-                                          shuffle=True)
+                    ds = g.create_dataset(
+                        key, shape=v.shape, dtype=v.dtype, compression="gzip", compression_opts=1, shuffle=True
+                    )
                     ds[...] = v
                 else:
                     ds = g.create_dataset(key, data=v)

@@ -9,6 +9,7 @@ stay in the process heap and are reused by the next batch. The cost: the process
 host memory until it exits, which a producer holds anyway. Elsewhere than glibc (macOS, musl) it
 does nothing.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -4,6 +4,7 @@
 whose one-line message names the key path, e.g. ``detectors.epix10k2m.functions[1].bins``.
 Relative paths in a config file are taken relative to the folder of that file.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,9 +54,9 @@ class SimulateConfig(Strict):
     ``(seed, i)``. Pump-probe signal: laser-on events at a positive delay have ``1 + pump`` times the photons."""
 
     scan: SimScanConfig | None = None
-    laser_off_every: int = Field(0, ge=0)   # every N-th event (index % N == 0) the laser is off; 0: always on
-    xray_off_every: int = Field(0, ge=0)    # every N-th event (index % N == N - 1) has no X-rays (dropped shot)
-    i0: bool = True                         # write ipm/sum, the shot's intensity (mean 1), scaling the photons
+    laser_off_every: int = Field(0, ge=0)  # every N-th event (index % N == 0) the laser is off; 0: always on
+    xray_off_every: int = Field(0, ge=0)  # every N-th event (index % N == N - 1) has no X-rays (dropped shot)
+    i0: bool = True  # write ipm/sum, the shot's intensity (mean 1), scaling the photons
     pump: float = Field(0.3, ge=0.0)
 
 
@@ -88,8 +89,10 @@ class SourceConfig(Strict):
             raise ValueError("follow: a simulated run is complete from the start; follow an hdf5 or psana source")
         unused = sorted(self.model_fields_set - {"type", "events", *self.KEYS[self.type]})
         if unused:
-            raise ValueError(f"{', '.join(unused)}: not used by a {self.type} source "
-                             f"(a {self.type} source takes {', '.join(('events',) + self.KEYS[self.type])})")
+            raise ValueError(
+                f"{', '.join(unused)}: not used by a {self.type} source "
+                f"(a {self.type} source takes {', '.join(('events',) + self.KEYS[self.type])})"
+            )
         if self.type == "sim" and self.events is None:
             self.events = 1000
         if self.type == "hdf5" and not self.path:
@@ -178,8 +181,10 @@ class DetectorConfig(Strict):
         if self.shape is not None and model.panel_shape is not None:
             panel = tuple(self.shape[-2:])
             if panel != tuple(model.panel_shape):
-                raise ValueError(f"shape: a {self.type} panel is {model.panel_shape[0]} x {model.panel_shape[1]} "
-                                 f"pixels, not {panel[0]} x {panel[1]}")
+                raise ValueError(
+                    f"shape: a {self.type} panel is {model.panel_shape[0]} x {model.panel_shape[1]} "
+                    f"pixels, not {panel[0]} x {panel[1]}"
+                )
         return self
 
     def panel_shape(self) -> tuple[int, int, int] | None:
@@ -246,16 +251,19 @@ class CubeBinsConfig(Strict):
     def _one_way(self):
         ways = [k for k in ("edges", "n", "width", "steps") if getattr(self, k) not in (None, False)]
         if len(ways) != 1:
-            raise ValueError(f"give one of edges, n (with range), width (with range), steps: true; got "
-                             f"{', '.join(ways) or 'none'}")
+            raise ValueError(
+                f"give one of edges, n (with range), width (with range), steps: true; got {', '.join(ways) or 'none'}"
+            )
         if self.edges is not None:
             if self.range is not None:
                 raise ValueError("range: not used with edges")
             if any(b <= a for a, b in zip(self.edges, self.edges[1:])):
                 raise ValueError(f"edges: must increase, not {self.edges}")
         if (self.n is not None or self.width is not None) and (self.range is None or not self.range[0] < self.range[1]):
-            raise ValueError(f"range: [lo, hi] with lo < hi is needed with {'n' if self.n else 'width'}"
-                             + (f", not {self.range}" if self.range else ""))
+            raise ValueError(
+                f"range: [lo, hi] with lo < hi is needed with {'n' if self.n else 'width'}"
+                + (f", not {self.range}" if self.range else "")
+            )
         if self.steps and self.range is not None:
             raise ValueError("range: not used with steps")
         return self
@@ -332,8 +340,15 @@ def _did_you_mean(key) -> str:
 
     from ..funcs import FUNCTIONS
 
-    models = [RunConfig, SourceConfig, DetectorConfig, MaskConfig, CommonModeConfig, EventFunctionConfig,
-              *(f.Params for f in FUNCTIONS.values())]
+    models = [
+        RunConfig,
+        SourceConfig,
+        DetectorConfig,
+        MaskConfig,
+        CommonModeConfig,
+        EventFunctionConfig,
+        *(f.Params for f in FUNCTIONS.values()),
+    ]
     known = sorted({k for m in models for k in m.model_fields} | {"children"})  # type: ignore[attr-defined]
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -362,8 +377,9 @@ class FunctionSpec:
         return f"FunctionSpec({self.type}, {self.params!r}, children={self.children})"
 
 
-def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, ...] = "image",
-                    parent: str | None = None) -> list[FunctionSpec]:
+def parse_functions(
+    entries: list[dict], prefix: tuple, given: str | tuple[str, ...] = "image", parent: str | None = None
+) -> list[FunctionSpec]:
     """Validate function entries against each function's own parameter model (recursively).
 
     ``given`` is what the entries receive, one kind or a tuple of kinds (the detector's frames are an
@@ -385,13 +401,20 @@ def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, 
         if ftype is None:
             raise ConfigError(f"config: {key_path(loc + ('type',))}: required key missing")
         if not isinstance(ftype, str) or ftype not in FUNCTIONS:
-            raise ConfigError(f"config: {key_path(loc + ('type',))}: unknown function {ftype!r}; known: {', '.join(sorted(FUNCTIONS))}")
+            raise ConfigError(
+                f"config: {key_path(loc + ('type',))}: unknown function {ftype!r}; known: {', '.join(sorted(FUNCTIONS))}"
+            )
         cls = FUNCTIONS[ftype]
         if not any(k in cls.takes for k in given):
-            where = (f"under {parent}, which passes on {' and '.join(given)}" if parent
-                     else "at the top level (on the detector's frames)")
-            hint = (f"; {ftype} must be a child of a function that passes on {' or '.join(cls.takes)} ("
-                    f"{', '.join(sorted(t for t, f in FUNCTIONS.items() if set(kinds(f.passes)) & set(cls.takes)))})")
+            where = (
+                f"under {parent}, which passes on {' and '.join(given)}"
+                if parent
+                else "at the top level (on the detector's frames)"
+            )
+            hint = (
+                f"; {ftype} must be a child of a function that passes on {' or '.join(cls.takes)} ("
+                f"{', '.join(sorted(t for t, f in FUNCTIONS.items() if set(kinds(f.passes)) & set(cls.takes)))})"
+            )
             raise ConfigError(f"config: {key_path(loc + ('type',))}: {ftype} cannot work {where}{hint}")
         children = entry.pop("children", []) or []
         if not isinstance(children, list):
@@ -402,26 +425,50 @@ def parse_functions(entries: list[dict], prefix: tuple, given: str | tuple[str, 
             params = cls.Params.model_validate(entry)
         except ValidationError as exc:
             raise _first_error(exc, loc) from None
-        specs.append(FunctionSpec(ftype, params, parse_functions(children, loc + ("children",), cls.passes, ftype),  # type: ignore[arg-type]
-                                  key_path(loc)))
+        specs.append(
+            FunctionSpec(
+                ftype,
+                params,
+                parse_functions(children, loc + ("children",), cls.passes, ftype),  # type: ignore[arg-type]
+                key_path(loc),
+            )
+        )
     return specs
 
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 """Detector and function names are identifiers: they become HDF5 group and dataset names."""
-RESERVED = frozenset({"timestamp", "event_index", "Sums", "UserDataCfg", "lightStatus", "scan", "epics",
-                      "epicsOnce", "fiducials", "event_time", "damaged", "damage"})
+RESERVED = frozenset(
+    {
+        "timestamp",
+        "event_index",
+        "Sums",
+        "UserDataCfg",
+        "lightStatus",
+        "scan",
+        "epics",
+        "epicsOnce",
+        "fiducials",
+        "event_time",
+        "damaged",
+        "damage",
+    }
+)
 """Names the result file uses at its root (SPEC 8, 10): no detector may take them."""
 
 
 def check_name(name, loc: tuple, what: str) -> None:
     """ConfigError unless ``name`` is an identifier (and, for a detector, not a reserved root name)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ConfigError(f"config: {key_path(loc)}: {what} name {name!r} is not an identifier (a letter or '_', "
-                          f"then letters, digits, '_'): it names groups and datasets in the result file")
+        raise ConfigError(
+            f"config: {key_path(loc)}: {what} name {name!r} is not an identifier (a letter or '_', "
+            f"then letters, digits, '_'): it names groups and datasets in the result file"
+        )
     if what == "detector" and name in RESERVED:
-        raise ConfigError(f"config: {key_path(loc)}: detector name {name!r} is reserved: the result file uses "
-                          f"/{name} itself ({', '.join(sorted(RESERVED))})")
+        raise ConfigError(
+            f"config: {key_path(loc)}: detector name {name!r} is reserved: the result file uses "
+            f"/{name} itself ({', '.join(sorted(RESERVED))})"
+        )
 
 
 def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
@@ -436,8 +483,10 @@ def check_function_names(specs: list[FunctionSpec], prefix: tuple) -> None:
         check_name(name, loc + ("name",), "function")
         if name in seen:
             given = "" if spec.params.name else " (the default name of this function: give each a 'name')"  # type: ignore[attr-defined]
-            raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {name!r}, also "
-                              f"{key_path(prefix + (seen[name],))}{given}; their outputs would overwrite each other")
+            raise ConfigError(
+                f"config: {key_path(loc + ('name',))}: duplicate name {name!r}, also "
+                f"{key_path(prefix + (seen[name],))}{given}; their outputs would overwrite each other"
+            )
         seen[name] = i
         check_function_names(spec.children, loc + ("children",))
 
@@ -504,7 +553,9 @@ def validate_config(data: Any, base_dir: str | Path = ".") -> RunConfig:
         det.constants = _resolve(base, det.constants)
         det.mask.user = _resolve(base, det.mask.user)
         if cfg.source.type in ("sim", "hdf5") and det.panel_shape() is None:
-            raise ConfigError(f"config: detectors.{name}.shape: required for a {det.type} in a {cfg.source.type} source")
+            raise ConfigError(
+                f"config: detectors.{name}.shape: required for a {det.type} in a {cfg.source.type} source"
+            )
         if cfg.source.type == "hdf5" and not det.dataset:
             raise ConfigError(f"config: detectors.{name}.dataset: required for an hdf5 source")
         specs[name] = parse_functions(det.functions, ("detectors", name, "functions"))
@@ -532,19 +583,29 @@ def check_context_name(name, loc: tuple, cfg: RunConfig) -> None:
         if i == 1 and parts[0] == "epics" and isinstance(p, str) and EPICS_PV.fullmatch(p):
             continue  # a PV name as EPICS spells it (HX2:DVD:GCC:01:PMON)
         if not isinstance(p, str) or not NAME.fullmatch(p):
-            raise ConfigError(f"config: {key_path(loc)}: context name {name!r} must be identifiers joined by '/' "
-                              f"(e.g. ipm/sum): it names a dataset at the root of the result")
+            raise ConfigError(
+                f"config: {key_path(loc)}: context name {name!r} must be identifiers joined by '/' "
+                f"(e.g. ipm/sum): it names a dataset at the root of the result"
+            )
     root = parts[0]
     if root in cfg.detectors or root in {ef.name for ef in cfg.event_functions}:
-        raise ConfigError(f"config: {key_path(loc)}: context name {name!r} is under /{root}, which the detector "
-                          f"or event function {root!r} writes")
+        raise ConfigError(
+            f"config: {key_path(loc)}: context name {name!r} is under /{root}, which the detector "
+            f"or event function {root!r} writes"
+        )
     if root in RESERVED:
-        ok = (root in CONTEXT_ROOTS and len(parts) == 2
-              and (root != "lightStatus" or parts[1] in ("xray", "laser")))
+        ok = root in CONTEXT_ROOTS and len(parts) == 2 and (root != "lightStatus" or parts[1] in ("xray", "laser"))
         if not ok:
-            raise ConfigError(f"config: {key_path(loc)}: context name {name!r}: under /{root} only "
-                              + ("lightStatus/xray and lightStatus/laser" if root == "lightStatus" else
-                                 f"{root}/<name>" if root in CONTEXT_ROOTS else "what gpusmall writes itself"))
+            raise ConfigError(
+                f"config: {key_path(loc)}: context name {name!r}: under /{root} only "
+                + (
+                    "lightStatus/xray and lightStatus/laser"
+                    if root == "lightStatus"
+                    else f"{root}/<name>"
+                    if root in CONTEXT_ROOTS
+                    else "what gpusmall writes itself"
+                )
+            )
 
 
 def _check_context(cfg: RunConfig) -> None:
@@ -556,16 +617,23 @@ def _check_context(cfg: RunConfig) -> None:
         if kind == "sim":
             raise ConfigError(f"config: {key_path(loc)}: a sim source makes its own context (source.simulate)")
         if kind == "hdf5" and not where.startswith("/"):
-            raise ConfigError(f"config: {key_path(loc)}: {where!r}: a dataset of the raw file, from its root "
-                              f"(e.g. /ipm2/sum)")
+            raise ConfigError(
+                f"config: {key_path(loc)}: {where!r}: a dataset of the raw file, from its root (e.g. /ipm2/sum)"
+            )
         if kind == "psana" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", where):
-            raise ConfigError(f"config: {key_path(loc)}: {where!r}: a psana detector and its field, e.g. "
-                              f"gmd.raw.milliJoulesPerPulse")
+            raise ConfigError(
+                f"config: {key_path(loc)}: {where!r}: a psana detector and its field, e.g. gmd.raw.milliJoulesPerPulse"
+            )
     psana_only = [k for k in ("epics", "scan", "light_status") if k in ctx.model_fields_set]
     if psana_only and kind != "psana":
-        raise ConfigError(f"config: context.{psana_only[0]}: read from psana runs only (this source is {kind}"
-                          + ("; its context comes from source.simulate)" if kind == "sim"
-                             else "; map its datasets with context.values)"))
+        raise ConfigError(
+            f"config: context.{psana_only[0]}: read from psana runs only (this source is {kind}"
+            + (
+                "; its context comes from source.simulate)"
+                if kind == "sim"
+                else "; map its datasets with context.values)"
+            )
+        )
     for i, pv in enumerate(ctx.epics):
         check_context_name(f"epics/{pv}", ("context", "epics", i), cfg)
 
@@ -602,7 +670,9 @@ def _check_selections_and_cube(cfg: RunConfig, base: Path) -> None:
         raise ConfigError(f"config: {exc}") from None
     for det in cube.detectors or {}:  # type: ignore[assignment]
         if det not in cfg.detectors:
-            raise ConfigError(f"config: cube.detectors.{det}: no detector {det!r} (detectors: {', '.join(cfg.detectors)})")
+            raise ConfigError(
+                f"config: cube.detectors.{det}: no detector {det!r} (detectors: {', '.join(cfg.detectors)})"
+            )
     if cube.output is not None:
         cube.output = _resolve(base, cube.output)
 
@@ -616,16 +686,22 @@ def _check_event_functions(cfg: RunConfig, base: Path) -> None:
         loc = ("event_functions", i)
         check_name(ef.name, loc + ("name",), "event function")
         if ef.name in RESERVED or ef.name in cfg.detectors:
-            raise ConfigError(f"config: {key_path(loc + ('name',))}: {ef.name!r} is taken (a detector or a name the "
-                              f"result file uses at its root)")
+            raise ConfigError(
+                f"config: {key_path(loc + ('name',))}: {ef.name!r} is taken (a detector or a name the "
+                f"result file uses at its root)"
+            )
         if ef.name in seen:
-            raise ConfigError(f"config: {key_path(loc + ('name',))}: duplicate name {ef.name!r}, also "
-                              f"{key_path(('event_functions', seen[ef.name]))}")
+            raise ConfigError(
+                f"config: {key_path(loc + ('name',))}: duplicate name {ef.name!r}, also "
+                f"{key_path(('event_functions', seen[ef.name]))}"
+            )
         seen[ef.name] = i
         for j, det in enumerate(ef.detectors):
             if det not in cfg.detectors:
-                raise ConfigError(f"config: {key_path(loc + ('detectors', j))}: no detector {det!r} "
-                                  f"(detectors: {', '.join(cfg.detectors)})")
+                raise ConfigError(
+                    f"config: {key_path(loc + ('detectors', j))}: no detector {det!r} "
+                    f"(detectors: {', '.join(cfg.detectors)})"
+                )
         try:
             PythonParams.model_validate({"function": ef.function})
         except ValidationError as exc:
@@ -652,7 +728,9 @@ def read_config_file(path) -> dict:
         return yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, TypeError, RecursionError) as exc:
         line = str(exc).splitlines()
-        raise ConfigError(f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {' '.join(line)[:200]}") from None
+        raise ConfigError(
+            f"config: {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {' '.join(line)[:200]}"
+        ) from None
 
 
 def load_config(path) -> RunConfig:

@@ -3,6 +3,7 @@
 :func:`check_run_context` makes the run's :class:`~gpusmall.selections.Selections` (with the built-ins the context
 allows) and refuses, naming the key, a selection, sum or cube that reads a value the source does not deliver.
 """
+
 from __future__ import annotations
 
 from ..errors import InputError
@@ -25,8 +26,10 @@ def check_run_context(cfg, source) -> Selections:
         if cube is not None:
             for key, value in (("cube.by", cube.by), ("cube.norm", cube.norm)):
                 if value is not None and value not in names:
-                    raise SelectionError(f"{key}: {value!r} is not a per-event value of {where} (there are: "
-                                         f"{', '.join(sorted(names)) or 'none'}{_hint(cfg)})")
+                    raise SelectionError(
+                        f"{key}: {value!r} is not a per-event value of {where} (there are: "
+                        f"{', '.join(sorted(names)) or 'none'}{_hint(cfg)})"
+                    )
             if cube.selection is not None:
                 selections.require(cube.selection, "cube.selection")
             for i, s in enumerate(cube.split):

@@ -16,6 +16,7 @@ the host from the batch's columns. Under MPI every rank writes its sums to a par
 (:func:`merge_cube_parts`), keyed by bin (the value of a step): the cube does not depend on ranks or batches
 (counts exactly, sums to float64 rounding).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,18 @@ from .memory import USABLE_FRACTION, available_device_bytes, available_host_byte
 log = logging.getLogger(__name__)
 
 CUBE_THREADS = 256
-CUBE_ADD = KernelSpec("sums.cu", "cube_add",
-                      lambda a: (blocks_1d(int(a["npix"]), CUBE_THREADS, 65535), (CUBE_THREADS,), 0),
-                      "gpusmall.producer.cube:cube_add_numpy",
-                      sizes=lambda a: dict(data=int(a["events"]) * int(a["npix"]), rows=int(a["splits"]) * int(a["events"]),
-                                           sum=int(a["npix"]), sq=int(a["npix"])))
+CUBE_ADD = KernelSpec(
+    "sums.cu",
+    "cube_add",
+    lambda a: (blocks_1d(int(a["npix"]), CUBE_THREADS, 65535), (CUBE_THREADS,), 0),
+    "gpusmall.producer.cube:cube_add_numpy",
+    sizes=lambda a: dict(
+        data=int(a["events"]) * int(a["npix"]),
+        rows=int(a["splits"]) * int(a["events"]),
+        sum=int(a["npix"]),
+        sq=int(a["npix"]),
+    ),
+)
 STEP_ROWS = 4  # device rows (bins) a ``steps`` cube keeps per split: a batch rarely spans more steps
 MEANS_NOTE = "means are <key>_sum / bins/count (sums and counts per bin; bins/count per split when split)"
 
@@ -159,8 +167,9 @@ class DetectorCube:
         s, sq = to_host(self.sum), None if self.sq is None else to_host(self.sq)
         for bin_id, k in self.slot.items():
             rows = slice(k * self.splits, (k + 1) * self.splits)
-            have = self.host.setdefault(bin_id, [np.zeros((self.splits, self.npix)), None if sq is None else
-                                                 np.zeros((self.splits, self.npix))])
+            have = self.host.setdefault(
+                bin_id, [np.zeros((self.splits, self.npix)), None if sq is None else np.zeros((self.splits, self.npix))]
+            )
             have[0] += s[rows]
             if sq is not None:
                 have[1] += sq[rows]
@@ -199,9 +208,17 @@ class DetectorCube:
             return
         xp = self.backend.xp
         sq = self.sq if self.sq is not None else self.sum  # not written without with_square
-        CUBE_ADD.launch(self.backend, data=xp.ascontiguousarray(flat, dtype=xp.float32),
-                        rows=self.backend.to_device(rows), events=n, splits=self.splits, npix=self.npix,
-                        sum=self.sum, sq=sq, with_square=self.sq is not None)
+        CUBE_ADD.launch(
+            self.backend,
+            data=xp.ascontiguousarray(flat, dtype=xp.float32),
+            rows=self.backend.to_device(rows),
+            events=n,
+            splits=self.splits,
+            npix=self.npix,
+            sum=self.sum,
+            sq=sq,
+            with_square=self.sq is not None,
+        )
 
     def _add_numpy(self, flat: np.ndarray, rows: np.ndarray) -> None:
         """:func:`cube_add_numpy` over chunks of pixels, on ``backend.threads`` threads (NumPy drops the GIL)."""
@@ -214,8 +231,11 @@ class DetectorCube:
 
             self._pool = ThreadPoolExecutor(self.backend.threads, thread_name_prefix="gpusmall-cube")
         sq = self.sq
-        list(self._pool.map(lambda c: cube_add_numpy(flat[:, c], rows, self.sum[:, c], None if sq is None
-                                                     else sq[:, c]), chunks))
+        list(
+            self._pool.map(
+                lambda c: cube_add_numpy(flat[:, c], rows, self.sum[:, c], None if sq is None else sq[:, c]), chunks
+            )
+        )
 
     def host_sums(self) -> dict[int, list]:
         """bin id -> [sum (S, npix) float64, sq (S, npix) float64 or None], everything moved to the host."""
@@ -250,8 +270,10 @@ class RunCube:
             for i, k in enumerate(keys):
                 have = outputs[name]
                 if k not in have:
-                    raise InputError(f"cube.detectors.{name}.outputs[{i}]: detector {name} has no per-event output "
-                                     f"{k!r} (it has: {', '.join(sorted(have)) or 'none'})")
+                    raise InputError(
+                        f"cube.detectors.{name}.outputs[{i}]: detector {name} has no per-event output "
+                        f"{k!r} (it has: {', '.join(sorted(have)) or 'none'})"
+                    )
                 shape, dtype = have[k]
                 if np.dtype(dtype).kind not in "biuf":
                     raise InputError(f"cube.detectors.{name}.outputs[{i}]: {k!r} holds {dtype}, not numbers")
@@ -274,8 +296,9 @@ class RunCube:
         total = 0
         for name, d in dets.items():
             if d is None or d.frame:
-                total += DetectorCube.nbytes(pipelines[name].shape, max(1, len(cfg.split)), rows,
-                                             d is not None and d.square)
+                total += DetectorCube.nbytes(
+                    pipelines[name].shape, max(1, len(cfg.split)), rows, d is not None and d.square
+                )
         return total, "cube.bins" if b.n_known else "cube.bins.max_bins"
 
     # -- per batch ---------------------------------------------------------------------------------
@@ -376,8 +399,9 @@ class RunCube:
         return write_cube_file(path, self.cfg, bins, data, dict(self.info), source, part, complete)
 
 
-def write_cube_file(path, cfg, bins: dict, data: dict, info: dict, source: str, part: bool,
-                    complete: bool = True) -> Path:
+def write_cube_file(
+    path, cfg, bins: dict, data: dict, info: dict, source: str, part: bool, complete: bool = True
+) -> Path:
     """The cube file (SPEC 10): ``/bins/centers``, ``/bins/edges`` (fixed bins), ``/bins/count``, ``/bins/split``,
     ``/<key>_sum``; with no split the split axis is dropped. A part keeps the split axis and ``/bins/keys``."""
     path = Path(path)
@@ -446,8 +470,10 @@ def merge_cube_parts(out, parts: list[Path], cfg, source: str = "", complete: bo
     for name, per in totals.items():
         first = next(iter(per.values()))
         data[name] = np.stack([per.get(k, np.zeros_like(first)) for k in order], axis=1)
-    bins = {"count": np.stack([count[k] for k in order], axis=1) if order else np.zeros((S, 0), np.int64),
-            "keys": np.asarray(order, np.float64)}
+    bins = {
+        "count": np.stack([count[k] for k in order], axis=1) if order else np.zeros((S, 0), np.int64),
+        "keys": np.asarray(order, np.float64),
+    }
     if edges is not None:
         bins["edges"] = edges
     info = {("events" if k == "events" else k.removeprefix("events_")): v for k, v in info.items()}
@@ -464,9 +490,11 @@ def check_cube_fits(cfg, pipelines: dict, backend) -> None:
     have = int(have * USABLE_FRACTION * 0.5)  # the other half: batches, constants, outputs
     if need > have:
         where = "GPU" if backend.is_gpu else "host"
-        raise InputError(f"{key}: the cube's sums (bins x splits x pixels, float64) need {gib(need)} of {where} "
-                         f"memory, about {gib(have)} is free for them; use fewer bins or splits, or leave out "
-                         f"detectors' frames (cube.detectors.<det>.frame: false)")
+        raise InputError(
+            f"{key}: the cube's sums (bins x splits x pixels, float64) need {gib(need)} of {where} "
+            f"memory, about {gib(have)} is free for them; use fewer bins or splits, or leave out "
+            f"detectors' frames (cube.detectors.<det>.frame: false)"
+        )
 
 
 def default_cube_path(output: Path) -> Path:

@@ -9,6 +9,7 @@ The function is called once at set-up on one event of zeros of every detector, w
 shapes and dtypes (as for ``type: python`` under a detector). Its results come back to the host once per
 batch (one more device->host copy on a GPU).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,7 +23,12 @@ class EventFunction:
     """One entry of ``event_functions`` (a validated ``EventFunctionConfig``), loaded and checked."""
 
     def __init__(self, cfg, index: int):
-        self.name, self.detectors, self.params, self.spec = cfg.name, list(cfg.detectors), dict(cfg.params), cfg.function
+        self.name, self.detectors, self.params, self.spec = (
+            cfg.name,
+            list(cfg.detectors),
+            dict(cfg.params),
+            cfg.function,
+        )
         try:
             self.fn = load_callable(cfg.function)
         except InputError as exc:

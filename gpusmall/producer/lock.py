@@ -6,6 +6,7 @@ output, ``.<name>.lock``, holding ``pid@host`` of the holder. The kernel drops t
 ends, however it ends (SIGKILL included), so a stale lock file never blocks a later run. On a file system
 without ``flock`` (some Lustre mounts) the lock is skipped with a warning.
 """
+
 from __future__ import annotations
 
 import errno
@@ -51,11 +52,17 @@ class OutputLock:
                 holder = _read(fd)
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise InputError(f"{self.what}: {str(self.path)!r} is being written by another gpusmall run "
-                                     f"({holder or 'unknown process'}); wait for it to end or choose another "
-                                     f"output") from None
-                log.warning("%s: cannot lock %s (%s): a second run on this output would not be stopped",
-                            self.what, self.lock_file, exc.strerror)
+                    raise InputError(
+                        f"{self.what}: {str(self.path)!r} is being written by another gpusmall run "
+                        f"({holder or 'unknown process'}); wait for it to end or choose another "
+                        f"output"
+                    ) from None
+                log.warning(
+                    "%s: cannot lock %s (%s): a second run on this output would not be stopped",
+                    self.what,
+                    self.lock_file,
+                    exc.strerror,
+                )
                 return self
             if _same_file(fd, self.lock_file):
                 os.ftruncate(fd, 0)

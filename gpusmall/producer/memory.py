@@ -12,6 +12,7 @@ Both raise :class:`~gpusmall.errors.InputError` naming the key to change (``batc
 ``detectors.<det>.shape``, the function with the largest output). The estimates are deliberately rough
 (a factor for temporaries): they refuse what cannot fit, not what is tight.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,15 +78,28 @@ def check_frames_fit(cfg, batch_size: int, available: int | None = None) -> None
         model = get_model(det.type)
         constants = pixels * (CONSTANT_BYTES_PER_GAIN * model.n_gains + CONSTANT_BYTES_PER_PIXEL)
         if constants > have:
-            _refuse(f"detectors.{name}.shape", constants, have, "host",
-                    f"a {det.type} of shape {list(shape)} ({pixels:,} pixels)", "check the shape")
+            _refuse(
+                f"detectors.{name}.shape",
+                constants,
+                have,
+                "host",
+                f"a {det.type} of shape {list(shape)} ({pixels:,} pixels)",
+                "check the shape",
+            )
         raw = N_HOST_BUFFERS * batch_size * pixels * 2
         total += constants + raw
         if largest is None or raw > largest[1]:
             largest = (name, raw)
     if total > have:
-        _refuse("batch_size", total, have, "host", f"a batch of {batch_size} events (detector {largest[0]}'s raw "  # type: ignore[index]
-                f"buffers: {gib(largest[1])})", "lower batch_size")  # type: ignore[index]
+        _refuse(
+            "batch_size",
+            total,
+            have,
+            "host",
+            f"a batch of {batch_size} events (detector {largest[0]}'s raw "  # type: ignore[index]
+            f"buffers: {gib(largest[1])})",  # type: ignore[index]
+            "lower batch_size",
+        )
 
 
 def check_run_fits(pipelines: dict, batch_size: int, backend, available: int | None = None) -> None:
@@ -118,5 +132,11 @@ def check_run_fits(pipelines: dict, batch_size: int, backend, available: int | N
     if host > have:
         _refuse(key, host, have, "host", f"a batch of {batch_size} events", hint)
     if device_have is not None and device > device_have * USABLE_FRACTION:
-        _refuse("batch_size", device, int(device_have * USABLE_FRACTION), "GPU", f"a batch of {batch_size} events",
-                "lower batch_size")
+        _refuse(
+            "batch_size",
+            device,
+            int(device_have * USABLE_FRACTION),
+            "GPU",
+            f"a batch of {batch_size} events",
+            "lower batch_size",
+        )

@@ -8,6 +8,7 @@
 Random-access sources (sim, hdf5) are split by :func:`block_range`: contiguous blocks of whole batches,
 balanced to within one batch, in rank order, so concatenating the ranks' outputs gives event order.
 """
+
 from __future__ import annotations
 
 import logging

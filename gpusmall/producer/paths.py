@@ -5,6 +5,7 @@ HDF5 file, a constants file or a mask would destroy that input; a folder that ca
 would fail only after the events were reduced. :func:`check_output` raises
 :class:`~gpusmall.errors.InputError` (exit 2) for both, naming the key or option.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,9 @@ def _other_data(p: Path, kind: str = "result") -> str | None:
     return None if has == kind else f"a gpusmall {has} file (this writes a {kind} file)"
 
 
-def check_output(path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False,
-                 kind: str = "result") -> Path:
+def check_output(
+    path, what: str, inputs: dict[str, Path] | None = None, results_only: bool = False, kind: str = "result"
+) -> Path:
     """InputError unless ``path`` can be created or overwritten and is none of ``inputs``.
 
     ``what`` names the key or option in the message (``output``, ``--out``, ``--png``). Missing
@@ -110,8 +112,10 @@ def check_output(path, what: str, inputs: dict[str, Path] | None = None, results
             raise InputError(f"{what}: {str(p)!r} is also {key}; writing it would destroy that input")
     other = _other_data(p, kind) if results_only else None
     if other:
-        raise InputError(f"{what}: {str(p)!r} exists and is {other}; gpusmall overwrites only files it wrote: "
-                         f"remove it or choose another output")
+        raise InputError(
+            f"{what}: {str(p)!r} exists and is {other}; gpusmall overwrites only files it wrote: "
+            f"remove it or choose another output"
+        )
     if p.is_dir():
         raise InputError(f"{what}: {str(p)!r} is a folder; give a file name")
     folder = p.absolute().parent

@@ -3,6 +3,7 @@
 Everything that depends only on constants and geometry is built here once and kept on the device;
 :meth:`DetectorPipeline.process` then handles one raw batch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,12 +58,17 @@ class DetectorPipeline:
         elif src.constants is not None:
             c = validate_constants(name, model, shape, src.constants)
         elif model.n_gains == 1:
-            log.warning("detector %s: no constants file: pedestal 0 and gain 1 (raw ADU); set detectors.%s.constants "
-                        "for a calibrated run", name, name)
+            log.warning(
+                "detector %s: no constants file: pedestal 0 and gain 1 (raw ADU); set detectors.%s.constants "
+                "for a calibrated run",
+                name,
+                name,
+            )
             c = default_constants(model, shape)
         else:
-            raise ConstantsError(f"detector {name}: a {model.type} needs a constants file with pedestals "
-                                 f"(detectors.{name}.constants)")
+            raise ConstantsError(
+                f"detector {name}: a {model.type} needs a constants file with pedestals (detectors.{name}.constants)"
+            )
         # the run's own pixel configuration decides (SPEC 1); the constants file's only when the run has none
         c.config_bits = select_config_bits(name, shape, c.config_bits, src.config_bits)
         model.check_raw_dtype(name, src.dtype)  # before any event: gain bits need integer raw data
@@ -74,44 +80,86 @@ class DetectorPipeline:
         else:
             x, y, z = default_geometry(shape, pixel_um)  # type: ignore[arg-type]
             if not (cfg.pixel_um or model.pixel_um) and _uses_geometry(specs):
-                log.warning("detector %s: no pixel_um and no x, y in the constants: azav takes 1 um pixels (pixel "
-                            "units); set detectors.%s.pixel_um", name, name)
+                log.warning(
+                    "detector %s: no pixel_um and no x, y in the constants: azav takes 1 um pixels (pixel "
+                    "units); set detectors.%s.pixel_um",
+                    name,
+                    name,
+                )
         self.constants = c
         self.segments = src.segments  # psana's segment numbers, or None
         self.geometry = tuple(np.asarray(a, np.float32) for a in (x, y, z))
         m = cfg.mask
-        self.mask, self.cmask = static_mask(name, model, shape, c, status=m.status, edges=m.edges,
-                                            central=m.central, unbonded=m.unbonded, neighbours=m.neighbours,
-                                            user=m.user, calib=m.calib)
+        self.mask, self.cmask = static_mask(
+            name,
+            model,
+            shape,
+            c,
+            status=m.status,
+            edges=m.edges,
+            central=m.central,
+            unbonded=m.unbonded,
+            neighbours=m.neighbours,
+            user=m.user,
+            calib=m.calib,
+        )
         # a gain range the run can meet must have pedestals (SPEC 2): refused here, or (gain mode unknown
         # before the events) its pixels are bad in those events through the model's decoding
         where = repr(str(cfg.constants)) if cfg.constants else "(from the source)"
         self.model = model = check_measured_ranges(name, model, where, c, self.mask)
         self.common_mode = make_common_mode(name, cfg.common_mode, model, c, backend)
-        self.calibrator = Calibrator(model, c, self.mask, backend, units=cfg.units,
-                                     photon_energy_kev=cfg.photon_energy_kev, common_mode=self.common_mode,
-                                     det=name)
+        self.calibrator = Calibrator(
+            model,
+            c,
+            self.mask,
+            backend,
+            units=cfg.units,
+            photon_energy_kev=cfg.photon_energy_kev,
+            common_mode=self.common_mode,
+            det=name,
+        )
         if model.invalid_ranges:  # the CUDA kernels decode gain ranges themselves: take the xp path
             self.calibrator.use_kernel = False
         noise = c.noise if c.noise is None or c.noise.ndim == 3 else c.noise[0]
         saturation = cfg.saturation if cfg.saturation is not None else model.saturation_value(src.dtype)
         to_dev = backend.to_device
-        self.ctx = FrameContext(det=name, model=model, backend=backend, shape=shape, mask=to_dev(self.mask),  # type: ignore[arg-type]
-                                noise=to_dev(noise), x=to_dev(self.geometry[0]), y=to_dev(self.geometry[1]),
-                                z=to_dev(self.geometry[2]), units=cfg.units, saturation=saturation,
-                                pixel_um=pixel_um, mask_value=cfg.mask_value)
+        self.ctx = FrameContext(
+            det=name,
+            model=model,
+            backend=backend,
+            shape=shape,  # type: ignore[arg-type]
+            mask=to_dev(self.mask),
+            noise=to_dev(noise),
+            x=to_dev(self.geometry[0]),
+            y=to_dev(self.geometry[1]),
+            z=to_dev(self.geometry[2]),
+            units=cfg.units,
+            saturation=saturation,
+            pixel_um=pixel_um,
+            mask_value=cfg.mask_value,
+        )
         self.raw_dtype = np.dtype(src.dtype)
         self.functions = [build_function(s) for s in specs]
         self.function_paths = [s.path for s in specs]  # config key path of each, for messages
         self._setup_event = None  # see setup_event
         for f in self.functions:
             f.setup(self.ctx)
-        self.sums = RunSums(cfg.sums, shape, backend, mask=self.mask, mask_value=cfg.mask_value,
-                            camera=model.type == "camera", selections=selections)
+        self.sums = RunSums(
+            cfg.sums,
+            shape,
+            backend,
+            mask=self.mask,
+            mask_value=cfg.mask_value,
+            camera=model.type == "camera",
+            selections=selections,
+        )
         self.cube = None  # the run's producer.cube.RunCube, when it sums this detector's frames
         # NumPy with threads: the events of a batch are split over a pool of this pipeline's
-        self.pool = (ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
-                     if not backend.is_gpu and backend.threads > 1 else None)
+        self.pool = (
+            ThreadPoolExecutor(backend.threads, thread_name_prefix=f"gpusmall-{name}")
+            if not backend.is_gpu and backend.threads > 1
+            else None
+        )
 
     def _accumulate(self, data, keep, events, cube_ids) -> None:
         """Run sums and cube rows of a block of calibrated events."""
@@ -150,8 +198,12 @@ class DetectorPipeline:
 
         done = list(self.pool.map(block, blocks))
         for which, (frames, out) in zip(blocks, done):
-            self._accumulate(frames.data, None if keep is None else keep[which], frames.events,
-                             None if cube_ids is None else cube_ids[:, which])
+            self._accumulate(
+                frames.data,
+                None if keep is None else keep[which],
+                frames.events,
+                None if cube_ids is None else cube_ids[:, which],
+            )
             if frames_out is not None:
                 frames_out.append((frames, out))
         return {k: np.concatenate([out[k] for _, out in done]) for k in done[0][1]}
@@ -166,8 +218,9 @@ class DetectorPipeline:
         out = {}
         for path, f in zip(self.function_paths, self.functions):
             bounds = sparse_columns([f]).bounds
-            out[path] = int(sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize
-                                for k, v in by_function[path].items()))
+            out[path] = int(
+                sum(int(v.nbytes) + bounds.get(k, 0) * v.dtype.itemsize for k, v in by_function[path].items())
+            )
         return out
 
     def setup_event(self):
@@ -175,6 +228,7 @@ class DetectorPipeline:
         set-up (event index -1: :data:`~gpusmall.funcs.base.SETUP_EVENT`): what sizes the run's memory and
         fixes what user functions return, before the output file exists."""
         if self._setup_event is None:
+
             def one_event():
                 frames = self.calibrator(self.backend.xp.zeros((1, *self.shape), self.raw_dtype))
                 frames.events = SETUP_EVENT
@@ -202,12 +256,25 @@ class DetectorPipeline:
         from ..analysis.avimage import pixel_grid
 
         c = self.constants
-        out = {"ped": c.pedestal, "gain": c.gain, "noise": c.noise, "rms": c.noise, "status": c.status,
-               "x": self.geometry[0], "y": self.geometry[1], "z": self.geometry[2],
-               "mask": self.mask.astype(np.uint8), "cmask": self.cmask.astype(np.uint8),
-               "config_bits": c.config_bits, "type": self.model.type, "units": self.cfg.units,
-               "shape": np.asarray(self.shape), "pixel_um": float(self.pixel_um), "mask_value": self.cfg.mask_value,
-               "segments": None if self.segments is None else np.asarray(self.segments, np.int32)}
+        out = {
+            "ped": c.pedestal,
+            "gain": c.gain,
+            "noise": c.noise,
+            "rms": c.noise,
+            "status": c.status,
+            "x": self.geometry[0],
+            "y": self.geometry[1],
+            "z": self.geometry[2],
+            "mask": self.mask.astype(np.uint8),
+            "cmask": self.cmask.astype(np.uint8),
+            "config_bits": c.config_bits,
+            "type": self.model.type,
+            "units": self.cfg.units,
+            "shape": np.asarray(self.shape),
+            "pixel_um": float(self.pixel_um),
+            "mask_value": self.cfg.mask_value,
+            "segments": None if self.segments is None else np.asarray(self.segments, np.int32),
+        }
         cm = self.cfg.common_mode.model_dump() if self.cfg.common_mode else dict(self.model.default_common_mode)
         for k, v in cm.items():
             if v is not None:
@@ -224,8 +291,11 @@ class DetectorPipeline:
         for f in self.functions:
             for k, v in f.smalldata_params().items():
                 if k in out:
-                    log.warning("detector %s: parameter %s under smalldata_tools' name is also one of ours; ours "
-                                "is written", self.name, k)
+                    log.warning(
+                        "detector %s: parameter %s under smalldata_tools' name is also one of ours; ours is written",
+                        self.name,
+                        k,
+                    )
                     continue
                 out[k] = v
         return out
@@ -241,6 +311,9 @@ def make_pipelines(cfg, source, backend: Backend) -> dict[str, DetectorPipeline]
     from .context import check_run_context
 
     selections = check_run_context(cfg, source)
-    return {name: DetectorPipeline(name, dcfg, source.detectors[name], cfg.function_specs(name), backend,
-                                   selections=selections)
-            for name, dcfg in cfg.detectors.items()}
+    return {
+        name: DetectorPipeline(
+            name, dcfg, source.detectors[name], cfg.function_specs(name), backend, selections=selections
+        )
+        for name, dcfg in cfg.detectors.items()
+    }

@@ -33,6 +33,7 @@ GPU out of memory: a reduction that raises ``OutOfMemoryError`` (CuPy's, found b
 retried in halves; the smaller size is kept for the rest of the run (logged). If the device slots
 themselves cannot be allocated, batches are uploaded chunk by chunk on the compute stream instead.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -139,10 +140,10 @@ class StagedBatch:
     """A batch on its way: host batch, per detector the raw to reduce (device or host) and damage."""
 
     batch: object
-    raw: dict = field(default_factory=dict)       # name -> device view (events, ...) or host array, or None
-    damaged: dict = field(default_factory=dict)   # name -> host bool (events,)
-    copied: dict = field(default_factory=dict)    # name -> (start, end) CUDA events of its upload
-    slot: dict = field(default_factory=dict)      # name -> device slot (turn) its raw is in
+    raw: dict = field(default_factory=dict)  # name -> device view (events, ...) or host array, or None
+    damaged: dict = field(default_factory=dict)  # name -> host bool (events,)
+    copied: dict = field(default_factory=dict)  # name -> (start, end) CUDA events of its upload
+    slot: dict = field(default_factory=dict)  # name -> device slot (turn) its raw is in
 
     def __len__(self) -> int:
         return len(self.batch)  # type: ignore[arg-type]
@@ -166,7 +167,7 @@ def unpack(host: np.ndarray, layout, order) -> dict[str, np.ndarray]:
     """Host arrays viewed in the bytes of :func:`pack_on_device`'s buffer, in the key ``order``."""
     out, offset = {}, 0
     for k, shape, dtype, nbytes in layout:
-        out[k] = host[offset:offset + nbytes].view(dtype).reshape(shape)
+        out[k] = host[offset : offset + nbytes].view(dtype).reshape(shape)
         offset += nbytes
     return {k: out[k] for k in order}
 
@@ -190,8 +191,14 @@ class PendingColumns:
 class BatchProcessor:
     """Runs the detectors' pipelines on host batches; overlaps uploads with compute; halves on GPU OOM."""
 
-    def __init__(self, pipelines: dict[str, DetectorPipeline], backend: Backend, batch_size: int,
-                 event_functions: list = (), cube=None):  # type: ignore[assignment]
+    def __init__(
+        self,
+        pipelines: dict[str, DetectorPipeline],
+        backend: Backend,
+        batch_size: int,
+        event_functions: list = (),  # type: ignore[assignment]
+        cube=None,
+    ):
         self.pipelines, self.backend = pipelines, backend
         self.event_functions = list(event_functions)  # producer.event_functions.EventFunction
         self._grab = {d for ef in self.event_functions for d in ef.detectors}  # their detectors' frames are kept
@@ -223,8 +230,9 @@ class BatchProcessor:
         if name not in self._slots:
             try:
                 with self.copy_stream:
-                    self._slots[name] = [self.backend.xp.empty((self.batch_size, *raw.shape[1:]), raw.dtype)
-                                         for _ in range(2)]
+                    self._slots[name] = [
+                        self.backend.xp.empty((self.batch_size, *raw.shape[1:]), raw.dtype) for _ in range(2)
+                    ]
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -234,8 +242,10 @@ class BatchProcessor:
                 return None
         slots = self._slots[name]
         if slots[0].shape[1:] != raw.shape[1:] or slots[0].dtype != raw.dtype or len(raw) > self.batch_size:
-            raise ValueError(f"detector {name}: batch of {raw.shape} {raw.dtype} does not fit the device slots "
-                             f"{slots[0].shape} {slots[0].dtype}")
+            raise ValueError(
+                f"detector {name}: batch of {raw.shape} {raw.dtype} does not fit the device slots "
+                f"{slots[0].shape} {slots[0].dtype}"
+            )
         return slots[self._turn]
 
     def stage(self, batch) -> StagedBatch:
@@ -281,7 +291,10 @@ class BatchProcessor:
         pl = self.pipelines[name]
         keep = ~damaged if damaged.any() else None  # damaged events stay out of the run sums
         if self.compute_stream is None:
-            res = {k: np.array(self.backend.to_host(v), copy=True) for k, v in pl.process(raw, keep, events, grab, cube_ids).items()}
+            res = {
+                k: np.array(self.backend.to_host(v), copy=True)
+                for k, v in pl.process(raw, keep, events, grab, cube_ids).items()
+            }
             return (lambda: res), None
         cp = self.backend.xp
         with self.compute_stream:
@@ -347,17 +360,28 @@ class BatchProcessor:
             while start < n:
                 stop = min(n, start + self.chunk)
                 try:
-                    piece, end = self._run_one(name, source[start:stop], damaged[start:stop], copied,
-                                               upload=dev is None, events=info[start:stop], grab=grabbed.get(name),
-                                               cube_ids=None if cube_rows is None else cube_rows[:, start:stop])
+                    piece, end = self._run_one(
+                        name,
+                        source[start:stop],
+                        damaged[start:stop],
+                        copied,
+                        upload=dev is None,
+                        events=info[start:stop],
+                        grab=grabbed.get(name),
+                        cube_ids=None if cube_rows is None else cube_rows[:, start:stop],
+                    )
                     pieces.append(piece)
                     start = stop
                 except Exception as exc:
                     if not is_out_of_memory(exc) or self.chunk <= 1:
                         raise
                     self.chunk = max(1, (stop - start) // 2)
-                    log.warning("GPU out of memory with %d events of %s: retrying in batches of %d",
-                                stop - start, name, self.chunk)
+                    log.warning(
+                        "GPU out of memory with %d events of %s: retrying in batches of %d",
+                        stop - start,
+                        name,
+                        self.chunk,
+                    )
                     print(f"gpusmall: GPU out of memory; batch size now {self.chunk}", file=sys.stderr)
                     try:
                         self.backend.xp.get_default_memory_pool().free_all_blocks()
@@ -410,7 +434,9 @@ class BatchProcessor:
         for det, blocks in grabbed.items():
             frames, out = blocks[0]
             if len(blocks) > 1:  # threads or an out-of-memory split: one batch again
-                frames = Frames(xp.concatenate([b[0].data for b in blocks]), xp.concatenate([b[0].good for b in blocks]))
+                frames = Frames(
+                    xp.concatenate([b[0].data for b in blocks]), xp.concatenate([b[0].good for b in blocks])
+                )
                 out = {k: xp.concatenate([b[1][k] for b in blocks]) for k in out}
             frames.events = info
             batches[det] = UserBatch.of(self.pipelines[det].ctx, frames, out)

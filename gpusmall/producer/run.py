@@ -27,6 +27,7 @@ Damaged events and GPU out-of-memory handling: see :mod:`gpusmall.producer.proce
 count per detector is the ``damaged_events`` attribute of ``/<det>`` and the JSON root attribute
 ``damaged``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -97,8 +98,9 @@ def progress_bar(total: int | None, quiet: bool, desc: str = "gpusmall"):
     """A tqdm bar on stderr with events/s; off with ``quiet`` or when stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="ev", desc=desc, file=sys.stderr, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty())
+    return tqdm(
+        total=total, unit="ev", desc=desc, file=sys.stderr, dynamic_ncols=True, disable=quiet or not sys.stderr.isatty()
+    )
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -148,8 +150,9 @@ class Prefetcher:
         self.source, self.stop_flag = source, stop_flag
         self.free: queue.Queue = queue.Queue()
         for _ in range(N_BUFFERS):
-            self.free.put({name: backend.pinned_empty((batch_size, *d.shape), d.dtype)
-                           for name, d in source.detectors.items()})
+            self.free.put(
+                {name: backend.pinned_empty((batch_size, *d.shape), d.dtype) for name, d in source.detectors.items()}
+            )
         self.ready: queue.Queue = queue.Queue(maxsize=1)
         if stop is None:  # a sequential source of unknown length: read until it runs dry
             self.ranges = ((b, b + batch_size) for b in itertools.count(start, batch_size))
@@ -219,8 +222,15 @@ class Prefetcher:
         self.thread.join(timeout=10)
 
 
-def reduce_run(cfg, backend: Backend, *, events: int | None = None, output: str | Path | None = None,
-               quiet: bool = False, comm: Comm | None = None) -> RunSummary:
+def reduce_run(
+    cfg,
+    backend: Backend,
+    *,
+    events: int | None = None,
+    output: str | Path | None = None,
+    quiet: bool = False,
+    comm: Comm | None = None,
+) -> RunSummary:
     """Reduce the run a validated config describes (this rank's share under MPI); returns what was done."""
     comm = comm or get_comm()
     out_path = Path(output or cfg.output)
@@ -245,8 +255,9 @@ def claim_outputs(cfg, comm: Comm, out_path: Path, what: str) -> list[OutputLock
     cubes, cube_mine = [], []
     if cfg.cube is not None:  # the cube file (and under MPI each rank's part of it)
         cube = cube_path(cfg, out_path)
-        cubes = [(cube, "cube")] + ([(cube_part_path(cube, r), "cube_part") for r in range(comm.size)]
-                                    if comm.size > 1 else [])
+        cubes = [(cube, "cube")] + (
+            [(cube_part_path(cube, r), "cube_part") for r in range(comm.size)] if comm.size > 1 else []
+        )
         cube_mine = ([cube] if comm.rank == 0 else []) + ([cube_part_path(cube, comm.rank)] if comm.size > 1 else [])
     problem, locks = None, []
     try:
@@ -292,8 +303,12 @@ def setup_cube(cfg, pipelines: dict, backend: Backend):
     for name, pl in pipelines.items():
         _, by_function = pl.setup_event()
         per_item = set(sparse_columns(pl.functions).items) | set(sparse_columns(pl.functions).links)
-        outputs[name] = {k: (tuple(v.shape[1:]), v.dtype) for out in by_function.values() for k, v in out.items()
-                         if k not in per_item}
+        outputs[name] = {
+            k: (tuple(v.shape[1:]), v.dtype)
+            for out in by_function.values()
+            for k, v in out.items()
+            if k not in per_item
+        }
     check_cube_fits(cfg.cube, pipelines, backend)
     selections = next(iter(pipelines.values())).sums.selections
     cube = RunCube(cfg.cube, selections, pipelines, backend, outputs)
@@ -302,8 +317,9 @@ def setup_cube(cfg, pipelines: dict, backend: Backend):
     return cube
 
 
-def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, events: int | None,
-            quiet: bool) -> RunSummary:
+def _reduce(
+    cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, events: int | None, quiet: bool
+) -> RunSummary:
     t0 = time.perf_counter()
     done = 0
     error: BaseException | None = None
@@ -316,8 +332,10 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
         if events is not None:
             n = events if n is None else min(n, events)
         if n == 0:
-            raise InputError(f"source: the {cfg.source.type} source has no events"
-                             + (f" ({cfg.source.path})" if cfg.source.path else ""))
+            raise InputError(
+                f"source: the {cfg.source.type} source has no events"
+                + (f" ({cfg.source.path})" if cfg.source.path else "")
+            )
         if n is not None:
             batch_size = min(batch_size, n)  # no buffers for events that do not exist
         if getattr(source, "distributed", False):  # psana's MPI distribution hands this rank its events
@@ -334,14 +352,26 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
         for ef in event_functions:
             ef.setup(pipelines)  # keys, shapes and dtypes fixed before the output is created
         proc = BatchProcessor(pipelines, backend, batch_size, event_functions, cube=cube)
-        with ResultWriter(my_path, chunk_events=batch_size) as writer, \
-                progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar:
-            writer.set_attrs("/", {"gpusmall_version": __version__, "backend": backend.description,
-                                   "config": cfg.model_dump_json(), "rank": comm.rank, "ranks": comm.size,
-                                   "first_event": start, "last_event": -1 if end is None else end,
-                                   "event_index_local": bool(getattr(source, "distributed", False)),
-                                   "event_functions": json.dumps([ef.params_record() for ef in event_functions]),
-                                   "context": json.dumps(sorted(source.context)), "complete": False})
+        with (
+            ResultWriter(my_path, chunk_events=batch_size) as writer,
+            progress_bar(n, quiet or comm.rank != bar_rank, desc) as bar,
+        ):
+            writer.set_attrs(
+                "/",
+                {
+                    "gpusmall_version": __version__,
+                    "backend": backend.description,
+                    "config": cfg.model_dump_json(),
+                    "rank": comm.rank,
+                    "ranks": comm.size,
+                    "first_event": start,
+                    "last_event": -1 if end is None else end,
+                    "event_index_local": bool(getattr(source, "distributed", False)),
+                    "event_functions": json.dumps([ef.params_record() for ef in event_functions]),
+                    "context": json.dumps(sorted(source.context)),
+                    "complete": False,
+                },
+            )
             for name, pl in pipelines.items():
                 writer.write_static(f"UserDataCfg/{name}", pl.user_data_cfg())
             reader = Prefetcher(source, backend, batch_size, start, end, stop)  # type: ignore[arg-type]
@@ -417,10 +447,16 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
                     log.warning("context %s: %d of %d events had no value (NaN or missing)", k, v, done)
             complete = (end is None or done == end - start) and error is None and not stop
             try:  # "complete" last, on its own: a file whose other writes failed never claims it
-                writer.set_attrs("/", {"events": done, "damaged": json.dumps(proc.damaged),
-                                       "context_missing": json.dumps(proc.context_missing),
-                                       "truncated_events": writer.truncated_events,
-                                       "truncated": json.dumps(writer.truncated)})
+                writer.set_attrs(
+                    "/",
+                    {
+                        "events": done,
+                        "damaged": json.dumps(proc.damaged),
+                        "context_missing": json.dumps(proc.context_missing),
+                        "truncated_events": writer.truncated_events,
+                        "truncated": json.dumps(writer.truncated),
+                    },
+                )
                 writer.set_attrs("/", {"complete": complete})
                 writer.close()
             except OutputWriteError as exc:
@@ -430,15 +466,24 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
     truncated_events, truncated = writer.truncated_events, dict(writer.truncated)
     if cube is not None:  # this rank's cube: the cube itself, or its part that rank 0 adds up
         where = cube_path(cfg, out_path)
-        cube.write(where if comm.size == 1 else cube_part_path(where, comm.rank), source=str(out_path),
-                   part=comm.size > 1, complete=complete)
+        cube.write(
+            where if comm.size == 1 else cube_part_path(where, comm.rank),
+            source=str(out_path),
+            part=comm.size > 1,
+            complete=complete,
+        )
     if comm.size > 1:
         all_there = comm.barrier(timeout=BARRIER_TIMEOUT_S)
         if comm.rank == 0 and cube is not None:
             where = cube_path(cfg, out_path)
             parts = [cube_part_path(where, r) for r in range(comm.size)]
-            merge_cube_parts(where, [p for p in parts if p.exists()], cfg.cube, source=str(out_path),
-                             complete=complete and all_there and all(p.exists() for p in parts))
+            merge_cube_parts(
+                where,
+                [p for p in parts if p.exists()],
+                cfg.cube,
+                source=str(out_path),
+                complete=complete and all_there and all(p.exists() for p in parts),
+            )
             for p in parts:  # written by this run's ranks just now (checked and locked as ours at the start)
                 p.unlink(missing_ok=True)
         if comm.rank == 0:
@@ -459,11 +504,23 @@ def _reduce(cfg, backend: Backend, comm: Comm, out_path: Path, my_path: Path, ev
     if error is not None:
         raise error
     dt = time.perf_counter() - t0
-    return RunSummary(out_path, total, dt, backend.name, interrupted=not complete, rank=comm.rank,
-                      ranks=comm.size, local_events=done, damaged=damaged, reason=stop.reason,
-                      device_times=proc.times, truncated_events=truncated_events, truncated=truncated,
-                      cube=None if cube is None else cube_path(cfg, out_path),
-                      cube_info={} if cube is None else dict(cube.info))
+    return RunSummary(
+        out_path,
+        total,
+        dt,
+        backend.name,
+        interrupted=not complete,
+        rank=comm.rank,
+        ranks=comm.size,
+        local_events=done,
+        damaged=damaged,
+        reason=stop.reason,
+        device_times=proc.times,
+        truncated_events=truncated_events,
+        truncated=truncated,
+        cube=None if cube is None else cube_path(cfg, out_path),
+        cube_info={} if cube is None else dict(cube.info),
+    )
 
 
 def config_json(cfg) -> str:

@@ -4,6 +4,7 @@ A source yields :class:`RawBatch` objects: raw arrays (events, panels, rows, col
 the events' timestamps and indices. Sources with random access (sim, hdf5) implement
 :meth:`Source.read`; the producer splits ``[0, n_events)`` into batches (and ranks).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -5,6 +5,7 @@ Names are smalldata_tools': ``lightStatus/xray``, ``lightStatus/laser`` (uint8 0
 lacks in an event is :func:`missing_value`: NaN for floats, -1 for ``scan/varStep``, 255 for the light status
 (neither on nor off, so no selection on it takes the event); the run counts them per name.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -31,6 +31,7 @@ writer only appends, so events that appear in a growing file are taken to be who
 virtual and external datasets are not checked against the end of the file. A batch none of whose
 events can be read, of a file that is no longer an HDF5 file, is an :class:`InputError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -125,7 +126,7 @@ def _read_rows(ds: h5py.Dataset, buf: np.ndarray, start: int) -> list[tuple[int,
     (a corrupt chunk: OSError) is tried again in halves down to single events; an event that still
     fails is zeroed. Returns [(event, error message)] of those."""
     try:
-        ds.read_direct(buf, np.s_[start: start + len(buf)])
+        ds.read_direct(buf, np.s_[start : start + len(buf)])
         return []
     except OSError as exc:
         if len(buf) == 1:
@@ -157,9 +158,18 @@ class Hdf5Source(Source):
             without new events; ``poll_s``: seconds between looks at the file.
     """
 
-    def __init__(self, path: str, detectors: dict[str, dict], events: int | None = None,
-                 timestamp: str | None = "/timestamp", follow: bool = False, follow_timeout_s: float = 60.0,
-                 poll_s: float = 0.5, timestamp_required: bool = False, context: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        detectors: dict[str, dict],
+        events: int | None = None,
+        timestamp: str | None = "/timestamp",
+        follow: bool = False,
+        follow_timeout_s: float = 60.0,
+        poll_s: float = 0.5,
+        timestamp_required: bool = False,
+        context: dict[str, str] | None = None,
+    ):
         self.path, self.names, self.timestamp = path, {n: d["dataset"] for n, d in detectors.items()}, timestamp
         self.context_paths = dict(context or {})  # context name -> per-event dataset of the file
         self.context = {k: context_dtype(k) for k in self.context_paths}
@@ -175,8 +185,9 @@ class Hdf5Source(Source):
             ds = self.datasets[name]
             shape = tuple(d["shape"])
             if ds.shape[1:] not in (shape, shape[1:] if shape[0] == 1 else None):
-                raise InputError(f"detectors.{name}.dataset: {dset!r} has events of shape {ds.shape[1:]}, "
-                                 f"expected {shape}")
+                raise InputError(
+                    f"detectors.{name}.dataset: {dset!r} has events of shape {ds.shape[1:]}, expected {shape}"
+                )
             self.detectors[name] = DetectorSource(name, d["type"], shape, ds.dtype)
         self._watch_extents()
         self._unreadable: dict = {}  # detector name (None: the timestamps) -> events unreadable after the first
@@ -189,8 +200,14 @@ class Hdf5Source(Source):
             self._check_lengths(n)
             for name, ds in self.context_datasets.items():
                 if ds.shape[0] < self.n_events:
-                    log.warning("%s: context %s (%r) holds %d values for %d events: the rest are missing (NaN)",
-                                self.path, name, self.context_paths[name], ds.shape[0], self.n_events)
+                    log.warning(
+                        "%s: context %s (%r) holds %d values for %d events: the rest are missing (NaN)",
+                        self.path,
+                        name,
+                        self.context_paths[name],
+                        ds.shape[0],
+                        self.n_events,
+                    )
             if self.ts_dataset is not None:  # read once: a later truncation does not reach them
                 self._ts, self._ts_bad = self._read_ts(0, self.n_events)
                 self._check_order(self._ts, 0)
@@ -210,8 +227,12 @@ class Hdf5Source(Source):
         if self.ts_dataset is not None:
             lengths[f"source.timestamp {self.timestamp!r}"] = self.ts_dataset.shape[0]
         if len(set(lengths.values())) > 1:
-            log.warning("%s: datasets of different lengths (%s): only the first %d events are read", self.path,
-                        ", ".join(f"{k}: {v}" for k, v in lengths.items()), n)
+            log.warning(
+                "%s: datasets of different lengths (%s): only the first %d events are read",
+                self.path,
+                ", ".join(f"{k}: {v}" for k, v in lengths.items()),
+                n,
+            )
 
     def _check_order(self, ts: np.ndarray, first: int) -> None:
         """InputError unless timestamps (events ``first``...) never decrease, also across batches."""
@@ -228,9 +249,11 @@ class Hdf5Source(Source):
         else:
             self.last_ts = int(ts[-1]) if self.follow else None
             return
-        raise InputError(f"source.timestamp: {self.timestamp!r} in {self.path} is not in time order at event "
-                         f"{bad} ({after} after {before}); gpusmall writes events in time order (use "
-                         f"'timestamp: null' to take the event index instead)")
+        raise InputError(
+            f"source.timestamp: {self.timestamp!r} in {self.path} is not in time order at event "
+            f"{bad} ({after} after {before}); gpusmall writes events in time order (use "
+            f"'timestamp: null' to take the event index instead)"
+        )
 
     # -- the file -------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -252,8 +275,10 @@ class Hdf5Source(Source):
             if not isinstance(ds, h5py.Dataset):
                 raise InputError(f"detectors.{name}.dataset: {dset!r} in {self.path} is a group, not a dataset")
             if ds.ndim < 3:
-                raise InputError(f"detectors.{name}.dataset: {dset!r} in {self.path} has shape {ds.shape}; "
-                                 f"expected (events, [panels,] rows, cols)")
+                raise InputError(
+                    f"detectors.{name}.dataset: {dset!r} in {self.path} has shape {ds.shape}; "
+                    f"expected (events, [panels,] rows, cols)"
+                )
             self.datasets[name] = ds
         self.context_datasets = {}
         for name, dset in self.context_paths.items():
@@ -270,8 +295,10 @@ class Hdf5Source(Source):
             ts = self.file[self.timestamp]
             if not isinstance(ts, h5py.Dataset) or ts.ndim != 1 or ts.dtype.kind not in "iu":
                 what = "a group" if not isinstance(ts, h5py.Dataset) else f"{ts.dtype} of shape {ts.shape}"
-                raise InputError(f"source.timestamp: {self.timestamp!r} in {self.path} is {what}; expected "
-                                 f"(events,) integers (ns since the Unix epoch)")
+                raise InputError(
+                    f"source.timestamp: {self.timestamp!r} in {self.path} is {what}; expected "
+                    f"(events,) integers (ns since the Unix epoch)"
+                )
             self.ts_dataset = ts
         elif self.timestamp_required:
             raise InputError(f"source.timestamp: {self.timestamp!r} is not in {self.path}")
@@ -304,8 +331,12 @@ class Hdf5Source(Source):
             if self.should_stop():
                 break
             if time.monotonic() - last_growth > self.follow_timeout_s:
-                log.info("follow: no new events in %s for %.0f s: the run has ended at %d events",
-                         self.path, self.follow_timeout_s, have)
+                log.info(
+                    "follow: no new events in %s for %.0f s: the run has ended at %d events",
+                    self.path,
+                    self.follow_timeout_s,
+                    have,
+                )
                 break
             time.sleep(self.poll_s)
             self._refresh()
@@ -366,9 +397,16 @@ class Hdf5Source(Source):
             return
         self._truncated.add(key)
         first, count = ext.first_beyond(ds, ds.shape[0] if self.n_events is None else self.n_events, size)
-        log.warning("%s: %s: %d events (the first: event %d) lie beyond the end of the file (%d bytes; "
-                    "truncated?): marked damaged%s", self._where(ds), self._label(key), count, first, size,
-                    self._every(key))
+        log.warning(
+            "%s: %s: %d events (the first: event %d) lie beyond the end of the file (%d bytes; "
+            "truncated?): marked damaged%s",
+            self._where(ds),
+            self._label(key),
+            count,
+            first,
+            size,
+            self._every(key),
+        )
 
     def _warn_unreadable(self, key, ds: h5py.Dataset, failed: list[tuple[int, str]]) -> None:
         """The first unreadable event of a detector is a warning; later ones are counted (see :meth:`close`)."""
@@ -377,8 +415,14 @@ class Hdf5Source(Source):
             return
         self._unreadable[key] = len(failed) - 1
         event, why = failed[0]
-        log.warning("%s: %s: event %d cannot be read (%s): marked damaged%s; further unreadable events "
-                    "are counted", self._where(ds), self._label(key), event, why, self._every(key))
+        log.warning(
+            "%s: %s: event %d cannot be read (%s): marked damaged%s; further unreadable events are counted",
+            self._where(ds),
+            self._label(key),
+            event,
+            why,
+            self._every(key),
+        )
 
     def _check_still_hdf5(self, why: str) -> None:
         """InputError when the file is no longer an HDF5 file (no event of a batch could be read)."""
@@ -434,14 +478,19 @@ class Hdf5Source(Source):
             v = np.full(stop - start, np.nan)
             have = max(0, min(stop, ds.shape[0]) - start)
             if have:
-                v[:have] = ds[start:start + have]
+                v[:have] = ds[start : start + have]
             out[name] = as_context(name, v)
         return out
 
     def close(self) -> None:
         for key, more in self._unreadable.items():
             if more:
-                log.warning("%s: %s: %d more events could not be read: marked damaged%s", self.path,
-                            self._label(key), more, self._every(key))
+                log.warning(
+                    "%s: %s: %d more events could not be read: marked damaged%s",
+                    self.path,
+                    self._label(key),
+                    more,
+                    self._every(key),
+                )
         self._unreadable = {}
         self.file.close()

@@ -37,6 +37,7 @@ detector, ``scan/varStep`` and ``scan/<variable>`` of step scans, ``epics/<pv>``
 batch's ``context``. With the scan context on, the run is walked step by step (``run.steps()``, then each
 step's ``events()``; the same under psana's MPI distribution, where every rank sees every step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,11 +57,24 @@ log = logging.getLogger(__name__)
 
 #: psana detector type (``det.raw._dettype``) -> gpusmall model type
 PSANA_TYPES = {
-    "epix10ka": "epix10ka", "epix10ka2m": "epix10ka", "epix10kaquad": "epix10ka", "epix10k": "epix10ka",
-    "jungfrau": "jungfrau", "jungfrauemu": "jungfrau",
-    "epix100": "epix100", "epix100a": "epix100",
-    "opal": "camera", "alvium": "camera", "piranha": "camera", "piranha4": "camera", "zyla": "camera",
-    "andor": "camera", "axis": "camera", "archon": "camera", "manta": "camera", "rayonix": "camera",
+    "epix10ka": "epix10ka",
+    "epix10ka2m": "epix10ka",
+    "epix10kaquad": "epix10ka",
+    "epix10k": "epix10ka",
+    "jungfrau": "jungfrau",
+    "jungfrauemu": "jungfrau",
+    "epix100": "epix100",
+    "epix100a": "epix100",
+    "opal": "camera",
+    "alvium": "camera",
+    "piranha": "camera",
+    "piranha4": "camera",
+    "zyla": "camera",
+    "andor": "camera",
+    "axis": "camera",
+    "archon": "camera",
+    "manta": "camera",
+    "rayonix": "camera",
 }
 
 #: ePix10ka pixel control bits SPEC section 1 uses: T, M, g, ga and trbit (bit 4)
@@ -86,8 +100,14 @@ def psana_model_type(dettype: str) -> str | None:
     t = (dettype or "").lower()
     if t in PSANA_TYPES:
         return PSANA_TYPES[t]
-    for prefix, model in (("epix10k", "epix10ka"), ("jungfrau", "jungfrau"), ("epix100", "epix100"),
-                          ("opal", "camera"), ("piranha", "camera"), ("alvium", "camera")):
+    for prefix, model in (
+        ("epix10k", "epix10ka"),
+        ("jungfrau", "jungfrau"),
+        ("epix100", "epix100"),
+        ("opal", "camera"),
+        ("piranha", "camera"),
+        ("alvium", "camera"),
+    ):
         if t.startswith(prefix):
             return model
     return None
@@ -126,8 +146,11 @@ def tolerate_offline_file_lookup() -> None:
         try:
             return lookup(self, runnum)
         except requests.exceptions.RequestException as exc:
-            log.info("psana: no answer from the LCLS file database (%s); looking for run %s on disk",
-                     type(exc).__name__, runnum)
+            log.info(
+                "psana: no answer from the LCLS file database (%s); looking for run %s on disk",
+                type(exc).__name__,
+                runnum,
+            )
             return {}
 
     file_info_or_nothing._gpusmall_offline = True  # type: ignore[attr-defined]
@@ -158,17 +181,21 @@ class PsanaSource(Source):
         if cfg.files:
             kwargs["files"] = cfg.files if len(cfg.files) > 1 else cfg.files[0]
             if size > 1 and rank == 0:
-                log.info("psana reads 'files' on every rank without distributing them: rank 0 reduces them "
-                         "all (for psana's MPI distribution give exp, run and psana: {dir: ...})")
+                log.info(
+                    "psana reads 'files' on every rank without distributing them: rank 0 reduces them "
+                    "all (for psana's MPI distribution give exp, run and psana: {dir: ...})"
+                )
         else:
             kwargs["exp"], kwargs["run"] = cfg.exp, cfg.run
             tolerate_offline_file_lookup()
             if size > 1:
                 need = 3 + int(os.environ.get("PS_SRV_NODES", "0") or 0)
                 if size < need:
-                    raise InputError(f"source: psana distributes exp {cfg.exp} run {cfg.run} over MPI ranks only "
-                                     f"with at least {need} (one reads small data, one builds events, the "
-                                     f"others reduce); got {size}: run with 1 rank or mpiexec -n {need} or more")
+                    raise InputError(
+                        f"source: psana distributes exp {cfg.exp} run {cfg.run} over MPI ranks only "
+                        f"with at least {need} (one reads small data, one builds events, the "
+                        f"others reduce); got {size}: run with 1 rank or mpiexec -n {need} or more"
+                    )
                 self.distributed = True
         if cfg.follow:  # psana's live mode waits for the files of a run still being written
             kwargs.setdefault("live", True)
@@ -191,8 +218,9 @@ class PsanaSource(Source):
         self._pos = 0  # index of the next event the iterator delivers
         self.dets = {}
         self.detectors = {}
-        self._config_shape = {name: (d.get("shape") if d.get("shape_given", True) else None)
-                              for name, d in detectors.items()}
+        self._config_shape = {
+            name: (d.get("shape") if d.get("shape_given", True) else None) for name, d in detectors.items()
+        }
         known = sorted(getattr(self.run, "detnames", []) or [])
         for name, d in detectors.items():
             psname = d.get("source_name") or name
@@ -215,8 +243,10 @@ class PsanaSource(Source):
             mtype = d["type"]
             log.info("detector %s: psana type %r unknown, using the config's %r", name, dettype, mtype)
         elif mtype != d["type"]:
-            raise InputError(f"detectors.{name}.type: {d['type']!r}, but psana says {name} is a {dettype!r} "
-                             f"(gpusmall type {mtype!r})")
+            raise InputError(
+                f"detectors.{name}.type: {d['type']!r}, but psana says {name} is a {dettype!r} "
+                f"(gpusmall type {mtype!r})"
+            )
         model = get_model(mtype)
         shape, dtype = self._shape_dtype(name, raw, model)
         want = d.get("shape") if d.get("shape_given", True) else None
@@ -252,8 +282,18 @@ class PsanaSource(Source):
         constants = None
         if not d.get("constants"):
             constants = self._psana_constants(name, raw, model, shape)
-        return DetectorSource(name, mtype, shape, np.dtype(dtype), config_bits=cbits, x=x, y=y, z=z,
-                              constants=constants, segments=segments)
+        return DetectorSource(
+            name,
+            mtype,
+            shape,
+            np.dtype(dtype),
+            config_bits=cbits,
+            x=x,
+            y=y,
+            z=z,
+            constants=constants,
+            segments=segments,
+        )
 
     def _shape_dtype(self, name, raw, model):
         shape = None
@@ -270,8 +310,10 @@ class PsanaSource(Source):
             if shape is None:
                 want = self._config_shape.get(name)
                 if want is None:
-                    raise InputError(f"detectors.{name}.shape: psana does not say it, and under psana's MPI "
-                                     f"distribution not every rank sees events; give the shape in the config")
+                    raise InputError(
+                        f"detectors.{name}.shape: psana does not say it, and under psana's MPI "
+                        f"distribution not every rank sees events; give the shape in the config"
+                    )
                 shape = tuple(want)
             if dtype is None:
                 dtype = np.uint16
@@ -284,14 +326,16 @@ class PsanaSource(Source):
                     shape, dtype = shape or _shape3(a), dtype or a.dtype
                     break
         if shape is None or len(shape) != 3:
-            raise InputError(f"detectors.{name}: psana gives no raw data in the first {PEEK_EVENTS} events, "
-                             f"cannot tell its shape")
+            raise InputError(
+                f"detectors.{name}: psana gives no raw data in the first {PEEK_EVENTS} events, cannot tell its shape"
+            )
         return shape, dtype
 
     def _psana_constants(self, name, raw, model, shape) -> Constants | None:
         """psana's own constants (pedestals, gain, rms, status, and its ``pixel_mask`` as the ``calib`` mask,
         1 = keep), or ConstantsError when a gain-switching detector has none (e.g. offline with
         skip_calib_load)."""
+
         def get(method):
             try:
                 a = getattr(raw, method)()
@@ -302,9 +346,11 @@ class PsanaSource(Source):
         peds = get("_pedestals")
         if peds is None:
             if model.n_gains > 1:
-                raise ConstantsError(f"detector {name}: psana has no calibration constants for it (offline, or "
-                                     f"skip_calib_load); give a constants file with 'constants:' in "
-                                     f"detectors.{name}")
+                raise ConstantsError(
+                    f"detector {name}: psana has no calibration constants for it (offline, or "
+                    f"skip_calib_load); give a constants file with 'constants:' in "
+                    f"detectors.{name}"
+                )
             return None
         n = model.n_gains
         peds = peds.astype(np.float32).reshape((n, *shape) if peds.size == n * np.prod(shape) else shape)
@@ -366,8 +412,9 @@ class PsanaSource(Source):
             self._pos += 1
         return item
 
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None,
-                out: dict[str, np.ndarray] | None = None) -> Iterator[RawBatch]:
+    def batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None, out: dict[str, np.ndarray] | None = None
+    ) -> Iterator[RawBatch]:
         """Batches of events ``[start, stop)`` in run order (``stop`` None: to the end).
 
         psana reads sequentially: ``start`` may not lie before events already delivered. ``out``: host
@@ -382,8 +429,10 @@ class PsanaSource(Source):
             n_max = batch_size if stop is None else min(batch_size, stop - self._pos)
             ts = np.zeros(n_max, np.uint64)
             idx = np.zeros(n_max, np.int64)
-            raw = {name: (out[name][:n_max] if out is not None and name in out else np.zeros((n_max, *s.shape), s.dtype))
-                   for name, s in self.detectors.items()}
+            raw = {
+                name: (out[name][:n_max] if out is not None and name in out else np.zeros((n_max, *s.shape), s.dtype))
+                for name, s in self.detectors.items()
+            }
             damaged = {name: np.zeros(n_max, bool) for name in self.detectors}
             context = self.ctx.new_arrays(n_max)
             n = 0
@@ -404,8 +453,13 @@ class PsanaSource(Source):
                 n += 1
             if n == 0:
                 return
-            yield RawBatch(unix_ns(ts[:n]), idx[:n], {k: v[:n] for k, v in raw.items()},
-                           {k: v[:n] for k, v in damaged.items()}, self.ctx.finish(context, n))
+            yield RawBatch(
+                unix_ns(ts[:n]),
+                idx[:n],
+                {k: v[:n] for k, v in raw.items()},
+                {k: v[:n] for k, v in damaged.items()},
+                self.ctx.finish(context, n),
+            )
             if n < n_max:
                 return
 
@@ -413,7 +467,10 @@ class PsanaSource(Source):
         """Events ``[start, stop)``, only at or after the events already read (psana is sequential)."""
         for batch in self.batches(stop - start, start, stop, out=out):
             return batch
-        return RawBatch(np.zeros(0, np.uint64), np.zeros(0, np.int64),
-                        {k: np.zeros((0, *s.shape), s.dtype) for k, s in self.detectors.items()},
-                        {k: np.zeros(0, bool) for k in self.detectors},
-                        self.ctx.finish(self.ctx.new_arrays(0), 0))
+        return RawBatch(
+            np.zeros(0, np.uint64),
+            np.zeros(0, np.int64),
+            {k: np.zeros((0, *s.shape), s.dtype) for k, s in self.detectors.items()},
+            {k: np.zeros(0, bool) for k in self.detectors},
+            self.ctx.finish(self.ctx.new_arrays(0), 0),
+        )

@@ -24,6 +24,7 @@ What :class:`PsanaContext` reads, under smalldata_tools' names:
 A missing value is :func:`.context.missing_value` (NaN for floats). Every name is resolved when the run is open:
 what the run lacks is an :class:`~gpusmall.errors.InputError` naming the config key.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ SCAN_SKIP = ("step_docstring",)
 _NOT_SET = object()
 
 
-def light_status(codes, destination, present, xray_destination: int | None = None,
-                 laser_codes=(-272,)) -> tuple[int, int]:
+def light_status(
+    codes, destination, present, xray_destination: int | None = None, laser_codes=(-272,)
+) -> tuple[int, int]:
     """(xray, laser) of one event, each 0, 1 or 255 (:data:`.context.MISSING_STATUS`: no timing data).
 
     Args:
@@ -111,7 +113,9 @@ class PsanaContext:
         self.steps = cfg.scan is not False and bool(getattr(run, "scannames", None))
         self.scan = self._resolve_scan(cfg.scan)
         self.epics = self._resolve_epics(cfg.epics)
-        names = ([*LIGHT_STATUS] if self.timing is not None else []) + (["scan/varStep", *self.scan] if self.steps else [])
+        names = ([*LIGHT_STATUS] if self.timing is not None else []) + (
+            ["scan/varStep", *self.scan] if self.steps else []
+        )
         names += list(self.epics) + list(self.values)
         self.names = {n: context_dtype(n) for n in dict.fromkeys(names)}
         self._once: dict[str, object] = {}  # epics name -> its first value; _NOT_SET once it changed
@@ -121,8 +125,10 @@ class PsanaContext:
         key = f"context.values.{name}"
         det_name, *attrs = where.split(".")
         if det_name not in detnames:
-            raise InputError(f"{key}: {where!r}: the psana run has no detector {det_name!r}; it has "
-                             f"{', '.join(sorted(detnames)) or 'none'}")
+            raise InputError(
+                f"{key}: {where!r}: the psana run has no detector {det_name!r}; it has "
+                f"{', '.join(sorted(detnames)) or 'none'}"
+            )
         try:
             obj = self.run.Detector(det_name)
         except Exception as exc:  # noqa: BLE001 - psana raises various errors
@@ -130,8 +136,10 @@ class PsanaContext:
         for i, a in enumerate(attrs):
             if not hasattr(obj, a):
                 have = sorted(k for k in dir(obj) if not k.startswith("_"))
-                raise InputError(f"{key}: {where!r}: {'.'.join([det_name, *attrs[:i]])} has no {a!r}; it has "
-                                 f"{', '.join(have) or 'nothing'}")
+                raise InputError(
+                    f"{key}: {where!r}: {'.'.join([det_name, *attrs[:i]])} has no {a!r}; it has "
+                    f"{', '.join(have) or 'nothing'}"
+                )
             obj = getattr(obj, a)
         if not callable(obj):
             raise InputError(f"{key}: {where!r} is not a method called with the event")
@@ -146,8 +154,9 @@ class PsanaContext:
         ls = ls if isinstance(ls, LightStatusConfig) else LightStatusConfig()
         bad = [c for c in ls.laser_codes if c == 0 or abs(c) >= N_EVENT_CODES]
         if bad:
-            raise InputError(f"context.light_status.laser_codes: {bad}: codes are 1..{N_EVENT_CODES - 1} "
-                             f"(negative: required)")
+            raise InputError(
+                f"context.light_status.laser_codes: {bad}: codes are 1..{N_EVENT_CODES - 1} (negative: required)"
+            )
         raw = None
         if ls.timing in detnames:
             try:
@@ -158,12 +167,16 @@ class PsanaContext:
                 raw = None
         if raw is None:
             if given:
-                raise InputError(f"context.light_status.timing: the psana run has no timing detector "
-                                 f"{ls.timing!r} with event codes; it has {', '.join(sorted(detnames)) or 'none'}")
+                raise InputError(
+                    f"context.light_status.timing: the psana run has no timing detector "
+                    f"{ls.timing!r} with event codes; it has {', '.join(sorted(detnames)) or 'none'}"
+                )
             return None, None
         if ls.xray_destination is not None and not hasattr(raw, "destination"):
-            raise InputError(f"context.light_status.xray_destination: psana's {ls.timing!r} "
-                             f"({type(raw).__name__}) gives no beam destination")
+            raise InputError(
+                f"context.light_status.xray_destination: psana's {ls.timing!r} "
+                f"({type(raw).__name__}) gives no beam destination"
+            )
         return raw, ls
 
     def _resolve_scan(self, scan):
@@ -198,8 +211,10 @@ class PsanaContext:
         dets = {}
         for i, pv in enumerate(pvs):
             if pv not in known:
-                raise InputError(f"context.epics[{i}]: {pv!r}: the psana run has no such EPICS PV; it has "
-                                 f"{', '.join(aliases) or 'none'}")
+                raise InputError(
+                    f"context.epics[{i}]: {pv!r}: the psana run has no such EPICS PV; it has "
+                    f"{', '.join(aliases) or 'none'}"
+                )
             dets[f"epics/{pv}"] = self.run.Detector(pv)
         return dets
 
@@ -210,8 +225,12 @@ class PsanaContext:
         except Exception as exc:  # noqa: BLE001 - one event never ends the run
             if name not in self._warned:
                 self._warned.add(name)
-                log.warning("context %s: psana failed on an event (%s: %s); such events are missing",
-                            name, type(exc).__name__, exc)
+                log.warning(
+                    "context %s: psana failed on an event (%s: %s); such events are missing",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                )
             return None
 
     def step_values(self, step) -> dict[str, float]:
@@ -220,8 +239,10 @@ class PsanaContext:
 
     def new_arrays(self, n: int) -> dict[str, np.ndarray]:
         """(n,) arrays of every name, filled with the missing value."""
-        return {k: np.full(n, missing_value(k), dtype=np.float64 if d.kind == "f" else np.int64)
-                for k, d in self.names.items()}
+        return {
+            k: np.full(n, missing_value(k), dtype=np.float64 if d.kind == "f" else np.int64)
+            for k, d in self.names.items()
+        }
 
     def fill(self, arrays: dict[str, np.ndarray], i: int, evt, step) -> None:
         """Row ``i`` of ``arrays`` (from :meth:`new_arrays`) for ``evt``; ``step``: (index, values) or None."""
@@ -229,10 +250,18 @@ class PsanaContext:
             info = self._call("lightStatus", self.timing._info, evt)
             if info is not None:
                 codes = self._call("lightStatus", self.timing.eventcodes, evt)
-                dest = (self._call("lightStatus", self.timing.destination, evt)
-                        if self.light.xray_destination is not None else None)
-                x, las = light_status(codes, dest, getattr(info, "ebeamPresent", None),
-                                      self.light.xray_destination, self.light.laser_codes)
+                dest = (
+                    self._call("lightStatus", self.timing.destination, evt)
+                    if self.light.xray_destination is not None
+                    else None
+                )
+                x, las = light_status(
+                    codes,
+                    dest,
+                    getattr(info, "ebeamPresent", None),
+                    self.light.xray_destination,
+                    self.light.laser_codes,
+                )
                 arrays[LIGHT_STATUS[0]][i], arrays[LIGHT_STATUS[1]][i] = x, las
         if step is not None and "scan/varStep" in arrays:
             arrays["scan/varStep"][i] = step[0]
@@ -250,8 +279,9 @@ class PsanaContext:
             arrays[n][i] = _scalar(v)
             if v is not None and np.size(v) != 1 and n not in self._warned:
                 self._warned.add(n)
-                log.warning("context %s: psana gives %s values per event, not one; such events are missing",
-                            n, np.size(v))
+                log.warning(
+                    "context %s: psana gives %s values per event, not one; such events are missing", n, np.size(v)
+                )
 
     def finish(self, arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         """The first ``n`` rows of ``arrays`` as context arrays (:func:`.context.as_context`)."""
@@ -263,7 +293,7 @@ class PsanaContext:
         for n, v in self._once.items():
             if v is _NOT_SET:
                 continue
-            out["epicsOnce/" + n[len("epics/"):]] = v if isinstance(v, str) else _scalar(v)
+            out["epicsOnce/" + n[len("epics/") :]] = v if isinstance(v, str) else _scalar(v)
         return out  # type: ignore[return-value]
 
 

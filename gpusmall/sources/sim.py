@@ -9,6 +9,7 @@ mode offsets per bank and per row within a bank, and Gaussian noise. Event ``i``
 The geometry (panels laid out around the beam at (0, 0), the sample :data:`DISTANCE_MM` upstream,
 photons of :data:`ENERGY_KEV`) matches the demo config, so its azimuthal integration shows the rings.
 """
+
 from __future__ import annotations
 
 import threading
@@ -34,8 +35,13 @@ PERIOD_NS = 8_333_333  # 120 Hz
 # per family: gain per range (ADU/keV), pedestal per range (ADU), high-gain noise (ADU rms),
 # common-mode offsets (ADU rms) per bank and per row within a bank
 FAMILY: dict[str, dict[str, Any]] = {
-    "epix10ka": dict(gain=(16.4, 5.47, 0.164, 16.4, 5.47, 0.164, 0.164),
-                     pedestal=(2800, 2900, 3000, 2800, 2900, 3000, 3000), noise=3.0, ranges=(3, 5), cm=(8.0, 3.0)),
+    "epix10ka": dict(
+        gain=(16.4, 5.47, 0.164, 16.4, 5.47, 0.164, 0.164),
+        pedestal=(2800, 2900, 3000, 2800, 2900, 3000, 3000),
+        noise=3.0,
+        ranges=(3, 5),
+        cm=(8.0, 3.0),
+    ),
     "jungfrau": dict(gain=(40.0, 1.5, 0.1), pedestal=(2500, 8000, 9000), noise=10.0, ranges=(0, 1, 2), cm=(2.0, 0.0)),
     "epix100": dict(gain=(4.4,), pedestal=(1000,), noise=3.0, ranges=(0,), cm=(8.0, 3.0)),
     "camera": dict(gain=(10.0,), pedestal=(32,), noise=2.0, ranges=(0,), cm=(0.0, 0.0)),
@@ -72,8 +78,7 @@ def default_threads() -> int:
 class SimDetector:
     """One simulated detector: constants, static photon pattern, and an event generator."""
 
-    def __init__(self, name: str, type: str, shape, seed: int = 0, pixel_um: float | None = None,
-                 photons: bool = True):
+    def __init__(self, name: str, type: str, shape, seed: int = 0, pixel_um: float | None = None, photons: bool = True):
         """photons: False makes a dark run (pedestal, noise and common mode only, no photons)."""
         self.name, self.type = name, type
         self.photons = bool(photons)
@@ -134,12 +139,21 @@ class SimDetector:
     # ---- constants ----------------------------------------------------------------
     def constants(self) -> Constants:
         """The constants this simulation calibrates with (what a dark run would measure)."""
-        return Constants(pedestal=self.pedestal, gain=self.gain, noise=self.noise, status=self.status,
-                         x=self.x, y=self.y, z=self.z)
+        return Constants(
+            pedestal=self.pedestal, gain=self.gain, noise=self.noise, status=self.status, x=self.x, y=self.y, z=self.z
+        )
 
     def source_info(self) -> DetectorSource:
-        return DetectorSource(self.name, self.type, self.shape, self.dtype, x=self.x, y=self.y, z=self.z,  # type: ignore[arg-type]
-                              constants=self.constants())
+        return DetectorSource(
+            self.name,
+            self.type,
+            self.shape,  # type: ignore[arg-type]
+            self.dtype,
+            x=self.x,
+            y=self.y,
+            z=self.z,
+            constants=self.constants(),
+        )
 
     # ---- events -------------------------------------------------------------------
     def signal_sparse(self, rng, intensity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +177,7 @@ class SimDetector:
         kev = [energy, ENERGY_KEV * frac[same_row]]
         if self.type != "camera":  # the Bragg spot, 3 x 3 pixels
             sp, sr, sc = self.spot
-            rows, cols = np.mgrid[sr - 1: sr + 2, sc - 1: sc + 2]
+            rows, cols = np.mgrid[sr - 1 : sr + 2, sc - 1 : sc + 2]
             pix.append(((sp * r + rows) * c + cols).ravel())
             kev.append(rng.poisson(300 * pulse, 9) * ENERGY_KEV)
         pix, inverse = np.unique(np.concatenate(pix), return_inverse=True)  # type: ignore[assignment]
@@ -200,7 +214,7 @@ class SimDetector:
             adu += self.ped_flat[gidx, pix] - self.ped_flat[r0, pix]
         p, r, c = self.shape
         off = int(rng.integers(0, self.pool_pad))
-        noise = self.pool[int(rng.integers(0, 4)), off: off + p * r * c].reshape(self.shape)
+        noise = self.pool[int(rng.integers(0, 4)), off : off + p * r * c].reshape(self.shape)
         frame = self._scratch()
         np.multiply(noise, self.noise, out=frame)
         frame += self.base
@@ -227,8 +241,16 @@ class SimDetector:
 class SimSource(Source):
     """A simulated run of ``events`` events for the configured detectors."""
 
-    def __init__(self, events: int, detectors: dict[str, dict], seed: int = 0, damage_every: int = 0,
-                 photons: bool = True, threads: int | None = None, simulate=None):
+    def __init__(
+        self,
+        events: int,
+        detectors: dict[str, dict],
+        seed: int = 0,
+        damage_every: int = 0,
+        photons: bool = True,
+        threads: int | None = None,
+        simulate=None,
+    ):
         """detectors: name -> {type, shape (panels, rows, cols), pixel_um}; photons False: a dark run.
 
         ``damage_every`` N > 0 makes every N-th event (index % N == N - 1) damaged for every detector:
@@ -243,8 +265,10 @@ class SimSource(Source):
         self.damage_every = int(damage_every)
         self.threads = int(threads) if threads else default_threads()
         self._pool: ThreadPoolExecutor | None = None
-        self.sims = {name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"), photons)
-                     for name, d in detectors.items()}
+        self.sims = {
+            name: SimDetector(name, d["type"], d["shape"], seed, d.get("pixel_um"), photons)
+            for name, d in detectors.items()
+        }
         self.detectors = {name: s.source_info() for name, s in self.sims.items()}
 
     @staticmethod
@@ -265,10 +289,15 @@ class SimSource(Source):
             return {}, None  # type: ignore[return-value]
         n = len(idx)
         laser = np.ones(n, np.uint8) if not sim.laser_off_every else (idx % sim.laser_off_every != 0).astype(np.uint8)
-        xray = (np.ones(n, np.uint8) if not sim.xray_off_every
-                else (idx % sim.xray_off_every != sim.xray_off_every - 1).astype(np.uint8))
-        pulse = np.array([np.random.default_rng([self.seed & 0xFFFFFFFF, 0xC0FFEE, int(i)]).gamma(5.0, 0.2)
-                          for i in idx]) * xray
+        xray = (
+            np.ones(n, np.uint8)
+            if not sim.xray_off_every
+            else (idx % sim.xray_off_every != sim.xray_off_every - 1).astype(np.uint8)
+        )
+        pulse = (
+            np.array([np.random.default_rng([self.seed & 0xFFFFFFFF, 0xC0FFEE, int(i)]).gamma(5.0, 0.2) for i in idx])
+            * xray
+        )
         ctx = {"lightStatus/xray": xray, "lightStatus/laser": laser}
         pumped = laser.astype(bool)
         if sim.i0:

@@ -19,6 +19,7 @@ What this does not model: warp shuffles and votes (not supported), the memory mo
 orders what its threads did before it", timing, and float contraction (kernels must not rely on FMA; nvcc contracts ``a*b+c``
 unless written with ``__f*_rn`` intrinsics, which these kernels do where bits matter).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,12 @@ RUNTIME = HERE / "runtime.h"
 
 POINTER = POINTER_DTYPES  # C type of a pointer parameter -> array dtype (the package's table)
 SCALAR = SCALAR_TYPES
-CTYPES = {"long long": ctypes.c_longlong, "int": ctypes.c_int32, "unsigned int": ctypes.c_uint32,
-          "float": ctypes.c_float}
+CTYPES = {
+    "long long": ctypes.c_longlong,
+    "int": ctypes.c_int32,
+    "unsigned int": ctypes.c_uint32,
+    "float": ctypes.c_float,
+}
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
 _lock = threading.Lock()
 _built: dict[str, CompiledSource] = {}
@@ -70,19 +75,19 @@ class _Guarded:
         self.raw = np.full(a.nbytes + 2 * GUARD_BYTES + 256, 0xFF, np.uint8)
         start = GUARD_BYTES + (-(self.raw.ctypes.data + GUARD_BYTES) % 256)
         self.lo, self.hi = start, start + a.nbytes
-        self.raw[self.lo:self.hi] = a.reshape(-1).view(np.uint8)
+        self.raw[self.lo : self.hi] = a.reshape(-1).view(np.uint8)
         self.address = self.raw.ctypes.data + self.lo
 
     def finish(self, what: str) -> None:
-        below, above = self.raw[self.lo - GUARD_BYTES:self.lo], self.raw[self.hi:self.hi + GUARD_BYTES]
+        below, above = self.raw[self.lo - GUARD_BYTES : self.lo], self.raw[self.hi : self.hi + GUARD_BYTES]
         if (below != 0xFF).any() or (above != 0xFF).any():
             where = np.flatnonzero(below != 0xFF).size, np.flatnonzero(above != 0xFF).size
             raise GlobalMemoryOverrun(f"{what}: {where[0]} bytes written before the array, {where[1]} after it")
         if not self.array.flags.writeable:  # a read-only view (e.g. broadcast): the kernel must not change it
-            if (self.raw[self.lo:self.hi] != self.array.reshape(-1).view(np.uint8)).any():
+            if (self.raw[self.lo : self.hi] != self.array.reshape(-1).view(np.uint8)).any():
                 raise GlobalMemoryOverrun(f"{what}: written to, but the array is read-only")
             return
-        self.array.reshape(-1).view(np.uint8)[:] = self.raw[self.lo:self.hi]
+        self.array.reshape(-1).view(np.uint8)[:] = self.raw[self.lo : self.hi]
 
 
 def compiler() -> str | None:
@@ -98,13 +103,15 @@ def signatures(src: str) -> dict[str, list[tuple[str, str, bool]]]:
 
 def _rewrite(src: str) -> str:
     """CUDA source as C++ for runtime.h: ``extern __shared__ T x[];`` becomes a pointer to block memory."""
-    return re.sub(r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;",
-                  r"\1* \2 = (\1*)cudacpu::dynamic_shared();", src)
+    return re.sub(
+        r"extern\s+__shared__\s+([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;", r"\1* \2 = (\1*)cudacpu::dynamic_shared();", src
+    )
 
 
 def _launcher(name: str, sig, uses_barrier: bool) -> str:
-    casts = ", ".join(f"*({ctype}**)args[{i}]" if ptr else f"*({ctype}*)args[{i}]"
-                      for i, (_, ctype, ptr) in enumerate(sig))
+    casts = ", ".join(
+        f"*({ctype}**)args[{i}]" if ptr else f"*({ctype}*)args[{i}]" for i, (_, ctype, ptr) in enumerate(sig)
+    )
     return f"""
 extern "C" int cudacpu_launch_{name}(const unsigned* g, const unsigned* b, unsigned long long shared,
                                       int order, unsigned seed, int workers, void** args)
@@ -130,12 +137,29 @@ class CompiledSource:
         self.warnings = ""  # g++'s warnings when this process compiled it (empty when taken from the cache)
         self.signatures = signatures(src)
         if not self.signatures:
-            raise ValueError(f"{label}: no extern \"C\" __global__ kernels")
+            raise ValueError(f'{label}: no extern "C" __global__ kernels')
         uses_barrier = any(w in src for w in ("__syncthreads", "__syncwarp", "__shfl", "__ballot"))
-        code = ('#include "runtime.h"\n#line 1 "' + label + '"\n' + _rewrite(src) + "\n"
-                + "".join(_launcher(n, s, uses_barrier) for n, s in self.signatures.items()))
-        flags = ["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math",
-                 "-Wall", "-Wno-unused-function", f"-I{HERE}"] + (["-DCUDACPU_UCONTEXT"] if ucontext else [])
+        code = (
+            '#include "runtime.h"\n#line 1 "'
+            + label
+            + '"\n'
+            + _rewrite(src)
+            + "\n"
+            + "".join(_launcher(n, s, uses_barrier) for n, s in self.signatures.items())
+        )
+        flags = [
+            "-std=c++20",
+            "-O2",
+            "-g",
+            "-fPIC",
+            "-shared",
+            "-pthread",
+            "-ffp-contract=off",
+            "-fno-fast-math",
+            "-Wall",
+            "-Wno-unused-function",
+            f"-I{HERE}",
+        ] + (["-DCUDACPU_UCONTEXT"] if ucontext else [])
         cxx = compiler()
         if cxx is None:
             raise RuntimeError("no C++ compiler (g++) to build CUDA kernels for the CPU")
@@ -181,8 +205,15 @@ class CpuKernel:
         self.label = compiled.label
         self._fn = getattr(compiled.lib, f"cudacpu_launch_{name}")
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_ulonglong,
-                             ctypes.c_int, ctypes.c_uint, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]
+        self._fn.argtypes = [
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.POINTER(ctypes.c_uint),
+            ctypes.c_ulonglong,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.POINTER(ctypes.c_void_p),
+        ]
         self.order, self.seed, self.workers = "forward", 1, min(4, os.cpu_count() or 1)
 
     def __call__(self, grid, block, args, shared_mem: int = 0, order: str | None = None, seed: int | None = None):
@@ -206,8 +237,15 @@ class CpuKernel:
             else:
                 holders.append(CTYPES[ctype](a.item() if isinstance(a, np.generic) else a))
         argv = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        rc = self._fn((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), int(shared_mem),
-                      ORDERS[order or self.order], int(self.seed if seed is None else seed), int(self.workers), argv)
+        rc = self._fn(
+            (ctypes.c_uint * 3)(*grid),
+            (ctypes.c_uint * 3)(*block),
+            int(shared_mem),
+            ORDERS[order or self.order],
+            int(self.seed if seed is None else seed),
+            int(self.workers),
+            argv,
+        )
         for g in guarded.values():
             g.finish(f"{self.label}:{self.name}({g.name})")
         if rc == 2:

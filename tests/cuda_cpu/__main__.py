@@ -5,6 +5,7 @@ on a machine without the cache (a fresh CI runner) g++ runs on a core the tests 
 inside the first test that launches each kernel. A failure here is silent: the test that needs the kernel
 compiles it again (each source is compiled by one process at a time) and reports g++'s errors.
 """
+
 from __future__ import annotations
 
 import sys
